@@ -1,0 +1,94 @@
+"""The embedded gateway: one origin (one port) for every service's API, in one process.
+
+This is what `make run` serves. Each service keeps its own FastAPI app, store and lifespan; the gateway
+only dispatches by path prefix (see `routes.py`) and runs every service's lifespan. It is the one module
+that knows all services, and it composes them without any of them knowing each other. In the production
+shape (docker-compose) nginx does the same dispatch to separate containers.
+
+Extra paths: `/healthz` (all services, and the broker), `/services/{name}/healthz` and
+`/services/{name}/metrics` (one service's own).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.routes import ROUTES, service_for
+
+SERVICE_NAMES = tuple(dict.fromkeys(service for _, service in ROUTES)) + ()
+
+
+def load_service_apps(names: tuple[str, ...] | None = None) -> dict[str, FastAPI]:
+    wanted = names or ("router", "feedback", "optimizer", "finetune", "dashboard")
+    apps: dict[str, FastAPI] = {}
+    for name in wanted:
+        module = importlib.import_module(f"services.{name}.main")
+        apps[name] = module.create_app()
+    return apps
+
+
+class Gateway:
+    def __init__(self, apps: dict[str, ASGIApp]) -> None:
+        self.apps = apps
+        self.own = self._own_app()
+
+    def _own_app(self) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            async with AsyncExitStack() as stack:
+                for app in self.apps.values():
+                    ctx = getattr(getattr(app, "router", None), "lifespan_context", None)
+                    if ctx is not None:
+                        await stack.enter_async_context(ctx(app))
+                yield
+
+        own = FastAPI(title="gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+        @own.get("/healthz")
+        async def healthz() -> Any:
+            transport = httpx.ASGITransport(app=self)  # type: ignore[arg-type]
+            results: dict[str, Any] = {}
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+                for name in self.apps:
+                    try:
+                        r = await client.get(f"/services/{name}/healthz")
+                        results[name] = r.json() if r.status_code == 200 else {"status": f"http {r.status_code}"}
+                    except Exception as exc:  # a broken service must not hide the others
+                        results[name] = {"status": "error", "detail": str(exc)}
+            ok = all(r.get("status") == "ok" for r in results.values())
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse(
+                {"status": "ok" if ok else "degraded", "services": results}, status_code=200 if ok else 503
+            )
+
+        return own
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.own(scope, receive, send)
+            return
+        path: str = scope.get("path", "/")
+        if path == "/healthz":
+            await self.own(scope, receive, send)
+            return
+        if path.startswith("/services/"):
+            _, _, rest = path.partition("/services/")
+            name, _, sub = rest.partition("/")
+            app = self.apps.get(name)
+            if app is not None and sub in ("healthz", "metrics"):
+                scope = {**scope, "path": "/" + sub, "raw_path": ("/" + sub).encode()}
+                await app(scope, receive, send)
+                return
+        await self.apps[service_for(path)](scope, receive, send)
+
+
+def create_app(names: tuple[str, ...] | None = None) -> Gateway:
+    return Gateway(load_service_apps(names))  # type: ignore[arg-type]

@@ -1,0 +1,40 @@
+"""Celery beat: the system's clock. It only sends tasks by name; the services do the work."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from shared.bus import all_queues, queue_for
+from shared.settings import ServiceSettings
+
+
+def _every(env: str, default: float) -> float:
+    return float(os.environ.get(env, default))
+
+
+def schedule() -> dict[str, dict]:
+    entries = {
+        "optimizer.run_decisions": _every("OPTIMIZER_DECISION_INTERVAL_S", 60),
+        "optimizer.generate_variants": _every("OPTIMIZER_GENERATION_CHECK_INTERVAL_S", 3600),
+        "finetune.watchdog": _every("FINETUNE_WATCHDOG_INTERVAL_S", 30),
+        "dashboard.check_anomalies": _every("DASHBOARD_ANOMALY_INTERVAL_S", 300),
+    }
+    for service in ("router", "feedback", "optimizer", "finetune", "dashboard"):
+        entries[f"{service}.relay_outbox"] = _every("OUTBOX_RELAY_INTERVAL_S", 10)
+    return {
+        name: {"task": name, "schedule": seconds, "options": {"queue": queue_for(name), "expires": seconds}}
+        for name, seconds in entries.items()
+    }
+
+
+settings = ServiceSettings()
+app = Celery("beat", broker=settings.redis_url)
+app.conf.update(
+    task_queues=all_queues(),
+    beat_schedule=schedule(),
+    timezone="UTC",
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+)

@@ -1,0 +1,217 @@
+"""Cross-service contracts: the events and commands that travel over the queue.
+
+Every message carries ids, never objects or blobs; every message has a `message_id`, a timestamp and a
+`schema_version`, so a consumer can deduplicate redeliveries and a later schema can be told apart.
+Events are past tense and may have many subscribers; commands are imperative and have one handler.
+The `type` class variable is the routing key the bus looks up in `shared.bus.SUBSCRIPTIONS`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Signal = Literal["BUY", "SELL", "HOLD"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def derived_id(*parts: object) -> uuid.UUID:
+    """A deterministic id from its parts: the same inputs always give the same id.
+
+    Used for ids that must survive a redelivery (an event published again after a crash keeps its id,
+    so every subscriber's idempotency check recognises it).
+    """
+    return uuid.uuid5(uuid.NAMESPACE_URL, "selflearn:" + ":".join(str(p) for p in parts))
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: ClassVar[str]
+    message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: datetime = Field(default_factory=utcnow)
+    schema_version: int = 1
+
+    def to_payload(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Any:
+        return cls.model_validate(payload)
+
+
+class Event(Message):
+    """Something that happened. Subscribers deduplicate on `message_id`."""
+
+
+class Command(Message):
+    """Something to do, with exactly one handler."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ExplanationCreated(Event):
+    type: ClassVar[str] = "explanation.created"
+    explanation_id: uuid.UUID
+    request_key: str  # hash of (ticker, signal, context): the same request gets the same key
+    ticker: str
+    signal: Signal
+    prompt_name: str
+    prompt_version: str
+    model: str
+    provider: str
+    experiment_id: str | None = None
+    arm_id: str | None = None
+    prompt_text: str  # the rendered prompt that produced the text (small, needed for fine-tuning)
+    text: str
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    latency_ms: float
+    fallback_used: bool = False
+    created_at: datetime
+
+
+class FeedbackRecorded(Event):
+    type: ClassVar[str] = "feedback.recorded"
+    feedback_id: uuid.UUID  # stable per (session, explanation): a replacing vote keeps it
+    explanation_id: uuid.UUID
+    session_key: str  # keyed HMAC of the session id, never the raw id
+    rating: Literal[1, -1]
+    stars: int | None = None
+    has_comment: bool = False
+    replaced: bool = False  # True when this vote replaced an earlier one from the same session
+    submitted_at: datetime
+    # copied from the feedback service's replica of the explanation, so subscribers need no join
+    prompt_name: str
+    prompt_version: str
+    model: str
+    signal: Signal
+    ticker: str
+    experiment_id: str | None = None
+    arm_id: str | None = None
+
+
+class FeedbackErased(Event):
+    type: ClassVar[str] = "feedback.erased"
+    session_key: str
+    feedback_ids: list[uuid.UUID]
+    explanation_ids: list[uuid.UUID]
+    erased_at: datetime
+
+
+class PromptTemplate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    version: str
+    template: str
+
+
+class ChampionChanged(Event):
+    type: ClassVar[str] = "prompt.champion_changed"
+    prompt: PromptTemplate
+    model: str
+    previous_version: str | None = None
+    reason: str = ""
+
+
+class ArmSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    arm_id: str
+    prompt: PromptTemplate
+    model: str
+    weight: float
+    is_control: bool = False
+
+
+class ExperimentStarted(Event):
+    type: ClassVar[str] = "experiment.started"
+    experiment_id: str
+    prompt_name: str
+    arms: list[ArmSpec]
+    allocation: Literal["fixed", "adaptive"] = "fixed"
+
+
+class AllocationChanged(Event):
+    type: ClassVar[str] = "experiment.allocation_changed"
+    experiment_id: str
+    weights: dict[str, float]
+
+
+class ExperimentConcluded(Event):
+    type: ClassVar[str] = "experiment.concluded"
+    experiment_id: str
+    decision: str
+    winner_arm_id: str | None = None
+    reason: str = ""
+
+
+class ModelRegistered(Event):
+    type: ClassVar[str] = "model.registered"
+    model_id: str
+    model: str  # the name the router uses, e.g. "local/ft-3f2a"
+    base_model: str
+    serving_base_url: str | None = None  # OpenAI-compatible endpoint that serves it
+    metrics: dict[str, float] = Field(default_factory=dict)
+    cost_per_1k_tokens_usd: float = 0.0
+
+
+class FineTuneProgress(Event):
+    type: ClassVar[str] = "finetune.progress"
+    job_id: str
+    state: str
+    progress: float = 0.0
+    detail: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RecordFeedback(Command):
+    """Sent by the feedback API once the body is valid; the worker stores it. The raw session id never
+    travels: `session_key` is already the keyed hash."""
+
+    type: ClassVar[str] = "feedback.record"
+    feedback_id: uuid.UUID
+    explanation_id: uuid.UUID
+    session_key: str
+    rating: Literal[1, -1]
+    stars: int | None = Field(default=None, ge=1, le=5)
+    comment: str | None = None
+    submitted_at: datetime
+
+
+class StartFineTune(Command):
+    type: ClassVar[str] = "finetune.start_job"
+    job_id: str | None = None
+    base_model: str | None = None
+    method: Literal["sft", "kto"] = "sft"
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    min_examples: int | None = None
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (
+        ExplanationCreated,
+        FeedbackRecorded,
+        FeedbackErased,
+        ChampionChanged,
+        ExperimentStarted,
+        AllocationChanged,
+        ExperimentConcluded,
+        ModelRegistered,
+        FineTuneProgress,
+    )
+}

@@ -1,0 +1,74 @@
+"""Transactional outbox: events are written in the same transaction as the change that caused them, and
+published after the commit. A crash between commit and publish leaves them in the table, and the periodic
+relay (or the next call) publishes them; subscribers deduplicate on the event id, so a second publish is
+harmless. This is how "publish after the unit of work commits" survives a crash."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.bus import Publisher
+from shared.contracts import EVENT_TYPES, Event, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    return Table(
+        "outbox",
+        metadata,
+        Column("event_id", String(36), primary_key=True),
+        Column("event_type", String(64), nullable=False),
+        Column("payload", JSON, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
+        Column("published_at", DateTime(timezone=True), nullable=True, index=True),
+    )
+
+
+def stage(session: Session, table: Table, events: list[Event]) -> None:
+    """Add events to the outbox inside the caller's transaction (idempotent on event id)."""
+    for ev in events:
+        exists = session.execute(select(table.c.event_id).where(table.c.event_id == str(ev.message_id))).first()
+        if exists is None:
+            session.execute(
+                table.insert().values(
+                    event_id=str(ev.message_id), event_type=ev.type, payload=ev.to_payload(), created_at=utcnow()
+                )
+            )
+
+
+def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit: int = 500) -> int:
+    """Publish what is staged and not yet published; returns how many were published."""
+    with factory() as session:
+        rows = session.execute(
+            select(table.c.event_id, table.c.event_type, table.c.payload)
+            .where(table.c.published_at.is_(None))
+            .order_by(table.c.created_at)
+            .limit(limit)
+        ).all()
+    sent = 0
+    for event_id, event_type, payload in rows:
+        cls = EVENT_TYPES.get(event_type)
+        if cls is None:
+            log.error("outbox holds an unknown event type %s (%s)", event_type, event_id)
+            continue
+        bus.publish(cls.from_payload(payload))
+        with factory() as session, session.begin():
+            session.execute(update(table).where(table.c.event_id == event_id).values(published_at=_now()))
+        sent += 1
+    return sent
+
+
+def _now() -> datetime:
+    return utcnow()
+
+
+def pending(factory: sessionmaker[Session], table: Table) -> list[dict[str, Any]]:
+    with factory() as session:
+        rows = session.execute(select(table).where(table.c.published_at.is_(None))).mappings().all()
+    return [dict(r) for r in rows]

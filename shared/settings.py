@@ -1,0 +1,41 @@
+"""Settings shared by every service. Each service subclasses `ServiceSettings` with its own env prefix for
+its own options; the options below are read without a prefix because every process of one deployment
+shares them (one Redis, one admin token, one session-hash key)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _common(name: str, default: object = ..., **kw: object) -> object:
+    return Field(default, validation_alias=AliasChoices(name), **kw)  # type: ignore[arg-type]
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    redis_url: str = _common("REDIS_URL", "redis://127.0.0.1:6379/0")  # type: ignore[assignment]
+    # Secrets have no default: a service refuses to start without them (`make run` generates them).
+    admin_token: SecretStr | None = _common("ADMIN_TOKEN", None)  # type: ignore[assignment]
+    session_hash_key: SecretStr | None = _common("SESSION_HASH_KEY", None)  # type: ignore[assignment]
+    data_dir: Path = _common("DATA_DIR", Path("data"))  # type: ignore[assignment]
+    visibility_timeout_s: float = _common("BROKER_VISIBILITY_TIMEOUT", 3600.0)  # type: ignore[assignment]
+    broker_pool_limit: int = _common("BROKER_POOL_LIMIT", 16)  # type: ignore[assignment]
+    log_level: str = _common("LOG_LEVEL", "INFO")  # type: ignore[assignment]
+    gateway_url: str = _common("GATEWAY_URL", "http://127.0.0.1:8000")  # type: ignore[assignment]
+
+    def sqlite_url(self, service: str) -> str:
+        return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def require_admin_token(self) -> str:
+        if self.admin_token is None or not self.admin_token.get_secret_value():
+            raise RuntimeError("ADMIN_TOKEN is not set: admin routes cannot be protected (make run sets one)")
+        return self.admin_token.get_secret_value()
+
+    def require_session_hash_key(self) -> bytes:
+        if self.session_hash_key is None or not self.session_hash_key.get_secret_value():
+            raise RuntimeError("SESSION_HASH_KEY is not set: session ids cannot be hashed (make run sets one)")
+        return self.session_hash_key.get_secret_value().encode()

@@ -1,0 +1,191 @@
+"""The HTTP surface every service shares: JSON errors with the right status, `/healthz`, `/metrics`,
+a body-size limit, and the admin bearer-token dependency."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, **extra}}
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        field = ".".join(loc) or "body"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            field, msg = "body", "the request body is not valid JSON"
+        problems.append({"field": field, "message": msg, "type": err.get("type")})
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid request"
+    return summary, problems
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        summary, problems = _describe_validation(exc)
+        return JSONResponse(status_code=422, content=error_body(422, summary, problems=problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        extra = exc.detail if isinstance(exc.detail, dict) else {}
+        if isinstance(extra, dict) and "message" in extra:
+            detail = str(extra.pop("message"))
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=error_body(exc.status_code, detail, **extra),
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(status_code=500, content=error_body(500, "internal error; it has been logged"))
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413 before reading them into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_json(send, 413, error_body(413, f"request body is larger than {self.limit} bytes"))
+            return
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await _send_json(send, 413, error_body(413, f"request body is larger than {self.limit} bytes"))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_json(send: Send, status: int, body: dict) -> None:
+    import json
+
+    raw = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})
+
+
+class Metrics:
+    """Per-service Prometheus registry with request counters and latency histograms."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests_total", "HTTP requests", ["service", "method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            ["service", "method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, list(labels), registry=self.registry)
+
+    def histogram(self, name: str, doc: str, labels: tuple[str, ...] = (), **kw: Any) -> Histogram:
+        return Histogram(name, doc, list(labels), registry=self.registry, **kw)
+
+
+def install_common(
+    app: FastAPI,
+    service: str,
+    *,
+    health: Callable[[], dict[str, Any]] | None = None,
+    body_limit: int = MAX_BODY_BYTES,
+) -> Metrics:
+    """Error handlers, `/healthz`, `/metrics` and request metrics for one service app."""
+    install_error_handlers(app)
+    metrics = Metrics(service)
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(service, request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(service, request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    app.add_middleware(BodyLimit, limit=body_limit)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, Any]:
+        detail = health() if health else {}
+        return {"status": "ok", "service": service, **detail}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+def require_admin(request: Request) -> None:
+    """Let a request through only with `Authorization: Bearer <admin token>`; the token is the one in the
+    app's settings (`app.state.settings.require_admin_token()`)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    if scheme.lower() != "bearer" or not supplied.strip():
+        raise HTTPException(
+            status_code=401,
+            detail="admin route: send Authorization: Bearer <admin token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    expected = request.app.state.settings.require_admin_token()
+    if not hmac.compare_digest(supplied.strip().encode(), expected.encode()):
+        raise HTTPException(status_code=401, detail="admin token is not valid", headers={"WWW-Authenticate": "Bearer"})
+
+
+AdminDep = Annotated[None, Depends(require_admin)]

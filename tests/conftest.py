@@ -1,0 +1,58 @@
+"""Fixtures: a private redis-server on a free port, and the whole system as `make run` starts it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.run import Stack
+from shared.redis_server import RedisServer, free_port
+
+# Timings shrunk for tests: a killed worker's message comes back within seconds; experiments decide in
+# seconds, not days. Everything else is the production configuration.
+FAST_ENV = {
+    "BROKER_VISIBILITY_TIMEOUT": "4",
+    "OUTBOX_RELAY_INTERVAL_S": "2",
+    "OPTIMIZER_DECISION_INTERVAL_S": "2",
+    "FINETUNE_WATCHDOG_INTERVAL_S": "2",
+    "DASHBOARD_ANOMALY_INTERVAL_S": "5",
+    "LOG_LEVEL": "INFO",
+    "ADMIN_TOKEN": "test-admin-token",
+    "SESSION_HASH_KEY": "test-session-key",
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+def start_stack(data_dir: Path, **env: str) -> Stack:
+    overrides = {**FAST_ENV, **env}
+    # Never inherit a developer's REDIS_URL: the stack starts its own redis-server.
+    overrides["REDIS_URL"] = ""
+    saved = os.environ.pop("REDIS_URL", None)
+    try:
+        return Stack(data_dir=data_dir, port=free_port(), env_overrides=overrides).start()
+    finally:
+        if saved is not None:
+            os.environ["REDIS_URL"] = saved
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole system, shared by the end-to-end tests of one run (start-up takes seconds)."""
+    s = start_stack(tmp_path_factory.mktemp("system"))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {FAST_ENV['ADMIN_TOKEN']}"}
