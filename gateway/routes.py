@@ -6,6 +6,7 @@ from __future__ import annotations
 #: path prefix -> service. Longest prefix wins; "/" is the web page, served by the dashboard.
 ROUTES: tuple[tuple[str, str], ...] = (
     ("/api/explanations", "router"),
+    ("/api/router", "router"),
     ("/api/feedback", "feedback"),
     ("/api/experiments", "optimizer"),
     ("/api/prompts", "optimizer"),

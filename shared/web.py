@@ -136,6 +136,34 @@ class Metrics:
         return Histogram(name, doc, list(labels), registry=self.registry, **kw)
 
 
+class _Observe:
+    """Request count and latency per route (pure ASGI: no per-request task or body copy)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def observed_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            m = self.metrics
+            m.requests.labels(m.service, scope["method"], route, str(status[0])).inc()
+            m.latency.labels(m.service, scope["method"], route).observe(time.perf_counter() - start)
+
+
 def install_common(
     app: FastAPI,
     service: str,
@@ -148,16 +176,7 @@ def install_common(
     metrics = Metrics(service)
     app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(service, request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(service, request.method, path).observe(time.perf_counter() - start)
-        return response
-
+    app.add_middleware(_Observe, metrics=metrics)
     app.add_middleware(BodyLimit, limit=body_limit)
 
     @app.get("/healthz", include_in_schema=False)

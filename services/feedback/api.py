@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import OrderedDict
 from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.store import Store, outbox
-from shared.bus import CeleryBus
+from shared.bus import CeleryBus, GroupCommitSender
 from shared.outbox import relay
 from shared.privacy import session_key
 from shared.web import AdminDep
@@ -38,15 +40,15 @@ class FeedbackAccepted(BaseModel):
     feedback_id: uuid.UUID
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_bus(request: Request) -> CeleryBus:
+async def get_bus(request: Request) -> CeleryBus:
     return request.app.state.bus
 
 
-def get_settings_dep(request: Request) -> FeedbackSettings:
+async def get_settings_dep(request: Request) -> FeedbackSettings:
     return request.app.state.settings
 
 
@@ -55,10 +57,31 @@ BusDep = Annotated[CeleryBus, Depends(get_bus)]
 SettingsDep = Annotated[FeedbackSettings, Depends(get_settings_dep)]
 
 
-def _router_knows(settings: FeedbackSettings, explanation_id: uuid.UUID) -> bool | None:
+class KnownIds:
+    """Explanation ids this process has already found in the replica (they never become unknown again),
+    so the hot path skips the database for them."""
+
+    def __init__(self, capacity: int = 200_000) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
+
+    def __contains__(self, eid: uuid.UUID) -> bool:
+        if eid in self._ids:
+            self._ids.move_to_end(eid)
+            return True
+        return False
+
+    def add(self, eid: uuid.UUID) -> None:
+        self._ids[eid] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+
+async def _router_knows(request: Request, settings: FeedbackSettings, explanation_id: uuid.UUID) -> bool | None:
     """Ask the router's public contract whether it issued this id: True, False, or None when it can't say."""
+    client: httpx.AsyncClient = request.app.state.http
     try:
-        r = httpx.get(
+        r = await client.get(
             f"{settings.gateway_url}/api/explanations/{explanation_id}", timeout=settings.router_check_timeout_s
         )
     except httpx.HTTPError:
@@ -70,20 +93,32 @@ def _router_knows(settings: FeedbackSettings, explanation_id: uuid.UUID) -> bool
     return None
 
 
+async def _check_issued(request: Request, store: Store, settings: FeedbackSettings, explanation_id: uuid.UUID) -> None:
+    known: KnownIds = request.app.state.known_ids
+    if explanation_id in known:
+        return
+    if await run_in_threadpool(handlers.known_explanation, store.uow(), explanation_id):
+        known.add(explanation_id)
+        return
+    if settings.verify_unknown_with_router and await _router_knows(request, settings, explanation_id) is False:
+        raise HTTPException(404, f"explanation {explanation_id} was never issued")
+    # Not in the replica yet and the router could not say: accept; the worker quarantines it until the
+    # explanation's event arrives, and it is never counted if it does not.
+
+
 @router.post("/api/feedback/{explanation_id}", status_code=202, response_model=FeedbackAccepted)
-def submit_feedback(
-    explanation_id: uuid.UUID, body: FeedbackIn, store: StoreDep, bus: BusDep, settings: SettingsDep
+async def submit_feedback(
+    explanation_id: uuid.UUID, body: FeedbackIn, request: Request, store: StoreDep, settings: SettingsDep
 ) -> Any:
-    """Accept a vote: 202 once it is durably on the queue; a worker stores it."""
+    """Accept a vote: 202 once it is durably on the queue (group-committed to Redis); a worker stores it."""
     if body.comment is not None and len(body.comment) > settings.max_comment_chars:
         raise HTTPException(422, f"comment is longer than {settings.max_comment_chars} characters")
-    unknown = not handlers.known_explanation(store.uow(), explanation_id)
-    if unknown and settings.verify_unknown_with_router and _router_knows(settings, explanation_id) is False:
-        raise HTTPException(404, f"explanation {explanation_id} was never issued")
+    await _check_issued(request, store, settings, explanation_id)
     key = session_key(body.session_id, settings.require_session_hash_key())
     cmd = handlers.new_vote(explanation_id, key, body.rating, body.stars, body.comment)
+    sender: GroupCommitSender = request.app.state.sender
     try:
-        bus.send(cmd)
+        await sender.send(cmd)
     except Exception as exc:  # the broker is down: say so, and do not pretend it was received
         log.error("could not queue feedback: %s", type(exc).__name__)
         raise HTTPException(503, "feedback could not be queued right now; please retry") from exc

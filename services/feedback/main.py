@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 
 from services.feedback import api
 from services.feedback.config import FeedbackSettings, get_settings
 from services.feedback.store import Store
-from shared.bus import CeleryBus, declare_topology, make_celery
+from shared.bus import CeleryBus, GroupCommitSender, declare_topology, make_celery
 from shared.logging import configure_logging
 from shared.web import install_common
 
@@ -27,7 +28,12 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
         celery = make_celery("feedback", settings)
         declare_topology(celery)
         app.state.bus = CeleryBus(celery)
+        app.state.sender = GroupCommitSender(celery)
+        app.state.known_ids = api.KnownIds()
+        app.state.http = httpx.AsyncClient()
         yield
+        await app.state.http.aclose()
+        await app.state.sender.aclose()
         app.state.store.dispose()
 
     app = FastAPI(title="feedback", lifespan=lifespan)

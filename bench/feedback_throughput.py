@@ -1,0 +1,150 @@
+"""Feedback intake benchmark: `POST /api/feedback/{id}` against a bare FastAPI endpoint, in one run.
+
+Both servers run the same way (one uvicorn process each, same flags) on this machine, one at a time, and the
+same load generator drives them. Printed as ratios to the bare endpoint:
+- accepted feedback per second (closed loop, 32 connections),
+- p50 / p99 latency at a fixed 1,000 requests/s (open loop, measured from the scheduled send time),
+- and how fast one worker drains the queue into SQLite (stored votes per second).
+The issue's goal: throughput >= 0.5x the bare endpoint, p99 < 20 ms at 1,000 req/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from bench.loadgen import Result, closed_loop, open_loop
+from shared.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _serve(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", factory, "--factory", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env=env,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError(f"{factory} did not start")
+
+
+def _seed_explanation(env: dict[str, str]) -> uuid.UUID:
+    code = (
+        "import uuid,sys\n"
+        "from datetime import datetime, UTC\n"
+        "from services.feedback.config import get_settings\n"
+        "from services.feedback.store import Store\n"
+        "from services.feedback import handlers\n"
+        "from shared.contracts import ExplanationCreated\n"
+        "eid = uuid.uuid4()\n"
+        "handlers.on_explanation_created(ExplanationCreated(explanation_id=eid, request_key='r', ticker='AAPL',"
+        " signal='BUY', prompt_name='explain_signal', prompt_version='v1.0', model='offline/template-v1',"
+        " provider='offline', prompt_text='p', text='t', tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0,"
+        " created_at=datetime.now(UTC)), Store(get_settings().db_url).uow())\n"
+        "print(eid)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    return uuid.UUID(out.stdout.strip().splitlines()[-1])
+
+
+def _measure(port: int, path_for: callable, seconds: float, rate: float) -> tuple[Result, Result]:
+    def make(i: int) -> tuple[str, dict]:
+        return path_for(i), {"rating": 1 if i % 3 else -1, "session_id": f"bench-{i}-{uuid.uuid4().hex[:6]}"}
+
+    closed_loop("127.0.0.1", port, make, conns=8, seconds=1.0)  # warm-up
+    tp = closed_loop("127.0.0.1", port, make, conns=32, seconds=seconds)
+    lat = open_loop("127.0.0.1", port, make, rate=rate, seconds=seconds, conns=64)
+    return tp, lat
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_server.url,
+            "DATA_DIR": tmp,
+            "ADMIN_TOKEN": "bench",
+            "SESSION_HASH_KEY": "bench",
+            "LOG_LEVEL": "WARNING",
+            "FEEDBACK_VERIFY_UNKNOWN_WITH_ROUTER": "false",
+            "PYTHONPATH": str(ROOT),
+        }
+        eid = _seed_explanation(env)
+
+        bare_port = free_port()
+        bare = _serve("bench.bare_app:create_app", bare_port, env)
+        try:
+            bare_tp, bare_lat = _measure(bare_port, lambda i: f"/bare/{eid}", args.seconds, args.rate)
+        finally:
+            bare.terminate()
+            bare.wait()
+
+        fb_port = free_port()
+        fb = _serve("services.feedback.main:create_app", fb_port, env)
+        try:
+            fb_tp, fb_lat = _measure(fb_port, lambda i: f"/api/feedback/{eid}", args.seconds, args.rate)
+        finally:
+            fb.terminate()
+            fb.wait()
+
+        accepted = fb_tp.ok + fb_lat.ok + 0
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "services.feedback.tasks:app", "worker", "-Q", "feedback", "-P", "solo",
+             "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            env=env, cwd=ROOT,
+        )  # fmt: skip
+        start = time.perf_counter()
+        db = Path(tmp) / "feedback.db"
+        stored = 0
+        drain_deadline = start + 60
+        while time.perf_counter() < drain_deadline:
+            time.sleep(0.5)
+            if db.exists():
+                with sqlite3.connect(db) as conn:
+                    processed = conn.execute("select count(*) from processed_messages").fetchone()[0]
+                    stored = conn.execute("select count(*) from feedback").fetchone()[0]
+                if processed >= accepted:  # warm-up votes included
+                    break
+        drain_s = time.perf_counter() - start
+        worker.terminate()
+        worker.wait()
+
+    print(f"\nFeedback intake benchmark ({datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, one uvicorn process each)")
+    print(f"{'':34}{'bare endpoint':>16}{'POST /api/feedback':>20}{'ratio':>8}")
+    print(f"{'throughput (req/s, 32 conns)':34}{bare_tp.throughput:>16.0f}{fb_tp.throughput:>20.0f}{fb_tp.throughput / bare_tp.throughput:>8.2f}")
+    for q in (50, 99):
+        b, f = bare_lat.percentile(q), fb_lat.percentile(q)
+        print(f"{f'p{q} latency at {args.rate:.0f} req/s (ms)':34}{b:>16.2f}{f:>20.2f}{f / b:>8.2f}")
+    print(f"{'errors (non-2xx)':34}{bare_tp.errors + bare_lat.errors:>16}{fb_tp.errors + fb_lat.errors:>20}")
+    print(f"worker drain: {stored} votes stored ({processed} messages) in {drain_s:.1f}s = {processed / drain_s:.0f} msg/s")
+    ratio_ok = fb_tp.throughput / bare_tp.throughput >= 0.5
+    p99_ok = fb_lat.percentile(99) < 20
+    print(f"goal throughput >= 0.5x bare: {'PASS' if ratio_ok else 'MISS'}; p99 < 20 ms at {args.rate:.0f} req/s: {'PASS' if p99_ok else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""The feedback handlers on a real store: SQLite files, and PostgreSQL when TEST_POSTGRES_URL is set."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+
+from services.feedback import handlers
+from services.feedback.store import Store, feedback, metadata, outbox, quarantine
+from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def _backends() -> list:
+    params = [pytest.param("sqlite", id="sqlite")]
+    params.append(
+        pytest.param(
+            "postgres",
+            id="postgres",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(not os.environ.get("TEST_POSTGRES_URL"), reason="TEST_POSTGRES_URL not set"),
+            ],
+        )
+    )
+    return params
+
+
+@pytest.fixture(params=_backends())
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    else:
+        s = Store(_pg_schema_url(os.environ["TEST_POSTGRES_URL"], "feedback_store_test"))
+        with s.engine.begin() as conn:  # each test starts from empty tables
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+    yield s
+    s.dispose()
+
+
+def _pg_schema_url(url: str, schema: str) -> str:
+    """Each service's tables in their own schema, as they would be in their own database."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
+    engine.dispose()
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+def _explanation(eid: uuid.UUID | None = None) -> ExplanationCreated:
+    return ExplanationCreated(
+        explanation_id=eid or uuid.uuid4(),
+        request_key="rk",
+        ticker="AAPL",
+        signal="BUY",
+        prompt_name="explain_signal",
+        prompt_version="v1.0",
+        model="offline/template-v1",
+        provider="offline",
+        prompt_text="p",
+        text="t",
+        tokens_in=10,
+        tokens_out=20,
+        cost_usd=0.0,
+        latency_ms=1.0,
+        created_at=T0,
+    )
+
+
+def _staged(store: Store) -> list[dict]:
+    with store.factory() as s:
+        return [dict(r) for r in s.execute(select(outbox)).mappings()]
+
+
+def _votes(store: Store) -> list[dict]:
+    with store.factory() as s:
+        return [dict(r) for r in s.execute(select(feedback)).mappings()]
+
+
+def test_vote_on_a_known_explanation_is_stored_and_announced(store: Store) -> None:
+    exp = _explanation()
+    handlers.on_explanation_created(exp, store.uow())
+    cmd = handlers.new_vote(exp.explanation_id, "key-a", 1, 5, "clear", T0)
+    assert handlers.record_feedback(cmd, store.uow()) == "stored"
+    (vote,) = _votes(store)
+    assert vote["rating"] == 1 and vote["stars"] == 5 and vote["session_key"] == "key-a"
+    events = [e for e in _staged(store) if e["event_type"] == FeedbackRecorded.type]
+    assert len(events) == 1
+    assert events[0]["payload"]["prompt_version"] == "v1.0" and events[0]["payload"]["replaced"] is False
+
+
+def test_second_vote_from_same_session_replaces_first(store: Store) -> None:
+    exp = _explanation()
+    handlers.on_explanation_created(exp, store.uow())
+    handlers.record_feedback(handlers.new_vote(exp.explanation_id, "key-a", 1, None, None, T0), store.uow())
+    later = handlers.new_vote(exp.explanation_id, "key-a", -1, 2, None, T0 + timedelta(seconds=5))
+    assert handlers.record_feedback(later, store.uow()) == "replaced"
+    (vote,) = _votes(store)
+    assert vote["rating"] == -1 and vote["stars"] == 2 and vote["revisions"] == 2
+
+
+def test_an_older_vote_delivered_late_is_ignored(store: Store) -> None:
+    exp = _explanation()
+    handlers.on_explanation_created(exp, store.uow())
+    handlers.record_feedback(handlers.new_vote(exp.explanation_id, "k", -1, None, None, T0), store.uow())
+    stale = handlers.new_vote(exp.explanation_id, "k", 1, None, None, T0 - timedelta(seconds=5))
+    assert handlers.record_feedback(stale, store.uow()) == "stale"
+    assert _votes(store)[0]["rating"] == -1
+
+
+def test_redelivered_command_is_stored_exactly_once(store: Store) -> None:
+    exp = _explanation()
+    handlers.on_explanation_created(exp, store.uow())
+    cmd = handlers.new_vote(exp.explanation_id, "k", 1, None, None, T0)
+    assert handlers.record_feedback(cmd, store.uow()) == "stored"
+    assert handlers.record_feedback(cmd, store.uow()) == "duplicate"
+    assert len(_votes(store)) == 1
+    assert len([e for e in _staged(store) if e["event_type"] == FeedbackRecorded.type]) == 1
+
+
+def test_vote_on_an_unknown_explanation_is_quarantined_not_counted(store: Store) -> None:
+    cmd = handlers.new_vote(uuid.uuid4(), "k", 1, None, None, T0)
+    assert handlers.record_feedback(cmd, store.uow()) == "quarantined"
+    assert _votes(store) == []
+    assert not [e for e in _staged(store) if e["event_type"] == FeedbackRecorded.type]
+    with store.factory() as s:
+        (row,) = s.execute(select(quarantine)).mappings()
+    assert "not (yet) issued" in row["reason"]
+
+
+def test_quarantined_vote_is_released_when_its_explanation_arrives(store: Store) -> None:
+    eid = uuid.uuid4()
+    handlers.record_feedback(handlers.new_vote(eid, "k", 1, 4, None, T0), store.uow())
+    assert handlers.on_explanation_created(_explanation(eid), store.uow()) == 1
+    assert len(_votes(store)) == 1
+    with store.factory() as s:
+        assert s.execute(select(quarantine)).first() is None
+
+
+def test_erasure_deletes_votes_and_drops_votes_cast_before_it(store: Store) -> None:
+    exp = _explanation()
+    handlers.on_explanation_created(exp, store.uow())
+    first = handlers.new_vote(exp.explanation_id, "k", 1, None, "my email is a@b.co", T0)
+    handlers.record_feedback(first, store.uow())
+    queued_before = handlers.new_vote(exp.explanation_id, "k", -1, None, None, datetime.now(UTC) - timedelta(seconds=1))
+    event = handlers.erase_session("k", store.uow())
+    assert isinstance(event, FeedbackErased) and event.feedback_ids == [first.feedback_id]
+    assert _votes(store) == []
+    assert handlers.record_feedback(queued_before, store.uow()) == "erased"
+    assert _votes(store) == []
+    after = handlers.new_vote(exp.explanation_id, "k", 1, None, None, datetime.now(UTC) + timedelta(seconds=1))
+    assert handlers.record_feedback(after, store.uow()) == "stored"
+    with store.factory() as s:
+        actions = [r[0] for r in s.execute(text("select action from audit order by id"))]
+    assert actions[:2] == ["erase_session", "drop_vote_of_erased_session"]

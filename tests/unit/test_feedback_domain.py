@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from services.feedback import domain
+from shared.privacy import scrub_pii, session_key
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_vote_id_is_the_same_for_the_same_session_and_explanation() -> None:
+    exp = uuid.uuid4()
+    assert domain.feedback_id_for("k1", exp) == domain.feedback_id_for("k1", exp)
+    assert domain.feedback_id_for("k1", exp) != domain.feedback_id_for("k2", exp)
+    assert domain.feedback_id_for("k1", exp) != domain.feedback_id_for("k1", uuid.uuid4())
+
+
+def test_first_vote_is_inserted_and_a_newer_one_replaces_it() -> None:
+    assert domain.vote_outcome(None, T0) == "insert"
+    old = domain.StoredVote(rating=1, stars=None, submitted_at=T0)
+    assert domain.vote_outcome(old, T0 + timedelta(seconds=1)) == "replace"
+
+
+def test_an_older_vote_arriving_late_does_not_overwrite_a_newer_one() -> None:
+    newer = domain.StoredVote(rating=-1, stars=None, submitted_at=T0)
+    assert domain.vote_outcome(newer, T0 - timedelta(seconds=1)) == "stale"
+
+
+def test_naive_timestamps_from_sqlite_compare_as_utc() -> None:
+    stored = domain.StoredVote(rating=1, stars=None, submitted_at=T0.replace(tzinfo=None))
+    assert domain.vote_outcome(stored, T0 + timedelta(seconds=1)) == "replace"
+
+
+def test_votes_cast_before_an_erasure_are_dropped_and_later_ones_are_not() -> None:
+    assert domain.erased_before(T0, T0 - timedelta(seconds=1))
+    assert not domain.erased_before(T0, T0 + timedelta(seconds=1))
+    assert not domain.erased_before(None, T0)
+
+
+def test_session_key_is_keyed_and_not_the_raw_id() -> None:
+    a = session_key("session-123", b"secret-a")
+    assert a != "session-123" and len(a) == 64
+    assert a == session_key("session-123", b"secret-a")
+    assert a != session_key("session-123", b"secret-b")
+
+
+def test_pii_is_scrubbed_from_user_text() -> None:
+    text = "mail me at jane.doe@example.com or +44 20 7946 0958, card 4111 1111 1111 1111"
+    scrubbed = scrub_pii(text)
+    assert "jane.doe" not in scrubbed and "4111" not in scrubbed and "7946" not in scrubbed
+    assert "[email]" in scrubbed
