@@ -1,0 +1,781 @@
+"""Experiment statistics for the optimizer: pure functions over plain counts (gbstats style).
+
+No I/O, no clocks, no randomness except seeded Monte Carlo. Degenerate data never raises: results carry a
+`status` ("OK", "INSUFFICIENT_SAMPLES", "SRM") and `None` where a number cannot be computed.
+
+The maths, in one place:
+
+* Per arm, the success metric is either the thumbs-up rate (`positive_rate`, Bernoulli) or the mean of the
+  1-5 star ratings (`avg_stars`). Rates carry a Wilson 95% interval (better coverage than Wald near 0 and 1).
+* Treatment vs control is judged on the absolute difference of the metric, d = m_t - m_c, whose variance is
+  estimated by plug-in: V = s_t^2/n_t + s_c^2/n_c (for rates s^2 = p(1-p), computed on lightly smoothed
+  rates (x+1)/(n+2) so that an all-positive arm does not claim zero variance).
+* Why always-valid: the dashboard and the optimizer look at the numbers after every batch. A plain z-test
+  re-checked at every look has a false-positive rate far above its nominal 5% (it eventually crosses 1.96 by
+  chance). The mixture sequential probability ratio test (mSPRT; Robbins 1970, Johari, Pekelis & Walsh
+  2017 "Always valid inference", Howard et al. 2021) replaces the fixed-n likelihood ratio by its average over
+  a N(0, tau^2) prior on the effect. For a Gaussian estimate d with variance V that average has the closed form
+
+      Lambda = sqrt(V / (V + tau^2)) * exp( d^2 tau^2 / (2 V (V + tau^2)) )
+
+  and under H0 (d = 0) Lambda is a non-negative martingale with mean 1, so by Ville's inequality
+  P(Lambda ever exceeds 1/alpha) <= alpha. Hence p = min(1, 1/Lambda) is a p-value that stays valid whenever
+  it is read, and inverting the test gives a confidence sequence (an interval valid at all times at once):
+
+      d +- sqrt( V (V + tau^2) / tau^2 * (2 log(1/alpha) + log((V + tau^2) / V)) ).
+
+  The mixing variance tau^2 sets where the test is most sensitive: the boundary, in z units, is smallest when
+  tau^2 / V = 2 log(1/alpha) + log(1 + tau^2 / V), which for alpha around 0.02-0.05 is about 9-11. Taking tau
+  equal to the target absolute effect (target_lift x the pooled baseline) puts that optimum close to the
+  sample size at which a fixed-horizon test with 80% power would end, i.e. the test is tuned to the effect we
+  care about. A caller that knows the baseline up front can pass `tau` fixed, which keeps the mixture strictly
+  pre-specified (the pooled baseline moves little, so the default's effect on validity is second order).
+* Several treatments: always-valid p-values are Holm-corrected across the treatment-vs-control comparisons
+  (Holm is valid under any dependence); confidence sequences use Bonferroni (alpha / number of treatments),
+  since Holm does not give simultaneous intervals.
+* Reference numbers for the dashboard: the fixed-horizon pooled two-proportion z-test (Welch z for stars) and
+  the Wald 95% interval on the difference. They are only valid if read once, at a pre-planned sample size.
+* Bayesian summaries: Beta(1 + positives, 1 + negatives) posteriors for rates (a normal approximation
+  N(mean, s^2/n) for stars), sampled with a fixed seed; probability to beat control, probability to be best,
+  and expected loss E[max_j m_j - m_i] (what choosing arm i costs, in metric units, if it is not the best).
+* Power: a two-sample z-test at the current sample sizes against the target lift (Cohen's h for rates,
+  d = effect / pooled sd for stars), with alpha Bonferroni-split over the treatments; samples needed per arm for
+  80% power, and the days to reach it at the current feedback rate.
+* Sample ratio mismatch: Pearson chi-square of the exposures against the intended weights, flagged at
+  p < 0.001 (a broken split invalidates every other number).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import optimize
+from scipy import stats as sps
+from scipy.special import ndtr, ndtri
+
+STATUS_OK = "OK"
+STATUS_INSUFFICIENT = "INSUFFICIENT_SAMPLES"
+STATUS_SRM = "SRM"
+
+METRIC_POSITIVE_RATE = "positive_rate"
+METRIC_AVG_STARS = "avg_stars"
+METRICS = (METRIC_POSITIVE_RATE, METRIC_AVG_STARS)
+
+DECISION_COLLECTING = "collecting"
+DECISION_UNHEALTHY = "unhealthy"
+DECISION_SHIP = "ship"
+DECISION_KEEP_CONTROL = "keep_control"
+DECISION_INCONCLUSIVE = "inconclusive"
+
+TARGET_POWER = 0.8
+_MIN_STAR_SD = 0.5  # floor on the star sd used in power / variance when only a few ratings exist
+
+
+@dataclass(frozen=True)
+class ArmData:
+    arm_id: str
+    exposures: int  # explanations served by this arm
+    n: int  # feedback events (thumbs) on this arm
+    positives: int  # thumbs up
+    star_n: int = 0
+    star_sum: float = 0.0
+    star_sumsq: float = 0.0
+    cost_usd_sum: float = 0.0  # over exposures
+    latency_ms_sum: float = 0.0  # over exposures
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    arm_id: str
+    is_control: bool
+    exposures: int
+    n: int
+    positives: int
+    rate: float | None
+    rate_ci: tuple[float, float] | None  # Wilson 95%
+    star_mean: float | None
+    feedback_rate: float | None  # n / exposures
+    cost_per_explanation: float | None
+    latency_ms_mean: float | None
+    lift: float | None  # relative (m_t - m_c)/m_c for treatments, None for control (m = the success metric)
+    lift_ci_sequential: tuple[float, float] | None  # always-valid CS on the absolute difference, Bonferroni
+    lift_ci_fixed: tuple[float, float] | None  # fixed-horizon 95% interval on the absolute difference
+    p_value_sequential: float | None  # always-valid, Holm-corrected across treatments
+    p_value_fixed: float | None  # uncorrected fixed-horizon two-sided z-test (reference)
+    prob_beat_control: float | None
+    prob_best: float | None
+    expected_loss: float | None
+    power: float | None  # power at the current n to detect target_lift
+    samples_needed_per_arm: int | None  # fixed-horizon n per arm for 80% power at target_lift
+    days_to_decision: float | None
+    # Additions (defaults keep the original constructor valid):
+    metric_n: int = 0  # samples behind the success metric (n for positive_rate, star_n for avg_stars)
+    star_n: int = 0
+    diff: float | None = None  # absolute difference of the success metric vs control
+    # The other metric (stars when the success metric is thumbs, and vice versa) is worse than control
+    # under the always-valid test at alpha (uncorrected, which is the cautious side for a guardrail).
+    secondary_significantly_worse: bool = False
+
+
+@dataclass(frozen=True)
+class Analysis:
+    status: str  # "OK" | "INSUFFICIENT_SAMPLES" | "SRM"
+    metric: str  # "positive_rate" | "avg_stars"
+    control_id: str
+    arms: tuple[ArmResult, ...]
+    srm_p_value: float | None
+    srm_flag: bool
+    alpha: float
+    tau: float | None = None  # mixing sd of the mSPRT actually used (absolute metric units)
+
+    def arm(self, arm_id: str) -> ArmResult | None:
+        return next((a for a in self.arms if a.arm_id == arm_id), None)
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    alpha: float = 0.05
+    metric: str = "positive_rate"
+    min_duration_s: float = 7 * 86400
+    min_feedback_per_arm: int = 100
+    max_feedback_per_arm: int = 20000  # sample cap -> inconclusive
+    target_lift: float = 0.10  # relative
+    min_lift_to_ship: float = 0.0  # relative lift a winner must show (finetune uses 0.10)
+    max_cost_ratio: float | None = 1.5  # guardrail vs control; None disables
+    max_latency_ratio: float | None = 2.0
+    min_feedback_rate_ratio: float | None = 0.8
+    srm_threshold: float = 0.001
+    tie_tolerance: float = 0.02  # winners whose prob_best differ by at most this are tied -> cheaper wins
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str  # "collecting" | "unhealthy" | "ship" | "keep_control" | "inconclusive"
+    arm_id: str | None  # the arm to ship (or the control for keep_control)
+    reason: str  # human readable
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building blocks (vectorised over numpy arrays so the benchmark can reuse them)
+# --------------------------------------------------------------------------------------------------------
+
+
+def wilson_interval(positives: int, n: int, alpha: float = 0.05) -> tuple[float, float] | None:
+    """Wilson score interval: the set of p whose score test |p_hat - p| / sqrt(p(1-p)/n) <= z accepts.
+
+    Solving that quadratic in p gives centre (p_hat + z^2/2n) / (1 + z^2/n) and half-width
+    z / (1 + z^2/n) * sqrt(p_hat(1-p_hat)/n + z^2/4n^2). Same numbers as statsmodels' method="wilson".
+    """
+    if n <= 0:
+        return None
+    z = float(-ndtri(alpha / 2))
+    p = positives / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def smoothed_rate_variance(positives: ArrayLike, n: ArrayLike) -> NDArray[np.float64]:
+    """Per-observation variance p(1-p) of a rate, on the smoothed rate (x+1)/(n+2) so it is never zero."""
+    p = (np.asarray(positives, dtype=float) + 1.0) / (np.asarray(n, dtype=float) + 2.0)
+    return p * (1.0 - p)
+
+
+def msprt_log_lr(diff: ArrayLike, var: ArrayLike, tau2: ArrayLike) -> NDArray[np.float64]:
+    """log of the normal-mixture likelihood ratio Lambda for an estimate `diff` with variance `var`.
+
+    Lambda = sqrt(V/(V+tau^2)) * exp(d^2 tau^2 / (2V(V+tau^2))): the Gaussian likelihood ratio of effect
+    theta vs 0, averaged over theta ~ N(0, tau^2).
+    """
+    d = np.asarray(diff, dtype=float)
+    v = np.asarray(var, dtype=float)
+    t2 = np.asarray(tau2, dtype=float)
+    return 0.5 * np.log(v / (v + t2)) + d * d * t2 / (2.0 * v * (v + t2))
+
+
+def msprt_p_value(diff: ArrayLike, var: ArrayLike, tau2: ArrayLike) -> NDArray[np.float64]:
+    """Always-valid p-value min(1, 1/Lambda); valid at any (data-dependent) time it is read."""
+    return np.minimum(1.0, np.exp(-msprt_log_lr(diff, var, tau2)))
+
+
+def msprt_half_width(var: ArrayLike, tau2: ArrayLike, alpha: float) -> NDArray[np.float64]:
+    """Half-width of the always-valid confidence sequence: all theta0 with Lambda(d - theta0) < 1/alpha."""
+    v = np.asarray(var, dtype=float)
+    t2 = np.asarray(tau2, dtype=float)
+    return np.sqrt(v * (v + t2) / t2 * (2.0 * math.log(1.0 / alpha) + np.log((v + t2) / v)))
+
+
+def two_proportion_z_p_value(x1: ArrayLike, n1: ArrayLike, x2: ArrayLike, n2: ArrayLike) -> NDArray[np.float64]:
+    """Fixed-horizon pooled two-proportion z-test, two-sided (same as statsmodels proportions_ztest)."""
+    x1a, n1a, x2a, n2a = (np.asarray(a, dtype=float) for a in (x1, n1, x2, n2))
+    pooled = (x1a + x2a) / (n1a + n2a)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n1a + 1 / n2a))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, (x1a / n1a - x2a / n2a) / np.where(se > 0, se, 1.0), 0.0)
+    return 2 * ndtr(-np.abs(z))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values (statsmodels multipletests(method="holm")).
+
+    Sorted ascending, the i-th smallest (0-based) of m is multiplied by (m - i); a running maximum keeps the
+    adjusted values monotone, and they are capped at 1. Valid under any dependence between the tests.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def z_test_power(effect_size: float, nobs1: float, alpha: float, ratio: float = 1.0) -> float:
+    """Power of a two-sided two-sample z-test (statsmodels NormalIndPower.power).
+
+    The standardized statistic has mean effect_size * sqrt(n_eff), n_eff = 1 / (1/n1 + 1/n2); power is the
+    probability it lands beyond either critical value +-z_{alpha/2}.
+    """
+    n_eff = 1.0 / (1.0 / nobs1 + 1.0 / (nobs1 * ratio))
+    crit = float(-ndtri(alpha / 2))
+    shift = abs(effect_size) * math.sqrt(n_eff)
+    return float(ndtr(shift - crit) + ndtr(-crit - shift))
+
+
+def z_test_nobs1(effect_size: float, alpha: float, power: float = TARGET_POWER, ratio: float = 1.0) -> float:
+    """Sample size of group 1 for `power` (statsmodels zt_ind_solve_power / NormalIndPower.solve_power).
+
+    Start from the one-tail closed form n_eff = ((z_{alpha/2} + z_power) / effect)^2 and solve the exact
+    two-tail power equation with a bracketing root finder.
+    """
+    es = abs(effect_size)
+    if es == 0:
+        return math.inf
+    z_sum = float(-ndtri(alpha / 2) + ndtri(power))
+    n_eff = (z_sum / es) ** 2
+    guess = n_eff * (1.0 + 1.0 / ratio)
+    return float(
+        optimize.brentq(lambda n1: z_test_power(es, n1, alpha, ratio) - power, guess * 0.5, guess * 1.5, xtol=1e-10)
+    )
+
+
+def cohens_h(p1: float, p2: float) -> float:
+    """Cohen's effect size for proportions, 2 asin(sqrt p1) - 2 asin(sqrt p2) (variance-stabilised)."""
+    return 2 * math.asin(math.sqrt(p1)) - 2 * math.asin(math.sqrt(p2))
+
+
+def srm_check(
+    exposures: Sequence[int], weights: Sequence[float], threshold: float = 0.001
+) -> tuple[float | None, bool]:
+    """Pearson chi-square of the observed exposures against the intended weights; (p-value, flagged).
+
+    Returns (None, False) while any expected count is below 5 (the chi-square approximation is poor there).
+    An arm that received traffic with an intended weight of 0 is flagged outright.
+    """
+    obs = np.asarray(exposures, dtype=float)
+    w = np.asarray(weights, dtype=float)
+    total = obs.sum()
+    if total <= 0 or w.sum() <= 0 or len(obs) < 2:
+        return None, False
+    w = w / w.sum()
+    if np.any((w == 0) & (obs > 0)):
+        return 0.0, True
+    keep = w > 0
+    expected = total * w[keep]
+    if np.any(expected < 5) or keep.sum() < 2:
+        return None, False
+    p = float(sps.chisquare(obs[keep], expected).pvalue)
+    return p, bool(p < threshold)
+
+
+def beta_draws(positives: ArrayLike, n: ArrayLike, draws: int, rng: np.random.Generator) -> NDArray[np.float64]:
+    """Posterior draws (draws x arms) of each arm's rate under a uniform Beta(1, 1) prior."""
+    x = np.asarray(positives, dtype=float)
+    nn = np.asarray(n, dtype=float)
+    return rng.beta(1.0 + x, 1.0 + nn - x, size=(draws, len(x)))
+
+
+def top_two_weights(prob_best: ArrayLike, beta: float = 0.5) -> NDArray[np.float64]:
+    """Allocation of top-two Thompson sampling (Russo 2020) given each arm's probability to be best.
+
+    With probability beta play the Thompson leader, otherwise resample until a different arm leads (the
+    challenger). So w_i = beta p_i + (1 - beta) sum_{j != i} p_j p_i / (1 - p_j).
+    """
+    p = np.asarray(prob_best, dtype=float)
+    k = len(p)
+    if k == 1:
+        return np.ones(1)
+    w = beta * p
+    for j in range(k):
+        others = np.arange(k) != j
+        rest = 1.0 - p[j]
+        if rest > 1e-12:
+            w[others] += (1 - beta) * p[j] * p[others] / rest
+        else:  # arm j is surely best: the challenger is uniform over the rest
+            w[others] += (1 - beta) * p[j] / (k - 1)
+    return w / w.sum()
+
+
+def apply_floor(weights: ArrayLike, floor: float) -> NDArray[np.float64]:
+    """Mix with the uniform so every arm keeps at least `floor` of the traffic (and weights sum to 1)."""
+    w = np.asarray(weights, dtype=float)
+    k = len(w)
+    floor = min(max(floor, 0.0), 1.0 / k)
+    w = w / w.sum()
+    return floor + (1.0 - k * floor) * w
+
+
+# --------------------------------------------------------------------------------------------------------
+# Analysis
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Moments:
+    """Mean, per-observation variance and count of one metric on one arm (None when unavailable)."""
+
+    mean: float | None
+    var: float | None
+    n: int
+
+
+def _rate_moments(a: ArmData) -> _Moments:
+    if a.n <= 0:
+        return _Moments(None, None, 0)
+    return _Moments(a.positives / a.n, float(smoothed_rate_variance(a.positives, a.n)), a.n)
+
+
+def _star_moments(a: ArmData) -> _Moments:
+    if a.star_n <= 0:
+        return _Moments(None, None, 0)
+    mean = a.star_sum / a.star_n
+    var = max((a.star_sumsq - a.star_n * mean * mean) / (a.star_n - 1), 0.0) if a.star_n > 1 else 0.0
+    # A handful of identical ratings would claim zero variance; floor the sd so the test stays honest.
+    return _Moments(mean, max(var, _MIN_STAR_SD**2), a.star_n)
+
+
+def _posterior_draws(
+    metric: str, arms: Sequence[ArmData], moments: Sequence[_Moments], draws: int, seed: int
+) -> NDArray[np.float64] | None:
+    rng = np.random.default_rng(seed)
+    if metric == METRIC_POSITIVE_RATE:
+        return beta_draws([a.positives for a in arms], [a.n for a in arms], draws, rng)
+    if any(m.mean is None or m.n < 2 for m in moments):
+        return None
+    means = np.array([m.mean for m in moments], dtype=float)
+    sds = np.sqrt(np.array([m.var / m.n for m in moments], dtype=float))  # type: ignore[operator]
+    return rng.normal(means, sds, size=(draws, len(arms)))
+
+
+def analyze(
+    arms: Sequence[ArmData],
+    control_id: str,
+    weights: Mapping[str, float],
+    *,
+    metric: str = METRIC_POSITIVE_RATE,
+    alpha: float = 0.05,
+    target_lift: float = 0.10,
+    feedback_per_day: float | None = None,
+    srm_threshold: float = 0.001,
+    tau: float | None = None,
+    draws: int = 10000,
+    seed: int = 0,
+    min_samples: int = 2,
+) -> Analysis:
+    """Per-arm summaries and treatment-vs-control comparisons; never raises on degenerate data.
+
+    `weights` are the intended traffic shares, used for the sample-ratio-mismatch check on exposures. With
+    adaptive allocation pass the exposure-weighted average of the weights that were in force.
+    `feedback_per_day` (total over all arms) turns the samples still needed into days.
+    `tau` is the mSPRT mixing sd in absolute metric units; by default target_lift x the pooled metric mean.
+    Status: "SRM" when the split is broken, else "INSUFFICIENT_SAMPLES" when there is no treatment, no
+    control, or an arm has fewer than `min_samples` metric observations, else "OK".
+    """
+    if metric not in METRICS:
+        metric = METRIC_POSITIVE_RATE
+    arms = list(arms)
+    ids = [a.arm_id for a in arms]
+    srm_p, srm_flag = srm_check([a.exposures for a in arms], [float(weights.get(i, 0.0)) for i in ids], srm_threshold)
+
+    rate_m = [_rate_moments(a) for a in arms]
+    star_m = [_star_moments(a) for a in arms]
+    prim_m, sec_m = (rate_m, star_m) if metric == METRIC_POSITIVE_RATE else (star_m, rate_m)
+
+    control_idx = ids.index(control_id) if control_id in ids else None
+    treatments = [i for i in range(len(arms)) if i != control_idx]
+    enough = all(m.n >= min_samples for m in prim_m)
+    comparable = control_idx is not None and bool(treatments) and enough
+
+    # Mixing sd: the target effect in absolute units, on the pooled mean of the success metric.
+    pooled_n = sum(m.n for m in prim_m)
+    if tau is None and pooled_n > 0:
+        pooled = sum(m.mean * m.n for m in prim_m if m.mean is not None) / pooled_n
+        base = min(max(pooled, 0.01), 0.99) if metric == METRIC_POSITIVE_RATE else max(pooled, 0.1)
+        tau = max(target_lift, 1e-3) * base
+    tau2 = tau * tau if tau else None
+
+    n_treat = max(len(treatments), 1)
+    alpha_each = alpha / n_treat  # Bonferroni for intervals and power
+    z_fixed = float(-ndtri(0.025))
+
+    # Treatment-vs-control tests on the success metric (and the secondary metric, for the guardrail).
+    diff: dict[int, float] = {}
+    var: dict[int, float] = {}
+    p_seq_raw: dict[int, float] = {}
+    p_fixed: dict[int, float] = {}
+    sec_worse: dict[int, bool] = {}
+    if comparable and tau2:
+        c = prim_m[control_idx]  # type: ignore[index]
+        for i in treatments:
+            t = prim_m[i]
+            d = t.mean - c.mean  # type: ignore[operator]
+            v = t.var / t.n + c.var / c.n  # type: ignore[operator]
+            diff[i], var[i] = d, v
+            p_seq_raw[i] = float(msprt_p_value(d, v, tau2))
+            if metric == METRIC_POSITIVE_RATE:
+                ct = arms[control_idx]  # type: ignore[index]
+                p_fixed[i] = float(two_proportion_z_p_value(arms[i].positives, arms[i].n, ct.positives, ct.n))
+            else:
+                p_fixed[i] = float(2 * ndtr(-abs(d) / math.sqrt(v)))
+    if control_idx is not None:
+        sc = sec_m[control_idx]
+        for i in treatments:
+            st = sec_m[i]
+            if sc.n >= min_samples and st.n >= min_samples and sc.mean is not None and st.mean is not None:
+                d2 = st.mean - sc.mean
+                v2 = st.var / st.n + sc.var / sc.n  # type: ignore[operator]
+                sec_tau = max(target_lift, 1e-3) * max(abs(sc.mean), 0.01)
+                sec_worse[i] = d2 < 0 and float(msprt_p_value(d2, v2, sec_tau**2)) < alpha
+
+    p_seq: dict[int, float] = {}
+    if p_seq_raw:
+        keys = list(p_seq_raw)
+        adj = holm_adjust([p_seq_raw[k] for k in keys])
+        p_seq = {k: float(p) for k, p in zip(keys, adj, strict=True)}
+
+    # Bayesian summaries over all arms at once.
+    prob_best: list[float | None] = [None] * len(arms)
+    loss: list[float | None] = [None] * len(arms)
+    beat: dict[int, float] = {}
+    post = _posterior_draws(metric, arms, prim_m, draws, seed) if arms else None
+    if post is not None:
+        best = post.argmax(axis=1)
+        counts = np.bincount(best, minlength=len(arms)) / post.shape[0]
+        top = post.max(axis=1)
+        for i in range(len(arms)):
+            prob_best[i] = float(counts[i])
+            loss[i] = float(np.mean(top - post[:, i]))
+        if control_idx is not None:
+            for i in treatments:
+                beat[i] = float(np.mean(post[:, i] > post[:, control_idx]))
+
+    # Power and projected samples at the target lift (fixed-horizon approximation, Bonferroni alpha).
+    power: dict[int, float] = {}
+    needed: dict[int, int] = {}
+    days: dict[int, float] = {}
+    if control_idx is not None and prim_m[control_idx].mean is not None:
+        c = prim_m[control_idx]
+        if metric == METRIC_POSITIVE_RATE:
+            pc = min(max(c.mean, 1e-6), 1 - 1e-6)  # type: ignore[type-var]
+            es = abs(cohens_h(min(pc * (1 + target_lift), 1 - 1e-9), pc))
+        else:
+            es = abs(target_lift * c.mean) / math.sqrt(c.var)  # type: ignore[operator, arg-type]
+        if es > 0:
+            n_req = z_test_nobs1(es, alpha_each)
+            w_total = sum(float(weights.get(i, 0.0)) for i in ids) or 1.0
+            for i in treatments:
+                t = prim_m[i]
+                if t.n > 0 and c.n > 0:
+                    power[i] = z_test_power(es, t.n, alpha_each, ratio=c.n / t.n)
+                needed[i] = math.ceil(n_req)
+                if feedback_per_day and feedback_per_day > 0:
+                    short = []
+                    for j in (i, control_idx):
+                        share = float(weights.get(ids[j], 0.0)) / w_total
+                        missing = max(n_req - prim_m[j].n, 0.0)
+                        short.append(
+                            0.0 if missing == 0 else (missing / (share * feedback_per_day) if share else math.inf)
+                        )
+                    days[i] = max(short)
+
+    results = []
+    for i, a in enumerate(arms):
+        m = prim_m[i]
+        is_control = i == control_idx
+        lift = None
+        ci_seq = ci_fixed = None
+        if i in diff:
+            c_mean = prim_m[control_idx].mean  # type: ignore[index]
+            lift = diff[i] / c_mean if c_mean else None
+            h = float(msprt_half_width(var[i], tau2, alpha_each))
+            ci_seq = (diff[i] - h, diff[i] + h)
+            # Reference Wald interval on the raw (unsmoothed) variance, as statsmodels' method="wald".
+            if metric == METRIC_POSITIVE_RATE:
+                ct = arms[control_idx]  # type: ignore[index]
+                pt, pcc = a.positives / a.n, ct.positives / ct.n
+                v_raw = pt * (1 - pt) / a.n + pcc * (1 - pcc) / ct.n
+            else:
+                v_raw = var[i]
+            hf = z_fixed * math.sqrt(v_raw)
+            ci_fixed = (diff[i] - hf, diff[i] + hf)
+        results.append(
+            ArmResult(
+                arm_id=a.arm_id,
+                is_control=is_control,
+                exposures=a.exposures,
+                n=a.n,
+                positives=a.positives,
+                rate=rate_m[i].mean,
+                rate_ci=wilson_interval(a.positives, a.n),
+                star_mean=star_m[i].mean,
+                feedback_rate=a.n / a.exposures if a.exposures > 0 else None,
+                cost_per_explanation=a.cost_usd_sum / a.exposures if a.exposures > 0 else None,
+                latency_ms_mean=a.latency_ms_sum / a.exposures if a.exposures > 0 else None,
+                lift=lift,
+                lift_ci_sequential=ci_seq,
+                lift_ci_fixed=ci_fixed,
+                p_value_sequential=p_seq.get(i),
+                p_value_fixed=p_fixed.get(i),
+                prob_beat_control=beat.get(i),
+                prob_best=prob_best[i],
+                expected_loss=loss[i],
+                power=power.get(i),
+                samples_needed_per_arm=needed.get(i),
+                days_to_decision=days.get(i),
+                metric_n=m.n,
+                star_n=a.star_n,
+                diff=diff.get(i),
+                secondary_significantly_worse=sec_worse.get(i, False),
+            )
+        )
+
+    if srm_flag:
+        status = STATUS_SRM
+    elif not comparable:
+        status = STATUS_INSUFFICIENT
+    else:
+        status = STATUS_OK
+    return Analysis(
+        status=status,
+        metric=metric,
+        control_id=control_id,
+        arms=tuple(results),
+        srm_p_value=srm_p,
+        srm_flag=srm_flag,
+        alpha=alpha,
+        tau=tau,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decision
+# --------------------------------------------------------------------------------------------------------
+
+
+def _guardrail_failures(arm: ArmResult, control: ArmResult, config: DecisionConfig) -> list[str]:
+    """Reasons this treatment may not ship even if it wins on the success metric."""
+    fails = []
+    other = "star mean" if config.metric == METRIC_POSITIVE_RATE else "positive rate"
+    if arm.secondary_significantly_worse:
+        fails.append(f"{other} significantly worse than control")
+    if (
+        config.min_feedback_rate_ratio is not None
+        and arm.feedback_rate is not None
+        and control.feedback_rate
+        and arm.feedback_rate / control.feedback_rate < config.min_feedback_rate_ratio
+    ):
+        ratio = arm.feedback_rate / control.feedback_rate
+        fails.append(f"feedback rate {ratio:.2f}x control (< {config.min_feedback_rate_ratio:g}x)")
+    if (
+        config.max_cost_ratio is not None
+        and arm.cost_per_explanation is not None
+        and control.cost_per_explanation
+        and arm.cost_per_explanation / control.cost_per_explanation > config.max_cost_ratio
+    ):
+        ratio = arm.cost_per_explanation / control.cost_per_explanation
+        fails.append(f"cost {ratio:.2f}x control (> {config.max_cost_ratio:g}x)")
+    if (
+        config.max_latency_ratio is not None
+        and arm.latency_ms_mean is not None
+        and control.latency_ms_mean
+        and arm.latency_ms_mean / control.latency_ms_mean > config.max_latency_ratio
+    ):
+        ratio = arm.latency_ms_mean / control.latency_ms_mean
+        fails.append(f"latency {ratio:.2f}x control (> {config.max_latency_ratio:g}x)")
+    return fails
+
+
+def _cost_key(arm: ArmResult) -> float:
+    return arm.cost_per_explanation if arm.cost_per_explanation is not None else math.inf
+
+
+def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> Decision:
+    """Turn an Analysis into collecting / unhealthy / ship / keep_control / inconclusive with a reason.
+
+    Order: a sample-ratio mismatch is reported at once (unhealthy). Otherwise nothing is decided before the
+    minimum duration and the minimum feedback on every arm. Then a treatment ships if it beats control under
+    the corrected always-valid test with at least `min_lift_to_ship` relative lift and passes the guardrails;
+    among several, the highest probability to be best wins, near-ties (tie_tolerance) going to the cheaper
+    arm. The control is kept when every treatment is significantly worse or cannot ship. At the sample cap
+    without a winner the experiment is inconclusive; otherwise it keeps collecting.
+    """
+    if analysis.status == STATUS_SRM:
+        p = analysis.srm_p_value
+        return Decision(
+            DECISION_UNHEALTHY,
+            None,
+            f"sample ratio mismatch: exposures do not match the intended split (chi-square p={p:.2g}); "
+            "fix the assignment before trusting any result",
+        )
+    control = analysis.arm(analysis.control_id)
+    treatments = [a for a in analysis.arms if not a.is_control]
+    if control is None or not treatments:
+        return Decision(DECISION_COLLECTING, None, "nothing to compare: need a control and at least one treatment")
+    if elapsed_s < config.min_duration_s:
+        return Decision(
+            DECISION_COLLECTING,
+            None,
+            f"minimum duration not reached ({elapsed_s / 86400:.1f} of {config.min_duration_s / 86400:.1f} days)",
+        )
+    short = [a for a in analysis.arms if a.metric_n < config.min_feedback_per_arm]
+    if short:
+        worst = min(short, key=lambda a: a.metric_n)
+        return Decision(
+            DECISION_COLLECTING,
+            None,
+            f"minimum feedback not reached: {worst.arm_id} has {worst.metric_n} of "
+            f"{config.min_feedback_per_arm} per arm",
+        )
+    if analysis.status != STATUS_OK:
+        return Decision(DECISION_COLLECTING, None, f"not enough data to compare arms ({analysis.status})")
+
+    alpha = config.alpha
+    winners: list[ArmResult] = []
+    blocked: list[str] = []
+    worse: list[ArmResult] = []
+    for t in treatments:
+        if t.p_value_sequential is None or t.diff is None:
+            continue
+        significant = t.p_value_sequential < alpha
+        if significant and t.diff > 0:
+            if t.lift is not None and t.lift < config.min_lift_to_ship:
+                blocked.append(f"{t.arm_id} wins but its lift {t.lift:+.1%} is below {config.min_lift_to_ship:.0%}")
+                continue
+            fails = _guardrail_failures(t, control, config)
+            if fails:
+                blocked.append(f"{t.arm_id} wins but is blocked by guardrails: " + "; ".join(fails))
+            else:
+                winners.append(t)
+        elif significant and t.diff < 0:
+            worse.append(t)
+
+    if winners:
+        top = max(w.prob_best or 0.0 for w in winners)
+        tied = [w for w in winners if (w.prob_best or 0.0) >= top - config.tie_tolerance]
+        pick = min(tied, key=lambda w: (_cost_key(w), -(w.prob_best or 0.0)))
+        lift = f"{pick.lift:+.1%}" if pick.lift is not None else "n/a"
+        note = f"; tied with {len(tied) - 1} other winner(s), chose the cheaper" if len(tied) > 1 else ""
+        return Decision(
+            DECISION_SHIP,
+            pick.arm_id,
+            f"{pick.arm_id} beats control on {analysis.metric} (lift {lift}, always-valid p="
+            f"{pick.p_value_sequential:.3g} Holm-corrected, P(best)={pick.prob_best or 0.0:.2f}); "
+            f"guardrails hold{note}",
+        )
+
+    if len(worse) == len(treatments):
+        return Decision(
+            DECISION_KEEP_CONTROL,
+            control.arm_id,
+            f"every treatment is significantly worse than control on {analysis.metric}",
+        )
+    if blocked and len(blocked) + len(worse) == len(treatments):
+        return Decision(
+            DECISION_KEEP_CONTROL,
+            control.arm_id,
+            "no treatment can ship: " + " | ".join(blocked),
+        )
+
+    at_cap = max(a.metric_n for a in analysis.arms) >= config.max_feedback_per_arm
+    if at_cap:
+        extra = (" (" + " | ".join(blocked) + ")") if blocked else ""
+        return Decision(
+            DECISION_INCONCLUSIVE,
+            None,
+            f"sample cap of {config.max_feedback_per_arm} per arm reached without a significant winner{extra}",
+        )
+    best_p = min((t.p_value_sequential for t in treatments if t.p_value_sequential is not None), default=None)
+    extra = (" (" + " | ".join(blocked) + ")") if blocked else ""
+    p_txt = f"; smallest corrected always-valid p={best_p:.3g}" if best_p is not None else ""
+    return Decision(DECISION_COLLECTING, None, f"no significant difference yet{p_txt}{extra}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Allocation
+# --------------------------------------------------------------------------------------------------------
+
+
+def thompson_weights(
+    arms: Sequence[ArmData],
+    *,
+    floor: float = 0.01,
+    min_feedback_per_arm: int = 100,
+    current: Mapping[str, float] | None = None,
+    seed: int = 0,
+    draws: int = 4000,
+    metric: str = METRIC_POSITIVE_RATE,
+    control_id: str | None = None,
+    beta: float = 0.5,
+) -> dict[str, float]:
+    """Top-two Thompson sampling allocation with a floor per arm; weights sum to 1.
+
+    Returns `current` (or equal) weights unchanged until every arm has >= min_feedback_per_arm, so the
+    posterior is not driven by a handful of early votes; call it once per batch, not per request.
+    Probability to be best comes from seeded posterior draws (Beta for rates, normal for stars); top-two
+    Thompson then gives the leader `beta` of the traffic and spreads the rest over challengers in proportion
+    to their chance of being best, which keeps learning about close contenders while starving clear losers.
+
+    With `control_id` (recommended for experiments judged against a control) the pair is specialised to
+    many-vs-control: the control is always the challenger and keeps 1 - beta of the traffic, while the
+    leader is drawn by Thompson sampling among the treatments (beta x P(best among treatments)). Every
+    decision is a leader-vs-control comparison, whose variance sum s^2/n is smallest when both get equal
+    traffic; plain top-two would starve the control once it is clearly not best and slow the decision down.
+    While the treatments are still alike this is no worse than an equal split for each comparison
+    (control 1/2, each of 3 treatments 1/6: 1/(1/6) + 1/(1/2) = 8, as with 1/4 each).
+    """
+    ids = [a.arm_id for a in arms]
+    if not ids:
+        return {}
+
+    def _unchanged() -> dict[str, float]:
+        if current and all(i in current for i in ids) and sum(current[i] for i in ids) > 0:
+            total = sum(float(current[i]) for i in ids)
+            return {i: float(current[i]) / total for i in ids}
+        return {i: 1.0 / len(ids) for i in ids}
+
+    counts = [a.n if metric == METRIC_POSITIVE_RATE else a.star_n for a in arms]
+    if min(counts) < min_feedback_per_arm or len(ids) == 1:
+        return _unchanged()
+    moments = [_rate_moments(a) if metric == METRIC_POSITIVE_RATE else _star_moments(a) for a in arms]
+    post = _posterior_draws(metric, arms, moments, draws, seed)
+    if post is None:
+        return _unchanged()
+    p_best = np.bincount(post.argmax(axis=1), minlength=len(ids)) / post.shape[0]
+    if control_id in ids and len(ids) > 2:
+        ci = ids.index(control_id)
+        t_idx = [i for i in range(len(ids)) if i != ci]
+        sub = post[:, t_idx]
+        p_t = np.bincount(sub.argmax(axis=1), minlength=len(t_idx)) / sub.shape[0]
+        w = np.empty(len(ids))
+        w[ci] = 1.0 - beta
+        w[t_idx] = beta * p_t
+    else:
+        w = top_two_weights(p_best, beta)
+    w = apply_floor(w, floor)
+    return {i: float(x) for i, x in zip(ids, w, strict=True)}

@@ -1,0 +1,314 @@
+"""Golden tests of services.optimizer.stats against statsmodels / scipy and published tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import NormalIndPower, zt_ind_solve_power
+from statsmodels.stats.proportion import (
+    confint_proportions_2indep,
+    proportion_confint,
+    proportion_effectsize,
+    proportions_ztest,
+)
+
+from services.optimizer import stats
+from services.optimizer.stats import ArmData
+
+TOL = 1e-6
+
+
+def _arms(*counts: tuple[int, int], exposures_per_n: float = 2.0) -> list[ArmData]:
+    ids = ["control"] + [f"t{i}" for i in range(1, len(counts))]
+    return [
+        ArmData(arm_id=i, exposures=int(n * exposures_per_n) or 10, n=n, positives=x)
+        for i, (n, x) in zip(ids, counts, strict=True)
+    ]
+
+
+def _equal(arms: list[ArmData]) -> dict[str, float]:
+    return {a.arm_id: 1.0 / len(arms) for a in arms}
+
+
+@pytest.mark.parametrize(("x", "n"), [(0, 10), (10, 10), (7, 23), (81, 263), (500, 1000), (1, 1)])
+def test_wilson_interval_matches_statsmodels(x: int, n: int) -> None:
+    lo, hi = stats.wilson_interval(x, n)  # type: ignore[misc]
+    ref_lo, ref_hi = proportion_confint(x, n, alpha=0.05, method="wilson")
+    assert lo == pytest.approx(ref_lo, abs=TOL)
+    assert hi == pytest.approx(ref_hi, abs=TOL)
+
+
+def test_wilson_interval_matches_newcombe_1998_table() -> None:
+    # Newcombe (1998), Stat Med 17:857, Table I, method 3 (score): 81/263 and 15/148.
+    assert stats.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert stats.wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+
+
+def test_wilson_interval_is_none_without_data() -> None:
+    assert stats.wilson_interval(0, 0) is None
+
+
+@pytest.mark.parametrize(("x1", "n1", "x2", "n2"), [(120, 200, 100, 200), (5, 40, 9, 38), (640, 1000, 600, 1000)])
+def test_fixed_horizon_z_test_matches_proportions_ztest(x1: int, n1: int, x2: int, n2: int) -> None:
+    _, ref = proportions_ztest([x1, x2], [n1, n2])
+    assert float(stats.two_proportion_z_p_value(x1, n1, x2, n2)) == pytest.approx(ref, abs=TOL)
+
+
+def test_analysis_reference_numbers_match_statsmodels() -> None:
+    arms = _arms((400, 200), (380, 230), (410, 190))
+    result = stats.analyze(arms, "control", _equal(arms))
+    assert result.status == stats.STATUS_OK
+    t1 = result.arm("t1")
+    assert t1 is not None and t1.lift_ci_fixed is not None
+    _, p_ref = proportions_ztest([230, 200], [380, 400])
+    assert t1.p_value_fixed == pytest.approx(p_ref, abs=TOL)
+    lo, hi = confint_proportions_2indep(230, 380, 200, 400, method="wald", compare="diff")
+    assert t1.lift_ci_fixed == pytest.approx((lo, hi), abs=TOL)
+    assert t1.lift == pytest.approx((230 / 380 - 0.5) / 0.5)
+    assert t1.rate_ci == pytest.approx(proportion_confint(230, 380, method="wilson"), abs=TOL)
+
+
+def test_holm_adjustment_matches_multipletests() -> None:
+    p = [0.01, 0.04, 0.03, 0.2, 0.0001]
+    ref = multipletests(p, method="holm")[1]
+    assert stats.holm_adjust(p) == pytest.approx(list(ref), abs=TOL)
+
+
+@pytest.mark.parametrize(
+    ("es", "n1", "alpha", "ratio"), [(0.2, 393, 0.05, 1.0), (0.1, 500, 0.01, 2.0), (0.05, 50, 0.2, 0.5)]
+)
+def test_power_matches_normal_ind_power(es: float, n1: float, alpha: float, ratio: float) -> None:
+    ref = NormalIndPower().power(es, n1, alpha, ratio=ratio)
+    assert stats.z_test_power(es, n1, alpha, ratio) == pytest.approx(ref, abs=TOL)
+
+
+@pytest.mark.parametrize(
+    ("es", "alpha", "power", "ratio"), [(0.2, 0.05, 0.8, 1.0), (0.124, 0.05 / 3, 0.8, 1.0), (0.3, 0.01, 0.9, 2.0)]
+)
+def test_samples_needed_match_zt_ind_solve_power(es: float, alpha: float, power: float, ratio: float) -> None:
+    ref = zt_ind_solve_power(effect_size=es, alpha=alpha, power=power, ratio=ratio)
+    assert stats.z_test_nobs1(es, alpha, power, ratio) == pytest.approx(ref, abs=1e-4)
+
+
+def test_samples_needed_match_cohen_1988_table() -> None:
+    # Cohen (1988) Table 6.4.1: h = 0.2, two-sided alpha 0.05, power 0.80 -> n = 392 per group.
+    assert stats.z_test_nobs1(0.2, 0.05) == pytest.approx(392, abs=1)
+
+
+def test_cohens_h_matches_proportion_effectsize() -> None:
+    assert stats.cohens_h(0.66, 0.6) == pytest.approx(proportion_effectsize(0.66, 0.6), abs=TOL)
+
+
+def test_analysis_power_uses_bonferroni_alpha_and_target_lift() -> None:
+    arms = _arms((400, 200), (400, 220), (400, 200))
+    result = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, feedback_per_day=300)
+    t1 = result.arm("t1")
+    assert t1 is not None
+    h = abs(proportion_effectsize(0.55, 0.5))
+    assert t1.power == pytest.approx(NormalIndPower().power(h, 400, 0.025), abs=TOL)
+    assert t1.samples_needed_per_arm == math.ceil(zt_ind_solve_power(h, alpha=0.025, power=0.8))
+    # 100 votes per arm per day: days = (needed - 400) / 100
+    assert t1.days_to_decision == pytest.approx((zt_ind_solve_power(h, alpha=0.025, power=0.8) - 400) / 100, abs=1e-3)
+
+
+def test_srm_matches_scipy_chisquare_and_flags_below_threshold() -> None:
+    p, flag = stats.srm_check([5000, 5100, 4900], [1, 1, 1])
+    assert p == pytest.approx(sps.chisquare([5000, 5100, 4900]).pvalue, abs=TOL)
+    chi2 = sum((o - 5000) ** 2 / 5000 for o in [5000, 5100, 4900])
+    assert p == pytest.approx(sps.chi2.sf(chi2, 2), abs=TOL)
+    assert flag is False
+    p2, flag2 = stats.srm_check([5000, 5600], [0.5, 0.5])
+    assert p2 is not None and p2 < 0.001 and flag2 is True
+
+
+def test_srm_uses_intended_weights_not_equal_split() -> None:
+    _, flag = stats.srm_check([9000, 1000], [0.9, 0.1])
+    assert flag is False
+
+
+def test_srm_is_skipped_while_expected_counts_are_tiny() -> None:
+    assert stats.srm_check([3, 1], [0.5, 0.5]) == (None, False)
+
+
+def test_analysis_reports_srm_status() -> None:
+    arms = [ArmData("control", 5000, 500, 250), ArmData("t1", 5600, 560, 280)]
+    result = stats.analyze(arms, "control", {"control": 0.5, "t1": 0.5})
+    assert result.status == stats.STATUS_SRM and result.srm_flag
+
+
+def test_msprt_closed_form_equals_mixture_integral() -> None:
+    d, v, tau = 0.03, 0.0004, 0.05
+
+    def lr(theta: float) -> float:
+        return math.exp((theta * d - theta * theta / 2) / v) * sps.norm.pdf(theta, scale=tau)
+
+    numeric, _ = integrate.quad(lr, -1, 1, points=[0.0, d], limit=200)
+    assert math.exp(float(stats.msprt_log_lr(d, v, tau * tau))) == pytest.approx(numeric, rel=1e-6)
+
+
+def test_confidence_sequence_boundary_is_where_lambda_hits_one_over_alpha() -> None:
+    v, tau2, alpha = 0.0004, 0.0025, 0.05
+    h = float(stats.msprt_half_width(v, tau2, alpha))
+    assert float(stats.msprt_p_value(h, v, tau2)) == pytest.approx(alpha, rel=1e-9)
+
+
+def test_always_valid_p_value_is_larger_than_fixed_horizon_p_value() -> None:
+    arms = _arms((2000, 1000), (2000, 1080))
+    t1 = stats.analyze(arms, "control", _equal(arms)).arm("t1")
+    assert t1 is not None and t1.p_value_sequential is not None and t1.p_value_fixed is not None
+    assert t1.p_value_sequential > t1.p_value_fixed
+
+
+def test_sequential_interval_is_wider_than_fixed_interval() -> None:
+    arms = _arms((2000, 1000), (2000, 1080))
+    t1 = stats.analyze(arms, "control", _equal(arms)).arm("t1")
+    assert t1 is not None and t1.lift_ci_sequential and t1.lift_ci_fixed
+    assert t1.lift_ci_sequential[0] < t1.lift_ci_fixed[0] < t1.lift_ci_fixed[1] < t1.lift_ci_sequential[1]
+
+
+def test_sequential_p_values_are_holm_corrected_across_treatments() -> None:
+    arms = _arms((3000, 1500), (3000, 1650), (3000, 1620), (3000, 1500))
+    result = stats.analyze(arms, "control", _equal(arms), tau=0.05)
+    raw = []
+    for a in arms[1:]:
+        d = a.positives / a.n - 0.5
+        v = (
+            float(stats.smoothed_rate_variance(a.positives, a.n)) / a.n
+            + float(stats.smoothed_rate_variance(1500, 3000)) / 3000
+        )
+        raw.append(float(stats.msprt_p_value(d, v, 0.05**2)))
+    ref = multipletests(raw, method="holm")[1]
+    got = [result.arm(f"t{i}").p_value_sequential for i in (1, 2, 3)]  # type: ignore[union-attr]
+    assert got == pytest.approx(list(ref), abs=TOL)
+
+
+def test_probability_to_beat_control_matches_beta_closed_form() -> None:
+    # P(B > A) for Beta posteriors has an exact sum (Evan Miller); Monte Carlo with 200k draws within 0.005.
+    a_x, a_n, b_x, b_n = 40, 100, 52, 100
+    alpha_a, beta_a, alpha_b, beta_b = 1 + a_x, 1 + a_n - a_x, 1 + b_x, 1 + b_n - b_x
+    total = 0.0
+    for i in range(alpha_b):
+        total += math.exp(
+            math.lgamma(alpha_a + i)
+            + math.lgamma(beta_a + beta_b)
+            + math.lgamma(1 + i + beta_b)
+            + math.lgamma(alpha_a + beta_a)
+            - math.log(beta_b + i)
+            - math.lgamma(alpha_a + i + beta_a + beta_b)
+            - math.lgamma(1 + i)
+            - math.lgamma(beta_b)
+            - math.lgamma(alpha_a)
+            - math.lgamma(beta_a)
+        )
+    arms = _arms((a_n, a_x), (b_n, b_x))
+    t1 = stats.analyze(arms, "control", _equal(arms), draws=200_000).arm("t1")
+    assert t1 is not None and t1.prob_beat_control is not None
+    assert t1.prob_beat_control == pytest.approx(total, abs=0.005)
+    assert t1.prob_best == pytest.approx(t1.prob_beat_control, abs=1e-12)  # two arms: best == beats the other
+
+
+def test_analysis_is_deterministic_for_a_seed() -> None:
+    arms = _arms((300, 150), (300, 170), (300, 160))
+    assert stats.analyze(arms, "control", _equal(arms)) == stats.analyze(arms, "control", _equal(arms))
+
+
+def test_expected_loss_is_zero_for_a_certain_winner_and_positive_otherwise() -> None:
+    arms = _arms((5000, 1000), (5000, 4000))
+    result = stats.analyze(arms, "control", _equal(arms))
+    assert result.arm("t1").expected_loss == pytest.approx(0.0, abs=1e-9)  # type: ignore[union-attr]
+    assert result.arm("control").expected_loss == pytest.approx(0.6, abs=0.01)  # type: ignore[union-attr]
+
+
+def test_star_metric_uses_star_means_and_welch_z() -> None:
+    arms = [
+        ArmData("control", 1000, 300, 150, star_n=200, star_sum=700.0, star_sumsq=2650.0),
+        ArmData("t1", 1000, 300, 160, star_n=220, star_sum=836.0, star_sumsq=3300.0),
+    ]
+    result = stats.analyze(arms, "control", _equal(arms), metric="avg_stars")
+    t1 = result.arm("t1")
+    assert result.status == stats.STATUS_OK and t1 is not None
+    mc, mt = 3.5, 836 / 220
+    vc = (2650 - 200 * mc * mc) / 199
+    vt = (3300 - 220 * mt * mt) / 219
+    z = (mt - mc) / math.sqrt(vt / 220 + vc / 200)
+    assert t1.star_mean == pytest.approx(mt)
+    assert t1.p_value_fixed == pytest.approx(2 * sps.norm.sf(abs(z)), abs=TOL)
+    assert t1.lift == pytest.approx((mt - mc) / mc)
+
+
+@pytest.mark.parametrize(
+    "arms",
+    [
+        [ArmData("control", 0, 0, 0), ArmData("t1", 0, 0, 0)],
+        [ArmData("control", 10, 5, 5), ArmData("t1", 10, 5, 5)],  # all positive
+        [ArmData("control", 10, 5, 0), ArmData("t1", 10, 5, 0)],  # all negative
+        [ArmData("control", 10, 5, 2)],  # one arm
+        [ArmData("a", 10, 5, 2), ArmData("b", 10, 5, 3)],  # control missing
+        [ArmData("control", 100, 50, 20), ArmData("t1", 100, 0, 0)],  # a treatment without feedback
+        [],
+    ],
+)
+def test_degenerate_inputs_return_status_codes_not_exceptions(arms: list[ArmData]) -> None:
+    weights = {a.arm_id: 1.0 for a in arms}
+    for metric in ("positive_rate", "avg_stars"):
+        result = stats.analyze(arms, "control", weights, metric=metric, feedback_per_day=10)
+        assert result.status in (stats.STATUS_OK, stats.STATUS_INSUFFICIENT)
+        decision = stats.decide(result, stats.DecisionConfig(min_feedback_per_arm=1), elapsed_s=1e9)
+        assert decision.status in (stats.DECISION_COLLECTING, stats.DECISION_KEEP_CONTROL)
+
+
+def test_zero_feedback_and_one_arm_are_insufficient() -> None:
+    zero = [ArmData("control", 0, 0, 0), ArmData("t1", 0, 0, 0)]
+    assert stats.analyze(zero, "control", _equal(zero)).status == stats.STATUS_INSUFFICIENT
+    one = [ArmData("control", 100, 50, 20)]
+    assert stats.analyze(one, "control", {"control": 1.0}).status == stats.STATUS_INSUFFICIENT
+
+
+def test_all_positive_arms_have_finite_tests() -> None:
+    arms = _arms((200, 200), (200, 200))
+    t1 = stats.analyze(arms, "control", _equal(arms)).arm("t1")
+    assert t1 is not None and t1.p_value_sequential == pytest.approx(1.0)
+    assert t1.rate_ci is not None and t1.rate_ci[1] == pytest.approx(1.0)
+
+
+def test_always_valid_test_keeps_false_positives_under_alpha_with_continuous_monitoring() -> None:
+    # A/A, 2000 experiments looked at after every 50 votes per arm up to 5000: the always-valid test must stay
+    # at or below alpha, while re-checking a plain z-test at every look must not.
+    rng = np.random.default_rng(7)
+    sims, looks, step, p = 2000, 100, 50, 0.5
+    x = rng.binomial(step, p, size=(sims, looks, 2)).cumsum(axis=1)
+    n = step * np.arange(1, looks + 1)[None, :]
+    xc, xt = x[:, :, 0], x[:, :, 1]
+    d = xt / n - xc / n
+    v = (stats.smoothed_rate_variance(xt, n) + stats.smoothed_rate_variance(xc, n)) / n
+    seq_reject = (stats.msprt_p_value(d, v, (0.1 * p) ** 2) < 0.05).any(axis=1).mean()
+    z_reject = (stats.two_proportion_z_p_value(xt, n, xc, n) < 0.05).any(axis=1).mean()
+    assert seq_reject <= 0.05
+    assert z_reject > 0.2
+
+
+@pytest.mark.slow
+def test_decisions_on_aa_data_rarely_ship_under_continuous_monitoring() -> None:
+    # The same property through analyze/decide, 3 treatments, Holm: ship rate <= ~5% (3 SE of slack).
+    rng = np.random.default_rng(11)
+    sims, ids = 150, ["control", "t1", "t2", "t3"]
+    config = stats.DecisionConfig(min_duration_s=0, min_feedback_per_arm=100, max_feedback_per_arm=3000)
+    shipped = 0
+    for _ in range(sims):
+        x = np.zeros(4, dtype=int)
+        n = 0
+        while n < 3000:
+            n += 100
+            x += rng.binomial(100, 0.6, size=4)
+            arms = [ArmData(i, 2 * n, n, int(x[k])) for k, i in enumerate(ids)]
+            result = stats.analyze(arms, "control", _equal(arms), tau=0.06, draws=500)
+            decision = stats.decide(result, config, elapsed_s=0)
+            if decision.status != stats.DECISION_COLLECTING:
+                shipped += decision.status == stats.DECISION_SHIP
+                break
+    assert shipped / sims <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / sims)
