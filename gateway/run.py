@@ -118,8 +118,8 @@ class Stack:
 
     def start_process(self, name: str) -> subprocess.Popen:
         assert self.log_dir is not None
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(self.commands()[name], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(self.commands()[name], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
 

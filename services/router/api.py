@@ -1,0 +1,215 @@
+"""HTTP entry points of the router: the explanation API. Routes translate a request into a handler call."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+from services.router import domain, handlers
+from services.router.config import RouterSettings
+from services.router.providers import AllProvidersFailed, NoProviderConfigured, ProviderSet
+from services.router.store import Store
+from shared.bus import CeleryBus
+from shared.contracts import ExplanationCreated
+from shared.privacy import session_key
+from shared.web import AdminDep, Metrics
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class ExplanationIn(BaseModel):
+    """Tickers are normalised to upper case ("aapl" -> "AAPL") and then must be 1-12 of [A-Z0-9.-]."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ticker: StrictStr = Field(min_length=1, max_length=12, examples=["AAPL"])
+    signal: Literal["BUY", "SELL", "HOLD"]
+    context: dict[str, Any] = Field(
+        default_factory=dict, description="indicators: at most 50 names mapped to a number, string or boolean"
+    )
+    session_id: StrictStr = Field(min_length=1, max_length=200, description="anonymous; stored only as a keyed hash")
+
+    @field_validator("ticker")
+    @classmethod
+    def _ticker(cls, value: str) -> str:
+        try:
+            return domain.normalise_ticker(value)
+        except domain.InvalidRequest as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, value: dict[str, Any]) -> dict[str, domain.ContextValue]:
+        try:
+            return domain.check_context(value)
+        except domain.InvalidRequest as exc:
+            raise ValueError(str(exc)) from None
+
+
+class ExplanationOut(BaseModel):
+    explanation_id: uuid.UUID
+    text: str
+    prompt_version: str
+    model: str
+    experiment_id: str | None
+    latency_ms: float
+    cost_usd: float
+    # beyond the public contract, useful to a client and to operators
+    prompt_name: str
+    arm_id: str | None
+    ticker: str
+    signal: str
+    fallback_used: bool
+    tokens_in: int
+    tokens_out: int
+    created_at: datetime
+
+
+@dataclass
+class RouterMetrics:
+    explanations: Counter
+    provider_errors: Counter
+    fallbacks: Counter
+    latency: Histogram
+
+    @classmethod
+    def register(cls, metrics: Metrics) -> RouterMetrics:
+        return cls(
+            explanations=metrics.counter(
+                "router_explanations_total", "Explanations served", ("model", "prompt_version", "signal")
+            ),
+            provider_errors=metrics.counter(
+                "router_provider_errors_total", "Failed provider attempts", ("model", "kind")
+            ),
+            fallbacks=metrics.counter(
+                "router_fallbacks_total", "Explanations answered by a fallback model", ("requested", "answered")
+            ),
+            latency=metrics.histogram(
+                "router_explanation_latency_seconds",
+                "Provider latency per explanation (retries and fallbacks included)",
+                ("model",),
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            ),
+        )
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_bus(request: Request) -> CeleryBus:
+    return request.app.state.bus
+
+
+def get_providers(request: Request) -> ProviderSet:
+    return request.app.state.providers
+
+
+def get_settings_dep(request: Request) -> RouterSettings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> RouterMetrics:
+    return request.app.state.router_metrics
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+BusDep = Annotated[CeleryBus, Depends(get_bus)]
+ProvidersDep = Annotated[ProviderSet, Depends(get_providers)]
+SettingsDep = Annotated[RouterSettings, Depends(get_settings_dep)]
+MetricsDep = Annotated[RouterMetrics, Depends(get_metrics)]
+
+
+def _out(row: dict[str, Any]) -> ExplanationOut:
+    return ExplanationOut.model_validate(row, from_attributes=False)
+
+
+@router.post("/api/explanations", status_code=201, response_model=ExplanationOut)
+def create_explanation(
+    body: ExplanationIn,
+    store: StoreDep,
+    bus: BusDep,
+    providers: ProvidersDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Any:
+    """Explain a signal with the variant this session is assigned to; 201 with the explanation."""
+    cmd = handlers.Explain(
+        ticker=body.ticker,
+        signal=body.signal,
+        context=body.context,
+        session_key=session_key(body.session_id, settings.require_session_hash_key()),
+    )
+    try:
+        result = handlers.create_explanation(cmd, store.uow(), providers, price_overrides=settings.prices)
+    except NoProviderConfigured as exc:
+        raise HTTPException(503, str(exc)) from None
+    except AllProvidersFailed as exc:
+        for e in exc.errors:
+            metrics.provider_errors.labels(e.model, e.kind).inc()
+        raise HTTPException(502, f"all providers failed: {exc}") from None
+    except handlers.RoutingUnavailable as exc:
+        raise HTTPException(503, str(exc)) from None
+    for e in result.errors:
+        metrics.provider_errors.labels(e.model, e.kind).inc()
+    if result.fallback_used:
+        metrics.fallbacks.labels(result.requested_model, result.model).inc()
+    metrics.explanations.labels(result.model, result.prompt_version, cmd.signal).inc()
+    metrics.latency.labels(result.model).observe(result.latency_ms / 1000)
+    _publish(store, bus, result.event)
+    return ExplanationOut(
+        explanation_id=result.explanation_id,
+        text=result.text,
+        prompt_version=result.prompt_version,
+        model=result.model,
+        experiment_id=result.experiment_id,
+        latency_ms=result.latency_ms,
+        cost_usd=result.cost_usd,
+        prompt_name=result.prompt_name,
+        arm_id=result.arm_id,
+        ticker=cmd.ticker,
+        signal=cmd.signal,
+        fallback_used=result.fallback_used,
+        tokens_in=result.tokens_in,
+        tokens_out=result.tokens_out,
+        created_at=result.created_at,
+    )
+
+
+def _publish(store: Store, bus: CeleryBus, event: ExplanationCreated) -> None:
+    """Publish right after the commit. A broker outage does not fail the request: the explanation is stored
+    and its event waits in the outbox for the periodic relay (`router.relay_outbox`)."""
+    try:
+        store.publish_staged(bus, [event])
+    except Exception as exc:
+        log.warning("publishing after the request failed (%s); the periodic relay will retry", type(exc).__name__)
+
+
+@router.get("/api/explanations/{explanation_id}", response_model=ExplanationOut)
+def get_explanation(explanation_id: uuid.UUID, store: StoreDep) -> Any:
+    row = handlers.get_explanation(store.uow(), explanation_id)
+    if row is None:
+        raise HTTPException(404, f"explanation {explanation_id} was never issued")
+    return _out(row)
+
+
+@router.get("/api/router/state")
+def routing_state(_: AdminDep, store: StoreDep, providers: ProvidersDep, settings: SettingsDep) -> dict[str, Any]:
+    """Admin: the champion, the running experiment and its weights, registered models, configured providers."""
+    state = handlers.routing_state(store.uow())
+    default = settings.resolved_default_model()
+    return {
+        **state,
+        "default_model": default,
+        "fallback_models": providers.chain(default, default),  # the order tried after the assigned model
+        "offline_fallback": settings.offline_fallback,
+        "prices_usd_per_1m_tokens": settings.price_table(),
+    }

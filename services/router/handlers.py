@@ -1,0 +1,434 @@
+"""Router use cases. Serving an explanation reads the routing state, calls the providers outside any
+transaction, then records the explanation and stages `ExplanationCreated` in one unit of work. The event
+handlers keep the routing replica up to date; each is idempotent on the event's message id and ignores events
+older than the state they would overwrite (the queue does not promise order)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from services.router import domain
+from services.router.config import DEFAULT_PRICES
+from services.router.providers import AttemptError, ProviderRequest, ProviderSet
+from services.router.store import SqlUnitOfWork
+from shared.contracts import (
+    AllocationChanged,
+    ChampionChanged,
+    ExperimentConcluded,
+    ExperimentStarted,
+    ExplanationCreated,
+    ModelRegistered,
+    derived_id,
+    utcnow,
+)
+from shared.prompts import SEED_PROMPT, TemplateError, check_template, render
+
+log = logging.getLogger(__name__)
+
+#: The seed champion's timestamp: older than any real ChampionChanged, so the first real one always wins.
+SEED_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Explain:
+    ticker: str
+    signal: str
+    context: Mapping[str, domain.ContextValue]
+    session_key: str
+
+
+@dataclass(frozen=True)
+class Explained:
+    explanation_id: uuid.UUID
+    text: str
+    prompt_name: str
+    prompt_version: str
+    model: str
+    requested_model: str
+    provider: str
+    experiment_id: str | None
+    arm_id: str | None
+    tokens_in: int
+    tokens_out: int
+    latency_ms: float
+    cost_usd: float
+    fallback_used: bool
+    created_at: datetime
+    event: ExplanationCreated
+    errors: tuple[AttemptError, ...] = ()
+
+
+class RoutingUnavailable(Exception):
+    """The store holds no champion (the service was not seeded)."""
+
+
+def ensure_seeded(uow: SqlUnitOfWork, default_model: str) -> bool:
+    """On first start the champion is the seed prompt (v1.0) with the default model. Returns True if it seeded."""
+    try:
+        with uow:
+            if uow.repo.champion() is not None:
+                return False
+            uow.repo.set_champion(
+                {
+                    "prompt_name": SEED_PROMPT.name,
+                    "prompt_version": SEED_PROMPT.version,
+                    "template": SEED_PROMPT.template,
+                    "model": default_model,
+                    "changed_at": SEED_TIME,
+                    "reason": "seed",
+                }
+            )
+            uow.commit()
+    except IntegrityError:  # another process seeded at the same moment
+        return False
+    log.info("router seeded: champion %s with %s", SEED_PROMPT.version, default_model)
+    return True
+
+
+def create_explanation(
+    cmd: Explain,
+    uow: SqlUnitOfWork,
+    providers: ProviderSet,
+    *,
+    price_overrides: Mapping[str, Mapping[str, float]],
+) -> Explained:
+    """Pick the variant, render, call the providers (with fallback), record, stage the event.
+
+    Raises NoProviderConfigured / AllProvidersFailed from the provider layer, RoutingUnavailable when unseeded.
+    """
+    with uow:
+        routing = uow.repo.routing()
+        registered = {m["model"]: m for m in uow.repo.models()}
+    if routing is None:
+        raise RoutingUnavailable("the router has no champion yet")
+    variant = domain.choose_variant(routing, cmd.session_key)
+    prompt = render(variant.prompt.text, ticker=cmd.ticker, signal=cmd.signal, context=cmd.context)
+    request = ProviderRequest(prompt=prompt, ticker=cmd.ticker, signal=cmd.signal, context=cmd.context)
+    chain = providers.chain(variant.model, routing.champion_model)
+
+    started = time.perf_counter()
+    result = providers.generate(chain, request, {k: v["serving_base_url"] for k, v in registered.items()})
+    latency_ms = round((time.perf_counter() - started) * 1000, 3)
+
+    answered = registered.get(result.model)
+    price = domain.price_for(
+        result.model,
+        defaults=DEFAULT_PRICES,
+        overrides=price_overrides,
+        registered_per_1k=answered["cost_per_1k_tokens_usd"] if answered else None,
+    )
+    c = result.completion
+    cost = domain.cost_usd(c.tokens_in, c.tokens_out, price)
+    explanation_id = uuid.uuid4()
+    created_at = utcnow()
+    key = domain.request_key(cmd.ticker, cmd.signal, cmd.context)
+    with uow:
+        uow.repo.add_explanation(
+            {
+                "explanation_id": str(explanation_id),
+                "request_key": key,
+                "session_key": cmd.session_key,
+                "ticker": cmd.ticker,
+                "signal": cmd.signal,
+                "context": dict(cmd.context),
+                "prompt_name": variant.prompt.name,
+                "prompt_version": variant.prompt.version,
+                "prompt_text": prompt,
+                "requested_model": variant.model,
+                "model": result.model,
+                "provider": result.provider,
+                "experiment_id": variant.experiment_id,
+                "arm_id": variant.arm_id,
+                "text": c.text,
+                "tokens_in": c.tokens_in,
+                "tokens_out": c.tokens_out,
+                "cost_usd": cost,
+                "latency_ms": latency_ms,
+                "fallback_used": result.fallback_used,
+                "created_at": created_at,
+            }
+        )
+        event = ExplanationCreated(
+            message_id=derived_id("explanation.created", explanation_id),
+            explanation_id=explanation_id,
+            request_key=key,
+            ticker=cmd.ticker,
+            signal=cmd.signal,  # type: ignore[arg-type]
+            prompt_name=variant.prompt.name,
+            prompt_version=variant.prompt.version,
+            model=result.model,
+            provider=result.provider,
+            experiment_id=variant.experiment_id,
+            arm_id=variant.arm_id,
+            prompt_text=prompt,
+            text=c.text,
+            tokens_in=c.tokens_in,
+            tokens_out=c.tokens_out,
+            cost_usd=cost,
+            latency_ms=latency_ms,
+            fallback_used=result.fallback_used,
+            created_at=created_at,
+        )
+        uow.add_events(event)
+        uow.commit()
+    return Explained(
+        explanation_id=explanation_id,
+        text=c.text,
+        prompt_name=variant.prompt.name,
+        prompt_version=variant.prompt.version,
+        model=result.model,
+        requested_model=variant.model,
+        provider=result.provider,
+        experiment_id=variant.experiment_id,
+        arm_id=variant.arm_id,
+        tokens_in=c.tokens_in,
+        tokens_out=c.tokens_out,
+        latency_ms=latency_ms,
+        cost_usd=cost,
+        fallback_used=result.fallback_used,
+        created_at=created_at,
+        event=event,
+        errors=tuple(result.errors),
+    )
+
+
+def get_explanation(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> dict[str, Any] | None:
+    with uow:
+        return uow.repo.explanation(explanation_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keeping the routing replica up to date
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _usable(template: str, model: str) -> str | None:
+    """Why a template / model cannot serve traffic, or None when it can."""
+    try:
+        check_template(template)
+        domain.split_model(model)
+    except (TemplateError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def on_champion_changed(event: ChampionChanged, uow: SqlUnitOfWork) -> str:
+    """Returns: changed, stale (older than the current champion), rejected (unusable template) or duplicate."""
+    with uow:
+        repo = uow.repo
+        if repo.seen(event.message_id):
+            return "duplicate"
+        repo.mark_seen(event.message_id)
+        current = repo.champion()
+        problem = _usable(event.prompt.template, event.model)
+        if problem:
+            log.error("ignoring champion %s: %s", event.prompt.version, problem)
+            outcome = "rejected"
+        elif current is not None and current["changed_at"] > event.occurred_at:
+            outcome = "stale"
+        else:
+            repo.set_champion(
+                {
+                    "prompt_name": event.prompt.name,
+                    "prompt_version": event.prompt.version,
+                    "template": event.prompt.template,
+                    "model": event.model,
+                    "changed_at": event.occurred_at,
+                    "reason": event.reason[:500],
+                }
+            )
+            outcome = "changed"
+        uow.commit()
+    log.info("champion %s -> %s/%s: %s", event.message_id, event.prompt.version, event.model, outcome)
+    return outcome
+
+
+def on_experiment_started(event: ExperimentStarted, uow: SqlUnitOfWork) -> str:
+    """Returns: started, already_known (a redelivery or it concluded before this arrived), rejected, duplicate."""
+    with uow:
+        repo = uow.repo
+        if repo.seen(event.message_id):
+            return "duplicate"
+        repo.mark_seen(event.message_id)
+        problems = [p for arm in event.arms if (p := _usable(arm.prompt.template, arm.model))]
+        if repo.experiment(event.experiment_id) is not None:
+            outcome = "already_known"
+        elif not event.arms or problems:
+            log.error("ignoring experiment %s: %s", event.experiment_id, "; ".join(problems) or "it has no arms")
+            repo.add_experiment(
+                _experiment_row(event, status="rejected"),
+                [],
+            )
+            outcome = "rejected"
+        else:
+            repo.add_experiment(
+                _experiment_row(event, status="running"),
+                [
+                    {
+                        "arm_id": arm.arm_id,
+                        "prompt_name": arm.prompt.name,
+                        "prompt_version": arm.prompt.version,
+                        "template": arm.prompt.template,
+                        "model": arm.model,
+                        "weight": arm.weight,
+                        "is_control": arm.is_control,
+                    }
+                    for arm in event.arms
+                ],
+            )
+            outcome = "started"
+        uow.commit()
+    log.info("experiment %s: %s", event.experiment_id, outcome)
+    return outcome
+
+
+def _experiment_row(event: ExperimentStarted, *, status: str) -> dict[str, Any]:
+    return {
+        "experiment_id": event.experiment_id,
+        "prompt_name": event.prompt_name,
+        "allocation": event.allocation,
+        "status": status,
+        "started_at": event.occurred_at,
+        "weights_at": event.occurred_at,
+    }
+
+
+def on_allocation_changed(event: AllocationChanged, uow: SqlUnitOfWork) -> str:
+    """Returns: changed, stale, unknown (no such running experiment) or duplicate."""
+    with uow:
+        repo = uow.repo
+        if repo.seen(event.message_id):
+            return "duplicate"
+        repo.mark_seen(event.message_id)
+        exp = repo.experiment(event.experiment_id)
+        if exp is None or exp["status"] != "running":
+            outcome = "unknown"
+        elif exp["weights_at"] is not None and exp["weights_at"] > event.occurred_at:
+            outcome = "stale"
+        else:
+            for arm_id, weight in event.weights.items():
+                if weight >= 0 and not repo.set_weight(event.experiment_id, arm_id, float(weight)):
+                    log.warning("allocation for unknown arm %s of %s ignored", arm_id, event.experiment_id)
+            repo.update_experiment(event.experiment_id, weights_at=event.occurred_at)
+            outcome = "changed"
+        uow.commit()
+    return outcome
+
+
+def on_experiment_concluded(event: ExperimentConcluded, uow: SqlUnitOfWork) -> str:
+    """Stops routing traffic to the experiment; the champion (changed by its own event) serves everyone.
+    A conclusion that overtakes its start is remembered, so the late start does not revive it."""
+    with uow:
+        repo = uow.repo
+        if repo.seen(event.message_id):
+            return "duplicate"
+        repo.mark_seen(event.message_id)
+        values = {
+            "status": "concluded",
+            "concluded_at": event.occurred_at,
+            "decision": event.decision[:64],
+            "winner_arm_id": event.winner_arm_id,
+        }
+        if repo.experiment(event.experiment_id) is None:
+            repo.add_experiment(
+                {"experiment_id": event.experiment_id, "prompt_name": "", "allocation": "fixed", **values}, []
+            )
+            outcome = "concluded_before_start"
+        else:
+            repo.update_experiment(event.experiment_id, **values)
+            outcome = "concluded"
+        uow.commit()
+    log.info("experiment %s: %s (%s)", event.experiment_id, outcome, event.decision)
+    return outcome
+
+
+def on_model_registered(event: ModelRegistered, uow: SqlUnitOfWork) -> str:
+    with uow:
+        repo = uow.repo
+        if repo.seen(event.message_id):
+            return "duplicate"
+        repo.mark_seen(event.message_id)
+        try:
+            domain.split_model(event.model)
+        except ValueError as exc:
+            log.error("ignoring registered model: %s", exc)
+            uow.commit()
+            return "rejected"
+        repo.upsert_model(
+            {
+                "model": event.model,
+                "model_id": event.model_id,
+                "base_model": event.base_model,
+                "serving_base_url": event.serving_base_url,
+                "cost_per_1k_tokens_usd": event.cost_per_1k_tokens_usd,
+                "registered_at": event.occurred_at,
+            }
+        )
+        uow.commit()
+    return "registered"
+
+
+def routing_state(uow: SqlUnitOfWork) -> dict[str, Any]:
+    """What the router serves now: champion, running experiment with normalised weights, known models."""
+    with uow:
+        repo = uow.repo
+        champ = repo.champion()
+        exp_id = repo.running_experiment_id()
+        exp = repo.experiment(exp_id) if exp_id else None
+        arm_rows = repo.arms_of(exp_id) if exp_id else []
+        known = repo.models()
+    experiment = None
+    if exp is not None and arm_rows:
+        arms = [
+            domain.Arm(r["arm_id"], domain.Template(r["prompt_name"], r["prompt_version"], ""), r["model"], r["weight"])
+            for r in arm_rows
+        ]
+        shares = domain.normalised_weights(arms)
+        experiment = {
+            "experiment_id": exp["experiment_id"],
+            "prompt_name": exp["prompt_name"],
+            "allocation": exp["allocation"],
+            "started_at": exp["started_at"],
+            "arms": [
+                {
+                    "arm_id": r["arm_id"],
+                    "prompt_version": r["prompt_version"],
+                    "model": r["model"],
+                    "weight": r["weight"],
+                    "share": share,
+                    "is_control": r["is_control"],
+                }
+                for r, share in zip(arm_rows, shares, strict=True)
+            ],
+        }
+    return {
+        "champion": None
+        if champ is None
+        else {
+            "prompt_name": champ["prompt_name"],
+            "prompt_version": champ["prompt_version"],
+            "template": champ["template"],
+            "model": champ["model"],
+            "changed_at": None if champ["changed_at"] == SEED_TIME else champ["changed_at"],
+            "reason": champ["reason"],
+        },
+        "experiment": experiment,
+        "models": [
+            {
+                "model": m["model"],
+                "model_id": m["model_id"],
+                "base_model": m["base_model"],
+                "serving_base_url": m["serving_base_url"],
+                "cost_per_1k_tokens_usd": m["cost_per_1k_tokens_usd"],
+            }
+            for m in known
+        ],
+    }

@@ -1,0 +1,43 @@
+"""The router service's app: `create_app()` and its lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.router import api, handlers
+from services.router.config import RouterSettings, get_settings
+from services.router.providers import ProviderSet
+from services.router.store import Store
+from shared.bus import CeleryBus, declare_topology, make_celery
+from shared.logging import configure_logging
+from shared.web import install_common
+
+
+def create_app(settings: RouterSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.require_admin_token()  # refuse to start without the secrets
+    settings.require_session_hash_key()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging("router", settings.log_level)
+        store = Store(settings.db_url)
+        handlers.ensure_seeded(store.uow(), settings.resolved_default_model())
+        app.state.store = store
+        app.state.providers = ProviderSet(settings)
+        celery = make_celery("router", settings)
+        declare_topology(celery)
+        app.state.bus = CeleryBus(celery)
+        yield
+        app.state.providers.close()
+        store.dispose()
+
+    app = FastAPI(title="router", lifespan=lifespan)
+    app.state.settings = settings
+    metrics = install_common(app, "router")
+    app.state.router_metrics = api.RouterMetrics.register(metrics)
+    app.include_router(api.router)
+    return app

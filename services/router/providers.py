@@ -1,0 +1,417 @@
+"""LLM providers: the only module that imports openai / groq.
+
+A model is named "<provider>/<model>":
+- ``openai/<name>``: the official openai SDK (OPENAI_API_KEY, optional OPENAI_BASE_URL);
+- ``groq/<name>``: the official groq SDK (GROQ_API_KEY, optional GROQ_BASE_URL);
+- ``vllm/<name>`` / ``local/<name>``: any OpenAI-compatible server, through the openai SDK: the
+  ``serving_base_url`` a ModelRegistered event gave for that model, else ROUTER_COMPATIBLE_BASE_URL. A base URL
+  without a trailing ``/v1`` gets one (vLLM and the finetune server serve under ``/v1``);
+- ``offline/template-v1``: a deterministic writer that needs nothing and honours style cues in the prompt.
+
+`ProviderSet.generate` tries a chain of models: each gets retries with exponential backoff on transient errors
+(timeouts, connection errors, 408/429, 5xx) and none on other 4xx; then the next model in the chain answers.
+One request's hosted attempts share a deadline (ROUTER_REQUEST_DEADLINE_S), so a hanging provider cannot hold
+a caller for timeout x tries x models; the offline writer, if it is in the chain, still answers after it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import groq
+import openai
+
+from services.router import domain
+from services.router.config import OFFLINE_MODEL, RouterSettings
+from shared.prompts import format_indicators
+
+
+@dataclass(frozen=True)
+class ProviderRequest:
+    prompt: str
+    ticker: str
+    signal: str
+    context: Mapping[str, domain.ContextValue]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens_in: int
+    tokens_out: int
+
+
+class ProviderError(Exception):
+    def __init__(self, message: str, *, kind: str, transient: bool) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class AttemptError:
+    model: str
+    attempt: int
+    kind: str
+    message: str
+
+
+class NoProviderConfigured(Exception):
+    """No model of the chain has a configured provider (503)."""
+
+
+class AllProvidersFailed(Exception):
+    """Every configured model of the chain failed (502)."""
+
+    def __init__(self, errors: Sequence[AttemptError]) -> None:
+        self.errors = list(errors)
+        summary = "; ".join(f"{e.model}: {e.kind} ({e.message[:120]})" for e in _last_per_model(errors))
+        super().__init__(summary or "no attempt was made")
+
+
+def _last_per_model(errors: Sequence[AttemptError]) -> list[AttemptError]:
+    last: dict[str, AttemptError] = {}
+    for e in errors:
+        last[e.model] = e
+    return list(last.values())
+
+
+@dataclass(frozen=True)
+class Generation:
+    completion: Completion
+    model: str  # the model that answered
+    provider: str
+    fallback_used: bool
+    errors: list[AttemptError] = field(default_factory=list)
+
+
+class Provider(Protocol):
+    name: str
+
+    def complete(self, model_name: str, request: ProviderRequest, *, timeout_s: float) -> Completion: ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SDK adapters
+# ---------------------------------------------------------------------------------------------------------
+
+_SYSTEM = "You explain trading signals to retail investors clearly and accurately."
+
+
+def _classify(exc: Exception, sdk: Any) -> ProviderError:
+    if isinstance(exc, sdk.APITimeoutError):
+        return ProviderError(f"timed out: {exc}", kind="timeout", transient=True)
+    if isinstance(exc, sdk.APIConnectionError):
+        return ProviderError(f"connection failed: {exc}", kind="connection", transient=True)
+    if isinstance(exc, sdk.APIStatusError):
+        status = exc.status_code
+        transient = status in (408, 429) or status >= 500
+        kind = "rate_limited" if status == 429 else f"http_{status}"
+        return ProviderError(f"HTTP {status}: {exc.message}", kind=kind, transient=transient)
+    return ProviderError(f"{type(exc).__name__}: {exc}", kind="bad_response", transient=False)
+
+
+def _completion_from(response: Any, request: ProviderRequest) -> Completion:
+    try:
+        text = response.choices[0].message.content
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise ProviderError("response has no choices", kind="bad_response", transient=False) from exc
+    if not text or not text.strip():
+        raise ProviderError("response text is empty", kind="bad_response", transient=False)
+    usage = getattr(response, "usage", None)
+    tokens_in = getattr(usage, "prompt_tokens", None)
+    tokens_out = getattr(usage, "completion_tokens", None)
+    return Completion(
+        text=text.strip(),
+        tokens_in=int(tokens_in) if tokens_in is not None else domain.estimate_tokens(request.prompt),
+        tokens_out=int(tokens_out) if tokens_out is not None else domain.estimate_tokens(text),
+    )
+
+
+class ChatProvider:
+    """One chat-completions endpoint through an official SDK (openai or groq); our own retries, not the SDK's."""
+
+    def __init__(
+        self, name: str, sdk: Any, client_cls: type, *, api_key: str, base_url: str | None, settings: RouterSettings
+    ) -> None:
+        self.name = name
+        self.sdk = sdk
+        self.settings = settings
+        kwargs: dict[str, Any] = {"api_key": api_key, "max_retries": 0, "timeout": settings.provider_timeout_s}
+        if base_url:
+            kwargs["base_url"] = base_url
+        self.client = client_cls(**kwargs)
+
+    def complete(self, model_name: str, request: ProviderRequest, *, timeout_s: float) -> Completion:
+        try:
+            response = self.client.chat.completions.create(
+                model=model_name,
+                messages=[{"role": "system", "content": _SYSTEM}, {"role": "user", "content": request.prompt}],
+                max_tokens=self.settings.max_tokens,
+                temperature=self.settings.temperature,
+                timeout=timeout_s,
+            )
+        except Exception as exc:
+            raise _classify(exc, self.sdk) from exc
+        return _completion_from(response, request)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def compatible_base_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The offline writer
+# ---------------------------------------------------------------------------------------------------------
+
+_CONCISE = re.compile(r"\b(concise|concisely|brief|briefly|short)\b")
+_PLAIN = re.compile(r"\b(plain language|plain english|simple|simply)\b")
+
+_STANCE = {
+    "BUY": ("a BUY: the setup favours upside", "buying looks reasonable"),
+    "SELL": ("a SELL: the setup favours downside", "selling or reducing looks reasonable"),
+    "HOLD": ("a HOLD: the evidence is mixed, so waiting is favoured", "waiting looks reasonable"),
+}
+
+
+def _label(key: str) -> str:
+    return key.replace("_", " ").strip()
+
+
+def _number(value: domain.ContextValue) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _fmt(value: domain.ContextValue) -> str:
+    number = _number(value)
+    if number is None:
+        return _label(str(value))
+    return f"{number:g}"
+
+
+def _indicator_phrase(key: str, value: domain.ContextValue, plain: bool) -> str:
+    k = key.lower()
+    number = _number(value)
+    if "rsi" in k:
+        if number is None:
+            return f"the momentum reading is {_fmt(value)}" if plain else f"RSI is {_fmt(value)}"
+        if number < 30:
+            return (
+                f"the price has fallen fast lately (strength score {number:g} of 100)"
+                if plain
+                else f"RSI at {number:g} is oversold"
+            )
+        if number > 70:
+            return (
+                f"the price has risen fast lately (strength score {number:g} of 100)"
+                if plain
+                else f"RSI at {number:g} is overbought"
+            )
+        return f"the strength score is a middling {number:g} of 100" if plain else f"RSI at {number:g} is neutral"
+    if "macd" in k:
+        if number is None:
+            text = _label(str(value)).lower()
+            if plain:
+                text = text.replace("bullish", "upward").replace("bearish", "downward").replace("crossover", "turn")
+                return (
+                    f"the trend signal shows an {text}" if text[:1] in "aeiou" else f"the trend signal shows a {text}"
+                )
+            return f"MACD shows a {text}"
+        if plain:
+            return f"the recent trend is pointing {'up' if number > 0 else 'down' if number < 0 else 'sideways'}"
+        return f"MACD at {number:g} is {'bullish' if number > 0 else 'bearish' if number < 0 else 'flat'}"
+    if any(t in k for t in ("sma", "ema", "moving_average", "ma50", "ma200", "ma_")):
+        if plain:
+            return f"the average price over recent days ({_label(key)}) is {_fmt(value)}"
+        return f"the {_label(key).upper()} is {_fmt(value)}"
+    if "volume" in k:
+        return f"trading activity is {_fmt(value)}" if plain else f"volume is {_fmt(value)}"
+    return f"{_label(key)} is {_fmt(value)}"
+
+
+def _importance(key: str) -> tuple[int, str]:
+    k = key.lower()
+    for rank, token in enumerate(("rsi", "macd", "sma", "ema", "moving_average", "volume")):
+        if token in k:
+            return rank, k
+    return 99, k
+
+
+def style_cues(prompt: str, ticker: str, context: Mapping[str, domain.ContextValue]) -> dict[str, bool]:
+    """Cues in the template's own words: the ticker and the indicator list are taken out first, so an
+    indicator called "risk_score" or a ticker "SHORT" does not change the style."""
+    text = prompt.replace(format_indicators(context), " ").replace(ticker, " ").lower()
+    return {
+        "bullets": "bullet" in text,
+        "concise": bool(_CONCISE.search(text)),
+        "risk": "risk" in text,
+        "plain": bool(_PLAIN.search(text)),
+    }
+
+
+def offline_explanation(request: ProviderRequest) -> str:
+    cues = style_cues(request.prompt, request.ticker, request.context)
+    plain = cues["plain"]
+    keys = sorted(request.context, key=_importance)
+    phrases = [_indicator_phrase(k, request.context[k], plain) for k in keys]
+    jargon_stance, plain_stance = _STANCE.get(request.signal, _STANCE["HOLD"])
+    stance = plain_stance if plain else jargon_stance
+    signal_word = {"BUY": "buy", "SELL": "sell", "HOLD": "hold"}.get(request.signal, "hold")
+
+    if phrases:
+        lead = f"{request.ticker} gets a {request.signal} signal mainly because {phrases[0]}."
+    else:
+        lead = f"{request.ticker} gets a {request.signal} signal; no indicators were given, so it rests on the signal alone."
+    sentences = [lead]
+    if not cues["concise"]:
+        if len(phrases) > 1:
+            support = ", ".join(phrases[1:4])
+            sentences.append(f"This is backed up by the other readings: {support}.")
+        if plain:
+            sentences.append(f"Put simply, the numbers suggest it is a time to {signal_word}.")
+        else:
+            sentences.append(f"Taken together, the indicators make this {stance}.")
+        sentences.append(
+            "Keep watching these readings, because they can change quickly."
+            if plain
+            else "Watch for the indicators to confirm or contradict this over the next sessions."
+        )
+    if cues["risk"]:
+        sentences.append(
+            "Risk note: prices can move against you, so only put in money you can afford to lose."
+            if plain
+            else "Risk note: signals can reverse quickly; size positions carefully and consider a stop-loss."
+        )
+    if cues["bullets"]:
+        return "\n".join(f"- {s}" for s in sentences)
+    return " ".join(sentences)
+
+
+class OfflineProvider:
+    """Deterministic explanations from the signal and the indicators, with no network and no key."""
+
+    name = "offline"
+
+    def complete(self, model_name: str, request: ProviderRequest, *, timeout_s: float) -> Completion:
+        text = offline_explanation(request)
+        return Completion(
+            text=text, tokens_in=domain.estimate_tokens(request.prompt), tokens_out=domain.estimate_tokens(text)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The set of providers and the fallback loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ProviderSet:
+    """Resolves a model name to a configured provider and runs the retry / fallback loop. Clients are built
+    once per endpoint and reused (they hold connection pools)."""
+
+    def __init__(self, settings: RouterSettings, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.settings = settings
+        self.sleep = sleep
+        self.offline = OfflineProvider()
+        self._clients: dict[tuple[str, str], ChatProvider] = {}
+        self._lock = threading.Lock()
+
+    def configured_defaults(self) -> list[str]:
+        """The default model of each configured hosted provider, in preference order."""
+        s = self.settings
+        out = []
+        if s.openai_api_key is not None and s.openai_api_key.get_secret_value():
+            out.append("openai/gpt-4o-mini")
+        if s.groq_api_key is not None and s.groq_api_key.get_secret_value():
+            out.append("groq/llama-3.1-8b-instant")
+        return out
+
+    def chain(self, assigned: str, champion: str) -> list[str]:
+        return domain.fallback_chain(
+            assigned,
+            champion,
+            self.configured_defaults(),
+            offline_model=OFFLINE_MODEL,
+            offline_fallback=self.settings.offline_fallback,
+        )
+
+    def provider_for(self, model: str, registered: Mapping[str, str | None] | None = None) -> Provider | None:
+        """The provider that serves `model`, or None when it is not configured (no key, no base URL)."""
+        try:
+            kind, _ = domain.split_model(model)
+        except ValueError:
+            return None
+        s = self.settings
+        if kind == "offline":
+            return self.offline
+        if kind == "openai":
+            key = s.openai_api_key.get_secret_value() if s.openai_api_key else ""
+            if not key:
+                return None
+            return self._client("openai", openai, openai.OpenAI, key, s.openai_base_url)
+        if kind == "groq":
+            key = s.groq_api_key.get_secret_value() if s.groq_api_key else ""
+            if not key:
+                return None
+            return self._client("groq", groq, groq.Groq, key, s.groq_base_url)
+        base = (registered or {}).get(model) or s.compatible_base_url
+        if not base:
+            return None
+        key = s.compatible_api_key.get_secret_value() if s.compatible_api_key else "EMPTY"
+        return self._client(kind, openai, openai.OpenAI, key or "EMPTY", compatible_base_url(base))
+
+    def _client(self, name: str, sdk: Any, cls: type, key: str, base_url: str | None) -> ChatProvider:
+        cache_key = (name, base_url or "")
+        with self._lock:
+            client = self._clients.get(cache_key)
+            if client is None:
+                client = ChatProvider(name, sdk, cls, api_key=key, base_url=base_url, settings=self.settings)
+                self._clients[cache_key] = client
+            return client
+
+    def generate(
+        self, chain: Sequence[str], request: ProviderRequest, registered: Mapping[str, str | None] | None = None
+    ) -> Generation:
+        """Try each configured model of `chain` in order, with retries on transient errors."""
+        usable = [(m, p) for m in chain if (p := self.provider_for(m, registered)) is not None]
+        if not usable:
+            raise NoProviderConfigured(f"no provider is configured for {', '.join(chain)} (set an API key)")
+        s = self.settings
+        pauses = [0.0, *domain.backoff_delays(s.provider_retries, s.retry_backoff_s, s.retry_backoff_max_s)]
+        errors: list[AttemptError] = []
+        deadline = time.monotonic() + s.request_deadline_s
+        for model, provider in usable:
+            _, model_name = domain.split_model(model)
+            for attempt, pause in enumerate(pauses):
+                remaining = deadline - time.monotonic() - pause
+                if provider is not self.offline and remaining <= 0:
+                    errors.append(AttemptError(model, attempt, "deadline", "the request's deadline has passed"))
+                    break
+                if pause:
+                    self.sleep(pause)
+                timeout_s = min(s.provider_timeout_s, max(remaining, 0.001))
+                try:
+                    completion = provider.complete(model_name, request, timeout_s=timeout_s)
+                except ProviderError as exc:
+                    errors.append(AttemptError(model, attempt, exc.kind, str(exc)))
+                    if not exc.transient:
+                        break
+                    continue
+                return Generation(completion, model, provider.name, fallback_used=model != chain[0], errors=errors)
+        raise AllProvidersFailed(errors)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()

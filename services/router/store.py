@@ -1,0 +1,307 @@
+"""The router's own store: explanations it issued and its replica of the routing state (champion, running
+experiment, known models), kept up to date by events. No other service opens it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.router.domain import Arm, Experiment, Routing, Template
+from shared.bus import Publisher
+from shared.contracts import Event, utcnow
+from shared.db import make_engine, make_session_factory
+from shared.outbox import outbox_table, stage
+
+metadata = MetaData()
+
+explanations = Table(
+    "explanations",
+    metadata,
+    Column("explanation_id", String(36), primary_key=True),
+    Column("request_key", String(64), nullable=False, index=True),
+    Column("session_key", String(64), nullable=False, index=True),
+    Column("ticker", String(12), nullable=False),
+    Column("signal", String(8), nullable=False),
+    Column("context", JSON, nullable=False),
+    Column("prompt_name", String(100), nullable=False),
+    Column("prompt_version", String(50), nullable=False),
+    Column("prompt_text", Text, nullable=False),
+    Column("requested_model", String(200), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("provider", String(32), nullable=False),
+    Column("experiment_id", String(64)),
+    Column("arm_id", String(64)),
+    Column("text", Text, nullable=False),
+    Column("tokens_in", Integer, nullable=False),
+    Column("tokens_out", Integer, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("fallback_used", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+#: One row (id=1): the prompt template and model that serve traffic outside experiments.
+champion = Table(
+    "champion",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("prompt_name", String(100), nullable=False),
+    Column("prompt_version", String(50), nullable=False),
+    Column("template", Text, nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+    Column("reason", String(500), nullable=False, default=""),
+)
+
+experiments = Table(
+    "experiments",
+    metadata,
+    Column("experiment_id", String(64), primary_key=True),
+    Column("prompt_name", String(100), nullable=False),
+    Column("allocation", String(16), nullable=False),
+    Column("status", String(16), nullable=False),  # running | concluded
+    Column("started_at", DateTime(timezone=True)),
+    Column("weights_at", DateTime(timezone=True)),
+    Column("concluded_at", DateTime(timezone=True)),
+    Column("decision", String(64)),
+    Column("winner_arm_id", String(64)),
+)
+
+arms = Table(
+    "arms",
+    metadata,
+    Column("experiment_id", String(64), primary_key=True),
+    Column("arm_id", String(64), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("prompt_name", String(100), nullable=False),
+    Column("prompt_version", String(50), nullable=False),
+    Column("template", Text, nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("weight", Float, nullable=False),
+    Column("is_control", Boolean, nullable=False),
+)
+
+models = Table(
+    "models",
+    metadata,
+    Column("model", String(200), primary_key=True),
+    Column("model_id", String(64), nullable=False),
+    Column("base_model", String(200), nullable=False),
+    Column("serving_base_url", String(500)),
+    Column("cost_per_1k_tokens_usd", Float, nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+)
+
+processed = Table(
+    "processed_messages",
+    metadata,
+    Column("message_id", String(36), primary_key=True),
+    Column("handled_at", DateTime(timezone=True), nullable=False),
+)
+
+outbox = outbox_table(metadata)
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    if ts is None:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+class RouterRepository:
+    def __init__(self, session: Session) -> None:
+        self.s = session
+
+    # -- idempotency -------------------------------------------------------------------------------------
+    def seen(self, message_id: uuid.UUID) -> bool:
+        return (
+            self.s.execute(select(processed.c.message_id).where(processed.c.message_id == str(message_id))).first()
+            is not None
+        )
+
+    def mark_seen(self, message_id: uuid.UUID) -> None:
+        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
+
+    # -- explanations -----------------------------------------------------------------------------------
+    def add_explanation(self, values: dict[str, Any]) -> None:
+        self.s.execute(explanations.insert().values(**values))
+
+    def explanation(self, explanation_id: uuid.UUID) -> dict[str, Any] | None:
+        row = (
+            self.s.execute(select(explanations).where(explanations.c.explanation_id == str(explanation_id)))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return None
+        out = dict(row)
+        out["created_at"] = _aware(out["created_at"])
+        return out
+
+    # -- champion ---------------------------------------------------------------------------------------
+    def champion(self) -> dict[str, Any] | None:
+        row = self.s.execute(select(champion).where(champion.c.id == 1)).mappings().first()
+        if row is None:
+            return None
+        out = dict(row)
+        out["changed_at"] = _aware(out["changed_at"])
+        return out
+
+    def set_champion(self, values: dict[str, Any]) -> None:
+        if self.champion() is None:
+            self.s.execute(champion.insert().values(id=1, **values))
+        else:
+            self.s.execute(champion.update().where(champion.c.id == 1).values(**values))
+
+    # -- experiments ------------------------------------------------------------------------------------
+    def experiment(self, experiment_id: str) -> dict[str, Any] | None:
+        row = self.s.execute(select(experiments).where(experiments.c.experiment_id == experiment_id)).mappings().first()
+        if row is None:
+            return None
+        out = dict(row)
+        for key in ("started_at", "weights_at", "concluded_at"):
+            out[key] = _aware(out[key])
+        return out
+
+    def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:
+        self.s.execute(experiments.insert().values(**values))
+        for position, arm in enumerate(arm_rows):
+            self.s.execute(arms.insert().values(experiment_id=values["experiment_id"], position=position, **arm))
+
+    def update_experiment(self, experiment_id: str, **values: Any) -> None:
+        self.s.execute(experiments.update().where(experiments.c.experiment_id == experiment_id).values(**values))
+
+    def set_weight(self, experiment_id: str, arm_id: str, weight: float) -> bool:
+        result = self.s.execute(
+            arms.update().where(arms.c.experiment_id == experiment_id, arms.c.arm_id == arm_id).values(weight=weight)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def arms_of(self, experiment_id: str) -> list[dict[str, Any]]:
+        rows = self.s.execute(
+            select(arms).where(arms.c.experiment_id == experiment_id).order_by(arms.c.position)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+    def running_experiment_id(self) -> str | None:
+        row = self.s.execute(
+            select(experiments.c.experiment_id)
+            .where(experiments.c.status == "running")
+            .order_by(experiments.c.started_at.desc())
+            .limit(1)
+        ).first()
+        return row.experiment_id if row else None
+
+    # -- models -----------------------------------------------------------------------------------------
+    def upsert_model(self, values: dict[str, Any]) -> None:
+        exists = self.s.execute(select(models.c.model).where(models.c.model == values["model"])).first()
+        if exists is None:
+            self.s.execute(models.insert().values(**values))
+        else:
+            self.s.execute(models.update().where(models.c.model == values["model"]).values(**values))
+
+    def models(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.s.execute(select(models).order_by(models.c.registered_at)).mappings()]
+
+    # -- the whole routing state ------------------------------------------------------------------------
+    def routing(self) -> Routing | None:
+        champ = self.champion()
+        if champ is None:
+            return None
+        experiment = None
+        exp_id = self.running_experiment_id()
+        if exp_id is not None:
+            rows = self.arms_of(exp_id)
+            if rows:
+                experiment = Experiment(
+                    experiment_id=exp_id,
+                    arms=tuple(
+                        Arm(
+                            arm_id=r["arm_id"],
+                            prompt=Template(r["prompt_name"], r["prompt_version"], r["template"]),
+                            model=r["model"],
+                            weight=r["weight"],
+                            is_control=r["is_control"],
+                        )
+                        for r in rows
+                    ),
+                )
+        return Routing(
+            champion_prompt=Template(champ["prompt_name"], champ["prompt_version"], champ["template"]),
+            champion_model=champ["model"],
+            experiment=experiment,
+        )
+
+
+class SqlUnitOfWork:
+    """One transaction; events added here are staged in the outbox and published after commit."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+        self.committed = False
+
+    def __enter__(self) -> SqlUnitOfWork:
+        self.session = self.factory()
+        self.repo = RouterRepository(self.session)
+        self.committed = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.session.rollback()
+        self.session.close()
+
+    def add_events(self, *events: Event) -> None:
+        stage(self.session, outbox, list(events))
+
+    def commit(self) -> None:
+        self.session.commit()
+        self.committed = True
+
+
+class Store:
+    """Engine + session factory for one database URL; creates the tables on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+        self.factory = make_session_factory(self.engine)
+
+    def uow(self) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self.factory)
+
+    def publish_staged(self, bus: Publisher, events: list[Event]) -> None:
+        """Publish events this process just committed to the outbox, and mark them published.
+
+        The request path uses this instead of a full relay: it touches only its own rows, so concurrent
+        requests do not each republish everyone's pending events. Anything left unpublished (a crash, a
+        broker outage) is picked up by the periodic `router.relay_outbox`.
+        """
+        for event in events:
+            bus.publish(event)
+        with self.factory() as session, session.begin():
+            session.execute(
+                update(outbox)
+                .where(outbox.c.event_id.in_([str(e.message_id) for e in events]))
+                .values(published_at=utcnow())
+            )
+
+    def dispose(self) -> None:
+        self.engine.dispose()

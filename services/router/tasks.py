@@ -1,0 +1,76 @@
+"""Celery entry points of the router service (queue "router"): the events that keep its routing replica up
+to date. Each turns a payload into an event and calls the handler; the outbox is relayed after the commit."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from services.router import handlers
+from services.router.config import get_settings
+from services.router.store import Store, outbox
+from shared.bus import CeleryBus, make_celery
+from shared.contracts import (
+    AllocationChanged,
+    ChampionChanged,
+    ExperimentConcluded,
+    ExperimentStarted,
+    ModelRegistered,
+)
+from shared.logging import configure_logging
+from shared.outbox import relay
+
+settings = get_settings()
+app = make_celery("router", settings)
+configure_logging("router-worker", settings.log_level)
+
+
+@lru_cache
+def _store() -> Store:
+    s = get_settings()
+    store = Store(s.db_url)
+    handlers.ensure_seeded(store.uow(), s.resolved_default_model())
+    return store
+
+
+def _relay() -> int:
+    return relay(_store().factory, outbox, CeleryBus(app))
+
+
+@app.task(name="router.on_champion_changed")
+def on_champion_changed(payload: dict) -> str:
+    outcome = handlers.on_champion_changed(ChampionChanged.from_payload(payload), _store().uow())
+    _relay()
+    return outcome
+
+
+@app.task(name="router.on_experiment_started")
+def on_experiment_started(payload: dict) -> str:
+    outcome = handlers.on_experiment_started(ExperimentStarted.from_payload(payload), _store().uow())
+    _relay()
+    return outcome
+
+
+@app.task(name="router.on_allocation_changed")
+def on_allocation_changed(payload: dict) -> str:
+    outcome = handlers.on_allocation_changed(AllocationChanged.from_payload(payload), _store().uow())
+    _relay()
+    return outcome
+
+
+@app.task(name="router.on_experiment_concluded")
+def on_experiment_concluded(payload: dict) -> str:
+    outcome = handlers.on_experiment_concluded(ExperimentConcluded.from_payload(payload), _store().uow())
+    _relay()
+    return outcome
+
+
+@app.task(name="router.on_model_registered")
+def on_model_registered(payload: dict) -> str:
+    outcome = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow())
+    _relay()
+    return outcome
+
+
+@app.task(name="router.relay_outbox")
+def relay_outbox() -> int:
+    return _relay()

@@ -1,0 +1,1 @@
+"""Local fakes that speak real protocols (no mocks of client libraries)."""

@@ -1,0 +1,179 @@
+"""A small OpenAI-compatible chat-completions server for tests: the real openai and groq SDKs talk to it over
+real HTTP. It serves `/v1/chat/completions` (OpenAI, vLLM) and `/openai/v1/chat/completions` (Groq).
+
+It can be told to fail the next N requests with a status (500, 429, 401 ...), to hang for a while before
+answering, and what to answer (text, usage). It records every request it received.
+
+    with FakeOpenAIServer() as fake:
+        fake.fail_next(2, status=500)
+        ... OpenAI(base_url=fake.openai_base_url, api_key="sk-test") ...
+        assert len(fake.requests) == 3
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from shared.redis_server import free_port
+
+
+@dataclass
+class Received:
+    path: str
+    model: str
+    messages: list[dict[str, Any]]
+    authorization: str
+
+
+@dataclass
+class Behaviour:
+    fail_count: int = 0
+    fail_status: int = 500
+    hang_count: int = 0
+    hang_s: float = 0.0
+    text: str = "The indicators support the signal."
+    prompt_tokens: int | None = 120
+    completion_tokens: int | None = 45
+
+
+@dataclass
+class FakeOpenAIServer:
+    port: int = 0
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    requests: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        self.app = self._build()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- what the tests use -----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def groq_base_url(self) -> str:  # the groq SDK appends /openai/v1/... itself
+        return self.url
+
+    def fail_next(self, count: int, *, status: int = 500) -> None:
+        with self._lock:
+            self.behaviour.fail_count, self.behaviour.fail_status = count, status
+
+    def hang_next(self, count: int, *, seconds: float = 30.0) -> None:
+        with self._lock:
+            self.behaviour.hang_count, self.behaviour.hang_s = count, seconds
+
+    def answer(self, text: str, *, prompt_tokens: int | None = 120, completion_tokens: int | None = 45) -> None:
+        with self._lock:
+            self.behaviour.text = text
+            self.behaviour.prompt_tokens, self.behaviour.completion_tokens = prompt_tokens, completion_tokens
+
+    def reset(self) -> None:
+        with self._lock:
+            self.behaviour = Behaviour()
+            self.requests.clear()
+
+    # -- the server -------------------------------------------------------------------------------------
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        async def chat(request: Request) -> JSONResponse:
+            body = await request.json()
+            with self._lock:
+                self.requests.append(
+                    Received(
+                        path=request.url.path,
+                        model=str(body.get("model")),
+                        messages=list(body.get("messages") or []),
+                        authorization=request.headers.get("authorization", ""),
+                    )
+                )
+                b = self.behaviour
+                hang = b.hang_s if b.hang_count > 0 else 0.0
+                if b.hang_count > 0:
+                    b.hang_count -= 1
+                fail = b.fail_status if b.fail_count > 0 else None
+                if b.fail_count > 0:
+                    b.fail_count -= 1
+                text, p_tok, c_tok = b.text, b.prompt_tokens, b.completion_tokens
+            if hang:
+                deadline = time.monotonic() + hang
+                while time.monotonic() < deadline and not self._release.is_set():
+                    await asyncio.sleep(0.02)
+            if fail is not None:
+                kind = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(fail, "server_error")
+                return JSONResponse(
+                    {"error": {"message": f"fake failure {fail}", "type": kind, "param": None, "code": kind}},
+                    status_code=fail,
+                )
+            payload: dict[str, Any] = {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            }
+            if p_tok is not None and c_tok is not None:
+                payload["usage"] = {
+                    "prompt_tokens": p_tok,
+                    "completion_tokens": c_tok,
+                    "total_tokens": p_tok + c_tok,
+                }
+            return JSONResponse(payload)
+
+        app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+        app.add_api_route("/openai/v1/chat/completions", chat, methods=["POST"])
+        return app
+
+    def start(self, timeout_s: float = 10.0) -> FakeOpenAIServer:
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ws="none",
+            http="h11",
+            timeout_graceful_shutdown=1,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="fake-openai", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"fake OpenAI server did not start on port {self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,165 @@
+"""The OpenAI, Groq and OpenAI-compatible adapters against a local server that speaks the protocol, through
+the official SDKs: usage, retries with backoff, no retry on 4xx, timeouts, fallback, all-fail."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.router.config import RouterSettings
+from services.router.providers import AllProvidersFailed, NoProviderConfigured, ProviderRequest, ProviderSet
+from tests.fakes.openai_server import FakeOpenAIServer
+
+OPENAI = "openai/gpt-4o-mini"
+GROQ = "groq/llama-3.1-8b-instant"
+OFFLINE = "offline/template-v1"
+REQUEST = ProviderRequest(prompt="Explain BUY for AAPL.\n- rsi: 28", ticker="AAPL", signal="BUY", context={"rsi": 28})
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _clean(fake: FakeOpenAIServer) -> None:
+    fake.reset()
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+_open: list[ProviderSet] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _open:
+        _open.pop().close()
+
+
+def provider_set(tmp_path: Path, fake: FakeOpenAIServer, sleeps: Sleeps | None = None, **kw: object) -> ProviderSet:
+    options: dict[str, object] = {
+        "data_dir": tmp_path,
+        "openai_api_key": "sk-test",
+        "openai_base_url": fake.openai_base_url,
+        "groq_api_key": "gsk-test",
+        "groq_base_url": fake.groq_base_url,
+        "provider_timeout_s": 2.0,
+        "provider_retries": 2,
+        "retry_backoff_s": 0.01,
+        **kw,
+    }
+    ps = ProviderSet(RouterSettings(**options), sleep=sleeps or Sleeps())  # type: ignore[arg-type]
+    _open.append(ps)  # closed after the test: the SDK clients hold sockets
+    return ps
+
+
+def test_openai_adapter_sends_the_prompt_and_reads_text_and_usage(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.answer("RSI is low, so BUY.", prompt_tokens=321, completion_tokens=54)
+    result = provider_set(tmp_path, fake).generate([OPENAI], REQUEST)
+    assert result.completion.text == "RSI is low, so BUY."
+    assert (result.completion.tokens_in, result.completion.tokens_out) == (321, 54)
+    assert (result.model, result.provider, result.fallback_used) == (OPENAI, "openai", False)
+    sent = fake.requests[-1]
+    assert sent.path == "/v1/chat/completions" and sent.model == "gpt-4o-mini"
+    assert sent.authorization == "Bearer sk-test"
+    assert sent.messages[-1] == {"role": "user", "content": REQUEST.prompt}
+
+
+def test_groq_adapter_uses_the_groq_path_and_key(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    result = provider_set(tmp_path, fake).generate([GROQ], REQUEST)
+    assert (result.model, result.provider) == (GROQ, "groq")
+    sent = fake.requests[-1]
+    assert sent.path == "/openai/v1/chat/completions" and sent.model == "llama-3.1-8b-instant"
+    assert sent.authorization == "Bearer gsk-test"
+
+
+def test_server_errors_are_retried_with_exponential_backoff(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.fail_next(2, status=500)
+    sleeps = Sleeps()
+    result = provider_set(tmp_path, fake, sleeps, retry_backoff_s=0.05).generate([OPENAI, OFFLINE], REQUEST)
+    assert (result.model, result.fallback_used) == (OPENAI, False)
+    assert len(fake.requests) == 3
+    assert sleeps.calls == [0.05, 0.1]
+    assert [e.kind for e in result.errors] == ["http_500", "http_500"]
+
+
+def test_rate_limits_are_retried(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.fail_next(1, status=429)
+    result = provider_set(tmp_path, fake).generate([GROQ], REQUEST)
+    assert result.model == GROQ and len(fake.requests) == 2
+    assert [e.kind for e in result.errors] == ["rate_limited"]
+
+
+def test_client_errors_are_not_retried_and_fall_back_to_the_next_model(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.fail_next(1, status=401)
+    result = provider_set(tmp_path, fake).generate([OPENAI, GROQ], REQUEST)
+    assert (result.model, result.fallback_used) == (GROQ, True)
+    assert [r.path for r in fake.requests] == ["/v1/chat/completions", "/openai/v1/chat/completions"]
+    assert [e.kind for e in result.errors] == ["http_401"]
+
+
+def test_a_hanging_provider_times_out_and_offline_answers(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.hang_next(10, seconds=5)
+    ps = provider_set(tmp_path, fake, provider_timeout_s=0.2, provider_retries=1)
+    result = ps.generate([OPENAI, OFFLINE], REQUEST)
+    assert (result.model, result.provider, result.fallback_used) == (OFFLINE, "offline", True)
+    assert [e.kind for e in result.errors] == ["timeout", "timeout"]
+
+
+def test_when_every_provider_fails_the_error_names_each(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.fail_next(100, status=503)
+    ps = provider_set(tmp_path, fake, provider_retries=1, offline_fallback=False)
+    with pytest.raises(AllProvidersFailed) as failed:
+        ps.generate(ps.chain(OPENAI, GROQ), REQUEST)
+    assert len(fake.requests) == 4  # two models, two tries each
+    assert OPENAI in str(failed.value) and GROQ in str(failed.value) and "http_503" in str(failed.value)
+
+
+def test_no_configured_provider_is_its_own_error(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    ps = provider_set(tmp_path, fake, openai_api_key=None, groq_api_key=None, offline_fallback=False)
+    assert ps.chain(OPENAI, OPENAI) == [OPENAI]
+    with pytest.raises(NoProviderConfigured):
+        ps.generate(ps.chain(OPENAI, OPENAI), REQUEST)
+    assert fake.requests == []
+
+
+def test_registered_local_model_is_served_from_its_base_url(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    ps = provider_set(tmp_path, fake, openai_api_key=None, groq_api_key=None)
+    assert ps.provider_for("local/ft-1") is None  # no base URL known yet
+    result = ps.generate(["local/ft-1"], REQUEST, {"local/ft-1": fake.url})  # no /v1: it is added
+    assert (result.model, result.provider) == ("local/ft-1", "local")
+    assert fake.requests[-1].path == "/v1/chat/completions" and fake.requests[-1].model == "ft-1"
+
+
+def test_compatible_base_url_serves_vllm_models(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    ps = provider_set(tmp_path, fake, compatible_base_url=fake.openai_base_url)
+    result = ps.generate(["vllm/meta-llama/Llama-3-8B"], REQUEST)
+    assert result.provider == "vllm" and fake.requests[-1].model == "meta-llama/Llama-3-8B"
+
+
+def test_missing_usage_is_estimated_from_words(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.answer("one two three four five six seven eight nine ten", prompt_tokens=None, completion_tokens=None)
+    result = provider_set(tmp_path, fake).generate([OPENAI], REQUEST)
+    assert result.completion.tokens_out == 13
+
+
+def test_one_deadline_bounds_all_hosted_attempts_of_a_request(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.hang_next(100, seconds=5)
+    ps = provider_set(tmp_path, fake, provider_timeout_s=0.3, provider_retries=5, request_deadline_s=0.5)
+    started = time.monotonic()
+    result = ps.generate([OPENAI, GROQ, OFFLINE], REQUEST)
+    assert time.monotonic() - started < 1.5  # not 6 tries x 2 models x 0.3 s
+    assert result.model == OFFLINE
+    assert "deadline" in [e.kind for e in result.errors]
