@@ -125,27 +125,96 @@ class Publisher(Protocol):
     def send(self, command: Command) -> None: ...
 
 
-class CeleryBus:
-    """Publishes events to every subscribed task and sends commands to their one handler, by name."""
+class TaskMessageEncoder:
+    """Builds the bytes of a Celery task message for a task name and a contract message.
+
+    The headers and body are Celery's own (`amqp.as_task_v2`, protocol 2), wrapped in the envelope kombu's
+    Redis transport writes (virtual `Channel.prepare_message` + `basic_publish`): base64 body, persistent
+    delivery, default exchange with the queue as routing key. Pushed onto the queue's list, a worker cannot
+    tell it from one sent by `send_task`; `tests/integration/test_bus.py` checks that against a real worker.
+    """
 
     def __init__(self, app: Celery) -> None:
+        from celery.utils.nodenames import anon_nodename
+
         self.app = app
+        self._origin = anon_nodename()
+
+    def encode(self, task_name: str, message: Message) -> tuple[str, bytes]:
+        import base64
+
+        from kombu.serialization import dumps as serialize
+        from kombu.utils.json import dumps as json_dumps
+        from kombu.utils.uuid import uuid as new_id
+
+        queue = queue_for(task_name)
+        task_id = new_id()
+        headers, properties, body, _ = self.app.amqp.as_task_v2(
+            task_id,
+            task_name,
+            (),
+            {"payload": message.to_payload()},
+            argsrepr="()",
+            kwargsrepr=REDACTED_KWARGS,
+            origin=self._origin,
+        )
+        content_type, content_encoding, raw_body = serialize(body, serializer="json")
+        body_bytes = raw_body.encode() if isinstance(raw_body, str) else raw_body
+        envelope = {
+            "body": base64.b64encode(body_bytes).decode(),
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": headers,
+            "properties": {
+                **properties,
+                "delivery_mode": 2,
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": new_id(),
+                "delivery_info": {"exchange": "", "routing_key": queue},
+            },
+        }
+        return queue, json_dumps(envelope).encode()
+
+
+class CeleryBus:
+    """Publishes an event to every subscribed task, and sends a command to its one handler, by name.
+
+    All the task messages of one event go to Redis in one pipelined round trip (retried on connection
+    errors); `publish` returns only once they are there."""
+
+    def __init__(self, app: Celery, *, retries: int = 3) -> None:
+        import redis
+
+        self.app = app
+        self.retries = retries
+        self._encoder = TaskMessageEncoder(app)
+        self._redis = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=2)
 
     def publish(self, event: Event) -> None:
-        for task_name in SUBSCRIPTIONS.get(event.type, ()):
-            self._send(task_name, event)
+        self._push([self._encoder.encode(name, event) for name in SUBSCRIPTIONS.get(event.type, ())])
 
     def send(self, command: Command) -> None:
-        self._send(command.type, command)
+        self._push([self._encoder.encode(command.type, command)])
 
-    def _send(self, task_name: str, message: Message) -> None:
-        self.app.send_task(
-            task_name,
-            kwargs={"payload": message.to_payload()},
-            queue=queue_for(task_name),
-            retry=True,
-            retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2},
-        )
+    def _push(self, messages: list[tuple[str, bytes]]) -> None:
+        import time
+
+        import redis
+
+        if not messages:
+            return
+        for attempt in range(self.retries + 1):
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for key, raw in messages:
+                    pipe.lpush(key, raw)
+                pipe.execute()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                if attempt == self.retries:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
 
 class FakeBus:
@@ -185,56 +254,14 @@ class GroupCommitSender:
 
         self.app = app
         self._redis = aioredis.from_url(app.conf.broker_url)
+        self._encoder = TaskMessageEncoder(app)
         self._pending: list[tuple[str, bytes, Any]] = []
-        from celery.utils.nodenames import anon_nodename
-
-        self._origin = anon_nodename()
         self._flushing = False
-
-    def encode(self, command: Command) -> tuple[str, bytes]:
-        """The queue key and the wire bytes of a task message for this command."""
-        import base64
-
-        from kombu.serialization import dumps as serialize
-        from kombu.utils.json import dumps as json_dumps
-        from kombu.utils.uuid import uuid as new_id
-
-        task_name = command.type
-        queue = queue_for(task_name)
-        task_id = new_id()
-        headers, properties, body, _ = self.app.amqp.as_task_v2(
-            task_id,
-            task_name,
-            (),
-            {"payload": command.to_payload()},
-            argsrepr="()",
-            kwargsrepr=REDACTED_KWARGS,
-            origin=self._origin,
-        )
-        content_type, content_encoding, raw_body = serialize(body, serializer="json")
-        # The envelope kombu's Redis transport writes (virtual Channel.prepare_message + basic_publish):
-        # base64 body, persistent delivery, default exchange with the queue as routing key.
-        body_bytes = raw_body.encode() if isinstance(raw_body, str) else raw_body
-        message = {
-            "body": base64.b64encode(body_bytes).decode(),
-            "content-encoding": content_encoding,
-            "content-type": content_type,
-            "headers": headers,
-            "properties": {
-                **properties,
-                "delivery_mode": 2,
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": new_id(),
-                "delivery_info": {"exchange": "", "routing_key": queue},
-            },
-        }
-        return queue, json_dumps(message).encode()
 
     async def send(self, command: Command) -> None:
         import asyncio
 
-        key, raw = self.encode(command)
+        key, raw = self._encoder.encode(command.type, command)
         future = asyncio.get_running_loop().create_future()
         self._pending.append((key, raw, future))
         if not self._flushing:

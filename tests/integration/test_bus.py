@@ -1,0 +1,121 @@
+"""The bus writes task messages that a real Celery worker consumes: events through the pipelined publish,
+commands through the group-commit sender."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.feedback import handlers
+from shared.bus import SUBSCRIPTIONS, CeleryBus, GroupCommitSender, declare_topology, make_celery
+from shared.contracts import ExplanationCreated
+from shared.redis_server import RedisServer
+from shared.settings import ServiceSettings
+from tests.support import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _event() -> ExplanationCreated:
+    return ExplanationCreated(
+        explanation_id=uuid.uuid4(),
+        request_key="rk",
+        ticker="AMD",
+        signal="HOLD",
+        prompt_name="explain_signal",
+        prompt_version="v1.0",
+        model="offline/template-v1",
+        provider="offline",
+        prompt_text="p",
+        text="t",
+        tokens_in=1,
+        tokens_out=1,
+        cost_usd=0.0,
+        latency_ms=1.0,
+        created_at=datetime.now(UTC),
+    )
+
+
+@pytest.mark.slow
+def test_published_event_and_group_committed_command_are_consumed_by_a_real_worker(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        settings = ServiceSettings(redis_url=server.url, data_dir=tmp_path)
+        app = make_celery("feedback", settings)
+        declare_topology(app)
+        bus = CeleryBus(app)
+        event = _event()
+        bus.publish(event)
+        r = redis.Redis.from_url(server.url)
+        # one message per subscriber, each on its own service's queue
+        for task in SUBSCRIPTIONS[event.type]:
+            assert r.llen(task.split(".")[0]) == 1
+
+        cmd = handlers.new_vote(event.explanation_id, "session-key", 1, 3, None)
+
+        async def send() -> None:
+            sender = GroupCommitSender(app)
+            await asyncio.gather(
+                sender.send(cmd),
+                *(sender.send(handlers.new_vote(event.explanation_id, f"k{i}", -1, None, None)) for i in range(9)),
+            )
+            await sender.aclose()
+
+        asyncio.run(send())
+        assert r.llen("feedback") == 11
+
+        env = {
+            **os.environ,
+            "REDIS_URL": server.url,
+            "DATA_DIR": str(tmp_path),
+            "ADMIN_TOKEN": "a",
+            "SESSION_HASH_KEY": "k",
+            "PYTHONPATH": str(ROOT),
+        }
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "services.feedback.tasks:app",
+                "worker",
+                "-Q",
+                "feedback",
+                "-P",
+                "solo",
+                "-l",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+
+            def stored() -> int:
+                db = tmp_path / "feedback.db"
+                if not db.exists():
+                    return 0
+                with sqlite3.connect(db) as conn:
+                    try:
+                        return int(conn.execute("select count(*) from feedback").fetchone()[0])
+                    except sqlite3.OperationalError:
+                        return 0
+
+            wait_for(lambda: stored() == 10, timeout_s=30, what="ten votes stored by the worker")
+            assert r.llen("feedback") == 0
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+            r.close()
