@@ -1,0 +1,39 @@
+"""Settings of the dashboard service (env prefix DASHBOARD_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class DashboardSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DASHBOARD_", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = None
+    # Reads: the default and largest `days=` window, and how the per-ticker league tables are cut.
+    default_days: int = 30
+    max_days: int = 3650
+    ticker_min_votes: int = 5  # a ticker needs this many votes to enter the top / bottom 10
+    ticker_top_n: int = 10
+    heatmap_max_tickers: int = 20  # the heatmap shows the tickers with the most votes
+    # Anomaly alerts: the recent window's positive rate against the `baseline_windows` windows before it.
+    anomaly_window_s: float = 86_400.0
+    anomaly_baseline_windows: int = 7
+    anomaly_min_votes: int = 20  # in the recent window, and in the baseline
+    anomaly_alpha: float = 0.01  # one-sided two-proportion z-test
+    anomaly_min_drop: float = 0.10  # and at least this many points lower (0.10 = 10 points)
+    # Live stream: how often it looks for a change, and how often it sends a heartbeat comment.
+    stream_poll_s: float = 1.0
+    stream_heartbeat_s: float = 15.0
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or self.sqlite_url("dashboard")
+
+
+@lru_cache
+def get_settings() -> DashboardSettings:
+    return DashboardSettings()

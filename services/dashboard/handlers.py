@@ -1,0 +1,399 @@
+"""Dashboard use cases: events update the read model (each idempotent on the event id, in one unit of work),
+and the reads compose the figures from the read model through the pure functions in `domain`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from services.dashboard import domain
+from services.dashboard.store import BY_ARM, BY_TICKER, BY_TIME, SqlUnitOfWork, utc
+from shared.contracts import (
+    ChampionChanged,
+    Event,
+    ExperimentConcluded,
+    ExperimentStarted,
+    ExplanationCreated,
+    FeedbackErased,
+    FeedbackRecorded,
+    FineTuneProgress,
+    ModelRegistered,
+    derived_id,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _once(event: Event, uow: SqlUnitOfWork, apply: Callable[[SqlUnitOfWork], Any]) -> Any:
+    """Apply an event exactly once: a redelivered event id is acknowledged and ignored ("duplicate")."""
+    with uow:
+        if uow.repo.seen(event.message_id):
+            return "duplicate"
+        uow.repo.mark_seen(event.message_id)
+        result = apply(uow)
+        uow.repo.bump_revision()
+        uow.commit()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Events -> read model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> str:
+    def apply(uow: SqlUnitOfWork) -> str:
+        added = uow.repo.add_explanation(
+            {
+                "explanation_id": str(event.explanation_id),
+                "day": domain.day_of(event.created_at),
+                "created_at": utc(event.created_at),
+                "ticker": event.ticker,
+                "signal": event.signal,
+                "prompt_name": event.prompt_name,
+                "prompt_version": event.prompt_version,
+                "model": event.model,
+                "provider": event.provider,
+                "experiment_id": event.experiment_id,
+                "arm_id": event.arm_id,
+                "tokens_in": event.tokens_in,
+                "tokens_out": event.tokens_out,
+                "cost_usd": event.cost_usd,
+                "latency_ms": event.latency_ms,
+                "fallback_used": event.fallback_used,
+            }
+        )
+        return "stored" if added else "known"
+
+    return _once(event, uow, apply)
+
+
+def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
+    """Upsert the vote by feedback_id: the newer `submitted_at` wins, so a replaced vote counts once.
+    Returns stored, replaced, stale, erased or duplicate."""
+
+    def apply(uow: SqlUnitOfWork) -> str:
+        repo = uow.repo
+        if domain.erased_before(repo.erased_at(event.feedback_id), event.submitted_at):
+            return "erased"
+        outcome = domain.vote_outcome(repo.vote_submitted_at(event.feedback_id), event.submitted_at)
+        if outcome == "stale":
+            return "stale"
+        repo.upsert_vote(
+            {
+                "feedback_id": str(event.feedback_id),
+                "explanation_id": str(event.explanation_id),
+                "rating": event.rating,
+                "stars": event.stars,
+                "has_comment": event.has_comment,
+                "submitted_at": utc(event.submitted_at),
+                "prompt_name": event.prompt_name,
+                "prompt_version": event.prompt_version,
+                "model": event.model,
+                "signal": event.signal,
+                "ticker": event.ticker,
+            },
+            replace=outcome == "replace",
+        )
+        return "replaced" if outcome == "replace" else "stored"
+
+    return _once(event, uow, apply)
+
+
+def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int | str:
+    """Remove the erased votes; returns how many were removed."""
+    return _once(event, uow, lambda u: u.repo.erase_votes([str(f) for f in event.feedback_ids], event.erased_at))
+
+
+def on_champion_changed(event: ChampionChanged, uow: SqlUnitOfWork) -> str:
+    def apply(uow: SqlUnitOfWork) -> str:
+        uow.repo.add_champion_change(
+            {
+                "message_id": str(event.message_id),
+                "prompt_name": event.prompt.name,
+                "version": event.prompt.version,
+                "model": event.model,
+                "previous_version": event.previous_version,
+                "reason": event.reason,
+                "changed_at": utc(event.occurred_at),
+            }
+        )
+        return "stored"
+
+    return _once(event, uow, apply)
+
+
+def on_experiment_started(event: ExperimentStarted, uow: SqlUnitOfWork) -> str:
+    def apply(uow: SqlUnitOfWork) -> str:
+        existing = uow.repo.experiment(event.experiment_id)
+        values: dict[str, Any] = {
+            "prompt_name": event.prompt_name,
+            "allocation": event.allocation,
+            "arms": [
+                {
+                    "arm_id": a.arm_id,
+                    "prompt_version": a.prompt.version,
+                    "model": a.model,
+                    "weight": a.weight,
+                    "is_control": a.is_control,
+                }
+                for a in event.arms
+            ],
+            "started_at": utc(event.occurred_at),
+        }
+        if existing is None or existing["status"] != "concluded":  # the conclusion may have arrived first
+            values["status"] = "running"
+        uow.repo.upsert_experiment(event.experiment_id, values)
+        return "stored"
+
+    return _once(event, uow, apply)
+
+
+def on_experiment_concluded(event: ExperimentConcluded, uow: SqlUnitOfWork) -> str:
+    def apply(uow: SqlUnitOfWork) -> str:
+        uow.repo.upsert_experiment(
+            event.experiment_id,
+            {
+                "status": "concluded",
+                "decision": event.decision,
+                "winner_arm_id": event.winner_arm_id,
+                "reason": event.reason,
+                "concluded_at": utc(event.occurred_at),
+            },
+        )
+        return "stored"
+
+    return _once(event, uow, apply)
+
+
+def on_model_registered(event: ModelRegistered, uow: SqlUnitOfWork) -> str:
+    def apply(uow: SqlUnitOfWork) -> str:
+        uow.repo.add_model(
+            {
+                "model_id": event.model_id,
+                "model": event.model,
+                "base_model": event.base_model,
+                "serving_base_url": event.serving_base_url,
+                "metrics": dict(event.metrics),
+                "cost_per_1k_tokens_usd": event.cost_per_1k_tokens_usd,
+                "registered_at": utc(event.occurred_at),
+            }
+        )
+        return "stored"
+
+    return _once(event, uow, apply)
+
+
+def on_finetune_progress(event: FineTuneProgress, uow: SqlUnitOfWork) -> str:
+    def apply(uow: SqlUnitOfWork) -> str:
+        newer = uow.repo.upsert_finetune_job(
+            {
+                "job_id": event.job_id,
+                "state": event.state,
+                "progress": event.progress,
+                "detail": event.detail,
+                "updated_at": utc(event.occurred_at),
+            }
+        )
+        return "stored" if newer else "stale"
+
+    return _once(event, uow, apply)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Anomaly alerts (run by beat)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnomalyPolicy:
+    window_s: float
+    baseline_windows: int
+    min_votes: int
+    alpha: float
+    min_drop: float
+
+
+def check_anomalies(uow: SqlUnitOfWork, policy: AnomalyPolicy, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Compare the last window's positive rate with the windows before it, overall and per prompt version;
+    store an alert for each significant drop (at most one per scope and window). Returns the checks."""
+    now = utc(now or utcnow())
+    window = timedelta(seconds=policy.window_s)
+    recent_start = now - window
+    baseline_start = recent_start - window * policy.baseline_windows
+    bucket = domain.window_bucket(now, policy.window_s)
+    with uow:
+        recent = uow.repo.vote_counts(recent_start, now)
+        baseline = uow.repo.vote_counts(baseline_start, recent_start)
+
+        def totals(rows: list[tuple[str, str, int, int]], key: tuple[str, str] | None) -> tuple[int, int]:
+            picked = [r for r in rows if key is None or (r[0], r[1]) == key]
+            return sum(r[3] for r in picked), sum(r[2] for r in picked)
+
+        scopes: list[tuple[str, tuple[str, str] | None]] = [("overall", None)]
+        for name, version in sorted({(r[0], r[1]) for r in recent}):
+            scopes.append((f"prompt {name} {version}", (name, version)))
+        checks = []
+        raised = False
+        for scope, key in scopes:
+            check = domain.check_anomaly(
+                scope,
+                totals(recent, key),
+                totals(baseline, key),
+                alpha=policy.alpha,
+                min_votes=policy.min_votes,
+                min_drop=policy.min_drop,
+            )
+            checks.append(check)
+            if check.status == "ANOMALY":
+                added = uow.repo.add_alert(
+                    {
+                        "alert_id": str(derived_id("dashboard.alert", scope, bucket)),
+                        "created_at": now,
+                        "scope": scope,
+                        "kind": "positive_rate_drop",
+                        "message": check.message(),
+                        "recent_rate": check.recent_rate,
+                        "baseline_rate": check.baseline_rate,
+                        "recent_votes": check.recent_votes,
+                        "baseline_votes": check.baseline_votes,
+                        "p_value": check.p_value,
+                    }
+                )
+                raised = raised or added
+                if added:
+                    log.warning("anomaly: %s", check.message())
+        if raised:
+            uow.repo.bump_revision()
+        uow.commit()
+    return [
+        {"scope": c.scope, "status": c.status, "recent_rate": c.recent_rate, "baseline_rate": c.baseline_rate}
+        for c in checks
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reads
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    ticker_min_votes: int = 5
+    ticker_top_n: int = 10
+    heatmap_max_tickers: int = 20
+
+
+def since_day(days: int, today: date) -> str:
+    """The first day of a `days`-day window ending today (days=1 is today only)."""
+    return (today - timedelta(days=max(1, days) - 1)).isoformat()
+
+
+def stats(uow: SqlUnitOfWork, days: int, policy: ReadPolicy, now: datetime | None = None) -> dict[str, Any]:
+    """Every figure of the dashboard over the last `days` days."""
+    now = utc(now or utcnow())
+    today = now.date()
+    since = since_day(days, today)
+    with uow:
+        repo = uow.repo
+        revision = repo.revision()
+        cells = repo.cells(since, by=BY_TIME)
+        ticker_cells = repo.cells(since, by=BY_TICKER)
+        experiment_cells = repo.cells(None, by=BY_ARM, experiments_only=True)
+        infos = repo.experiment_infos()
+        pending = repo.pending_votes()
+        alerts = repo.recent_alerts()
+        champions = repo.champion_history()
+        models = repo.model_list()
+        jobs = repo.finetune_job_list()
+
+    def rows(key: Callable[[domain.Cell], Any], names: tuple[str, ...]) -> list[dict[str, Any]]:
+        grouped = domain.group(cells, key)
+        out = [
+            {**dict(zip(names, k if isinstance(k, tuple) else (k,), strict=True)), **f.as_dict()}
+            for k, f in grouped.items()
+        ]
+        return sorted(out, key=lambda r: tuple(str(r[n]) for n in names))
+
+    return {
+        "generated_at": now.isoformat(),
+        "revision": revision,
+        "days": days,
+        "since": since,
+        "totals": domain.figures(cells).as_dict(),
+        "pending_votes": pending,
+        "daily": domain.daily(cells, today),
+        "per_prompt_version": rows(lambda c: (c.prompt_name, c.prompt_version), ("prompt_name", "prompt_version")),
+        "per_model": rows(lambda c: c.model, ("model",)),
+        "per_signal": rows(lambda c: c.signal, ("signal",)),
+        "tickers": domain.ticker_league(ticker_cells, min_votes=policy.ticker_min_votes, n=policy.ticker_top_n),
+        "cost_vs_quality": domain.cost_vs_quality(cells),
+        "experiments": domain.experiments(experiment_cells, infos),
+        "heatmap": domain.heatmap(ticker_cells, max_tickers=policy.heatmap_max_tickers),
+        "alerts": alerts,
+        "champions": champions,
+        "models": models,
+        "finetune_jobs": jobs,
+    }
+
+
+def revision(uow: SqlUnitOfWork) -> int:
+    with uow:
+        return uow.repo.revision()
+
+
+EXPORT_TABLES = ("daily", "prompt_versions", "models", "signals", "tickers", "cost_vs_quality", "arms", "explanations")
+
+
+def export_rows(
+    uow: SqlUnitOfWork,
+    table: str,
+    days: int,
+    policy: ReadPolicy,
+    *,
+    limit: int = 100_000,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Flat rows (one dict per row, the same keys in every row) of one dashboard table, for CSV / JSON."""
+    now = utc(now or utcnow())
+    if table == "explanations":
+        with uow:
+            return list(uow.repo.explanation_rows(since_day(days, now.date()), limit))
+    if table not in EXPORT_TABLES:
+        raise ValueError(f"unknown table {table!r}; one of {', '.join(EXPORT_TABLES)}")
+    snapshot = stats(uow, days, policy, now=now)
+    if table == "tickers":  # every ticker, not only the top and bottom ten
+        with uow:
+            cells = uow.repo.cells(since_day(days, now.date()), by=BY_TICKER)
+        rows = [{"ticker": t, **f.as_dict()} for t, f in sorted(domain.group(cells, lambda c: c.ticker).items())]
+    elif table == "arms":
+        rows = [
+            {"experiment_id": e["experiment_id"], "status": e["status"], **arm}
+            for e in snapshot["experiments"]
+            for arm in e["arms"]
+        ]
+    else:
+        key = {
+            "daily": "daily",
+            "prompt_versions": "per_prompt_version",
+            "models": "per_model",
+            "signals": "per_signal",
+            "cost_vs_quality": "cost_vs_quality",
+        }[table]
+        rows = snapshot[key]
+    return [_flat(r) for r in rows]
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """Intervals become two columns, so every value is a scalar."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k.endswith("_ci"):
+            out[k + "_low"], out[k + "_high"] = (v[0], v[1]) if v else (None, None)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,104 @@
+"""The dashboard service's app: `create_app()`, its lifespan, the static page and the Prometheus gauges."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.dashboard import api, handlers
+from services.dashboard.config import DashboardSettings, get_settings
+from services.dashboard.store import Store
+from shared.bus import CeleryBus, declare_topology, make_celery
+from shared.logging import configure_logging
+from shared.web import install_common
+
+log = logging.getLogger(__name__)
+
+
+class StatsCollector(Collector):
+    """Gauges of the main figures (over the default window), read from the read model at scrape time."""
+
+    def __init__(self, app: FastAPI, settings: DashboardSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def describe(self) -> list[Metric]:
+        return []  # no query at registration; the figures are read on each scrape
+
+    def collect(self) -> Iterator[Metric]:
+        store: Store | None = getattr(self.app.state, "store", None)
+        if store is None:
+            return
+        try:
+            snap = handlers.stats(store.uow(), self.settings.default_days, api.read_policy(self.settings))
+        except Exception:  # a scrape must not fail the /metrics page
+            log.exception("could not read the dashboard figures for /metrics")
+            return
+        window = f"{self.settings.default_days}d"
+        totals: dict[str, Any] = snap["totals"]
+        simple = {
+            "llm_learning_explanations": ("Explanations in the window", totals["explanations"]),
+            "llm_learning_votes": ("Votes (thumbs up or down) in the window", totals["votes"]),
+            "llm_learning_feedback_rate": (
+                "Explanations with at least one vote / explanations",
+                totals["feedback_rate"],
+            ),
+            "llm_learning_positive_rate": ("Thumbs up / votes", totals["positive_rate"]),
+            "llm_learning_avg_rating": ("Mean stars over votes with stars", totals["avg_rating"]),
+            "llm_learning_cost_per_explanation_usd": ("Mean cost of an explanation", totals["cost_per_explanation"]),
+            "llm_learning_avg_latency_ms": ("Mean latency of an explanation", totals["avg_latency_ms"]),
+            "llm_learning_pending_votes": ("Votes whose explanation has not arrived yet", snap["pending_votes"]),
+            "llm_learning_alerts": ("Anomaly alerts stored (latest 50)", len(snap["alerts"])),
+        }
+        g = GaugeMetricFamily("llm_learning_stream_clients", "Live stream connections open now")
+        g.add_metric([], float(getattr(self.app.state, "open_streams", 0)))
+        yield g
+        for name, (doc, value) in simple.items():
+            g = GaugeMetricFamily(name, doc, labels=["window"])
+            if value is not None:
+                g.add_metric([window], float(value))
+            yield g
+        by_version = {
+            "llm_learning_version_positive_rate": ("Positive rate per prompt version", "positive_rate"),
+            "llm_learning_version_votes": ("Votes per prompt version", "votes"),
+            "llm_learning_version_cost_per_explanation_usd": (
+                "Cost per explanation per version",
+                "cost_per_explanation",
+            ),
+        }
+        for name, (doc, field) in by_version.items():
+            g = GaugeMetricFamily(name, doc, labels=["window", "prompt_name", "prompt_version"])
+            for row in snap["per_prompt_version"]:
+                if row[field] is not None:
+                    g.add_metric([window, row["prompt_name"], row["prompt_version"]], float(row[field]))
+            yield g
+
+
+def create_app(settings: DashboardSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.require_admin_token()  # refuse to start without the secret that guards the admin reads
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging("dashboard", settings.log_level)
+        app.state.store = Store(settings.db_url)
+        celery = make_celery("dashboard", settings)
+        declare_topology(celery)
+        app.state.bus = CeleryBus(celery)
+        yield
+        app.state.store.dispose()
+
+    app = FastAPI(title="dashboard", lifespan=lifespan)
+    app.state.settings = settings
+    metrics = install_common(app, "dashboard")
+    metrics.registry.register(StatsCollector(app, settings))
+    app.include_router(api.router)
+    app.mount("/static", StaticFiles(directory=api.STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,497 @@
+"""The dashboard's read model: its tables, repository and unit of work. Fed only by events; no other service
+opens it, and it opens no other service's store."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    case,
+    delete,
+    func,
+    select,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.dashboard.domain import Cell, ExperimentInfo
+from shared.contracts import Event, utcnow
+from shared.db import make_engine, make_session_factory
+from shared.outbox import outbox_table, stage
+
+metadata = MetaData()
+
+explanations = Table(
+    "explanations",
+    metadata,
+    Column("explanation_id", String(36), primary_key=True),
+    Column("day", String(10), nullable=False, index=True),  # UTC day of created_at, YYYY-MM-DD
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("ticker", String(32), nullable=False),
+    Column("signal", String(8), nullable=False),
+    Column("prompt_name", String(100), nullable=False),
+    Column("prompt_version", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("provider", String(50), nullable=False),
+    Column("experiment_id", String(64), index=True),
+    Column("arm_id", String(64)),
+    Column("tokens_in", Integer, nullable=False),
+    Column("tokens_out", Integer, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("fallback_used", Boolean, nullable=False),
+    # This explanation's current votes, kept in step with `votes` by `refresh_vote_totals` in the same
+    # transaction as every vote change, so the figures are one scan of this table (no join at read time).
+    Column("votes", Integer, nullable=False, default=0),
+    Column("positives", Integer, nullable=False, default=0),
+    Column("stars_sum", Integer, nullable=False, default=0),
+    Column("stars_n", Integer, nullable=False, default=0),
+)
+
+# One row per feedback_id (one per session and explanation): a replacing vote overwrites it.
+votes = Table(
+    "votes",
+    metadata,
+    Column("feedback_id", String(36), primary_key=True),
+    Column("explanation_id", String(36), nullable=False, index=True),
+    Column("rating", SmallInteger, nullable=False),
+    Column("stars", SmallInteger),
+    Column("has_comment", Boolean, nullable=False),
+    Column("submitted_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("prompt_name", String(100), nullable=False),
+    Column("prompt_version", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("signal", String(8), nullable=False),
+    Column("ticker", String(32), nullable=False),
+)
+
+# Votes erased at a session's request: a vote cast before that which arrives later must not come back.
+erased_votes = Table(
+    "erased_votes",
+    metadata,
+    Column("feedback_id", String(36), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+)
+
+experiments = Table(
+    "experiments",
+    metadata,
+    Column("experiment_id", String(64), primary_key=True),
+    Column("prompt_name", String(100)),
+    Column("allocation", String(16)),
+    Column("arms", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("decision", String(64)),
+    Column("winner_arm_id", String(64)),
+    Column("reason", Text, nullable=False, default=""),
+    Column("started_at", DateTime(timezone=True)),
+    Column("concluded_at", DateTime(timezone=True)),
+)
+
+champions = Table(
+    "champion_changes",
+    metadata,
+    Column("message_id", String(36), primary_key=True),
+    Column("prompt_name", String(100), nullable=False),
+    Column("version", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("previous_version", String(50)),
+    Column("reason", Text, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+models = Table(
+    "models",
+    metadata,
+    Column("model_id", String(64), primary_key=True),
+    Column("model", String(200), nullable=False),
+    Column("base_model", String(200), nullable=False),
+    Column("serving_base_url", String(500)),
+    Column("metrics", JSON, nullable=False),
+    Column("cost_per_1k_tokens_usd", Float, nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+)
+
+finetune_jobs = Table(
+    "finetune_jobs",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("state", String(32), nullable=False),
+    Column("progress", Float, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("alert_id", String(36), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("scope", String(200), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("recent_rate", Float),
+    Column("baseline_rate", Float),
+    Column("recent_votes", Integer, nullable=False),
+    Column("baseline_votes", Integer, nullable=False),
+    Column("p_value", Float),
+)
+
+# A counter bumped by every change, so the live stream can tell cheaply whether anything changed.
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(32), primary_key=True),
+    Column("value", Integer, nullable=False),
+)
+
+processed = Table(
+    "processed_messages",
+    metadata,
+    Column("message_id", String(36), primary_key=True),
+    Column("handled_at", DateTime(timezone=True), nullable=False),
+)
+
+outbox = outbox_table(metadata)  # the dashboard publishes nothing yet; kept for the common shape
+
+DIMENSIONS = ("day", "signal", "ticker", "prompt_name", "prompt_version", "model", "experiment_id", "arm_id")
+#: The groupings the dashboard reads. One cube over every dimension would have about one cell per
+#: explanation (day x ticker x ...), so each figure family reads the smallest grouping that serves it.
+BY_TIME = ("day", "signal", "prompt_name", "prompt_version", "model", "experiment_id", "arm_id")
+BY_TICKER = ("signal", "ticker")
+BY_ARM = ("experiment_id", "arm_id", "prompt_name", "prompt_version", "model")
+
+
+_BLANK: dict[str, str | None] = {d: "" for d in DIMENSIONS} | {"experiment_id": None, "arm_id": None}
+
+
+def utc(ts: datetime) -> datetime:
+    """Store every timestamp as UTC (SQLite keeps no zone, so they must agree to compare)."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return None if ts is None else utc(ts).isoformat()
+
+
+class DashboardRepository:
+    def __init__(self, session: Session) -> None:
+        self.s = session
+
+    # -- idempotency and change counter -----------------------------------------------------------------
+    def seen(self, message_id: uuid.UUID) -> bool:
+        return (
+            self.s.execute(select(processed.c.message_id).where(processed.c.message_id == str(message_id))).first()
+            is not None
+        )
+
+    def mark_seen(self, message_id: uuid.UUID) -> None:
+        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
+
+    def bump_revision(self) -> None:
+        self.s.execute(meta.update().where(meta.c.key == "revision").values(value=meta.c.value + 1))
+
+    def revision(self) -> int:
+        row = self.s.execute(select(meta.c.value).where(meta.c.key == "revision")).first()
+        return int(row.value) if row else 0
+
+    # -- explanations -----------------------------------------------------------------------------------
+    def add_explanation(self, values: dict[str, Any]) -> bool:
+        exists = self.s.execute(
+            select(explanations.c.explanation_id).where(explanations.c.explanation_id == values["explanation_id"])
+        ).first()
+        if exists is not None:
+            return False
+        self.s.execute(explanations.insert().values(**values))
+        self.refresh_vote_totals(values["explanation_id"])  # votes that arrived first count now
+        return True
+
+    # -- votes ------------------------------------------------------------------------------------------
+    def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
+        row = self.s.execute(select(votes.c.submitted_at).where(votes.c.feedback_id == str(feedback_id))).first()
+        return row.submitted_at if row else None
+
+    def erased_at(self, feedback_id: uuid.UUID) -> datetime | None:
+        row = self.s.execute(
+            select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == str(feedback_id))
+        ).first()
+        return row.erased_at if row else None
+
+    def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
+        if replace:
+            self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
+        else:
+            self.s.execute(votes.insert().values(**values))
+        self.refresh_vote_totals(values["explanation_id"])
+
+    def refresh_vote_totals(self, explanation_id: str) -> None:
+        """Recount one explanation's votes from the vote rows (a recount, not an increment: a replaced,
+        duplicated or erased vote can never be counted twice)."""
+        row = self.s.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(case((votes.c.rating == 1, 1), else_=0)), 0),
+                func.coalesce(func.sum(votes.c.stars), 0),
+                func.count(votes.c.stars),
+            ).where(votes.c.explanation_id == explanation_id)
+        ).one()
+        self.s.execute(
+            explanations.update()
+            .where(explanations.c.explanation_id == explanation_id)
+            .values(votes=row[0], positives=row[1], stars_sum=row[2], stars_n=row[3])
+        )
+
+    def erase_votes(self, feedback_ids: list[str], at: datetime) -> int:
+        removed = 0
+        for fid in feedback_ids:
+            owner = self.s.execute(select(votes.c.explanation_id).where(votes.c.feedback_id == fid)).first()
+            removed += self.s.execute(delete(votes).where(votes.c.feedback_id == fid)).rowcount or 0
+            if owner is not None:
+                self.refresh_vote_totals(owner.explanation_id)
+            previous = self.s.execute(select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == fid)).first()
+            if previous is None:
+                self.s.execute(erased_votes.insert().values(feedback_id=fid, erased_at=utc(at)))
+            elif utc(at) > utc(previous.erased_at):
+                self.s.execute(erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=utc(at)))
+        return removed
+
+    # -- experiments, champions, models, fine-tune jobs -------------------------------------------------
+    def experiment(self, experiment_id: str) -> dict[str, Any] | None:
+        row = self.s.execute(select(experiments).where(experiments.c.experiment_id == experiment_id)).mappings().first()
+        return dict(row) if row else None
+
+    def upsert_experiment(self, experiment_id: str, values: dict[str, Any]) -> None:
+        if self.experiment(experiment_id) is None:
+            self.s.execute(
+                experiments.insert().values(
+                    experiment_id=experiment_id, **{"arms": [], "status": "unknown", "reason": "", **values}
+                )
+            )
+        else:
+            self.s.execute(experiments.update().where(experiments.c.experiment_id == experiment_id).values(**values))
+
+    def add_champion_change(self, values: dict[str, Any]) -> None:
+        self.s.execute(champions.insert().values(**values))
+
+    def add_model(self, values: dict[str, Any]) -> None:
+        exists = self.s.execute(select(models.c.model_id).where(models.c.model_id == values["model_id"])).first()
+        if exists is None:
+            self.s.execute(models.insert().values(**values))
+        else:
+            self.s.execute(models.update().where(models.c.model_id == values["model_id"]).values(**values))
+
+    def upsert_finetune_job(self, values: dict[str, Any]) -> bool:
+        row = self.s.execute(
+            select(finetune_jobs.c.updated_at).where(finetune_jobs.c.job_id == values["job_id"])
+        ).first()
+        if row is None:
+            self.s.execute(finetune_jobs.insert().values(**values))
+            return True
+        if utc(values["updated_at"]) < utc(row.updated_at):
+            return False  # an older progress report arrived late
+        self.s.execute(finetune_jobs.update().where(finetune_jobs.c.job_id == values["job_id"]).values(**values))
+        return True
+
+    # -- alerts -----------------------------------------------------------------------------------------
+    def add_alert(self, values: dict[str, Any]) -> bool:
+        exists = self.s.execute(select(alerts.c.alert_id).where(alerts.c.alert_id == values["alert_id"])).first()
+        if exists is not None:
+            return False
+        self.s.execute(alerts.insert().values(**values))
+        return True
+
+    # -- reads ------------------------------------------------------------------------------------------
+    def cells(
+        self, since_day: str | None = None, *, by: tuple[str, ...] = DIMENSIONS, experiments_only: bool = False
+    ) -> list[Cell]:
+        """Explanations grouped by the dimensions `by` (the others are left blank), with their votes summed.
+        A vote counts once its explanation is here (`add_explanation` recounts the votes that came first)."""
+        e = explanations
+        dims = [e.c[d] for d in by]
+        q = select(
+            *dims,
+            func.count().label("explanations"),
+            func.coalesce(func.sum(case((e.c.votes > 0, 1), else_=0)), 0).label("with_feedback"),
+            func.coalesce(func.sum(e.c.votes), 0).label("votes"),
+            func.coalesce(func.sum(e.c.positives), 0).label("positives"),
+            func.coalesce(func.sum(e.c.stars_sum), 0).label("stars_sum"),
+            func.coalesce(func.sum(e.c.stars_n), 0).label("stars_n"),
+            func.coalesce(func.sum(e.c.cost_usd), 0.0).label("cost_usd"),
+            func.coalesce(func.sum(e.c.latency_ms), 0.0).label("latency_ms"),
+        ).group_by(*dims)
+        if since_day is not None:
+            q = q.where(e.c.day >= since_day)
+        if experiments_only:
+            q = q.where(e.c.experiment_id.is_not(None))
+        return [
+            Cell(
+                **{d: r[d] if d in by else _BLANK[d] for d in DIMENSIONS},
+                explanations=int(r["explanations"]),
+                with_feedback=int(r["with_feedback"]),
+                votes=int(r["votes"]),
+                positives=int(r["positives"]),
+                stars_sum=int(r["stars_sum"]),
+                stars_n=int(r["stars_n"]),
+                cost_usd=float(r["cost_usd"]),
+                latency_ms=float(r["latency_ms"]),
+            )
+            for r in self.s.execute(q).mappings()
+        ]
+
+    def pending_votes(self) -> int:
+        """Votes whose explanation the dashboard has not seen yet (counted once it arrives)."""
+        known = select(explanations.c.explanation_id).where(explanations.c.explanation_id == votes.c.explanation_id)
+        return int(self.s.execute(select(func.count()).select_from(votes).where(~known.exists())).scalar_one())
+
+    def vote_counts(self, start: datetime, end: datetime) -> list[tuple[str, str, int, int]]:
+        """(prompt_name, prompt_version, votes, positives) of the votes submitted in (start, end]."""
+        q = (
+            select(
+                votes.c.prompt_name,
+                votes.c.prompt_version,
+                func.count(),
+                func.sum(case((votes.c.rating == 1, 1), else_=0)),
+            )
+            .where(votes.c.submitted_at > utc(start), votes.c.submitted_at <= utc(end))
+            .group_by(votes.c.prompt_name, votes.c.prompt_version)
+        )
+        return [(n, v, int(c), int(p or 0)) for n, v, c, p in self.s.execute(q).all()]
+
+    def experiment_infos(self) -> list[ExperimentInfo]:
+        out = []
+        for r in self.s.execute(select(experiments)).mappings():
+            out.append(
+                ExperimentInfo(
+                    experiment_id=r["experiment_id"],
+                    prompt_name=r["prompt_name"],
+                    status=r["status"],
+                    decision=r["decision"],
+                    winner_arm_id=r["winner_arm_id"],
+                    reason=r["reason"] or "",
+                    allocation=r["allocation"],
+                    started_at=_iso(r["started_at"]),
+                    concluded_at=_iso(r["concluded_at"]),
+                    arms=list(r["arms"] or []),
+                )
+            )
+        return out
+
+    def recent_alerts(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.s.execute(select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)).mappings()
+        return [{**dict(r), "created_at": _iso(r["created_at"])} for r in rows]
+
+    def champion_history(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.s.execute(
+            select(champions.c.prompt_name, champions.c.version, champions.c.model, champions.c.previous_version)
+            .add_columns(champions.c.reason, champions.c.changed_at)
+            .order_by(champions.c.changed_at.desc())
+            .limit(limit)
+        ).mappings()
+        return [{**dict(r), "changed_at": _iso(r["changed_at"])} for r in rows]
+
+    def model_list(self) -> list[dict[str, Any]]:
+        rows = self.s.execute(select(models).order_by(models.c.registered_at.desc())).mappings()
+        return [{**dict(r), "registered_at": _iso(r["registered_at"])} for r in rows]
+
+    def finetune_job_list(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self.s.execute(select(finetune_jobs).order_by(finetune_jobs.c.updated_at.desc()).limit(limit)).mappings()
+        return [{**dict(r), "updated_at": _iso(r["updated_at"])} for r in rows]
+
+    def explanation_rows(self, since_day: str | None, limit: int) -> Iterator[dict[str, Any]]:
+        """One row per explanation with its vote counts (for the export)."""
+        e = explanations
+        avg_stars = case((e.c.stars_n > 0, e.c.stars_sum * 1.0 / e.c.stars_n), else_=None).label("avg_stars")
+        q = (
+            select(
+                e.c.explanation_id,
+                e.c.created_at,
+                e.c.ticker,
+                e.c.signal,
+                e.c.prompt_name,
+                e.c.prompt_version,
+                e.c.model,
+                e.c.provider,
+                e.c.experiment_id,
+                e.c.arm_id,
+                e.c.tokens_in,
+                e.c.tokens_out,
+                e.c.cost_usd,
+                e.c.latency_ms,
+                e.c.fallback_used,
+                e.c.votes,
+                e.c.positives,
+                avg_stars,
+            )
+            .order_by(e.c.created_at)
+            .limit(limit)
+        )
+        if since_day is not None:
+            q = q.where(e.c.day >= since_day)
+        for r in self.s.execute(q).mappings():
+            yield {**dict(r), "created_at": _iso(r["created_at"])}
+
+
+class SqlUnitOfWork:
+    """One transaction; events added here are staged in the outbox and published after commit."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+        self.committed = False
+
+    def __enter__(self) -> SqlUnitOfWork:
+        self.session = self.factory()
+        self.repo = DashboardRepository(self.session)
+        self.committed = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.session.rollback()
+        self.session.close()
+
+    def add_events(self, *events: Event) -> None:
+        stage(self.session, outbox, list(events))
+
+    def commit(self) -> None:
+        self.session.commit()
+        self.committed = True
+
+
+class Store:
+    """Engine + session factory for one database URL; creates the tables on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.factory = make_session_factory(self.engine)
+        # The API process and the worker start together: if the other one creates the tables or the
+        # counter row first, the second attempt finds them.
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine)
+                with self.factory() as session, session.begin():
+                    if session.execute(select(meta.c.key).where(meta.c.key == "revision")).first() is None:
+                        session.execute(meta.insert().values(key="revision", value=0))
+                break
+            except (OperationalError, IntegrityError):
+                if attempt == 2:
+                    raise
+
+    def uow(self) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self.factory)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

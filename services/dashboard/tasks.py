@@ -1,0 +1,113 @@
+"""Celery entry points of the dashboard service (queue "dashboard"). Each turns a payload into an event and
+calls the handler that updates the read model; the outbox is relayed after the commit."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from services.dashboard import handlers
+from services.dashboard.config import get_settings
+from services.dashboard.store import Store, outbox
+from shared.bus import CeleryBus, make_celery
+from shared.contracts import (
+    ChampionChanged,
+    ExperimentConcluded,
+    ExperimentStarted,
+    ExplanationCreated,
+    FeedbackErased,
+    FeedbackRecorded,
+    FineTuneProgress,
+    ModelRegistered,
+)
+from shared.logging import configure_logging
+from shared.outbox import relay
+
+settings = get_settings()
+app = make_celery("dashboard", settings)
+configure_logging("dashboard-worker", settings.log_level)
+
+
+@lru_cache
+def _store() -> Store:
+    return Store(get_settings().db_url)
+
+
+def _relay() -> None:
+    relay(_store().factory, outbox, CeleryBus(app))
+
+
+@app.task(name="dashboard.on_explanation_created")
+def on_explanation_created(payload: dict) -> Any:
+    result = handlers.on_explanation_created(ExplanationCreated.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.on_feedback_recorded")
+def on_feedback_recorded(payload: dict) -> Any:
+    result = handlers.on_feedback_recorded(FeedbackRecorded.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.on_feedback_erased")
+def on_feedback_erased(payload: dict) -> Any:
+    result = handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.on_champion_changed")
+def on_champion_changed(payload: dict) -> Any:
+    result = handlers.on_champion_changed(ChampionChanged.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.on_experiment_started")
+def on_experiment_started(payload: dict) -> Any:
+    result = handlers.on_experiment_started(ExperimentStarted.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.on_experiment_concluded")
+def on_experiment_concluded(payload: dict) -> Any:
+    result = handlers.on_experiment_concluded(ExperimentConcluded.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.on_model_registered")
+def on_model_registered(payload: dict) -> Any:
+    result = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.on_finetune_progress")
+def on_finetune_progress(payload: dict) -> Any:
+    result = handlers.on_finetune_progress(FineTuneProgress.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.check_anomalies")
+def check_anomalies() -> list[dict]:
+    s = get_settings()
+    policy = handlers.AnomalyPolicy(
+        window_s=s.anomaly_window_s,
+        baseline_windows=s.anomaly_baseline_windows,
+        min_votes=s.anomaly_min_votes,
+        alpha=s.anomaly_alpha,
+        min_drop=s.anomaly_min_drop,
+    )
+    checks = handlers.check_anomalies(_store().uow(), policy)
+    _relay()
+    return checks
+
+
+@app.task(name="dashboard.relay_outbox")
+def relay_outbox() -> int:
+    return relay(_store().factory, outbox, CeleryBus(app))

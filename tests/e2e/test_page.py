@@ -1,0 +1,114 @@
+"""The web page in a real browser against the whole system: ask for an explanation, vote 👍, see the vote in
+the stats panel (fed by events through the queue), then forget it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.run import Stack
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def js_pct(positives: int, votes: int) -> str:
+    """The page's own percentage format (app.js `pct`)."""
+    x = positives / votes
+    return f"{100 * x:.0f}%" if x in (0, 1) else f"{100 * x:.1f}%"
+
+
+def totals(stack: Stack) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {stack.env['ADMIN_TOKEN']}"}
+    r = httpx.get(stack.url + "/api/admin/llm-learning", headers=headers, timeout=10)
+    r.raise_for_status()
+    return r.json()["totals"]
+
+
+def test_vote_in_the_browser_shows_in_the_stats_panel(stack: Stack, tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.fail(
+            "no /usr/bin/chromium: install it with `sudo apt-get install -y chromium` (never playwright install)"
+        )
+    from playwright.sync_api import expect, sync_playwright
+
+    before = totals(stack)  # the stack is shared by the end-to-end tests: count from what is there
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1600})
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.goto(stack.url + "/")
+
+            page.fill("#ticker", "MSFT")
+            page.select_option("#signal", "BUY")
+            page.get_by_role("button", name="Explain this signal").click()
+            expect(page.locator("#card")).to_be_visible(timeout=30_000)
+            expect(page.locator("#card-text")).not_to_be_empty()
+            expect(page.locator("#card-version")).not_to_be_empty()
+            expect(page.locator("#card-model")).not_to_be_empty()
+            expect(page.locator("#card-latency")).to_contain_text("ms")
+
+            page.get_by_role("radio", name="4 stars").click()
+            page.get_by_role("button", name="Thumbs up: helpful").click()
+            expect(page.locator("#thanks")).to_have_text("Thanks — recorded", timeout=15_000)
+            expect(page.locator("#thumb-up")).to_have_attribute("aria-pressed", "true")
+
+            page.fill("#token", stack.env["ADMIN_TOKEN"])
+            page.get_by_role("button", name="Show the learning statistics").click()
+            votes = before["votes"] + 1
+            # the vote travels feedback API -> queue -> feedback worker -> outbox -> dashboard worker -> stream
+            expect(page.locator("#stat-votes")).to_have_text(str(votes), timeout=60_000)
+            expect(page.locator("#stat-positive-rate")).to_have_text(js_pct(before["positives"] + 1, votes))
+            if before["votes"] == 0:
+                expect(page.locator("#stat-positive-rate")).to_have_text("100%")
+            expect(page.locator("#stat-explanations")).not_to_have_text("—")
+            expect(page.locator("#curve svg")).to_be_visible()
+            expect(page.locator("#versions table")).to_be_visible()
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            print(f"screenshot: {tmp_path / 'page.png'}")
+
+            # GDPR: forget this session's feedback; the stats follow through the erasure event
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.get_by_role("button", name="Forget my feedback: erase every vote and comment of this session").click()
+            expect(page.locator("#error")).to_contain_text("erased (1 vote)", timeout=15_000)
+            expect(page.locator("#stat-votes")).to_have_text(str(before["votes"]), timeout=60_000)
+        finally:
+            browser.close()
+    assert not errors, errors
+
+
+def test_page_shows_api_errors(stack: Stack) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            "no /usr/bin/chromium: install it with `sudo apt-get install -y chromium` (never playwright install)"
+        )
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(stack.url + "/")
+            page.fill("#token", "not-the-token")
+            page.get_by_role("button", name="Show the learning statistics").click()
+            expect(page.locator("#error")).to_contain_text("401", timeout=15_000)
+            expect(page.locator("#error")).to_contain_text("admin token is not valid")
+        finally:
+            browser.close()
