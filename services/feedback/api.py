@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -106,7 +107,12 @@ async def _check_issued(request: Request, store: Store, settings: FeedbackSettin
     # explanation's event arrives, and it is never counted if it does not.
 
 
-@router.post("/api/feedback/{explanation_id}", status_code=202, response_model=FeedbackAccepted)
+@router.post(
+    "/api/feedback/{explanation_id}",
+    status_code=202,
+    response_model=None,
+    responses={202: {"model": FeedbackAccepted, "description": "durably queued"}},
+)
 async def submit_feedback(
     explanation_id: uuid.UUID, body: FeedbackIn, request: Request, store: StoreDep, settings: SettingsDep
 ) -> Any:
@@ -122,7 +128,8 @@ async def submit_feedback(
     except Exception as exc:  # the broker is down: say so, and do not pretend it was received
         log.error("could not queue feedback: %s", type(exc).__name__)
         raise HTTPException(503, "feedback could not be queued right now; please retry") from exc
-    return FeedbackAccepted(feedback_id=cmd.feedback_id)
+    # A plain JSONResponse: the body is two known fields, no need to validate it on the hot path.
+    return JSONResponse({"received": True, "feedback_id": str(cmd.feedback_id)}, status_code=202)
 
 
 @router.delete("/api/feedback/sessions/{session_id}")

@@ -1,0 +1,155 @@
+"""The data team's command line.
+
+  python -m services.finetune.cli start [--base PATH] [--method sft|kto] [--min-examples N]
+                                        [--recipe JSON] [--job-id ID] [--follow]
+  python -m services.finetune.cli status JOB_ID
+  python -m services.finetune.cli build-tiny-model OUT [--seed N]
+
+`start` sends the task `finetune.start_job` by name through Celery (REDIS_URL), exactly as any other client of
+the queue would; `--follow` then polls the job over HTTP (GATEWAY_URL) and draws a progress bar until it ends.
+`status` prints the job as JSON. The exit code is 0 when the job is (or, followed, ends) registered or still
+running, 1 when it failed or was cancelled, 2 on a usage or connection problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.contracts import StartFineTune
+
+TERMINAL = ("registered", "failed", "cancelled")
+
+
+def _gateway() -> str:
+    return os.environ.get("GATEWAY_URL", "http://127.0.0.1:8000").rstrip("/")
+
+
+def _headers() -> dict[str, str]:
+    token = os.environ.get("ADMIN_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def send_start(cmd: StartFineTune, broker_url: str) -> None:
+    """Send `finetune.start_job` by name to the finetune queue (no project code runs on this side)."""
+    from celery import Celery
+
+    client = Celery("finetune-cli", broker=broker_url)
+    client.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    try:
+        client.send_task("finetune.start_job", kwargs={"payload": cmd.to_payload()}, queue="finetune")
+    finally:
+        client.close()
+
+
+def fetch_job(job_id: str, gateway: str, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    r = httpx.get(f"{gateway}/api/finetune/jobs/{job_id}", headers=_headers(), timeout=timeout_s)
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    return r.json()
+
+
+def follow(
+    job_id: str, gateway: str, *, poll_s: float = 1.0, wait_s: float | None = None, out: Any = None
+) -> dict[str, Any]:
+    """Poll the job until it ends, drawing a tqdm bar of its progress; returns the last job seen."""
+    from tqdm import tqdm
+
+    out = out or sys.stderr
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    job: dict[str, Any] | None = None
+    with tqdm(total=100, desc=job_id, unit="%", file=out, bar_format="{desc} {bar} {n:.0f}% {postfix}") as bar:
+        while True:
+            job = fetch_job(job_id, gateway)
+            if job is not None:
+                bar.n = round(100 * float(job.get("progress") or 0.0), 1)
+                bar.set_postfix_str(f"{job['state']}: {job.get('reason') or job.get('detail') or ''}"[:80])
+                bar.refresh()
+                if job["state"] in TERMINAL:
+                    return job
+            if deadline is not None and time.monotonic() > deadline:
+                return job or {"job_id": job_id, "state": "unknown"}
+            time.sleep(poll_s)
+
+
+def _exit_code(job: dict[str, Any]) -> int:
+    return 1 if job.get("state") in ("failed", "cancelled") else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.finetune.cli", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="send a fine-tuning job through the queue")
+    start.add_argument("--base", help="local Hugging Face model directory (default: FINETUNE_BASE_MODEL)")
+    start.add_argument("--method", choices=("sft", "kto"), default="sft")
+    start.add_argument("--min-examples", type=int, default=None)
+    start.add_argument("--recipe", default="{}", help="recipe overrides as JSON, e.g. '{\"max_steps\": 100}'")
+    start.add_argument("--job-id", default=None, help="an id for the job (default: a new one)")
+    start.add_argument("--follow", action="store_true", help="draw a progress bar until the job ends")
+    start.add_argument("--wait", type=float, default=None, help="with --follow: give up after this many seconds")
+    status = sub.add_parser("status", help="print a job")
+    status.add_argument("job_id")
+    tiny = sub.add_parser("build-tiny-model", help="build the tiny test model (offline)")
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "build-tiny-model":
+        from services.finetune.tinymodel import build_tiny_model
+
+        print(build_tiny_model(args.out, seed=args.seed))
+        return 0
+
+    gateway = _gateway()
+    try:
+        if args.command == "status":
+            job = fetch_job(args.job_id, gateway)
+            if job is None:
+                print(f"job {args.job_id} not found", file=sys.stderr)
+                return 2
+            print(json.dumps(job, indent=2, default=str))
+            return _exit_code(job)
+
+        try:
+            recipe = json.loads(args.recipe)
+        except ValueError:
+            print("--recipe is not valid JSON", file=sys.stderr)
+            return 2
+        if not isinstance(recipe, dict):
+            print("--recipe must be a JSON object", file=sys.stderr)
+            return 2
+        if args.min_examples is not None and args.min_examples < 0:
+            print("--min-examples must be >= 0", file=sys.stderr)
+            return 2
+        job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
+        cmd = StartFineTune(
+            job_id=job_id, base_model=args.base, method=args.method, recipe=recipe, min_examples=args.min_examples
+        )
+        broker = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        try:
+            send_start(cmd, broker)
+        except Exception as exc:  # kombu's connection errors vary by transport
+            print(f"could not send the job to the broker {broker}: {exc}", file=sys.stderr)
+            return 2
+        print(job_id)
+        if not args.follow:
+            return 0
+        job = follow(job_id, gateway, wait_s=args.wait)
+        print(json.dumps(job, indent=2, default=str))
+        return _exit_code(job)
+    except httpx.HTTPError as exc:
+        print(f"could not reach {gateway}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""Fine-tuning rules, free of any framework: which explanations become training rows, in which format and
+split, and the life of a job.
+
+Export rules
+- Only explanations with feedback are exported; votes of an erased session are never used (the session key is
+  remembered, so a vote of that session that arrives later is ignored too).
+- One vote per feedback id (a replaced vote counts once; the newer wins, handled by the store).
+- Deduplicated: explanations with the same prompt and text (after PII scrubbing) are one example, with their
+  votes pooled; its id is the smallest explanation id of the group.
+- Held-out split: deterministic by a hash of that id (``heldout_percent`` of ids); a held-out example never
+  enters a training row of any format, and DPO pairs are built within one split.
+- SFT: examples whose top votes (stars >= ``sft_min_stars``; a thumbs up without stars when
+  ``sft_accept_thumbs_up``) outnumber their thumbs down.
+- KTO: unpaired rows labelled by the net thumbs (up > down: True; down > up: False; ties left out).
+- DPO: per request (``request_key``), the best-rated positive example is chosen and the worst-rated negative
+  one rejected (one pair per request); the prompt is the chosen example's.
+- PII is scrubbed from prompts and completions (the prompt carries the caller's context).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from shared.contracts import derived_id
+
+Format = Literal["sft", "kto", "dpo"]
+Split = Literal["train", "heldout"]
+FORMATS: tuple[str, ...] = ("sft", "kto", "dpo")
+SPLITS: tuple[str, ...] = ("train", "heldout")
+
+# Job states
+QUEUED, EXPORTING, TRAINING, EVALUATING = "queued", "exporting", "training", "evaluating"
+REGISTERED, FAILED, CANCELLED = "registered", "failed", "cancelled"
+ACTIVE_STATES = frozenset({EXPORTING, TRAINING, EVALUATING})
+TERMINAL_STATES = frozenset({REGISTERED, FAILED, CANCELLED})
+WORKER_LOST = "worker lost"
+
+
+@dataclass(frozen=True)
+class Vote:
+    feedback_id: str
+    session_key: str
+    rating: int  # 1 or -1
+    stars: int | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    explanation_id: str
+    request_key: str
+    prompt_text: str
+    text: str
+    votes: tuple[Vote, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExportRules:
+    sft_min_stars: int = 5
+    sft_accept_thumbs_up: bool = True
+    heldout_percent: int = 10
+
+
+@dataclass(frozen=True)
+class Example:
+    """One deduplicated, scrubbed explanation with the usable votes of every copy of it."""
+
+    example_id: str
+    request_key: str
+    prompt: str
+    completion: str
+    votes: tuple[Vote, ...]
+
+    @property
+    def ups(self) -> int:
+        return sum(1 for v in self.votes if v.rating == 1)
+
+    @property
+    def downs(self) -> int:
+        return sum(1 for v in self.votes if v.rating == -1)
+
+    @property
+    def mean_stars(self) -> float:
+        stars = [v.stars for v in self.votes if v.stars is not None]
+        return sum(stars) / len(stars) if stars else 0.0
+
+    @property
+    def label(self) -> bool | None:
+        """Net thumbs: True (more up), False (more down), None (tie)."""
+        if self.ups == self.downs:
+            return None
+        return self.ups > self.downs
+
+
+@dataclass(frozen=True)
+class Export:
+    format: str
+    split: str
+    rows: list[dict[str, Any]]
+    feedback_ids: frozenset[str] = field(default_factory=frozenset)
+    example_ids: tuple[str, ...] = ()
+
+
+def is_heldout(example_id: str, percent: int) -> bool:
+    """Deterministic split: the first 8 bytes of sha256(id) modulo 100 below `percent` are held out."""
+    digest = hashlib.sha256(example_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < percent
+
+
+def is_top_vote(vote: Vote, rules: ExportRules) -> bool:
+    if vote.rating != 1:
+        return False
+    if vote.stars is not None:
+        return vote.stars >= rules.sft_min_stars
+    return rules.sft_accept_thumbs_up
+
+
+def examples(
+    explanations: Iterable[Explanation],
+    erased_sessions: frozenset[str] | set[str],
+    scrub: Callable[[str], str],
+) -> list[Example]:
+    """Scrub, drop votes of erased sessions, and merge copies of the same (prompt, text); only examples with
+    at least one usable vote are kept. Sorted by id, so every export is deterministic."""
+    groups: dict[tuple[str, str], list[tuple[Explanation, list[Vote]]]] = {}
+    for e in explanations:
+        votes = [v for v in e.votes if v.session_key not in erased_sessions]
+        if not votes:
+            continue
+        key = (scrub(e.prompt_text).strip(), scrub(e.text).strip())
+        if not key[0] or not key[1]:
+            continue
+        groups.setdefault(key, []).append((e, votes))
+    out = []
+    for (prompt, completion), members in groups.items():
+        first = min(members, key=lambda m: m[0].explanation_id)[0]
+        seen: dict[str, Vote] = {}
+        for _, votes in members:
+            for v in votes:
+                seen[v.feedback_id] = v
+        out.append(
+            Example(
+                example_id=first.explanation_id,
+                request_key=first.request_key,
+                prompt=prompt,
+                completion=completion,
+                votes=tuple(sorted(seen.values(), key=lambda v: v.feedback_id)),
+            )
+        )
+    return sorted(out, key=lambda x: x.example_id)
+
+
+def in_split(ex: Example, split: str, rules: ExportRules) -> bool:
+    return is_heldout(ex.example_id, rules.heldout_percent) == (split == "heldout")
+
+
+def qualifies_for_sft(ex: Example, rules: ExportRules) -> bool:
+    top = sum(1 for v in ex.votes if is_top_vote(v, rules))
+    return top >= 1 and top > ex.downs
+
+
+def _user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def _assistant(content: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": content}]
+
+
+def sft_row(ex: Example) -> dict[str, Any]:
+    return {"messages": [*_user(ex.prompt), *_assistant(ex.completion)]}
+
+
+def kto_row(ex: Example, label: bool) -> dict[str, Any]:
+    return {"prompt": _user(ex.prompt), "completion": _assistant(ex.completion), "label": label}
+
+
+def dpo_row(chosen: Example, rejected: Example) -> dict[str, Any]:
+    return {
+        "prompt": _user(chosen.prompt),
+        "chosen": _assistant(chosen.completion),
+        "rejected": _assistant(rejected.completion),
+    }
+
+
+def _rank(ex: Example) -> tuple[int, float, str]:
+    return (ex.ups - ex.downs, ex.mean_stars, ex.example_id)
+
+
+def build_export(pool: list[Example], fmt: str, split: str, rules: ExportRules) -> Export:
+    """The rows of one format and split, with the feedback ids that went into them."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    part = [ex for ex in pool if in_split(ex, split, rules)]
+    used: list[Example] = []
+    rows: list[dict[str, Any]] = []
+    if fmt == "sft":
+        used = [ex for ex in part if qualifies_for_sft(ex, rules)]
+        rows = [sft_row(ex) for ex in used]
+    elif fmt == "kto":
+        for ex in part:
+            label = ex.label
+            if label is not None:
+                used.append(ex)
+                rows.append(kto_row(ex, label))
+    else:
+        by_request: dict[str, list[Example]] = {}
+        for ex in part:
+            by_request.setdefault(ex.request_key, []).append(ex)
+        for request_key in sorted(by_request):
+            group = by_request[request_key]
+            positives = [ex for ex in group if ex.label is True]
+            negatives = [ex for ex in group if ex.label is False]
+            if not positives or not negatives:
+                continue
+            chosen = max(positives, key=_rank)
+            rejected = min(negatives, key=_rank)
+            if chosen.completion == rejected.completion:
+                continue
+            used += [chosen, rejected]
+            rows.append(dpo_row(chosen, rejected))
+    return Export(
+        format=fmt,
+        split=split,
+        rows=rows,
+        feedback_ids=frozenset(v.feedback_id for ex in used for v in ex.votes),
+        example_ids=tuple(ex.example_id for ex in used),
+    )
+
+
+def evaluation_rows(pool: list[Example], rules: ExportRules) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Held-out (good, bad) rows for the offline comparison: top-rated vs net-negative explanations."""
+    heldout = [ex for ex in pool if in_split(ex, "heldout", rules)]
+    good = [sft_row(ex) for ex in heldout if qualifies_for_sft(ex, rules)]
+    bad = [sft_row(ex) for ex in heldout if ex.label is False]
+    return good, bad
+
+
+def enough_data_problem(method: str, train_rows: int, heldout_rows: int, min_examples: int) -> str | None:
+    """Why a job may not start with this much data (None when it may)."""
+    if train_rows == 0:
+        return f"empty export: no {method.upper()} training rows (no explanation with qualifying feedback yet)"
+    if train_rows < min_examples:
+        return (
+            f"too little data: {train_rows} {method.upper()} training examples, at least {min_examples} needed "
+            "(FINETUNE_MIN_EXAMPLES or min_examples)"
+        )
+    if heldout_rows == 0:
+        return f"empty export: the held-out split has no {method.upper()} rows to validate on"
+    return None
+
+
+def heartbeat_stale(heartbeat_at: datetime | None, now: datetime, timeout_s: float) -> bool:
+    if heartbeat_at is None:
+        return True
+    return (aware(now) - aware(heartbeat_at)).total_seconds() > timeout_s
+
+
+def model_id_for(job_id: str) -> str:
+    return "ft-" + derived_id("finetune.model", job_id).hex[:12]
+
+
+def model_name(model_id: str) -> str:
+    return f"local/{model_id}"
+
+
+def cost_per_explanation(cost_per_1k_tokens_usd: float, mean_tokens: float) -> float:
+    return cost_per_1k_tokens_usd * mean_tokens / 1000.0
+
+
+def float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric metrics (bools and None dropped) for the ModelRegistered event."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)

@@ -1,0 +1,372 @@
+"""Finetune use cases. Each takes a message and its dependencies; event handlers are idempotent on the
+message id, and every event is staged in the outbox with a deterministic id (published after the commit).
+
+Job requests are validated here, before anything is queued; the run itself is in jobs.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.finetune import domain
+from services.finetune.config import FinetuneSettings
+from services.finetune.store import SqlUnitOfWork, Store
+from shared.contracts import (
+    ExplanationCreated,
+    FeedbackErased,
+    FeedbackRecorded,
+    FineTuneProgress,
+    StartFineTune,
+    derived_id,
+    utcnow,
+)
+from shared.privacy import scrub_pii
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(ValueError):
+    """A request that cannot become a job: `status` is the HTTP status that says why (422 bad input, 409 not
+    possible with the data as it is)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Trainer(Protocol):
+    """The training edge (services.finetune.training), as the job runner uses it."""
+
+    def validate_base_model(self, path: str) -> None: ...
+    def train(
+        self,
+        base_model_path: str,
+        train_rows: list,
+        eval_rows: list,
+        recipe: Any,
+        output_dir: Path,
+        *,
+        on_progress: Any = None,
+        should_cancel: Any = None,
+    ) -> Any: ...  # noqa: E501
+    def evaluate_likelihood(
+        self, base_model_path: str, adapter_path: str | None, good_rows: list, bad_rows: list
+    ) -> dict[str, Any]: ...  # noqa: E501
+
+
+def load_training() -> Any:
+    from services.finetune import training  # light: torch is imported inside its functions only
+
+    return training
+
+
+def rules_from(settings: FinetuneSettings) -> domain.ExportRules:
+    return domain.ExportRules(
+        sft_min_stars=settings.sft_min_stars,
+        sft_accept_thumbs_up=settings.sft_accept_thumbs_up,
+        heldout_percent=settings.heldout_percent,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training data, fed by events
+
+
+def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> bool:
+    with uow:
+        if uow.repo.seen(event.message_id):
+            return False
+        uow.repo.mark_seen(event.message_id)
+        added = uow.repo.add_explanation(
+            {
+                "explanation_id": str(event.explanation_id),
+                "request_key": event.request_key,
+                "ticker": event.ticker,
+                "signal": event.signal,
+                "prompt_name": event.prompt_name,
+                "prompt_version": event.prompt_version,
+                "model": event.model,
+                "prompt_text": event.prompt_text,
+                "text": event.text,
+                "tokens_in": event.tokens_in,
+                "tokens_out": event.tokens_out,
+                "created_at": event.created_at,
+            }
+        )
+        uow.commit()
+    return added
+
+
+def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
+    """Keep one vote per feedback id (the newest wins). Returns stored, replaced, stale, erased or duplicate."""
+    with uow:
+        repo = uow.repo
+        if repo.seen(event.message_id):
+            return "duplicate"
+        repo.mark_seen(event.message_id)
+        if repo.is_erased(event.session_key):
+            uow.commit()
+            return "erased"
+        previous = repo.vote_submitted_at(str(event.feedback_id))
+        if previous is not None and domain.aware(event.submitted_at) < domain.aware(previous):
+            uow.commit()
+            return "stale"
+        repo.upsert_vote(
+            {
+                "feedback_id": str(event.feedback_id),
+                "explanation_id": str(event.explanation_id),
+                "session_key": event.session_key,
+                "rating": event.rating,
+                "stars": event.stars,
+                "submitted_at": event.submitted_at,
+            },
+            exists=previous is not None,
+        )
+        uow.commit()
+    return "replaced" if previous is not None else "stored"
+
+
+def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> dict[str, Any] | None:
+    """Forget the session's votes and remember its key, so nothing of it is exported again. Returns the
+    trace (which exports and models had used its feedback)."""
+    with uow:
+        if uow.repo.seen(event.message_id):
+            return None
+        uow.repo.mark_seen(event.message_id)
+        record = uow.repo.erase(event.session_key, [str(f) for f in event.feedback_ids], event.erased_at)
+        uow.commit()
+    if record["model_ids"]:
+        log.warning(
+            "an erased session's feedback was used by %d model(s)",
+            len(record["model_ids"]),
+            extra={"model_ids": record["model_ids"], "export_ids": record["export_ids"]},
+        )
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exports
+
+
+def training_pool(uow: SqlUnitOfWork) -> list[domain.Example]:
+    """Every usable example, deduplicated and scrubbed, from one consistent read."""
+    with uow:
+        return domain.examples(uow.repo.training_explanations(), uow.repo.erased_keys(), scrub_pii)
+
+
+def export_dataset(
+    uow: SqlUnitOfWork,
+    fmt: str,
+    split: str,
+    rules: domain.ExportRules,
+    *,
+    pool: list[domain.Example] | None = None,
+    job_id: str | None = None,
+) -> tuple[str, domain.Export]:
+    """Build one export and record it (export id + the feedback ids that went into it)."""
+    if pool is None:
+        pool = training_pool(uow)
+    export = domain.build_export(pool, fmt, split, rules)
+    export_id = str(derived_id("finetune.export", job_id, fmt, split) if job_id else uuid.uuid4())
+    with uow:
+        uow.repo.record_export(export_id, export, job_id)
+        uow.commit()
+    return export_id, export
+
+
+def data_summary(uow: SqlUnitOfWork, rules: domain.ExportRules) -> dict[str, Any]:
+    pool = training_pool(uow)
+    with uow:
+        counts = uow.repo.counts()
+    out: dict[str, Any] = {**counts, "examples": len(pool)}
+    for fmt in domain.FORMATS:
+        for split in domain.SPLITS:
+            out[f"{fmt}_{split}"] = len(domain.build_export(pool, fmt, split, rules).rows)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs: validation and creation
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    method: str
+    base_model: str
+    recipe: dict[str, Any]
+    min_examples: int
+
+
+def build_recipe(method: str, overrides: dict[str, Any], trainer: Any = None) -> dict[str, Any]:
+    """The full recipe for `method` with the overrides applied; Rejected(422) names what is wrong."""
+    training = trainer or load_training()
+    fields = {f.name: f for f in dataclasses.fields(training.Recipe)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise Rejected(422, f"unknown recipe fields: {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    defaults = training.Recipe().to_dict()
+    values = {**overrides, "method": method}
+    for name, value in values.items():
+        default = defaults[name]
+        ok = (
+            isinstance(value, bool)
+            if isinstance(default, bool)
+            else (isinstance(value, int) and not isinstance(value, bool))
+            if isinstance(default, int)
+            else (isinstance(value, int | float) and not isinstance(value, bool))
+            if isinstance(default, float)
+            else isinstance(value, str)
+            if isinstance(default, str)
+            else isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        )
+        if not ok:
+            raise Rejected(422, f"recipe.{name} must be of the same type as its default {default!r}, got {value!r}")
+    recipe = training.Recipe.from_dict({**defaults, **values})
+    if problems := recipe.problems():
+        raise Rejected(422, "bad recipe: " + "; ".join(problems))
+    return recipe.to_dict()
+
+
+def job_spec(cmd: StartFineTune, settings: FinetuneSettings, trainer: Any = None) -> JobSpec:
+    """Check what can be checked without the data: method, base model path, recipe."""
+    training = trainer or load_training()
+    base = cmd.base_model or settings.base_model
+    if not base:
+        raise Rejected(
+            422, "no base model: pass base_model (a local Hugging Face model directory) or set FINETUNE_BASE_MODEL"
+        )
+    try:
+        training.validate_base_model(base)
+    except training.TrainingInputError as exc:
+        raise Rejected(422, f"unknown base model: {exc}") from exc
+    min_examples = settings.min_examples if cmd.min_examples is None else cmd.min_examples
+    if min_examples < 0:
+        raise Rejected(422, "min_examples must be >= 0")
+    return JobSpec(cmd.method, base, build_recipe(cmd.method, dict(cmd.recipe), training), min_examples)
+
+
+def check_data(uow: SqlUnitOfWork, spec: JobSpec, rules: domain.ExportRules) -> None:
+    """Rejected(409) when the data as it is now cannot feed this job (too little, empty export)."""
+    pool = training_pool(uow)
+    train = domain.build_export(pool, spec.method, "train", rules)
+    heldout = domain.build_export(pool, spec.method, "heldout", rules)
+    problem = domain.enough_data_problem(spec.method, len(train.rows), len(heldout.rows), spec.min_examples)
+    if problem:
+        raise Rejected(409, problem)
+
+
+def create_job(cmd: StartFineTune, store: Store, settings: FinetuneSettings) -> tuple[dict[str, Any], StartFineTune]:
+    """Validate a job request (before anything is queued) and record the job as queued. Returns the job and
+    the command to send to the worker (with the job id filled in)."""
+    spec = job_spec(cmd, settings)
+    check_data(store.uow(), spec, rules_from(settings))
+    job_id = cmd.job_id or f"job-{uuid.uuid4().hex[:12]}"
+    with store.uow() as uow:
+        if uow.repo.job(job_id) is not None:
+            raise Rejected(409, f"job {job_id} already exists")
+        uow.repo.add_job(
+            {
+                "job_id": job_id,
+                "state": domain.QUEUED,
+                "method": spec.method,
+                "base_model": spec.base_model,
+                "recipe": spec.recipe,
+                "min_examples": spec.min_examples,
+            }
+        )
+        uow.add_events(progress_event(job_id, domain.QUEUED, 0.0, "queued"))
+        uow.commit()
+        job = uow.repo.job(job_id)
+    assert job is not None
+    return job, cmd.model_copy(update={"job_id": job_id, "base_model": spec.base_model, "recipe": spec.recipe})
+
+
+def get_job(uow: SqlUnitOfWork, job_id: str) -> dict[str, Any]:
+    with uow:
+        job = uow.repo.job(job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def cancel_job(uow: SqlUnitOfWork, job_id: str) -> dict[str, Any]:
+    """A queued job is cancelled at once; a running one is flagged and stops at its next step."""
+    with uow:
+        job = uow.repo.job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        if job["state"] in domain.TERMINAL_STATES:
+            raise Rejected(409, f"job {job_id} is already {job['state']}")
+        if job["state"] == domain.QUEUED:
+            uow.repo.update_job(
+                job_id,
+                state=domain.CANCELLED,
+                cancel_requested=True,
+                finished_at=utcnow(),
+                detail="cancelled before it started",
+            )
+            uow.add_events(progress_event(job_id, domain.CANCELLED, job["progress"], "cancelled before it started"))
+        else:
+            uow.repo.update_job(job_id, cancel_requested=True, detail="cancellation requested")
+        uow.commit()
+        job = uow.repo.job(job_id)
+    assert job is not None
+    return job
+
+
+def progress_event(job_id: str, state: str, progress: float, detail: str, step: object = "") -> FineTuneProgress:
+    return FineTuneProgress(
+        message_id=derived_id("finetune.progress", job_id, state, step),
+        job_id=job_id,
+        state=state,
+        progress=round(progress, 4),
+        detail=detail,
+    )
+
+
+def registered_adapters(uow: SqlUnitOfWork) -> list[dict[str, Any]]:
+    with uow:
+        return [m for m in uow.repo.list_models() if m["status"] == "registered"]
+
+
+def fail_unqueued(uow: SqlUnitOfWork, job_id: str, reason: str) -> None:
+    with uow:
+        uow.repo.update_job(job_id, state=domain.FAILED, reason=reason, finished_at=utcnow())
+        uow.commit()
+
+
+def reject_payload(store: Store, payload: Any, reason: str) -> str | None:
+    """A start_job payload that is not a valid StartFineTune: when it names a job id that is not taken yet,
+    record that job as failed with the reason (so whoever sent it can read why); returns that id."""
+    job_id = payload.get("job_id") if isinstance(payload, dict) else None
+    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
+        log.error("%s", reason)
+        return None
+    with store.uow() as uow:
+        if uow.repo.job(job_id) is not None:
+            return None
+        method = payload.get("method")
+        uow.repo.add_job(
+            {
+                "job_id": job_id,
+                "state": domain.FAILED,
+                "method": method if method in ("sft", "kto") else str(method)[:8],
+                "base_model": str(payload.get("base_model") or ""),
+                "recipe": payload.get("recipe") if isinstance(payload.get("recipe"), dict) else {},
+                "min_examples": 0,
+                "reason": reason,
+                "finished_at": utcnow(),
+            }
+        )
+        uow.add_events(progress_event(job_id, domain.FAILED, 0.0, reason))
+        uow.commit()
+    return job_id

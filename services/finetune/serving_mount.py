@@ -1,0 +1,150 @@
+"""The OpenAI-compatible endpoint of the embedded system, mounted under this service at /api/finetune/v1.
+
+Registered models are served by the transformers fallback server (services.finetune.serving), one server per
+base model, built on the first request that needs it (the model itself loads lazily inside it). The model is
+picked by the request's `model` name ("local/<model_id>", or the bare model id); models registered after start
+(by the worker, in another process) are found in the registry on the next request. When
+FINETUNE_SERVING_BASE_URL is set (e.g. a vLLM server started with serving.vllm_command), the models are served
+there and this mount only says so.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from services.finetune import handlers
+from services.finetune.config import FinetuneSettings
+from services.finetune.store import Store
+
+PREFIX = "/api/finetune/v1"
+
+
+def _openai_error(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    raw = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})
+
+
+class ServingMount:
+    def __init__(self, store_of: Any, settings: FinetuneSettings) -> None:
+        self._store_of = store_of  # a callable returning the service's Store (built in the lifespan)
+        self.settings = settings
+        self._apps: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> Store:
+        return self._store_of()
+
+    def _models(self) -> dict[str, dict[str, Any]]:
+        """Served name -> model row: both "local/<id>" and "<id>" name a model."""
+        out: dict[str, dict[str, Any]] = {}
+        for m in handlers.registered_adapters(self.store.uow()):
+            out[m["name"]] = m
+            out[m["model_id"]] = m
+        return out
+
+    def _app_for(self, base_model: str) -> Any:
+        with self._lock:
+            app = self._apps.get(base_model)
+            if app is None:
+                from services.finetune.serving import create_serving_app  # no torch until a model is loaded
+
+                app = create_serving_app(base_model, {})
+                self._apps[base_model] = app
+            return app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        rest = path[len(PREFIX) :] if path.startswith(PREFIX) else path
+        rest = rest or "/"
+        if self.settings.serving_base_url:
+            await _send_json(
+                send,
+                404,
+                _openai_error(404, f"local models are served at {self.settings.serving_base_url}", "not_served_here"),
+            )
+            return
+        if rest == "/models" and scope["method"] == "GET":
+            await _send_json(send, 200, self._list_models())
+            return
+        if rest == "/chat/completions" and scope["method"] == "POST":
+            await self._chat(scope, receive, send)
+            return
+        await _send_json(send, 404, _openai_error(404, f"no route {scope['method']} {PREFIX}{rest}", "not_found"))
+
+    def _list_models(self) -> dict[str, Any]:
+        data = [
+            {
+                "id": m["name"],
+                "object": "model",
+                "created": int(m["registered_at"].timestamp()),
+                "owned_by": "selflearn",
+                "root": m["adapter_path"],
+                "parent": m["base_model"],
+            }
+            for name, m in sorted(self._models().items())
+            if name == m["name"]
+        ]
+        return {"object": "list", "data": data}
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            payload = json.loads(body or b"null")
+        except ValueError:
+            await _send_json(send, 400, _openai_error(400, "the request body is not valid JSON"))
+            return
+        name = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(name, str) or not name:
+            await _send_json(send, 400, _openai_error(400, "model is required", param="model"))
+            return
+        model = self._models().get(name)
+        if model is None:
+            await _send_json(
+                send, 404, _openai_error(404, f"The model `{name}` does not exist.", "model_not_found", "model")
+            )
+            return
+        try:
+            app = self._app_for(model["base_model"])
+            if app.state.adapters.get(name) != model["adapter_path"]:
+                app.state.register_adapter(name, model["adapter_path"])
+        except ValueError as exc:
+            await _send_json(
+                send, 503, _openai_error(503, f"model {name} cannot be served: {exc}", "model_unavailable")
+            )
+            return
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        child = {**scope, "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": ""}
+        await app(child, replay, send)

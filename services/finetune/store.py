@@ -1,0 +1,384 @@
+"""The finetune service's own store: training data (explanations and votes replicated from events), erased
+sessions, exports with the feedback ids that went into them, jobs and the model registry. No other service
+opens it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.finetune import domain
+from shared.contracts import Event, utcnow
+from shared.db import make_engine, make_session_factory
+from shared.outbox import outbox_table, stage
+
+metadata = MetaData()
+
+explanations = Table(
+    "explanations",
+    metadata,
+    Column("explanation_id", String(36), primary_key=True),
+    Column("request_key", String(128), nullable=False, index=True),
+    Column("ticker", String(32), nullable=False),
+    Column("signal", String(8), nullable=False),
+    Column("prompt_name", String(100), nullable=False),
+    Column("prompt_version", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("prompt_text", Text, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("tokens_in", Integer, nullable=False, default=0),
+    Column("tokens_out", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+votes = Table(
+    "votes",
+    metadata,
+    Column("feedback_id", String(36), primary_key=True),
+    Column("explanation_id", String(36), nullable=False, index=True),
+    Column("session_key", String(64), nullable=False, index=True),
+    Column("rating", SmallInteger, nullable=False),
+    Column("stars", SmallInteger),
+    Column("submitted_at", DateTime(timezone=True), nullable=False),
+)
+
+erased_sessions = Table(
+    "erased_sessions",
+    metadata,
+    Column("session_key", String(64), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+    # Traceability: which exports (and so which models) had used this session's feedback.
+    Column("feedback_ids", JSON, nullable=False),
+    Column("export_ids", JSON, nullable=False),
+    Column("model_ids", JSON, nullable=False),
+)
+
+exports = Table(
+    "exports",
+    metadata,
+    Column("export_id", String(36), primary_key=True),
+    Column("format", String(8), nullable=False),
+    Column("split", String(8), nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("job_id", String(64), index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+export_feedback = Table(
+    "export_feedback",
+    metadata,
+    Column("export_id", String(36), primary_key=True),
+    Column("feedback_id", String(36), primary_key=True, index=True),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("state", String(16), nullable=False, index=True),
+    Column("method", String(8), nullable=False),
+    Column("base_model", Text, nullable=False),
+    Column("recipe", JSON, nullable=False),
+    Column("min_examples", Integer, nullable=False),
+    Column("progress", Float, nullable=False, default=0.0),
+    Column("detail", Text, nullable=False, default=""),
+    Column("reason", Text),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("heartbeat_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("train_export_id", String(36)),
+    Column("heldout_export_id", String(36)),
+    Column("model_id", String(64)),
+    Column("metrics", JSON, nullable=False, default=dict),
+)
+
+models = Table(
+    "models",
+    metadata,
+    Column("model_id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("job_id", String(64), nullable=False, unique=True),
+    Column("method", String(8), nullable=False),
+    Column("base_model", Text, nullable=False),
+    Column("adapter_path", Text, nullable=False),
+    Column("recipe", JSON, nullable=False),
+    Column("train_export_id", String(36), nullable=False),
+    Column("heldout_export_id", String(36), nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("serving_base_url", Text),
+    Column("cost_per_1k_tokens_usd", Float, nullable=False, default=0.0),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+)
+
+processed = Table(
+    "processed_messages",
+    metadata,
+    Column("message_id", String(36), primary_key=True),
+    Column("handled_at", DateTime(timezone=True), nullable=False),
+)
+
+outbox = outbox_table(metadata)
+
+JOB_FIELDS = tuple(c.name for c in jobs.columns)
+
+
+class FinetuneRepository:
+    def __init__(self, session: Session) -> None:
+        self.s = session
+
+    # -- idempotency -------------------------------------------------------------------------------------
+    def seen(self, message_id: uuid.UUID) -> bool:
+        return (
+            self.s.execute(select(processed.c.message_id).where(processed.c.message_id == str(message_id))).first()
+            is not None
+        )
+
+    def mark_seen(self, message_id: uuid.UUID) -> None:
+        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
+
+    # -- training data ----------------------------------------------------------------------------------
+    def add_explanation(self, values: dict[str, Any]) -> bool:
+        exists = self.s.execute(
+            select(explanations.c.explanation_id).where(explanations.c.explanation_id == values["explanation_id"])
+        ).first()
+        if exists is not None:
+            return False
+        self.s.execute(explanations.insert().values(**values))
+        return True
+
+    def vote_submitted_at(self, feedback_id: str) -> datetime | None:
+        row = self.s.execute(select(votes.c.submitted_at).where(votes.c.feedback_id == feedback_id)).first()
+        return row.submitted_at if row else None
+
+    def upsert_vote(self, values: dict[str, Any], *, exists: bool) -> None:
+        if exists:
+            self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
+        else:
+            self.s.execute(votes.insert().values(**values))
+
+    def is_erased(self, session_key: str) -> bool:
+        return (
+            self.s.execute(
+                select(erased_sessions.c.session_key).where(erased_sessions.c.session_key == session_key)
+            ).first()
+            is not None
+        )
+
+    def erased_keys(self) -> frozenset[str]:
+        return frozenset(r.session_key for r in self.s.execute(select(erased_sessions.c.session_key)))
+
+    def erase(self, session_key: str, feedback_ids: Iterable[str], at: datetime) -> dict[str, Any]:
+        """Delete the session's votes (by key and by the ids the event names), remember the key, and record
+        which exports and models had used them."""
+        ids = set(feedback_ids)
+        ids |= {
+            r.feedback_id for r in self.s.execute(select(votes.c.feedback_id).where(votes.c.session_key == session_key))
+        }
+        self.s.execute(delete(votes).where(or_(votes.c.session_key == session_key, votes.c.feedback_id.in_(ids))))
+        export_ids = sorted(
+            {
+                r.export_id
+                for r in self.s.execute(
+                    select(export_feedback.c.export_id).where(export_feedback.c.feedback_id.in_(ids))
+                )
+            }
+        )
+        model_ids = sorted(
+            {
+                r.model_id
+                for r in self.s.execute(
+                    select(models.c.model_id).where(
+                        or_(models.c.train_export_id.in_(export_ids), models.c.heldout_export_id.in_(export_ids))
+                    )
+                )
+            }
+        )
+        record = {
+            "session_key": session_key,
+            "erased_at": at,
+            "feedback_ids": sorted(ids),
+            "export_ids": export_ids,
+            "model_ids": model_ids,
+        }
+        if self.is_erased(session_key):
+            self.s.execute(
+                erased_sessions.update().where(erased_sessions.c.session_key == session_key).values(**record)
+            )
+        else:
+            self.s.execute(erased_sessions.insert().values(**record))
+        return record
+
+    def erasures(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self.s.execute(select(erased_sessions).order_by(erased_sessions.c.erased_at.desc()).limit(limit))
+        return [
+            {**dict(r._mapping), "session_key": r.session_key[:12]}  # a prefix is enough to trace; never the whole key
+            for r in rows
+        ]
+
+    def training_explanations(self) -> list[domain.Explanation]:
+        """Every explanation that has at least one vote, with its votes."""
+        vote_rows = self.s.execute(
+            select(votes.c.feedback_id, votes.c.explanation_id, votes.c.session_key, votes.c.rating, votes.c.stars)
+        ).all()
+        by_explanation: dict[str, list[domain.Vote]] = {}
+        for v in vote_rows:
+            by_explanation.setdefault(v.explanation_id, []).append(
+                domain.Vote(v.feedback_id, v.session_key, int(v.rating), v.stars)
+            )
+        if not by_explanation:
+            return []
+        rows = self.s.execute(
+            select(
+                explanations.c.explanation_id,
+                explanations.c.request_key,
+                explanations.c.prompt_text,
+                explanations.c.text,
+            ).where(explanations.c.explanation_id.in_(list(by_explanation)))
+        ).all()
+        return [
+            domain.Explanation(
+                r.explanation_id, r.request_key, r.prompt_text, r.text, tuple(by_explanation[r.explanation_id])
+            )
+            for r in rows
+        ]
+
+    def mean_tokens(self) -> float:
+        value = self.s.execute(select(func.avg(explanations.c.tokens_in + explanations.c.tokens_out))).scalar()
+        return float(value or 0.0)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "explanations": int(self.s.execute(select(func.count()).select_from(explanations)).scalar_one()),
+            "votes": int(self.s.execute(select(func.count()).select_from(votes)).scalar_one()),
+            "erased_sessions": int(self.s.execute(select(func.count()).select_from(erased_sessions)).scalar_one()),
+        }
+
+    # -- exports ----------------------------------------------------------------------------------------
+    def record_export(self, export_id: str, export: domain.Export, job_id: str | None) -> None:
+        self.s.execute(
+            exports.insert().values(
+                export_id=export_id,
+                format=export.format,
+                split=export.split,
+                rows=len(export.rows),
+                job_id=job_id,
+                created_at=utcnow(),
+            )
+        )
+        if export.feedback_ids:
+            self.s.execute(
+                export_feedback.insert(),
+                [{"export_id": export_id, "feedback_id": f} for f in sorted(export.feedback_ids)],
+            )
+
+    def export(self, export_id: str) -> dict[str, Any] | None:
+        row = self.s.execute(select(exports).where(exports.c.export_id == export_id)).mappings().first()
+        if row is None:
+            return None
+        ids = [
+            r.feedback_id
+            for r in self.s.execute(
+                select(export_feedback.c.feedback_id).where(export_feedback.c.export_id == export_id)
+            )
+        ]
+        return {**dict(row), "feedback_ids": sorted(ids)}
+
+    # -- jobs -------------------------------------------------------------------------------------------
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        row = self.s.execute(select(jobs).where(jobs.c.job_id == job_id)).mappings().first()
+        return dict(row) if row else None
+
+    def add_job(self, values: dict[str, Any]) -> None:
+        now = utcnow()
+        self.s.execute(
+            jobs.insert().values(created_at=now, updated_at=now, progress=0.0, detail="", metrics={}, **values)
+        )
+
+    def update_job(self, job_id: str, **values: Any) -> None:
+        self.s.execute(jobs.update().where(jobs.c.job_id == job_id).values(updated_at=utcnow(), **values))
+
+    def list_jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self.s.execute(select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)).mappings()
+        return [dict(r) for r in rows]
+
+    def active_jobs(self) -> list[dict[str, Any]]:
+        rows = self.s.execute(select(jobs).where(jobs.c.state.in_(sorted(domain.ACTIVE_STATES)))).mappings()
+        return [dict(r) for r in rows]
+
+    # -- models -----------------------------------------------------------------------------------------
+    def add_model(self, values: dict[str, Any]) -> None:
+        self.s.execute(models.insert().values(**values))
+
+    def model(self, model_id: str) -> dict[str, Any] | None:
+        row = self.s.execute(select(models).where(models.c.model_id == model_id)).mappings().first()
+        return dict(row) if row else None
+
+    def list_models(self) -> list[dict[str, Any]]:
+        rows = self.s.execute(select(models).order_by(models.c.registered_at.desc())).mappings()
+        return [dict(r) for r in rows]
+
+
+class SqlUnitOfWork:
+    """One transaction; events added here are staged in the outbox and published after commit."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+        self.committed = False
+
+    def __enter__(self) -> SqlUnitOfWork:
+        self.session = self.factory()
+        self.repo = FinetuneRepository(self.session)
+        self.committed = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.session.rollback()
+        self.session.close()
+
+    def add_events(self, *events: Event) -> None:
+        stage(self.session, outbox, list(events))
+
+    def commit(self) -> None:
+        self.session.commit()
+        self.committed = True
+
+
+class Store:
+    """Engine + session factory for one database URL; creates the tables on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+        self.factory = make_session_factory(self.engine)
+
+    def uow(self) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self.factory)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

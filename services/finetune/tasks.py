@@ -1,0 +1,108 @@
+"""Celery entry points of the finetune service (queue "finetune"). Each turns a payload into a message and
+calls the handler; the outbox is relayed after the commit.
+
+`finetune.start_job` is not acks_late: a long job must not be delivered again while it runs (or after its
+worker died); the job's heartbeat and `finetune.watchdog` deal with a lost worker instead.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.finetune import handlers, jobs
+from services.finetune.config import get_settings
+from services.finetune.store import Store, outbox
+from shared.bus import CeleryBus, make_celery
+from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
+from shared.logging import configure_logging
+from shared.outbox import relay
+
+settings = get_settings()
+# torch reads these when it is first imported (inside the training edge, on the first job): one thread per
+# worker by default, so a job shares the machine with the other services (FINETUNE_TORCH_THREADS).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(settings.torch_threads)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+app = make_celery("finetune", settings)
+configure_logging("finetune-worker", settings.log_level)
+
+
+@lru_cache
+def _store() -> Store:
+    return Store(get_settings().db_url)
+
+
+def _relay() -> int:
+    return relay(_store().factory, outbox, CeleryBus(app))
+
+
+@app.task(name="finetune.on_explanation_created")
+def on_explanation_created(payload: dict) -> bool:
+    return handlers.on_explanation_created(ExplanationCreated.from_payload(payload), _store().uow())
+
+
+@app.task(name="finetune.on_feedback_recorded")
+def on_feedback_recorded(payload: dict) -> str:
+    return handlers.on_feedback_recorded(FeedbackRecorded.from_payload(payload), _store().uow())
+
+
+@app.task(name="finetune.on_feedback_erased")
+def on_feedback_erased(payload: dict) -> dict[str, Any] | None:
+    record = handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
+    return None if record is None else {k: v for k, v in record.items() if k != "erased_at"}
+
+
+def _ack_now(task_id: str | None) -> bool:
+    """Acknowledge this task's message now. Celery runs the early ack (acks_late=False) as a callback on the
+    worker's event loop, which a task in the solo pool blocks until it returns: without this, a job's message
+    stays unacked for the whole run, and Redis puts it back on the queue after the visibility timeout (or after
+    the worker is killed). Only for kombu's virtual transports (Redis), where the later second ack is a no-op."""
+    from celery.worker import state
+    from kombu.transport.virtual import Channel as VirtualChannel
+
+    for request in list(state.active_requests):
+        if request.id == task_id:
+            message = request.message
+            if isinstance(message.channel, VirtualChannel):
+                message.channel.basic_ack(message.delivery_tag)
+                return True
+    return False
+
+
+@app.task(name="finetune.start_job", acks_late=False, bind=True)
+def start_job(self: Any, payload: dict) -> str:
+    _ack_now(self.request.id)
+    settings = get_settings()
+    announce = None
+    if settings.serving_base_url:  # an external server (vLLM): load the adapter there once it is registered
+        url = settings.serving_base_url
+
+        def announce(model: dict) -> None:
+            jobs.load_adapter_on_server(url, model)
+
+    try:
+        cmd = StartFineTune.from_payload(payload)
+    except ValidationError as exc:  # sent by name from outside: record why, when it names a job
+        handlers.reject_payload(_store(), payload, f"invalid finetune.start_job payload: {exc.errors()[0]['msg']}")
+        _relay()
+        return "failed"
+    runner = jobs.JobRunner(_store(), settings, _relay, on_registered=announce)
+    return runner.start(cmd)
+
+
+@app.task(name="finetune.watchdog")
+def watchdog() -> list[str]:
+    failed = jobs.watchdog(_store(), get_settings())
+    _relay()
+    return failed
+
+
+@app.task(name="finetune.relay_outbox")
+def relay_outbox() -> int:
+    return _relay()
