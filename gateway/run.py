@@ -76,9 +76,12 @@ class Stack:
             ],
         }  # fmt: skip
         for svc in self.services:
+            # The finetune worker runs two threads, so a long training job never holds up that service's
+            # events and watchdog; every other worker is one process doing one message at a time.
+            pool = ["-P", "threads", "-c", "2"] if svc == "finetune" else ["-P", "solo"]
             cmds[f"worker-{svc}"] = [
                 py, "-m", "celery", "-A", f"services.{svc}.tasks:app", "worker",
-                "-Q", svc, "-P", "solo", "-n", f"{svc}@%h", "-l", "WARNING",
+                "-Q", svc, *pool, "-n", f"{svc}@%h", "-l", "WARNING",
                 "--without-gossip", "--without-mingle", "--without-heartbeat",
             ]  # fmt: skip
         if self.beat:

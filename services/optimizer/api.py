@@ -1,0 +1,283 @@
+"""HTTP entry points of the optimizer: experiments and the prompt registry. Routes translate a request into a
+handler call and the handler's errors into 4xx JSON; events are relayed after the commit."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.optimizer import domain, handlers
+from services.optimizer.config import OptimizerSettings
+from services.optimizer.generation import GenerationFailed, VariantGenerator
+from services.optimizer.store import Store, outbox
+from shared.bus import CeleryBus
+from shared.outbox import relay
+from shared.prompts import PROMPT_NAME
+from shared.web import AdminDep
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_bus(request: Request) -> CeleryBus:
+    return request.app.state.bus
+
+
+def get_settings_dep(request: Request) -> OptimizerSettings:
+    return request.app.state.settings
+
+
+def get_generator(request: Request) -> VariantGenerator:
+    return request.app.state.generator
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+BusDep = Annotated[CeleryBus, Depends(get_bus)]
+SettingsDep = Annotated[OptimizerSettings, Depends(get_settings_dep)]
+GeneratorDep = Annotated[VariantGenerator, Depends(get_generator)]
+
+Name = Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArmBody(Strict):
+    prompt_version: str = Field(min_length=1, max_length=50)
+    model: str = Field(min_length=1, max_length=200)
+    weight: float | None = Field(default=None, description="share of traffic in (0, 1]; all or none")
+    is_control: bool = False
+
+
+class ExperimentBody(Strict):
+    prompt_name: Name = PROMPT_NAME
+    arms: list[ArmBody] = Field(max_length=10)
+    allocation: Literal["fixed", "adaptive"] = "fixed"
+    metric: Literal["positive_rate", "avg_stars"] | None = None
+    alpha: float | None = Field(default=None, gt=0, le=0.5)
+    min_duration_s: float | None = Field(default=None, ge=0, description="seconds before any decision")
+    min_feedback_per_arm: int | None = Field(default=None, ge=1)
+    max_feedback_per_arm: int | None = Field(default=None, ge=1)
+    target_lift: float | None = Field(default=None, gt=0, le=10)
+    min_lift_to_ship: float = Field(default=0.0, ge=0, le=10)
+    max_cost_ratio: float | None = Field(default=1.5, gt=0, description="guardrail vs control; null disables")
+    max_latency_ratio: float | None = Field(default=2.0, gt=0, description="guardrail vs control; null disables")
+    min_feedback_rate_ratio: float | None = Field(default=0.8, gt=0, le=1, description="null disables")
+    note: str = Field(default="", max_length=500)
+
+
+class PromoteBody(Strict):
+    arm_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class StopBody(Strict):
+    reason: str = Field(default="", max_length=500)
+
+
+class VariantsBody(Strict):
+    count: int | None = Field(default=None, ge=1, le=10)
+
+
+class VersionBody(Strict):
+    template: str = Field(min_length=1, max_length=8000)
+    reason: str = Field(default="hand-written", max_length=500)
+    parent_version: str | None = Field(default=None, min_length=1, max_length=50)
+
+
+class RollbackBody(Strict):
+    version: str | None = Field(default=None, min_length=1, max_length=50)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+def _http(exc: domain.OptimizerError) -> HTTPException:
+    if isinstance(exc, domain.RateLimited):
+        return HTTPException(
+            429,
+            {"message": str(exc), "retry_after_s": math.ceil(exc.retry_after_s)},
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        )
+    return HTTPException(exc.status, str(exc))
+
+
+def _relay(store: Store, bus: CeleryBus) -> None:
+    """Publish what the handler staged; if the broker is down the beat's relay publishes it later."""
+    try:
+        relay(store.factory, outbox, bus)
+    except Exception as exc:
+        log.warning("outbox relay failed, left for the periodic relay: %s", type(exc).__name__)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Experiments
+# --------------------------------------------------------------------------------------------------------
+
+
+@router.get("/api/experiments")
+def list_experiments(
+    store: StoreDep,
+    status: Annotated[Literal[domain.ALL_STATES] | None, Query()] = None,  # type: ignore[valid-type]
+) -> dict[str, Any]:
+    return {"experiments": handlers.list_experiments(store.uow(), status)}
+
+
+@router.post("/api/experiments", status_code=201)
+def create_experiment(
+    body: ExperimentBody, _: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """Start an experiment: arms are (prompt version, model) pairs, exactly one is the control."""
+    options = handlers.spec_defaults(
+        settings,
+        metric=body.metric,
+        alpha=body.alpha,
+        min_duration_s=body.min_duration_s,
+        min_feedback_per_arm=body.min_feedback_per_arm,
+        max_feedback_per_arm=body.max_feedback_per_arm,
+        target_lift=body.target_lift,
+    )
+    spec = domain.ExperimentSpec(
+        prompt_name=body.prompt_name,
+        arms=tuple(domain.ArmIn(a.prompt_version, a.model, a.weight, a.is_control) for a in body.arms),
+        allocation=body.allocation,
+        min_lift_to_ship=body.min_lift_to_ship,
+        max_cost_ratio=body.max_cost_ratio,
+        max_latency_ratio=body.max_latency_ratio,
+        min_feedback_rate_ratio=body.min_feedback_rate_ratio,
+        note=body.note,
+        source="manual",
+        **options,
+    )
+    try:
+        created = handlers.create_experiment(spec, store.uow())
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+    _relay(store, bus)
+    return handlers.experiment_view(created["experiment_id"], store.uow())
+
+
+@router.post("/api/experiments/decisions")
+def run_decisions(_: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep) -> dict[str, Any]:
+    """Run the decision round now (beat runs it every OPTIMIZER_DECISION_INTERVAL_S)."""
+    results = handlers.run_decisions(store.uow, settings)
+    _relay(store, bus)
+    return {"results": results}
+
+
+@router.get("/api/experiments/{experiment_id}")
+def get_experiment(experiment_id: str, store: StoreDep) -> dict[str, Any]:
+    try:
+        return handlers.experiment_view(experiment_id, store.uow())
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+
+
+@router.post("/api/experiments/{experiment_id}/promote")
+def promote(
+    experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: PromoteBody | None = None
+) -> dict[str, Any]:
+    """Promote the winner (or the arm given) to champion and conclude the experiment."""
+    try:
+        result = handlers.promote_experiment(experiment_id, store.uow(), arm_id=body.arm_id if body else None)
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+    _relay(store, bus)
+    return result
+
+
+@router.post("/api/experiments/{experiment_id}/stop")
+def stop(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: StopBody | None = None) -> dict[str, Any]:
+    try:
+        result = handlers.stop_experiment(experiment_id, store.uow(), reason=body.reason if body else "")
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+    _relay(store, bus)
+    return result
+
+
+@router.post("/api/experiments/{experiment_id}/rollback")
+def rollback_experiment(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
+    """Restore the champion this experiment's promotion replaced."""
+    try:
+        result = handlers.rollback_experiment(experiment_id, store.uow())
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+    _relay(store, bus)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompt registry
+# --------------------------------------------------------------------------------------------------------
+
+
+@router.get("/api/prompts")
+def list_prompts(store: StoreDep) -> dict[str, Any]:
+    return {"prompts": handlers.prompts_view(store.uow())}
+
+
+@router.get("/api/prompts/{name}")
+def get_prompt(name: str, store: StoreDep) -> dict[str, Any]:
+    try:
+        return handlers.prompts_view(store.uow(), name)[0]
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+
+
+@router.post("/api/prompts/{name}/variants", status_code=201)
+def generate_variants(
+    name: str,
+    _: AdminDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    generator: GeneratorDep,
+    body: VariantsBody | None = None,
+) -> dict[str, Any]:
+    """Generate variants of the champion (OpenAI with a key, offline rewrites without); 429 when rate limited."""
+    try:
+        return handlers.generate_variants(name, store.uow, generator, settings, count=body.count if body else None)
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+    except GenerationFailed as exc:
+        raise HTTPException(502, str(exc)) from exc
+
+
+@router.post("/api/prompts/{name}/versions", status_code=201)
+def add_version(name: str, body: VersionBody, _: AdminDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """Add a hand-written version (validated like a generated variant)."""
+    try:
+        return handlers.add_version(
+            name, body.template, store.uow(), settings, reason=body.reason, parent_version=body.parent_version
+        )
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+
+
+@router.post("/api/prompts/{name}/versions/{version}/archive")
+def archive_version(name: str, version: str, _: AdminDep, store: StoreDep) -> dict[str, Any]:
+    try:
+        return handlers.archive_version(name, version, store.uow())
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+
+
+@router.post("/api/prompts/{name}/rollback")
+def rollback_prompt(
+    name: str, _: AdminDep, store: StoreDep, bus: BusDep, body: RollbackBody | None = None
+) -> dict[str, Any]:
+    """Restore an earlier champion (the previous one unless a version is given)."""
+    try:
+        result = handlers.rollback_prompt(
+            name, store.uow(), version=body.version if body else None, model=body.model if body else None
+        )
+    except domain.OptimizerError as exc:
+        raise _http(exc) from exc
+    _relay(store, bus)
+    return result

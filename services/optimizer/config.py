@@ -1,0 +1,78 @@
+"""Settings of the optimizer service (env prefix OPTIMIZER_; provider keys are read without a prefix)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+WEEK_S = 7 * 86400.0
+
+
+class OptimizerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="OPTIMIZER_", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = None
+
+    # -- promotion --------------------------------------------------------------------------------------
+    # auto: a `ship` decision promotes the winner at once; approve: it waits for POST .../promote.
+    promotion_mode: Literal["auto", "approve"] = "auto"
+
+    # -- experiment defaults (a POST /api/experiments body may override each) ------------------------------
+    min_duration_s: float = Field(WEEK_S, ge=0)  # the plan's 7-day minimum; seconds in tests and demos
+    min_feedback_per_arm: int = Field(100, ge=1)
+    max_feedback_per_arm: int = Field(20000, ge=1)  # sample cap: no winner by then -> inconclusive
+    alpha: float = Field(0.05, gt=0, lt=1)
+    target_lift: float = Field(0.10, gt=0)
+    metric: Literal["positive_rate", "avg_stars"] = "positive_rate"
+
+    # -- adaptive allocation (top-two Thompson with a floor, reweighted in batches) ------------------------
+    adaptive_floor: float = Field(0.01, ge=0, le=0.5)
+    adaptive_min_feedback_per_arm: int = Field(100, ge=1)  # no reweighting before every arm has this much
+    adaptive_batch: int = Field(50, ge=1)  # new feedback events (all arms) between two reweightings
+
+    # -- the automatic loop: generate variants, start the next experiment ---------------------------------
+    auto_experiment: bool = True
+    auto_allocation: Literal["fixed", "adaptive"] = "fixed"
+    generation_min_interval_s: float = Field(WEEK_S, ge=0)  # the plan: variant generation at most weekly
+    generation_count: int = Field(3, ge=1, le=10)
+    generation_model: str = "gpt-4o-mini"
+    generation_timeout_s: float = 60.0
+    max_variant_chars: int = Field(2000, ge=50)
+    min_variant_chars: int = Field(40, ge=1)
+    near_duplicate_ratio: float = Field(0.9, gt=0, le=1)
+
+    # -- fine-tuned models (finetune service): ship only with a relative lift >= this ---------------------
+    finetune_min_lift: float = Field(0.10, ge=0)
+
+    # -- the default model of the seed champion (same rule as the router) ---------------------------------
+    default_model: str | None = None
+    openai_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=AliasChoices("OPENAI_BASE_URL"))
+    groq_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("GROQ_API_KEY"))
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or self.sqlite_url("optimizer")
+
+    def has_openai(self) -> bool:
+        return self.openai_api_key is not None and bool(self.openai_api_key.get_secret_value())
+
+    def seed_model(self) -> str:
+        """openai/gpt-4o-mini with an OpenAI key, groq/llama-3.1-8b-instant with a Groq key, else offline."""
+        if self.default_model:
+            return self.default_model
+        if self.has_openai():
+            return "openai/gpt-4o-mini"
+        if self.groq_api_key is not None and self.groq_api_key.get_secret_value():
+            return "groq/llama-3.1-8b-instant"
+        return "offline/template-v1"
+
+
+@lru_cache
+def get_settings() -> OptimizerSettings:
+    return OptimizerSettings()

@@ -1,0 +1,270 @@
+"""Optimizer rules, free of any framework: prompt versions and lineage, experiment validation, variant
+guardrails, and how a decision becomes an action.
+
+- A prompt version is immutable once added: a name plus `vMAJOR.MINOR`; variants get the next minor number
+  of their parent's major line, and remember the parent and why they were made (lineage).
+- An experiment has two or more arms (prompt version x model), exactly one control, no duplicate arm,
+  weights in (0, 1] that sum to 1 (fixed allocation; adaptive may leave them out: equal to start with), and
+  at most one experiment runs per prompt name at a time.
+- A variant is accepted only if it keeps the template contract (shared.prompts.check_template), fits the
+  length limits, and is not a near-duplicate of any version the prompt already has.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from services.optimizer import stats
+from shared.prompts import TemplateError, check_template
+
+# Experiment states. running: traffic is split; awaiting_approval: a winner waits for POST promote (traffic
+# still split); paused: unhealthy (sample-ratio mismatch), traffic back to the champion; queued: waits for
+# the running experiment of its prompt to end; concluded: decided; stopped: ended by an operator.
+RUNNING = "running"
+AWAITING_APPROVAL = "awaiting_approval"
+PAUSED = "paused"
+QUEUED = "queued"
+CONCLUDED = "concluded"
+STOPPED = "stopped"
+ACTIVE_STATES = frozenset({RUNNING, AWAITING_APPROVAL})
+ALL_STATES = (RUNNING, AWAITING_APPROVAL, PAUSED, QUEUED, CONCLUDED, STOPPED)
+
+# Prompt version states.
+VERSION_ACTIVE = "active"  # the champion, or in an experiment
+VERSION_CANDIDATE = "candidate"  # generated or hand-written, not tested yet
+VERSION_ARCHIVED = "archived"  # lost an experiment or was replaced; still restorable by rollback
+
+ALLOCATIONS = ("fixed", "adaptive")
+WEIGHT_TOLERANCE = 1e-6
+_VERSION = re.compile(r"^v(\d+)\.(\d+)$")
+
+
+class OptimizerError(Exception):
+    """Base of the errors a use case reports to its caller (the API turns each into a 4xx)."""
+
+    status = 400
+
+
+class InvalidRequest(OptimizerError):
+    status = 422
+
+
+class NotFound(OptimizerError):
+    status = 404
+
+
+class Conflict(OptimizerError):
+    status = 409
+
+
+class RateLimited(OptimizerError):
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# --------------------------------------------------------------------------------------------------------
+# Versions
+# --------------------------------------------------------------------------------------------------------
+
+
+def parse_version(version: str) -> tuple[int, int] | None:
+    m = _VERSION.match(version)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def next_version(existing: Iterable[str], parent: str | None) -> str:
+    """The next free minor version on the parent's major line (v1.0 -> v1.1, v1.2, ...)."""
+    parsed = [p for p in (parse_version(v) for v in existing) if p is not None]
+    base = parse_version(parent) if parent else None
+    major = base[0] if base else max((p[0] for p in parsed), default=1)
+    minor = max((p[1] for p in parsed if p[0] == major), default=-1)
+    return f"v{major}.{minor + 1}"
+
+
+def similarity(a: str, b: str) -> float:
+    """difflib's ratio 2M/T of two templates (1.0 = identical)."""
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def variant_problem(
+    template: str,
+    existing: Sequence[str],
+    *,
+    min_chars: int,
+    max_chars: int,
+    duplicate_ratio: float,
+) -> str | None:
+    """Why this variant must be rejected, or None when it passes every guardrail."""
+    try:
+        check_template(template)
+    except TemplateError as exc:
+        return str(exc)
+    if len(template) > max_chars:
+        return f"variant is {len(template)} characters, over the limit of {max_chars}"
+    if len(template.strip()) < min_chars:
+        return f"variant is {len(template.strip())} characters, under the minimum of {min_chars}"
+    for other in existing:
+        ratio = similarity(template, other)
+        if ratio > duplicate_ratio:
+            return f"near-duplicate of an existing version (similarity {ratio:.2f} > {duplicate_ratio:g})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Experiments
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArmIn:
+    prompt_version: str
+    model: str
+    weight: float | None = None
+    is_control: bool = False
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    prompt_name: str
+    arms: tuple[ArmIn, ...]
+    allocation: str = "fixed"
+    metric: str = stats.METRIC_POSITIVE_RATE
+    alpha: float = 0.05
+    min_duration_s: float = 7 * 86400.0
+    min_feedback_per_arm: int = 100
+    max_feedback_per_arm: int = 20000
+    target_lift: float = 0.10
+    min_lift_to_ship: float = 0.0
+    max_cost_ratio: float | None = 1.5
+    max_latency_ratio: float | None = 2.0
+    min_feedback_rate_ratio: float | None = 0.8
+    source: str = "manual"  # manual | auto | finetune
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PlannedArm:
+    arm_id: str
+    prompt_version: str
+    model: str
+    weight: float
+    is_control: bool
+
+
+def new_experiment_id() -> str:
+    return "exp-" + uuid.uuid4().hex[:12]
+
+
+def arm_ids(count: int) -> list[str]:
+    """The control is "control"; treatments are t1, t2, ... in the order given."""
+    return ["control"] + [f"t{i}" for i in range(1, count)]
+
+
+def plan_arms(spec: ExperimentSpec, versions: Mapping[str, str]) -> list[PlannedArm]:
+    """Validate an experiment against the prompt's versions (version -> status); return its arms with ids
+    and weights, the control first. Raises InvalidRequest with a message a person can act on."""
+    if spec.allocation not in ALLOCATIONS:
+        raise InvalidRequest(f"allocation must be one of {', '.join(ALLOCATIONS)}")
+    if spec.metric not in stats.METRICS:
+        raise InvalidRequest(f"metric must be one of {', '.join(stats.METRICS)}")
+    if not 0 < spec.alpha <= 0.5:
+        raise InvalidRequest("alpha must be in (0, 0.5]")
+    if not math.isfinite(spec.min_duration_s) or spec.min_duration_s < 0:
+        raise InvalidRequest("min_duration_s must be zero or more")
+    if spec.min_feedback_per_arm < 1:
+        raise InvalidRequest("min_feedback_per_arm must be at least 1")
+    if spec.max_feedback_per_arm < spec.min_feedback_per_arm:
+        raise InvalidRequest("max_feedback_per_arm must be at least min_feedback_per_arm")
+    if spec.min_lift_to_ship < 0 or spec.target_lift <= 0:
+        raise InvalidRequest("target_lift must be positive and min_lift_to_ship zero or more")
+    arms = list(spec.arms)
+    if len(arms) < 2:
+        raise InvalidRequest("an experiment needs at least two arms: a control and a treatment")
+    controls = [a for a in arms if a.is_control]
+    if len(controls) != 1:
+        raise InvalidRequest(f"exactly one arm must be the control (is_control: true); got {len(controls)}")
+    seen: set[tuple[str, str]] = set()
+    for a in arms:
+        if not a.model.strip():
+            raise InvalidRequest("every arm needs a model")
+        key = (a.prompt_version, a.model)
+        if key in seen:
+            raise InvalidRequest(f"duplicate arm: {a.prompt_version} x {a.model} appears twice")
+        seen.add(key)
+        status = versions.get(a.prompt_version)
+        if status is None:
+            raise InvalidRequest(f"unknown prompt version {a.prompt_version} of prompt {spec.prompt_name!r}")
+        if status == VERSION_ARCHIVED:
+            raise InvalidRequest(f"prompt version {a.prompt_version} is archived; add it again as a new version")
+    weights = [a.weight for a in arms]
+    if all(w is None for w in weights):  # equal split to start with, for either allocation
+        final = [1.0 / len(arms)] * len(arms)
+    elif any(w is None for w in weights):
+        raise InvalidRequest("give a weight for every arm, or for none (equal split)")
+    else:
+        ws = [float(w) for w in weights]  # type: ignore[arg-type]
+        if any(not math.isfinite(w) or w <= 0 or w > 1 for w in ws):
+            raise InvalidRequest("every weight must be in (0, 1]")
+        if abs(sum(ws) - 1.0) > WEIGHT_TOLERANCE:
+            raise InvalidRequest(f"weights must sum to 1 (they sum to {sum(ws):g})")
+        final = ws
+    ordered = sorted(zip(arms, final, strict=True), key=lambda p: not p[0].is_control)
+    ids = arm_ids(len(ordered))
+    return [
+        PlannedArm(arm_id=i, prompt_version=a.prompt_version, model=a.model, weight=w, is_control=a.is_control)
+        for i, (a, w) in zip(ids, ordered, strict=True)
+    ]
+
+
+def decision_config(row: Mapping[str, object]) -> stats.DecisionConfig:
+    """The stats engine's decision rule from an experiment's stored configuration."""
+    return stats.DecisionConfig(
+        alpha=float(row["alpha"]),  # type: ignore[arg-type]
+        metric=str(row["metric"]),
+        min_duration_s=float(row["min_duration_s"]),  # type: ignore[arg-type]
+        min_feedback_per_arm=int(row["min_feedback_per_arm"]),  # type: ignore[call-overload]
+        max_feedback_per_arm=int(row["max_feedback_per_arm"]),  # type: ignore[call-overload]
+        target_lift=float(row["target_lift"]),  # type: ignore[arg-type]
+        min_lift_to_ship=float(row["min_lift_to_ship"]),  # type: ignore[arg-type]
+        max_cost_ratio=_opt_float(row.get("max_cost_ratio")),
+        max_latency_ratio=_opt_float(row.get("max_latency_ratio")),
+        min_feedback_rate_ratio=_opt_float(row.get("min_feedback_rate_ratio")),
+    )
+
+
+def _opt_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+@dataclass
+class AllocationHistory:
+    """The weights in force over an experiment's life, each with the exposure count when it took effect;
+    the sample-ratio check compares exposures with their exposure-weighted average."""
+
+    periods: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+    def average(self, total_exposures: int) -> dict[str, float]:
+        if not self.periods:
+            return {}
+        if total_exposures <= 0 or len(self.periods) == 1:
+            return dict(self.periods[-1][1])
+        acc: dict[str, float] = {}
+        for k, (start, weights) in enumerate(self.periods):
+            end = self.periods[k + 1][0] if k + 1 < len(self.periods) else total_exposures
+            span = max(0, min(end, total_exposures) - min(start, total_exposures))
+            for arm, w in weights.items():
+                acc[arm] = acc.get(arm, 0.0) + w * span
+        total = sum(acc.values())
+        return {a: w / total for a, w in acc.items()} if total > 0 else dict(self.periods[-1][1])
+
+
+def weights_changed(old: Mapping[str, float], new: Mapping[str, float], tolerance: float = 0.005) -> bool:
+    return any(abs(float(old.get(k, 0.0)) - v) > tolerance for k, v in new.items())

@@ -1,0 +1,427 @@
+"""The optimizer's own store: prompt registry, champion history, experiments and their arms, the exposures
+and votes each arm collected, variant generations. No other service opens it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    case,
+    delete,
+    func,
+    select,
+)
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.optimizer import domain
+from services.optimizer.stats import ArmData
+from shared.contracts import Event, utcnow
+from shared.db import make_engine, make_session_factory
+from shared.outbox import outbox_table, stage
+
+metadata = MetaData()
+
+prompt_versions = Table(
+    "prompt_versions",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("version", String(50), primary_key=True),
+    Column("template", Text, nullable=False),
+    Column("parent_version", String(50)),
+    Column("reason", String(500), nullable=False, default=""),  # why it was made (lineage)
+    Column("source", String(32), nullable=False),  # seed | offline | openai | manual
+    Column("status", String(16), nullable=False),  # active | candidate | archived
+    Column("generation_id", Integer),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+champions = Table(
+    "champions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(100), nullable=False, index=True),
+    Column("version", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("kind", String(16), nullable=False),  # seed | promotion | rollback
+    Column("reason", String(1000), nullable=False, default=""),
+    Column("experiment_id", String(64)),
+    Column("previous_version", String(50)),
+    Column("previous_model", String(200)),
+    Column("since", DateTime(timezone=True), nullable=False),
+)
+
+experiments = Table(
+    "experiments",
+    metadata,
+    Column("experiment_id", String(64), primary_key=True),
+    Column("prompt_name", String(100), nullable=False, index=True),
+    Column("status", String(24), nullable=False, index=True),
+    Column("allocation", String(16), nullable=False),
+    Column("metric", String(32), nullable=False),
+    Column("alpha", Float, nullable=False),
+    Column("min_duration_s", Float, nullable=False),
+    Column("min_feedback_per_arm", Integer, nullable=False),
+    Column("max_feedback_per_arm", Integer, nullable=False),
+    Column("target_lift", Float, nullable=False),
+    Column("min_lift_to_ship", Float, nullable=False),
+    Column("max_cost_ratio", Float),
+    Column("max_latency_ratio", Float),
+    Column("min_feedback_rate_ratio", Float),
+    Column("source", String(16), nullable=False),
+    Column("note", String(500), nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("ended_at", DateTime(timezone=True)),
+    Column("weights", JSON, nullable=False),  # in force now
+    Column("allocation_history", JSON, nullable=False),  # [[exposures when it took effect, weights], ...]
+    Column("reweighted_at_feedback", Integer, nullable=False, default=0),
+    Column("decision", String(24)),  # the final decision once ended
+    Column("winner_arm_id", String(64)),
+    Column("reason", String(2000), nullable=False, default=""),
+    Column("last_status", String(24)),  # the latest decision while running
+    Column("last_reason", String(2000)),
+    Column("last_decided_at", DateTime(timezone=True)),
+    Column("promoted_champion_id", Integer),
+    Column("rolled_back", Boolean, nullable=False, default=False),
+)
+
+arms = Table(
+    "arms",
+    metadata,
+    Column("experiment_id", String(64), primary_key=True),
+    Column("arm_id", String(64), primary_key=True),
+    Column("position", SmallInteger, nullable=False),
+    Column("prompt_version", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("initial_weight", Float, nullable=False),
+    Column("is_control", Boolean, nullable=False),
+)
+
+exposures = Table(
+    "exposures",
+    metadata,
+    Column("explanation_id", String(36), primary_key=True),
+    Column("experiment_id", String(64), index=True),
+    Column("arm_id", String(64)),
+    Column("prompt_name", String(100), nullable=False),
+    Column("prompt_version", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("fallback_used", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+votes = Table(
+    "votes",
+    metadata,
+    Column("feedback_id", String(36), primary_key=True),  # a replacing vote keeps it: upsert
+    Column("explanation_id", String(36), nullable=False, index=True),
+    Column("experiment_id", String(64), index=True),
+    Column("arm_id", String(64)),
+    Column("rating", SmallInteger, nullable=False),
+    Column("stars", SmallInteger),
+    Column("submitted_at", DateTime(timezone=True), nullable=False),
+)
+
+generations = Table(
+    "generations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("prompt_name", String(100), nullable=False, index=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("source", String(32), nullable=False),  # offline | openai
+    Column("model", String(200), nullable=False),
+    Column("parent_version", String(50), nullable=False),
+    Column("requested", Integer, nullable=False),
+    Column("accepted", JSON, nullable=False),  # versions added
+    Column("rejected", JSON, nullable=False),  # [{reason, preview}]
+    Column("cost_usd", Float, nullable=False),
+    Column("tokens_in", Integer, nullable=False),
+    Column("tokens_out", Integer, nullable=False),
+)
+
+processed = Table(
+    "processed_messages",
+    metadata,
+    Column("message_id", String(36), primary_key=True),
+    Column("handled_at", DateTime(timezone=True), nullable=False),
+)
+
+outbox = outbox_table(metadata)
+
+
+def _row(r: Any) -> dict[str, Any] | None:
+    return dict(r) if r is not None else None
+
+
+class OptimizerRepository:
+    def __init__(self, session: Session) -> None:
+        self.s = session
+
+    # -- idempotency -------------------------------------------------------------------------------------
+    def seen(self, message_id: uuid.UUID) -> bool:
+        q = select(processed.c.message_id).where(processed.c.message_id == str(message_id))
+        return self.s.execute(q).first() is not None
+
+    def mark_seen(self, message_id: uuid.UUID) -> None:
+        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
+
+    # -- prompt versions --------------------------------------------------------------------------------
+    def prompt_names(self) -> list[str]:
+        return list(
+            self.s.execute(select(prompt_versions.c.name).distinct().order_by(prompt_versions.c.name)).scalars()
+        )
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        rows = self.s.execute(
+            select(prompt_versions).where(prompt_versions.c.name == name).order_by(prompt_versions.c.created_at)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+    def version(self, name: str, version: str) -> dict[str, Any] | None:
+        q = select(prompt_versions).where(prompt_versions.c.name == name, prompt_versions.c.version == version)
+        return _row(self.s.execute(q).mappings().first())
+
+    def add_version(self, values: dict[str, Any]) -> None:
+        self.s.execute(prompt_versions.insert().values(created_at=utcnow(), **values))
+
+    def set_version_status(self, name: str, version: str, status: str) -> None:
+        self.s.execute(
+            prompt_versions.update()
+            .where(prompt_versions.c.name == name, prompt_versions.c.version == version)
+            .values(status=status)
+        )
+
+    # -- champions --------------------------------------------------------------------------------------
+    def champion(self, name: str) -> dict[str, Any] | None:
+        q = select(champions).where(champions.c.name == name).order_by(champions.c.id.desc()).limit(1)
+        return _row(self.s.execute(q).mappings().first())
+
+    def champion_by_id(self, champion_id: int) -> dict[str, Any] | None:
+        return _row(self.s.execute(select(champions).where(champions.c.id == champion_id)).mappings().first())
+
+    def champion_history(self, name: str) -> list[dict[str, Any]]:
+        q = select(champions).where(champions.c.name == name).order_by(champions.c.id)
+        return [dict(r) for r in self.s.execute(q).mappings()]
+
+    def add_champion(self, values: dict[str, Any]) -> int:
+        result = self.s.execute(champions.insert().values(since=utcnow(), **values))
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    # -- experiments ------------------------------------------------------------------------------------
+    def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:
+        self.s.execute(experiments.insert().values(**values))
+        for position, arm in enumerate(arm_rows):
+            self.s.execute(arms.insert().values(experiment_id=values["experiment_id"], position=position, **arm))
+
+    def experiment(self, experiment_id: str) -> dict[str, Any] | None:
+        q = select(experiments).where(experiments.c.experiment_id == experiment_id)
+        return _row(self.s.execute(q).mappings().first())
+
+    def experiments(self, status: str | None = None, prompt_name: str | None = None) -> list[dict[str, Any]]:
+        q = select(experiments).order_by(experiments.c.created_at.desc())
+        if status is not None:
+            q = q.where(experiments.c.status == status)
+        if prompt_name is not None:
+            q = q.where(experiments.c.prompt_name == prompt_name)
+        return [dict(r) for r in self.s.execute(q).mappings()]
+
+    def active_experiment(self, prompt_name: str) -> dict[str, Any] | None:
+        q = select(experiments).where(
+            experiments.c.prompt_name == prompt_name, experiments.c.status.in_(sorted(domain.ACTIVE_STATES))
+        )
+        return _row(self.s.execute(q).mappings().first())
+
+    def update_experiment(self, experiment_id: str, **values: Any) -> None:
+        self.s.execute(experiments.update().where(experiments.c.experiment_id == experiment_id).values(**values))
+
+    def arms(self, experiment_id: str) -> list[dict[str, Any]]:
+        q = select(arms).where(arms.c.experiment_id == experiment_id).order_by(arms.c.position)
+        return [dict(r) for r in self.s.execute(q).mappings()]
+
+    def rebase_arms(self, experiment_id: str, champion_version: str, champion_model: str) -> None:
+        """Point a queued experiment at the champion of the moment: the control becomes the champion and
+        every treatment keeps its model with the champion's prompt."""
+        for arm in self.arms(experiment_id):
+            values = {"prompt_version": champion_version}
+            if arm["is_control"]:
+                values["model"] = champion_model
+            self.s.execute(
+                arms.update()
+                .where(arms.c.experiment_id == experiment_id, arms.c.arm_id == arm["arm_id"])
+                .values(**values)
+            )
+
+    def versions_in_active_experiments(self, name: str) -> set[str]:
+        q = (
+            select(arms.c.prompt_version)
+            .join(experiments, experiments.c.experiment_id == arms.c.experiment_id)
+            .where(
+                experiments.c.prompt_name == name,
+                experiments.c.status.in_(sorted(domain.ACTIVE_STATES | {domain.QUEUED})),
+            )
+        )
+        return set(self.s.execute(q).scalars())
+
+    def tested_versions(self, name: str) -> set[str]:
+        q = (
+            select(arms.c.prompt_version)
+            .join(experiments, experiments.c.experiment_id == arms.c.experiment_id)
+            .where(experiments.c.prompt_name == name)
+        )
+        return set(self.s.execute(q).scalars())
+
+    # -- exposures and votes ----------------------------------------------------------------------------
+    def add_exposure(self, values: dict[str, Any]) -> bool:
+        q = select(exposures.c.explanation_id).where(exposures.c.explanation_id == values["explanation_id"])
+        if self.s.execute(q).first() is not None:
+            return False
+        self.s.execute(exposures.insert().values(**values))
+        return True
+
+    def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
+        q = select(votes.c.submitted_at).where(votes.c.feedback_id == str(feedback_id))
+        row = self.s.execute(q).first()
+        return row.submitted_at if row else None
+
+    def upsert_vote(self, values: dict[str, Any], *, exists: bool) -> None:
+        if exists:
+            self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
+        else:
+            self.s.execute(votes.insert().values(**values))
+
+    def delete_votes(self, feedback_ids: list[str]) -> int:
+        if not feedback_ids:
+            return 0
+        return int(self.s.execute(delete(votes).where(votes.c.feedback_id.in_(feedback_ids))).rowcount or 0)
+
+    def count_feedback(self, experiment_id: str) -> int:
+        q = select(func.count()).select_from(votes).where(votes.c.experiment_id == experiment_id)
+        return int(self.s.execute(q).scalar_one())
+
+    def count_exposures(self, experiment_id: str) -> int:
+        q = select(func.count()).select_from(exposures).where(exposures.c.experiment_id == experiment_id)
+        return int(self.s.execute(q).scalar_one())
+
+    def arm_data(self, experiment_id: str, arm_ids: list[str]) -> list[ArmData]:
+        """What each arm collected: exposures with cost and latency, thumbs, stars (sum and sum of squares)."""
+        exp_rows = {
+            r.arm_id: r
+            for r in self.s.execute(
+                select(
+                    exposures.c.arm_id,
+                    func.count().label("n"),
+                    func.coalesce(func.sum(exposures.c.cost_usd), 0.0).label("cost"),
+                    func.coalesce(func.sum(exposures.c.latency_ms), 0.0).label("latency"),
+                )
+                .where(exposures.c.experiment_id == experiment_id)
+                .group_by(exposures.c.arm_id)
+            )
+        }
+        vote_rows = {
+            r.arm_id: r
+            for r in self.s.execute(
+                select(
+                    votes.c.arm_id,
+                    func.count().label("n"),
+                    func.coalesce(func.sum(case((votes.c.rating == 1, 1), else_=0)), 0).label("pos"),
+                    func.count(votes.c.stars).label("star_n"),
+                    func.coalesce(func.sum(votes.c.stars), 0).label("star_sum"),
+                    func.coalesce(func.sum(votes.c.stars * votes.c.stars), 0).label("star_sumsq"),
+                )
+                .where(votes.c.experiment_id == experiment_id)
+                .group_by(votes.c.arm_id)
+            )
+        }
+        out = []
+        for arm_id in arm_ids:
+            e, v = exp_rows.get(arm_id), vote_rows.get(arm_id)
+            out.append(
+                ArmData(
+                    arm_id=arm_id,
+                    exposures=int(e.n) if e else 0,
+                    n=int(v.n) if v else 0,
+                    positives=int(v.pos) if v else 0,
+                    star_n=int(v.star_n) if v else 0,
+                    star_sum=float(v.star_sum) if v else 0.0,
+                    star_sumsq=float(v.star_sumsq) if v else 0.0,
+                    cost_usd_sum=float(e.cost) if e else 0.0,
+                    latency_ms_sum=float(e.latency) if e else 0.0,
+                )
+            )
+        return out
+
+    # -- generations ------------------------------------------------------------------------------------
+    def last_generation(self, name: str) -> dict[str, Any] | None:
+        q = select(generations).where(generations.c.prompt_name == name).order_by(generations.c.id.desc()).limit(1)
+        return _row(self.s.execute(q).mappings().first())
+
+    def add_generation(self, values: dict[str, Any]) -> int:
+        result = self.s.execute(generations.insert().values(**values))
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    def finish_generation(self, generation_id: int, accepted: list[str], rejected: list[dict[str, str]]) -> None:
+        self.s.execute(
+            generations.update().where(generations.c.id == generation_id).values(accepted=accepted, rejected=rejected)
+        )
+
+    def generations(self, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        q = select(generations).order_by(generations.c.id.desc()).limit(limit)
+        if name is not None:
+            q = q.where(generations.c.prompt_name == name)
+        return [dict(r) for r in self.s.execute(q).mappings()]
+
+
+class SqlUnitOfWork:
+    """One transaction; events added here are staged in the outbox and published after commit."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+        self.committed = False
+
+    def __enter__(self) -> SqlUnitOfWork:
+        self.session = self.factory()
+        self.repo = OptimizerRepository(self.session)
+        self.committed = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.session.rollback()
+        self.session.close()
+
+    def add_events(self, *events: Event) -> None:
+        stage(self.session, outbox, list(events))
+
+    def commit(self) -> None:
+        self.session.commit()
+        self.committed = True
+
+
+class Store:
+    """Engine + session factory for one database URL; creates the tables on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+        self.factory = make_session_factory(self.engine)
+
+    def uow(self) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self.factory)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,79 @@
+"""Celery entry points of the optimizer (queue "optimizer"). Each turns a payload into a message and calls
+the handler; the outbox is relayed after the commit. The periodic ones (run_decisions, generate_variants,
+relay_outbox) are sent by beat without a payload."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from services.optimizer import handlers
+from services.optimizer.config import get_settings
+from services.optimizer.generation import VariantGenerator, make_generator
+from services.optimizer.store import Store, outbox
+from shared.bus import CeleryBus, make_celery
+from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
+from shared.logging import configure_logging
+from shared.outbox import relay
+
+settings = get_settings()
+app = make_celery("optimizer", settings)
+configure_logging("optimizer-worker", settings.log_level)
+
+
+@lru_cache
+def _store() -> Store:
+    store = Store(get_settings().db_url)
+    handlers.ensure_seeded(store.uow(), get_settings().seed_model())
+    return store
+
+
+@lru_cache
+def _generator() -> VariantGenerator:
+    return make_generator(get_settings())
+
+
+def _relay() -> int:
+    return relay(_store().factory, outbox, CeleryBus(app))
+
+
+@app.task(name="optimizer.on_explanation_created")
+def on_explanation_created(payload: dict) -> bool:
+    return handlers.on_explanation_created(ExplanationCreated.from_payload(payload), _store().uow())
+
+
+@app.task(name="optimizer.on_feedback_recorded")
+def on_feedback_recorded(payload: dict) -> str:
+    return handlers.on_feedback_recorded(FeedbackRecorded.from_payload(payload), _store().uow())
+
+
+@app.task(name="optimizer.on_feedback_erased")
+def on_feedback_erased(payload: dict) -> int:
+    return handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
+
+
+@app.task(name="optimizer.on_model_registered")
+def on_model_registered(payload: dict) -> str:
+    outcome = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow, get_settings())
+    _relay()
+    return outcome
+
+
+@app.task(name="optimizer.run_decisions")
+def run_decisions(payload: dict | None = None) -> list[dict[str, Any]]:
+    results = handlers.run_decisions(_store().uow, get_settings())
+    _relay()
+    return results
+
+
+@app.task(name="optimizer.generate_variants")
+def generate_variants(payload: dict | None = None) -> list[dict[str, Any]]:
+    """Beat: generate variants and start the next experiment where none runs (OPTIMIZER_AUTO_EXPERIMENT)."""
+    results = handlers.auto_cycle(_store().uow, _generator(), get_settings())
+    _relay()
+    return results
+
+
+@app.task(name="optimizer.relay_outbox")
+def relay_outbox(payload: dict | None = None) -> int:
+    return _relay()

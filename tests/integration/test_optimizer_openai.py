@@ -1,0 +1,89 @@
+"""Variant generation through the real openai SDK against a local fake OpenAI server (real HTTP)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.optimizer.config import OptimizerSettings
+from services.optimizer.generation import price_usd
+from services.optimizer.main import create_app
+from shared.prompts import SEED_TEMPLATE
+from shared.redis_server import RedisServer
+from tests.fakes.openai_server import FakeOpenAIServer
+
+TOKEN = "openai-test-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+GOOD = "Ticker: {ticker}\nSignal: {signal}\nIndicators:\n{indicators}\n\nIn two bullet points, say why {ticker} is a {signal}."
+BROKEN = "Explain why {ticker} is a {signal}."
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def client(tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer) -> Iterator[TestClient]:
+    fake.reset()
+    settings = OptimizerSettings(
+        redis_url=redis_server.url.rsplit("/", 1)[0] + "/8",  # own database: our events reach no other test
+        ADMIN_TOKEN=TOKEN,
+        DATA_DIR=tmp_path,
+        OPENAI_API_KEY="sk-test",
+        OPENAI_BASE_URL=fake.openai_base_url,
+        generation_min_interval_s=3600,
+        generation_timeout_s=5,
+    )
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_meta_prompt_variants_pass_guardrails_and_cost_is_recorded(client: TestClient, fake: FakeOpenAIServer) -> None:
+    answer = {
+        "variants": [
+            {"template": GOOD, "rationale": "shorter, bullet points"},
+            {"template": BROKEN, "rationale": "drops the indicators"},
+            {"template": SEED_TEMPLATE, "rationale": "unchanged"},
+        ]
+    }
+    fake.answer(json.dumps(answer), prompt_tokens=800, completion_tokens=400)
+    r = client.post("/api/prompts/explain_signal/variants", json={"count": 3}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    result = r.json()
+    assert result["source"] == "openai" and result["model"] == "gpt-4o-mini"
+    assert [(v["version"], v["template"]) for v in result["accepted"]] == [("v1.1", GOOD)]
+    assert result["accepted"][0]["reason"] == "openai: shorter, bullet points"
+    assert [r["reason"][:25] for r in result["rejected"]] == ["template drops required p", "near-duplicate of an exis"]
+    assert result["cost_usd"] == pytest.approx(price_usd("gpt-4o-mini", 800, 400))
+    assert result["tokens_in"] == 800 and result["tokens_out"] == 400
+
+    (request,) = fake.requests
+    assert request.authorization == "Bearer sk-test" and request.model == "gpt-4o-mini"
+    user = request.messages[-1]["content"]
+    assert SEED_TEMPLATE in user and "Generate 3 variants" in user and "clearer or more concise" in user
+
+    generations = client.get("/api/prompts/explain_signal").json()["generations"]
+    assert generations[0]["source"] == "openai" and generations[0]["cost_usd"] == pytest.approx(result["cost_usd"])
+
+
+def test_provider_failure_is_a_502_and_does_not_use_up_the_rate_limit(
+    client: TestClient, fake: FakeOpenAIServer
+) -> None:
+    fake.fail_next(2, status=500)  # the SDK retries once
+    r = client.post("/api/prompts/explain_signal/variants", headers=ADMIN)
+    assert r.status_code == 502 and "OpenAI variant generation failed" in r.json()["error"]["message"]
+    fake.answer(json.dumps({"variants": [{"template": GOOD, "rationale": "bullets"}]}))
+    r = client.post("/api/prompts/explain_signal/variants", headers=ADMIN)
+    assert r.status_code == 201 and len(r.json()["accepted"]) == 1
+
+
+def test_answer_that_is_not_json_is_a_502(client: TestClient, fake: FakeOpenAIServer) -> None:
+    fake.answer("Sure! Here are some ideas: be clearer.")
+    r = client.post("/api/prompts/explain_signal/variants", headers=ADMIN)
+    assert r.status_code == 502 and "not JSON" in r.json()["error"]["message"]

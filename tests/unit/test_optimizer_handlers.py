@@ -1,0 +1,481 @@
+"""Optimizer use cases against a real SQLite file, with a FakeBus for what they publish and a fake generator."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.optimizer import domain, handlers
+from services.optimizer.config import OptimizerSettings
+from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator
+from services.optimizer.store import Store, outbox
+from shared.bus import FakeBus
+from shared.contracts import (
+    AllocationChanged,
+    ChampionChanged,
+    ExperimentConcluded,
+    ExperimentStarted,
+    ExplanationCreated,
+    FeedbackErased,
+    FeedbackRecorded,
+    ModelRegistered,
+    utcnow,
+)
+from shared.outbox import relay
+from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
+
+MODEL = "offline/template-v1"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'optimizer.db'}")
+    handlers.ensure_seeded(s.uow(), MODEL)
+    yield s
+    s.dispose()
+
+
+@pytest.fixture
+def settings() -> OptimizerSettings:
+    return OptimizerSettings(
+        min_duration_s=0,
+        min_feedback_per_arm=30,
+        max_feedback_per_arm=400,
+        generation_min_interval_s=3600,
+        promotion_mode="auto",
+        auto_experiment=True,
+        OPENAI_API_KEY=None,
+        GROQ_API_KEY=None,
+    )
+
+
+def published(store: Store) -> list[Any]:
+    bus = FakeBus()
+    relay(store.factory, outbox, bus)
+    return bus.events
+
+
+def add_variant(store: Store, settings: OptimizerSettings, text: str = "bullet points") -> str:
+    template = SEED_TEMPLATE + f"\n\nAnswer as {text}, with one line per indicator and the strongest first."
+    return handlers.add_version(PROMPT_NAME, template, store.uow(), settings)["version"]
+
+
+def start(store: Store, settings: OptimizerSettings, version: str, **kw: Any) -> str:
+    spec = domain.ExperimentSpec(
+        prompt_name=PROMPT_NAME,
+        arms=(domain.ArmIn("v1.0", MODEL, 0.5, True), domain.ArmIn(version, MODEL, 0.5)),
+        **handlers.spec_defaults(settings, **kw),
+    )
+    return handlers.create_experiment(spec, store.uow())["experiment_id"]
+
+
+def feed(
+    store: Store,
+    experiment_id: str,
+    arm_id: str,
+    *,
+    n: int,
+    positives: int,
+    cost: float = 0.0,
+    version: str = "v1.0",
+) -> None:
+    """n exposures on the arm, each with one vote; the first `positives` are thumbs up."""
+    now = utcnow()
+    for i in range(n):
+        eid = uuid.uuid4()
+        common = {
+            "prompt_name": PROMPT_NAME,
+            "prompt_version": version,
+            "model": MODEL,
+            "experiment_id": experiment_id,
+            "arm_id": arm_id,
+        }
+        handlers.on_explanation_created(
+            ExplanationCreated(
+                explanation_id=eid,
+                request_key="k",
+                ticker="AAPL",
+                signal="BUY",
+                provider="offline",
+                prompt_text="p",
+                text="t",
+                tokens_in=10,
+                tokens_out=20,
+                cost_usd=cost,
+                latency_ms=5.0,
+                created_at=now,
+                **common,
+            ),
+            store.uow(),
+        )
+        handlers.on_feedback_recorded(
+            FeedbackRecorded(
+                feedback_id=uuid.uuid4(),
+                explanation_id=eid,
+                session_key=f"s{i}",
+                rating=1 if i < positives else -1,
+                submitted_at=now,
+                signal="BUY",
+                ticker="AAPL",
+                **common,
+            ),
+            store.uow(),
+        )
+
+
+def champion(store: Store) -> dict[str, Any]:
+    return handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["champion"]
+
+
+def statuses(store: Store) -> dict[str, str]:
+    return {v["version"]: v["status"] for v in handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["versions"]}
+
+
+# -- registry ---------------------------------------------------------------------------------------------
+
+
+def test_seed_prompt_is_champion_once_and_announced(store: Store) -> None:
+    assert handlers.ensure_seeded(store.uow(), MODEL) is False
+    events = published(store)
+    assert [type(e) for e in events] == [ChampionChanged]
+    assert events[0].prompt.version == "v1.0" and events[0].model == MODEL
+    assert champion(store)["version"] == "v1.0"
+
+
+def test_hand_written_version_gets_next_number_and_lineage(store: Store, settings: OptimizerSettings) -> None:
+    version = add_variant(store, settings)
+    view = handlers.prompts_view(store.uow(), PROMPT_NAME)[0]
+    added = next(v for v in view["versions"] if v["version"] == version)
+    assert version == "v1.1" and added["parent_version"] == "v1.0" and added["status"] == "candidate"
+
+
+def test_hand_written_near_duplicate_is_a_conflict(store: Store, settings: OptimizerSettings) -> None:
+    with pytest.raises(domain.Conflict, match="near-duplicate"):
+        handlers.add_version(PROMPT_NAME, SEED_TEMPLATE + " ", store.uow(), settings)
+
+
+def test_champion_cannot_be_archived(store: Store) -> None:
+    with pytest.raises(domain.Conflict, match="champion"):
+        handlers.archive_version(PROMPT_NAME, "v1.0", store.uow())
+
+
+# -- feed -------------------------------------------------------------------------------------------------
+
+
+def test_replaced_vote_counts_once_and_erasure_removes_it(store: Store, settings: OptimizerSettings) -> None:
+    exp = start(store, settings, add_variant(store, settings))
+    eid, fid = uuid.uuid4(), uuid.uuid4()
+    t0 = utcnow()
+    base = {
+        "feedback_id": fid,
+        "explanation_id": eid,
+        "session_key": "s",
+        "signal": "BUY",
+        "ticker": "AAPL",
+        "prompt_name": PROMPT_NAME,
+        "prompt_version": "v1.0",
+        "model": MODEL,
+        "experiment_id": exp,
+        "arm_id": "control",
+    }
+    up = FeedbackRecorded(rating=1, submitted_at=t0, **base)
+    assert handlers.on_feedback_recorded(up, store.uow()) == "stored"
+    assert handlers.on_feedback_recorded(up, store.uow()) == "duplicate"
+    down = FeedbackRecorded(rating=-1, submitted_at=t0 + timedelta(seconds=1), replaced=True, **base)
+    assert handlers.on_feedback_recorded(down, store.uow()) == "replaced"
+    old = FeedbackRecorded(rating=1, submitted_at=t0 - timedelta(seconds=5), **base)
+    assert handlers.on_feedback_recorded(old, store.uow()) == "stale"
+    arm = handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]
+    assert (arm["n"], arm["positives"]) == (1, 0)
+    erased = FeedbackErased(session_key="s", feedback_ids=[fid], explanation_ids=[eid], erased_at=utcnow())
+    assert handlers.on_feedback_erased(erased, store.uow()) == 1
+    assert handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
+
+
+# -- experiments and decisions ----------------------------------------------------------------------------
+
+
+def test_only_one_experiment_runs_per_prompt(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    start(store, settings, v)
+    with pytest.raises(domain.Conflict, match="already running"):
+        start(store, settings, v)
+
+
+def test_clear_winner_is_promoted_losers_archived_and_router_told(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    published(store)
+    feed(store, exp, "control", n=60, positives=30)
+    feed(store, exp, "t1", n=60, positives=55, version=v)
+    results = handlers.run_decisions(store.uow, settings)
+    assert results[0]["action"] == "promoted" and results[0]["decision"] == "ship"
+    assert champion(store)["version"] == v
+    assert statuses(store) == {"v1.0": "archived", v: "active"}
+    events = published(store)
+    assert {type(e) for e in events} == {ExperimentConcluded, ChampionChanged}
+    concluded = next(e for e in events if isinstance(e, ExperimentConcluded))
+    assert concluded.decision == "ship" and concluded.winner_arm_id == "t1"
+    changed = next(e for e in events if isinstance(e, ChampionChanged))
+    assert changed.prompt.version == v and changed.previous_version == "v1.0" and "won experiment" in changed.reason
+    view = handlers.experiment_view(exp, store.uow())
+    assert view["status"] == "concluded" and view["decision"]["final"] is True
+
+
+def test_decision_waits_for_minimum_duration(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v, min_duration_s=3600)
+    feed(store, exp, "control", n=60, positives=30)
+    feed(store, exp, "t1", n=60, positives=55, version=v)
+    result = handlers.decide_experiment(exp, store.uow(), settings)
+    assert result["decision"] == "collecting" and "minimum duration" in result["reason"]
+    later = utcnow() + timedelta(hours=2)
+    assert handlers.decide_experiment(exp, store.uow(), settings, later)["action"] == "promoted"
+
+
+def test_approve_mode_waits_for_an_operator(store: Store, settings: OptimizerSettings) -> None:
+    approve = settings.model_copy(update={"promotion_mode": "approve"})
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    feed(store, exp, "control", n=60, positives=30)
+    feed(store, exp, "t1", n=60, positives=55, version=v)
+    assert handlers.decide_experiment(exp, store.uow(), approve)["action"] == "awaiting_approval"
+    assert champion(store)["version"] == "v1.0"
+    result = handlers.promote_experiment(exp, store.uow())
+    assert result["promoted_arm_id"] == "t1" and champion(store)["version"] == v
+
+
+def test_promote_without_a_winner_is_a_conflict(store: Store, settings: OptimizerSettings) -> None:
+    exp = start(store, settings, add_variant(store, settings))
+    with pytest.raises(domain.Conflict, match="no winner"):
+        handlers.promote_experiment(exp, store.uow())
+
+
+def test_no_difference_concludes_inconclusive_without_promotion(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    feed(store, exp, "control", n=400, positives=240)
+    feed(store, exp, "t1", n=400, positives=240, version=v)
+    result = handlers.decide_experiment(exp, store.uow(), settings)
+    assert result["decision"] == "inconclusive" and result["action"] == "concluded"
+    assert champion(store)["version"] == "v1.0"
+    assert statuses(store)[v] == "archived"
+
+
+def test_worse_treatment_keeps_control(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    feed(store, exp, "control", n=80, positives=70)
+    feed(store, exp, "t1", n=80, positives=20, version=v)
+    assert handlers.decide_experiment(exp, store.uow(), settings)["decision"] == "keep_control"
+    assert champion(store)["version"] == "v1.0"
+
+
+def test_sample_ratio_mismatch_pauses_the_experiment(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    published(store)
+    feed(store, exp, "control", n=300, positives=180)
+    feed(store, exp, "t1", n=100, positives=60, version=v)
+    result = handlers.decide_experiment(exp, store.uow(), settings)
+    assert result["decision"] == "unhealthy" and result["action"] == "paused"
+    assert "sample ratio mismatch" in result["reason"]
+    events = published(store)
+    assert [e.decision for e in events if isinstance(e, ExperimentConcluded)] == ["unhealthy"]
+    assert statuses(store)[v] == "candidate"
+
+
+def test_cost_guardrail_blocks_an_expensive_winner(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    feed(store, exp, "control", n=80, positives=40, cost=0.001)
+    feed(store, exp, "t1", n=80, positives=75, cost=0.01, version=v)
+    result = handlers.decide_experiment(exp, store.uow(), settings)
+    assert result["decision"] == "keep_control" and "cost" in result["reason"]
+
+
+def test_rollback_restores_the_champion_an_experiment_replaced(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    feed(store, exp, "control", n=60, positives=30)
+    feed(store, exp, "t1", n=60, positives=55, version=v)
+    handlers.run_decisions(store.uow, settings)
+    published(store)
+    result = handlers.rollback_experiment(exp, store.uow())
+    assert result["champion"]["version"] == "v1.0" and champion(store)["version"] == "v1.0"
+    events = published(store)
+    assert [(e.prompt.version, e.previous_version) for e in events if isinstance(e, ChampionChanged)] == [("v1.0", v)]
+    assert "rollback" in events[-1].reason
+    with pytest.raises(domain.Conflict, match="already been rolled back"):
+        handlers.rollback_experiment(exp, store.uow())
+
+
+def test_prompt_rollback_to_any_earlier_champion(store: Store, settings: OptimizerSettings) -> None:
+    with pytest.raises(domain.Conflict, match="no earlier champion"):
+        handlers.rollback_prompt(PROMPT_NAME, store.uow())
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    handlers.promote_experiment(exp, store.uow(), arm_id="t1")
+    with pytest.raises(domain.Conflict, match="never an earlier champion"):
+        handlers.rollback_prompt(PROMPT_NAME, store.uow(), version="v7.0")
+    assert handlers.rollback_prompt(PROMPT_NAME, store.uow(), version="v1.0")["version"] == "v1.0"
+    kinds = [h["kind"] for h in handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["champion_history"]]
+    assert kinds == ["seed", "promotion", "rollback"]
+
+
+def test_stop_ends_an_experiment_without_promotion(store: Store, settings: OptimizerSettings) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    published(store)
+    assert handlers.stop_experiment(exp, store.uow())["status"] == "stopped"
+    assert [e.decision for e in published(store)] == ["stopped"]
+    with pytest.raises(domain.Conflict):
+        handlers.stop_experiment(exp, store.uow())
+
+
+def test_adaptive_allocation_reweights_in_batches(store: Store, settings: OptimizerSettings) -> None:
+    tuned = settings.model_copy(update={"adaptive_min_feedback_per_arm": 20, "adaptive_batch": 10})
+    v1 = add_variant(store, settings, "bullet points")
+    v2 = handlers.add_version(
+        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
+    )["version"]
+    spec = domain.ExperimentSpec(
+        prompt_name=PROMPT_NAME,
+        arms=(domain.ArmIn("v1.0", MODEL, None, True), domain.ArmIn(v1, MODEL, None), domain.ArmIn(v2, MODEL, None)),
+        allocation="adaptive",
+        **handlers.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
+    )
+    exp = handlers.create_experiment(spec, store.uow())["experiment_id"]
+    published(store)
+    for arm, pos in (("control", 5), ("t1", 9), ("t2", 4)):
+        feed(store, exp, arm, n=10, positives=pos)
+    assert handlers.decide_experiment(exp, store.uow(), tuned)["action"] == "none"  # under 20 per arm
+    for arm, pos in (("control", 7), ("t1", 13), ("t2", 6)):
+        feed(store, exp, arm, n=14, positives=pos)
+    assert handlers.decide_experiment(exp, store.uow(), tuned)["action"] == "reweighted"
+    changes = [e for e in published(store) if isinstance(e, AllocationChanged)]
+    assert len(changes) == 1 and changes[0].weights["t1"] > changes[0].weights["t2"]
+    assert min(changes[0].weights.values()) >= 0.01
+    assert sum(changes[0].weights.values()) == pytest.approx(1.0)
+    assert handlers.decide_experiment(exp, store.uow(), tuned)["action"] == "none"  # no new batch yet
+
+
+# -- fine-tuned models ------------------------------------------------------------------------------------
+
+
+def test_registered_model_starts_an_experiment_that_needs_ten_percent_lift(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    published(store)
+    event = ModelRegistered(model_id="ft-1", model="local/ft-1", base_model="tiny")
+    outcome = handlers.on_model_registered(event, store.uow, settings)
+    assert outcome.endswith("running")
+    assert handlers.on_model_registered(event, store.uow, settings) == "duplicate"
+    started = [e for e in published(store) if isinstance(e, ExperimentStarted)]
+    assert [(a.prompt.version, a.model, a.is_control) for a in started[0].arms] == [
+        ("v1.0", MODEL, True),
+        ("v1.0", "local/ft-1", False),
+    ]
+    view = handlers.experiment_view(started[0].experiment_id, store.uow())
+    assert view["config"]["min_lift_to_ship"] == pytest.approx(0.10) and view["source"] == "finetune"
+    # +8.9% relative is significant with this much data, but under the 10% the plan asks of a tuned model
+    feed(store, started[0].experiment_id, "control", n=300, positives=270)
+    feed(store, started[0].experiment_id, "t1", n=300, positives=294)
+    result = handlers.decide_experiment(started[0].experiment_id, store.uow(), settings)
+    assert champion(store)["model"] == MODEL
+    assert result["decision"] == "keep_control" and "below 10%" in result["reason"]
+
+
+def test_registered_model_queues_behind_a_running_experiment(store: Store, settings: OptimizerSettings) -> None:
+    exp = start(store, settings, add_variant(store, settings))
+    outcome = handlers.on_model_registered(
+        ModelRegistered(model_id="ft", model="local/ft", base_model="b"), store.uow, settings
+    )
+    assert outcome.endswith("queued")
+    handlers.stop_experiment(exp, store.uow())
+    started = [r for r in handlers.run_decisions(store.uow, settings) if r.get("action") == "started"]
+    assert len(started) == 1
+
+
+# -- variant generation -----------------------------------------------------------------------------------
+
+
+class FixedGenerator:
+    def __init__(self, templates: list[str]) -> None:
+        self.templates = templates
+        self.calls = 0
+
+    def generate(self, template: str, count: int) -> GenerationResult:
+        self.calls += 1
+        return GenerationResult(
+            source="openai",
+            model="gpt-4o-mini",
+            candidates=tuple(Candidate(t, "test") for t in self.templates[:count]),
+            cost_usd=0.0021,
+            tokens_in=500,
+            tokens_out=300,
+        )
+
+
+def test_generation_keeps_good_variants_rejects_broken_ones_and_records_cost(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    good = "Ticker {ticker} has a {signal} signal.\nIndicators:\n{indicators}\nGive three bullet points."
+    broken = "Explain the {signal} signal for {ticker}."  # drops {indicators}
+    generator = FixedGenerator([good, broken, SEED_TEMPLATE, good])
+    result = handlers.generate_variants(PROMPT_NAME, store.uow, generator, settings, count=4)
+    assert [v["version"] for v in result["accepted"]] == ["v1.1"]
+    reasons = [r["reason"] for r in result["rejected"]]
+    assert "indicators" in reasons[0] and "near-duplicate" in reasons[1] and "near-duplicate" in reasons[2]
+    assert result["cost_usd"] == pytest.approx(0.0021)
+    generations = handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["generations"]
+    assert generations[0]["cost_usd"] == pytest.approx(0.0021) and generations[0]["rejected"] == 3
+
+
+def test_generation_is_rate_limited(store: Store, settings: OptimizerSettings) -> None:
+    t0 = datetime.now().astimezone()
+    handlers.generate_variants(PROMPT_NAME, store.uow, OfflineGenerator(), settings, t0)
+    generator = FixedGenerator([])
+    with pytest.raises(domain.RateLimited) as info:
+        handlers.generate_variants(PROMPT_NAME, store.uow, generator, settings, t0 + timedelta(minutes=10))
+    assert 2990 < info.value.retry_after_s <= 3000
+    assert generator.calls == 0  # no money spent while rate limited
+
+
+def test_auto_cycle_generates_and_starts_the_next_experiment(store: Store, settings: OptimizerSettings) -> None:
+    published(store)
+    results = handlers.auto_cycle(store.uow, OfflineGenerator(), settings)
+    assert results[0]["action"] == "started" and results[0]["generated"] is True
+    started = [e for e in published(store) if isinstance(e, ExperimentStarted)]
+    assert [a.arm_id for a in started[0].arms] == ["control", "t1", "t2", "t3"]
+    assert started[0].arms[0].prompt.version == "v1.0"
+    assert handlers.auto_cycle(store.uow, OfflineGenerator(), settings) == []  # one is running
+
+
+def test_auto_cycle_rotates_the_new_champion_into_control(store: Store, settings: OptimizerSettings) -> None:
+    fast = settings.model_copy(update={"generation_min_interval_s": 0})
+    first = handlers.auto_cycle(store.uow, OfflineGenerator(), fast)[0]["experiment_id"]
+    view = handlers.experiment_view(first, store.uow())
+    bullets = view["arms"][1]["prompt_version"]
+    feed(store, first, "control", n=60, positives=30)
+    feed(store, first, "t1", n=60, positives=57, version=bullets)
+    feed(store, first, "t2", n=60, positives=30)
+    feed(store, first, "t3", n=60, positives=30)
+    assert handlers.run_decisions(store.uow, fast)[0]["action"] == "promoted"
+    second = handlers.auto_cycle(store.uow, OfflineGenerator(), fast)[0]["experiment_id"]
+    arms = handlers.experiment_view(second, store.uow())["arms"]
+    assert arms[0]["prompt_version"] == bullets and arms[0]["is_control"]
+    parents = {
+        v["version"]: v["parent_version"] for v in handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["versions"]
+    }
+    assert all(parents[a["prompt_version"]] == bullets for a in arms[1:])
+
+
+def test_auto_cycle_is_off_when_disabled(store: Store, settings: OptimizerSettings) -> None:
+    off = settings.model_copy(update={"auto_experiment": False})
+    assert handlers.auto_cycle(store.uow, OfflineGenerator(), off) == []
