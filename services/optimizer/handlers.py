@@ -589,6 +589,8 @@ def _reweight(
         seed=_seed_of(f"{exp['experiment_id']}:{len(history)}"),
         metric=exp["metric"],
         control_id=control,
+        # square-root rule: the control keeps just enough traffic for the many-to-one comparison
+        control_share=stats.many_to_one_control_share(len(data) - 1) if control else None,
     )
     changed = domain.weights_changed(exp["weights"], new)
     values: dict[str, Any] = {"reweighted_at_feedback": total_feedback}

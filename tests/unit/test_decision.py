@@ -154,6 +154,24 @@ def test_thompson_weights_with_control_keep_half_on_control() -> None:
     assert w["t1"] == pytest.approx(0.5 * 0.96 + 0.01, abs=1e-3)
 
 
+def test_thompson_weights_control_share_is_kept_and_the_rest_follows_thompson() -> None:
+    arms = [arm("control", 2000, 1000), arm("t1", 2000, 1300), arm("t2", 2000, 900), arm("t3", 2000, 950)]
+    share = stats.many_to_one_control_share(3)
+    w = stats.thompson_weights(arms, control_id="control", floor=0.01, control_share=share)
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert w["control"] == pytest.approx(0.01 + 0.96 * share)  # the floor mixes with the uniform
+    assert w["t1"] == pytest.approx(0.01 + 0.96 * (1 - share), abs=1e-3)  # the sure leader takes the rest
+    assert w["t2"] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_thompson_weights_treatment_beta_keeps_a_challenger_among_treatments() -> None:
+    arms = [arm("control", 2000, 1000), arm("t1", 2000, 1300), arm("t2", 2000, 900), arm("t3", 2000, 950)]
+    w = stats.thompson_weights(arms, control_id="control", floor=0.0, treatment_beta=0.5)
+    assert w["control"] == pytest.approx(0.5)
+    assert w["t1"] == pytest.approx(0.25, abs=1e-3)  # leader: beta of the treatments' half
+    assert w["t2"] + w["t3"] == pytest.approx(0.25, abs=1e-3)  # the challengers share the rest
+
+
 def test_thompson_weights_are_deterministic_for_a_seed() -> None:
     arms = [arm("control", 300, 150), arm("t1", 300, 160), arm("t2", 300, 155)]
     assert stats.thompson_weights(arms, seed=3) == stats.thompson_weights(arms, seed=3)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import integrate
+from scipy import integrate, optimize
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import NormalIndPower, zt_ind_solve_power
@@ -155,6 +155,55 @@ def test_confidence_sequence_boundary_is_where_lambda_hits_one_over_alpha() -> N
     v, tau2, alpha = 0.0004, 0.0025, 0.05
     h = float(stats.msprt_half_width(v, tau2, alpha))
     assert float(stats.msprt_p_value(h, v, tau2)) == pytest.approx(alpha, rel=1e-9)
+
+
+@pytest.mark.parametrize(("effect", "alpha"), [(0.06, 0.05 / 3), (0.06, 0.05), (0.2, 0.01), (0.011, 0.001)])
+def test_msprt_tau_maximises_the_variance_at_which_the_mean_path_crosses(effect: float, alpha: float) -> None:
+    # Independent route: for each tau, solve effect^2 / V = (1 + V/tau^2)(2 log(1/alpha) + log(1 + tau^2/V)) for the
+    # crossing variance V with brentq, then maximise V over tau with scipy (fewest samples, since V ~ 1/n).
+    big_l = 2 * math.log(1 / alpha)
+
+    def crossing_v(tau: float) -> float:
+        def gap(log_v: float) -> float:
+            v = math.exp(log_v)
+            return effect**2 / v - (1 + v / tau**2) * (big_l + math.log1p(tau**2 / v))
+
+        return math.exp(optimize.brentq(gap, math.log(effect**2) - 30, math.log(effect**2) + 5, xtol=1e-14))
+
+    res = optimize.minimize_scalar(
+        lambda t: -crossing_v(t * effect), bounds=(0.3, 3.0), method="bounded", options={"xatol": 1e-10}
+    )
+    tau = stats.msprt_tau_for_effect(effect, alpha)
+    assert tau == pytest.approx(res.x * effect, rel=1e-4)  # the optimum is flat: compare the location loosely
+    assert crossing_v(tau) == pytest.approx(-res.fun, rel=1e-9)  # and the value tightly
+    r = tau**2 / crossing_v(tau)
+    assert r == pytest.approx(big_l + math.log1p(r), rel=1e-6)  # the fixed point the closed form uses
+    assert stats.msprt_tau_for_effect(-effect, alpha) == pytest.approx(tau, rel=1e-12)
+
+
+def test_msprt_tau_rejects_an_invalid_alpha() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        stats.msprt_tau_for_effect(0.06, 1.0)
+
+
+def test_analysis_default_tau_is_tuned_to_the_target_effect_at_the_bonferroni_alpha() -> None:
+    arms = _arms((1000, 600), (1000, 640), (1000, 590), (1000, 610))
+    result = stats.analyze(arms, "control", _equal(arms), alpha=0.05, target_lift=0.1)
+    pooled = (600 + 640 + 590 + 610) / 4000
+    assert result.tau == pytest.approx(stats.msprt_tau_for_effect(0.1 * pooled, 0.05 / 3), rel=1e-12)
+    assert result.tau == pytest.approx(0.956 * 0.1 * pooled, rel=1e-3)
+    fixed = stats.analyze(arms, "control", _equal(arms), tau=0.05)
+    assert fixed.tau == 0.05
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 10])
+def test_many_to_one_control_share_minimises_the_comparison_variance(k: int) -> None:
+    # Var(treatment - control) per unit is 1/w_c + k/(1 - w_c) with the rest split equally over k treatments.
+    res = optimize.minimize_scalar(
+        lambda w: 1 / w + k / (1 - w), bounds=(1e-6, 1 - 1e-6), method="bounded", options={"xatol": 1e-12}
+    )
+    assert stats.many_to_one_control_share(k) == pytest.approx(res.x, abs=1e-6)
+    assert stats.many_to_one_control_share(1) == 0.5
 
 
 def test_always_valid_p_value_is_larger_than_fixed_horizon_p_value() -> None:
