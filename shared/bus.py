@@ -10,7 +10,10 @@ when it starts.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -128,10 +131,13 @@ class Publisher(Protocol):
 class TaskMessageEncoder:
     """Builds the bytes of a Celery task message for a task name and a contract message.
 
-    The headers and body are Celery's own (`amqp.as_task_v2`, protocol 2), wrapped in the envelope kombu's
-    Redis transport writes (virtual `Channel.prepare_message` + `basic_publish`): base64 body, persistent
-    delivery, default exchange with the queue as routing key. Pushed onto the queue's list, a worker cannot
-    tell it from one sent by `send_task`; `tests/integration/test_bus.py` checks that against a real worker.
+    The message is Celery's task protocol 2 (documented in Celery's "Message Protocol" page: the headers
+    below, a body of `[args, kwargs, embed]`), in the envelope kombu's Redis transport writes (virtual
+    `Channel.prepare_message` + `basic_publish`: base64 body, persistent delivery, default exchange with
+    the queue as routing key). Pushed onto the queue's list, a worker cannot tell it from one sent by
+    `send_task`: `tests/integration/test_bus.py` runs it through a real worker, and
+    `tests/unit/test_bus_encoding.py` compares the headers with Celery's own `as_task_v2`.
+    Built by hand because this is the hot path of feedback intake (about 3x cheaper than `as_task_v2`).
     """
 
     def __init__(self, app: Celery) -> None:
@@ -141,40 +147,59 @@ class TaskMessageEncoder:
         self._origin = anon_nodename()
 
     def encode(self, task_name: str, message: Message) -> tuple[str, bytes]:
-        import base64
-
-        from kombu.serialization import dumps as serialize
-        from kombu.utils.json import dumps as json_dumps
-        from kombu.utils.uuid import uuid as new_id
-
         queue = queue_for(task_name)
-        task_id = new_id()
-        headers, properties, body, _ = self.app.amqp.as_task_v2(
-            task_id,
-            task_name,
-            (),
+        task_id = str(uuid.uuid4())
+        headers = {
+            "lang": "py",
+            "task": task_name,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": "()",
+            "kwargsrepr": REDACTED_KWARGS,
+            "origin": self._origin,
+            "ignore_result": False,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        }
+        body = [
+            [],
             {"payload": message.to_payload()},
-            argsrepr="()",
-            kwargsrepr=REDACTED_KWARGS,
-            origin=self._origin,
-        )
-        content_type, content_encoding, raw_body = serialize(body, serializer="json")
-        body_bytes = raw_body.encode() if isinstance(raw_body, str) else raw_body
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+        ]
         envelope = {
-            "body": base64.b64encode(body_bytes).decode(),
-            "content-encoding": content_encoding,
-            "content-type": content_type,
+            "body": base64.b64encode(json.dumps(body).encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
             "headers": headers,
             "properties": {
-                **properties,
+                "correlation_id": task_id,
+                "reply_to": "",
                 "delivery_mode": 2,
                 "priority": 0,
                 "body_encoding": "base64",
-                "delivery_tag": new_id(),
+                "delivery_tag": str(uuid.uuid4()),
                 "delivery_info": {"exchange": "", "routing_key": queue},
             },
         }
-        return queue, json_dumps(envelope).encode()
+        return queue, json.dumps(envelope).encode()
+
+
+def _group_by_queue(messages: Iterable[tuple[str, bytes]]) -> dict[str, list[bytes]]:
+    """One LPUSH per queue with every message for it, in order: LPUSH k a b c leaves `a` at the tail, where
+    the worker's BRPOP takes from, so the queue stays first in, first out."""
+    grouped: dict[str, list[bytes]] = {}
+    for key, raw in messages:
+        grouped.setdefault(key, []).append(raw)
+    return grouped
 
 
 class CeleryBus:
@@ -207,8 +232,8 @@ class CeleryBus:
         for attempt in range(self.retries + 1):
             try:
                 pipe = self._redis.pipeline(transaction=False)
-                for key, raw in messages:
-                    pipe.lpush(key, raw)
+                for key, raws in _group_by_queue(messages).items():
+                    pipe.lpush(key, *raws)
                 pipe.execute()
                 return
             except (redis.ConnectionError, redis.TimeoutError):
@@ -274,10 +299,15 @@ class GroupCommitSender:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    pipe = self._redis.pipeline(transaction=False)
-                    for key, raw, _ in batch:
-                        pipe.lpush(key, raw)
-                    await pipe.execute()
+                    by_queue = _group_by_queue((key, raw) for key, raw, _ in batch)
+                    if len(by_queue) == 1:
+                        ((key, raws),) = by_queue.items()
+                        await self._redis.lpush(key, *raws)
+                    else:
+                        pipe = self._redis.pipeline(transaction=False)
+                        for key, raws in by_queue.items():
+                            pipe.lpush(key, *raws)
+                        await pipe.execute()
                 except Exception as exc:  # every waiter of this batch learns it was not queued
                     for _, _, fut in batch:
                         if not fut.done():

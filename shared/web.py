@@ -73,7 +73,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = next((v for k, v in scope.get("headers") or () if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _send_json(send, 413, error_body(413, f"request body is larger than {self.limit} bytes"))
             return
@@ -142,6 +142,7 @@ class _Observe:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,9 +160,17 @@ class _Observe:
             await self.app(scope, receive, observed_send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            m = self.metrics
-            m.requests.labels(m.service, scope["method"], route, str(status[0])).inc()
-            m.latency.labels(m.service, scope["method"], route).observe(time.perf_counter() - start)
+            key = (scope["method"], route, status[0])
+            children = self._children.get(key)
+            if children is None:  # label lookups are slow; keep the labelled children per route
+                m = self.metrics
+                children = (
+                    m.requests.labels(m.service, scope["method"], route, str(status[0])),
+                    m.latency.labels(m.service, scope["method"], route),
+                )
+                self._children[key] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
 
 
 def install_common(

@@ -9,14 +9,15 @@ from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.store import Store, outbox
-from shared.bus import CeleryBus, GroupCommitSender
+from shared.bus import CeleryBus
 from shared.outbox import relay
 from shared.privacy import session_key
 from shared.web import AdminDep
@@ -112,19 +113,28 @@ async def _check_issued(request: Request, store: Store, settings: FeedbackSettin
     status_code=202,
     response_model=None,
     responses={202: {"model": FeedbackAccepted, "description": "durably queued"}},
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}}
+    },
 )
-async def submit_feedback(
-    explanation_id: uuid.UUID, body: FeedbackIn, request: Request, store: StoreDep, settings: SettingsDep
-) -> Any:
-    """Accept a vote: 202 once it is durably on the queue (group-committed to Redis); a worker stores it."""
+async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONResponse:
+    """Accept a vote: 202 once it is durably on the queue (group-committed to Redis); a worker stores it.
+
+    The hot path of the system, so it reads the body and its dependencies directly rather than through
+    FastAPI's parameter machinery; a bad body still gets the same 422 as every other route."""
+    try:
+        body = FeedbackIn.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+    state = request.app.state
+    settings: FeedbackSettings = state.settings
     if body.comment is not None and len(body.comment) > settings.max_comment_chars:
         raise HTTPException(422, f"comment is longer than {settings.max_comment_chars} characters")
-    await _check_issued(request, store, settings, explanation_id)
-    key = session_key(body.session_id, settings.require_session_hash_key())
+    await _check_issued(request, state.store, settings, explanation_id)
+    key = session_key(body.session_id, state.session_secret)
     cmd = handlers.new_vote(explanation_id, key, body.rating, body.stars, body.comment)
-    sender: GroupCommitSender = request.app.state.sender
     try:
-        await sender.send(cmd)
+        await state.sender.send(cmd)
     except Exception as exc:  # the broker is down: say so, and do not pretend it was received
         log.error("could not queue feedback: %s", type(exc).__name__)
         raise HTTPException(503, "feedback could not be queued right now; please retry") from exc

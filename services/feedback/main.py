@@ -19,7 +19,6 @@ from shared.web import install_common
 def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.require_admin_token()  # refuse to start without the secrets
-    settings.require_session_hash_key()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,6 +37,7 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="feedback", lifespan=lifespan)
     app.state.settings = settings
+    app.state.session_secret = settings.require_session_hash_key()
     install_common(app, "feedback")
     app.include_router(api.router)
     return app

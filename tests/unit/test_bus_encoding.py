@@ -1,0 +1,48 @@
+"""The hand-built task messages match what Celery itself would send (protocol 2)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import UTC, datetime
+
+from shared.bus import REDACTED_KWARGS, TaskMessageEncoder, make_celery
+from shared.contracts import RecordFeedback
+from shared.settings import ServiceSettings
+
+
+def _cmd() -> RecordFeedback:
+    return RecordFeedback(
+        feedback_id=uuid.uuid4(),
+        explanation_id=uuid.uuid4(),
+        session_key="k",
+        rating=1,
+        comment="a private comment",
+        submitted_at=datetime.now(UTC),
+    )
+
+
+def test_encoded_headers_and_body_match_celerys_protocol_2() -> None:
+    app = make_celery("feedback", ServiceSettings(redis_url="redis://127.0.0.1:1/0"))
+    cmd = _cmd()
+    queue, raw = TaskMessageEncoder(app).encode(cmd.type, cmd)
+    envelope = json.loads(raw)
+    headers, properties, body, _ = app.amqp.as_task_v2(
+        envelope["headers"]["id"], cmd.type, (), {"payload": cmd.to_payload()}, argsrepr="()", kwargsrepr=REDACTED_KWARGS
+    )
+    assert queue == "feedback"
+    assert set(envelope["headers"]) == set(headers)
+    for key in ("lang", "task", "id", "root_id", "retries", "argsrepr", "kwargsrepr"):
+        assert envelope["headers"][key] == headers[key], key
+    decoded = json.loads(base64.b64decode(envelope["body"]))
+    assert decoded[1] == body[1] and decoded[2] == body[2] and list(decoded[0]) == list(body[0])
+    assert set(properties) <= set(envelope["properties"])
+    assert envelope["properties"]["delivery_info"] == {"exchange": "", "routing_key": "feedback"}
+
+
+def test_task_arguments_are_not_shown_in_logs_or_monitoring() -> None:
+    app = make_celery("feedback", ServiceSettings(redis_url="redis://127.0.0.1:1/0"))
+    _, raw = TaskMessageEncoder(app).encode("feedback.record", _cmd())
+    headers = json.loads(raw)["headers"]
+    assert "private" not in headers["kwargsrepr"] and headers["kwargsrepr"] == REDACTED_KWARGS
