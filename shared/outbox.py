@@ -64,6 +64,17 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
     return sent
 
 
+def relay_after_commit(factory: sessionmaker[Session], table: Table, bus: Publisher) -> int:
+    """`relay` for a request that has already committed: a broker outage must not turn a done change into
+    a 500 (the client would retry a change that happened). What is not published stays in the outbox for
+    the periodic relay (`<service>.relay_outbox`)."""
+    try:
+        return relay(factory, table, bus)
+    except Exception as exc:
+        log.warning("outbox relay failed (%s); left for the periodic relay", type(exc).__name__)
+        return 0
+
+
 def _now() -> datetime:
     return utcnow()
 

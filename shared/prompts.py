@@ -52,6 +52,17 @@ def check_template(template: str) -> None:
     unknown = found - ALLOWED_PLACEHOLDERS
     if unknown:
         raise TemplateError(f"template uses unknown placeholders: {', '.join(sorted(unknown))}")
+    # `{ticker!x}` or `{ticker:d}` pass the name check but make `render` raise (or `{ticker:>99999999}` build
+    # a huge string) on every request that uses the version: placeholders are plain `{name}` only.
+    decorated = sorted(
+        f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+        for _, name, spec, conv in string.Formatter().parse(template)
+        if name is not None and (spec or conv)
+    )
+    if decorated:
+        raise TemplateError(
+            f"placeholders must be plain {{name}}, without conversion or format: {', '.join(decorated)}"
+        )
 
 
 def format_indicators(context: Mapping[str, Any]) -> str:

@@ -200,9 +200,11 @@ def install_common(
     return metrics
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Let a request through only with `Authorization: Bearer <admin token>`; the token is the one in the
-    app's settings (`app.state.settings.require_admin_token()`)."""
+    app's settings (`app.state.settings.require_admin_token()`). `async` because it only reads the request
+    and app state: a sync dependency would take a threadpool hop on every admin request for nothing. A
+    service started without a token answers 503 (admin routes disabled), never 500 and never data."""
     header = request.headers.get("authorization", "")
     scheme, _, supplied = header.partition(" ")
     if scheme.lower() != "bearer" or not supplied.strip():
@@ -211,7 +213,11 @@ def require_admin(request: Request) -> None:
             detail="admin route: send Authorization: Bearer <admin token>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    expected = request.app.state.settings.require_admin_token()
+    try:
+        expected = request.app.state.settings.require_admin_token()
+    except RuntimeError:
+        log.error("admin route called but ADMIN_TOKEN is not set")
+        raise HTTPException(status_code=503, detail="admin routes are disabled: ADMIN_TOKEN is not set") from None
     if not hmac.compare_digest(supplied.strip().encode(), expected.encode()):
         raise HTTPException(status_code=401, detail="admin token is not valid", headers={"WWW-Authenticate": "Bearer"})
 

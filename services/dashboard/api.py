@@ -27,11 +27,11 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 router = APIRouter()
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_settings_dep(request: Request) -> DashboardSettings:
+async def get_settings_dep(request: Request) -> DashboardSettings:
     return request.app.state.settings
 
 

@@ -11,14 +11,14 @@ import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.store import Store, outbox
 from shared.bus import CeleryBus
-from shared.outbox import relay
+from shared.outbox import relay_after_commit
 from shared.privacy import session_key
 from shared.web import AdminDep
 
@@ -35,6 +35,14 @@ class FeedbackIn(BaseModel):
     session_id: str = Field(
         min_length=1, max_length=200, description="anonymous session id; stored only as a keyed hash"
     )
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _rating_is_an_integer(cls, value: Any) -> Any:
+        # Literal[1, -1] compares by equality, so JSON `true` (== 1) and `-1.0` would pass as votes.
+        if type(value) is not int:
+            raise ValueError("rating must be the integer 1 (thumbs up) or -1 (thumbs down)")
+        return value
 
 
 class FeedbackAccepted(BaseModel):
@@ -148,7 +156,7 @@ def erase_session(session_id: str, store: StoreDep, bus: BusDep, settings: Setti
     if not session_id or len(session_id) > settings.max_session_id_chars:
         raise HTTPException(422, f"session id must be 1 to {settings.max_session_id_chars} characters")
     event = handlers.erase_session(session_key(session_id, settings.require_session_hash_key()), store.uow())
-    relay(store.factory, outbox, bus)
+    relay_after_commit(store.factory, outbox, bus)
     return {"erased": True, "votes_erased": len(event.feedback_ids)}
 
 

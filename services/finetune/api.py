@@ -16,7 +16,7 @@ from services.finetune.config import FinetuneSettings
 from services.finetune.store import Store, outbox
 from shared.bus import CeleryBus
 from shared.contracts import StartFineTune
-from shared.outbox import relay
+from shared.outbox import relay_after_commit
 from shared.web import AdminDep
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,15 @@ class JobIn(BaseModel):
     min_examples: int | None = Field(default=None, ge=0, description="overrides FINETUNE_MIN_EXAMPLES")
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_bus(request: Request) -> CeleryBus:
+async def get_bus(request: Request) -> CeleryBus:
     return request.app.state.bus
 
 
-def get_settings_dep(request: Request) -> FinetuneSettings:
+async def get_settings_dep(request: Request) -> FinetuneSettings:
     return request.app.state.settings
 
 
@@ -114,7 +114,7 @@ def start_job(body: JobIn, _: AdminDep, store: StoreDep, bus: BusDep, settings: 
         job, queued = handlers.create_job(cmd, store, settings)
     except handlers.Rejected as exc:
         raise HTTPException(exc.status, exc.message) from exc
-    relay(store.factory, outbox, bus)
+    relay_after_commit(store.factory, outbox, bus)
     try:
         bus.send(queued)
     except Exception as exc:  # the broker is down: say so, and leave no job that will never run
@@ -146,7 +146,7 @@ def cancel_job(job_id: str, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[s
         raise HTTPException(404, str(exc)) from exc
     except handlers.Rejected as exc:
         raise HTTPException(exc.status, exc.message) from exc
-    relay(store.factory, outbox, bus)
+    relay_after_commit(store.factory, outbox, bus)
     return _job_out(job)
 
 

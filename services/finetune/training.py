@@ -49,6 +49,9 @@ class TrainingInputError(ValueError):
     """Bad inputs (base model, rows, recipe, output dir), raised before any training starts."""
 
 
+MAX_RECIPE_INT = 1_000_000  # far above any sane rank, step count or length; keeps 64-bit stores and torch happy
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Frozen hyper-parameters stored with each run (``to_dict`` / ``from_dict`` round-trip through JSON)."""
@@ -102,6 +105,14 @@ class Recipe:
             out.append(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.target_modules:
             out.append("target_modules must not be empty")
+        if not (self.kto_beta > 0 and math.isfinite(self.kto_beta)):
+            # NaN would also be stored with the job and make every later read of it fail to serialise.
+            out.append(f"kto_beta must be a finite number > 0, got {self.kto_beta}")
+        if not 0 <= self.seed < 2**32:
+            out.append(f"seed must be in [0, 2**32), got {self.seed}")
+        for name in ("lora_r", "lora_alpha", "max_steps", "per_device_batch_size", "max_seq_length"):
+            if getattr(self, name) > MAX_RECIPE_INT:
+                out.append(f"{name} must be <= {MAX_RECIPE_INT}, got {getattr(self, name)}")
         if self.method == "kto" and self.per_device_batch_size < 2:
             # TRL estimates KTO's KL term from mismatched pairs inside a batch.
             out.append("KTO needs per_device_batch_size >= 2 (the KL term is estimated within a batch)")

@@ -23,19 +23,19 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_bus(request: Request) -> CeleryBus:
+async def get_bus(request: Request) -> CeleryBus:
     return request.app.state.bus
 
 
-def get_settings_dep(request: Request) -> OptimizerSettings:
+async def get_settings_dep(request: Request) -> OptimizerSettings:
     return request.app.state.settings
 
 
-def get_generator(request: Request) -> VariantGenerator:
+async def get_generator(request: Request) -> VariantGenerator:
     return request.app.state.generator
 
 
@@ -48,7 +48,8 @@ Name = Annotated[str, Field(min_length=1, max_length=100)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: JSON parsers accept NaN, Infinity and 1e999; none of them is a usable setting.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ArmBody(Strict):
@@ -64,9 +65,11 @@ class ExperimentBody(Strict):
     allocation: Literal["fixed", "adaptive"] = "fixed"
     metric: Literal["positive_rate", "avg_stars"] | None = None
     alpha: float | None = Field(default=None, gt=0, le=0.5)
-    min_duration_s: float | None = Field(default=None, ge=0, description="seconds before any decision")
-    min_feedback_per_arm: int | None = Field(default=None, ge=1)
-    max_feedback_per_arm: int | None = Field(default=None, ge=1)
+    min_duration_s: float | None = Field(
+        default=None, ge=0, le=domain.MAX_DURATION_S, description="seconds before any decision"
+    )
+    min_feedback_per_arm: int | None = Field(default=None, ge=1, le=domain.MAX_FEEDBACK_PER_ARM)
+    max_feedback_per_arm: int | None = Field(default=None, ge=1, le=domain.MAX_FEEDBACK_PER_ARM)
     target_lift: float | None = Field(default=None, gt=0, le=10)
     min_lift_to_ship: float = Field(default=0.0, ge=0, le=10)
     max_cost_ratio: float | None = Field(default=1.5, gt=0, description="guardrail vs control; null disables")

@@ -41,6 +41,8 @@ VERSION_ARCHIVED = "archived"  # lost an experiment or was replaced; still resto
 
 ALLOCATIONS = ("fixed", "adaptive")
 WEIGHT_TOLERANCE = 1e-6
+MAX_DURATION_S = 366 * 86400.0  # a year: longer is a typo, and the projected-days arithmetic stays finite
+MAX_FEEDBACK_PER_ARM = 1_000_000_000  # far above any real sample cap; keeps counts inside a 64-bit column
 _VERSION = re.compile(r"^v(\d+)\.(\d+)$")
 
 
@@ -177,14 +179,22 @@ def plan_arms(spec: ExperimentSpec, versions: Mapping[str, str]) -> list[Planned
         raise InvalidRequest(f"metric must be one of {', '.join(stats.METRICS)}")
     if not 0 < spec.alpha <= 0.5:
         raise InvalidRequest("alpha must be in (0, 0.5]")
-    if not math.isfinite(spec.min_duration_s) or spec.min_duration_s < 0:
-        raise InvalidRequest("min_duration_s must be zero or more")
+    if not (math.isfinite(spec.min_duration_s) and 0 <= spec.min_duration_s <= MAX_DURATION_S):
+        raise InvalidRequest(f"min_duration_s must be between 0 and {MAX_DURATION_S:.0f} (a year)")
     if spec.min_feedback_per_arm < 1:
         raise InvalidRequest("min_feedback_per_arm must be at least 1")
+    if spec.max_feedback_per_arm > MAX_FEEDBACK_PER_ARM:
+        raise InvalidRequest(f"max_feedback_per_arm must be at most {MAX_FEEDBACK_PER_ARM}")
     if spec.max_feedback_per_arm < spec.min_feedback_per_arm:
         raise InvalidRequest("max_feedback_per_arm must be at least min_feedback_per_arm")
-    if spec.min_lift_to_ship < 0 or spec.target_lift <= 0:
+    if not (math.isfinite(spec.min_lift_to_ship) and math.isfinite(spec.target_lift)) or (
+        spec.min_lift_to_ship < 0 or spec.target_lift <= 0
+    ):
         raise InvalidRequest("target_lift must be positive and min_lift_to_ship zero or more")
+    for name in ("max_cost_ratio", "max_latency_ratio", "min_feedback_rate_ratio"):
+        ratio = getattr(spec, name)
+        if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+            raise InvalidRequest(f"{name} must be a finite number above 0, or null to disable that guardrail")
     arms = list(spec.arms)
     if len(arms) < 2:
         raise InvalidRequest("an experiment needs at least two arms: a control and a treatment")

@@ -216,15 +216,20 @@ def rollback_prompt(
         current = _require_prompt(uow, name)
         history = uow.repo.champion_history(name)
         earlier = [h for h in history if (h["version"], h["model"]) != (current["version"], current["model"])]
-        if version is None:
-            if not earlier:
-                raise domain.Conflict(f"prompt {name!r} has no earlier champion to roll back to")
-            target = earlier[-1]
-        else:
-            matches = [h for h in earlier if h["version"] == version and (model is None or h["model"] == model)]
-            if not matches:
-                raise domain.Conflict(f"{version} was never an earlier champion of prompt {name!r}")
-            target = matches[-1]
+        if not earlier:
+            raise domain.Conflict(f"prompt {name!r} has no earlier champion to roll back to")
+        # Both filters apply when given: a model asked for is never silently replaced by another one.
+        matches = [
+            h
+            for h in earlier
+            if (version is None or h["version"] == version) and (model is None or h["model"] == model)
+        ]
+        if not matches:
+            wanted = " with ".join(
+                part for part in (version, f"model {model}" if model is not None else None) if part is not None
+            )
+            raise domain.Conflict(f"{wanted} was never an earlier champion of prompt {name!r}")
+        target = matches[-1]
         reason = f"rollback: restored {target['version']} ({target['model']}) in place of {current['version']}"
         stopped = _stop_active_for(uow, name, "stopped by a rollback of the champion", now)
         cid = _set_champion(uow, name, target["version"], target["model"], kind="rollback", reason=reason)

@@ -101,23 +101,23 @@ class RouterMetrics:
         )
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_bus(request: Request) -> CeleryBus:
+async def get_bus(request: Request) -> CeleryBus:
     return request.app.state.bus
 
 
-def get_providers(request: Request) -> ProviderSet:
+async def get_providers(request: Request) -> ProviderSet:
     return request.app.state.providers
 
 
-def get_settings_dep(request: Request) -> RouterSettings:
+async def get_settings_dep(request: Request) -> RouterSettings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> RouterMetrics:
+async def get_metrics(request: Request) -> RouterMetrics:
     return request.app.state.router_metrics
 
 

@@ -29,6 +29,7 @@ ContextValue = str | int | float | bool
 MAX_CONTEXT_KEYS = 50
 MAX_CONTEXT_KEY_CHARS = 64
 MAX_CONTEXT_VALUE_CHARS = 200
+MAX_CONTEXT_INT = 2**63 - 1
 
 
 class InvalidRequest(ValueError):
@@ -67,8 +68,11 @@ def check_context(
         if isinstance(value, bool):
             clean[key] = value
         elif isinstance(value, int | float):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidRequest(f"context[{key!r}] must be a finite number")
+            # JSON allows integers of any size; beyond 64 bits they overflow float formatting and the stores.
+            if (isinstance(value, float) and not math.isfinite(value)) or (
+                isinstance(value, int) and not -MAX_CONTEXT_INT <= value <= MAX_CONTEXT_INT
+            ):
+                raise InvalidRequest(f"context[{key!r}] must be a finite number that fits in 64 bits")
             clean[key] = value
         elif isinstance(value, str):
             if len(value) > max_value_chars or _CONTROL.search(value):

@@ -85,6 +85,8 @@ BAD_BODIES = [
     ("rating outside 1/-1", {"rating": 2, "session_id": "s"}, 422, "rating"),
     ("rating zero", {"rating": 0, "session_id": "s"}, 422, "rating"),
     ("rating as string", {"rating": "1", "session_id": "s"}, 422, "rating"),
+    ("rating as boolean true", {"rating": True, "session_id": "s"}, 422, "rating"),
+    ("rating as float", {"rating": -1.0, "session_id": "s"}, 422, "rating"),
     ("missing rating", {"session_id": "s"}, 422, "rating"),
     ("missing session", {"rating": 1}, 422, "session_id"),
     ("empty session", {"rating": 1, "session_id": ""}, 422, "session_id"),
@@ -169,3 +171,18 @@ def test_broker_down_means_503_not_a_silent_accept(tmp_path: Path) -> None:
     app.state.http = httpx.AsyncClient()
     res = client.post(f"/api/feedback/{uuid.uuid4()}", json={"rating": 1, "session_id": "s"})
     assert res.status_code == 503 and "retry" in res.json()["error"]["message"]
+
+
+def test_erasure_with_the_broker_down_still_answers_200_and_keeps_the_event_for_the_relay(env) -> None:
+    from services.feedback.store import outbox
+    from shared.bus import CeleryBus, make_celery
+    from shared.outbox import pending
+
+    client, _, _ = env
+    app = client.app
+    dead = app.state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    app.state.bus = CeleryBus(make_celery("feedback", dead), retries=0)
+    res = client.delete("/api/feedback/sessions/s1")
+    assert res.status_code == 200 and res.json()["erased"] is True
+    events = pending(app.state.store.factory, outbox)
+    assert [e["event_type"] for e in events] == ["feedback.erased"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,29 @@ def test_bad_experiment_bodies_get_a_clear_4xx(client: TestClient, change: dict,
     assert message in error_of(r)
 
 
+@pytest.mark.parametrize(
+    ("fragment", "field"),
+    [
+        (b'"min_feedback_per_arm": 100000000000000000000000000000', "min_feedback_per_arm"),
+        (b'"max_feedback_per_arm": 100000000000000000000000000000', "max_feedback_per_arm"),
+        (b'"min_duration_s": 1e300', "min_duration_s"),
+        (b'"min_duration_s": 1e999', "min_duration_s"),
+        (b'"max_cost_ratio": Infinity', "max_cost_ratio"),
+        (b'"max_latency_ratio": NaN', "max_latency_ratio"),
+        (b'"alpha": NaN', "alpha"),
+    ],
+)
+def test_huge_or_non_finite_experiment_numbers_are_422_and_start_nothing(
+    client: TestClient, fragment: bytes, field: str
+) -> None:
+    add_bullets(client)
+    raw = json.dumps(body()).encode()[:-1] + b", " + fragment + b"}"
+    r = client.post("/api/experiments", content=raw, headers=ADMIN | {"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert field in error_of(r)
+    assert client.get("/api/experiments").json()["experiments"] == []
+
+
 def test_malformed_json_is_a_422_not_a_500(client: TestClient) -> None:
     r = client.post("/api/experiments", content=b"{not json", headers=ADMIN | {"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in error_of(r)
@@ -200,6 +224,9 @@ def test_variants_are_generated_then_rate_limited_with_retry_after(client: TestC
         ("Explain {ticker} {signal}.", 422, "drops required placeholders: indicators"),
         ("{ticker} {signal} {indicators} {secret}", 422, "unknown placeholders: secret"),
         ("{ticker {signal} {indicators}", 422, "not a valid format string"),
+        ("Explain {ticker:d} as {signal}: {indicators}", 422, "without conversion or format: {ticker:d}"),
+        ("Explain {ticker!x} as {signal}: {indicators}", 422, "without conversion or format: {ticker!x}"),
+        ("Explain {ticker:>999999999} as {signal}: {indicators}", 422, "without conversion or format"),
         (SEED_TEMPLATE, 409, "near-duplicate"),
         ("{ticker}{signal}{indicators}", 422, "under the minimum"),
     ],

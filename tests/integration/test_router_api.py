@@ -137,6 +137,13 @@ def test_bad_input_is_422_naming_the_field(client: TestClient, change: dict, fie
     assert words in error["message"]
 
 
+def test_integer_indicator_too_big_for_a_float_is_422_not_500(client: TestClient) -> None:
+    raw = b'{"ticker":"AAPL","signal":"BUY","session_id":"s","context":{"volume":' + b"9" * 400 + b"}}"
+    r = client.post("/api/explanations", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert "fits in 64 bits" in r.json()["error"]["message"]
+
+
 def test_missing_fields_and_broken_json_are_422(client: TestClient) -> None:
     assert client.post("/api/explanations", json={"ticker": "AAPL"}).status_code == 422
     r = client.post("/api/explanations", content=b"{not json", headers={"content-type": "application/json"})

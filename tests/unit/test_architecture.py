@@ -70,7 +70,9 @@ def test_every_subscribed_task_exists_in_its_service() -> None:
         for name in task_names:
             service = queue_for(name)
             source = (ROOT / "services" / service / "tasks.py").read_text()
-            assert f'name="{name}"' in source, f"{name} is subscribed but services/{service}/tasks.py does not define it"
+            assert f'name="{name}"' in source, (
+                f"{name} is subscribed but services/{service}/tasks.py does not define it"
+            )
 
 
 def test_beat_only_schedules_tasks_that_exist() -> None:
@@ -94,7 +96,11 @@ def test_nginx_routes_the_same_paths_to_the_same_services_as_the_embedded_gatewa
 def test_compose_file_is_valid_including_the_gpu_profile(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "ADMIN_TOKEN": "x", "SESSION_HASH_KEY": "y", "HOME": str(tmp_path)}
     for args in ([], ["--profile", "gpu"]):
-        res = subprocess.run(["docker-compose", *args, "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True)
+        res = subprocess.run(
+            ["docker-compose", *args, "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True
+        )
         assert res.returncode == 0, res.stderr
-    missing = subprocess.run(["docker-compose", "config", "-q"], cwd=ROOT, env={**env, "ADMIN_TOKEN": ""}, capture_output=True, text=True)
+    missing = subprocess.run(
+        ["docker-compose", "config", "-q"], cwd=ROOT, env={**env, "ADMIN_TOKEN": ""}, capture_output=True, text=True
+    )
     assert missing.returncode != 0 and "ADMIN_TOKEN" in missing.stderr  # no silent default for a secret

@@ -29,7 +29,12 @@ def test_encoded_headers_and_body_match_celerys_protocol_2() -> None:
     queue, raw = TaskMessageEncoder(app).encode(cmd.type, cmd)
     envelope = json.loads(raw)
     headers, properties, body, _ = app.amqp.as_task_v2(
-        envelope["headers"]["id"], cmd.type, (), {"payload": cmd.to_payload()}, argsrepr="()", kwargsrepr=REDACTED_KWARGS
+        envelope["headers"]["id"],
+        cmd.type,
+        (),
+        {"payload": cmd.to_payload()},
+        argsrepr="()",
+        kwargsrepr=REDACTED_KWARGS,
     )
     assert queue == "feedback"
     assert set(envelope["headers"]) == set(headers)

@@ -222,6 +222,10 @@ def test_every_export_records_the_feedback_ids_that_went_into_it(store: Store, s
         ({"recipe": {"learning_rat": 1}}, 422, "unknown recipe fields: learning_rat"),
         ({"recipe": {"max_steps": "ten"}}, 422, "recipe.max_steps must be of the same type"),
         ({"recipe": {"lora_r": 0}}, 422, "bad recipe: lora_r must be >= 1"),
+        ({"recipe": {"kto_beta": float("nan")}}, 422, "bad recipe: kto_beta must be a finite number > 0"),
+        ({"recipe": {"kto_beta": -1.0}}, 422, "bad recipe: kto_beta must be a finite number > 0"),
+        ({"recipe": {"seed": 10**30}}, 422, "bad recipe: seed must be in [0, 2**32)"),
+        ({"recipe": {"max_steps": 10**30}}, 422, "bad recipe: max_steps must be <= 1000000"),
         ({"min_examples": 500}, 409, "too little data: "),
     ],
 )

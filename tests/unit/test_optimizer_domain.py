@@ -45,6 +45,11 @@ def test_weights_left_out_split_traffic_equally() -> None:
         ((ArmIn("v1.0", M, 0.5, True), ArmIn("v1.1", M, 0.5)), {"metric": "clicks"}, "metric"),
         ((ArmIn("v1.0", M, 0.5, True), ArmIn("v1.1", M, 0.5)), {"allocation": "random"}, "allocation"),
         ((ArmIn("v1.0", M, 0.5, True), ArmIn("v1.1", M, 0.5)), {"min_feedback_per_arm": 0}, "min_feedback"),
+        ((ArmIn("v1.0", M, 0.5, True), ArmIn("v1.1", M, 0.5)), {"min_duration_s": 1e300}, "min_duration_s"),
+        ((ArmIn("v1.0", M, 0.5, True), ArmIn("v1.1", M, 0.5)), {"max_feedback_per_arm": 10**30}, "at most"),
+        ((ArmIn("v1.0", M, 0.5, True), ArmIn("v1.1", M, 0.5)), {"max_cost_ratio": float("inf")}, "max_cost_ratio"),
+        ((ArmIn("v1.0", M, 0.5, True), ArmIn("v1.1", M, 0.5)), {"max_latency_ratio": float("nan")}, "latency"),
+        ((ArmIn("v1.0", M, 0.5, True), ArmIn("v1.1", M, 0.5)), {"target_lift": float("inf")}, "target_lift"),
     ],
 )
 def test_bad_experiments_are_refused_with_a_reason(arms: tuple[ArmIn, ...], kw: dict, message: str) -> None:

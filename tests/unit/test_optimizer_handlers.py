@@ -328,6 +328,21 @@ def test_prompt_rollback_to_any_earlier_champion(store: Store, settings: Optimiz
     assert kinds == ["seed", "promotion", "rollback"]
 
 
+def test_prompt_rollback_to_a_model_that_was_never_champion_is_refused_not_ignored(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    v = add_variant(store, settings)
+    handlers.promote_experiment(start(store, settings, v), store.uow(), arm_id="t1")
+    before = champion(store)
+    with pytest.raises(domain.Conflict, match="model no-such-model was never an earlier champion"):
+        handlers.rollback_prompt(PROMPT_NAME, store.uow(), model="no-such-model")
+    with pytest.raises(domain.Conflict, match="v1.0 with model no-such-model was never an earlier champion"):
+        handlers.rollback_prompt(PROMPT_NAME, store.uow(), version="v1.0", model="no-such-model")
+    assert champion(store) == before
+    seed_model = handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["champion_history"][0]["model"]
+    assert handlers.rollback_prompt(PROMPT_NAME, store.uow(), model=seed_model)["version"] == "v1.0"
+
+
 def test_stop_ends_an_experiment_without_promotion(store: Store, settings: OptimizerSettings) -> None:
     v = add_variant(store, settings)
     exp = start(store, settings, v)

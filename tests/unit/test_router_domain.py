@@ -39,6 +39,8 @@ def test_context_accepts_numbers_strings_and_booleans() -> None:
         ({"a": [1]}, "not list"),
         ({"a": {"b": 1}}, "not dict"),
         ({"a": float("nan")}, "finite"),
+        ({"a": 10**400}, "fits in 64 bits"),
+        ({"a": -(2**63) - 1}, "fits in 64 bits"),
         ({"a": "x" * 201}, "at most 200"),
         ({"a": "line\nbreak"}, "without line breaks"),
         ({"": 1}, "context key"),

@@ -1,0 +1,80 @@
+"""The shared HTTP surface: the admin dependency and the app-state dependencies of every service."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from shared.web import AdminDep, install_error_handlers, require_admin
+
+SERVICES = ("router", "feedback", "optimizer", "finetune", "dashboard")
+
+
+def _admin_app(token: str | None) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    def require_admin_token() -> str:
+        if not token:
+            raise RuntimeError("ADMIN_TOKEN is not set")
+        return token
+
+    app.state.settings = SimpleNamespace(require_admin_token=require_admin_token)
+
+    @app.get("/secret")
+    async def secret(_: AdminDep) -> dict[str, str]:
+        return {"data": "secret"}
+
+    return app
+
+
+def _get(app: FastAPI, headers: dict[str, str]) -> httpx.Response:
+    with TestClient(app) as client:
+        return client.get("/secret", headers=headers)
+
+
+def test_require_admin_is_async_so_it_takes_no_threadpool_hop() -> None:
+    assert inspect.iscoroutinefunction(require_admin)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_app_state_dependencies_of_every_service_are_async(service: str) -> None:
+    api = importlib.import_module(f"services.{service}.api")
+    deps = [
+        fn
+        for name, fn in vars(api).items()
+        if name.startswith("get_") and inspect.isfunction(fn) and list(inspect.signature(fn).parameters) == ["request"]
+    ]
+    assert deps, f"{service} has no app-state dependencies to check"
+    sync = [fn.__name__ for fn in deps if not inspect.iscoroutinefunction(fn)]
+    assert sync == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Basic abc"}, 401),
+        ({"Authorization": "Bearer "}, 401),
+        ({"Authorization": "Bearer wrong"}, 401),
+        ({"Authorization": "Bearer right"}, 200),
+    ],
+)
+def test_admin_route_lets_through_only_the_right_bearer_token(headers: dict[str, str], status: int) -> None:
+    r = _get(_admin_app("right"), headers)
+    assert r.status_code == status
+    if status == 401:
+        assert set(r.json()["error"]) >= {"status", "message"}
+        assert "secret" not in r.text
+
+
+def test_admin_route_without_a_configured_token_answers_503_json_not_500() -> None:
+    r = _get(_admin_app(None), {"Authorization": "Bearer anything"})
+    assert r.status_code == 503
+    assert "ADMIN_TOKEN" in r.json()["error"]["message"]
