@@ -31,7 +31,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _serve(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", factory, "--factory", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            factory,
+            "--factory",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
         env=env,
         cwd=ROOT,
     )
@@ -132,17 +143,25 @@ def main(argv: list[str] | None = None) -> int:
         worker.terminate()
         worker.wait()
 
-    print(f"\nFeedback intake benchmark ({datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, one uvicorn process each)")
+    print(
+        f"\nFeedback intake benchmark ({datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, one uvicorn process each)"
+    )
     print(f"{'':34}{'bare endpoint':>16}{'POST /api/feedback':>20}{'ratio':>8}")
-    print(f"{'throughput (req/s, 32 conns)':34}{bare_tp.throughput:>16.0f}{fb_tp.throughput:>20.0f}{fb_tp.throughput / bare_tp.throughput:>8.2f}")
+    print(
+        f"{'throughput (req/s, 32 conns)':34}{bare_tp.throughput:>16.0f}{fb_tp.throughput:>20.0f}{fb_tp.throughput / bare_tp.throughput:>8.2f}"
+    )
     for q in (50, 99):
         b, f = bare_lat.percentile(q), fb_lat.percentile(q)
         print(f"{f'p{q} latency at {args.rate:.0f} req/s (ms)':34}{b:>16.2f}{f:>20.2f}{f / b:>8.2f}")
     print(f"{'errors (non-2xx)':34}{bare_tp.errors + bare_lat.errors:>16}{fb_tp.errors + fb_lat.errors:>20}")
-    print(f"worker drain: {stored} votes stored ({processed} messages) in {drain_s:.1f}s = {processed / drain_s:.0f} msg/s")
+    print(
+        f"worker drain: {stored} votes stored ({processed} messages) in {drain_s:.1f}s = {processed / drain_s:.0f} msg/s"
+    )
     ratio_ok = fb_tp.throughput / bare_tp.throughput >= 0.5
     p99_ok = fb_lat.percentile(99) < 20
-    print(f"goal throughput >= 0.5x bare: {'PASS' if ratio_ok else 'MISS'}; p99 < 20 ms at {args.rate:.0f} req/s: {'PASS' if p99_ok else 'MISS'}")
+    print(
+        f"goal throughput >= 0.5x bare: {'PASS' if ratio_ok else 'MISS'}; p99 < 20 ms at {args.rate:.0f} req/s: {'PASS' if p99_ok else 'MISS'}"
+    )
     return 0
 
 

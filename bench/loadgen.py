@@ -116,7 +116,9 @@ async def _open(
     return Result(total, ok, errors, time.perf_counter() - start, lat)
 
 
-def closed_loop(host: str, port: int, make: Callable[[int], tuple[str, dict]], *, conns: int = 32, seconds: float = 5.0) -> Result:
+def closed_loop(
+    host: str, port: int, make: Callable[[int], tuple[str, dict]], *, conns: int = 32, seconds: float = 5.0
+) -> Result:
     return asyncio.run(_closed(host, port, make, conns, seconds))
 
 
