@@ -16,6 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Signal = Literal["BUY", "SELL", "HOLD"]
 
+#: A model is named "<provider>/<name>": the router knows how to call each provider; the optimizer refuses
+#: an experiment arm whose model no provider could serve.
+MODEL_PROVIDERS: tuple[str, ...] = ("openai", "groq", "vllm", "local", "offline")
+
+
+def model_name_problem(model: str) -> str | None:
+    """Why a model name is not '<provider>/<name>' with a known provider, or None when it is."""
+    provider, sep, name = model.partition("/")
+    if not sep or not name.strip() or provider not in MODEL_PROVIDERS:
+        return f"model {model!r} must be '<provider>/<name>' with provider one of {', '.join(MODEL_PROVIDERS)}"
+    return None
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

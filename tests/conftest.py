@@ -1,15 +1,17 @@
-"""Fixtures: a private redis-server on a free port, and the whole system as `make run` starts it."""
+"""Fixtures: a private redis-server on a free port, the whole system as `make run` starts it, and store URLs on
+SQLite and (when TEST_POSTGRES_URL is set) PostgreSQL."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.run import Stack
 from shared.redis_server import RedisServer, free_port
+from tests.support import POSTGRES_ENV, PgSchemas, backends
 
 # Timings shrunk for tests: a killed worker's message comes back within seconds; experiments decide in
 # seconds, not days. Everything else is the production configuration.
@@ -56,3 +58,30 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {FAST_ENV['ADMIN_TOKEN']}"}
+
+
+@pytest.fixture(scope="session")
+def pg_schemas() -> Iterator[PgSchemas]:
+    schemas = PgSchemas(os.environ[POSTGRES_ENV])
+    try:
+        yield schemas
+    finally:
+        schemas.dispose()
+
+
+@pytest.fixture(params=backends())
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], str]:
+    """`store_url(service)`: a database URL with empty tables for that service's store. Every test that uses it
+    runs twice: on a new SQLite file, and on the service's own PostgreSQL schema (skipped unless
+    TEST_POSTGRES_URL is set)."""
+    if request.param == "sqlite":
+        return lambda service: f"sqlite:///{tmp_path / f'{service}.db'}"
+    schemas: PgSchemas = request.getfixturevalue("pg_schemas")
+    urls: dict[str, str] = {}  # emptied once per test: a second call (a reopened store) sees the same rows
+
+    def url(service: str) -> str:
+        if service not in urls:
+            urls[service] = schemas.fresh(service)
+        return urls[service]
+
+    return url

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.optimizer import stats
+from shared.contracts import model_name_problem
 from shared.prompts import TemplateError, check_template
 
 # Experiment states. running: traffic is split; awaiting_approval: a winner waits for POST promote (traffic
@@ -205,6 +206,9 @@ def plan_arms(spec: ExperimentSpec, versions: Mapping[str, str]) -> list[Planned
     for a in arms:
         if not a.model.strip():
             raise InvalidRequest("every arm needs a model")
+        problem = model_name_problem(a.model)
+        if problem:
+            raise InvalidRequest(problem)
         key = (a.prompt_version, a.model)
         if key in seen:
             raise InvalidRequest(f"duplicate arm: {a.prompt_version} x {a.model} appears twice")

@@ -270,12 +270,16 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
 
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
     """Count a vote for its arm; a replacing vote (same feedback_id) overwrites the earlier one, so it counts
-    once. Returns stored, replaced, stale or duplicate."""
+    once. Returns stored, replaced, stale, erased or duplicate."""
     with uow:
         repo = uow.repo
         if repo.seen(event.message_id):
             return "duplicate"
         repo.mark_seen(event.message_id)
+        erased_at = repo.vote_erased_at(event.feedback_id)
+        if erased_at is not None and _aware(event.submitted_at) <= _aware(erased_at):
+            uow.commit()  # the session asked to be forgotten after this vote: it stays forgotten
+            return "erased"
         existing = repo.vote_submitted_at(event.feedback_id)
         if existing is not None and _aware(event.submitted_at) < _aware(existing):
             uow.commit()
@@ -302,7 +306,9 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
         if uow.repo.seen(event.message_id):
             return 0
         uow.repo.mark_seen(event.message_id)
-        removed = uow.repo.delete_votes([str(f) for f in event.feedback_ids])
+        ids = [str(f) for f in event.feedback_ids]
+        uow.repo.remember_erased(ids, event.erased_at)
+        removed = uow.repo.delete_votes(ids)
         uow.commit()
     return removed
 

@@ -137,6 +137,15 @@ votes = Table(
     Column("submitted_at", DateTime(timezone=True), nullable=False),
 )
 
+# Votes erased on request (GDPR): remembered by id, so a FeedbackRecorded that arrives after the erasure
+# (the queue does not keep order) does not bring the vote back.
+erased_votes = Table(
+    "erased_votes",
+    metadata,
+    Column("feedback_id", String(36), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+)
+
 generations = Table(
     "generations",
     metadata,
@@ -308,6 +317,22 @@ class OptimizerRepository:
         if not feedback_ids:
             return 0
         return int(self.s.execute(delete(votes).where(votes.c.feedback_id.in_(feedback_ids))).rowcount or 0)
+
+    def remember_erased(self, feedback_ids: list[str], erased_at: datetime) -> None:
+        for fid in feedback_ids:
+            known = self.s.execute(select(erased_votes.c.feedback_id).where(erased_votes.c.feedback_id == fid)).first()
+            if known is None:
+                self.s.execute(erased_votes.insert().values(feedback_id=fid, erased_at=erased_at))
+            else:
+                self.s.execute(
+                    erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=erased_at)
+                )
+
+    def vote_erased_at(self, feedback_id: uuid.UUID) -> datetime | None:
+        row = self.s.execute(
+            select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == str(feedback_id))
+        ).first()
+        return row.erased_at if row else None
 
     def count_feedback(self, experiment_id: str) -> int:
         q = select(func.count()).select_from(votes).where(votes.c.experiment_id == experiment_id)

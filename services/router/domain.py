@@ -20,8 +20,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared.contracts import MODEL_PROVIDERS
+
 TICKER_RE = re.compile(r"^[A-Z0-9.\-]{1,12}$")
-PROVIDERS = ("openai", "groq", "vllm", "local", "offline")
+PROVIDERS = MODEL_PROVIDERS
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 ContextValue = str | int | float | bool

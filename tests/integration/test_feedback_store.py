@@ -2,60 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
 
 from services.feedback import handlers
-from services.feedback.store import Store, feedback, metadata, outbox, quarantine
+from services.feedback.store import Store, feedback, outbox, quarantine
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def _backends() -> list:
-    params = [pytest.param("sqlite", id="sqlite")]
-    params.append(
-        pytest.param(
-            "postgres",
-            id="postgres",
-            marks=[
-                pytest.mark.postgres,
-                pytest.mark.skipif(not os.environ.get("TEST_POSTGRES_URL"), reason="TEST_POSTGRES_URL not set"),
-            ],
-        )
-    )
-    return params
-
-
-@pytest.fixture(params=_backends())
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'feedback.db'}")
-    else:
-        s = Store(_pg_schema_url(os.environ["TEST_POSTGRES_URL"], "feedback_store_test"))
-        with s.engine.begin() as conn:  # each test starts from empty tables
-            for table in reversed(metadata.sorted_tables):
-                conn.execute(table.delete())
+@pytest.fixture
+def store(store_url: Callable[[str], str]) -> Iterator[Store]:
+    s = Store(store_url("feedback"))
     yield s
     s.dispose()
-
-
-def _pg_schema_url(url: str, schema: str) -> str:
-    """Each service's tables in their own schema, as they would be in their own database."""
-    from sqlalchemy import create_engine
-
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
-    engine.dispose()
-    sep = "&" if "?" in url else "?"
-    return f"{url}{sep}options=-csearch_path%3D{schema}"
 
 
 def _explanation(eid: uuid.UUID | None = None) -> ExplanationCreated:

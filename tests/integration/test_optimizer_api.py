@@ -104,6 +104,8 @@ def test_experiment_is_created_and_analysed(client: TestClient) -> None:
                    {"prompt_version": "v1.1", "model": MODEL, "is_control": True}]}, 422, "exactly one arm must be the control"),
         ({"arms": [{"prompt_version": "v1.0", "model": MODEL, "is_control": True},
                    {"prompt_version": "v1.0", "model": MODEL}]}, 422, "duplicate arm"),
+        ({"arms": [{"prompt_version": "v1.0", "model": MODEL, "is_control": True},
+                   {"prompt_version": "v1.1", "model": "gpt-9"}]}, 422, "'<provider>/<name>'"),
         ({"min_duration_s": -5}, 422, "min_duration_s"),
         ({"min_feedback_per_arm": 0}, 422, "min_feedback_per_arm"),
         ({"allocation": "random"}, 422, "allocation"),

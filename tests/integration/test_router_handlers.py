@@ -4,6 +4,7 @@ date by events (idempotent, order-tolerant)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,8 +36,8 @@ OFFLINE = "offline/template-v1"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(f"sqlite:///{tmp_path / 'router.db'}")
+def store(store_url: Callable[[str], str]) -> Iterator[Store]:
+    s = Store(store_url("router"))
     handlers.ensure_seeded(s.uow(), OFFLINE)
     yield s
     s.dispose()

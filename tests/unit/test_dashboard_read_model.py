@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -29,8 +28,8 @@ POLICY = handlers.ReadPolicy(ticker_min_votes=2, ticker_top_n=10, heatmap_max_ti
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'dashboard.db'}")
+def store(store_url: Callable[[str], str]) -> Iterator[Store]:
+    s = Store(store_url("dashboard"))
     yield s
     s.dispose()
 

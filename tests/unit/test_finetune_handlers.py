@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,10 @@ class FakeTrainer:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> FinetuneSettings:
+def settings(tmp_path: Path, store_url: Callable[[str], str]) -> FinetuneSettings:
     return FinetuneSettings(
         data_dir=tmp_path,
+        database_url=store_url("finetune"),
         admin_token="t",
         min_examples=20,
         base_model=fake_base_model(tmp_path / "base"),
@@ -147,7 +149,7 @@ def settings(tmp_path: Path) -> FinetuneSettings:
 
 
 @pytest.fixture
-def store(settings: FinetuneSettings) -> Store:
+def store(settings: FinetuneSettings) -> Iterator[Store]:
     s = Store(settings.db_url)
     yield s
     s.dispose()

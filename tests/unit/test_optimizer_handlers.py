@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,8 +32,8 @@ MODEL = "offline/template-v1"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'optimizer.db'}")
+def store(store_url: Callable[[str], str]) -> Iterator[Store]:
+    s = Store(store_url("optimizer"))
     handlers.ensure_seeded(s.uow(), MODEL)
     yield s
     s.dispose()
@@ -195,6 +194,34 @@ def test_replaced_vote_counts_once_and_erasure_removes_it(store: Store, settings
     erased = FeedbackErased(session_key="s", feedback_ids=[fid], explanation_ids=[eid], erased_at=utcnow())
     assert handlers.on_feedback_erased(erased, store.uow()) == 1
     assert handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
+
+
+def test_vote_delivered_after_its_erasure_stays_erased(store: Store, settings: OptimizerSettings) -> None:
+    exp = start(store, settings, add_variant(store, settings))
+    eid, fid = uuid.uuid4(), uuid.uuid4()
+    t0 = utcnow()
+    base = {
+        "feedback_id": fid,
+        "explanation_id": eid,
+        "session_key": "s",
+        "signal": "BUY",
+        "ticker": "AAPL",
+        "prompt_name": PROMPT_NAME,
+        "prompt_version": "v1.0",
+        "model": MODEL,
+        "experiment_id": exp,
+        "arm_id": "control",
+    }
+    erased = FeedbackErased(
+        session_key="s", feedback_ids=[fid], explanation_ids=[eid], erased_at=t0 + timedelta(seconds=1)
+    )
+    assert handlers.on_feedback_erased(erased, store.uow()) == 0  # the erasure overtook the vote on the queue
+    late = FeedbackRecorded(rating=1, submitted_at=t0, **base)
+    assert handlers.on_feedback_recorded(late, store.uow()) == "erased"
+    assert handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
+    again = FeedbackRecorded(rating=1, submitted_at=t0 + timedelta(seconds=5), **base)  # voted again afterwards
+    assert handlers.on_feedback_recorded(again, store.uow()) == "stored"
+    assert handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 1
 
 
 # -- experiments and decisions ----------------------------------------------------------------------------
