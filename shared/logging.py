@@ -18,6 +18,14 @@ _INLINE = re.compile(r"(?i)\b(session_id|comment|authorization)(\s*[=:]\s*)(\"[^
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
 
+def _service_of(logger_name: str, default: str) -> str:
+    """The service a log line comes from: its module's service when it has one (several services share a
+    process in the embedded gateway), else the process's own name."""
+    if logger_name.startswith("services."):
+        return logger_name.split(".", 2)[1]
+    return default
+
+
 def redact(text: str) -> str:
     return _INLINE.sub(lambda m: f"{m.group(1)}{m.group(2)}[redacted]", text)
 
@@ -31,7 +39,7 @@ class JsonFormatter(logging.Formatter):
         entry: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
-            "service": self.service,
+            "service": _service_of(record.name, self.service),
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import json
+import logging
+
+from shared.logging import JsonFormatter
+
+
+def _line(name: str, msg: str, **extra: object) -> dict:
+    record = logging.LogRecord(name, logging.INFO, __file__, 1, msg, (), None)
+    for k, v in extra.items():
+        setattr(record, k, v)
+    return json.loads(JsonFormatter("gateway").format(record))
+
+
+def test_session_ids_and_comments_never_reach_the_log() -> None:
+    line = _line(
+        "services.feedback.api", "vote session_id=abc-123 comment='call me on 555'", session_id="abc-123", comment="hi"
+    )
+    text = json.dumps(line)
+    assert "abc-123" not in text and "555" not in text and "hi" not in line.values()
+    assert line["session_id"] == "[redacted]" and line["comment"] == "[redacted]"
+
+
+def test_each_line_names_the_service_of_its_module_even_in_a_shared_process() -> None:
+    assert _line("services.router.api", "x")["service"] == "router"
+    assert _line("uvicorn.error", "x")["service"] == "gateway"
