@@ -34,15 +34,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 def start_stack(data_dir: Path, **env: str) -> Stack:
-    overrides = {**FAST_ENV, **env}
-    # Never inherit a developer's REDIS_URL: the stack starts its own redis-server.
-    overrides["REDIS_URL"] = ""
-    saved = os.environ.pop("REDIS_URL", None)
-    try:
-        return Stack(data_dir=data_dir, port=free_port(), env_overrides=overrides).start()
-    finally:
-        if saved is not None:
-            os.environ["REDIS_URL"] = saved
+    """The whole system with its own redis-server (a developer's REDIS_URL is never inherited), unless the
+    caller passes REDIS_URL itself."""
+    overrides = {**FAST_ENV, "REDIS_URL": "", **env}
+    return Stack(data_dir=data_dir, port=free_port(), env_overrides=overrides).start()
 
 
 @pytest.fixture(scope="session")

@@ -200,3 +200,30 @@ def test_killed_feedback_worker_loses_no_acknowledged_vote(tmp_path, admin_heade
             assert totals["positives"] == n - len(range(0, n, 4))
     finally:
         stack.stop()
+
+
+def test_with_redis_url_set_the_system_uses_that_redis(tmp_path, redis_server, admin_headers: dict[str, str]) -> None:
+    import redis
+
+    from tests.conftest import start_stack
+
+    client_redis = redis.Redis.from_url(redis_server.url)
+    client_redis.flushdb()
+    stack = start_stack(tmp_path / "system", REDIS_URL=redis_server.url)
+    try:
+        assert stack.redis is None  # no private redis-server was started
+        assert not (stack.data_dir / "redis").exists()
+        with httpx.Client(base_url=stack.url, timeout=10) as client:
+            exp = _explain(client, "external-redis")
+            assert (
+                client.post(f"/api/feedback/{exp['explanation_id']}", json={"rating": 1, "session_id": "x"}).status_code
+                == 202
+            )
+            wait_for(
+                lambda: _stats(client, admin_headers)["totals"]["votes"] == 1,
+                what="the vote through the external Redis",
+            )
+        assert any(k.startswith(b"_kombu.binding.") for k in client_redis.keys("_kombu.binding.*"))
+    finally:
+        stack.stop()
+        client_redis.close()
