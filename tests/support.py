@@ -8,8 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Connection, create_engine, text
 
 T = TypeVar("T")
 
@@ -47,21 +46,30 @@ def backends() -> list:
     ]
 
 
-def pg_schema_url(url: str, schema: str) -> str:
+def pg_schema_url(url: str, schema: str, *settings: str) -> str:
     """`url` with every connection's search_path set to `schema`: each service's tables in their own schema, as
-    they would be in their own database."""
+    they would be in their own database. `settings` ("name=value") are set on every connection too."""
     sep = "&" if "?" in url else "?"
-    return f"{url}{sep}options=-csearch_path%3D{schema}"
+    options = "%20".join(f"-c{s.replace('=', '%3D')}" for s in (f"search_path={schema}", *settings))
+    return f"{url}{sep}options={options}"
+
+
+_TABLES = text("SELECT tablename FROM pg_tables WHERE schemaname = :s")
+_SEQUENCES = text("SELECT sequencename FROM pg_sequences WHERE schemaname = :s")
+_FOREIGN_KEYS = text(
+    "SELECT 1 FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace"
+    " WHERE c.contype = 'f' AND n.nspname = :s"
+)
 
 
 class PgSchemas:
     """One PostgreSQL schema per service for a test run, created on first use and dropped at the end. Every
-    later use empties the tables the schema holds (TRUNCATE ... RESTART IDENTITY, so ids start at 1 as in a
-    new SQLite file): each test starts from empty tables without paying for CREATE TABLE again."""
+    later use empties the tables the schema holds: each test starts from empty tables without paying for
+    CREATE TABLE again."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = create_engine(url, poolclass=NullPool)
+        self.engine = create_engine(url, pool_size=1)  # one connection, kept for the whole run
         # Schemas are per test process (so two runs at once, or pytest-xdist workers, never share tables) and
         # dropped when the run ends.
         self.suffix = str(os.getpid())
@@ -76,13 +84,25 @@ class PgSchemas:
                 conn.execute(text(f'CREATE SCHEMA "{schema}"'))
                 self.ready.add(schema)
             else:
-                tables = conn.execute(
-                    text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema}
-                ).scalars()
-                names = ", ".join(f'"{schema}"."{t}"' for t in tables)
-                if names:
-                    conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-        return pg_schema_url(self.url, schema)
+                self._empty(conn, schema)
+        # A commit need not wait for the disk here (the tests commit thousands of small transactions); what a
+        # transaction sees is unchanged.
+        return pg_schema_url(self.url, schema, "synchronous_commit=off")
+
+    @staticmethod
+    def _empty(conn: Connection, schema: str) -> None:
+        """DELETE every row and restart every sequence (ids start at 1, as in a new SQLite file). DELETE, not
+        TRUNCATE: on tables this small it is several times faster. TRUNCATE ... CASCADE only where a foreign key
+        would make the order of the DELETEs matter."""
+        tables = [f'"{schema}"."{t}"' for t in conn.execute(_TABLES, {"s": schema}).scalars()]
+        sequences = [f'"{schema}"."{q}"' for q in conn.execute(_SEQUENCES, {"s": schema}).scalars()]
+        if not tables:
+            return
+        if conn.execute(_FOREIGN_KEYS, {"s": schema}).first() is not None:
+            conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+            return
+        statements = [f"DELETE FROM {t}" for t in tables] + [f"ALTER SEQUENCE {q} RESTART" for q in sequences]
+        conn.exec_driver_sql("; ".join(statements))
 
     def dispose(self) -> None:
         with self.engine.begin() as conn:
