@@ -20,6 +20,7 @@ def schedule() -> dict[str, dict]:
         "optimizer.generate_variants": _every("OPTIMIZER_GENERATION_CHECK_INTERVAL_S", 3600),
         "finetune.watchdog": _every("FINETUNE_WATCHDOG_INTERVAL_S", 30),
         "dashboard.check_anomalies": _every("DASHBOARD_ANOMALY_INTERVAL_S", 300),
+        "feedback.sweep_journal": _every("FEEDBACK_JOURNAL_SWEEP_INTERVAL_S", 60),
     }
     for service in ("router", "feedback", "optimizer", "finetune", "dashboard"):
         entries[f"{service}.relay_outbox"] = _every("OUTBOX_RELAY_INTERVAL_S", 10)

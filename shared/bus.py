@@ -264,23 +264,87 @@ def publish_all(bus: Publisher, events: Iterable[Event]) -> None:
         bus.publish(event)
 
 
+class IntakeJournal:
+    """A copy of every accepted command, kept in Redis until its handler has run.
+
+    Why: kombu's Redis transport takes a message off the queue (BRPOP) and only then records it as
+    unacknowledged; a worker killed between the two loses that message, and nothing would ever redeliver
+    it. So the sender writes the command's payload into this journal in the same MULTI/EXEC as the queue
+    push, the worker removes it once the handler has committed (`done`), and a periodic sweep re-sends
+    whatever has waited longer than a grace period (`overdue`). Handlers are idempotent on the message id,
+    so a re-sent command that had in fact been handled is recognised and only costs a lookup.
+
+    Keys: a hash of message id -> payload, and a sorted set of message id -> when it is next due a check.
+    """
+
+    def __init__(self, redis_url: str, name: str) -> None:
+        self.redis_url = redis_url
+        self.hash_key = f"journal:{name}"
+        self.due_key = f"journal:{name}:due"
+        self._sync: Any = None
+
+    def _client(self) -> Any:
+        if self._sync is None:
+            import redis
+
+            self._sync = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        return self._sync
+
+    def done(self, message_id: uuid.UUID | str) -> None:
+        pipe = self._client().pipeline(transaction=True)
+        pipe.hdel(self.hash_key, str(message_id))
+        pipe.zrem(self.due_key, str(message_id))
+        pipe.execute()
+
+    def overdue(self, older_than_s: float, *, limit: int = 1000) -> list[dict[str, Any]]:
+        """Payloads written more than `older_than_s` ago whose handler has not run; each is re-armed for
+        another grace period, so one sweep re-sends it once."""
+        import time
+
+        now = time.time()
+        client = self._client()
+        ids = client.zrangebyscore(self.due_key, 0, now - older_than_s, start=0, num=limit)
+        if not ids:
+            return []
+        payloads = client.hmget(self.hash_key, ids)
+        pipe = client.pipeline(transaction=True)
+        pipe.zadd(self.due_key, dict.fromkeys(ids, now))
+        pipe.execute()
+        out = []
+        for mid, raw in zip(ids, payloads, strict=True):
+            if raw is None:  # handled meanwhile
+                client.zrem(self.due_key, mid)
+                continue
+            out.append(json.loads(raw))
+        return out
+
+    def pending(self) -> int:
+        return int(self._client().hlen(self.hash_key))
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+
 class GroupCommitSender:
     """Puts commands on the queue from an async hot path, with group commit.
 
     Each caller awaits until its message is in Redis (so a 202 still means "durably queued"), but the
     messages of all requests that arrive while one write is in flight go to Redis together in the next
-    pipeline: one round trip for many requests instead of one each, and no thread hop. The messages are
-    the same Celery (protocol 2) messages `send_task` writes, built by Celery and kombu themselves and
-    pushed to the queue's list exactly as kombu's Redis transport does; the worker cannot tell them apart.
+    write: one round trip for many requests instead of one each, and no thread hop. The messages are the
+    same Celery (protocol 2) messages `send_task` writes (see `TaskMessageEncoder`). With a journal, each
+    command is also written to it in the same MULTI/EXEC (see `IntakeJournal`).
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, journal: IntakeJournal | None = None) -> None:
         import redis.asyncio as aioredis
 
         self.app = app
+        self.journal = journal
         self._redis = aioredis.from_url(app.conf.broker_url)
         self._encoder = TaskMessageEncoder(app)
-        self._pending: list[tuple[str, bytes, Any]] = []
+        self._pending: list[tuple[str, bytes, Command, Any]] = []
         self._flushing = False
 
     async def send(self, command: Command) -> None:
@@ -288,32 +352,44 @@ class GroupCommitSender:
 
         key, raw = self._encoder.encode(command.type, command)
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((key, raw, future))
+        self._pending.append((key, raw, command, future))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
         await future
+
+    async def _write(self, batch: list[tuple[str, bytes, Command, Any]]) -> None:
+        import time
+
+        by_queue = _group_by_queue((key, raw) for key, raw, _, _ in batch)
+        if self.journal is None and len(by_queue) == 1:
+            ((key, raws),) = by_queue.items()
+            await self._redis.lpush(key, *raws)
+            return
+        pipe = self._redis.pipeline(transaction=self.journal is not None)
+        for key, raws in by_queue.items():
+            pipe.lpush(key, *raws)
+        if self.journal is not None:
+            now = time.time()
+            pipe.hset(
+                self.journal.hash_key,
+                mapping={str(cmd.message_id): json.dumps(cmd.to_payload()) for _, _, cmd, _ in batch},
+            )
+            pipe.zadd(self.journal.due_key, {str(cmd.message_id): now for _, _, cmd, _ in batch})
+        await pipe.execute()
 
     async def _flush(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    by_queue = _group_by_queue((key, raw) for key, raw, _ in batch)
-                    if len(by_queue) == 1:
-                        ((key, raws),) = by_queue.items()
-                        await self._redis.lpush(key, *raws)
-                    else:
-                        pipe = self._redis.pipeline(transaction=False)
-                        for key, raws in by_queue.items():
-                            pipe.lpush(key, *raws)
-                        await pipe.execute()
+                    await self._write(batch)
                 except Exception as exc:  # every waiter of this batch learns it was not queued
-                    for _, _, fut in batch:
+                    for *_, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                 else:
-                    for _, _, fut in batch:
+                    for *_, fut in batch:
                         if not fut.done():
                             fut.set_result(None)
         finally:

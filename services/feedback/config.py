@@ -19,6 +19,9 @@ class FeedbackSettings(ServiceSettings):
     # contract) whether it was ever issued: 404 there means 404 here.
     verify_unknown_with_router: bool = True
     router_check_timeout_s: float = 1.0
+    # Every accepted vote is also journalled until the worker has stored it; a vote still in the journal
+    # after this long (it was lost between the queue and a killed worker) is sent again. See IntakeJournal.
+    journal_grace_s: float = 300.0
 
     @property
     def db_url(self) -> str:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from services.feedback import api
 from services.feedback.config import FeedbackSettings, get_settings
 from services.feedback.store import Store
-from shared.bus import CeleryBus, GroupCommitSender, declare_topology, make_celery
+from shared.bus import CeleryBus, GroupCommitSender, IntakeJournal, declare_topology, make_celery
 from shared.logging import configure_logging
 from shared.web import install_common
 
@@ -27,7 +27,7 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
         celery = make_celery("feedback", settings)
         declare_topology(celery)
         app.state.bus = CeleryBus(celery)
-        app.state.sender = GroupCommitSender(celery)
+        app.state.sender = GroupCommitSender(celery, journal=IntakeJournal(settings.redis_url, "feedback"))
         app.state.known_ids = api.KnownIds()
         app.state.http = httpx.AsyncClient()
         yield

@@ -8,7 +8,7 @@ from functools import lru_cache
 from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.store import Store, outbox
-from shared.bus import CeleryBus, make_celery
+from shared.bus import CeleryBus, IntakeJournal, make_celery
 from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -27,11 +27,28 @@ def _relay() -> None:
     relay(_store().factory, outbox, CeleryBus(app))
 
 
+@lru_cache
+def _journal() -> IntakeJournal:
+    return IntakeJournal(get_settings().redis_url, "feedback")
+
+
 @app.task(name="feedback.record")
 def record(payload: dict) -> str:
-    outcome = handlers.record_feedback(RecordFeedback.from_payload(payload), _store().uow())
+    cmd = RecordFeedback.from_payload(payload)
+    outcome = handlers.record_feedback(cmd, _store().uow())
+    _journal().done(cmd.message_id)  # committed (or recognised as handled): no need to send it again
     _relay()
     return outcome
+
+
+@app.task(name="feedback.sweep_journal")
+def sweep_journal() -> int:
+    """Send again the accepted votes that no worker has stored within the grace period."""
+    bus = CeleryBus(app)
+    overdue = _journal().overdue(get_settings().journal_grace_s)
+    for payload in overdue:
+        bus.send(RecordFeedback.from_payload(payload))
+    return len(overdue)
 
 
 @app.task(name="feedback.on_explanation_created")

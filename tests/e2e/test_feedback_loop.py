@@ -181,11 +181,19 @@ def test_killed_feedback_worker_loses_no_acknowledged_vote(tmp_path, admin_heade
                 with sqlite3.connect(stack.data_dir / "feedback.db") as conn:
                     return int(conn.execute("select count(*) from feedback").fetchone()[0])
 
-            stack.start_process("worker-feedback")
-            wait_for(lambda: stored() > 20, timeout_s=30, interval_s=0.02, what="the worker to start storing")
-            stack.kill("worker-feedback")  # mid-stream: one message is taken and unacknowledged
-            mid = stored()
-            assert mid < n
+            # Kill the worker again and again while it stores: each kill lands on a message it has taken. (If one
+            # lands between kombu's BRPOP and its unacked bookkeeping, only the intake journal brings it back.)
+            for kill in range(4):
+                stack.start_process("worker-feedback")
+                floor = stored()
+                wait_for(
+                    lambda f=floor: stored() > f + 15,
+                    timeout_s=30,
+                    interval_s=0.01,
+                    what=f"progress before kill {kill + 1}",
+                )
+                stack.kill("worker-feedback")
+            assert stored() < n
             stack.start_process("worker-feedback")
             deadline = time.monotonic() + 90
             while stored() < n and time.monotonic() < deadline:
@@ -198,6 +206,11 @@ def test_killed_feedback_worker_loses_no_acknowledged_vote(tmp_path, admin_heade
                 lambda: (t := _stats(client, admin_headers)["totals"])["votes"] == n and t, timeout_s=60, what="stats"
             )
             assert totals["positives"] == n - len(range(0, n, 4))
+            import redis
+
+            journal = redis.Redis.from_url(stack.env["REDIS_URL"])
+            wait_for(lambda: journal.hlen("journal:feedback") == 0, timeout_s=30, what="the intake journal to empty")
+            journal.close()
     finally:
         stack.stop()
 

@@ -1,0 +1,143 @@
+"""An accepted vote survives being lost between the queue and a killed worker: kombu's Redis transport
+pops a message before it records it as unacknowledged, so a SIGKILL in between loses that message. The
+intake journal keeps a copy until the worker has stored the vote, and the sweep sends it again."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from fastapi.testclient import TestClient
+
+from services.feedback import handlers
+from services.feedback.config import FeedbackSettings
+from services.feedback.main import create_app
+from shared.contracts import ExplanationCreated
+from shared.redis_server import RedisServer, free_port
+from tests.support import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _explanation(eid: uuid.UUID) -> ExplanationCreated:
+    return ExplanationCreated(
+        explanation_id=eid,
+        request_key="rk",
+        ticker="IBM",
+        signal="HOLD",
+        prompt_name="explain_signal",
+        prompt_version="v1.0",
+        model="offline/template-v1",
+        provider="offline",
+        prompt_text="p",
+        text="t",
+        tokens_in=1,
+        tokens_out=1,
+        cost_usd=0.0,
+        latency_ms=1.0,
+        created_at=datetime.now(UTC),
+    )
+
+
+def test_accepted_vote_is_journalled_with_its_queue_message_and_cleared_once_stored(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        settings = FeedbackSettings(
+            redis_url=server.url,
+            admin_token="a",
+            session_hash_key="k",
+            data_dir=tmp_path,
+            gateway_url=f"http://127.0.0.1:{free_port()}",
+        )
+        app = create_app(settings)
+        r = redis.Redis.from_url(server.url)
+        with TestClient(app) as client:
+            eid = uuid.uuid4()
+            handlers.on_explanation_created(_explanation(eid), app.state.store.uow())
+            assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": "s"}).status_code == 202
+        assert r.llen("feedback") == 1 and r.hlen("journal:feedback") == 1 and r.zcard("journal:feedback:due") == 1
+        r.close()
+
+
+@pytest.mark.slow
+def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_stored_once(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        settings = FeedbackSettings(
+            redis_url=server.url,
+            admin_token="a",
+            session_hash_key="k",
+            data_dir=tmp_path,
+            gateway_url=f"http://127.0.0.1:{free_port()}",
+        )
+        app = create_app(settings)
+        r = redis.Redis.from_url(server.url)
+        with TestClient(app) as client:
+            eid = uuid.uuid4()
+            handlers.on_explanation_created(_explanation(eid), app.state.store.uow())
+            for i in range(3):
+                assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": f"s{i}"}).status_code == 202
+        # A worker took one message off the queue and was killed before kombu recorded it as unacked.
+        assert r.rpop("feedback") is not None
+        assert r.llen("feedback") == 2 and r.hlen("journal:feedback") == 3
+
+        env = {
+            **os.environ,
+            "REDIS_URL": server.url,
+            "DATA_DIR": str(tmp_path),
+            "ADMIN_TOKEN": "a",
+            "SESSION_HASH_KEY": "k",
+            "FEEDBACK_JOURNAL_GRACE_S": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "services.feedback.tasks:app",
+                "worker",
+                "-Q",
+                "feedback",
+                "-P",
+                "solo",
+                "-l",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+
+            def stored() -> int:
+                with sqlite3.connect(tmp_path / "feedback.db") as conn:
+                    return int(conn.execute("select count(*) from feedback").fetchone()[0])
+
+            wait_for(
+                lambda: stored() == 2 and r.hlen("journal:feedback") == 1, timeout_s=30, what="the two queued votes"
+            )
+            # beat's sweep, sent by name as beat sends it
+            sender = Celery(broker=server.url)
+            wait_for(
+                lambda: sender.send_task("feedback.sweep_journal", queue="feedback") and stored() == 3,
+                timeout_s=30,
+                interval_s=1.5,
+                what="the lost vote sent again and stored",
+            )
+            assert r.hlen("journal:feedback") == 0 and r.zcard("journal:feedback:due") == 0
+            with sqlite3.connect(tmp_path / "feedback.db") as conn:
+                assert conn.execute("select count(distinct session_key) from feedback").fetchone()[0] == 3
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+            r.close()
