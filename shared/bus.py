@@ -269,18 +269,18 @@ class IntakeJournal:
 
     Why: kombu's Redis transport takes a message off the queue (BRPOP) and only then records it as
     unacknowledged; a worker killed between the two loses that message, and nothing would ever redeliver
-    it. So the sender writes the command's payload into this journal in the same MULTI/EXEC as the queue
-    push, the worker removes it once the handler has committed (`done`), and a periodic sweep re-sends
-    whatever has waited longer than a grace period (`overdue`). Handlers are idempotent on the message id,
-    so a re-sent command that had in fact been handled is recognised and only costs a lookup.
+    it. So the sender writes the task message into this journal in the same atomic step as the queue push
+    (one Lua script call), the worker removes it once the handler has committed (`done`), and a periodic
+    sweep re-sends whatever has waited longer than a grace period (`overdue`). Handlers are idempotent on
+    the message id, so a re-sent command that had in fact been handled is recognised and only costs a lookup.
 
-    Keys: a hash of message id -> payload, and a sorted set of message id -> when it is next due a check.
+    One hash: message id -> "<unix time>|<task message>". It holds only what is in flight, so the sweep
+    scans it whole.
     """
 
     def __init__(self, redis_url: str, name: str) -> None:
         self.redis_url = redis_url
         self.hash_key = f"journal:{name}"
-        self.due_key = f"journal:{name}:due"
         self._sync: Any = None
 
     def _client(self) -> Any:
@@ -291,32 +291,25 @@ class IntakeJournal:
         return self._sync
 
     def done(self, message_id: uuid.UUID | str) -> None:
-        pipe = self._client().pipeline(transaction=True)
-        pipe.hdel(self.hash_key, str(message_id))
-        pipe.zrem(self.due_key, str(message_id))
-        pipe.execute()
+        self._client().hdel(self.hash_key, str(message_id))
 
     def overdue(self, older_than_s: float, *, limit: int = 1000) -> list[dict[str, Any]]:
-        """Payloads written more than `older_than_s` ago whose handler has not run; each is re-armed for
-        another grace period, so one sweep re-sends it once."""
+        """Payloads of commands journalled more than `older_than_s` ago whose handler has not run; each is
+        re-armed for another grace period, so one sweep re-sends it once."""
         import time
 
         now = time.time()
         client = self._client()
-        ids = client.zrangebyscore(self.due_key, 0, now - older_than_s, start=0, num=limit)
-        if not ids:
-            return []
-        payloads = client.hmget(self.hash_key, ids)
-        pipe = client.pipeline(transaction=True)
-        pipe.zadd(self.due_key, dict.fromkeys(ids, now))
-        pipe.execute()
-        out = []
-        for mid, raw in zip(ids, payloads, strict=True):
-            if raw is None:  # handled meanwhile
-                client.zrem(self.due_key, mid)
-                continue
-            out.append(json.loads(raw))
-        return out
+        found: list[tuple[bytes, bytes]] = []
+        for mid, value in client.hscan_iter(self.hash_key, count=500):
+            stamp, _, raw = value.partition(b"|")
+            if float(stamp) <= now - older_than_s:
+                found.append((mid, raw))
+                if len(found) >= limit:
+                    break
+        if found:
+            client.hset(self.hash_key, mapping={mid: f"{now!r}|".encode() + raw for mid, raw in found})
+        return [task_payload(raw) for _, raw in found]
 
     def pending(self) -> int:
         return int(self._client().hlen(self.hash_key))
@@ -327,6 +320,25 @@ class IntakeJournal:
             self._sync = None
 
 
+def task_payload(raw: bytes) -> dict[str, Any]:
+    """The contract payload inside a task message written by `TaskMessageEncoder`."""
+    envelope = json.loads(raw)
+    _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+    return kwargs["payload"]
+
+
+# Queue push and journal entry in one atomic step: KEYS = queue, journal hash; ARGV = now, then
+# (task message, message id) for each command, in order. The journal keeps "<time>|<task message>".
+_JOURNAL_PUSH_LUA = """
+local stamp = ARGV[1] .. '|'
+for i = 2, #ARGV, 2 do
+  redis.call('LPUSH', KEYS[1], ARGV[i])
+  redis.call('HSET', KEYS[2], ARGV[i + 1], stamp .. ARGV[i])
+end
+return (#ARGV - 1) / 2
+"""
+
+
 class GroupCommitSender:
     """Puts commands on the queue from an async hot path, with group commit.
 
@@ -334,7 +346,7 @@ class GroupCommitSender:
     messages of all requests that arrive while one write is in flight go to Redis together in the next
     write: one round trip for many requests instead of one each, and no thread hop. The messages are the
     same Celery (protocol 2) messages `send_task` writes (see `TaskMessageEncoder`). With a journal, each
-    command is also written to it in the same MULTI/EXEC (see `IntakeJournal`).
+    command is also written to it in the same atomic step, a Lua script (see `IntakeJournal`).
     """
 
     def __init__(self, app: Celery, journal: IntakeJournal | None = None) -> None:
@@ -346,6 +358,7 @@ class GroupCommitSender:
         self._encoder = TaskMessageEncoder(app)
         self._pending: list[tuple[str, bytes, Command, Any]] = []
         self._flushing = False
+        self._journal_push: Any = None
 
     async def send(self, command: Command) -> None:
         import asyncio
@@ -362,21 +375,25 @@ class GroupCommitSender:
         import time
 
         by_queue = _group_by_queue((key, raw) for key, raw, _, _ in batch)
-        if self.journal is None and len(by_queue) == 1:
-            ((key, raws),) = by_queue.items()
-            await self._redis.lpush(key, *raws)
+        if self.journal is None:
+            if len(by_queue) == 1:
+                ((key, raws),) = by_queue.items()
+                await self._redis.lpush(key, *raws)
+                return
+            pipe = self._redis.pipeline(transaction=False)
+            for key, raws in by_queue.items():
+                pipe.lpush(key, *raws)
+            await pipe.execute()
             return
-        pipe = self._redis.pipeline(transaction=self.journal is not None)
-        for key, raws in by_queue.items():
-            pipe.lpush(key, *raws)
-        if self.journal is not None:
-            now = time.time()
-            pipe.hset(
-                self.journal.hash_key,
-                mapping={str(cmd.message_id): json.dumps(cmd.to_payload()) for _, _, cmd, _ in batch},
-            )
-            pipe.zadd(self.journal.due_key, {str(cmd.message_id): now for _, _, cmd, _ in batch})
-        await pipe.execute()
+        if self._journal_push is None:
+            self._journal_push = self._redis.register_script(_JOURNAL_PUSH_LUA)
+        now = time.time()
+        for key in by_queue:  # one atomic script call per queue (one in practice: a sender serves one service)
+            args: list[Any] = [repr(now)]
+            for k, raw, cmd, _ in batch:
+                if k == key:
+                    args += [raw, str(cmd.message_id)]
+            await self._journal_push(keys=[key, self.journal.hash_key], args=args)
 
     async def _flush(self) -> None:
         try:
