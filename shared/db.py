@@ -3,12 +3,17 @@ otherwise; the same table code runs on PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, Table, create_engine, event
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from shared.contracts import Event
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -64,3 +69,74 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+RepoT = TypeVar("RepoT")
+
+
+class UnitOfWork(Generic[RepoT]):
+    """One transaction over one service's store, with that service's repository as `repo`. Events added
+    with `add_events` are staged in the outbox in the same transaction and published after the commit.
+    Leaving the block without `commit()` rolls back."""
+
+    def __init__(self, factory: sessionmaker[Session], make_repo: Callable[[Session], RepoT], outbox: Table) -> None:
+        self.factory = factory
+        self.make_repo = make_repo
+        self.outbox = outbox
+        self.committed = False
+
+    def __enter__(self) -> Self:
+        self.session = self.factory()
+        self.repo: RepoT = self.make_repo(self.session)
+        self.committed = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.session.rollback()
+        self.session.close()
+
+    def add_events(self, *events: Event) -> None:
+        from shared.outbox import stage
+
+        stage(self.session, self.outbox, list(events))
+
+    def commit(self) -> None:
+        self.session.commit()
+        self.committed = True
+
+
+class SqlStore(Generic[RepoT]):
+    """Engine and session factory for one service's database URL; creates its tables on first use (and runs
+    `seed`, if given, in the same step). A service's API process and its worker start together: when the
+    other one creates the tables first, the attempt is simply made again."""
+
+    def __init__(
+        self,
+        url: str,
+        metadata: MetaData,
+        make_repo: Callable[[Session], RepoT],
+        outbox: Table,
+        *,
+        seed: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.engine = make_engine(url)
+        self.factory = make_session_factory(self.engine)
+        self.make_repo = make_repo
+        self.outbox = outbox
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine)
+                if seed is not None:
+                    with self.factory() as session, session.begin():
+                        seed(session)
+                break
+            except (OperationalError, IntegrityError):
+                if attempt == 2:
+                    raise
+
+    def uow(self) -> UnitOfWork[RepoT]:
+        return UnitOfWork(self.factory, self.make_repo, self.outbox)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

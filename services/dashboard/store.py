@@ -25,13 +25,12 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from services.dashboard.domain import Cell, ExperimentInfo
-from shared.contracts import Event, utcnow
-from shared.db import make_engine, make_session_factory
-from shared.outbox import outbox_table, stage
+from shared.contracts import utcnow
+from shared.db import SqlStore, UnitOfWork
+from shared.outbox import outbox_table
 
 metadata = MetaData()
 
@@ -445,53 +444,17 @@ class DashboardRepository:
             yield {**dict(r), "created_at": _iso(r["created_at"])}
 
 
-class SqlUnitOfWork:
-    """One transaction; events added here are staged in the outbox and published after commit."""
-
-    def __init__(self, factory: sessionmaker[Session]) -> None:
-        self.factory = factory
-        self.committed = False
-
-    def __enter__(self) -> SqlUnitOfWork:
-        self.session = self.factory()
-        self.repo = DashboardRepository(self.session)
-        self.committed = False
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.committed:
-            self.session.rollback()
-        self.session.close()
-
-    def add_events(self, *events: Event) -> None:
-        stage(self.session, outbox, list(events))
-
-    def commit(self) -> None:
-        self.session.commit()
-        self.committed = True
+#: The unit of work handlers take: one transaction, `repo` is this service's repository.
+SqlUnitOfWork = UnitOfWork[DashboardRepository]
 
 
-class Store:
-    """Engine + session factory for one database URL; creates the tables on first use."""
+def _seed(session: Session) -> None:
+    if session.execute(select(meta.c.key).where(meta.c.key == "revision")).first() is None:
+        session.execute(meta.insert().values(key="revision", value=0))
+
+
+class Store(SqlStore[DashboardRepository]):
+    """This service's database: its tables, repository and outbox on the shared store plumbing."""
 
     def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
-        self.factory = make_session_factory(self.engine)
-        # The API process and the worker start together: if the other one creates the tables or the
-        # counter row first, the second attempt finds them.
-        for attempt in range(3):
-            try:
-                metadata.create_all(self.engine)
-                with self.factory() as session, session.begin():
-                    if session.execute(select(meta.c.key).where(meta.c.key == "revision")).first() is None:
-                        session.execute(meta.insert().values(key="revision", value=0))
-                break
-            except (OperationalError, IntegrityError):
-                if attempt == 2:
-                    raise
-
-    def uow(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.factory)
-
-    def dispose(self) -> None:
-        self.engine.dispose()
+        super().__init__(url, metadata, DashboardRepository, outbox, seed=_seed)

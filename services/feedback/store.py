@@ -20,12 +20,12 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from services.feedback.domain import StoredVote
-from shared.contracts import Event, utcnow
-from shared.db import make_engine, make_session_factory
-from shared.outbox import outbox_table, stage
+from shared.contracts import utcnow
+from shared.db import SqlStore, UnitOfWork
+from shared.outbox import outbox_table
 
 metadata = MetaData()
 
@@ -205,42 +205,12 @@ class FeedbackRepository:
         return [dict(r) for r in rows]
 
 
-class SqlUnitOfWork:
-    """One transaction; events added here are staged in the outbox and published after commit."""
-
-    def __init__(self, factory: sessionmaker[Session]) -> None:
-        self.factory = factory
-        self.committed = False
-
-    def __enter__(self) -> SqlUnitOfWork:
-        self.session = self.factory()
-        self.repo = FeedbackRepository(self.session)
-        self.committed = False
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.committed:
-            self.session.rollback()
-        self.session.close()
-
-    def add_events(self, *events: Event) -> None:
-        stage(self.session, outbox, list(events))
-
-    def commit(self) -> None:
-        self.session.commit()
-        self.committed = True
+#: The unit of work handlers take: one transaction, `repo` is this service's repository.
+SqlUnitOfWork = UnitOfWork[FeedbackRepository]
 
 
-class Store:
-    """Engine + session factory for one database URL; creates the tables on first use."""
+class Store(SqlStore[FeedbackRepository]):
+    """This service's database: its tables, repository and outbox on the shared store plumbing."""
 
     def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
-        metadata.create_all(self.engine)
-        self.factory = make_session_factory(self.engine)
-
-    def uow(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.factory)
-
-    def dispose(self) -> None:
-        self.engine.dispose()
+        super().__init__(url, metadata, FeedbackRepository, outbox)

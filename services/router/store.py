@@ -21,13 +21,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from services.router.domain import Arm, Experiment, Routing, Template
 from shared.bus import Publisher
 from shared.contracts import Event, utcnow
-from shared.db import make_engine, make_session_factory
-from shared.outbox import outbox_table, stage
+from shared.db import SqlStore, UnitOfWork
+from shared.outbox import outbox_table
 
 metadata = MetaData()
 
@@ -250,42 +250,15 @@ class RouterRepository:
         )
 
 
-class SqlUnitOfWork:
-    """One transaction; events added here are staged in the outbox and published after commit."""
-
-    def __init__(self, factory: sessionmaker[Session]) -> None:
-        self.factory = factory
-        self.committed = False
-
-    def __enter__(self) -> SqlUnitOfWork:
-        self.session = self.factory()
-        self.repo = RouterRepository(self.session)
-        self.committed = False
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.committed:
-            self.session.rollback()
-        self.session.close()
-
-    def add_events(self, *events: Event) -> None:
-        stage(self.session, outbox, list(events))
-
-    def commit(self) -> None:
-        self.session.commit()
-        self.committed = True
+#: The unit of work handlers take: one transaction, `repo` is this service's repository.
+SqlUnitOfWork = UnitOfWork[RouterRepository]
 
 
-class Store:
-    """Engine + session factory for one database URL; creates the tables on first use."""
+class Store(SqlStore[RouterRepository]):
+    """This service's database: its tables, repository and outbox on the shared store plumbing."""
 
     def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
-        metadata.create_all(self.engine)
-        self.factory = make_session_factory(self.engine)
-
-    def uow(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.factory)
+        super().__init__(url, metadata, RouterRepository, outbox)
 
     def publish_staged(self, bus: Publisher, events: list[Event]) -> None:
         """Publish events this process just committed to the outbox, and mark them published.
@@ -302,6 +275,3 @@ class Store:
                 .where(outbox.c.event_id.in_([str(e.message_id) for e in events]))
                 .values(published_at=utcnow())
             )
-
-    def dispose(self) -> None:
-        self.engine.dispose()
