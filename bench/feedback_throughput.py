@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from bench.loadgen import Result, closed_loop, open_loop
+from gateway.run import worker_command
 from shared.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             fb.wait()
 
         accepted = fb_tp.ok + fb_lat.ok + 0
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "services.feedback.tasks:app", "worker", "-Q", "feedback", "-P", "solo",
-             "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            env=env, cwd=ROOT,
-        )  # fmt: skip
+        worker = subprocess.Popen(worker_command("feedback"), env=env, cwd=ROOT)
         start = time.perf_counter()
         db = Path(tmp) / "feedback.db"
         stored = 0

@@ -27,6 +27,18 @@ SERVICES = ("router", "feedback", "optimizer", "finetune", "dashboard")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def worker_command(service: str, *, loglevel: str = "WARNING") -> list[str]:
+    """The Celery worker of one service, consuming only that service's queue. The finetune worker runs two
+    threads, so a long training job never holds up that service's events and watchdog; every other worker
+    is one process doing one message at a time."""
+    pool = ["-P", "threads", "-c", "2"] if service == "finetune" else ["-P", "solo"]
+    return [
+        sys.executable, "-m", "celery", "-A", f"services.{service}.tasks:app", "worker",
+        "-Q", service, *pool, "-n", f"{service}@%h", "-l", loglevel,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+
+
 def ensure_secrets(data_dir: Path, env: dict[str, str]) -> None:
     """Generate the admin token and session-hash key once per data folder, unless the environment has them."""
     path = data_dir / "secrets.env"
@@ -76,14 +88,7 @@ class Stack:
             ],
         }  # fmt: skip
         for svc in self.services:
-            # The finetune worker runs two threads, so a long training job never holds up that service's
-            # events and watchdog; every other worker is one process doing one message at a time.
-            pool = ["-P", "threads", "-c", "2"] if svc == "finetune" else ["-P", "solo"]
-            cmds[f"worker-{svc}"] = [
-                py, "-m", "celery", "-A", f"services.{svc}.tasks:app", "worker",
-                "-Q", svc, *pool, "-n", f"{svc}@%h", "-l", "WARNING",
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
-            ]  # fmt: skip
+            cmds[f"worker-{svc}"] = worker_command(svc)
         if self.beat:
             cmds["beat"] = [
                 py, "-m", "celery", "-A", "gateway.beat:app", "beat", "-l", "WARNING",

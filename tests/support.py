@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from sqlalchemy import Connection, create_engine, text
+
+from gateway.run import ROOT, worker_command
 
 T = TypeVar("T")
 
@@ -109,3 +114,26 @@ class PgSchemas:
             for schema in self.ready:
                 conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         self.engine.dispose()
+
+
+@contextmanager
+def celery_worker(
+    service: str, env: Mapping[str, str], log_path: Path, *, loglevel: str = "WARNING"
+) -> Iterator[subprocess.Popen]:
+    """One service's real Celery worker (the command `make run` uses), stopped on exit; its log's tail is
+    printed, so a failing test shows what the worker said."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            worker_command(service, loglevel=loglevel), env=dict(env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        print(f"{service} worker log:", log_path.read_text(errors="replace")[-3000:])

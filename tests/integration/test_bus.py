@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +18,7 @@ from shared.bus import SUBSCRIPTIONS, CeleryBus, GroupCommitSender, declare_topo
 from shared.contracts import ExplanationCreated
 from shared.redis_server import RedisServer
 from shared.settings import ServiceSettings
-from tests.support import wait_for
+from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,28 +78,7 @@ def test_published_event_and_group_committed_command_are_consumed_by_a_real_work
             "SESSION_HASH_KEY": "k",
             "PYTHONPATH": str(ROOT),
         }
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "services.feedback.tasks:app",
-                "worker",
-                "-Q",
-                "feedback",
-                "-P",
-                "solo",
-                "-l",
-                "WARNING",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            env=env,
-            cwd=ROOT,
-        )
-        try:
+        with celery_worker("feedback", env, tmp_path / "worker.log"):
 
             def stored() -> int:
                 db = tmp_path / "feedback.db"
@@ -115,7 +92,4 @@ def test_published_event_and_group_committed_command_are_consumed_by_a_real_work
 
             wait_for(lambda: stored() == 10, timeout_s=30, what="ten votes stored by the worker")
             assert r.llen("feedback") == 0
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
-            r.close()
+        r.close()

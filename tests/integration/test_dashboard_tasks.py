@@ -4,8 +4,6 @@ replaced and erased, end as the right figures; the beat tasks run."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,7 +25,7 @@ from shared.contracts import (
 )
 from shared.redis_server import RedisServer
 from shared.settings import ServiceSettings
-from tests.support import wait_for
+from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = handlers.ReadPolicy()
@@ -46,20 +44,10 @@ def worker(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Celery, 
     sender = make_celery("dashboard-test", ServiceSettings(redis_url=redis_server.url))
     declare_topology(sender)
     sender.connection_for_write().default_channel.client.delete("dashboard")  # nothing left from other tests
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "services.dashboard.tasks:app", "worker", "-Q", "dashboard",
-         "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     store = Store(f"sqlite:///{tmp_path / 'dashboard.db'}")
-    try:
+    with celery_worker("dashboard", env, tmp_path / "worker.log"):
         yield sender, store
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
-        store.dispose()
+    store.dispose()
 
 
 def send(app: Celery, task: str, message: Message) -> None:

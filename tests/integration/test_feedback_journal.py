@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +20,7 @@ from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
 from shared.redis_server import RedisServer, free_port
-from tests.support import wait_for
+from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,28 +94,7 @@ def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_store
             "FEEDBACK_JOURNAL_GRACE_S": "1",
             "PYTHONPATH": str(ROOT),
         }
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "services.feedback.tasks:app",
-                "worker",
-                "-Q",
-                "feedback",
-                "-P",
-                "solo",
-                "-l",
-                "WARNING",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            env=env,
-            cwd=ROOT,
-        )
-        try:
+        with celery_worker("feedback", env, tmp_path / "worker.log"):
 
             def stored() -> int:
                 with sqlite3.connect(tmp_path / "feedback.db") as conn:
@@ -137,7 +114,4 @@ def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_store
             assert r.hlen("journal:feedback") == 0
             with sqlite3.connect(tmp_path / "feedback.db") as conn:
                 assert conn.execute("select count(distinct session_key) from feedback").fetchone()[0] == 3
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
-            r.close()
+        r.close()

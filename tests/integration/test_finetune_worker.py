@@ -28,6 +28,7 @@ import redis
 from celery import Celery
 from fastapi.testclient import TestClient
 
+from gateway.run import worker_command
 from services.finetune import domain, handlers, jobs
 from services.finetune.config import FinetuneSettings
 from services.finetune.main import create_app
@@ -50,8 +51,7 @@ class Worker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Worker:
-        cmd = [sys.executable, "-m", "celery", "-A", "services.finetune.tasks:app", "worker", "-Q", "finetune"]
-        cmd += ["-P", "solo", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        cmd = worker_command("finetune", loglevel="INFO")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         return self

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from shared.contracts import ExplanationCreated, FeedbackRecorded, ModelRegister
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
 from shared.redis_server import RedisServer
 from shared.settings import ServiceSettings
-from tests.support import wait_for
+from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "offline/template-v1"
@@ -50,19 +49,8 @@ def env(tmp_path: Path, redis_server: RedisServer) -> dict[str, str]:
 
 @pytest.fixture
 def worker(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen]:
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "services.optimizer.tasks:app", "worker", "-Q", "optimizer",
-         "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
+    with celery_worker("optimizer", env, tmp_path / "worker.log") as proc:
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
-        print("worker log:", (tmp_path / "worker.log").read_text()[-3000:])  # shown when a test fails
 
 
 def send(env: dict[str, str], task: str, payload: dict[str, Any] | None) -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from shared.contracts import (
     PromptTemplate,
 )
 from shared.redis_server import RedisServer, free_port
-from tests.support import wait_for
+from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE = "offline/template-v1"
@@ -74,25 +72,10 @@ def settings(env: dict[str, str]) -> RouterSettings:
 @pytest.fixture(scope="module")
 def worker(env: dict[str, str], settings: RouterSettings) -> Iterator[subprocess.Popen]:
     declare_topology(make_celery("router-test", settings))
-    log = open(Path(env["DATA_DIR"]) / "worker.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "services.router.tasks:app", "worker", "-Q", "router", "-P", "solo",
-         "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT,
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
+    with celery_worker(
+        "router", {**os.environ, **env, "PYTHONPATH": str(ROOT)}, Path(env["DATA_DIR"]) / "worker.log", loglevel="INFO"
+    ) as proc:
         yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
