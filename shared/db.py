@@ -140,3 +140,36 @@ class SqlStore(Generic[RepoT]):
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def processed_table(metadata: MetaData) -> Table:
+    """The ids of the messages a service has handled: every handler checks it first, because the queue
+    delivers at least once."""
+    from sqlalchemy import Column, DateTime, String
+
+    return Table(
+        "processed_messages",
+        metadata,
+        Column("message_id", String(36), primary_key=True),
+        Column("handled_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+class MessageLog:
+    """Idempotency for a repository: `self.s` is its session, `processed` its `processed_table`."""
+
+    s: Session
+    processed: Table
+
+    def seen(self, message_id: object) -> bool:
+        from sqlalchemy import select
+
+        table = self.processed
+        return (
+            self.s.execute(select(table.c.message_id).where(table.c.message_id == str(message_id))).first() is not None
+        )
+
+    def mark_seen(self, message_id: object) -> None:
+        from shared.contracts import utcnow
+
+        self.s.execute(self.processed.insert().values(message_id=str(message_id), handled_at=utcnow()))

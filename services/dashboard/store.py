@@ -28,8 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from services.dashboard.domain import Cell, ExperimentInfo
-from shared.contracts import utcnow
-from shared.db import SqlStore, UnitOfWork
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -158,12 +157,7 @@ meta = Table(
     Column("value", Integer, nullable=False),
 )
 
-processed = Table(
-    "processed_messages",
-    metadata,
-    Column("message_id", String(36), primary_key=True),
-    Column("handled_at", DateTime(timezone=True), nullable=False),
-)
+processed = processed_table(metadata)
 
 outbox = outbox_table(metadata)  # the dashboard publishes nothing yet; kept for the common shape
 
@@ -187,20 +181,13 @@ def _iso(ts: datetime | None) -> str | None:
     return None if ts is None else utc(ts).isoformat()
 
 
-class DashboardRepository:
+class DashboardRepository(MessageLog):
+    processed = processed  # the table MessageLog.seen / mark_seen use
+
     def __init__(self, session: Session) -> None:
         self.s = session
 
     # -- idempotency and change counter -----------------------------------------------------------------
-    def seen(self, message_id: uuid.UUID) -> bool:
-        return (
-            self.s.execute(select(processed.c.message_id).where(processed.c.message_id == str(message_id))).first()
-            is not None
-        )
-
-    def mark_seen(self, message_id: uuid.UUID) -> None:
-        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
-
     def bump_revision(self) -> None:
         self.s.execute(meta.update().where(meta.c.key == "revision").values(value=meta.c.value + 1))
 

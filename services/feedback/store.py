@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from services.feedback.domain import StoredVote
 from shared.contracts import utcnow
-from shared.db import SqlStore, UnitOfWork
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -87,29 +87,16 @@ audit = Table(
     Column("detail", JSON, nullable=False),
 )
 
-processed = Table(
-    "processed_messages",
-    metadata,
-    Column("message_id", String(36), primary_key=True),
-    Column("handled_at", DateTime(timezone=True), nullable=False),
-)
+processed = processed_table(metadata)
 
 outbox = outbox_table(metadata)
 
 
-class FeedbackRepository:
+class FeedbackRepository(MessageLog):
+    processed = processed  # the table MessageLog.seen / mark_seen use
+
     def __init__(self, session: Session) -> None:
         self.s = session
-
-    # -- idempotency -------------------------------------------------------------------------------------
-    def seen(self, message_id: uuid.UUID) -> bool:
-        return (
-            self.s.execute(select(processed.c.message_id).where(processed.c.message_id == str(message_id))).first()
-            is not None
-        )
-
-    def mark_seen(self, message_id: uuid.UUID) -> None:
-        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
 
     # -- explanation replica ----------------------------------------------------------------------------
     def explanation(self, explanation_id: uuid.UUID) -> dict[str, Any] | None:

@@ -4,7 +4,6 @@ opens it."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -30,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from services.finetune import domain
 from shared.contracts import utcnow
-from shared.db import SqlStore, UnitOfWork
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -135,31 +134,18 @@ models = Table(
     Column("registered_at", DateTime(timezone=True), nullable=False),
 )
 
-processed = Table(
-    "processed_messages",
-    metadata,
-    Column("message_id", String(36), primary_key=True),
-    Column("handled_at", DateTime(timezone=True), nullable=False),
-)
+processed = processed_table(metadata)
 
 outbox = outbox_table(metadata)
 
 JOB_FIELDS = tuple(c.name for c in jobs.columns)
 
 
-class FinetuneRepository:
+class FinetuneRepository(MessageLog):
+    processed = processed  # the table MessageLog.seen / mark_seen use
+
     def __init__(self, session: Session) -> None:
         self.s = session
-
-    # -- idempotency -------------------------------------------------------------------------------------
-    def seen(self, message_id: uuid.UUID) -> bool:
-        return (
-            self.s.execute(select(processed.c.message_id).where(processed.c.message_id == str(message_id))).first()
-            is not None
-        )
-
-    def mark_seen(self, message_id: uuid.UUID) -> None:
-        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
 
     # -- training data ----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> bool:

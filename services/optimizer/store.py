@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from services.optimizer import domain
 from services.optimizer.stats import ArmData
 from shared.contracts import utcnow
-from shared.db import SqlStore, UnitOfWork
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -163,12 +163,7 @@ generations = Table(
     Column("tokens_out", Integer, nullable=False),
 )
 
-processed = Table(
-    "processed_messages",
-    metadata,
-    Column("message_id", String(36), primary_key=True),
-    Column("handled_at", DateTime(timezone=True), nullable=False),
-)
+processed = processed_table(metadata)
 
 outbox = outbox_table(metadata)
 
@@ -177,17 +172,11 @@ def _row(r: Any) -> dict[str, Any] | None:
     return dict(r) if r is not None else None
 
 
-class OptimizerRepository:
+class OptimizerRepository(MessageLog):
+    processed = processed  # the table MessageLog.seen / mark_seen use
+
     def __init__(self, session: Session) -> None:
         self.s = session
-
-    # -- idempotency -------------------------------------------------------------------------------------
-    def seen(self, message_id: uuid.UUID) -> bool:
-        q = select(processed.c.message_id).where(processed.c.message_id == str(message_id))
-        return self.s.execute(q).first() is not None
-
-    def mark_seen(self, message_id: uuid.UUID) -> None:
-        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
 
     # -- prompt versions --------------------------------------------------------------------------------
     def prompt_names(self) -> list[str]:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from services.router.domain import Arm, Experiment, Routing, Template
 from shared.bus import Publisher
 from shared.contracts import Event, utcnow
-from shared.db import SqlStore, UnitOfWork
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -109,12 +109,7 @@ models = Table(
     Column("registered_at", DateTime(timezone=True), nullable=False),
 )
 
-processed = Table(
-    "processed_messages",
-    metadata,
-    Column("message_id", String(36), primary_key=True),
-    Column("handled_at", DateTime(timezone=True), nullable=False),
-)
+processed = processed_table(metadata)
 
 outbox = outbox_table(metadata)
 
@@ -125,19 +120,11 @@ def _aware(ts: datetime | None) -> datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
-class RouterRepository:
+class RouterRepository(MessageLog):
+    processed = processed  # the table MessageLog.seen / mark_seen use
+
     def __init__(self, session: Session) -> None:
         self.s = session
-
-    # -- idempotency -------------------------------------------------------------------------------------
-    def seen(self, message_id: uuid.UUID) -> bool:
-        return (
-            self.s.execute(select(processed.c.message_id).where(processed.c.message_id == str(message_id))).first()
-            is not None
-        )
-
-    def mark_seen(self, message_id: uuid.UUID) -> None:
-        self.s.execute(processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
 
     # -- explanations -----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> None:
