@@ -37,6 +37,7 @@ format: install
 bench: install
 	$(PY) -m bench.feedback_throughput
 	$(PY) -m bench.learning
+	$(PY) -m bench.transport_loss --quick
 
 demo: install
 	$(PY) -m bench.demo
