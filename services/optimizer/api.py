@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.optimizer import domain, handlers
+from services.optimizer import domain, experiments, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import GenerationFailed, VariantGenerator
 from services.optimizer.store import Store, outbox
@@ -129,7 +129,7 @@ def list_experiments(
     store: StoreDep,
     status: Annotated[Literal[domain.ALL_STATES] | None, Query()] = None,  # type: ignore[valid-type]
 ) -> dict[str, Any]:
-    return {"experiments": handlers.list_experiments(store.uow(), status)}
+    return {"experiments": views.list_experiments(store.uow(), status)}
 
 
 @router.post("/api/experiments", status_code=201)
@@ -137,7 +137,7 @@ def create_experiment(
     body: ExperimentBody, _: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep
 ) -> dict[str, Any]:
     """Start an experiment: arms are (prompt version, model) pairs, exactly one is the control."""
-    options = handlers.spec_defaults(
+    options = experiments.spec_defaults(
         settings,
         metric=body.metric,
         alpha=body.alpha,
@@ -159,17 +159,17 @@ def create_experiment(
         **options,
     )
     try:
-        created = handlers.create_experiment(spec, store.uow())
+        created = experiments.create_experiment(spec, store.uow())
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
     _relay(store, bus)
-    return handlers.experiment_view(created["experiment_id"], store.uow())
+    return views.experiment_view(created["experiment_id"], store.uow())
 
 
 @router.post("/api/experiments/decisions")
 def run_decisions(_: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep) -> dict[str, Any]:
     """Run the decision round now (beat runs it every OPTIMIZER_DECISION_INTERVAL_S)."""
-    results = handlers.run_decisions(store.uow, settings)
+    results = experiments.run_decisions(store.uow, settings)
     _relay(store, bus)
     return {"results": results}
 
@@ -177,7 +177,7 @@ def run_decisions(_: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsD
 @router.get("/api/experiments/{experiment_id}")
 def get_experiment(experiment_id: str, store: StoreDep) -> dict[str, Any]:
     try:
-        return handlers.experiment_view(experiment_id, store.uow())
+        return views.experiment_view(experiment_id, store.uow())
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
 
@@ -188,7 +188,7 @@ def promote(
 ) -> dict[str, Any]:
     """Promote the winner (or the arm given) to champion and conclude the experiment."""
     try:
-        result = handlers.promote_experiment(experiment_id, store.uow(), arm_id=body.arm_id if body else None)
+        result = experiments.promote_experiment(experiment_id, store.uow(), arm_id=body.arm_id if body else None)
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
     _relay(store, bus)
@@ -198,7 +198,7 @@ def promote(
 @router.post("/api/experiments/{experiment_id}/stop")
 def stop(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: StopBody | None = None) -> dict[str, Any]:
     try:
-        result = handlers.stop_experiment(experiment_id, store.uow(), reason=body.reason if body else "")
+        result = experiments.stop_experiment(experiment_id, store.uow(), reason=body.reason if body else "")
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
     _relay(store, bus)
@@ -209,7 +209,7 @@ def stop(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: St
 def rollback_experiment(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Restore the champion this experiment's promotion replaced."""
     try:
-        result = handlers.rollback_experiment(experiment_id, store.uow())
+        result = experiments.rollback_experiment(experiment_id, store.uow())
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
     _relay(store, bus)
@@ -223,13 +223,13 @@ def rollback_experiment(experiment_id: str, _: AdminDep, store: StoreDep, bus: B
 
 @router.get("/api/prompts")
 def list_prompts(store: StoreDep) -> dict[str, Any]:
-    return {"prompts": handlers.prompts_view(store.uow())}
+    return {"prompts": views.prompts_view(store.uow())}
 
 
 @router.get("/api/prompts/{name}")
 def get_prompt(name: str, store: StoreDep) -> dict[str, Any]:
     try:
-        return handlers.prompts_view(store.uow(), name)[0]
+        return views.prompts_view(store.uow(), name)[0]
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
 
@@ -245,7 +245,7 @@ def generate_variants(
 ) -> dict[str, Any]:
     """Generate variants of the champion (OpenAI with a key, offline rewrites without); 429 when rate limited."""
     try:
-        return handlers.generate_variants(name, store.uow, generator, settings, count=body.count if body else None)
+        return registry.generate_variants(name, store.uow, generator, settings, count=body.count if body else None)
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
     except GenerationFailed as exc:
@@ -256,7 +256,7 @@ def generate_variants(
 def add_version(name: str, body: VersionBody, _: AdminDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     """Add a hand-written version (validated like a generated variant)."""
     try:
-        return handlers.add_version(
+        return registry.add_version(
             name, body.template, store.uow(), settings, reason=body.reason, parent_version=body.parent_version
         )
     except domain.OptimizerError as exc:
@@ -266,7 +266,7 @@ def add_version(name: str, body: VersionBody, _: AdminDep, store: StoreDep, sett
 @router.post("/api/prompts/{name}/versions/{version}/archive")
 def archive_version(name: str, version: str, _: AdminDep, store: StoreDep) -> dict[str, Any]:
     try:
-        return handlers.archive_version(name, version, store.uow())
+        return registry.archive_version(name, version, store.uow())
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
 
@@ -277,7 +277,7 @@ def rollback_prompt(
 ) -> dict[str, Any]:
     """Restore an earlier champion (the previous one unless a version is given)."""
     try:
-        result = handlers.rollback_prompt(
+        result = experiments.rollback_prompt(
             name, store.uow(), version=body.version if body else None, model=body.model if body else None
         )
     except domain.OptimizerError as exc:

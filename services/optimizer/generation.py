@@ -1,6 +1,6 @@
 """Variant generation: new versions of a prompt template, from OpenAI (the plan's meta-prompt) when a key is
 set, else from a deterministic offline rewriter. Guardrails and the rate limit are applied by the handler
-(`handlers.generate_variants`); a generator only proposes.
+(`registry.generate_variants`); a generator only proposes.
 
 Only `OpenAIGenerator.generate` imports openai, so the service runs without it when no key is set.
 """

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.optimizer import api, handlers
+from services.optimizer import api, registry
 from services.optimizer.config import OptimizerSettings, get_settings
 from services.optimizer.generation import make_generator
 from services.optimizer.store import Store, outbox
@@ -33,7 +33,7 @@ def create_app(settings: OptimizerSettings | None = None) -> FastAPI:
         declare_topology(celery)
         app.state.bus = CeleryBus(celery)
         app.state.generator = make_generator(settings)
-        handlers.ensure_seeded(store.uow(), settings.seed_model())
+        registry.ensure_seeded(store.uow(), settings.seed_model())
         relay(store.factory, outbox, app.state.bus)
         yield
         store.dispose()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from services.optimizer import handlers
+from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store, outbox
@@ -24,7 +24,7 @@ configure_logging("optimizer-worker", settings.log_level)
 @lru_cache
 def _store() -> Store:
     store = Store(get_settings().db_url)
-    handlers.ensure_seeded(store.uow(), get_settings().seed_model())
+    registry.ensure_seeded(store.uow(), get_settings().seed_model())
     return store
 
 
@@ -61,7 +61,7 @@ def on_model_registered(payload: dict) -> str:
 
 @app.task(name="optimizer.run_decisions")
 def run_decisions(payload: dict | None = None) -> list[dict[str, Any]]:
-    results = handlers.run_decisions(_store().uow, get_settings())
+    results = experiments.run_decisions(_store().uow, get_settings())
     _relay()
     return results
 

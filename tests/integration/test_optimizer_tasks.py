@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from services.optimizer import domain, handlers
+from services.optimizer import domain, experiments, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.store import Store
 from shared.bus import make_celery
@@ -83,16 +83,16 @@ def test_worker_counts_traffic_and_beat_decision_promotes_and_tells_the_router(
     env: dict[str, str], worker: subprocess.Popen, tmp_path: Path
 ) -> None:
     store = Store(f"sqlite:///{tmp_path / 'optimizer.db'}")
-    handlers.ensure_seeded(store.uow(), MODEL)
+    registry.ensure_seeded(store.uow(), MODEL)
     settings_for_test = OptimizerSettings(min_duration_s=0, min_feedback_per_arm=20)
     template = SEED_TEMPLATE + "\n\nAnswer as bullet points, one line per indicator, the strongest first."
-    version = handlers.add_version(PROMPT_NAME, template, store.uow(), settings_for_test)["version"]
+    version = registry.add_version(PROMPT_NAME, template, store.uow(), settings_for_test)["version"]
     spec = domain.ExperimentSpec(
         prompt_name=PROMPT_NAME,
         arms=(domain.ArmIn("v1.0", MODEL, 0.5, True), domain.ArmIn(version, MODEL, 0.5)),
-        **handlers.spec_defaults(settings_for_test),
+        **experiments.spec_defaults(settings_for_test),
     )
-    exp = handlers.create_experiment(spec, store.uow())["experiment_id"]
+    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
 
     votes = []
     for i in range(60):  # control 50% up, treatment 95% up
@@ -104,13 +104,13 @@ def test_worker_counts_traffic_and_beat_decision_promotes_and_tells_the_router(
     send(env, "optimizer.on_feedback_recorded", votes[0])  # a redelivery counts once
 
     def counted() -> bool:
-        arms = handlers.experiment_view(exp, store.uow())["analysis"]["arms"]
+        arms = views.experiment_view(exp, store.uow())["analysis"]["arms"]
         return [a["n"] for a in arms] == [60, 60] and [a["exposures"] for a in arms] == [60, 60]
 
     wait_for(counted, timeout_s=60, what="the worker to count 120 exposures and votes")
     send(env, "optimizer.run_decisions", None)  # as beat sends it: no payload
     wait_for(
-        lambda: handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["champion"]["version"] == version,
+        lambda: views.prompts_view(store.uow(), PROMPT_NAME)[0]["champion"]["version"] == version,
         timeout_s=30,
         what="the winner to become champion",
     )
@@ -118,7 +118,7 @@ def test_worker_counts_traffic_and_beat_decision_promotes_and_tells_the_router(
         lambda: (t := queued_tasks(env, "router")) and "router.on_champion_changed" in t and t, timeout_s=15
     )
     assert "router.on_experiment_concluded" in router_tasks
-    assert handlers.experiment_view(exp, store.uow())["decision"]["status"] == "ship"
+    assert views.experiment_view(exp, store.uow())["decision"]["status"] == "ship"
 
     send(
         env,
@@ -126,7 +126,7 @@ def test_worker_counts_traffic_and_beat_decision_promotes_and_tells_the_router(
         ModelRegistered(model_id="m1", model="local/ft-m1", base_model="b").to_payload(),
     )
     started = wait_for(
-        lambda: [e for e in handlers.list_experiments(store.uow(), "running") if e["source"] == "finetune"],
+        lambda: [e for e in views.list_experiments(store.uow(), "running") if e["source"] == "finetune"],
         timeout_s=30,
         what="the fine-tuned model's experiment",
     )

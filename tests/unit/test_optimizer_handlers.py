@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.optimizer import domain, handlers
+from services.optimizer import domain, experiments, handlers, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator
 from services.optimizer.store import Store, outbox
@@ -34,7 +34,7 @@ MODEL = "offline/template-v1"
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
     s = Store(store_url("optimizer"))
-    handlers.ensure_seeded(s.uow(), MODEL)
+    registry.ensure_seeded(s.uow(), MODEL)
     yield s
     s.dispose()
 
@@ -61,16 +61,16 @@ def published(store: Store) -> list[Any]:
 
 def add_variant(store: Store, settings: OptimizerSettings, text: str = "bullet points") -> str:
     template = SEED_TEMPLATE + f"\n\nAnswer as {text}, with one line per indicator and the strongest first."
-    return handlers.add_version(PROMPT_NAME, template, store.uow(), settings)["version"]
+    return registry.add_version(PROMPT_NAME, template, store.uow(), settings)["version"]
 
 
 def start(store: Store, settings: OptimizerSettings, version: str, **kw: Any) -> str:
     spec = domain.ExperimentSpec(
         prompt_name=PROMPT_NAME,
         arms=(domain.ArmIn("v1.0", MODEL, 0.5, True), domain.ArmIn(version, MODEL, 0.5)),
-        **handlers.spec_defaults(settings, **kw),
+        **experiments.spec_defaults(settings, **kw),
     )
-    return handlers.create_experiment(spec, store.uow())["experiment_id"]
+    return experiments.create_experiment(spec, store.uow())["experiment_id"]
 
 
 def feed(
@@ -128,18 +128,18 @@ def feed(
 
 
 def champion(store: Store) -> dict[str, Any]:
-    return handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["champion"]
+    return views.prompts_view(store.uow(), PROMPT_NAME)[0]["champion"]
 
 
 def statuses(store: Store) -> dict[str, str]:
-    return {v["version"]: v["status"] for v in handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["versions"]}
+    return {v["version"]: v["status"] for v in views.prompts_view(store.uow(), PROMPT_NAME)[0]["versions"]}
 
 
 # -- registry ---------------------------------------------------------------------------------------------
 
 
 def test_seed_prompt_is_champion_once_and_announced(store: Store) -> None:
-    assert handlers.ensure_seeded(store.uow(), MODEL) is False
+    assert registry.ensure_seeded(store.uow(), MODEL) is False
     events = published(store)
     assert [type(e) for e in events] == [ChampionChanged]
     assert events[0].prompt.version == "v1.0" and events[0].model == MODEL
@@ -148,19 +148,19 @@ def test_seed_prompt_is_champion_once_and_announced(store: Store) -> None:
 
 def test_hand_written_version_gets_next_number_and_lineage(store: Store, settings: OptimizerSettings) -> None:
     version = add_variant(store, settings)
-    view = handlers.prompts_view(store.uow(), PROMPT_NAME)[0]
+    view = views.prompts_view(store.uow(), PROMPT_NAME)[0]
     added = next(v for v in view["versions"] if v["version"] == version)
     assert version == "v1.1" and added["parent_version"] == "v1.0" and added["status"] == "candidate"
 
 
 def test_hand_written_near_duplicate_is_a_conflict(store: Store, settings: OptimizerSettings) -> None:
     with pytest.raises(domain.Conflict, match="near-duplicate"):
-        handlers.add_version(PROMPT_NAME, SEED_TEMPLATE + " ", store.uow(), settings)
+        registry.add_version(PROMPT_NAME, SEED_TEMPLATE + " ", store.uow(), settings)
 
 
 def test_champion_cannot_be_archived(store: Store) -> None:
     with pytest.raises(domain.Conflict, match="champion"):
-        handlers.archive_version(PROMPT_NAME, "v1.0", store.uow())
+        registry.archive_version(PROMPT_NAME, "v1.0", store.uow())
 
 
 # -- feed -------------------------------------------------------------------------------------------------
@@ -189,11 +189,11 @@ def test_replaced_vote_counts_once_and_erasure_removes_it(store: Store, settings
     assert handlers.on_feedback_recorded(down, store.uow()) == "replaced"
     old = FeedbackRecorded(rating=1, submitted_at=t0 - timedelta(seconds=5), **base)
     assert handlers.on_feedback_recorded(old, store.uow()) == "stale"
-    arm = handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]
+    arm = views.experiment_view(exp, store.uow())["analysis"]["arms"][0]
     assert (arm["n"], arm["positives"]) == (1, 0)
     erased = FeedbackErased(session_key="s", feedback_ids=[fid], explanation_ids=[eid], erased_at=utcnow())
     assert handlers.on_feedback_erased(erased, store.uow()) == 1
-    assert handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
+    assert views.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
 
 
 def test_vote_delivered_after_its_erasure_stays_erased(store: Store, settings: OptimizerSettings) -> None:
@@ -218,10 +218,10 @@ def test_vote_delivered_after_its_erasure_stays_erased(store: Store, settings: O
     assert handlers.on_feedback_erased(erased, store.uow()) == 0  # the erasure overtook the vote on the queue
     late = FeedbackRecorded(rating=1, submitted_at=t0, **base)
     assert handlers.on_feedback_recorded(late, store.uow()) == "erased"
-    assert handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
+    assert views.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
     again = FeedbackRecorded(rating=1, submitted_at=t0 + timedelta(seconds=5), **base)  # voted again afterwards
     assert handlers.on_feedback_recorded(again, store.uow()) == "stored"
-    assert handlers.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 1
+    assert views.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 1
 
 
 # -- experiments and decisions ----------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_clear_winner_is_promoted_losers_archived_and_router_told(store: Store, 
     published(store)
     feed(store, exp, "control", n=60, positives=30)
     feed(store, exp, "t1", n=60, positives=55, version=v)
-    results = handlers.run_decisions(store.uow, settings)
+    results = experiments.run_decisions(store.uow, settings)
     assert results[0]["action"] == "promoted" and results[0]["decision"] == "ship"
     assert champion(store)["version"] == v
     assert statuses(store) == {"v1.0": "archived", v: "active"}
@@ -250,7 +250,7 @@ def test_clear_winner_is_promoted_losers_archived_and_router_told(store: Store, 
     assert concluded.decision == "ship" and concluded.winner_arm_id == "t1"
     changed = next(e for e in events if isinstance(e, ChampionChanged))
     assert changed.prompt.version == v and changed.previous_version == "v1.0" and "won experiment" in changed.reason
-    view = handlers.experiment_view(exp, store.uow())
+    view = views.experiment_view(exp, store.uow())
     assert view["status"] == "concluded" and view["decision"]["final"] is True
 
 
@@ -259,10 +259,10 @@ def test_decision_waits_for_minimum_duration(store: Store, settings: OptimizerSe
     exp = start(store, settings, v, min_duration_s=3600)
     feed(store, exp, "control", n=60, positives=30)
     feed(store, exp, "t1", n=60, positives=55, version=v)
-    result = handlers.decide_experiment(exp, store.uow(), settings)
+    result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "collecting" and "minimum duration" in result["reason"]
     later = utcnow() + timedelta(hours=2)
-    assert handlers.decide_experiment(exp, store.uow(), settings, later)["action"] == "promoted"
+    assert experiments.decide_experiment(exp, store.uow(), settings, later)["action"] == "promoted"
 
 
 def test_approve_mode_waits_for_an_operator(store: Store, settings: OptimizerSettings) -> None:
@@ -271,16 +271,16 @@ def test_approve_mode_waits_for_an_operator(store: Store, settings: OptimizerSet
     exp = start(store, settings, v)
     feed(store, exp, "control", n=60, positives=30)
     feed(store, exp, "t1", n=60, positives=55, version=v)
-    assert handlers.decide_experiment(exp, store.uow(), approve)["action"] == "awaiting_approval"
+    assert experiments.decide_experiment(exp, store.uow(), approve)["action"] == "awaiting_approval"
     assert champion(store)["version"] == "v1.0"
-    result = handlers.promote_experiment(exp, store.uow())
+    result = experiments.promote_experiment(exp, store.uow())
     assert result["promoted_arm_id"] == "t1" and champion(store)["version"] == v
 
 
 def test_promote_without_a_winner_is_a_conflict(store: Store, settings: OptimizerSettings) -> None:
     exp = start(store, settings, add_variant(store, settings))
     with pytest.raises(domain.Conflict, match="no winner"):
-        handlers.promote_experiment(exp, store.uow())
+        experiments.promote_experiment(exp, store.uow())
 
 
 def test_no_difference_concludes_inconclusive_without_promotion(store: Store, settings: OptimizerSettings) -> None:
@@ -288,7 +288,7 @@ def test_no_difference_concludes_inconclusive_without_promotion(store: Store, se
     exp = start(store, settings, v)
     feed(store, exp, "control", n=400, positives=240)
     feed(store, exp, "t1", n=400, positives=240, version=v)
-    result = handlers.decide_experiment(exp, store.uow(), settings)
+    result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "inconclusive" and result["action"] == "concluded"
     assert champion(store)["version"] == "v1.0"
     assert statuses(store)[v] == "archived"
@@ -299,7 +299,7 @@ def test_worse_treatment_keeps_control(store: Store, settings: OptimizerSettings
     exp = start(store, settings, v)
     feed(store, exp, "control", n=80, positives=70)
     feed(store, exp, "t1", n=80, positives=20, version=v)
-    assert handlers.decide_experiment(exp, store.uow(), settings)["decision"] == "keep_control"
+    assert experiments.decide_experiment(exp, store.uow(), settings)["decision"] == "keep_control"
     assert champion(store)["version"] == "v1.0"
 
 
@@ -309,7 +309,7 @@ def test_sample_ratio_mismatch_pauses_the_experiment(store: Store, settings: Opt
     published(store)
     feed(store, exp, "control", n=300, positives=180)
     feed(store, exp, "t1", n=100, positives=60, version=v)
-    result = handlers.decide_experiment(exp, store.uow(), settings)
+    result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "unhealthy" and result["action"] == "paused"
     assert "sample ratio mismatch" in result["reason"]
     events = published(store)
@@ -322,7 +322,7 @@ def test_cost_guardrail_blocks_an_expensive_winner(store: Store, settings: Optim
     exp = start(store, settings, v)
     feed(store, exp, "control", n=80, positives=40, cost=0.001)
     feed(store, exp, "t1", n=80, positives=75, cost=0.01, version=v)
-    result = handlers.decide_experiment(exp, store.uow(), settings)
+    result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "keep_control" and "cost" in result["reason"]
 
 
@@ -331,27 +331,27 @@ def test_rollback_restores_the_champion_an_experiment_replaced(store: Store, set
     exp = start(store, settings, v)
     feed(store, exp, "control", n=60, positives=30)
     feed(store, exp, "t1", n=60, positives=55, version=v)
-    handlers.run_decisions(store.uow, settings)
+    experiments.run_decisions(store.uow, settings)
     published(store)
-    result = handlers.rollback_experiment(exp, store.uow())
+    result = experiments.rollback_experiment(exp, store.uow())
     assert result["champion"]["version"] == "v1.0" and champion(store)["version"] == "v1.0"
     events = published(store)
     assert [(e.prompt.version, e.previous_version) for e in events if isinstance(e, ChampionChanged)] == [("v1.0", v)]
     assert "rollback" in events[-1].reason
     with pytest.raises(domain.Conflict, match="already been rolled back"):
-        handlers.rollback_experiment(exp, store.uow())
+        experiments.rollback_experiment(exp, store.uow())
 
 
 def test_prompt_rollback_to_any_earlier_champion(store: Store, settings: OptimizerSettings) -> None:
     with pytest.raises(domain.Conflict, match="no earlier champion"):
-        handlers.rollback_prompt(PROMPT_NAME, store.uow())
+        experiments.rollback_prompt(PROMPT_NAME, store.uow())
     v = add_variant(store, settings)
     exp = start(store, settings, v)
-    handlers.promote_experiment(exp, store.uow(), arm_id="t1")
+    experiments.promote_experiment(exp, store.uow(), arm_id="t1")
     with pytest.raises(domain.Conflict, match="never an earlier champion"):
-        handlers.rollback_prompt(PROMPT_NAME, store.uow(), version="v7.0")
-    assert handlers.rollback_prompt(PROMPT_NAME, store.uow(), version="v1.0")["version"] == "v1.0"
-    kinds = [h["kind"] for h in handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["champion_history"]]
+        experiments.rollback_prompt(PROMPT_NAME, store.uow(), version="v7.0")
+    assert experiments.rollback_prompt(PROMPT_NAME, store.uow(), version="v1.0")["version"] == "v1.0"
+    kinds = [h["kind"] for h in views.prompts_view(store.uow(), PROMPT_NAME)[0]["champion_history"]]
     assert kinds == ["seed", "promotion", "rollback"]
 
 
@@ -359,52 +359,52 @@ def test_prompt_rollback_to_a_model_that_was_never_champion_is_refused_not_ignor
     store: Store, settings: OptimizerSettings
 ) -> None:
     v = add_variant(store, settings)
-    handlers.promote_experiment(start(store, settings, v), store.uow(), arm_id="t1")
+    experiments.promote_experiment(start(store, settings, v), store.uow(), arm_id="t1")
     before = champion(store)
     with pytest.raises(domain.Conflict, match="model no-such-model was never an earlier champion"):
-        handlers.rollback_prompt(PROMPT_NAME, store.uow(), model="no-such-model")
+        experiments.rollback_prompt(PROMPT_NAME, store.uow(), model="no-such-model")
     with pytest.raises(domain.Conflict, match="v1.0 with model no-such-model was never an earlier champion"):
-        handlers.rollback_prompt(PROMPT_NAME, store.uow(), version="v1.0", model="no-such-model")
+        experiments.rollback_prompt(PROMPT_NAME, store.uow(), version="v1.0", model="no-such-model")
     assert champion(store) == before
-    seed_model = handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["champion_history"][0]["model"]
-    assert handlers.rollback_prompt(PROMPT_NAME, store.uow(), model=seed_model)["version"] == "v1.0"
+    seed_model = views.prompts_view(store.uow(), PROMPT_NAME)[0]["champion_history"][0]["model"]
+    assert experiments.rollback_prompt(PROMPT_NAME, store.uow(), model=seed_model)["version"] == "v1.0"
 
 
 def test_stop_ends_an_experiment_without_promotion(store: Store, settings: OptimizerSettings) -> None:
     v = add_variant(store, settings)
     exp = start(store, settings, v)
     published(store)
-    assert handlers.stop_experiment(exp, store.uow())["status"] == "stopped"
+    assert experiments.stop_experiment(exp, store.uow())["status"] == "stopped"
     assert [e.decision for e in published(store)] == ["stopped"]
     with pytest.raises(domain.Conflict):
-        handlers.stop_experiment(exp, store.uow())
+        experiments.stop_experiment(exp, store.uow())
 
 
 def test_adaptive_allocation_reweights_in_batches(store: Store, settings: OptimizerSettings) -> None:
     tuned = settings.model_copy(update={"adaptive_min_feedback_per_arm": 20, "adaptive_batch": 10})
     v1 = add_variant(store, settings, "bullet points")
-    v2 = handlers.add_version(
+    v2 = registry.add_version(
         PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
     )["version"]
     spec = domain.ExperimentSpec(
         prompt_name=PROMPT_NAME,
         arms=(domain.ArmIn("v1.0", MODEL, None, True), domain.ArmIn(v1, MODEL, None), domain.ArmIn(v2, MODEL, None)),
         allocation="adaptive",
-        **handlers.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
+        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
     )
-    exp = handlers.create_experiment(spec, store.uow())["experiment_id"]
+    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
     published(store)
     for arm, pos in (("control", 5), ("t1", 9), ("t2", 4)):
         feed(store, exp, arm, n=10, positives=pos)
-    assert handlers.decide_experiment(exp, store.uow(), tuned)["action"] == "none"  # under 20 per arm
+    assert experiments.decide_experiment(exp, store.uow(), tuned)["action"] == "none"  # under 20 per arm
     for arm, pos in (("control", 7), ("t1", 13), ("t2", 6)):
         feed(store, exp, arm, n=14, positives=pos)
-    assert handlers.decide_experiment(exp, store.uow(), tuned)["action"] == "reweighted"
+    assert experiments.decide_experiment(exp, store.uow(), tuned)["action"] == "reweighted"
     changes = [e for e in published(store) if isinstance(e, AllocationChanged)]
     assert len(changes) == 1 and changes[0].weights["t1"] > changes[0].weights["t2"]
     assert min(changes[0].weights.values()) >= 0.01
     assert sum(changes[0].weights.values()) == pytest.approx(1.0)
-    assert handlers.decide_experiment(exp, store.uow(), tuned)["action"] == "none"  # no new batch yet
+    assert experiments.decide_experiment(exp, store.uow(), tuned)["action"] == "none"  # no new batch yet
 
 
 # -- fine-tuned models ------------------------------------------------------------------------------------
@@ -423,12 +423,12 @@ def test_registered_model_starts_an_experiment_that_needs_ten_percent_lift(
         ("v1.0", MODEL, True),
         ("v1.0", "local/ft-1", False),
     ]
-    view = handlers.experiment_view(started[0].experiment_id, store.uow())
+    view = views.experiment_view(started[0].experiment_id, store.uow())
     assert view["config"]["min_lift_to_ship"] == pytest.approx(0.10) and view["source"] == "finetune"
     # +8.9% relative is significant with this much data, but under the 10% the plan asks of a tuned model
     feed(store, started[0].experiment_id, "control", n=300, positives=270)
     feed(store, started[0].experiment_id, "t1", n=300, positives=294)
-    result = handlers.decide_experiment(started[0].experiment_id, store.uow(), settings)
+    result = experiments.decide_experiment(started[0].experiment_id, store.uow(), settings)
     assert champion(store)["model"] == MODEL
     assert result["decision"] == "keep_control" and "below 10%" in result["reason"]
 
@@ -439,8 +439,8 @@ def test_registered_model_queues_behind_a_running_experiment(store: Store, setti
         ModelRegistered(model_id="ft", model="local/ft", base_model="b"), store.uow, settings
     )
     assert outcome.endswith("queued")
-    handlers.stop_experiment(exp, store.uow())
-    started = [r for r in handlers.run_decisions(store.uow, settings) if r.get("action") == "started"]
+    experiments.stop_experiment(exp, store.uow())
+    started = [r for r in experiments.run_decisions(store.uow, settings) if r.get("action") == "started"]
     assert len(started) == 1
 
 
@@ -470,21 +470,21 @@ def test_generation_keeps_good_variants_rejects_broken_ones_and_records_cost(
     good = "Ticker {ticker} has a {signal} signal.\nIndicators:\n{indicators}\nGive three bullet points."
     broken = "Explain the {signal} signal for {ticker}."  # drops {indicators}
     generator = FixedGenerator([good, broken, SEED_TEMPLATE, good])
-    result = handlers.generate_variants(PROMPT_NAME, store.uow, generator, settings, count=4)
+    result = registry.generate_variants(PROMPT_NAME, store.uow, generator, settings, count=4)
     assert [v["version"] for v in result["accepted"]] == ["v1.1"]
     reasons = [r["reason"] for r in result["rejected"]]
     assert "indicators" in reasons[0] and "near-duplicate" in reasons[1] and "near-duplicate" in reasons[2]
     assert result["cost_usd"] == pytest.approx(0.0021)
-    generations = handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["generations"]
+    generations = views.prompts_view(store.uow(), PROMPT_NAME)[0]["generations"]
     assert generations[0]["cost_usd"] == pytest.approx(0.0021) and generations[0]["rejected"] == 3
 
 
 def test_generation_is_rate_limited(store: Store, settings: OptimizerSettings) -> None:
     t0 = datetime.now().astimezone()
-    handlers.generate_variants(PROMPT_NAME, store.uow, OfflineGenerator(), settings, t0)
+    registry.generate_variants(PROMPT_NAME, store.uow, OfflineGenerator(), settings, t0)
     generator = FixedGenerator([])
     with pytest.raises(domain.RateLimited) as info:
-        handlers.generate_variants(PROMPT_NAME, store.uow, generator, settings, t0 + timedelta(minutes=10))
+        registry.generate_variants(PROMPT_NAME, store.uow, generator, settings, t0 + timedelta(minutes=10))
     assert 2990 < info.value.retry_after_s <= 3000
     assert generator.calls == 0  # no money spent while rate limited
 
@@ -502,19 +502,17 @@ def test_auto_cycle_generates_and_starts_the_next_experiment(store: Store, setti
 def test_auto_cycle_rotates_the_new_champion_into_control(store: Store, settings: OptimizerSettings) -> None:
     fast = settings.model_copy(update={"generation_min_interval_s": 0})
     first = handlers.auto_cycle(store.uow, OfflineGenerator(), fast)[0]["experiment_id"]
-    view = handlers.experiment_view(first, store.uow())
+    view = views.experiment_view(first, store.uow())
     bullets = view["arms"][1]["prompt_version"]
     feed(store, first, "control", n=60, positives=30)
     feed(store, first, "t1", n=60, positives=57, version=bullets)
     feed(store, first, "t2", n=60, positives=30)
     feed(store, first, "t3", n=60, positives=30)
-    assert handlers.run_decisions(store.uow, fast)[0]["action"] == "promoted"
+    assert experiments.run_decisions(store.uow, fast)[0]["action"] == "promoted"
     second = handlers.auto_cycle(store.uow, OfflineGenerator(), fast)[0]["experiment_id"]
-    arms = handlers.experiment_view(second, store.uow())["arms"]
+    arms = views.experiment_view(second, store.uow())["arms"]
     assert arms[0]["prompt_version"] == bullets and arms[0]["is_control"]
-    parents = {
-        v["version"]: v["parent_version"] for v in handlers.prompts_view(store.uow(), PROMPT_NAME)[0]["versions"]
-    }
+    parents = {v["version"]: v["parent_version"] for v in views.prompts_view(store.uow(), PROMPT_NAME)[0]["versions"]}
     assert all(parents[a["prompt_version"]] == bullets for a in arms[1:])
 
 
