@@ -116,29 +116,150 @@ def test_analysis_power_uses_bonferroni_alpha_and_target_lift() -> None:
     assert t1.days_to_decision == pytest.approx((zt_ind_solve_power(h, alpha=0.025, power=0.8) - 400) / 100, abs=1e-3)
 
 
-def test_srm_matches_scipy_chisquare_and_flags_below_threshold() -> None:
-    p, flag = stats.srm_check([5000, 5100, 4900], [1, 1, 1])
+def test_srm_chi_square_reference_matches_scipy_and_flags_below_threshold() -> None:
+    p, flag = stats.srm_check([5000, 5100, 4900], [1, 1, 1], sequential=False)
     assert p == pytest.approx(sps.chisquare([5000, 5100, 4900]).pvalue, abs=TOL)
     chi2 = sum((o - 5000) ** 2 / 5000 for o in [5000, 5100, 4900])
     assert p == pytest.approx(sps.chi2.sf(chi2, 2), abs=TOL)
     assert flag is False
-    p2, flag2 = stats.srm_check([5000, 5600], [0.5, 0.5])
+    p2, flag2 = stats.srm_check([5000, 5600], [0.5, 0.5], sequential=False)
     assert p2 is not None and p2 < 0.001 and flag2 is True
 
 
 def test_srm_uses_intended_weights_not_equal_split() -> None:
-    _, flag = stats.srm_check([9000, 1000], [0.9, 0.1])
-    assert flag is False
+    for sequential in (True, False):
+        _, flag = stats.srm_check([9000, 1000], [0.9, 0.1], sequential=sequential)
+        assert flag is False
+        _, flag = stats.srm_check([5000, 5000], [0.9, 0.1], sequential=sequential)
+        assert flag is True
 
 
-def test_srm_is_skipped_while_expected_counts_are_tiny() -> None:
-    assert stats.srm_check([3, 1], [0.5, 0.5]) == (None, False)
+def test_srm_chi_square_is_skipped_while_expected_counts_are_tiny() -> None:
+    assert stats.srm_check([3, 1], [0.5, 0.5], sequential=False) == (None, False)
+    # The anytime-valid test is valid at any n: it answers, and four exposures are no evidence.
+    p, flag = stats.srm_check([3, 1], [0.5, 0.5])
+    assert p is not None and p > 0.5 and flag is False
+
+
+def _log_bf_reference(counts: list[int], p: list[float], c: float) -> float:
+    """Independent log BF: Dirichlet-multinomial pmf (scipy) over the multinomial pmf at the null (scipy)."""
+    alpha = np.asarray(p) * c
+    if hasattr(sps, "dirichlet_multinomial"):
+        log_h1 = float(sps.dirichlet_multinomial.logpmf(counts, alpha, sum(counts)))
+    else:  # pragma: no cover - scipy < 1.11: the textbook pmf with the multinomial coefficient spelled out
+        from scipy.special import gammaln
+
+        n, a0 = sum(counts), alpha.sum()
+        log_h1 = float(
+            gammaln(n + 1)
+            + gammaln(a0)
+            - gammaln(n + a0)
+            + sum(gammaln(x + a) - gammaln(a) - gammaln(x + 1) for x, a in zip(counts, alpha, strict=True))
+        )
+    return log_h1 - float(sps.multinomial.logpmf(counts, sum(counts), p))
+
+
+@pytest.mark.parametrize(
+    ("counts", "p", "c"),
+    [
+        ([5000, 5100, 4900], [1 / 3, 1 / 3, 1 / 3], 1000.0),
+        ([5000, 5600], [0.5, 0.5], 1000.0),
+        ([120, 80, 95, 105], [0.366, 0.2113, 0.2113, 0.2114], 1000.0),
+        ([9000, 1000], [0.9, 0.1], 50.0),
+        ([7, 2, 0], [0.5, 0.25, 0.25], 10000.0),
+        ([31250, 10800, 10400, 9900], [0.5, 1 / 6, 1 / 6, 1 / 6], 300.0),
+    ],
+)
+def test_srm_log_bayes_factor_matches_dirichlet_multinomial_over_multinomial(
+    counts: list[int], p: list[float], c: float
+) -> None:
+    ours = float(stats.srm_log_bayes_factor(counts, p, c))
+    assert ours == pytest.approx(_log_bf_reference(counts, p, c), abs=TOL)
+    pv, flag = stats.srm_check(counts, p, 0.001, concentration=c)
+    assert pv == pytest.approx(min(1.0, math.exp(-ours)), rel=1e-9)
+    assert flag is (ours >= math.log(1000))
+
+
+def test_srm_log_bayes_factor_is_vectorised_and_handles_zero_weights() -> None:
+    counts = np.array([[5000, 5600, 0], [10, 12, 0], [10, 12, 1]])
+    out = stats.srm_log_bayes_factor(counts, [0.5, 0.5, 0.0])
+    assert out[0] == pytest.approx(_log_bf_reference([5000, 5600], [0.5, 0.5], stats.SRM_CONCENTRATION), abs=TOL)
+    assert out[1] == pytest.approx(_log_bf_reference([10, 12], [0.5, 0.5], stats.SRM_CONCENTRATION), abs=TOL)
+    assert out[2] == math.inf  # traffic on an arm that should get none
+
+
+@pytest.mark.parametrize(
+    ("exposures", "weights"),
+    [([0, 0], [0.5, 0.5]), ([100], [1.0]), ([], []), ([10, 0], [1.0, 0.0]), ([10, 5], [0.0, 0.0]), ([5, 5], [1.0])],
+)
+def test_srm_degenerate_inputs_give_no_flag(exposures: list[int], weights: list[float]) -> None:
+    for sequential in (True, False):
+        assert stats.srm_check(exposures, weights, sequential=sequential) == (None, False)
+
+
+def test_srm_traffic_on_a_zero_weight_arm_is_flagged_outright() -> None:
+    assert stats.srm_check([10, 3], [1.0, 0.0]) == (0.0, True)
+
+
+def test_anytime_valid_srm_survives_continuous_monitoring_and_catches_a_real_mismatch() -> None:
+    # 2000 healthy 4-arm experiments (weights 0.4/0.2/0.2/0.2), 100 looks of 300 exposures, checked at every look.
+    rng = np.random.default_rng(12345)
+    p = np.array([0.4, 0.2, 0.2, 0.2])
+    looks, per, sims = 100, 300, 2000
+    healthy = rng.multinomial(per, p, size=(sims, looks)).cumsum(axis=1)
+    log_bf = stats.srm_log_bayes_factor(healthy, p)
+    assert log_bf.shape == (sims, looks)
+    flagged_seq = (log_bf >= math.log(1000)).any(axis=1).mean()
+    expected = healthy.sum(axis=2, keepdims=True) * p
+    chi2_p = sps.chi2.sf(((healthy - expected) ** 2 / expected).sum(axis=2), len(p) - 1)
+    flagged_chi2 = (chi2_p < 0.001).any(axis=1).mean()
+    assert flagged_seq <= 0.004  # Ville: at most 0.1% (2 runs) in expectation; up to 8 allowed for noise
+    # The same paths under the chi-square re-checked at every look (the check this test replaced): 1.85%.
+    assert flagged_chi2 >= 0.01 > flagged_seq
+    # A real mismatch, one treatment getting 10% more than its share (22% instead of 20%, taken from the
+    # control), is caught within the same 100 looks, and quickly.
+    q = np.array([0.38, 0.22, 0.2, 0.2])
+    broken = rng.multinomial(per, q, size=(200, looks)).cumsum(axis=1)
+    hit = stats.srm_log_bayes_factor(broken, p) >= math.log(1000)
+    assert hit.any(axis=1).mean() >= 0.99
+    first = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, looks + 1)
+    assert np.median(first) <= 35  # about 21-24 looks (6,500-7,000 exposures) over seeds
 
 
 def test_analysis_reports_srm_status() -> None:
     arms = [ArmData("control", 5000, 500, 250), ArmData("t1", 5600, 560, 280)]
     result = stats.analyze(arms, "control", {"control": 0.5, "t1": 0.5})
     assert result.status == stats.STATUS_SRM and result.srm_flag
+    assert result.srm_sequential
+    assert result.srm_p_value == pytest.approx(math.exp(-result.srm_log_bayes_factor), rel=1e-9)  # type: ignore[arg-type]
+    assert result.srm_p_value_fixed == pytest.approx(sps.chisquare([5000, 5600]).pvalue, abs=TOL)
+    d = stats.decide(result, stats.DecisionConfig(), elapsed_s=0)
+    assert d.status == stats.DECISION_UNHEALTHY and "anytime-valid" in d.reason and "chi-square" in d.reason
+
+
+def test_analysis_flags_on_the_anytime_valid_p_and_still_reports_chi_square() -> None:
+    # chi-square p = 8e-4 (< 0.001: the old check would pause this experiment) but BF is about 49: no flag.
+    arms = [ArmData("control", 5000, 500, 250), ArmData("t1", 5340, 534, 267)]
+    weights = {"control": 0.5, "t1": 0.5}
+    result = stats.analyze(arms, "control", weights)
+    assert result.srm_p_value_fixed is not None and result.srm_p_value_fixed < 0.001
+    assert result.srm_p_value is not None and result.srm_p_value > 0.001
+    assert not result.srm_flag and result.status == stats.STATUS_OK
+    legacy = stats.analyze(arms, "control", weights, srm_sequential=False)
+    assert legacy.srm_flag and legacy.srm_p_value == legacy.srm_p_value_fixed
+    d = stats.decide(legacy, stats.DecisionConfig(), elapsed_s=0)
+    assert d.status == stats.DECISION_UNHEALTHY and "anytime-valid" not in d.reason
+
+
+def test_analysis_without_exposures_has_no_srm_numbers() -> None:
+    arms = [ArmData("control", 0, 0, 0), ArmData("t1", 0, 0, 0)]
+    result = stats.analyze(arms, "control", {"control": 0.5, "t1": 0.5})
+    assert (result.srm_p_value, result.srm_flag, result.srm_p_value_fixed, result.srm_log_bayes_factor) == (
+        None,
+        False,
+        None,
+        None,
+    )
 
 
 def test_msprt_closed_form_equals_mixture_integral() -> None:
