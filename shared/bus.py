@@ -21,7 +21,7 @@ from celery import Celery
 from celery.signals import before_task_publish
 from kombu import Exchange, Queue
 
-from shared.contracts import Command, Event, Message
+from shared.contracts import Command, Event, Message, new_id
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class TaskMessageEncoder:
 
     def encode(self, task_name: str, message: Message) -> tuple[str, bytes]:
         queue = queue_for(task_name)
-        task_id = str(uuid.uuid4())
+        task_id = str(new_id())
         headers = {
             "lang": "py",
             "task": task_name,
@@ -186,7 +186,7 @@ class TaskMessageEncoder:
                 "delivery_mode": 2,
                 "priority": 0,
                 "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
+                "delivery_tag": str(new_id()),
                 "delivery_info": {"exchange": "", "routing_key": queue},
             },
         }

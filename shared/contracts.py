@@ -8,6 +8,7 @@ The `type` class variable is the routing key the bus looks up in `shared.bus.SUB
 
 from __future__ import annotations
 
+import random
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
@@ -33,6 +34,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def new_id() -> uuid.UUID:
+    """A random (version 4) UUID for message and task ids. Drawn from Python's per-process generator
+    (seeded from the OS, reseeded after fork) rather than `uuid.uuid4()`, whose `os.urandom` call per id is a
+    measurable share of the feedback hot path; these ids must be unique, not unguessable."""
+    return uuid.UUID(int=random.getrandbits(128), version=4)
+
+
 def derived_id(*parts: object) -> uuid.UUID:
     """A deterministic id from its parts: the same inputs always give the same id.
 
@@ -46,7 +54,7 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: ClassVar[str]
-    message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    message_id: uuid.UUID = Field(default_factory=new_id)
     occurred_at: datetime = Field(default_factory=utcnow)
     schema_version: int = 1
 
