@@ -242,6 +242,18 @@ class CeleryBus:
                 time.sleep(0.1 * (attempt + 1))
 
 
+_BUSES: dict[int, CeleryBus] = {}
+
+
+def bus_for(app: Celery) -> CeleryBus:
+    """The bus of a worker process: one per Celery app, so every task reuses its Redis connections instead
+    of opening new ones per message."""
+    bus = _BUSES.get(id(app))
+    if bus is None:
+        bus = _BUSES[id(app)] = CeleryBus(app)
+    return bus
+
+
 class FakeBus:
     """Records what would have been published: for unit tests of handlers."""
 

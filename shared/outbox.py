@@ -51,17 +51,20 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
             .order_by(table.c.created_at)
             .limit(limit)
         ).all()
-    sent = 0
-    for event_id, event_type, payload in rows:
-        cls = EVENT_TYPES.get(event_type)
-        if cls is None:
-            log.error("outbox holds an unknown event type %s (%s)", event_type, event_id)
-            continue
-        bus.publish(cls.from_payload(payload))
-        with factory() as session, session.begin():
-            session.execute(update(table).where(table.c.event_id == event_id).values(published_at=_now()))
-        sent += 1
-    return sent
+    published: list[str] = []
+    try:
+        for event_id, event_type, payload in rows:
+            cls = EVENT_TYPES.get(event_type)
+            if cls is None:
+                log.error("outbox holds an unknown event type %s (%s)", event_type, event_id)
+                continue
+            bus.publish(cls.from_payload(payload))
+            published.append(event_id)
+    finally:  # mark what went out, in one transaction; anything else is published again next time
+        if published:
+            with factory() as session, session.begin():
+                session.execute(update(table).where(table.c.event_id.in_(published)).values(published_at=_now()))
+    return len(published)
 
 
 def relay_after_commit(factory: sessionmaker[Session], table: Table, bus: Publisher) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 from services.dashboard import handlers
 from services.dashboard.config import get_settings
 from services.dashboard.store import Store, outbox
-from shared.bus import CeleryBus, make_celery
+from shared.bus import bus_for, make_celery
 from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
@@ -34,7 +34,7 @@ def _store() -> Store:
 
 
 def _relay() -> None:
-    relay(_store().factory, outbox, CeleryBus(app))
+    relay(_store().factory, outbox, bus_for(app))
 
 
 @app.task(name="dashboard.on_explanation_created")
@@ -110,4 +110,4 @@ def check_anomalies() -> list[dict]:
 
 @app.task(name="dashboard.relay_outbox")
 def relay_outbox() -> int:
-    return relay(_store().factory, outbox, CeleryBus(app))
+    return relay(_store().factory, outbox, bus_for(app))

@@ -8,7 +8,7 @@ from functools import lru_cache
 from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.store import Store, outbox
-from shared.bus import CeleryBus, IntakeJournal, make_celery
+from shared.bus import IntakeJournal, bus_for, make_celery
 from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -24,7 +24,7 @@ def _store() -> Store:
 
 
 def _relay() -> None:
-    relay(_store().factory, outbox, CeleryBus(app))
+    relay(_store().factory, outbox, bus_for(app))
 
 
 @lru_cache
@@ -44,7 +44,7 @@ def record(payload: dict) -> str:
 @app.task(name="feedback.sweep_journal")
 def sweep_journal() -> int:
     """Send again the accepted votes that no worker has stored within the grace period."""
-    bus = CeleryBus(app)
+    bus = bus_for(app)
     overdue = _journal().overdue(get_settings().journal_grace_s)
     for payload in overdue:
         bus.send(RecordFeedback.from_payload(payload))
@@ -60,4 +60,4 @@ def on_explanation_created(payload: dict) -> int:
 
 @app.task(name="feedback.relay_outbox")
 def relay_outbox() -> int:
-    return relay(_store().factory, outbox, CeleryBus(app))
+    return relay(_store().factory, outbox, bus_for(app))

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
 from services.finetune.store import Store, outbox
-from shared.bus import CeleryBus, make_celery
+from shared.bus import bus_for, make_celery
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -39,7 +39,7 @@ def _store() -> Store:
 
 
 def _relay() -> int:
-    return relay(_store().factory, outbox, CeleryBus(app))
+    return relay(_store().factory, outbox, bus_for(app))
 
 
 @app.task(name="finetune.on_explanation_created")

@@ -11,7 +11,7 @@ from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store, outbox
-from shared.bus import CeleryBus, make_celery
+from shared.bus import bus_for, make_celery
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -34,7 +34,7 @@ def _generator() -> VariantGenerator:
 
 
 def _relay() -> int:
-    return relay(_store().factory, outbox, CeleryBus(app))
+    return relay(_store().factory, outbox, bus_for(app))
 
 
 @app.task(name="optimizer.on_explanation_created")

@@ -8,7 +8,7 @@ from functools import lru_cache
 from services.router import handlers
 from services.router.config import get_settings
 from services.router.store import Store, outbox
-from shared.bus import CeleryBus, make_celery
+from shared.bus import bus_for, make_celery
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -33,7 +33,7 @@ def _store() -> Store:
 
 
 def _relay() -> int:
-    return relay(_store().factory, outbox, CeleryBus(app))
+    return relay(_store().factory, outbox, bus_for(app))
 
 
 @app.task(name="router.on_champion_changed")
