@@ -20,9 +20,7 @@ import httpx
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.routes import ROUTES, service_for
-
-SERVICE_NAMES = tuple(dict.fromkeys(service for _, service in ROUTES)) + ()
+from gateway.routes import service_for
 
 
 def load_service_apps(names: tuple[str, ...] | None = None) -> dict[str, FastAPI]:

@@ -271,11 +271,6 @@ class FakeBus:
         return [m for m in [*self.events, *self.commands] if isinstance(m, cls)]
 
 
-def publish_all(bus: Publisher, events: Iterable[Event]) -> None:
-    for event in events:
-        bus.publish(event)
-
-
 class IntakeJournal:
     """A copy of every accepted command, kept in Redis until its handler has run.
 

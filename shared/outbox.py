@@ -6,7 +6,6 @@ harmless. This is how "publish after the unit of work commits" survives a crash.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, select, update
@@ -63,7 +62,7 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
     finally:  # mark what went out, in one transaction; anything else is published again next time
         if published:
             with factory() as session, session.begin():
-                session.execute(update(table).where(table.c.event_id.in_(published)).values(published_at=_now()))
+                session.execute(update(table).where(table.c.event_id.in_(published)).values(published_at=utcnow()))
     return len(published)
 
 
@@ -78,11 +77,8 @@ def relay_after_commit(factory: sessionmaker[Session], table: Table, bus: Publis
         return 0
 
 
-def _now() -> datetime:
-    return utcnow()
-
-
 def pending(factory: sessionmaker[Session], table: Table) -> list[dict[str, Any]]:
+    """What is staged and not yet published (for tests and operators)."""
     with factory() as session:
         rows = session.execute(select(table).where(table.c.published_at.is_(None))).mappings().all()
     return [dict(r) for r in rows]

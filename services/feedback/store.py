@@ -17,7 +17,6 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
-    func,
     select,
 )
 from sqlalchemy.orm import Session
@@ -131,9 +130,6 @@ class FeedbackRepository(MessageLog):
             )
         else:
             self.s.execute(feedback.insert().values(**values, revisions=1))
-
-    def count_votes(self) -> int:
-        return int(self.s.execute(select(func.count()).select_from(feedback)).scalar_one())
 
     # -- quarantine -------------------------------------------------------------------------------------
     def quarantine(self, message_id: uuid.UUID, command: dict[str, Any], reason: str) -> None:
