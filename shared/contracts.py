@@ -99,6 +99,9 @@ class ExplanationCreated(Event):
     latency_ms: float
     fallback_used: bool = False
     created_at: datetime
+    # keyed HMAC of the session the explanation was served to (never the raw id): the unit of assignment and
+    # of analysis for experiments, and the only session whose vote on this explanation counts.
+    session_key: str | None = None
 
 
 class FeedbackRecorded(Event):

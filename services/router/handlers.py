@@ -176,6 +176,7 @@ def create_explanation(
             latency_ms=latency_ms,
             fallback_used=result.fallback_used,
             created_at=created_at,
+            session_key=cmd.session_key,
         )
         uow.add_events(event)
         uow.commit()
