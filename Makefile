@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= router,optimizer,finetune,dev
 
-.PHONY: install run test test-fast lint format bench demo up down logs gpu-check clean
+.PHONY: install run test test-fast lint format bench demo up down logs gpu-check openapi clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ demo: install
 
 gpu-check: install
 	$(PY) -m bench.gpu_check
+
+# The gateway's one OpenAPI document, as nginx serves it in the compose shape (a test fails when it is stale).
+openapi: install
+	$(PY) -m gateway.openapi > deploy/openapi.json
 
 up:
 	docker compose up -d --build

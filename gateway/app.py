@@ -6,7 +6,8 @@ that knows all services, and it composes them without any of them knowing each o
 shape (docker-compose) nginx does the same dispatch to separate containers.
 
 Extra paths: `/healthz` (all services, and the broker), `/services/{name}/healthz` and
-`/services/{name}/metrics` (one service's own).
+`/services/{name}/metrics` (one service's own), `/openapi.json` (one document for every service's routes, see
+`openapi.py`) and `/docs` (Swagger UI over it).
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.openapi import merged_openapi
 from gateway.routes import service_for
+
+#: Paths the gateway answers itself; everything else goes to a service.
+OWN_PATHS = ("/healthz", "/openapi.json", "/docs")
 
 
 def load_service_apps(names: tuple[str, ...] | None = None) -> dict[str, FastAPI]:
@@ -36,6 +43,12 @@ class Gateway:
     def __init__(self, apps: dict[str, ASGIApp]) -> None:
         self.apps = apps
         self.own = self._own_app()
+        self._openapi: dict[str, Any] | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        if self._openapi is None:  # built once: the routes do not change while the process runs
+            self._openapi = merged_openapi({k: v for k, v in self.apps.items() if isinstance(v, FastAPI)})
+        return self._openapi
 
     def _own_app(self) -> FastAPI:
         @asynccontextmanager
@@ -61,11 +74,17 @@ class Gateway:
                     except Exception as exc:  # a broken service must not hide the others
                         results[name] = {"status": "error", "detail": str(exc)}
             ok = all(r.get("status") == "ok" for r in results.values())
-            from fastapi.responses import JSONResponse
-
             return JSONResponse(
                 {"status": "ok" if ok else "degraded", "services": results}, status_code=200 if ok else 503
             )
+
+        @own.get("/openapi.json")
+        async def openapi() -> Any:
+            return JSONResponse(self.openapi())
+
+        @own.get("/docs")
+        async def docs() -> Any:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="Self-learning explanations: API")
 
         return own
 
@@ -74,7 +93,7 @@ class Gateway:
             await self.own(scope, receive, send)
             return
         path: str = scope.get("path", "/")
-        if path == "/healthz":
+        if path in OWN_PATHS:
             await self.own(scope, receive, send)
             return
         if path.startswith("/services/"):

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -200,7 +201,14 @@ def install_common(
     return metrics
 
 
-async def require_admin(request: Request) -> None:
+#: Declares the admin token in the OpenAPI documents (each service's and the gateway's). The check itself is
+#: `require_admin`'s own: `auto_error=False` leaves every answer to it.
+admin_token_scheme = HTTPBearer(auto_error=False, scheme_name="adminToken", description="the ADMIN_TOKEN")
+
+
+async def require_admin(
+    request: Request, _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_token_scheme)] = None
+) -> None:
     """Let a request through only with `Authorization: Bearer <admin token>`; the token is the one in the
     app's settings (`app.state.settings.require_admin_token()`). `async` because it only reads the request
     and app state: a sync dependency would take a threadpool hop on every admin request for nothing. A
