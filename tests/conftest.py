@@ -11,7 +11,17 @@ import pytest
 
 from gateway.run import Stack
 from shared.redis_server import RedisServer, free_port
-from tests.support import POSTGRES_ENV, PgSchemas, backends
+from tests.support import POSTGRES_ENV, PgSchemas, backends, resolve_postgres, skip_without_postgres
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Find PostgreSQL before collection decides which store variants skip."""
+    try:
+        resolve_postgres()
+    except RuntimeError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
 
 # Timings shrunk for tests: a killed worker's message comes back within seconds; experiments decide in
 # seconds, not days. Everything else is the production configuration.
@@ -70,9 +80,10 @@ def pg_schemas() -> Iterator[PgSchemas]:
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], str]:
     """`store_url(service)`: a database URL with empty tables for that service's store. Every test that uses it
     runs twice: on a new SQLite file, and on the service's own PostgreSQL schema (skipped unless
-    TEST_POSTGRES_URL is set)."""
+    TEST_POSTGRES_URL is set or a local server answers)."""
     if request.param == "sqlite":
         return lambda service: f"sqlite:///{tmp_path / f'{service}.db'}"
+    skip_without_postgres()
     schemas: PgSchemas = request.getfixturevalue("pg_schemas")
     urls: dict[str, str] = {}  # emptied once per test: a second call (a reopened store) sees the same rows
 

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import pytest
 from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.pool import NullPool
 
 from gateway.run import ROOT, worker_command
 
@@ -32,21 +33,56 @@ def wait_for(check: Callable[[], T], timeout_s: float = 20.0, interval_s: float 
 
 # -- database backends for the store tests -------------------------------------------------------------------
 
-#: Where the PostgreSQL store tests run (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test); unset: skipped.
+#: Where the PostgreSQL store tests run (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test). Unset: the local
+#: server at LOCAL_POSTGRES_URL when one answers there, else the PostgreSQL variants skip.
 POSTGRES_ENV = "TEST_POSTGRES_URL"
+#: Set (to 1) where a PostgreSQL server is expected (CI, when one answers): the run fails instead of skipping.
+POSTGRES_REQUIRED_ENV = "TEST_POSTGRES_REQUIRED"
+LOCAL_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _answers(url: str) -> bool:
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 2}, poolclass=NullPool)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+def resolve_postgres() -> str | None:
+    """The PostgreSQL URL the store tests use this run: TEST_POSTGRES_URL, else a local server that answers.
+    Sets TEST_POSTGRES_URL for the rest of the run (and the processes it starts). With TEST_POSTGRES_REQUIRED set,
+    a URL that does not answer (or none at all) is an error, not a skip."""
+    url = os.environ.get(POSTGRES_ENV) or (LOCAL_POSTGRES_URL if _answers(LOCAL_POSTGRES_URL) else None)
+    if url:
+        os.environ[POSTGRES_ENV] = url
+    if os.environ.get(POSTGRES_REQUIRED_ENV) and not (url and _answers(url)):
+        raise RuntimeError(
+            f"{POSTGRES_REQUIRED_ENV} is set but no PostgreSQL answers at {url or LOCAL_POSTGRES_URL}: "
+            "the PostgreSQL variants of the store tests cannot run"
+        )
+    return url
+
+
+def skip_without_postgres() -> None:
+    """Skip the calling PostgreSQL variant when no server was found (decided at run time, after
+    `resolve_postgres`, not when the parameters are built at import)."""
+    if not os.environ.get(POSTGRES_ENV):
+        pytest.skip(f"{POSTGRES_ENV} not set and no local PostgreSQL answers")
 
 
 def backends() -> list:
-    """Parameters for a fixture that runs a store test on SQLite, and on PostgreSQL when TEST_POSTGRES_URL is set."""
+    """Parameters for a fixture that runs a store test on SQLite, and on PostgreSQL when TEST_POSTGRES_URL is set
+    (`resolve_postgres` sets it from a local server at collection)."""
     return [
         pytest.param("sqlite", id="sqlite"),
         pytest.param(
             "postgres",
             id="postgres",
-            marks=[
-                pytest.mark.postgres,
-                pytest.mark.skipif(not os.environ.get(POSTGRES_ENV), reason=f"{POSTGRES_ENV} not set"),
-            ],
+            marks=[pytest.mark.postgres],
         ),
     ]
 
