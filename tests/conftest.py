@@ -14,7 +14,6 @@ from shared.redis_server import RedisServer, free_port
 from tests.support import POSTGRES_ENV, PgSchemas, backends, resolve_postgres, skip_without_postgres
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """Find PostgreSQL before collection decides which store variants skip."""
     try:
