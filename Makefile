@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch goes in first: a loose requirement would otherwise pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= router,optimizer,finetune,dev
+EXTRAS ?= router,feedback,optimizer,finetune,dashboard,dev
 
 .PHONY: install run test test-fast lint format bench demo up down logs gpu-check openapi clean
 

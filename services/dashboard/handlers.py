@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from services.dashboard import domain
+from services.dashboard import domain, forecast
 from services.dashboard.store import BY_ARM, BY_TICKER, BY_TIME, SqlUnitOfWork, utc
 from shared.contracts import (
     ChampionChanged,
@@ -216,51 +216,87 @@ class AnomalyPolicy:
     min_votes: int
     alpha: float
     min_drop: float
+    # The forecast detector (services/dashboard/forecast.py): windows of history it learns trend and cycle
+    # from, and the cycle's length in windows (7 daily windows: the weekday). 0 history: two-window test only.
+    history_windows: int = 28
+    season_windows: int = 7
+
+
+def _totals(rows: list[tuple[str, str, int, int]], key: tuple[str, str] | None) -> tuple[int, int]:
+    """(positives, votes) of the rows of one scope (None: all)."""
+    picked = [r for r in rows if key is None or (r[0], r[1]) == key]
+    return sum(r[3] for r in picked), sum(r[2] for r in picked)
+
+
+def _judge(
+    scope: str,
+    key: tuple[str, str] | None,
+    recent: list[tuple[str, str, int, int]],
+    history: list[list[tuple[str, str, int, int]]],
+    policy: AnomalyPolicy,
+) -> domain.AnomalyCheck | forecast.ForecastCheck:
+    """The forecast detector when the scope has the history for it, else the two-window test. `history` holds
+    at least max(history_windows, baseline_windows) windows, oldest first."""
+    if policy.history_windows:
+        check = forecast.forecast_check(
+            scope,
+            [_totals(rows, key) for rows in history[-policy.history_windows :]],
+            [_totals(recent, key)],
+            period=policy.season_windows,
+            alpha=policy.alpha,
+            min_votes=policy.min_votes,
+            min_drop=policy.min_drop,
+        )
+        if check.status != forecast.INSUFFICIENT_HISTORY:
+            return check
+    baseline_rows = [r for rows in history[-policy.baseline_windows :] for r in rows]
+    return domain.check_anomaly(
+        scope,
+        _totals(recent, key),
+        _totals(baseline_rows, key),
+        alpha=policy.alpha,
+        min_votes=policy.min_votes,
+        min_drop=policy.min_drop,
+    )
 
 
 def check_anomalies(uow: SqlUnitOfWork, policy: AnomalyPolicy, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Compare the last window's positive rate with the windows before it, overall and per prompt version;
-    store an alert for each significant drop (at most one per scope and window). Returns the checks."""
+    """Judge the last window's positive rate, overall and per prompt version: against the forecast from trend and
+    cycle (weekday) where there is history enough, else against the windows before it. Store an alert for each
+    material, significant drop (at most one per scope and window). Returns the checks."""
     now = utc(now or utcnow())
     window = timedelta(seconds=policy.window_s)
     recent_start = now - window
-    baseline_start = recent_start - window * policy.baseline_windows
     bucket = domain.window_bucket(now, policy.window_s)
+    n_history = max(policy.history_windows, policy.baseline_windows)
     with uow:
         recent = uow.repo.vote_counts(recent_start, now)
-        baseline = uow.repo.vote_counts(baseline_start, recent_start)
-
-        def totals(rows: list[tuple[str, str, int, int]], key: tuple[str, str] | None) -> tuple[int, int]:
-            picked = [r for r in rows if key is None or (r[0], r[1]) == key]
-            return sum(r[3] for r in picked), sum(r[2] for r in picked)
-
+        # Oldest first: window i ends where window i + 1 starts; the last ends where the recent one starts.
+        history = [
+            uow.repo.vote_counts(recent_start - window * (k + 1), recent_start - window * k)
+            for k in reversed(range(n_history))
+        ]
         scopes: list[tuple[str, tuple[str, str] | None]] = [("overall", None)]
         for name, version in sorted({(r[0], r[1]) for r in recent}):
             scopes.append((f"prompt {name} {version}", (name, version)))
         checks = []
         raised = False
         for scope, key in scopes:
-            check = domain.check_anomaly(
-                scope,
-                totals(recent, key),
-                totals(baseline, key),
-                alpha=policy.alpha,
-                min_votes=policy.min_votes,
-                min_drop=policy.min_drop,
-            )
+            check = _judge(scope, key, recent, history, policy)
             checks.append(check)
             if check.status == "ANOMALY":
+                forecasted = isinstance(check, forecast.ForecastCheck)
                 added = uow.repo.add_alert(
                     {
                         "alert_id": str(derived_id("dashboard.alert", scope, bucket)),
                         "created_at": now,
                         "scope": scope,
-                        "kind": "positive_rate_drop",
+                        "kind": "positive_rate_below_forecast" if forecasted else "positive_rate_drop",
                         "message": check.message(),
                         "recent_rate": check.recent_rate,
-                        "baseline_rate": check.baseline_rate,
+                        "baseline_rate": check.forecast_rate if forecasted else check.baseline_rate,
                         "recent_votes": check.recent_votes,
-                        "baseline_votes": check.baseline_votes,
+                        "baseline_votes": 0 if forecasted else check.baseline_votes,
                         "p_value": check.p_value,
                     }
                 )
@@ -271,7 +307,13 @@ def check_anomalies(uow: SqlUnitOfWork, policy: AnomalyPolicy, now: datetime | N
             uow.repo.bump_revision()
         uow.commit()
     return [
-        {"scope": c.scope, "status": c.status, "recent_rate": c.recent_rate, "baseline_rate": c.baseline_rate}
+        {
+            "scope": c.scope,
+            "status": c.status,
+            "recent_rate": c.recent_rate,
+            "baseline_rate": c.forecast_rate if isinstance(c, forecast.ForecastCheck) else c.baseline_rate,
+            "method": "forecast" if isinstance(c, forecast.ForecastCheck) else "two-window",
+        }
         for c in checks
     ]
 

@@ -102,6 +102,8 @@ def check_anomalies() -> list[dict]:
         min_votes=s.anomaly_min_votes,
         alpha=s.anomaly_alpha,
         min_drop=s.anomaly_min_drop,
+        history_windows=s.anomaly_history_windows,
+        season_windows=s.anomaly_season_windows,
     )
     checks = handlers.check_anomalies(_store().uow(), policy)
     _relay()

@@ -333,3 +333,35 @@ def test_every_export_table_has_flat_rows(store: Store, table: str) -> None:
     assert rows
     for row in rows:
         assert all(not isinstance(v, list | dict) for v in row.values())
+
+
+def _daily_votes(store: Store, ex: ExplanationCreated, days: int, rate_of_day: Callable[[int], float]) -> None:
+    """40 votes a day for `days` days before NOW (day 0 is the last one), at each day's rate."""
+    for d in range(days):
+        day_start = NOW - timedelta(days=d + 1)
+        ups = round(40 * rate_of_day(d))
+        for i in range(40):
+            at = day_start + timedelta(minutes=30 + i)
+            handlers.on_feedback_recorded(vote(ex, 1 if i < ups else -1, at=at), store.uow())
+
+
+def test_a_weekend_dip_that_is_the_weekly_pattern_raises_no_alert_but_a_weekday_drop_does(store: Store) -> None:
+    """Daily windows with 28 days of history: weekends (every 7th and 8th day back) are 25 points lower. The
+    two-window test would alert on the weekend day; the forecast from trend and weekday does not."""
+    policy = handlers.AnomalyPolicy(
+        window_s=86_400, baseline_windows=7, min_votes=20, alpha=0.01, min_drop=0.1, history_windows=28
+    )
+    ex = explanation()
+    handlers.on_explanation_created(ex, store.uow())
+    _daily_votes(store, ex, 29, lambda d: 0.5 if d % 7 in (0, 1) else 0.75)  # day 0 (the recent window): weekend
+    checks = handlers.check_anomalies(store.uow(), policy, now=NOW)
+    assert checks[0]["method"] == "forecast" and checks[0]["status"] == "OK", checks
+    assert handlers.stats(store.uow(), 30, POLICY, now=NOW)["alerts"] == []
+    # The same history a day later, with a weekday at the weekend's rate: a real drop.
+    later = NOW + timedelta(days=1)
+    for i in range(40):
+        handlers.on_feedback_recorded(vote(ex, 1 if i < 16 else -1, at=NOW + timedelta(minutes=30 + i)), store.uow())
+    checks = handlers.check_anomalies(store.uow(), policy, now=later)
+    assert checks[0]["status"] == "ANOMALY", checks
+    alerts = handlers.stats(store.uow(), 60, POLICY, now=later)["alerts"]
+    assert alerts and alerts[0]["kind"] == "positive_rate_below_forecast"
