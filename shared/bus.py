@@ -21,6 +21,7 @@ from celery import Celery
 from celery.signals import before_task_publish
 from kombu import Exchange, Queue
 
+from shared import worker_metrics
 from shared.contracts import Command, Event, Message, new_id
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def make_celery(service: str, settings: Any) -> Celery:
         broker_pool_limit=settings.broker_pool_limit,
         timezone="UTC",
     )
+    worker_metrics.install(app, service)
     return app
 
 
