@@ -88,12 +88,14 @@ def migrate(engine: Engine, metadata: MetaData, service: str) -> str:
     "upgraded"). See the module docstring."""
     from alembic import command
 
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)  # one line per start is enough
     with engine.begin() as conn:
         tables = set(inspect(conn).get_table_names())
         cfg = _config(service, conn, metadata)
         if not tables - {version_table(service)}:
             metadata.create_all(conn)
             command.stamp(cfg, "heads")
+            log.info("%s store: created at the newest schema", service)
             return "created"
         if version_table(service) not in tables:
             command.stamp(cfg, BASELINE)
