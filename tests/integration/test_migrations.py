@@ -87,9 +87,7 @@ def test_a_previous_release_store_is_upgraded_and_keeps_every_row(service: str, 
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_a_new_store_is_created_at_the_newest_revision_with_its_own_version_table(
-    service: str, tmp_path: Path
-) -> None:
+def test_a_new_store_is_created_at_the_newest_revision_with_its_own_version_table(service: str, tmp_path: Path) -> None:
     store_module = importlib.import_module(f"services.{service}.store")
     store = store_module.Store(f"sqlite:///{tmp_path / 'new.db'}")
     store.dispose()

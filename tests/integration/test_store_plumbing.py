@@ -82,7 +82,9 @@ def test_store_files_and_their_folder_are_private_when_created(tmp_path: Path, s
 def _stage_raw(store: RouterStore, event_id: str, event_type: str, payload: object) -> None:
     with store.factory() as session, session.begin():
         session.execute(
-            router_outbox.insert().values(event_id=event_id, event_type=event_type, payload=payload, created_at=utcnow())
+            router_outbox.insert().values(
+                event_id=event_id, event_type=event_type, payload=payload, created_at=utcnow()
+            )
         )
 
 
