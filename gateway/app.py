@@ -5,9 +5,9 @@ only dispatches by path prefix (see `routes.py`) and runs every service's lifesp
 that knows all services, and it composes them without any of them knowing each other. In the production
 shape (docker-compose) nginx does the same dispatch to separate containers.
 
-Extra paths: `/healthz` (all services, and the broker), `/services/{name}/healthz` and
-`/services/{name}/metrics` (one service's own), `/openapi.json` (one document for every service's routes, see
-`openapi.py`) and `/docs` (Swagger UI over it).
+Extra paths: `/healthz` (all services: their stores and the broker), `/services/{name}/healthz`,
+`/services/{name}/metrics` and `/services/{name}/dead-letters` (admin) (one service's own), `/openapi.json` (one
+document for every service's routes, see `openapi.py`) and `/docs` (Swagger UI over it).
 """
 
 from __future__ import annotations
@@ -64,18 +64,30 @@ class Gateway:
 
         @own.get("/healthz")
         async def healthz() -> Any:
+            """Every service's own health, asked side by side (each answers within about a second)."""
+            import asyncio
+
             transport = httpx.ASGITransport(app=self)  # type: ignore[arg-type]
-            results: dict[str, Any] = {}
+
+            async def ask(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
+                try:
+                    r = await client.get(f"/services/{name}/healthz")
+                    body = r.json()
+                    return body if isinstance(body, dict) else {"status": f"http {r.status_code}"}
+                except Exception as exc:  # a broken service must not hide the others
+                    return {"status": "error", "detail": str(exc)}
+
             async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-                for name in self.apps:
-                    try:
-                        r = await client.get(f"/services/{name}/healthz")
-                        results[name] = r.json() if r.status_code == 200 else {"status": f"http {r.status_code}"}
-                    except Exception as exc:  # a broken service must not hide the others
-                        results[name] = {"status": "error", "detail": str(exc)}
+                answers = await asyncio.gather(*(ask(client, name) for name in self.apps))
+            results = dict(zip(self.apps, answers, strict=True))
             ok = all(r.get("status") == "ok" for r in results.values())
+            down = sorted(
+                f"{name}.{check}" for name, r in results.items() for check, state in (r.get("checks") or {}).items()
+                if state != "ok"
+            )  # fmt: skip
             return JSONResponse(
-                {"status": "ok" if ok else "degraded", "services": results}, status_code=200 if ok else 503
+                {"status": "ok" if ok else "degraded", "down": down, "services": results},
+                status_code=200 if ok else 503,
             )
 
         @own.get("/openapi.json")
@@ -100,7 +112,7 @@ class Gateway:
             _, _, rest = path.partition("/services/")
             name, _, sub = rest.partition("/")
             app = self.apps.get(name)
-            if app is not None and sub in ("healthz", "metrics"):
+            if app is not None and sub in ("healthz", "metrics", "dead-letters"):
                 scope = {**scope, "path": "/" + sub, "raw_path": ("/" + sub).encode()}
                 await app(scope, receive, send)
                 return

@@ -8,7 +8,8 @@ what a frontend can reach at the one origin. It also:
   ...}}`) as the `Error` schema, as the body of 422 (FastAPI's default `HTTPValidationError` is not what the
   services send) and as each operation's `default` response (401, 403, 404, 409, 413, 415, 429, 503 ...);
 - keeps each service's security declarations (admin routes: the `adminToken` bearer scheme of `shared.web`);
-- adds the gateway's own paths (`/healthz`, `/services/{name}/healthz`, `/services/{name}/metrics`).
+- puts each service's own operational routes (`/healthz`, `/dead-letters`) where the gateway serves them
+  (`/services/{name}/...`), and adds the gateway's own (`/healthz` of everything, `/services/{name}/metrics`).
 
 The embedded gateway serves it at `/openapi.json` with Swagger UI at `/docs`. For the production shape nginx
 serves the same document as a file: `python -m gateway.openapi > deploy/openapi.json` (`make openapi`);
@@ -58,6 +59,8 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 _ERROR_CONTENT = {"application/json": {"schema": _ERROR_REF}}
+#: A service's own operational routes, served at the gateway under /services/{name}/.
+SERVICE_OWN_PATHS = ("/healthz", "/dead-letters")
 _HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 
@@ -111,7 +114,6 @@ def _gateway_paths() -> dict[str, Any]:
     json_health = {"application/json": {"schema": health}}
     return {
         "/healthz": op("health of every service and the broker (503 when one is down)", json_health),
-        "/services/{name}/healthz": op("one service's health", json_health, [name_param]),
         "/services/{name}/metrics": op(
             "one service's Prometheus metrics", {"text/plain": {"schema": {"type": "string"}}}, [name_param]
         ),
@@ -131,14 +133,20 @@ def merged_openapi(apps: Mapping[str, FastAPI], *, title: str = "Self-learning e
         for k, v in _rename_refs(own, renames).items():
             schemas[renames.get(k, k)] = v
         security_schemes.update(spec.get("components", {}).get("securitySchemes", {}))
-        for path, item in _rename_refs(spec.get("paths", {}), renames).items():
-            if service_for(path) != name:
+        for own_path, item in _rename_refs(spec.get("paths", {}), renames).items():
+            if own_path in SERVICE_OWN_PATHS:
+                path = f"/services/{name}{own_path}"  # where the gateway serves one service's own route
+            elif service_for(own_path) == name:
+                path = own_path
+            else:
                 continue  # the gateway sends this path elsewhere: not reachable on this service
             for method, operation in item.items():
                 if method not in _HTTP_METHODS:
                     continue
                 operation.setdefault("tags", [name])
                 operation["operationId"] = f"{name}_{operation.get('operationId', method + path)}"
+                if own_path in SERVICE_OWN_PATHS:
+                    operation["tags"] = ["operations"]
                 _declare_errors(operation)
             paths[path] = item
     paths.update(_gateway_paths())

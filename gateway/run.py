@@ -1,8 +1,11 @@
 """`make run`: the whole system on one machine, with nothing installed beforehand but Python.
 
-Starts (and supervises) a private redis-server unless REDIS_URL is set, declares the queue topology, then
-one process for the gateway (every service's API on one port), one Celery worker per service queue, and
-Celery beat. Ctrl-C stops everything; a child that dies is restarted.
+Starts (and supervises) a private redis-server (with a password) unless REDIS_URL is set, declares the
+queue topology, then one process for the gateway (every service's API on one port), one Celery worker per
+service queue, and Celery beat. Ctrl-C stops everything. A child (or the private redis-server) that dies is
+restarted with backoff (1 s, 2 s, 4 s ... up to 30 s while it keeps dying; back to 1 s once it has run for a
+minute), and each restart is printed. The data folder is 0700 and every file the children create is
+private to the owner (umask 077): stores, secrets, logs, Redis' append-only file.
 
 `Stack` is also what the end-to-end tests use, so they run the same processes a user runs.
 """
@@ -16,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +43,24 @@ def worker_command(service: str, *, loglevel: str = "WARNING") -> list[str]:
     ]  # fmt: skip
 
 
+def make_private_dir(path: Path) -> None:
+    """A folder only the owner can enter (created so; an existing one is tightened)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` readable by the owner only: the file is created with mode 0600 (never readable by others,
+    not even for a moment) and moved into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def ensure_secrets(data_dir: Path, env: dict[str, str]) -> None:
     """Generate the admin token and session-hash key once per data folder, unless the environment has them."""
     path = data_dir / "secrets.env"
@@ -57,9 +79,37 @@ def ensure_secrets(data_dir: Path, env: dict[str, str]) -> None:
             changed = True
         env[key] = stored[key]
     if changed:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{k}={v}\n" for k, v in stored.items()))
-        path.chmod(0o600)
+        make_private_dir(data_dir)
+        write_private(path, "".join(f"{k}={v}\n" for k, v in stored.items()))
+
+
+@dataclass
+class _Backoff:
+    """When a process that keeps dying may be started again: 1 s after its first death, then 2, 4 ... up to
+    30 s; a process that ran for a minute starts from 1 s again."""
+
+    delay: float = 0.0
+    next_at: float = 0.0
+    started_at: float = 0.0
+    count: int = 0
+    announced: bool = False
+
+    def due(self, now: float) -> bool:
+        if self.next_at == 0.0:  # first noticed dead: schedule it
+            ran = now - self.started_at if self.started_at else None
+            self.delay = 1.0 if (ran is None or ran >= 60 or self.delay == 0.0) else min(30.0, self.delay * 2)
+            self.next_at = now + self.delay
+            self.announced = False
+        return now >= self.next_at
+
+    def started(self, now: float) -> None:
+        self.count += 1
+        self.started_at = now
+        self.next_at = 0.0
+
+    def failed(self, now: float) -> None:
+        self.delay = min(30.0, max(1.0, self.delay * 2))
+        self.next_at = now + self.delay
 
 
 @dataclass
@@ -73,6 +123,7 @@ class Stack:
     redis: RedisServer | None = None
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    restarts: dict[str, _Backoff] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -98,9 +149,9 @@ class Stack:
 
     def start(self, wait_s: float = 90.0) -> Stack:
         self.data_dir = self.data_dir.resolve()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.data_dir)
         self.log_dir = (self.log_dir or self.data_dir / "logs").resolve()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.log_dir)
         env = {**os.environ, **self.env_overrides}
         env.setdefault("DATA_DIR", str(self.data_dir))
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -126,8 +177,11 @@ class Stack:
 
     def start_process(self, name: str) -> subprocess.Popen:
         assert self.log_dir is not None
-        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(self.commands()[name], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        fd = os.open(self.log_dir / f"{name}.log", os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                self.commands()[name], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, umask=0o077
+            )
         self.procs[name] = proc
         return proc
 
@@ -153,14 +207,38 @@ class Stack:
             time.sleep(0.25)
         raise TimeoutError(f"gateway not healthy after {wait_s}s: {last}")
 
-    def supervise_once(self) -> list[str]:
-        """Restart any child that died; returns the names restarted."""
-        restarted = []
+    def supervise_once(self, now: float | None = None) -> list[str]:
+        """Restart what died (the private redis-server first, then any child), each no sooner than its backoff
+        allows; returns a line per restart (and per restart put off), to print."""
+        now = time.monotonic() if now is None else now
+        said: list[str] = []
+        if self.redis is not None and not self.redis.alive():
+            said += self._restart("redis-server", self.redis.process, now, self._restart_redis)
         for name, proc in list(self.procs.items()):
             if proc.poll() is not None:
-                self.start_process(name)
-                restarted.append(name)
-        return restarted
+                said += self._restart(name, proc, now, lambda n=name: self.start_process(n))
+        return said
+
+    def _restart(self, name: str, proc: subprocess.Popen | None, now: float, start: Callable[[], object]) -> list[str]:
+        backoff = self.restarts.setdefault(name, _Backoff())
+        code = None if proc is None else proc.returncode
+        if not backoff.due(now):
+            if not backoff.announced:
+                backoff.announced = True
+                return [f"{name} exited (code {code}); restarting in {backoff.next_at - now:.0f}s"]
+            return []
+        try:
+            start()
+        except Exception as exc:
+            backoff.failed(now)
+            return [f"{name} exited (code {code}); restart failed ({exc}); next try in {backoff.delay:.0f}s"]
+        backoff.started(now)
+        return [f"{name} exited (code {code}); restarted it (restart {backoff.count}; see {self.log_dir}/{name}.log)"]
+
+    def _restart_redis(self) -> None:
+        assert self.redis is not None
+        self.redis.process = None
+        self.redis.start()  # same port, password and append-only file: the queues come back as they were
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -183,6 +261,12 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _without_password(url: str) -> str:
+    import re
+
+    return re.sub(r"//:[^@]*@", "//:***@", url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,16 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         f"\n  The system is up:   {stack.url}/\n"
         f"  Admin token:        {stack.env['ADMIN_TOKEN']}   (Authorization: Bearer ...; kept in {args.data_dir}/secrets.env)\n"
         f"  Stats:              curl -H 'Authorization: Bearer {stack.env['ADMIN_TOKEN']}' {stack.url}/api/admin/llm-learning\n"
-        f"  Broker:             {stack.env['REDIS_URL']}\n"
+        f"  Broker:             {_without_password(stack.env['REDIS_URL'])}\n"
         f"  Logs:               {stack.log_dir}/\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )
     try:
         while not stopping:
-            for name in stack.supervise_once():
-                print(f"{name} exited; restarted it (see {stack.log_dir}/{name}.log)", flush=True)
-            time.sleep(1)
+            for line in stack.supervise_once():
+                print(line, flush=True)
+            time.sleep(0.5)
     finally:
         print("stopping...", flush=True)
         stack.stop()

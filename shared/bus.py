@@ -17,7 +17,8 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from celery import Celery
+from celery import Celery, Task
+from celery.exceptions import Reject, Retry
 from celery.signals import before_task_publish
 from kombu import Exchange, Queue
 
@@ -80,11 +81,155 @@ def all_queues() -> list[Queue]:
     return [Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True) for name in SERVICES]
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Errors that a later attempt can get past: a locked or unreachable database, a broker hiccup, a network
+    error, and a unique-key clash (two workers storing the same redelivered message at once: the retry finds
+    it already handled)."""
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    transient: tuple[type[BaseException], ...] = (
+        OperationalError,
+        DisconnectionError,
+        PoolTimeout,
+        IntegrityError,
+        redis.ConnectionError,
+        redis.TimeoutError,
+        redis.BusyLoadingError,
+        KombuOperationalError,
+        ConnectionError,
+        TimeoutError,
+    )
+    try:
+        import httpx
+
+        transient += (httpx.TransportError,)
+    except ImportError:  # pragma: no cover - httpx is a core dependency
+        pass
+    return isinstance(exc, transient)
+
+
+class ReliableTask(Task):
+    """The base of every task: what happens when a handler raises.
+
+    - A task with a payload (a message): a transient error (`is_transient`) is retried with exponential
+      backoff and jitter (`TASK_MAX_RETRIES`, `TASK_RETRY_BACKOFF_S`, capped below the visibility timeout);
+      a payload that does not validate (a bad message, an unknown schema version), any other error, or
+      retries exhausted: the message goes to the service's dead-letter store with the error, and is
+      acknowledged, so the queue goes on. If even the dead-letter store cannot be written, the message is put
+      back on the queue (after a pause) rather than dropped.
+    - A periodic task (no payload, sent by beat): the error is logged once; the next tick runs it again.
+
+    The error is logged without the payload, and a validation error without the input values pydantic would
+    quote (a comment, a session key).
+    """
+
+    max_retries: int | None = None  # None: TASK_MAX_RETRIES; a task sets its own with `@app.task(max_retries=...)`
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except (Retry, Reject):
+            raise
+        except Exception as exc:
+            return self._handle_failure(exc, kwargs.get("payload"))
+
+    def _handle_failure(self, exc: Exception, payload: Any) -> Any:
+        import time
+
+        from pydantic import ValidationError
+
+        from shared.deadletter import EXHAUSTED, FAILED, INVALID, describe_error
+
+        error = describe_error(exc)
+        if payload is None:
+            log.error("periodic task %s failed (the next run tries again): %s", self.name, error)
+            return None
+        retries = int(self.request.retries or 0)
+        max_retries = (
+            self.max_retries if self.max_retries is not None else self.app.conf.get("selflearn_max_retries", 6)
+        )
+        transient = is_transient(exc) and not isinstance(exc, ValidationError)
+        reason = INVALID if isinstance(exc, ValidationError) else FAILED
+        if transient and retries < max_retries:
+            countdown = self._backoff(retries)
+            log.warning(
+                "%s: transient %s, retry %d of %d in %.1fs",
+                self.name,
+                type(exc).__name__,
+                retries + 1,
+                max_retries,
+                countdown,
+            )
+            try:
+                raise self.retry(countdown=countdown, max_retries=max_retries)
+            except Retry:
+                raise
+            except Exception as retry_exc:  # the broker is down too: keep the message in the dead letters
+                error = f"{error} (and the retry could not be queued: {describe_error(retry_exc)})"
+                reason = EXHAUSTED
+        elif transient:
+            reason = EXHAUSTED
+        sink = getattr(self.app, "dead_letter_sink", None)
+        try:
+            if sink is None:
+                raise RuntimeError(f"no dead-letter store is installed for {self.app.main}")
+            sink(self.name, reason=reason, error=error, payload=payload, attempts=retries + 1)
+        except Exception as dl_exc:
+            log.error(
+                "%s: could not dead-letter a message (%s); putting it back on the queue",
+                self.name,
+                describe_error(dl_exc),
+            )
+            time.sleep(1.0)
+            raise Reject(describe_error(dl_exc), requeue=True) from None
+        return f"dead-lettered: {reason}"
+
+    def _backoff(self, retries: int) -> float:
+        import random
+
+        conf = self.app.conf
+        base = float(conf.get("selflearn_retry_backoff_s", 1.0))
+        cap = float(conf.get("selflearn_retry_backoff_max_s", 60.0))
+        delay = min(cap, base * (2**retries))
+        return delay * random.uniform(0.5, 1.0)  # jitter: redeliveries of one outage do not come back together
+
+
+def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> None:
+    """Where this service's workers put what they cannot handle: `dead_letters()` returns the service
+    store's `DeadLetters`; `after(task, payload)` runs once one is stored (e.g. to drop a journal entry)."""
+
+    def sink(task: str, *, reason: str, error: str, payload: Any, attempts: int) -> None:
+        dead_letters().add(task, reason=reason, error=error, payload=payload, attempts=attempts)
+        if after is not None:
+            after(task, payload)
+
+    app.dead_letter_sink = sink  # type: ignore[attr-defined]
+
+
+def task_message_sender(app: Celery) -> Any:
+    """`send(task_name, payload)`: a new task message for a task, by name, on its service's queue."""
+
+    def send(task_name: str, payload: dict[str, Any]) -> None:
+        app.send_task(task_name, kwargs={"payload": payload}, queue=queue_for(task_name))
+
+    return send
+
+
 def make_celery(service: str, settings: Any) -> Celery:
     """A Celery app for one service: at-least-once delivery (ack after the handler ran, requeue when the
-    worker dies), one message prefetched at a time, JSON only, no result backend (no task waits on another)."""
-    app = Celery(service, broker=settings.redis_url)
+    worker dies), one message prefetched at a time, JSON only, no result backend (no task waits on another);
+    failures retried or dead-lettered (`ReliableTask`)."""
+    app = Celery(service, broker=settings.redis_url, task_cls=ReliableTask)
+    retry_cap = max(
+        1.0, min(float(getattr(settings, "task_retry_backoff_max_s", 60.0)), settings.visibility_timeout_s / 2)
+    )
     app.conf.update(
+        selflearn_max_retries=int(getattr(settings, "task_max_retries", 6)),
+        selflearn_retry_backoff_s=float(getattr(settings, "task_retry_backoff_s", 1.0)),
+        selflearn_retry_backoff_max_s=retry_cap,
         task_queues=all_queues(),
         task_default_queue=service,
         task_routes=[_route_by_prefix],
@@ -207,22 +352,31 @@ def _group_by_queue(messages: Iterable[tuple[str, bytes]]) -> dict[str, list[byt
 class CeleryBus:
     """Publishes an event to every subscribed task, and sends a command to its one handler, by name.
 
-    All the task messages of one event go to Redis in one pipelined round trip (retried on connection
-    errors); `publish` returns only once they are there."""
+    All the task messages of one event go to Redis in one pipelined round trip, retried on connection errors
+    until `deadline_s` has passed; `publish` returns only once they are there, or raises. A request path
+    keeps the default (about a second: a frozen broker never holds a request longer; the outbox relays the
+    event later), a worker may wait longer."""
 
-    def __init__(self, app: Celery, *, retries: int = 3) -> None:
+    def __init__(self, app: Celery, *, deadline_s: float = 1.0) -> None:
         import redis
 
         self.app = app
-        self.retries = retries
+        self.deadline_s = deadline_s
         self._encoder = TaskMessageEncoder(app)
-        self._redis = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=2)
+        timeout = max(0.2, min(deadline_s, 5.0))
+        self._redis = redis.Redis.from_url(
+            app.conf.broker_url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 1.0)
+        )
 
     def publish(self, event: Event) -> None:
         self._push([self._encoder.encode(name, event) for name in SUBSCRIPTIONS.get(event.type, ())])
 
     def send(self, command: Command) -> None:
         self._push([self._encoder.encode(command.type, command)])
+
+    def ping(self) -> bool:
+        """Whether the broker answers (within this bus's socket timeout)."""
+        return bool(self._redis.ping())
 
     def _push(self, messages: list[tuple[str, bytes]]) -> None:
         import time
@@ -231,7 +385,9 @@ class CeleryBus:
 
         if not messages:
             return
-        for attempt in range(self.retries + 1):
+        give_up = time.monotonic() + self.deadline_s
+        attempt = 0
+        while True:
             try:
                 pipe = self._redis.pipeline(transaction=False)
                 for key, raws in _group_by_queue(messages).items():
@@ -239,9 +395,11 @@ class CeleryBus:
                 pipe.execute()
                 return
             except (redis.ConnectionError, redis.TimeoutError):
-                if attempt == self.retries:
+                attempt += 1
+                pause = 0.1 * attempt
+                if time.monotonic() + pause >= give_up:
                     raise
-                time.sleep(0.1 * (attempt + 1))
+                time.sleep(pause)
 
 
 _BUSES: dict[int, CeleryBus] = {}
@@ -252,7 +410,7 @@ def bus_for(app: Celery) -> CeleryBus:
     of opening new ones per message."""
     bus = _BUSES.get(id(app))
     if bus is None:
-        bus = _BUSES[id(app)] = CeleryBus(app)
+        bus = _BUSES[id(app)] = CeleryBus(app, deadline_s=10.0)
     return bus
 
 
@@ -302,23 +460,43 @@ class IntakeJournal:
     def done(self, message_id: uuid.UUID | str) -> None:
         self._client().hdel(self.hash_key, str(message_id))
 
-    def overdue(self, older_than_s: float, *, limit: int = 1000) -> list[dict[str, Any]]:
+    def overdue(self, older_than_s: float, *, limit: int = 1000, on_unreadable: Any = None) -> list[dict[str, Any]]:
         """Payloads of commands journalled more than `older_than_s` ago whose handler has not run; each is
-        re-armed for another grace period, so one sweep re-sends it once."""
+        re-armed for another grace period, so one sweep re-sends it once.
+
+        An entry that cannot be read (a broken stamp or task message) does not stop the sweep: it is handed to
+        `on_unreadable(message_id, raw_value, error)` (which dead-letters it) and removed from the journal;
+        without a callback it is logged and left where it is."""
         import time
 
         now = time.time()
         client = self._client()
-        found: list[tuple[bytes, bytes]] = []
+        found: list[tuple[bytes, bytes, dict[str, Any]]] = []
+        unreadable: list[bytes] = []
         for mid, value in client.hscan_iter(self.hash_key, count=500):
-            stamp, _, raw = value.partition(b"|")
-            if float(stamp) <= now - older_than_s:
-                found.append((mid, raw))
-                if len(found) >= limit:
-                    break
+            try:
+                stamp, _, raw = value.partition(b"|")
+                if float(stamp) > now - older_than_s:
+                    continue
+                payload = task_payload(raw)
+                if not isinstance(payload, dict):
+                    raise ValueError("the task message's payload is not an object")
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                if on_unreadable is None:
+                    log.error("intake journal entry %r cannot be read (%s); skipped", mid, error)
+                    continue
+                on_unreadable(mid.decode(errors="replace"), value.decode(errors="replace"), error)
+                unreadable.append(mid)
+                continue
+            found.append((mid, raw, payload))
+            if len(found) >= limit:
+                break
+        if unreadable:
+            client.hdel(self.hash_key, *unreadable)
         if found:
-            client.hset(self.hash_key, mapping={mid: f"{now!r}|".encode() + raw for mid, raw in found})
-        return [task_payload(raw) for _, raw in found]
+            client.hset(self.hash_key, mapping={mid: f"{now!r}|".encode() + raw for mid, raw, _ in found})
+        return [payload for _, _, payload in found]
 
     def pending(self) -> int:
         return int(self._client().hlen(self.hash_key))
@@ -363,7 +541,8 @@ class GroupCommitSender:
 
         self.app = app
         self.journal = journal
-        self._redis = aioredis.from_url(app.conf.broker_url)
+        # A frozen broker fails the request within about a second (503, "please retry") instead of holding it.
+        self._redis = aioredis.from_url(app.conf.broker_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._encoder = TaskMessageEncoder(app)
         self._pending: list[tuple[str, bytes, Command, Any]] = []
         self._flushing = False

@@ -8,12 +8,13 @@ The `type` class variable is the routing key the bus looks up in `shared.bus.SUB
 
 from __future__ import annotations
 
-import random
+import os
+import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Signal = Literal["BUY", "SELL", "HOLD"]
 
@@ -34,11 +35,42 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class _UrandomIds:
+    """Random bits for ids from the operating system (`os.urandom`), which no library can reseed: the global
+    `random` generator is reseeded by training code (`set_seed(0)`), and ids drawn from it repeated on every
+    run. One `os.urandom` call fills a pool of 256 ids (one system call instead of one per id, which keeps the
+    feedback hot path as fast as before); the pool is dropped in a forked child, so parent and child never
+    hand out the same bytes."""
+
+    POOL_IDS = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._pool = b""
+        self._pos = 0
+        self._lock = threading.Lock()  # a lock held by another thread at fork time is never released in the child
+
+    def next_int(self) -> int:
+        with self._lock:
+            if self._pos >= len(self._pool):
+                self._pool = os.urandom(16 * self.POOL_IDS)
+                self._pos = 0
+            start = self._pos
+            self._pos = start + 16
+            return int.from_bytes(self._pool[start : start + 16], "big")
+
+
+_IDS = _UrandomIds()
+
+
 def new_id() -> uuid.UUID:
-    """A random (version 4) UUID for message and task ids. Drawn from Python's per-process generator
-    (seeded from the OS, reseeded after fork) rather than `uuid.uuid4()`, whose `os.urandom` call per id is a
-    measurable share of the feedback hot path; these ids must be unique, not unguessable."""
-    return uuid.UUID(int=random.getrandbits(128), version=4)
+    """A random (version 4) UUID for message and task ids, from the OS's generator (see `_UrandomIds`)."""
+    return uuid.UUID(int=_IDS.next_int(), version=4)
 
 
 def derived_id(*parts: object) -> uuid.UUID:
@@ -54,9 +86,19 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: ClassVar[str]
+    #: The newest schema version this code reads; a message with a later one is refused (dead-lettered by
+    #: a worker) rather than half-understood.
+    supported_schema_version: ClassVar[int] = 1
     message_id: uuid.UUID = Field(default_factory=new_id)
     occurred_at: datetime = Field(default_factory=utcnow)
-    schema_version: int = 1
+    schema_version: int = Field(1, ge=1)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value > cls.supported_schema_version:
+            raise ValueError(f"unknown schema version {value} (this code reads up to {cls.supported_schema_version})")
+        return value
 
     def to_payload(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

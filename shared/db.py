@@ -1,8 +1,16 @@
 """Database plumbing: one engine per service store. SQLite by default (WAL, busy timeout), any SQLAlchemy URL
-otherwise; the same table code runs on PostgreSQL."""
+otherwise; the same table code runs on PostgreSQL.
+
+Transactions: a unit of work (`store.uow()`) takes SQLite's write lock when it begins (`BEGIN IMMEDIATE`), so
+two writers queue on the busy timeout instead of one failing when its read tries to upgrade; a read
+(`store.reader()`, `store.read_factory`) begins deferred and takes no lock at all, so in WAL mode a read held
+open (an export, the live stream, a scrape) never blocks a worker's write, and a write never blocks a read.
+A store file is created readable by its owner only (0600); its folder 0700.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Self, TypeVar
@@ -15,33 +23,56 @@ if TYPE_CHECKING:
     from shared.contracts import Event
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: An execution option: a connection with it begins a deferred (read) transaction instead of an immediate one.
+READ_ONLY = "selflearn_read"
+
+
+def busy_timeout_ms() -> int:
+    """How long a SQLite writer waits for the lock (`SQLITE_BUSY_TIMEOUT_MS`, default 10 s) before "database is
+    locked" (then the task is retried with backoff)."""
+    return int(os.environ.get("SQLITE_BUSY_TIMEOUT_MS", SQLITE_BUSY_TIMEOUT_MS))
+
+
+def create_private_file(path: Path) -> None:
+    """Create `path` (and its folder) readable by the owner only, unless it exists: with the mode given at
+    creation (`os.open`), so there is no moment when it is readable by others."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = url.split("///", 1)[-1].split("?", 1)[0]
+        if path and path != ":memory:" and not path.startswith("file:"):
+            create_private_file(Path(path))  # SQLite gives its -wal and -shm files the same mode
+        timeout_ms = busy_timeout_ms()
         engine = create_engine(
             url,
             echo=echo,
-            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            connect_args={"check_same_thread": False, "timeout": timeout_ms / 1000},
         )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute(f"PRAGMA busy_timeout={timeout_ms}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin_immediate(conn):  # type: ignore[no-untyped-def]
-            # Take the write lock at BEGIN: two writers then queue on the busy timeout instead of failing
-            # with "database is locked" when a read transaction tries to upgrade.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+            # A write takes the lock at BEGIN: two writers then queue on the busy timeout instead of failing
+            # with "database is locked" when a read transaction tries to upgrade. A read takes none.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         # pysqlite's own transaction handling must be off for the BEGIN above to take effect.
         @event.listens_for(engine, "connect", insert=True)
@@ -91,10 +122,19 @@ class UnitOfWork(Generic[RepoT]):
         self.committed = True
 
 
+def _service_of(make_repo: Callable[..., object]) -> str | None:
+    """The service a repository belongs to, from its module (`services.<name>.store`)."""
+    parts = getattr(make_repo, "__module__", "").split(".")
+    return parts[1] if len(parts) >= 3 and parts[0] == "services" else None
+
+
 class SqlStore(Generic[RepoT]):
-    """Engine and session factory for one service's database URL; creates its tables on first use (and runs
-    `seed`, if given, in the same step). A service's API process and its worker start together: when the
-    other one creates the tables first, the attempt is simply made again."""
+    """Engine and session factories for one service's database URL. On first use it brings the schema up to
+    date (`shared.migrations.migrate`: Alembic, the service's own version table; a repository outside
+    `services/` just gets `create_all`) and runs `seed`, if given. A service's API process and its worker
+    start together: when the other one holds the lock too long, the attempt is simply made again.
+
+    Every store has a dead-letter table (`dead_letters`: see `shared.deadletter`)."""
 
     def __init__(
         self,
@@ -104,14 +144,24 @@ class SqlStore(Generic[RepoT]):
         outbox: Table,
         *,
         seed: Callable[[Session], None] | None = None,
+        service: str | None = None,
     ) -> None:
+        from shared.deadletter import DeadLetters, dead_letter_table
+        from shared.migrations import has_migrations, migrate
+
         self.engine = make_engine(url)
         self.factory = make_session_factory(self.engine)
+        self.read_factory = make_session_factory(self.engine.execution_options(**{READ_ONLY: True}))
         self.make_repo = make_repo
         self.outbox = outbox
+        self.service = service or _service_of(make_repo)
+        self.dead_letters = DeadLetters(self.factory, dead_letter_table(metadata))
         for attempt in range(3):
             try:
-                metadata.create_all(self.engine)
+                if self.service is not None and has_migrations(self.service):
+                    migrate(self.engine, metadata, self.service)
+                else:
+                    metadata.create_all(self.engine)
                 if seed is not None:
                     with self.factory() as session, session.begin():
                         seed(session)
@@ -121,7 +171,12 @@ class SqlStore(Generic[RepoT]):
                     raise
 
     def uow(self) -> UnitOfWork[RepoT]:
+        """A write transaction (takes the write lock when it begins)."""
         return UnitOfWork(self.factory, self.make_repo, self.outbox)
+
+    def reader(self) -> UnitOfWork[RepoT]:
+        """A read transaction: deferred, takes no lock, never blocks a writer (nor waits for one)."""
+        return UnitOfWork(self.read_factory, self.make_repo, self.outbox)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -15,6 +15,8 @@ from typing import Any
 
 REDACTED_FIELDS = frozenset({"session_id", "comment", "authorization", "admin_token", "session_hash_key"})
 _INLINE = re.compile(r"(?i)\b(session_id|comment|authorization)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|\S+)")
+# pydantic quotes the input in a validation error ("input_value={'comment': ...}, input_type=dict"): all of it goes.
+_INPUT_VALUE = re.compile(r"input_value=.*?(?=, input_type=|\]\n|\n|$)", re.DOTALL)
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
 
@@ -27,6 +29,7 @@ def _service_of(logger_name: str, default: str) -> str:
 
 
 def redact(text: str) -> str:
+    text = _INPUT_VALUE.sub("input_value=[redacted]", text)
     return _INLINE.sub(lambda m: f"{m.group(1)}{m.group(2)}[redacted]", text)
 
 

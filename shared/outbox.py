@@ -42,7 +42,12 @@ def stage(session: Session, table: Table, events: list[Event]) -> None:
 
 
 def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit: int = 500) -> int:
-    """Publish what is staged and not yet published; returns how many were published."""
+    """Publish what is staged and not yet published; returns how many were published.
+
+    A row that cannot become an event (an unknown event type, a payload that does not validate) is moved to
+    the store's dead letters (as task `outbox:<event type>`) and marked, so it neither blocks the relay nor comes back."""
+    from shared.deadletter import UNREADABLE, DeadLetters, dead_letter_table, describe_error
+
     with factory() as session:
         rows = session.execute(
             select(table.c.event_id, table.c.event_type, table.c.payload)
@@ -51,18 +56,35 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
             .limit(limit)
         ).all()
     published: list[str] = []
+    dead: list[tuple[str, str, Any, str]] = []
     try:
         for event_id, event_type, payload in rows:
             cls = EVENT_TYPES.get(event_type)
-            if cls is None:
-                log.error("outbox holds an unknown event type %s (%s)", event_type, event_id)
+            try:
+                if cls is None:
+                    raise ValueError(f"unknown event type {event_type!r}")
+                event = cls.from_payload(payload)
+            except Exception as exc:
+                dead.append((event_id, event_type, payload, describe_error(exc)))
                 continue
-            bus.publish(cls.from_payload(payload))
+            bus.publish(event)
             published.append(event_id)
     finally:  # mark what went out, in one transaction; anything else is published again next time
-        if published:
+        if dead:
+            letters = DeadLetters(factory, dead_letter_table(table.metadata))
+            for event_id, event_type, payload, error in dead:
+                letters.add(
+                    f"outbox:{event_type}",
+                    reason=UNREADABLE,
+                    error=f"outbox row of type {event_type!r}: {error}",
+                    payload=payload if isinstance(payload, dict) else None,
+                    raw=None if isinstance(payload, dict) else repr(payload)[:2000],
+                    message_id=event_id,
+                )
+        done = published + [d[0] for d in dead]
+        if done:
             with factory() as session, session.begin():
-                session.execute(update(table).where(table.c.event_id.in_(published)).values(published_at=utcnow()))
+                session.execute(update(table).where(table.c.event_id.in_(done)).values(published_at=utcnow()))
     return len(published)
 
 

@@ -26,6 +26,11 @@ class ServiceSettings(BaseSettings):
     broker_pool_limit: int = _common("BROKER_POOL_LIMIT", 16)  # type: ignore[assignment]
     log_level: str = _common("LOG_LEVEL", "INFO")  # type: ignore[assignment]
     gateway_url: str = _common("GATEWAY_URL", "http://127.0.0.1:8000")  # type: ignore[assignment]
+    # A task's transient failure is retried this many times, after 1, 2, 4 ... seconds (with jitter, capped),
+    # then its message goes to the dead-letter store (see shared.bus.ReliableTask).
+    task_max_retries: int = _common("TASK_MAX_RETRIES", 6)  # type: ignore[assignment]
+    task_retry_backoff_s: float = _common("TASK_RETRY_BACKOFF_S", 1.0)  # type: ignore[assignment]
+    task_retry_backoff_max_s: float = _common("TASK_RETRY_BACKOFF_MAX_S", 60.0)  # type: ignore[assignment]
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -59,7 +59,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # The route's template, not the path: a path can carry a raw session id (DELETE .../sessions/{id}).
+        route = getattr(request.scope.get("route"), "path", "unmatched route")
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route, exc_info=exc)
         return JSONResponse(status_code=500, content=error_body(500, "internal error; it has been logged"))
 
 
@@ -137,6 +139,88 @@ class Metrics:
         return Histogram(name, doc, list(labels), registry=self.registry, **kw)
 
 
+HEALTH_TIMEOUT_S = 1.0
+
+
+def check_store(store: Any) -> str:
+    """ "ok" when the store's database answers a read; else what failed. SQLite: a new connection to the file
+    (read-write, never creating it), so a file that was removed or broken is seen even while pooled
+    connections still hold the old one open."""
+    engine = getattr(store, "engine", None)
+    if engine is None:
+        return "not open"
+    try:
+        url = engine.url
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            import sqlite3
+
+            conn = sqlite3.connect(f"file:{url.database}?mode=rw", uri=True, timeout=HEALTH_TIMEOUT_S)
+            try:
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    return "down: the database file has no tables"
+            finally:
+                conn.close()
+        else:
+            from sqlalchemy import text
+
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:
+        return f"down: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def check_broker(bus: Any) -> str:
+    if bus is None or not hasattr(bus, "ping"):
+        return "not open"
+    try:
+        return "ok" if bus.ping() else "down: no PONG"
+    except Exception as exc:
+        return f"down: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def dependency_checks(app: Any) -> dict[str, str]:
+    """The store and the broker of a service app, checked side by side (a frozen broker and a broken store
+    together still answer within about a second)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = app.state
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        store = pool.submit(check_store, getattr(state, "store", None))
+        broker = pool.submit(check_broker, getattr(state, "bus", None))
+        return {"store": store.result(), "broker": broker.result()}
+
+
+class _DeadLetterGauge:
+    """`dead_letters_waiting{service, reason}`: messages waiting in this service's dead-letter store."""
+
+    def __init__(self, app: Any, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        store = getattr(self.app.state, "store", None)
+        dead = getattr(store, "dead_letters", None)
+        if dead is None:
+            return
+        try:
+            counts = dead.counts()
+        except Exception:
+            log.warning("could not count dead letters for /metrics")
+            return
+        g = GaugeMetricFamily(
+            "dead_letters_waiting", "Messages waiting in the dead-letter store", labels=["service", "reason"]
+        )
+        for reason, n in counts.items():
+            g.add_metric([self.service, reason], float(n))
+        yield g
+
+
 class _Observe:
     """Request count and latency per route (pure ASGI: no per-request task or body copy)."""
 
@@ -189,15 +273,37 @@ def install_common(
     app.add_middleware(_Observe, metrics=metrics)
     app.add_middleware(BodyLimit, limit=body_limit)
 
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, Any]:
+    @app.get("/healthz", tags=["operations"])
+    def healthz(request: Request) -> Response:
+        """200 when this service's store and the broker answer; 503 naming what is down, within about a second
+        (each check has its own short timeout)."""
+        checks = dependency_checks(request.app)
         detail = health() if health else {}
-        return {"status": "ok", "service": service, **detail}
+        down = {name: state for name, state in checks.items() if state != "ok"}
+        body = {"status": "down" if down else "ok", "service": service, "checks": checks, **detail}
+        if down:
+            log.warning("health: %s down (%s)", service, ", ".join(f"{k}: {v}" for k, v in down.items()))
+        return JSONResponse(body, status_code=503 if down else 200)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/dead-letters", tags=["operations"])
+    def dead_letters(
+        request: Request, _: AdminDep, limit: int = Query(100, ge=1, le=1000), include_replayed: bool = False
+    ) -> dict[str, Any]:
+        """Admin: the messages this service could not handle, newest first, with the error and the payload
+        (`python -m shared.deadletter replay <service>` sends them again)."""
+        from shared.deadletter import public_view
+
+        store = getattr(request.app.state, "store", None)
+        if store is None or getattr(store, "dead_letters", None) is None:
+            raise HTTPException(503, f"{service} has no store open yet")
+        rows = store.dead_letters.list(limit=limit, include_replayed=include_replayed)
+        return {"service": service, "waiting": store.dead_letters.counts(), "items": [public_view(r) for r in rows]}
+
+    metrics.registry.register(_DeadLetterGauge(app, service))
     return metrics
 
 

@@ -71,10 +71,27 @@ def index() -> FileResponse:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def snapshot(request: Request, store: Store, days: int, settings: DashboardSettings) -> dict[str, Any]:
+    """The figures from the app's snapshot cache (computed again only when the read model changed)."""
+    cache: handlers.SnapshotCache = request.app.state.snapshots
+    return cache.get(store.reader, days, read_policy(settings))
+
+
 @router.get("/api/admin/llm-learning")
-def llm_learning(_: AdminDep, store: StoreDep, settings: SettingsDep, days: DaysQuery = None) -> dict[str, Any]:
+def llm_learning(
+    _: AdminDep, request: Request, store: StoreDep, settings: SettingsDep, days: DaysQuery = None
+) -> dict[str, Any]:
     """Every figure of the dashboard over the last `days` days (default 30)."""
-    return handlers.stats(store.uow(), window(days, settings), read_policy(settings))
+    return snapshot(request, store, window(days, settings), settings)
+
+
+@router.get("/api/admin/llm-learning/metrics")
+def learning_metrics(_: AdminDep, request: Request) -> Response:
+    """Admin: the dashboard's figures as Prometheus gauges (the public `/metrics` carries operational series
+    only). Prometheus scrapes it with the admin token as a bearer credential."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(request.app.state.learning_registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/admin/llm-learning/export")
@@ -90,22 +107,57 @@ def export(
     if table not in handlers.EXPORT_TABLES:
         raise HTTPException(422, f"table must be one of: {', '.join(handlers.EXPORT_TABLES)}")
     d = window(days, settings)
-    rows = handlers.export_rows(store.uow(), table, d, read_policy(settings))
     filename = f"llm-learning-{table}-{d}d.{format}"
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    if table == "explanations":  # the one long table: streamed in pages, each its own short read
+        pages = handlers.explanation_pages(store.reader, d)
+        if format == "json":
+            return StreamingResponse(_json_pages(pages, table, d), media_type="application/json", headers=headers)
+        return StreamingResponse(_csv_pages(pages), media_type="text/csv; charset=utf-8", headers=headers)
+    rows = handlers.export_rows(store.reader(), table, d, read_policy(settings))
     if format == "json":
         return JSONResponse(jsonable_encoder({"table": table, "days": d, "rows": rows}), headers=headers)
-    return Response(_csv(rows), media_type="text/csv; charset=utf-8", headers=headers)
+    return Response("".join(_csv_pages(iter([rows]))), media_type="text/csv; charset=utf-8", headers=headers)
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+#: A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell: text that a spreadsheet would run as a formula gets a leading apostrophe, so it
+    shows as the text it is (OWASP's advice); numbers stay numbers (a negative number is not text)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _csv_pages(pages: Any) -> Any:
+    """CSV text, page by page: the header from the first row, every cell through `csv_cell`; CRLF line ends
+    (RFC 4180), so a cell holding a CR or LF is quoted."""
+    writer = None
     buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
+    for rows in pages:
         for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return buf.getvalue()
+            if writer is None:
+                writer = csv.DictWriter(buf, fieldnames=list(row), extrasaction="ignore", lineterminator="\r\n")
+                writer.writeheader()
+            writer.writerow({k: csv_cell(v) for k, v in row.items()})
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+
+
+def _json_pages(pages: Any, table: str, days: int) -> Any:
+    yield json.dumps({"table": table, "days": days})[:-1] + ', "rows": ['
+    first = True
+    for rows in pages:
+        for row in rows:
+            yield ("" if first else ",") + json.dumps(jsonable_encoder(row))
+            first = False
+    yield "]}"
 
 
 @router.get("/api/admin/llm-learning/stream")
@@ -137,11 +189,11 @@ async def stream(
         sent = 0
         last_write = time.monotonic()
         while not await request.is_disconnected():
-            revision = await run_in_threadpool(handlers.revision, store.uow())
+            revision = await run_in_threadpool(handlers.revision, store.reader())
             if revision != last_revision:
-                snapshot = await run_in_threadpool(handlers.stats, store.uow(), d, policy)
+                snap = await run_in_threadpool(request.app.state.snapshots.get, store.reader, d, policy)
                 last_revision = revision
-                yield f"id: {revision}\nevent: snapshot\ndata: {json.dumps(jsonable_encoder(snapshot))}\n\n"
+                yield f"id: {revision}\nevent: snapshot\ndata: {json.dumps(jsonable_encoder(snap))}\n\n"
                 sent += 1
                 last_write = time.monotonic()
                 if max_events is not None and sent >= max_events:

@@ -4,7 +4,7 @@ and the reads compose the figures from the read model through the pure functions
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -404,7 +404,7 @@ def export_rows(
     now = utc(now or utcnow())
     if table == "explanations":
         with uow:
-            return list(uow.repo.explanation_rows(since_day(days, now.date()), limit))
+            return [_public(r) for r in uow.repo.explanation_rows(since_day(days, now.date()), limit)]
     if table not in EXPORT_TABLES:
         raise ValueError(f"unknown table {table!r}; one of {', '.join(EXPORT_TABLES)}")
     snapshot = stats(uow, days, policy, now=now)
@@ -428,6 +428,60 @@ def export_rows(
         }[table]
         rows = snapshot[key]
     return [_flat(r) for r in rows]
+
+
+def explanation_pages(
+    reader: Callable[[], SqlUnitOfWork], days: int, *, page_size: int = 1000, now: datetime | None = None
+) -> Iterator[list[dict[str, Any]]]:
+    """The explanations export in pages of `page_size` rows, each read in its own short read transaction
+    (keyset paging): a long export never holds one read open for its whole length, nor all rows in memory."""
+    since = since_day(days, utc(now or utcnow()).date())
+    after = None
+    while True:
+        with reader() as uow:
+            page = list(uow.repo.explanation_rows(since, page_size, after))
+        if not page:
+            return
+        after = page[-1]["_cursor"]
+        yield [_public(r) for r in page]
+        if len(page) < page_size:
+            return
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "_cursor"}
+
+
+class SnapshotCache:
+    """The dashboard figures, computed once per change of the read model: each read first asks for the
+    revision (one row), and only a new revision (or a snapshot older than `max_age_s`, so "today" moves on)
+    computes the figures again. The admin JSON, the live stream and the Prometheus gauges all read from it,
+    so a scrape or a reload costs one small read, not a recomputation."""
+
+    def __init__(self, max_age_s: float = 60.0) -> None:
+        import threading
+
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[int, ReadPolicy], tuple[int, float, dict[str, Any]]] = {}
+        self.computed = 0  # how many times the figures were computed (for tests and /metrics)
+
+    def get(self, reader: Callable[[], SqlUnitOfWork], days: int, policy: ReadPolicy) -> dict[str, Any]:
+        import time
+
+        key = (days, policy)
+        current = revision(reader())
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == current and time.monotonic() - entry[1] < self.max_age_s:
+            return entry[2]
+        with self._lock:  # one computation at a time; a waiter then finds it done
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] >= current and time.monotonic() - entry[1] < self.max_age_s:
+                return entry[2]
+            snapshot = stats(reader(), days, policy)
+            self._entries[key] = (snapshot["revision"], time.monotonic(), snapshot)
+            self.computed += 1
+            return snapshot
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:

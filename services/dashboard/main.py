@@ -9,7 +9,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.dashboard import api, handlers
@@ -22,8 +23,29 @@ from shared.web import install_common
 log = logging.getLogger(__name__)
 
 
+class StreamGauge(Collector):
+    """The one dashboard series on the public `/metrics` (operational: open live-stream connections)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("llm_learning_stream_clients", "Live stream connections open now")
+        g.add_metric([], float(getattr(self.app.state, "open_streams", 0)))
+        yield g
+        cache = getattr(self.app.state, "snapshots", None)
+        if cache is not None:
+            c = CounterMetricFamily("llm_learning_snapshots_computed", "Times the dashboard figures were computed")
+            c.add_metric([], float(cache.computed))
+            yield c
+
+
 class StatsCollector(Collector):
-    """Gauges of the main figures (over the default window), read from the read model at scrape time."""
+    """Gauges of the main figures (over the default window), from the snapshot cache: served to admins only
+    (`/api/admin/llm-learning/metrics`)."""
 
     def __init__(self, app: FastAPI, settings: DashboardSettings) -> None:
         self.app = app
@@ -37,7 +59,9 @@ class StatsCollector(Collector):
         if store is None:
             return
         try:
-            snap = handlers.stats(store.uow(), self.settings.default_days, api.read_policy(self.settings))
+            snap = self.app.state.snapshots.get(
+                store.reader, self.settings.default_days, api.read_policy(self.settings)
+            )
         except Exception:  # a scrape must not fail the /metrics page
             log.exception("could not read the dashboard figures for /metrics")
             return
@@ -57,9 +81,6 @@ class StatsCollector(Collector):
             "llm_learning_pending_votes": ("Votes whose explanation has not arrived yet", snap["pending_votes"]),
             "llm_learning_alerts": ("Anomaly alerts stored (latest 50)", len(snap["alerts"])),
         }
-        g = GaugeMetricFamily("llm_learning_stream_clients", "Live stream connections open now")
-        g.add_metric([], float(getattr(self.app.state, "open_streams", 0)))
-        yield g
         for name, (doc, value) in simple.items():
             g = GaugeMetricFamily(name, doc, labels=["window"])
             if value is not None:
@@ -97,8 +118,11 @@ def create_app(settings: DashboardSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="dashboard", lifespan=lifespan)
     app.state.settings = settings
+    app.state.snapshots = handlers.SnapshotCache()
     metrics = install_common(app, "dashboard")
-    metrics.registry.register(StatsCollector(app, settings))
+    metrics.registry.register(StreamGauge(app))
+    app.state.learning_registry = CollectorRegistry()
+    app.state.learning_registry.register(StatsCollector(app, settings))
     app.include_router(api.router)
     app.mount("/static", StaticFiles(directory=api.STATIC_DIR), name="static")
     return app

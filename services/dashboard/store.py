@@ -20,9 +20,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     case,
     delete,
     func,
+    or_,
     select,
 )
 from sqlalchemy.orm import Session
@@ -397,8 +399,11 @@ class DashboardRepository(MessageLog):
         rows = self.s.execute(select(finetune_jobs).order_by(finetune_jobs.c.updated_at.desc()).limit(limit)).mappings()
         return [{**dict(r), "updated_at": _iso(r["updated_at"])} for r in rows]
 
-    def explanation_rows(self, since_day: str | None, limit: int) -> Iterator[dict[str, Any]]:
-        """One row per explanation with its vote counts (for the export)."""
+    def explanation_rows(
+        self, since_day: str | None, limit: int, after: tuple[Any, str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """One row per explanation with its vote counts (for the export), in (created_at, id) order; `after`
+        (the last row's created_at and id) starts the next page there (keyset paging)."""
         e = explanations
         avg_stars = case((e.c.stars_n > 0, e.c.stars_sum * 1.0 / e.c.stars_n), else_=None).label("avg_stars")
         q = (
@@ -422,13 +427,16 @@ class DashboardRepository(MessageLog):
                 e.c.positives,
                 avg_stars,
             )
-            .order_by(e.c.created_at)
+            .order_by(e.c.created_at, e.c.explanation_id)
             .limit(limit)
         )
         if since_day is not None:
             q = q.where(e.c.day >= since_day)
+        if after is not None:
+            at, eid = after
+            q = q.where(or_(e.c.created_at > at, and_(e.c.created_at == at, e.c.explanation_id > eid)))
         for r in self.s.execute(q).mappings():
-            yield {**dict(r), "created_at": _iso(r["created_at"])}
+            yield {**dict(r), "created_at": _iso(r["created_at"]), "_cursor": (r["created_at"], r["explanation_id"])}
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.

@@ -9,7 +9,7 @@ from typing import Any
 from services.dashboard import handlers
 from services.dashboard.config import get_settings
 from services.dashboard.store import Store, outbox
-from shared.bus import bus_for, make_celery
+from shared.bus import bus_for, make_celery, use_dead_letters
 from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
@@ -31,6 +31,10 @@ configure_logging("dashboard-worker", settings.log_level)
 @lru_cache
 def _store() -> Store:
     return Store(get_settings().db_url)
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+use_dead_letters(app, lambda: _store().dead_letters)
 
 
 def _relay() -> None:

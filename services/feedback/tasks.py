@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import ValidationError
+
 from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.store import Store, outbox
-from shared.bus import IntakeJournal, bus_for, make_celery
+from shared.bus import IntakeJournal, bus_for, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, RecordFeedback
+from shared.deadletter import INVALID, UNREADABLE, describe_error
 from shared.logging import configure_logging
 from shared.outbox import relay
 
@@ -32,6 +35,16 @@ def _journal() -> IntakeJournal:
     return IntakeJournal(get_settings().redis_url, "feedback")
 
 
+def _forget_journal_entry(task: str, payload: object) -> None:
+    """A dead-lettered vote leaves the intake journal (else the sweep would send it again and again)."""
+    if task == "feedback.record" and isinstance(payload, dict) and payload.get("message_id"):
+        _journal().done(str(payload["message_id"]))
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+use_dead_letters(app, lambda: _store().dead_letters, after=_forget_journal_entry)
+
+
 @app.task(name="feedback.record")
 def record(payload: dict) -> str:
     cmd = RecordFeedback.from_payload(payload)
@@ -43,12 +56,25 @@ def record(payload: dict) -> str:
 
 @app.task(name="feedback.sweep_journal")
 def sweep_journal() -> int:
-    """Send again the accepted votes that no worker has stored within the grace period."""
+    """Send again the accepted votes that no worker has stored within the grace period. What cannot be read
+    (a broken journal entry, a payload that does not validate) is dead-lettered and skipped; the rest goes on."""
     bus = bus_for(app)
-    overdue = _journal().overdue(get_settings().journal_grace_s)
-    for payload in overdue:
-        bus.send(RecordFeedback.from_payload(payload))
-    return len(overdue)
+    dead = _store().dead_letters
+
+    def unreadable(message_id: str, raw: str, error: str) -> None:
+        dead.add("feedback.sweep_journal", reason=UNREADABLE, error=error, raw=raw[:2000], message_id=message_id)
+
+    sent = 0
+    for payload in _journal().overdue(get_settings().journal_grace_s, on_unreadable=unreadable):
+        try:
+            cmd = RecordFeedback.from_payload(payload)
+        except ValidationError as exc:
+            dead.add("feedback.record", reason=INVALID, error=describe_error(exc), payload=payload)
+            _journal().done(str(payload.get("message_id")))
+            continue
+        bus.send(cmd)
+        sent += 1
+    return sent
 
 
 @app.task(name="feedback.on_explanation_created")

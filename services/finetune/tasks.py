@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
 from services.finetune.store import Store, outbox
-from shared.bus import bus_for, make_celery
+from shared.bus import bus_for, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -36,6 +36,10 @@ configure_logging("finetune-worker", settings.log_level)
 @lru_cache
 def _store() -> Store:
     return Store(get_settings().db_url)
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+use_dead_letters(app, lambda: _store().dead_letters)
 
 
 def _relay() -> int:
@@ -75,7 +79,7 @@ def _ack_now(task_id: str | None) -> bool:
     return False
 
 
-@app.task(name="finetune.start_job", acks_late=False, bind=True)
+@app.task(name="finetune.start_job", acks_late=False, bind=True, max_retries=0)  # a job is never run twice
 def start_job(self: Any, payload: dict) -> str:
     _ack_now(self.request.id)
     settings = get_settings()

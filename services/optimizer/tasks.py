@@ -11,7 +11,7 @@ from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store, outbox
-from shared.bus import bus_for, make_celery
+from shared.bus import bus_for, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -26,6 +26,10 @@ def _store() -> Store:
     store = Store(get_settings().db_url)
     registry.ensure_seeded(store.uow(), get_settings().seed_model())
     return store
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+use_dead_letters(app, lambda: _store().dead_letters)
 
 
 @lru_cache

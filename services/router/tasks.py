@@ -8,7 +8,7 @@ from functools import lru_cache
 from services.router import handlers
 from services.router.config import get_settings
 from services.router.store import Store, outbox
-from shared.bus import bus_for, make_celery
+from shared.bus import bus_for, make_celery, use_dead_letters
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -30,6 +30,10 @@ def _store() -> Store:
     store = Store(s.db_url)
     handlers.ensure_seeded(store.uow(), s.resolved_default_model())
     return store
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+use_dead_letters(app, lambda: _store().dead_letters)
 
 
 def _relay() -> int:

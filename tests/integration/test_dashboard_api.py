@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import uuid
@@ -121,6 +123,34 @@ def test_json_export_has_rows(client: TestClient) -> None:
     assert (row["ticker"], row["votes"], row["positives"]) == ("MSFT", 1, 1)
 
 
+def test_an_exported_formula_is_neutralised_in_csv(client: TestClient) -> None:
+    for ticker in ('=HYPERLINK("http://x")', "+1", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "SAFE"):
+        feed(client, ticker=ticker)
+    r = client.get("/api/admin/llm-learning/export?format=csv&table=explanations", headers=ADMIN)
+    assert r.status_code == 200
+    rows = list(csv.DictReader(io.StringIO(r.text, newline="")))
+    tickers = sorted(row["ticker"] for row in rows)
+    assert tickers == sorted(['\'=HYPERLINK("http://x")', "'+1", "'-2+3", "'@SUM(A1)", "'\tTAB", "'\rCR", "SAFE"])
+    assert all(float(row["cost_usd"]) > 0 for row in rows)  # numbers are not touched
+    # JSON is data, not a spreadsheet: values stay as they are
+    body = client.get("/api/admin/llm-learning/export?format=json&table=explanations", headers=ADMIN).json()
+    assert '=HYPERLINK("http://x")' in {row["ticker"] for row in body["rows"]}
+
+
+def test_long_exports_come_in_pages_each_row_once(client: TestClient) -> None:
+    for i in range(7):
+        feed(client, ticker=f"T{i}")
+    store = client.app.state.store  # type: ignore[attr-defined]
+    pages = list(handlers.explanation_pages(store.reader, 30, page_size=3))
+    assert [len(p) for p in pages] == [3, 3, 1]
+    ids = [row["explanation_id"] for page in pages for row in page]
+    assert len(set(ids)) == 7 and "_cursor" not in pages[0][0]
+    csv_rows = list(csv.DictReader(io.StringIO(client.get(
+        "/api/admin/llm-learning/export?format=csv&table=explanations", headers=ADMIN
+    ).text)))  # fmt: skip
+    assert sorted(r["explanation_id"] for r in csv_rows) == sorted(ids)
+
+
 def test_export_rejects_unknown_format_and_table(client: TestClient) -> None:
     r = client.get("/api/admin/llm-learning/export?format=xml", headers=ADMIN)
     assert r.status_code == 422 and "format" in r.json()["error"]["message"]
@@ -155,13 +185,31 @@ def test_page_and_its_assets_are_served_without_external_resources(client: TestC
     assert client.get("/static/nope.js").status_code == 404
 
 
-def test_metrics_expose_the_main_figures_as_gauges(client: TestClient) -> None:
+def test_learning_figures_are_gauges_for_admins_only_and_not_on_public_metrics(client: TestClient) -> None:
     feed(client, rating=1)
     feed(client, rating=-1)
-    text = client.get("/metrics").text
+    public = client.get("/metrics").text
+    assert "llm_learning_positive_rate" not in public and "llm_learning_votes" not in public
+    assert "llm_learning_stream_clients" in public  # operational series stay
+    assert client.get("/api/admin/llm-learning/metrics").status_code == 401
+    text = client.get("/api/admin/llm-learning/metrics", headers=ADMIN).text
     assert 'llm_learning_positive_rate{window="30d"} 0.5' in text
     assert 'llm_learning_votes{window="30d"} 2.0' in text
     assert 'llm_learning_version_positive_rate{prompt_name="explain",prompt_version="v1.0",window="30d"} 0.5' in text
+
+
+def test_figures_are_computed_once_per_change_of_the_read_model(client: TestClient) -> None:
+    cache = client.app.state.snapshots  # type: ignore[attr-defined]
+    feed(client, rating=1)
+    client.get("/api/admin/llm-learning", headers=ADMIN)
+    before = cache.computed
+    for _ in range(3):  # admin reloads and scrapes: no new computation while nothing changed
+        assert client.get("/api/admin/llm-learning", headers=ADMIN).json()["totals"]["votes"] == 1
+        client.get("/api/admin/llm-learning/metrics", headers=ADMIN)
+    assert cache.computed == before
+    feed(client, rating=-1)
+    assert client.get("/api/admin/llm-learning", headers=ADMIN).json()["totals"]["votes"] == 2
+    assert cache.computed == before + 1
 
 
 def test_health_is_ok(client: TestClient) -> None:

@@ -181,7 +181,7 @@ def test_erasure_with_the_broker_down_still_answers_200_and_keeps_the_event_for_
     client, _, _ = env
     app = client.app
     dead = app.state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    app.state.bus = CeleryBus(make_celery("feedback", dead), retries=0)
+    app.state.bus = CeleryBus(make_celery("feedback", dead), deadline_s=0)
     res = client.delete("/api/feedback/sessions/s1")
     assert res.status_code == 200 and res.json()["erased"] is True
     events = pending(app.state.store.factory, outbox)

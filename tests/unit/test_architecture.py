@@ -94,7 +94,9 @@ def test_nginx_routes_the_same_paths_to_the_same_services_as_the_embedded_gatewa
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
 def test_compose_file_is_valid_including_the_gpu_profile(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "ADMIN_TOKEN": "x", "SESSION_HASH_KEY": "y", "HOME": str(tmp_path)}
+    env = {
+        "PATH": "/usr/bin:/bin", "ADMIN_TOKEN": "x", "SESSION_HASH_KEY": "y", "REDIS_PASSWORD": "z", "HOME": str(tmp_path)
+    }  # fmt: skip
     for args in ([], ["--profile", "gpu"]):
         res = subprocess.run(
             ["docker-compose", *args, "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -104,3 +106,25 @@ def test_compose_file_is_valid_including_the_gpu_profile(tmp_path: Path) -> None
         ["docker-compose", "config", "-q"], cwd=ROOT, env={**env, "ADMIN_TOKEN": ""}, capture_output=True, text=True
     )
     assert missing.returncode != 0 and "ADMIN_TOKEN" in missing.stderr  # no silent default for a secret
+    no_redis_password = subprocess.run(
+        ["docker-compose", "config", "-q"], cwd=ROOT, env={**env, "REDIS_PASSWORD": ""}, capture_output=True, text=True
+    )
+    assert no_redis_password.returncode != 0 and "REDIS_PASSWORD" in no_redis_password.stderr
+
+
+def test_every_container_restarts_and_redis_has_a_password_and_no_eviction() -> None:
+    compose = (ROOT / "docker-compose.yml").read_text()
+    blocks = re.split(r"\n  (?=[a-z][\w-]*:\n)", compose.split("\nservices:\n", 1)[1].split("\nvolumes:\n", 1)[0])
+    for block in blocks:
+        name = block.split(":", 1)[0].strip()
+        if name != "vllm":  # an optional GPU profile
+            assert "restart: unless-stopped" in block, name
+        if name.endswith("-worker"):
+            assert "healthcheck: *worker-health" in block, name
+    assert "--requirepass" in compose and "--maxmemory-policy noeviction" in compose
+    assert "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD}@redis:6379/0" in compose
+
+
+def test_nginx_exposes_no_metrics() -> None:
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "location = /metrics { return 404; }" in conf and "location ~ /metrics$ { return 404; }" in conf

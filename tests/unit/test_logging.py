@@ -25,3 +25,24 @@ def test_session_ids_and_comments_never_reach_the_log() -> None:
 def test_each_line_names_the_service_of_its_module_even_in_a_shared_process() -> None:
     assert _line("services.router.api", "x")["service"] == "router"
     assert _line("uvicorn.error", "x")["service"] == "gateway"
+
+
+def test_a_validation_error_in_a_failure_log_shows_no_input_values() -> None:
+    from pydantic import ValidationError
+
+    from shared.contracts import RecordFeedback
+
+    payload = {"rating": 7, "comment": "my private note", "session_key": "raw-session-42"}
+    try:
+        RecordFeedback.from_payload(payload)
+    except ValidationError as exc:
+        record = logging.LogRecord("celery.app.trace", logging.ERROR, __file__, 1, "task failed: %s", (exc,), None)
+        try:
+            raise exc
+        except ValidationError:
+            import sys
+
+            record.exc_info = sys.exc_info()
+        text = JsonFormatter("feedback-worker").format(record)
+    assert "my private note" not in text and "raw-session-42" not in text
+    assert "input_value=[redacted]" in text

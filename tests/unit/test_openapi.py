@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from gateway.openapi import merged_openapi
+from gateway.openapi import SERVICE_OWN_PATHS, merged_openapi
 from gateway.routes import service_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,9 +39,16 @@ def doc(apps: dict[str, FastAPI]) -> dict:
 def test_every_public_route_of_every_service_is_in_the_one_document(apps: dict[str, FastAPI], doc: dict) -> None:
     for name, app in apps.items():
         for route in app.routes:
-            if isinstance(route, APIRoute) and route.include_in_schema and service_for(route.path) == name:
-                for method in route.methods:
-                    assert method.lower() in doc["paths"][route.path], f"{name}: {method} {route.path}"
+            if not (isinstance(route, APIRoute) and route.include_in_schema):
+                continue
+            if route.path in SERVICE_OWN_PATHS:
+                path = f"/services/{name}{route.path}"
+            elif service_for(route.path) == name:
+                path = route.path
+            else:
+                continue
+            for method in route.methods:
+                assert method.lower() in doc["paths"][path], f"{name}: {method} {path}"
 
 
 def test_errors_are_declared_in_the_shape_the_services_send(doc: dict) -> None:
@@ -58,6 +65,7 @@ def test_errors_are_declared_in_the_shape_the_services_send(doc: dict) -> None:
 def test_admin_routes_declare_the_bearer_token_and_public_ones_do_not(doc: dict) -> None:
     assert doc["paths"]["/api/admin/llm-learning"]["get"]["security"] == [{"adminToken": []}]
     assert doc["paths"]["/api/experiments"]["post"]["security"] == [{"adminToken": []}]
+    assert doc["paths"]["/services/feedback/dead-letters"]["get"]["security"] == [{"adminToken": []}]
     assert "security" not in doc["paths"]["/api/explanations"]["post"]
     assert "security" not in doc["paths"]["/api/feedback/{explanation_id}"]["post"]
 
