@@ -135,7 +135,10 @@ class PgSchemas:
         """DELETE every row and restart every sequence (ids start at 1, as in a new SQLite file). DELETE, not
         TRUNCATE: on tables this small it is several times faster. TRUNCATE ... CASCADE only where a foreign key
         would make the order of the DELETEs matter."""
-        tables = [f'"{schema}"."{t}"' for t in conn.execute(_TABLES, {"s": schema}).scalars()]
+        # The migration version tables keep their row: the schema is still at its revision, only the data goes.
+        tables = [
+            f'"{schema}"."{t}"' for t in conn.execute(_TABLES, {"s": schema}).scalars() if not t.startswith("alembic")
+        ]
         sequences = [f'"{schema}"."{q}"' for q in conn.execute(_SEQUENCES, {"s": schema}).scalars()]
         if not tables:
             return
