@@ -158,7 +158,10 @@ def test_explanation_created_is_published_after_the_commit(client: TestClient, r
     event = queued_payloads(redis_server, "feedback")[0]
     assert event["prompt_text"].startswith("You are a financial analyst")
     assert event["text"] == created["text"] and event["fallback_used"] is False
-    assert "session_key" not in event
+    # The served session travels only as its keyed hash (the unit of analysis and the only session whose vote
+    # counts), never as the raw id.
+    assert event["session_key"] != BODY["session_id"] and len(event["session_key"]) == 64
+    assert BODY["session_id"] not in json.dumps(event)
 
 
 def test_routing_state_is_admin_only(client: TestClient) -> None:
