@@ -14,15 +14,25 @@ from gateway.openapi import SERVICE_OWN_PATHS, merged_openapi
 from gateway.routes import service_for
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("router", "feedback", "optimizer", "finetune", "dashboard")
 
 
 @pytest.fixture(scope="module")
 def apps(monkeypatch_module: pytest.MonkeyPatch) -> dict[str, FastAPI]:
-    monkeypatch_module.setenv("ADMIN_TOKEN", "openapi-build")
-    monkeypatch_module.setenv("SESSION_HASH_KEY", "openapi-build")
+    import importlib
+
     from gateway.app import load_service_apps
 
-    return load_service_apps()
+    monkeypatch_module.setenv("ADMIN_TOKEN", "openapi-build")
+    monkeypatch_module.setenv("SESSION_HASH_KEY", "openapi-build")
+    configs = [importlib.import_module(f"services.{n}.config") for n in SERVICES]
+    for config in configs:  # settings cached by an earlier test may lack the secrets
+        config.get_settings.cache_clear()
+    try:
+        return load_service_apps()
+    finally:
+        for config in configs:
+            config.get_settings.cache_clear()
 
 
 @pytest.fixture(scope="module")
