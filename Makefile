@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= router,feedback,optimizer,finetune,dashboard,dev
 
-.PHONY: install run test test-fast lint format bench demo up down logs gpu-check openapi clean
+.PHONY: install run test test-fast lint format bench chaos demo up down logs gpu-check openapi clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ bench: install
 	$(PY) -m bench.feedback_throughput
 	$(PY) -m bench.learning
 	$(PY) -m bench.transport_loss --quick
+
+# Not part of `make test`: minutes of load and SIGKILLs on 127.0.0.1 (CHAOS_ARGS=--quick for one minute).
+chaos: install
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 demo: install
 	$(PY) -m bench.demo

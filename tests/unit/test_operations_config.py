@@ -23,8 +23,8 @@ def _exported_names() -> set[str]:
             suffixes = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",)}[family.type]
             names.update(family.name + suffix for suffix in suffixes)
     names.update({"celery_queue_depth", "celery_queue_oldest_age_seconds", "up"})
-    dashboard_main = (ROOT / "services" / "dashboard" / "main.py").read_text()
-    names.update(re.findall(r'"(llm_learning_[a-z_]+)"', dashboard_main))
+    for source in (ROOT / "services" / "dashboard").glob("*.py"):
+        names.update(re.findall(r'"(llm_learning_[a-z_]+)"', source.read_text()))
     return names
 
 
@@ -50,5 +50,8 @@ def test_prometheus_scrapes_every_worker_and_compose_runs_flower_and_grafana() -
     for name in names:
         assert services[name]["tmpfs"] == ["/tmp/prometheus"]
     assert "flower" in services and "grafana" in services
+    learning = next(j for j in prom["scrape_configs"] if j["job_name"] == "learning")
+    assert learning["metrics_path"] == "/api/admin/llm-learning/metrics"
+    assert learning["authorization"]["credentials_file"] in " ".join(services["prometheus"]["command"])
     mounts = " ".join(services["grafana"]["volumes"])
     assert "deploy/grafana/provisioning" in mounts and "deploy/grafana/dashboards" in mounts

@@ -27,3 +27,23 @@ def test_restarts_back_off_and_reset_after_a_long_run() -> None:
 
 def test_the_banner_never_prints_the_redis_password() -> None:
     assert _without_password("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+
+
+def test_secrets_are_created_private_even_with_a_permissive_umask(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import stat
+
+    from gateway.run import ensure_secrets
+
+    old = os.umask(0)
+    try:
+        env: dict[str, str] = {}
+        ensure_secrets(tmp_path / "data", env)
+    finally:
+        os.umask(old)
+    assert env["ADMIN_TOKEN"] and env["SESSION_HASH_KEY"]
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "data" / "secrets.env").stat().st_mode) == 0o600
+    again: dict[str, str] = {}
+    ensure_secrets(tmp_path / "data", again)  # read back, not regenerated
+    assert again == env
