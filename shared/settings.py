@@ -26,6 +26,14 @@ class ServiceSettings(BaseSettings):
     broker_pool_limit: int = _common("BROKER_POOL_LIMIT", 16)  # type: ignore[assignment]
     log_level: str = _common("LOG_LEVEL", "INFO")  # type: ignore[assignment]
     gateway_url: str = _common("GATEWAY_URL", "http://127.0.0.1:8000")  # type: ignore[assignment]
+    # Doors of the public routes (shared/web.py, shared/ratelimit.py). Origins allowed to call the API from a
+    # browser besides the page's own (comma-separated, e.g. "https://app.example.com"); "*" allows any.
+    allowed_origins: str = _common("ALLOWED_ORIGINS", "")  # type: ignore[assignment]
+    # Per-client and per-session rate limits (each service's own settings say how many); off only for tests.
+    rate_limits_enabled: bool = _common("RATE_LIMITS_ENABLED", True)  # type: ignore[assignment]
+
+    def allowed_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip()]
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
