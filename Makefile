@@ -38,6 +38,7 @@ bench: install
 	$(PY) -m bench.feedback_throughput
 	$(PY) -m bench.learning
 	$(PY) -m bench.transport_loss --quick
+	$(PY) -m bench.stuffing
 
 demo: install
 	$(PY) -m bench.demo
