@@ -13,7 +13,6 @@ route cannot queue anything without Redis anyway) and counts it in `http_refused
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -112,7 +111,7 @@ class RateLimiter(_Door):
 
 
 class AsyncRateLimiter(_Door):
-    """For async routes: the scopes are checked concurrently (one round trip's latency for all of them)."""
+    """For async routes."""
 
     def __init__(
         self,
@@ -146,12 +145,13 @@ class AsyncRateLimiter(_Door):
         return stats.reset_time
 
     async def check(self, **who: str | None) -> None:
-        checks = [
-            (scope, item, identity) for scope, identity in who.items() if (item := self.rules.get(scope)) and identity
-        ]
-        if not checks:
-            return
-        resets = await asyncio.gather(*(self._hit(scope, item, identity) for scope, item, identity in checks))  # type: ignore[arg-type]
-        for (scope, item, _), reset_at in zip(checks, resets, strict=True):
+        """Count one request against each scope's limit; 429 if over. The scopes are checked one after the
+        other: under load that costs less CPU than running them as concurrent tasks (measured: 0.55 vs 0.88 ms
+        per request at 32 concurrent requests), and CPU is what limits the vote route."""
+        for scope, identity in who.items():
+            item = self.rules.get(scope)
+            if item is None or not identity:
+                continue
+            reset_at = await self._hit(scope, item, identity)
             if reset_at is not None:
                 raise self._too_many(scope, item, reset_at)

@@ -181,7 +181,14 @@ def _client(request: Request) -> str | None:
     "/api/feedback/{explanation_id}",
     status_code=202,
     response_model=None,
-    responses={202: {"model": FeedbackAccepted, "description": "durably queued"}},
+    responses={
+        202: {"model": FeedbackAccepted, "description": "durably queued"},
+        403: {"description": "the explanation was not served to this session, or a browser of another origin"},
+        404: {"description": "the explanation id was never issued"},
+        415: {"description": "the body is not JSON"},
+        429: {"description": "too many votes from this client or session (Retry-After)"},
+        503: {"description": "the feedback queue is backed up or the broker is down (Retry-After when backed up)"},
+    },
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}}
     },
