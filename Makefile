@@ -38,6 +38,7 @@ bench: install
 	$(PY) -m bench.feedback_throughput
 	$(PY) -m bench.learning
 	$(PY) -m bench.transport_loss --quick
+	$(PY) -m bench.stuffing
 
 # Not part of `make test`: minutes of load and SIGKILLs on 127.0.0.1 (CHAOS_ARGS=--quick for one minute).
 chaos: install

@@ -56,6 +56,10 @@ FAST_CLOCK = {
     "LOG_LEVEL": "WARNING",
     "OPENAI_API_KEY": "",
     "GROQ_API_KEY": "",
+    # Every simulated user comes from this one machine: the per-client limits are raised to fit them all
+    # (each user is its own session, so the per-session limits keep their defaults).
+    "ROUTER_EXPLANATIONS_PER_CLIENT": "1000000/minute",
+    "FEEDBACK_VOTES_PER_CLIENT": "1000000/minute",
 }
 
 

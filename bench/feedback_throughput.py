@@ -58,7 +58,11 @@ def _serve(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     raise TimeoutError(f"{factory} did not start")
 
 
-def _seed_explanation(env: dict[str, str]) -> uuid.UUID:
+SESSIONS = 1000  # votes cycle over this many (explanation, session) pairs: only the served session's vote counts
+
+
+def _seed_explanations(env: dict[str, str], n: int) -> list[uuid.UUID]:
+    """n explanations in the feedback replica, explanation i served to session f"bench-{i}"."""
     code = (
         "import uuid,sys\n"
         "from datetime import datetime, UTC\n"
@@ -66,20 +70,24 @@ def _seed_explanation(env: dict[str, str]) -> uuid.UUID:
         "from services.feedback.store import Store\n"
         "from services.feedback import handlers\n"
         "from shared.contracts import ExplanationCreated\n"
-        "eid = uuid.uuid4()\n"
-        "handlers.on_explanation_created(ExplanationCreated(explanation_id=eid, request_key='r', ticker='AAPL',"
+        "from shared.privacy import session_key\n"
+        "s = get_settings(); store = Store(s.db_url)\n"
+        f"for i in range({n}):\n"
+        "    eid = uuid.uuid4()\n"
+        "    handlers.on_explanation_created(ExplanationCreated(explanation_id=eid, request_key='r', ticker='AAPL',"
         " signal='BUY', prompt_name='explain_signal', prompt_version='v1.0', model='offline/template-v1',"
         " provider='offline', prompt_text='p', text='t', tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0,"
-        " created_at=datetime.now(UTC)), Store(get_settings().db_url).uow())\n"
-        "print(eid)\n"
+        " created_at=datetime.now(UTC), session_key=session_key(f'bench-{i}', s.require_session_hash_key())),"
+        " store.uow())\n"
+        "    print(eid)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-    return uuid.UUID(out.stdout.strip().splitlines()[-1])
+    return [uuid.UUID(line) for line in out.stdout.split()][-n:]
 
 
 def _measure(port: int, path_for: callable, seconds: float, rate: float) -> tuple[Result, Result]:
     def make(i: int) -> tuple[str, dict]:
-        return path_for(i), {"rating": 1 if i % 3 else -1, "session_id": f"bench-{i}-{uuid.uuid4().hex[:6]}"}
+        return path_for(i), {"rating": 1 if i % 3 else -1, "session_id": f"bench-{i % SESSIONS}"}
 
     closed_loop("127.0.0.1", port, make, conns=8, seconds=1.0)  # warm-up
     tp = closed_loop("127.0.0.1", port, make, conns=32, seconds=seconds)
@@ -102,14 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             "SESSION_HASH_KEY": "bench",
             "LOG_LEVEL": "WARNING",
             "FEEDBACK_VERIFY_UNKNOWN_WITH_ROUTER": "false",
+            # One load generator is one client: its limit is raised so the doors are measured, not hit. The
+            # per-session limit stays at its default (about 10 votes per session in a default run).
+            "FEEDBACK_VOTES_PER_CLIENT": "100000000/minute",
             "PYTHONPATH": str(ROOT),
         }
-        eid = _seed_explanation(env)
+        eids = _seed_explanations(env, SESSIONS)
 
         bare_port = free_port()
         bare = _serve("bench.bare_app:create_app", bare_port, env)
         try:
-            bare_tp, bare_lat = _measure(bare_port, lambda i: f"/bare/{eid}", args.seconds, args.rate)
+            bare_tp, bare_lat = _measure(bare_port, lambda i: f"/bare/{eids[i % SESSIONS]}", args.seconds, args.rate)
         finally:
             bare.terminate()
             bare.wait()
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         fb_port = free_port()
         fb = _serve("services.feedback.main:create_app", fb_port, env)
         try:
-            fb_tp, fb_lat = _measure(fb_port, lambda i: f"/api/feedback/{eid}", args.seconds, args.rate)
+            fb_tp, fb_lat = _measure(fb_port, lambda i: f"/api/feedback/{eids[i % SESSIONS]}", args.seconds, args.rate)
         finally:
             fb.terminate()
             fb.wait()

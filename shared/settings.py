@@ -31,6 +31,14 @@ class ServiceSettings(BaseSettings):
     task_max_retries: int = _common("TASK_MAX_RETRIES", 6)  # type: ignore[assignment]
     task_retry_backoff_s: float = _common("TASK_RETRY_BACKOFF_S", 1.0)  # type: ignore[assignment]
     task_retry_backoff_max_s: float = _common("TASK_RETRY_BACKOFF_MAX_S", 60.0)  # type: ignore[assignment]
+    # Doors of the public routes (shared/web.py, shared/ratelimit.py). Origins allowed to call the API from a
+    # browser besides the page's own (comma-separated, e.g. "https://app.example.com"); "*" allows any.
+    allowed_origins: str = _common("ALLOWED_ORIGINS", "")  # type: ignore[assignment]
+    # Per-client and per-session rate limits (each service's own settings say how many); off only for tests.
+    rate_limits_enabled: bool = _common("RATE_LIMITS_ENABLED", True)  # type: ignore[assignment]
+
+    def allowed_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip()]
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"

@@ -1,5 +1,5 @@
 """The HTTP surface every service shares: JSON errors with the right status, `/healthz`, `/metrics`,
-a body-size limit, and the admin bearer-token dependency."""
+a body-size limit, the browser doors (JSON bodies only, allowed origins), and the admin bearer-token dependency."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -129,6 +130,17 @@ class Metrics:
             "HTTP request latency",
             ["service", "method", "route"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
+        # Requests turned away at a door (wrong origin, not JSON, over a rate limit, backlog, wrong session ...).
+        self.refused = Counter(
+            "http_refused_total", "Requests refused at a door", ["service", "door", "reason"], registry=self.registry
+        )
+        self.rate_limit_errors = Counter(
+            "rate_limit_errors_total",
+            "Rate-limit checks that could not reach Redis (the request was let through)",
+            ["service", "door"],
             registry=self.registry,
         )
 
@@ -258,6 +270,74 @@ class _Observe:
             children[1].observe(time.perf_counter() - start)
 
 
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """The page's own origin: what the browser connected to (the Host header) is the origin's host[:port]."""
+    _, sep, rest = origin.partition("://")
+    return bool(sep) and bool(host) and rest.lower() == host.lower()
+
+
+class BrowserDoors:
+    """Two doors on every state-changing request, before any route runs:
+
+    - **Origin**: a browser names the page that makes a cross-site request in `Origin`; a POST, PUT, PATCH or
+      DELETE from a page of another origin is refused (403) unless that origin is in ALLOWED_ORIGINS. The
+      page's own origin is always allowed; requests without `Origin` (curl, servers, SDKs) are not browsers'
+      cross-site requests and pass.
+    - **Content type**: a body must be JSON (`application/json` or `application/*+json`), else 415. This shuts
+      the "simple request" forms (text/plain, form posts) that any web page can make a visitor's browser send
+      without a CORS preflight. A request with no body (e.g. a DELETE, a bodiless admin POST) passes.
+
+    Settings are read from the app (`app.state.settings.allowed_origin_list()`) on each request."""
+
+    def __init__(self, app: ASGIApp, service: str, metrics: Metrics) -> None:
+        self.app = app
+        self.service = service
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _UNSAFE_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k: v for k, v in scope.get("headers") or ()}
+        origin = headers.get(b"origin", b"").decode("latin-1").strip().rstrip("/")
+        if origin and not _same_origin(origin, headers.get(b"host", b"").decode("latin-1")):
+            settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+            allowed = settings.allowed_origin_list() if settings is not None else []
+            if origin not in allowed and "*" not in allowed:
+                self.metrics.refused.labels(self.service, "origin", "origin_not_allowed").inc()
+                await _send_json(
+                    send,
+                    403,
+                    error_body(
+                        403, f"requests from origin {origin[:100]} are not allowed (ALLOWED_ORIGINS lists the others)"
+                    ),
+                )
+                return
+        if scope["method"] in _BODY_METHODS:
+            content_type = headers.get(b"content-type")
+            length = headers.get(b"content-length")
+            has_body = b"transfer-encoding" in headers or (length is not None and length.strip() not in (b"", b"0"))
+            if (content_type is not None or has_body) and not _is_json((content_type or b"").decode("latin-1")):
+                self.metrics.refused.labels(self.service, "content_type", "not_json").inc()
+                shown = (content_type or b"none").decode("latin-1")[:60]
+                await _send_json(
+                    send,
+                    415,
+                    error_body(415, f"the request body must be JSON (Content-Type: application/json), not {shown}"),
+                )
+                return
+        await self.app(scope, receive, send)
+
+
 def install_common(
     app: FastAPI,
     service: str,
@@ -270,6 +350,18 @@ def install_common(
     metrics = Metrics(service)
     app.state.metrics = metrics
 
+    app.add_middleware(BrowserDoors, service=service, metrics=metrics)
+    settings = getattr(app.state, "settings", None)
+    origins = settings.allowed_origin_list() if settings is not None else []
+    if origins:  # cross-origin frontends need CORS answers (preflight) as well as being let through
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "Authorization"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(_Observe, metrics=metrics)
     app.add_middleware(BodyLimit, limit=body_limit)
 

@@ -35,6 +35,11 @@ FAST_ENV = {
     "LOG_LEVEL": "INFO",
     "ADMIN_TOKEN": "test-admin-token",
     "SESSION_HASH_KEY": "test-session-key",
+    # Every test client is one address (127.0.0.1), as a load generator is: the per-client limits are raised so
+    # that many simulated users fit; the per-session limits keep their defaults (tests/e2e/test_doors.py).
+    "ROUTER_EXPLANATIONS_PER_CLIENT": "100000/minute",
+    "FEEDBACK_VOTES_PER_CLIENT": "100000/minute",
+    "FEEDBACK_ERASURES_PER_CLIENT": "10000/hour",
 }
 
 

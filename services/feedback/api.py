@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from typing import Annotated, Any, Literal
@@ -14,12 +15,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from services.feedback import handlers
+from services.feedback import domain, handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.store import Store, outbox
 from shared.bus import CeleryBus
 from shared.outbox import relay_after_commit
 from shared.privacy import session_key
+from shared.text import check_text
 from shared.web import AdminDep
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,16 @@ class FeedbackIn(BaseModel):
     stars: int | None = Field(default=None, ge=1, le=5)
     comment: str | None = Field(default=None, max_length=2000)
     session_id: str = Field(
-        min_length=1, max_length=200, description="anonymous session id; stored only as a keyed hash"
+        min_length=1,
+        max_length=200,
+        description="the anonymous session id the explanation was requested with (only that session's vote "
+        "counts); stored only as a keyed hash",
     )
+
+    @field_validator("session_id", "comment")
+    @classmethod
+    def _text(cls, value: str | None, info: Any) -> str | None:
+        return value if value is None else check_text(value, info.field_name)
 
     @field_validator("rating", mode="before")
     @classmethod
@@ -68,23 +78,61 @@ SettingsDep = Annotated[FeedbackSettings, Depends(get_settings_dep)]
 
 
 class KnownIds:
-    """Explanation ids this process has already found in the replica (they never become unknown again),
-    so the hot path skips the database for them."""
+    """Explanations this process has already found in the replica, with the session each was served to (they
+    never change), so the hot path skips the database for them."""
 
     def __init__(self, capacity: int = 200_000) -> None:
         self.capacity = capacity
-        self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._ids: OrderedDict[uuid.UUID, str | None] = OrderedDict()
 
-    def __contains__(self, eid: uuid.UUID) -> bool:
+    def get(self, eid: uuid.UUID) -> tuple[bool, str | None]:
+        """(known, the served session's key)."""
         if eid in self._ids:
             self._ids.move_to_end(eid)
-            return True
-        return False
+            return True, self._ids[eid]
+        return False, None
 
-    def add(self, eid: uuid.UUID) -> None:
-        self._ids[eid] = None
+    def __contains__(self, eid: uuid.UUID) -> bool:
+        return self.get(eid)[0]
+
+    def add(self, eid: uuid.UUID, served_session_key: str | None = None) -> None:
+        self._ids[eid] = served_session_key
         if len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+
+
+class Backlog:
+    """The feedback queue's backlog in Redis (the larger of the queue's length and the intake journal's, which
+    holds every accepted vote not yet stored), read at most every `refresh_s` by one request at a time."""
+
+    def __init__(self, redis_url: str, queue: str, journal_key: str, *, refresh_s: float = 0.5) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.queue = queue
+        self.journal_key = journal_key
+        self.refresh_s = refresh_s
+        self.value = 0
+        self._read_at = float("-inf")
+        self._reading = False
+
+    async def current(self) -> int:
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_s and not self._reading:
+            self._reading = True
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    queued, journalled = await pipe.llen(self.queue).hlen(self.journal_key).execute()
+                self.value = max(int(queued), int(journalled))
+            except Exception as exc:  # queueing will fail too and say so (503)
+                log.warning("could not read the feedback backlog (%s)", type(exc).__name__)
+            finally:
+                self._read_at = time.monotonic()
+                self._reading = False
+        return self.value
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
 
 
 async def _router_knows(request: Request, settings: FeedbackSettings, explanation_id: uuid.UUID) -> bool | None:
@@ -103,33 +151,56 @@ async def _router_knows(request: Request, settings: FeedbackSettings, explanatio
     return None
 
 
-async def _check_issued(request: Request, store: Store, settings: FeedbackSettings, explanation_id: uuid.UUID) -> None:
-    known: KnownIds = request.app.state.known_ids
-    if explanation_id in known:
-        return
-    if await run_in_threadpool(handlers.known_explanation, store.uow(), explanation_id):
-        known.add(explanation_id)
+async def _check_served(
+    request: Request, store: Store, settings: FeedbackSettings, explanation_id: uuid.UUID, voter_key: str
+) -> None:
+    """404 for an id never issued; 403 for a vote from a session the explanation was not served to. An id the
+    replica has not learnt of yet is accepted: the worker quarantines the vote until the explanation's event
+    arrives and applies the same session check then (a vote from another session is dropped, never stored)."""
+    known_ids: KnownIds = request.app.state.known_ids
+    known, served = known_ids.get(explanation_id)
+    if not known:
+        known, served = await run_in_threadpool(handlers.served_session, store.uow(), explanation_id)
+        if known:
+            known_ids.add(explanation_id, served)
+    if known:
+        refusal = domain.vote_refusal(served, voter_key)
+        if refusal is not None:
+            request.app.state.metrics.refused.labels("feedback", "votes", refusal).inc()
+            raise HTTPException(403, domain.REFUSAL_MESSAGES[refusal])
         return
     if settings.verify_unknown_with_router and await _router_knows(request, settings, explanation_id) is False:
         raise HTTPException(404, f"explanation {explanation_id} was never issued")
-    # Not in the replica yet and the router could not say: accept; the worker quarantines it until the
-    # explanation's event arrives, and it is never counted if it does not.
+
+
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
 
 
 @router.post(
     "/api/feedback/{explanation_id}",
     status_code=202,
     response_model=None,
-    responses={202: {"model": FeedbackAccepted, "description": "durably queued"}},
+    responses={
+        202: {"model": FeedbackAccepted, "description": "durably queued"},
+        403: {"description": "the explanation was not served to this session, or a browser of another origin"},
+        404: {"description": "the explanation id was never issued"},
+        415: {"description": "the body is not JSON"},
+        429: {"description": "too many votes from this client or session (Retry-After)"},
+        503: {"description": "the feedback queue is backed up or the broker is down (Retry-After when backed up)"},
+    },
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}}
     },
 )
 async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONResponse:
-    """Accept a vote: 202 once it is durably on the queue (group-committed to Redis); a worker stores it.
+    """Accept a vote from the session the explanation was served to: 202 once it is durably on the queue
+    (group-committed to Redis); a worker stores it.
 
     The hot path of the system, so it reads the body and its dependencies directly rather than through
-    FastAPI's parameter machinery; a bad body still gets the same 422 as every other route."""
+    FastAPI's parameter machinery; a bad body still gets the same 422 as every other route. Doors, in order:
+    JSON only (415) and allowed origins (403) before the route; the body (422); rate limits per client and
+    session (429); the queue's backlog (503); the explanation was issued (404) and served to this session (403)."""
     try:
         body = FeedbackIn.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -138,8 +209,17 @@ async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONRe
     settings: FeedbackSettings = state.settings
     if body.comment is not None and len(body.comment) > settings.max_comment_chars:
         raise HTTPException(422, f"comment is longer than {settings.max_comment_chars} characters")
-    await _check_issued(request, state.store, settings, explanation_id)
     key = session_key(body.session_id, state.session_secret)
+    await state.vote_limiter.check(client=_client(request), session=key)
+    if settings.max_backlog and await state.backlog.current() > settings.max_backlog:
+        state.metrics.refused.labels("feedback", "votes", "backlog").inc()
+        raise HTTPException(
+            503,
+            f"feedback is backed up ({settings.max_backlog}+ votes waiting to be stored); retry in "
+            f"{settings.backlog_retry_after_s} s",
+            headers={"Retry-After": str(settings.backlog_retry_after_s)},
+        )
+    await _check_served(request, state.store, settings, explanation_id, key)
     cmd = handlers.new_vote(explanation_id, key, body.rating, body.stars, body.comment)
     try:
         await state.sender.send(cmd)
@@ -150,22 +230,43 @@ async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONRe
     return JSONResponse({"received": True, "feedback_id": str(cmd.feedback_id)}, status_code=202)
 
 
-@router.delete("/api/feedback/sessions/{session_id}")
-def erase_session(session_id: str, store: StoreDep, bus: BusDep, settings: SettingsDep) -> dict[str, Any]:
+@router.delete(
+    "/api/feedback/sessions/{session_id}",
+    responses={429: {"description": "too many erasures from this client or for this session (Retry-After)"}},
+)
+def erase_session(
+    session_id: str, request: Request, store: StoreDep, bus: BusDep, settings: SettingsDep
+) -> dict[str, Any]:
     """Erase every vote and comment of a session (GDPR right to erasure)."""
     if not session_id or len(session_id) > settings.max_session_id_chars:
         raise HTTPException(422, f"session id must be 1 to {settings.max_session_id_chars} characters")
-    event = handlers.erase_session(session_key(session_id, settings.require_session_hash_key()), store.uow())
-    relay_after_commit(store.factory, outbox, bus)
+    try:
+        check_text(session_id, "session id")
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    key = session_key(session_id, settings.require_session_hash_key())
+    request.app.state.erasure_limiter.check(client=_client(request), session=key)
+    event, staged = handlers.erase_session(key, store.uow(), tombstone_s=settings.erasure_tombstone_s)
+    if staged:
+        relay_after_commit(store.factory, outbox, bus)
+    else:
+        # Nothing of the session is kept here, so nothing permanent was written; the other services may still
+        # hold something of it, so they are told now, and the client retries if they cannot be.
+        try:
+            bus.publish(event)
+        except Exception as exc:
+            log.error("could not publish an erasure: %s", type(exc).__name__)
+            raise HTTPException(503, "the erasure could not be sent to every service right now; please retry") from exc
     return {"erased": True, "votes_erased": len(event.feedback_ids)}
 
 
 @router.get("/api/feedback/quarantine")
 def list_quarantine(_: AdminDep, store: StoreDep) -> dict[str, Any]:
-    """Votes on ids the system has not issued: kept aside, never counted."""
+    """Votes on ids the system has not issued (yet): kept aside, never counted; and how many votes were
+    dropped when released, by reason (e.g. from a session the explanation was not served to)."""
     handlers.audit_read(store.uow(), "quarantine")
     with store.uow() as uow:
-        return {"items": uow.repo.list_quarantine()}
+        return {"items": uow.repo.list_quarantine(), "dropped": uow.repo.dropped_counts()}
 
 
 @router.get("/api/feedback/audit")

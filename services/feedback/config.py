@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.ratelimit import check_rate
 from shared.settings import ServiceSettings
 
 
@@ -22,6 +24,25 @@ class FeedbackSettings(ServiceSettings):
     # Every accepted vote is also journalled until the worker has stored it; a vote still in the journal
     # after this long (it was lost between the queue and a killed worker) is sent again. See IntakeJournal.
     journal_grace_s: float = 300.0
+
+    # Doors. Rate limits per client (IP) and per session, "<n>/<period>" as the `limits` library reads them;
+    # empty: no limit. Generous for people; a frontend that proxies many users from one IP raises the client's.
+    votes_per_client: str = "1200/minute"
+    votes_per_session: str = "120/minute"
+    erasures_per_client: str = "60/hour"
+    erasures_per_session: str = "10/hour"
+    # Backpressure: while more votes than this wait to be stored (queue or intake journal), new votes get 503
+    # with Retry-After instead of growing Redis without limit; 0: no bound.
+    max_backlog: int = Field(100_000, ge=0)
+    backlog_retry_after_s: int = Field(5, ge=1)
+    # An erasure of a session this service holds nothing of is remembered this long (for votes in flight),
+    # then purged: such requests leave no permanent row. Longer than the broker's visibility timeout.
+    erasure_tombstone_s: float = Field(2 * 86_400, gt=0)
+
+    @field_validator("votes_per_client", "votes_per_session", "erasures_per_client", "erasures_per_session")
+    @classmethod
+    def _check_limit(cls, value: str) -> str:
+        return check_rate(value)
 
     @property
     def db_url(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from services.feedback import domain
 from services.feedback.store import SqlUnitOfWork
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def record_feedback(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
-    """Store a vote. Returns what happened: stored, replaced, stale, duplicate, quarantined, erased."""
+    """Store a vote. Returns what happened: stored, replaced, stale, duplicate, quarantined, erased, or the
+    reason it does not count (other_session, unbound_explanation)."""
     with uow:
         repo = uow.repo
         if repo.seen(cmd.message_id):
@@ -43,6 +44,10 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
     if explanation is None:
         repo.quarantine(cmd.message_id, cmd.to_payload(), domain.QUARANTINE_UNKNOWN)
         return "quarantined"
+    refusal = domain.vote_refusal(explanation["session_key"], cmd.session_key)
+    if refusal is not None:  # counted, never stored: nothing of the vote is kept
+        repo.count_dropped(refusal)
+        return refusal
     existing = repo.vote(cmd.feedback_id)
     outcome = domain.vote_outcome(existing, cmd.submitted_at)
     if outcome == "stale":
@@ -102,7 +107,8 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int
                 "experiment_id": event.experiment_id,
                 "arm_id": event.arm_id,
                 "created_at": event.created_at,
-            }
+            },
+            session_key=event.session_key,
         )
         released = repo.take_quarantined(event.explanation_id)
         for payload in released:
@@ -111,12 +117,28 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int
     return len(released)
 
 
-def erase_session(session_key: str, uow: SqlUnitOfWork, *, actor: str = "data-subject") -> FeedbackErased:
+def erase_session(
+    session_key: str, uow: SqlUnitOfWork, *, actor: str = "data-subject", tombstone_s: float = 2 * 86_400
+) -> tuple[FeedbackErased, bool]:
     """Forget every vote and comment of a session, remember that it asked (so queued votes cast before the
-    request are dropped too), audit it, and tell the other services."""
+    request are dropped too), audit it, and tell the other services. Returns the event and whether it was
+    staged in the outbox.
+
+    A session this service holds nothing of (no vote, no quarantined vote, no explanation served to it) leaves
+    no permanent row: only a tombstone that drops its votes still in flight and is purged after `tombstone_s`,
+    and the event is not staged (the caller publishes it directly, and answers 503 if it cannot): otherwise
+    anyone could add rows for ever by erasing made-up sessions."""
     now = utcnow()
     with uow:
-        feedback_ids, explanation_ids = uow.repo.erase_session(session_key, now)
+        repo = uow.repo
+        repo.purge_tombstones(now)
+        held = repo.holds_session(session_key)
+        if held:
+            feedback_ids, explanation_ids = repo.erase_session(session_key, now)
+            repo.audit(actor, "erase_session", session_key[:12], {"votes_erased": len(feedback_ids)})
+        else:
+            feedback_ids, explanation_ids = [], []
+            repo.add_tombstone(session_key, now, now + timedelta(seconds=tombstone_s))
         event = FeedbackErased(
             message_id=derived_id("feedback.erased", session_key, now.isoformat()),
             session_key=session_key,
@@ -124,10 +146,10 @@ def erase_session(session_key: str, uow: SqlUnitOfWork, *, actor: str = "data-su
             explanation_ids=[uuid.UUID(e) for e in explanation_ids],
             erased_at=now,
         )
-        uow.repo.audit(actor, "erase_session", session_key[:12], {"votes_erased": len(feedback_ids)})
-        uow.add_events(event)
+        if held:
+            uow.add_events(event)
         uow.commit()
-    return event
+    return event, held
 
 
 def audit_read(uow: SqlUnitOfWork, what: str, detail: dict | None = None) -> None:
@@ -136,9 +158,16 @@ def audit_read(uow: SqlUnitOfWork, what: str, detail: dict | None = None) -> Non
         uow.commit()
 
 
-def known_explanation(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> bool:
+def served_session(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> tuple[bool, str | None]:
+    """(whether the replica knows the explanation, the session key it was served to or None)."""
     with uow:
-        return uow.repo.explanation(explanation_id) is not None
+        row = uow.repo.explanation(explanation_id)
+    return (False, None) if row is None else (True, row["session_key"])
+
+
+def dropped_counts(uow: SqlUnitOfWork) -> dict[str, int]:
+    with uow:
+        return uow.repo.dropped_counts()
 
 
 def new_vote(

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from prometheus_client.core import CounterMetricFamily
 
-from services.feedback import api
+from services.feedback import api, handlers
 from services.feedback.config import FeedbackSettings, get_settings
 from services.feedback.store import Store
 from shared.bus import CeleryBus, GroupCommitSender, IntakeJournal, declare_topology, make_celery
 from shared.logging import configure_logging
+from shared.ratelimit import AsyncRateLimiter, RateLimiter
 from shared.web import install_common
+
+
+class DroppedVotes:
+    """Prometheus: votes the worker dropped when it released them from quarantine, by reason (read from the
+    store's counts at scrape time: one small table)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "feedback_votes_dropped", "Votes dropped by the worker (never stored), by reason", labels=["reason"]
+        )
+        store = getattr(self.app.state, "store", None)
+        if store is not None:
+            for reason, count in handlers.dropped_counts(store.uow()).items():
+                family.add_metric([reason], count)
+        yield family
 
 
 def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
@@ -27,10 +47,29 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
         celery = make_celery("feedback", settings)
         declare_topology(celery)
         app.state.bus = CeleryBus(celery)
-        app.state.sender = GroupCommitSender(celery, journal=IntakeJournal(settings.redis_url, "feedback"))
+        journal = IntakeJournal(settings.redis_url, "feedback")
+        app.state.sender = GroupCommitSender(celery, journal=journal)
         app.state.known_ids = api.KnownIds()
         app.state.http = httpx.AsyncClient()
+        app.state.backlog = api.Backlog(settings.redis_url, "feedback", journal.hash_key)
+        app.state.vote_limiter = AsyncRateLimiter(
+            settings.redis_url,
+            "feedback",
+            "votes",
+            {"client": settings.votes_per_client, "session": settings.votes_per_session},
+            enabled=settings.rate_limits_enabled,
+            metrics=metrics,
+        )
+        app.state.erasure_limiter = RateLimiter(
+            settings.redis_url,
+            "feedback",
+            "erasures",
+            {"client": settings.erasures_per_client, "session": settings.erasures_per_session},
+            enabled=settings.rate_limits_enabled,
+            metrics=metrics,
+        )
         yield
+        await app.state.backlog.aclose()
         await app.state.http.aclose()
         await app.state.sender.aclose()
         app.state.store.dispose()
@@ -38,6 +77,7 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
     app = FastAPI(title="feedback", lifespan=lifespan)
     app.state.settings = settings
     app.state.session_secret = settings.require_session_hash_key()
-    install_common(app, "feedback")
+    metrics = install_common(app, "feedback")
+    metrics.registry.register(DroppedVotes(app))
     app.include_router(api.router)
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -42,6 +42,17 @@ explanations = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# The session each explanation was served to (keyed hash, from ExplanationCreated.session_key): the only session
+# whose vote on it counts. A table of its own rather than a column of `explanations`, so a store made before it
+# gains it at start-up (create_all adds missing tables, never missing columns). An explanation without a row
+# here predates the binding: no session's vote on it can be verified, so none counts.
+served_to = Table(
+    "served_to",
+    metadata,
+    Column("explanation_id", String(36), primary_key=True),
+    Column("session_key", String(64), nullable=False, index=True),
+)
+
 feedback = Table(
     "feedback",
     metadata,
@@ -75,6 +86,25 @@ erasures = Table(
     Column("erased_at", DateTime(timezone=True), nullable=False),
 )
 
+# An erasure of a session this service held nothing of: remembered only until votes still in flight have
+# arrived (they are dropped if cast before it), then purged, so such requests leave no permanent row.
+erasure_tombstones = Table(
+    "erasure_tombstones",
+    metadata,
+    Column("session_key", String(64), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# How many votes the worker dropped, by reason (e.g. a quarantined vote from a session the explanation was not
+# served to, released when the explanation arrived). Counts only: nothing of the dropped vote is kept.
+dropped_votes = Table(
+    "dropped_votes",
+    metadata,
+    Column("reason", String(64), primary_key=True),
+    Column("count", Integer, nullable=False),
+)
+
 audit = Table(
     "audit",
     metadata,
@@ -99,17 +129,24 @@ class FeedbackRepository(MessageLog):
 
     # -- explanation replica ----------------------------------------------------------------------------
     def explanation(self, explanation_id: uuid.UUID) -> dict[str, Any] | None:
+        """The replica's row with `session_key`, the session it was served to (None: not bound)."""
         row = (
-            self.s.execute(select(explanations).where(explanations.c.explanation_id == str(explanation_id)))
+            self.s.execute(
+                select(explanations, served_to.c.session_key)
+                .outerjoin(served_to, served_to.c.explanation_id == explanations.c.explanation_id)
+                .where(explanations.c.explanation_id == str(explanation_id))
+            )
             .mappings()
             .first()
         )
         return dict(row) if row else None
 
-    def add_explanation(self, values: dict[str, Any]) -> bool:
+    def add_explanation(self, values: dict[str, Any], session_key: str | None = None) -> bool:
         if self.explanation(uuid.UUID(values["explanation_id"])) is not None:
             return False
         self.s.execute(explanations.insert().values(**values))
+        if session_key:
+            self.s.execute(served_to.insert().values(explanation_id=values["explanation_id"], session_key=session_key))
         return True
 
     # -- votes ------------------------------------------------------------------------------------------
@@ -162,10 +199,39 @@ class FeedbackRepository(MessageLog):
         ).mappings()
         return [dict(r) for r in rows]
 
+    def count_dropped(self, reason: str) -> None:
+        updated = self.s.execute(
+            dropped_votes.update().where(dropped_votes.c.reason == reason).values(count=dropped_votes.c.count + 1)
+        ).rowcount
+        if not updated:
+            self.s.execute(dropped_votes.insert().values(reason=reason, count=1))
+
+    def dropped_counts(self) -> dict[str, int]:
+        return {r.reason: int(r.count) for r in self.s.execute(select(dropped_votes)).all()}
+
     # -- erasure ----------------------------------------------------------------------------------------
     def erased_at(self, session_key: str) -> datetime | None:
-        row = self.s.execute(select(erasures.c.erased_at).where(erasures.c.session_key == session_key)).first()
-        return row.erased_at if row else None
+        """The latest time this session asked to be forgotten (a permanent erasure or a tombstone), or None."""
+        times = [
+            row.erased_at
+            for table in (erasures, erasure_tombstones)
+            if (row := self.s.execute(select(table.c.erased_at).where(table.c.session_key == session_key)).first())
+        ]
+        return max(times, key=_aware) if times else None
+
+    def holds_session(self, session_key: str) -> bool:
+        """Whether anything of this session is kept here: votes, quarantined votes, explanations served to it."""
+        for table in (feedback, quarantine, served_to):
+            if self.s.execute(select(table.c.session_key).where(table.c.session_key == session_key).limit(1)).first():
+                return True
+        return False
+
+    def add_tombstone(self, session_key: str, at: datetime, expires_at: datetime) -> None:
+        self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == session_key))
+        self.s.execute(erasure_tombstones.insert().values(session_key=session_key, erased_at=at, expires_at=expires_at))
+
+    def purge_tombstones(self, now: datetime) -> int:
+        return self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.expires_at < now)).rowcount
 
     def erase_session(self, session_key: str, at: datetime) -> tuple[list[str], list[str]]:
         rows = self.s.execute(
@@ -173,7 +239,9 @@ class FeedbackRepository(MessageLog):
         ).all()
         self.s.execute(delete(feedback).where(feedback.c.session_key == session_key))
         self.s.execute(delete(quarantine).where(quarantine.c.session_key == session_key))
-        if self.erased_at(session_key) is None:
+        self.s.execute(delete(served_to).where(served_to.c.session_key == session_key))
+        self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == session_key))
+        if self.s.execute(select(erasures.c.session_key).where(erasures.c.session_key == session_key)).first() is None:
             self.s.execute(erasures.insert().values(session_key=session_key, erased_at=at))
         else:
             self.s.execute(erasures.update().where(erasures.c.session_key == session_key).values(erased_at=at))
@@ -186,6 +254,10 @@ class FeedbackRepository(MessageLog):
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self.s.execute(select(audit).order_by(audit.c.id.desc()).limit(limit)).mappings()
         return [dict(r) for r in rows]
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.

@@ -19,6 +19,8 @@ from services.router.store import Store
 from shared.bus import CeleryBus
 from shared.contracts import ExplanationCreated
 from shared.privacy import session_key
+from shared.ratelimit import RateLimiter
+from shared.text import check_text
 from shared.web import AdminDep, Metrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ class ExplanationIn(BaseModel):
         default_factory=dict, description="indicators: at most 50 names mapped to a number, string or boolean"
     )
     session_id: StrictStr = Field(min_length=1, max_length=200, description="anonymous; stored only as a keyed hash")
+
+    @field_validator("session_id")
+    @classmethod
+    def _session(cls, value: str) -> str:
+        return check_text(value, "session_id")
 
     @field_validator("ticker")
     @classmethod
@@ -79,6 +86,7 @@ class RouterMetrics:
     provider_errors: Counter
     fallbacks: Counter
     latency: Histogram
+    budget_refusals: Counter
 
     @classmethod
     def register(cls, metrics: Metrics) -> RouterMetrics:
@@ -97,6 +105,9 @@ class RouterMetrics:
                 "Provider latency per explanation (retries and fallbacks included)",
                 ("model",),
                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            ),
+            budget_refusals=metrics.counter(
+                "router_budget_refusals_total", "Explanations refused because the daily provider budget is spent"
             ),
         )
 
@@ -132,9 +143,34 @@ def _out(row: dict[str, Any]) -> ExplanationOut:
     return ExplanationOut.model_validate(row, from_attributes=False)
 
 
-@router.post("/api/explanations", status_code=201, response_model=ExplanationOut)
+async def get_limiter(request: Request) -> RateLimiter:
+    return request.app.state.limiter
+
+
+async def get_budget(request: Request) -> handlers.Budget:
+    return request.app.state.budget
+
+
+LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
+BudgetDep = Annotated[handlers.Budget, Depends(get_budget)]
+
+
+@router.post(
+    "/api/explanations",
+    status_code=201,
+    response_model=ExplanationOut,
+    responses={
+        415: {"description": "the body is not JSON"},
+        403: {"description": "a browser request from an origin that is not allowed"},
+        429: {"description": "too many explanations from this client or session (Retry-After)"},
+        503: {"description": "the daily provider budget is spent (Retry-After), or no provider is configured"},
+    },
+)
 def create_explanation(
     body: ExplanationIn,
+    request: Request,
+    limiter: LimiterDep,
+    budget: BudgetDep,
     store: StoreDep,
     bus: BusDep,
     providers: ProvidersDep,
@@ -142,14 +178,16 @@ def create_explanation(
     metrics: MetricsDep,
 ) -> Any:
     """Explain a signal with the variant this session is assigned to; 201 with the explanation."""
-    cmd = handlers.Explain(
-        ticker=body.ticker,
-        signal=body.signal,
-        context=body.context,
-        session_key=session_key(body.session_id, settings.require_session_hash_key()),
-    )
+    key = session_key(body.session_id, settings.require_session_hash_key())
+    limiter.check(client=request.client.host if request.client else None, session=key)
+    cmd = handlers.Explain(ticker=body.ticker, signal=body.signal, context=body.context, session_key=key)
     try:
-        result = handlers.create_explanation(cmd, store.uow(), providers, price_overrides=settings.prices)
+        result = handlers.create_explanation(
+            cmd, store.uow(), providers, price_overrides=settings.prices, budget=budget
+        )
+    except handlers.BudgetSpent as exc:
+        metrics.budget_refusals.inc()
+        raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
     except NoProviderConfigured as exc:
         raise HTTPException(503, str(exc)) from None
     except AllProvidersFailed as exc:

@@ -7,6 +7,7 @@ from functools import lru_cache
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.ratelimit import check_rate
 from shared.settings import ServiceSettings
 
 OFFLINE_MODEL = "offline/template-v1"
@@ -53,6 +54,23 @@ class RouterSettings(ServiceSettings):
     temperature: float = Field(0.3, ge=0, le=2)
 
     prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    # Doors. A daily budget for paid providers (USD, UTC day; empty: none); once spent, a request whose
+    # assigned model is paid gets 503 and no provider is called. The offline writer costs $0.
+    daily_budget_usd: float | None = Field(25.0, ge=0)
+    # Explanations per client (IP) and per session, "<n>/<period>" as the `limits` library reads it; empty: no limit.
+    explanations_per_client: str = "600/minute"
+    explanations_per_session: str = "60/minute"
+
+    @field_validator("explanations_per_client", "explanations_per_session")
+    @classmethod
+    def _check_limit(cls, value: str) -> str:
+        return check_rate(value)
+
+    @field_validator("daily_budget_usd", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("prices")
     @classmethod

@@ -18,9 +18,11 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.contracts import MODEL_PROVIDERS
+from shared.text import unsafe_text_reason
 
 TICKER_RE = re.compile(r"^[A-Z0-9.\-]{1,12}$")
 PROVIDERS = MODEL_PROVIDERS
@@ -46,7 +48,7 @@ class InvalidRequest(ValueError):
 def normalise_ticker(raw: str) -> str:
     """Tickers are case-insensitive on input and stored upper case ("aapl" -> "AAPL"); 1-12 of [A-Z0-9.-]."""
     ticker = raw.strip().upper()
-    if not TICKER_RE.fullmatch(ticker):
+    if unsafe_text_reason(raw) or not TICKER_RE.fullmatch(ticker):
         raise InvalidRequest("ticker must be 1-12 characters of A-Z, 0-9, '.' or '-' (e.g. AAPL, BRK.B)")
     return ticker
 
@@ -63,6 +65,10 @@ def check_context(
         raise InvalidRequest(f"context has {len(context)} indicators; at most {max_keys} are allowed")
     clean: dict[str, ContextValue] = {}
     for key, value in context.items():
+        reason = unsafe_text_reason(key) or (unsafe_text_reason(value) if isinstance(value, str) else None)
+        if reason:
+            # Before anything is stored or a provider is paid: such text cannot be encoded or misleads readers.
+            raise InvalidRequest(f"context[{key.encode('unicode_escape').decode()[:40]!r}] {reason}")
         if not key.strip() or len(key) > max_key_chars or _CONTROL.search(key):
             raise InvalidRequest(
                 f"context key {key[:40]!r} must be 1-{max_key_chars} printable characters without line breaks"
@@ -230,3 +236,30 @@ def price_for(
     if registered_per_1k is not None:
         return {"input": registered_per_1k * 1000, "output": registered_per_1k * 1000}
     return dict(defaults.get(model, {"input": 0.0, "output": 0.0}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The daily provider budget
+# ---------------------------------------------------------------------------------------------------------
+
+
+def is_free(price: Mapping[str, float]) -> bool:
+    """A model whose calls cost nothing (the offline writer, a local model with no registered price)."""
+    return not any(v > 0 for v in price.values())
+
+
+def budget_day(now: datetime) -> str:
+    """The budget's day (UTC), e.g. "2026-12-01": the spend resets at 00:00 UTC."""
+    return now.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+def seconds_until_reset(now: datetime) -> int:
+    """Whole seconds (at least 1) until the next 00:00 UTC, when the daily budget starts again."""
+    now = now.astimezone(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, math.ceil((midnight - now).total_seconds()))
+
+
+def budget_left(budget_usd: float | None, spent_usd: float) -> bool:
+    """True while paid calls may be made today; a budget of None means no budget."""
+    return budget_usd is None or spent_usd < budget_usd

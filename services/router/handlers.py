@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
 
@@ -70,6 +70,27 @@ class RoutingUnavailable(Exception):
     """The store holds no champion (the service was not seeded)."""
 
 
+class Budget(Protocol):
+    """Today's provider spend against the daily budget (`limit_usd` None: no budget)."""
+
+    limit_usd: float | None
+
+    def spent(self) -> float: ...
+
+    def add(self, cost_usd: float) -> None: ...
+
+
+class BudgetSpent(Exception):
+    """The daily provider budget is spent and the assigned model is a paid one (503; it was not called)."""
+
+    def __init__(self, limit_usd: float, spent_usd: float, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the daily provider budget of ${limit_usd:.2f} is spent (${spent_usd:.2f} used today, UTC); "
+            f"paid models are not called again until 00:00 UTC, in {retry_after_s} s (ROUTER_DAILY_BUDGET_USD)"
+        )
+
+
 def ensure_seeded(uow: SqlUnitOfWork, default_model: str) -> bool:
     """On first start the champion is the seed prompt (v1.0) with the default model. Returns True if it seeded."""
     try:
@@ -99,10 +120,13 @@ def create_explanation(
     providers: ProviderSet,
     *,
     price_overrides: Mapping[str, Mapping[str, float]],
+    budget: Budget | None = None,
 ) -> Explained:
     """Pick the variant, render, call the providers (with fallback), record, stage the event.
 
-    Raises NoProviderConfigured / AllProvidersFailed from the provider layer, RoutingUnavailable when unseeded.
+    Raises NoProviderConfigured / AllProvidersFailed from the provider layer, RoutingUnavailable when unseeded,
+    BudgetSpent when the daily budget is spent and the assigned model is paid (no provider is called then;
+    with a free assigned model, only the free models of the fallback chain are tried).
     """
     with uow:
         routing = uow.repo.routing()
@@ -114,19 +138,30 @@ def create_explanation(
     request = ProviderRequest(prompt=prompt, ticker=cmd.ticker, signal=cmd.signal, context=cmd.context)
     chain = providers.chain(variant.model, routing.champion_model)
 
+    def price(model: str) -> dict[str, float]:
+        known = registered.get(model)
+        return domain.price_for(
+            model,
+            defaults=DEFAULT_PRICES,
+            overrides=price_overrides,
+            registered_per_1k=known["cost_per_1k_tokens_usd"] if known else None,
+        )
+
+    if budget is not None and budget.limit_usd is not None and not all(domain.is_free(price(m)) for m in chain):
+        spent = budget.spent()
+        if not domain.budget_left(budget.limit_usd, spent):
+            if not domain.is_free(price(chain[0])):
+                raise BudgetSpent(budget.limit_usd, spent, domain.seconds_until_reset(utcnow()))
+            chain = [m for m in chain if domain.is_free(price(m))]
+
     started = time.perf_counter()
     result = providers.generate(chain, request, {k: v["serving_base_url"] for k, v in registered.items()})
     latency_ms = round((time.perf_counter() - started) * 1000, 3)
 
-    answered = registered.get(result.model)
-    price = domain.price_for(
-        result.model,
-        defaults=DEFAULT_PRICES,
-        overrides=price_overrides,
-        registered_per_1k=answered["cost_per_1k_tokens_usd"] if answered else None,
-    )
     c = result.completion
-    cost = domain.cost_usd(c.tokens_in, c.tokens_out, price)
+    cost = domain.cost_usd(c.tokens_in, c.tokens_out, price(result.model))
+    if budget is not None:
+        budget.add(cost)
     explanation_id = uuid.uuid4()
     created_at = utcnow()
     key = domain.request_key(cmd.ticker, cmd.signal, cmd.context)
@@ -199,6 +234,11 @@ def create_explanation(
         event=event,
         errors=tuple(result.errors),
     )
+
+
+def cost_since(uow: SqlUnitOfWork, since: datetime) -> float:
+    with uow:
+        return uow.repo.cost_since(since)
 
 
 def get_explanation(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> dict[str, Any] | None:

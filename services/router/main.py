@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.router import api, handlers
+from services.router.budget import SpendLedger
 from services.router.config import RouterSettings, get_settings
 from services.router.providers import ProviderSet
 from services.router.store import Store
 from shared.bus import CeleryBus, declare_topology, make_celery
 from shared.logging import configure_logging
+from shared.ratelimit import RateLimiter
 from shared.web import install_common
 
 
@@ -28,11 +30,25 @@ def create_app(settings: RouterSettings | None = None) -> FastAPI:
         handlers.ensure_seeded(store.uow(), settings.resolved_default_model())
         app.state.store = store
         app.state.providers = ProviderSet(settings)
+        app.state.limiter = RateLimiter(
+            settings.redis_url,
+            "router",
+            "explanations",
+            {"client": settings.explanations_per_client, "session": settings.explanations_per_session},
+            enabled=settings.rate_limits_enabled,
+            metrics=metrics,
+        )
+        app.state.budget = SpendLedger(
+            settings.redis_url,
+            settings.daily_budget_usd,
+            from_store=lambda since: handlers.cost_since(store.uow(), since),
+        )
         celery = make_celery("router", settings)
         declare_topology(celery)
         app.state.bus = CeleryBus(celery)
         yield
         app.state.providers.close()
+        app.state.budget.close()
         store.dispose()
 
     app = FastAPI(title="router", lifespan=lifespan)

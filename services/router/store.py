@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
     select,
     update,
 )
@@ -129,6 +130,13 @@ class RouterRepository(MessageLog):
     # -- explanations -----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> None:
         self.s.execute(explanations.insert().values(**values))
+
+    def cost_since(self, since: datetime) -> float:
+        """USD spent on explanations created at or after `since` (the budget's fallback when Redis is away)."""
+        total = self.s.execute(
+            select(func.coalesce(func.sum(explanations.c.cost_usd), 0.0)).where(explanations.c.created_at >= since)
+        ).scalar_one()
+        return float(total)
 
     def explanation(self, explanation_id: uuid.UUID) -> dict[str, Any] | None:
         row = (

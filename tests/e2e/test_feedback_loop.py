@@ -153,26 +153,32 @@ def test_killed_feedback_worker_loses_no_acknowledged_vote(tmp_path, admin_heade
     stack = start_stack(tmp_path / "system")
     try:
         with httpx.Client(base_url=stack.url, timeout=10) as client:
-            exp = _explain(client, "durable")
+            n = 300
+
+            def explain(i: int) -> str:  # one explanation per session: only that session's vote counts
+                with httpx.Client(base_url=stack.url, timeout=10) as c:
+                    return _explain(c, f"durable-{i}")["explanation_id"]
+
+            with ThreadPoolExecutor(8) as pool:
+                served = list(pool.map(explain, range(n)))
             wait_for(
                 lambda: (
                     sqlite3.connect(stack.data_dir / "feedback.db")
                     .execute("select count(*) from explanations")
                     .fetchone()[0]
+                    == n
                 ),
-                what="the feedback service to learn of the explanation",
+                what="the feedback service to learn of the explanations",
             )
             stack.kill("worker-feedback")  # votes pile up on the queue with no worker
 
             def vote(i: int) -> int:
                 with httpx.Client(base_url=stack.url, timeout=10) as c:
                     r = c.post(
-                        f"/api/feedback/{exp['explanation_id']}",
-                        json={"rating": 1 if i % 4 else -1, "session_id": f"durable-{i}"},
+                        f"/api/feedback/{served[i]}", json={"rating": 1 if i % 4 else -1, "session_id": f"durable-{i}"}
                     )
                     return r.status_code
 
-            n = 300
             with ThreadPoolExecutor(8) as pool:
                 statuses = list(pool.map(vote, range(n)))
             assert statuses.count(202) == n
@@ -229,7 +235,9 @@ def test_with_redis_url_set_the_system_uses_that_redis(tmp_path, redis_server, a
         with httpx.Client(base_url=stack.url, timeout=10) as client:
             exp = _explain(client, "external-redis")
             assert (
-                client.post(f"/api/feedback/{exp['explanation_id']}", json={"rating": 1, "session_id": "x"}).status_code
+                client.post(
+                    f"/api/feedback/{exp['explanation_id']}", json={"rating": 1, "session_id": "external-redis"}
+                ).status_code
                 == 202
             )
             wait_for(

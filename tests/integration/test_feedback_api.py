@@ -3,10 +3,13 @@ without storing or queueing anything."""
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -16,47 +19,72 @@ from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
+from shared.privacy import session_key
 from shared.redis_server import RedisServer, free_port
 
 ADMIN = "admin-secret"
 
 
+SERVED = "s1"  # the session the known explanation was served to
+
+
+def _explanation(session: str | None) -> tuple[uuid.UUID, ExplanationCreated]:
+    eid = uuid.uuid4()
+    return eid, ExplanationCreated(
+        explanation_id=eid,
+        request_key="rk",
+        ticker="MSFT",
+        signal="SELL",
+        prompt_name="explain_signal",
+        prompt_version="v1.0",
+        model="offline/template-v1",
+        provider="offline",
+        prompt_text="p",
+        text="t",
+        tokens_in=1,
+        tokens_out=1,
+        cost_usd=0.0,
+        latency_ms=1.0,
+        created_at=datetime.now(UTC),
+        session_key=None if session is None else session_key(session, b"k"),
+    )
+
+
 @pytest.fixture
-def env(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[TestClient, redis.Redis, uuid.UUID]]:
+def make_env(
+    tmp_path: Path, redis_server: RedisServer
+) -> Iterator[Callable[..., tuple[TestClient, redis.Redis, uuid.UUID]]]:
+    """`make_env(**settings)`: the feedback API on a fresh store and an empty Redis, with one explanation
+    served to session SERVED."""
     r = redis.Redis.from_url(redis_server.url)
     r.flushdb()
-    settings = FeedbackSettings(
-        redis_url=redis_server.url,
-        admin_token=ADMIN,
-        session_hash_key="k",
-        data_dir=tmp_path,
-        gateway_url=f"http://127.0.0.1:{free_port()}",  # no router there: unknown ids are accepted and left to the worker
-    )
-    app = create_app(settings)
-    with TestClient(app) as client:
-        known = uuid.uuid4()
-        handlers.on_explanation_created(
-            ExplanationCreated(
-                explanation_id=known,
-                request_key="rk",
-                ticker="MSFT",
-                signal="SELL",
-                prompt_name="explain_signal",
-                prompt_version="v1.0",
-                model="offline/template-v1",
-                provider="offline",
-                prompt_text="p",
-                text="t",
-                tokens_in=1,
-                tokens_out=1,
-                cost_usd=0.0,
-                latency_ms=1.0,
-                created_at=datetime.now(UTC),
-            ),
-            app.state.store.uow(),
+    stack = ExitStack()
+
+    def make(**overrides: Any) -> tuple[TestClient, redis.Redis, uuid.UUID]:
+        settings = FeedbackSettings(
+            redis_url=redis_server.url,
+            admin_token=ADMIN,
+            session_hash_key="k",
+            data_dir=tmp_path,
+            gateway_url=f"http://127.0.0.1:{free_port()}",  # no router there: unknown ids are accepted and left to the worker
+            **overrides,
         )
-        yield client, r, known
+        app = create_app(settings)
+        client = stack.enter_context(TestClient(app))
+        known, event = _explanation(SERVED)
+        handlers.on_explanation_created(event, app.state.store.uow())
+        return client, r, known
+
+    with stack:
+        yield make
     r.close()
+
+
+@pytest.fixture
+def env(
+    make_env: Callable[..., tuple[TestClient, redis.Redis, uuid.UUID]],
+) -> tuple[TestClient, redis.Redis, uuid.UUID]:
+    return make_env()
 
 
 def _queued(r: redis.Redis) -> int:
@@ -161,14 +189,17 @@ def test_broker_down_means_503_not_a_silent_accept(tmp_path: Path) -> None:
     client = TestClient(app)  # no lifespan: the topology cannot be declared without a broker
     import httpx
 
-    from services.feedback.api import KnownIds
+    from services.feedback.api import Backlog, KnownIds
     from services.feedback.store import Store
     from shared.bus import GroupCommitSender, make_celery
+    from shared.ratelimit import AsyncRateLimiter
 
     app.state.store = Store(settings.db_url)
     app.state.sender = GroupCommitSender(make_celery("feedback", settings))
     app.state.known_ids = KnownIds()
     app.state.http = httpx.AsyncClient()
+    app.state.vote_limiter = AsyncRateLimiter(settings.redis_url, "feedback", "votes", {"session": "5/minute"})
+    app.state.backlog = Backlog(settings.redis_url, "feedback", "journal:feedback")
     res = client.post(f"/api/feedback/{uuid.uuid4()}", json={"rating": 1, "session_id": "s"})
     assert res.status_code == 503 and "retry" in res.json()["error"]["message"]
 
@@ -186,3 +217,210 @@ def test_erasure_with_the_broker_down_still_answers_200_and_keeps_the_event_for_
     assert res.status_code == 200 and res.json()["erased"] is True
     events = pending(app.state.store.factory, outbox)
     assert [e["event_type"] for e in events] == ["feedback.erased"]
+
+
+# -- votes count only from the session the explanation was served to -------------------------------------------
+
+
+def _refused(client: TestClient, reason: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("http_refused_total{") and f'reason="{reason}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_vote_from_a_session_the_explanation_was_not_served_to_is_403_and_not_queued(env) -> None:
+    client, r, known = env
+    res = client.post(f"/api/feedback/{known}", json={"rating": 1, "session_id": "someone-else"})
+    assert res.status_code == 403, res.text
+    assert "not served to this session" in res.json()["error"]["message"]
+    assert _queued(r) == 0
+    assert _refused(client, "other_session") == 1
+    assert client.post(f"/api/feedback/{known}", json={"rating": 1, "session_id": SERVED}).status_code == 202
+
+
+def test_vote_on_an_explanation_that_carries_no_session_is_403(env) -> None:
+    client, r, _ = env
+    legacy, event = _explanation(None)
+    handlers.on_explanation_created(event, client.app.state.store.uow())
+    res = client.post(f"/api/feedback/{legacy}", json={"rating": 1, "session_id": SERVED})
+    assert res.status_code == 403 and "cannot be verified" in res.json()["error"]["message"]
+    assert _queued(r) == 0
+
+
+# -- browser doors: JSON only, allowed origins --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b'{"rating": 1, "session_id": "s1"}', "text/plain"),
+        (b"rating=1&session_id=s1", "application/x-www-form-urlencoded"),
+        (b'--x\r\nContent-Disposition: form-data; name="rating"\r\n\r\n1\r\n--x--', "multipart/form-data; boundary=x"),
+    ],
+    ids=["text-plain", "form", "multipart"],
+)
+def test_a_vote_that_is_not_json_is_415_and_not_queued(env, content: bytes, content_type: str) -> None:
+    client, r, known = env
+    res = client.post(f"/api/feedback/{known}", content=content, headers={"content-type": content_type})
+    assert res.status_code == 415, res.text
+    assert "must be JSON" in res.json()["error"]["message"]
+    assert _queued(r) == 0
+
+
+def test_a_vote_from_another_sites_page_is_403_and_the_pages_own_origin_passes(env) -> None:
+    client, r, known = env
+    body = {"rating": 1, "session_id": SERVED}
+    res = client.post(f"/api/feedback/{known}", json=body, headers={"Origin": "https://evil.example"})
+    assert res.status_code == 403 and "evil.example" in res.json()["error"]["message"]
+    assert _queued(r) == 0
+    # The page itself: Origin is what the browser connected to (the Host header).
+    assert client.post(f"/api/feedback/{known}", json=body, headers={"Origin": "http://testserver"}).status_code == 202
+
+
+def test_an_allowed_origin_passes_and_gets_cors_answers(make_env) -> None:
+    client, _, known = make_env(allowed_origins="https://app.example, https://other.example")
+    body = {"rating": 1, "session_id": SERVED}
+    res = client.post(f"/api/feedback/{known}", json=body, headers={"Origin": "https://app.example"})
+    assert res.status_code == 202, res.text
+    assert res.headers["access-control-allow-origin"] == "https://app.example"
+    pre = client.options(
+        f"/api/feedback/{known}",
+        headers={"Origin": "https://other.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://other.example"
+    assert client.post(f"/api/feedback/{known}", json=body, headers={"Origin": "https://x.example"}).status_code == 403
+
+
+def test_an_erasure_from_another_sites_page_is_403(env) -> None:
+    client, _, _ = env
+    res = client.delete(f"/api/feedback/sessions/{SERVED}", headers={"Origin": "https://evil.example"})
+    assert res.status_code == 403
+
+
+# -- rate limits and backpressure ---------------------------------------------------------------------------
+
+
+def test_votes_over_the_session_limit_get_429_with_retry_after(make_env) -> None:
+    client, r, known = make_env(votes_per_session="3/minute")
+    statuses = [
+        client.post(f"/api/feedback/{known}", json={"rating": 1, "session_id": SERVED}).status_code for _ in range(3)
+    ]
+    assert statuses == [202, 202, 202]
+    res = client.post(f"/api/feedback/{known}", json={"rating": -1, "session_id": SERVED})
+    assert res.status_code == 429, res.text
+    assert 1 <= int(res.headers["retry-after"]) <= 60
+    assert res.json()["error"]["retry_after_s"] == int(res.headers["retry-after"])
+    assert "session" in res.json()["error"]["message"]
+    assert _queued(r) == 3
+
+
+def test_votes_over_the_client_limit_get_429_whatever_the_session(make_env) -> None:
+    client, _, known = make_env(votes_per_client="2/minute")
+    for _ in range(2):
+        client.post(f"/api/feedback/{known}", json={"rating": 1, "session_id": SERVED})
+    res = client.post(f"/api/feedback/{known}", json={"rating": 1, "session_id": "fresh-session"})
+    assert res.status_code == 429 and "client" in res.json()["error"]["message"]
+    assert int(res.headers["retry-after"]) >= 1
+
+
+def test_rate_limits_can_be_switched_off(make_env) -> None:
+    client, _, known = make_env(votes_per_session="1/minute", rate_limits_enabled=False)
+    for _ in range(3):
+        assert client.post(f"/api/feedback/{known}", json={"rating": 1, "session_id": SERVED}).status_code == 202
+
+
+def test_a_backlog_above_the_bound_gets_503_with_retry_after(make_env) -> None:
+    client, r, known = make_env(max_backlog=5, backlog_retry_after_s=7)
+    client.app.state.backlog.refresh_s = 0  # read Redis on every request in this test
+    body = {"rating": 1, "session_id": SERVED}
+    r.rpush("feedback", *[b"x"] * 5)
+    assert client.post(f"/api/feedback/{known}", json=body).status_code == 202  # 5 waiting: at the bound
+    res = client.post(f"/api/feedback/{known}", json=body)  # 6 waiting now: above it
+    assert res.status_code == 503 and res.headers["retry-after"] == "7"
+    assert "backed up" in res.json()["error"]["message"]
+    r.delete("feedback")
+    r.delete("journal:feedback")
+    assert client.post(f"/api/feedback/{known}", json=body).status_code == 202
+
+
+# -- text that cannot be stored or misleads readers --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("comment", "nice \u202e txt.exe"), ("comment", "a\u2066b"), ("session_id", "s\u200f1")],
+)
+def test_bidirectional_controls_in_user_text_are_422(env, field: str, value: str) -> None:
+    client, r, known = env
+    body = {"rating": 1, "session_id": SERVED, field: value}
+    res = client.post(f"/api/feedback/{known}", json=body)
+    assert res.status_code == 422 and "bidirectional" in res.json()["error"]["message"]
+    assert _queued(r) == 0
+
+
+def test_a_lone_surrogate_in_a_comment_is_422(env) -> None:
+    client, r, known = env
+    raw = b'{"rating": 1, "session_id": "s1", "comment": "x\\ud800y"}'
+    res = client.post(f"/api/feedback/{known}", content=raw, headers={"content-type": "application/json"})
+    assert res.status_code == 422, res.text
+    assert _queued(r) == 0
+
+
+# -- erasure: rate-limited, and an unknown session leaves no permanent row ------------------------------
+
+
+def _rows(client: TestClient, table: str) -> int:
+    from sqlalchemy import text
+
+    with client.app.state.store.engine.connect() as conn:
+        return int(conn.execute(text(f"select count(*) from {table}")).scalar_one())
+
+
+def test_erasing_an_unknown_session_writes_no_permanent_row_but_tells_the_other_services(env) -> None:
+    client, r, _ = env
+    before = {t: _rows(client, t) for t in ("audit", "erasures", "outbox")}
+    res = client.delete("/api/feedback/sessions/never-seen")
+    assert res.status_code == 200 and res.json() == {"erased": True, "votes_erased": 0}
+    assert {t: _rows(client, t) for t in ("audit", "erasures", "outbox")} == before
+    assert _rows(client, "erasure_tombstones") == 1  # purged after FEEDBACK_ERASURE_TOMBSTONE_S
+    tasks = [json.loads(m)["headers"]["task"] for q in ("optimizer", "dashboard") for m in r.lrange(q, 0, -1)]
+    assert tasks == ["optimizer.on_feedback_erased", "dashboard.on_feedback_erased"]
+
+
+def test_expired_tombstones_are_purged_by_the_next_erasure(make_env) -> None:
+    import time
+
+    client, _, _ = make_env(erasure_tombstone_s=0.01)
+    client.delete("/api/feedback/sessions/ghost-1")
+    time.sleep(0.05)
+    client.delete("/api/feedback/sessions/ghost-2")
+    assert _rows(client, "erasure_tombstones") == 1
+
+
+def test_a_vote_cast_before_an_unknown_sessions_erasure_is_still_dropped(env) -> None:
+    client, _, _ = env
+    store = client.app.state.store
+    late, event = _explanation("late-session")
+    vote = handlers.new_vote(late, session_key("late-session", b"k"), 1, None, None)
+    client.delete("/api/feedback/sessions/late-session")  # nothing of it here yet: a tombstone
+    handlers.on_explanation_created(event, store.uow())
+    assert handlers.record_feedback(vote, store.uow()) == "erased"
+
+
+def test_erasures_over_the_session_limit_get_429(make_env) -> None:
+    client, _, _ = make_env(erasures_per_session="2/hour")
+    assert [client.delete("/api/feedback/sessions/x").status_code for _ in range(2)] == [200, 200]
+    res = client.delete("/api/feedback/sessions/x")
+    assert res.status_code == 429 and int(res.headers["retry-after"]) > 60
+
+
+def test_erasing_an_unknown_session_with_the_broker_down_is_503_not_a_silent_success(env) -> None:
+    from shared.bus import CeleryBus, make_celery
+
+    client, _, _ = env
+    app = client.app
+    dead = app.state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    app.state.bus = CeleryBus(make_celery("feedback", dead), retries=0)
+    res = client.delete("/api/feedback/sessions/never-seen")
+    assert res.status_code == 503 and "retry" in res.json()["error"]["message"]

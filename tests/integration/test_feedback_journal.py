@@ -19,13 +19,14 @@ from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
+from shared.privacy import session_key
 from shared.redis_server import RedisServer, free_port
 from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _explanation(eid: uuid.UUID) -> ExplanationCreated:
+def _explanation(eid: uuid.UUID, session: str) -> ExplanationCreated:
     return ExplanationCreated(
         explanation_id=eid,
         request_key="rk",
@@ -42,6 +43,7 @@ def _explanation(eid: uuid.UUID) -> ExplanationCreated:
         cost_usd=0.0,
         latency_ms=1.0,
         created_at=datetime.now(UTC),
+        session_key=session_key(session, b"k"),
     )
 
 
@@ -58,7 +60,7 @@ def test_accepted_vote_is_journalled_with_its_queue_message_and_cleared_once_sto
         r = redis.Redis.from_url(server.url)
         with TestClient(app) as client:
             eid = uuid.uuid4()
-            handlers.on_explanation_created(_explanation(eid), app.state.store.uow())
+            handlers.on_explanation_created(_explanation(eid, "s"), app.state.store.uow())
             assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": "s"}).status_code == 202
         assert r.llen("feedback") == 1 and r.hlen("journal:feedback") == 1
         r.close()
@@ -77,9 +79,9 @@ def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_store
         app = create_app(settings)
         r = redis.Redis.from_url(server.url)
         with TestClient(app) as client:
-            eid = uuid.uuid4()
-            handlers.on_explanation_created(_explanation(eid), app.state.store.uow())
             for i in range(3):
+                eid = uuid.uuid4()
+                handlers.on_explanation_created(_explanation(eid, f"s{i}"), app.state.store.uow())
                 assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": f"s{i}"}).status_code == 202
         # A worker took one message off the queue and was killed before kombu recorded it as unacked.
         assert r.rpop("feedback") is not None

@@ -23,7 +23,8 @@ def store(store_url: Callable[[str], str]) -> Iterator[Store]:
     s.dispose()
 
 
-def _explanation(eid: uuid.UUID | None = None) -> ExplanationCreated:
+def _explanation(eid: uuid.UUID | None = None, session: str | None = "k") -> ExplanationCreated:
+    """An explanation served to the session whose key is `session` (None: an event from before the binding)."""
     return ExplanationCreated(
         explanation_id=eid or uuid.uuid4(),
         request_key="rk",
@@ -40,6 +41,7 @@ def _explanation(eid: uuid.UUID | None = None) -> ExplanationCreated:
         cost_usd=0.0,
         latency_ms=1.0,
         created_at=T0,
+        session_key=session,
     )
 
 
@@ -54,7 +56,7 @@ def _votes(store: Store) -> list[dict]:
 
 
 def test_vote_on_a_known_explanation_is_stored_and_announced(store: Store) -> None:
-    exp = _explanation()
+    exp = _explanation(session="key-a")
     handlers.on_explanation_created(exp, store.uow())
     cmd = handlers.new_vote(exp.explanation_id, "key-a", 1, 5, "clear", T0)
     assert handlers.record_feedback(cmd, store.uow()) == "stored"
@@ -66,7 +68,7 @@ def test_vote_on_a_known_explanation_is_stored_and_announced(store: Store) -> No
 
 
 def test_second_vote_from_same_session_replaces_first(store: Store) -> None:
-    exp = _explanation()
+    exp = _explanation(session="key-a")
     handlers.on_explanation_created(exp, store.uow())
     handlers.record_feedback(handlers.new_vote(exp.explanation_id, "key-a", 1, None, None, T0), store.uow())
     later = handlers.new_vote(exp.explanation_id, "key-a", -1, 2, None, T0 + timedelta(seconds=5))
@@ -119,13 +121,70 @@ def test_erasure_deletes_votes_and_drops_votes_cast_before_it(store: Store) -> N
     first = handlers.new_vote(exp.explanation_id, "k", 1, None, "my email is a@b.co", T0)
     handlers.record_feedback(first, store.uow())
     queued_before = handlers.new_vote(exp.explanation_id, "k", -1, None, None, datetime.now(UTC) - timedelta(seconds=1))
-    event = handlers.erase_session("k", store.uow())
-    assert isinstance(event, FeedbackErased) and event.feedback_ids == [first.feedback_id]
+    event, staged = handlers.erase_session("k", store.uow())
+    assert isinstance(event, FeedbackErased) and event.feedback_ids == [first.feedback_id] and staged
     assert _votes(store) == []
     assert handlers.record_feedback(queued_before, store.uow()) == "erased"
     assert _votes(store) == []
+    # The erasure also forgot which explanations were served to the session, so a vote on one of those no
+    # longer counts; on an explanation served after the erasure it does.
     after = handlers.new_vote(exp.explanation_id, "k", 1, None, None, datetime.now(UTC) + timedelta(seconds=1))
-    assert handlers.record_feedback(after, store.uow()) == "stored"
+    assert handlers.record_feedback(after, store.uow()) == "unbound_explanation"
+    fresh = _explanation(session="k")
+    handlers.on_explanation_created(fresh, store.uow())
+    again = handlers.new_vote(fresh.explanation_id, "k", 1, None, None, datetime.now(UTC) + timedelta(seconds=1))
+    assert handlers.record_feedback(again, store.uow()) == "stored"
     with store.factory() as s:
         actions = [r[0] for r in s.execute(text("select action from audit order by id"))]
     assert actions[:2] == ["erase_session", "drop_vote_of_erased_session"]
+
+
+def test_a_vote_from_a_session_the_explanation_was_not_served_to_is_dropped_and_counted(store: Store) -> None:
+    exp = _explanation(session="served")
+    handlers.on_explanation_created(exp, store.uow())
+    cmd = handlers.new_vote(exp.explanation_id, "intruder", 1, 5, "stuffed", T0)
+    assert handlers.record_feedback(cmd, store.uow()) == "other_session"
+    assert _votes(store) == [] and not [e for e in _staged(store) if e["event_type"] == FeedbackRecorded.type]
+    assert handlers.dropped_counts(store.uow()) == {"other_session": 1}
+
+
+def test_quarantined_votes_from_other_sessions_are_dropped_when_released_and_the_served_one_counts(
+    store: Store,
+) -> None:
+    """The race: votes arrive before the explanation's event. On release only the served session's vote is
+    stored; the others are counted, and nothing of them is kept (not even in the quarantine)."""
+    eid = uuid.uuid4()
+    for i in range(150):
+        handlers.record_feedback(handlers.new_vote(eid, f"fresh-{i}", 1, None, None, T0), store.uow())
+    handlers.record_feedback(handlers.new_vote(eid, "served", -1, None, None, T0), store.uow())
+    assert handlers.on_explanation_created(_explanation(eid, session="served"), store.uow()) == 151
+    (vote,) = _votes(store)
+    assert vote["session_key"] == "served" and vote["rating"] == -1
+    assert handlers.dropped_counts(store.uow()) == {"other_session": 150}
+    with store.factory() as s:
+        assert s.execute(select(quarantine)).first() is None
+
+
+def test_an_explanation_without_a_served_session_counts_no_vote(store: Store) -> None:
+    exp = _explanation(session=None)
+    handlers.on_explanation_created(exp, store.uow())
+    cmd = handlers.new_vote(exp.explanation_id, "k", 1, None, None, T0)
+    assert handlers.record_feedback(cmd, store.uow()) == "unbound_explanation"
+    assert _votes(store) == []
+
+
+def test_erasing_a_session_held_nowhere_here_writes_only_a_tombstone(store: Store) -> None:
+    event, staged = handlers.erase_session("nobody", store.uow(), tombstone_s=60)
+    assert not staged and event.feedback_ids == []
+    with store.factory() as s:
+        counts = {t: s.execute(text(f"select count(*) from {t}")).scalar_one() for t in ("audit", "erasures", "outbox")}
+        assert counts == {"audit": 0, "erasures": 0, "outbox": 0}
+        assert s.execute(text("select count(*) from erasure_tombstones")).scalar_one() == 1
+
+
+def test_erasure_forgets_which_explanations_were_served_to_the_session(store: Store) -> None:
+    exp = _explanation(session="k")
+    handlers.on_explanation_created(exp, store.uow())
+    handlers.erase_session("k", store.uow())
+    with store.factory() as s:
+        assert s.execute(text("select count(*) from served_to")).scalar_one() == 0

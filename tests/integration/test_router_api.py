@@ -158,10 +158,8 @@ def test_explanation_created_is_published_after_the_commit(client: TestClient, r
     event = queued_payloads(redis_server, "feedback")[0]
     assert event["prompt_text"].startswith("You are a financial analyst")
     assert event["text"] == created["text"] and event["fallback_used"] is False
-    # The served session travels only as its keyed hash (the unit of analysis and the only session whose vote
-    # counts), never as the raw id.
-    assert event["session_key"] != BODY["session_id"] and len(event["session_key"]) == 64
-    assert BODY["session_id"] not in json.dumps(event)
+    # The served session travels as its keyed hash (the feedback service checks votes against it), never raw.
+    assert len(event["session_key"]) == 64 and BODY["session_id"] not in json.dumps(event)
 
 
 def test_routing_state_is_admin_only(client: TestClient) -> None:
@@ -274,3 +272,87 @@ def test_gateway_sends_router_paths_to_the_router() -> None:
     assert service_for("/api/explanations") == "router"
     assert service_for(f"/api/explanations/{uuid.uuid4()}") == "router"
     assert service_for("/api/router/state") == "router"
+
+
+# -- doors: JSON only, rate limits, the daily budget, text that cannot be stored ---------------------------
+
+
+def test_an_explanation_request_that_is_not_json_is_415(client: TestClient) -> None:
+    r = client.post("/api/explanations", content=json.dumps(BODY), headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "must be JSON" in r.json()["error"]["message"]
+    assert client.get("/api/router/state", headers=ADMIN).status_code == 200  # GETs are not affected
+
+
+def test_explanations_over_the_session_limit_get_429_with_retry_after(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis.Redis.from_url(broker_url(redis_server)).flushdb()
+    with TestClient(create_app(settings(tmp_path, redis_server, explanations_per_session="2/minute"))) as c:
+        assert [c.post("/api/explanations", json=BODY).status_code for _ in range(2)] == [201, 201]
+        r = c.post("/api/explanations", json=BODY)
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
+        assert c.post("/api/explanations", json={**BODY, "session_id": "another"}).status_code == 201
+        assert (
+            'http_refused_total{door="explanations",reason="rate_limit_session",service="router"} 1.0'
+            in c.get("/metrics").text
+        )
+
+
+def test_a_spent_daily_budget_is_503_and_the_provider_is_not_called(
+    tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer
+) -> None:
+    redis.Redis.from_url(broker_url(redis_server)).flushdb()
+    fake.reset()
+    fake.answer("RSI is low.", prompt_tokens=1000, completion_tokens=500)  # $0.00045 at gpt-4o-mini prices
+    s = settings(
+        tmp_path, redis_server, openai_api_key="sk-test", openai_base_url=fake.openai_base_url, daily_budget_usd=0.0004
+    )
+    with TestClient(create_app(s)) as c:
+        first = c.post("/api/explanations", json=BODY)
+        assert first.status_code == 201 and first.json()["cost_usd"] > 0.0004
+        calls = len(fake.requests)
+        r = c.post("/api/explanations", json={**BODY, "session_id": "another"})
+        assert r.status_code == 503, r.text
+        assert "daily provider budget of $0.00 is spent" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert len(fake.requests) == calls  # not called
+        assert "router_budget_refusals_total 1.0" in c.get("/metrics").text
+
+
+def test_a_spent_budget_does_not_stop_a_free_model(tmp_path: Path, redis_server: RedisServer) -> None:
+    redis.Redis.from_url(broker_url(redis_server)).flushdb()
+    r = redis.Redis.from_url(broker_url(redis_server))
+    from datetime import UTC, datetime
+
+    from services.router.domain import budget_day
+
+    r.set(f"router:spend:{budget_day(datetime.now(UTC))}", 100.0)  # far over any budget
+    with TestClient(create_app(settings(tmp_path, redis_server, daily_budget_usd=1.0))) as c:
+        out = c.post("/api/explanations", json=BODY)
+    assert out.status_code == 201 and out.json()["model"] == "offline/template-v1"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"context": {"note": "up\u202eexe.txt"}},
+        {"context": {"n\u2067ote": 1}},
+        {"context": {"note": "x\ud800y"}},
+        {"ticker": "AA\u202ePL"},
+        {"session_id": "s\ud800"},
+    ],
+    ids=["bidi-value", "bidi-key", "surrogate-value", "bidi-ticker", "surrogate-session"],
+)
+def test_lone_surrogates_and_bidi_controls_are_422_before_any_provider_call(
+    tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer, change: dict[str, Any]
+) -> None:
+    fake.reset()
+    s = settings(tmp_path, redis_server, openai_api_key="sk-test", openai_base_url=fake.openai_base_url)
+    with TestClient(create_app(s)) as c:
+        # json.dumps escapes a lone surrogate as \ud800, exactly as a client would send it
+        r = c.post(
+            "/api/explanations", content=json.dumps({**BODY, **change}), headers={"content-type": "application/json"}
+        )
+    assert r.status_code == 422, r.text
+    assert any(w in r.json()["error"]["message"] for w in ("surrogate", "bidirectional", "ticker", "unicode"))
+    assert fake.requests == []

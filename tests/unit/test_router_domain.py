@@ -153,3 +153,26 @@ def test_token_estimate_is_words_times_1_3_rounded_up() -> None:
     assert domain.estimate_tokens("one two three") == 4  # 3.9 -> 4
     assert domain.estimate_tokens(" ".join(["w"] * 10)) == 13  # float ceil(10 * 1.3) would say 14
     assert domain.estimate_tokens("") == 0
+
+
+def test_budget_day_and_reset_are_utc() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from services.router.domain import budget_day, budget_left, is_free, seconds_until_reset
+
+    late = datetime(2026, 12, 1, 23, 59, 30, tzinfo=UTC)
+    assert budget_day(late) == "2026-12-01"
+    assert budget_day(late.astimezone(timezone(timedelta(hours=5)))) == "2026-12-01"
+    assert seconds_until_reset(late) == 30
+    assert seconds_until_reset(datetime(2026, 12, 2, tzinfo=UTC)) == 86_400
+    assert budget_left(None, 1e9) and budget_left(1.0, 0.99) and not budget_left(1.0, 1.0)
+    assert is_free({"input": 0.0, "output": 0.0}) and not is_free({"input": 0.0, "output": 0.1})
+
+
+def test_unsafe_text_is_named() -> None:
+    from shared.text import unsafe_text_reason
+
+    assert unsafe_text_reason("plain ünïcode 😀") is None
+    assert "surrogate" in (unsafe_text_reason("a\ud800") or "")
+    assert "bidirectional" in (unsafe_text_reason("a\u202eb") or "")
+    assert "bidirectional" in (unsafe_text_reason("\u061c") or "")
