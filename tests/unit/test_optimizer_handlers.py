@@ -425,12 +425,13 @@ def test_registered_model_starts_an_experiment_that_needs_ten_percent_lift(
     ]
     view = views.experiment_view(started[0].experiment_id, store.uow())
     assert view["config"]["min_lift_to_ship"] == pytest.approx(0.10) and view["source"] == "finetune"
-    # +8.9% relative is significant with this much data, but under the 10% the plan asks of a tuned model
+    # +8.9% relative is significant with this much data; whether it reaches the 10% the plan asks of a tuned
+    # model is still open (the always-valid interval straddles +10%): neither ship nor keep-control yet
     feed(store, started[0].experiment_id, "control", n=300, positives=270)
     feed(store, started[0].experiment_id, "t1", n=300, positives=294)
     result = experiments.decide_experiment(started[0].experiment_id, store.uow(), settings)
     assert champion(store)["model"] == MODEL
-    assert result["decision"] == "keep_control" and "below 10%" in result["reason"]
+    assert result["decision"] == "collecting" and "minimum lift 10%" in result["reason"]
 
 
 def test_registered_model_queues_behind_a_running_experiment(store: Store, settings: OptimizerSettings) -> None:
