@@ -5,11 +5,17 @@ No I/O, no clocks, no randomness except seeded Monte Carlo. Degenerate data neve
 
 The maths, in one place:
 
-* Per arm, the success metric is either the thumbs-up rate (`positive_rate`, Bernoulli) or the mean of the
-  1-5 star ratings (`avg_stars`). Rates carry a Wilson 95% interval (better coverage than Wald near 0 and 1).
+* The session is the unit of assignment (the router is sticky per session) and so of analysis. Per arm the
+  inputs are sums over sessions of per-session totals (explanations, votes, thumbs up, stars) and their second
+  moments. The success metric is either the thumbs-up rate (`positive_rate`) or the mean of the 1-5 star
+  ratings (`avg_stars`), each a ratio of two per-session sums. Its variance is session-clustered by the delta
+  method (`ratio_cluster_variance`, as GrowthBook and Eppo do for ratio metrics; equal to statsmodels'
+  cluster-robust OLS), applied as a design effect deff = clustered / independent variance (floored at 1) on the
+  per-vote variance: V = deff s^2 / n. With one vote per session deff = 1 and every figure is the per-vote one.
+  Rates carry a Wilson 95% interval (per vote, for display).
 * Treatment vs control is judged on the absolute difference of the metric, d = m_t - m_c, whose variance is
-  estimated by plug-in: V = s_t^2/n_t + s_c^2/n_c (for rates s^2 = p(1-p), computed on lightly smoothed
-  rates (x+1)/(n+2) so that an all-positive arm does not claim zero variance).
+  estimated by plug-in: V = deff_t s_t^2/n_t + deff_c s_c^2/n_c (for rates s^2 = p(1-p), computed on lightly
+  smoothed rates (x+1)/(n+2) so that an all-positive arm does not claim zero variance).
 * Why always-valid: the dashboard and the optimizer look at the numbers after every batch. A plain z-test
   re-checked at every look has a false-positive rate far above its nominal 5% (it eventually crosses 1.96 by
   chance). The mixture sequential probability ratio test (mSPRT; Robbins 1970, Johari, Pekelis & Walsh
@@ -37,17 +43,25 @@ The maths, in one place:
   1.2 delta and within 1% of it for tau between 0.95 and 1.5 delta; 2-3% worse at 0.8 or 2 delta, 13% at 0.5.
   A caller that knows the baseline up front can pass `tau` fixed, which keeps the mixture strictly
   pre-specified (the pooled baseline moves little, so the default's effect on validity is second order).
-* Several treatments: always-valid p-values are Holm-corrected across the treatment-vs-control comparisons
-  (Holm is valid under any dependence); confidence sequences use Bonferroni (alpha / number of treatments),
-  since Holm does not give simultaneous intervals.
-* Reference numbers for the dashboard: the fixed-horizon pooled two-proportion z-test (Welch z for stars) and
-  the Wald 95% interval on the difference. They are only valid if read once, at a pre-planned sample size.
-* Bayesian summaries: Beta(1 + positives, 1 + negatives) posteriors for rates (a normal approximation
-  N(mean, s^2/n) for stars), sampled with a fixed seed; probability to beat control, probability to be best,
-  and expected loss E[max_j m_j - m_i] (what choosing arm i costs, in metric units, if it is not the best).
-* Power: a two-sample z-test at the current sample sizes against the target lift (Cohen's h for rates,
-  d = effect / pooled sd for stars), with alpha Bonferroni-split over the treatments; samples needed per arm for
-  80% power, and the days to reach it at the current feedback rate.
+* Several treatments: the always-valid p-values and confidence sequences are both Bonferroni-corrected
+  (alpha / number of treatments), and the decision reads the interval: p < alpha exactly when the displayed
+  interval excludes 0, so an arm never ships while the interval shown contains 0. (Holm would reject a little
+  more after a first rejection but gives no simultaneous intervals; the decision stops at the first winner.)
+* Decisions on the interval: ship when it lies above the minimum lift, keep the control when it lies below,
+  stop for futility when every treatment's interval lies below the target lift (`decide`).
+* Reference numbers for the dashboard: the fixed-horizon pooled two-proportion z-test (deflated by the
+  difference's design effect; Welch z for stars) and the 95% interval on the difference with the clustered
+  variance (the Wald interval at one vote per session). Only valid if read once, at a pre-planned sample size.
+* Bayesian summaries: Beta(1 + x/deff, 1 + (n - x)/deff) posteriors for rates (votes at their effective
+  number; a normal approximation N(mean, V) for stars), sampled with a fixed seed; probability to beat
+  control, probability to be best, and expected loss E[max_j m_j - m_i].
+* Power, samples and days are those of the test that decides (`msprt_power`): the probability that the
+  always-valid interval (Bonferroni alpha, this tau, clustered variances) clears the minimum lift when the
+  true lift is the target lift, at the current variance; samples per arm for 80% of it, and the days to reach
+  them at the current feedback rate. At one look this is a lower bound on the monitored test's power.
+* Novelty: the lift among the sessions first served in the recent half against the early half (`_novelty`).
+* Segments (one per signal): the same always-valid comparison within each, Holm over segments x treatments,
+  flagged when significant against the overall direction; never used by `decide`.
 * Sample ratio mismatch (a broken split invalidates every other number): the optimizer re-checks it at every
   look, so it uses the anytime-valid Dirichlet-multinomial test of Lindon & Malek (2022, "Anytime-valid
   inference for multinomial count data"). Under H0 the exposures n (total N) are multinomial with the intended
@@ -68,8 +82,9 @@ The maths, in one place:
   within 200 looks in 76% of runs (56% at c = 100, 88% at 10000). c between 300 and 3000 is within ~10% of the
   best for the larger mismatch; ssrm's default 10000 (web-scale traffic) is slower on it and better only on
   the smaller one. A mismatch far from the design is still caught, just later (the prior has full support).
-  With adaptive allocation H0 is a sum of multinomials at the weights in force, tested against their
-  exposure-weighted average: the sum is less dispersed than that multinomial, and in simulation (Thompson-like
+  The SRM test counts sessions (a session asking for many explanations is one assignment). With adaptive
+  allocation H0 is a sum of multinomials at the weights in force, tested against their session-weighted
+  average (each session against the weights it was assigned with): the sum is less dispersed than that multinomial, and in simulation (Thompson-like
   weights, 20000 runs x 160 looks) it flags 0.05% of healthy runs where the chi-square re-checked at every look
   flags 1.8%. The Pearson chi-square p-value is still reported for reference (`srm_p_value_fixed`); it is
   valid only when read once, and is used for the flag only with `srm_sequential=False`.
@@ -157,7 +172,7 @@ class ArmResult:
     lift: float | None  # relative (m_t - m_c)/m_c for treatments, None for control (m = the success metric)
     lift_ci_sequential: tuple[float, float] | None  # always-valid CS on the absolute difference, Bonferroni
     lift_ci_fixed: tuple[float, float] | None  # fixed-horizon 95% interval on the absolute difference
-    p_value_sequential: float | None  # always-valid, Holm-corrected across treatments
+    p_value_sequential: float | None  # always-valid, Bonferroni-corrected across treatments (as the interval)
     p_value_fixed: float | None  # uncorrected fixed-horizon two-sided z-test (reference)
     prob_beat_control: float | None
     prob_best: float | None
