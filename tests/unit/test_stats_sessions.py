@@ -352,3 +352,33 @@ def test_msprt_power_is_a_lower_bound_under_continuous_monitoring() -> None:
         v = unit / steps
         hits += bool(np.any(d - stats.msprt_half_width(v, tau2, alpha) > 0))
     assert hits / runs >= stats.TARGET_POWER - 0.02
+
+
+def test_clustered_aa_with_futility_rarely_ships_and_ends_before_the_cap() -> None:
+    # Two equal arms, sessions of 5 votes with intra-session correlation 0.2, looked at every 50 sessions per
+    # arm: the session-clustered analysis keeps false ships near alpha, and futility ends most runs well before
+    # the cap.
+    rng = np.random.default_rng(21)
+    sims, per_look, cap, rho = 100, 50, 3000, 0.2
+    config = DecisionConfig(min_duration_s=0, min_feedback_per_arm=100, max_feedback_per_arm=cap)
+    shipped = futile = 0
+    votes_at_end = []
+    for _ in range(sims):
+        sess: dict[str, tuple[list[int], list[int]]] = {"control": ([], []), "t1": ([], [])}
+        while True:
+            for arm_id in sess:
+                p = rng.beta(0.6 * (1 - rho) / rho, 0.4 * (1 - rho) / rho, size=per_look)
+                sess[arm_id][0].extend([5] * per_look)
+                sess[arm_id][1].extend(rng.binomial(5, p).tolist())
+            arms = [sessions_arm(a, np.array(v), np.array(x)) for a, (v, x) in sess.items()]
+            decision = stats.decide(
+                stats.analyze(arms, "control", {"control": 0.5, "t1": 0.5}, draws=100), config, elapsed_s=LATE
+            )
+            if decision.status != stats.DECISION_COLLECTING:
+                shipped += decision.status == stats.DECISION_SHIP
+                futile += "futility" in decision.reason
+                votes_at_end.append(max(a.n for a in arms))
+                break
+    assert shipped / sims <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / sims)
+    assert futile / sims > 0.5
+    assert float(np.median(votes_at_end)) < cap
