@@ -260,20 +260,23 @@ def _opt_float(value: object) -> float | None:
 
 @dataclass
 class AllocationHistory:
-    """The weights in force over an experiment's life, each with the exposure count when it took effect;
-    the sample-ratio check compares exposures with their exposure-weighted average."""
+    """The weights in force over an experiment's life, each with the session count when it took effect (the
+    exposure count in histories written before sessions were the unit); the sample-ratio check compares the
+    sessions each arm was assigned with the session-weighted average of the weights, i.e. every session is
+    tested against the weights of its moment (their sum of multinomials is less dispersed than that average
+    multinomial, so the test stays conservative)."""
 
     periods: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
-    def average(self, total_exposures: int) -> dict[str, float]:
+    def average(self, total: int) -> dict[str, float]:
         if not self.periods:
             return {}
-        if total_exposures <= 0 or len(self.periods) == 1:
+        if total <= 0 or len(self.periods) == 1:
             return dict(self.periods[-1][1])
         acc: dict[str, float] = {}
         for k, (start, weights) in enumerate(self.periods):
-            end = self.periods[k + 1][0] if k + 1 < len(self.periods) else total_exposures
-            span = max(0, min(end, total_exposures) - min(start, total_exposures))
+            end = self.periods[k + 1][0] if k + 1 < len(self.periods) else total
+            span = max(0, min(end, total) - min(start, total))
             for arm, w in weights.items():
                 acc[arm] = acc.get(arm, 0.0) + w * span
         total = sum(acc.values())
@@ -282,3 +285,152 @@ class AllocationHistory:
 
 def weights_changed(old: Mapping[str, float], new: Mapping[str, float], tolerance: float = 0.005) -> bool:
     return any(abs(float(old.get(k, 0.0)) - v) > tolerance for k, v in new.items())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-session aggregates: the unit of analysis
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """What one session did on one arm within one signal: explanations its arm's own model wrote, those a
+    fallback wrote, their cost and latency, when it was first served, and the votes on its own-model
+    explanations (votes on fallback-served ones are not counted)."""
+
+    arm_id: str
+    unit: str  # the session's key (an explanation's own id when the event carried none)
+    signal: str
+    explanations: int = 0
+    fallbacks: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    first_seen: float | None = None  # seconds since the experiment started
+    votes: int = 0
+    positives: int = 0
+    star_n: int = 0
+    star_sum: float = 0.0
+    star_sumsq: float = 0.0
+
+
+@dataclass(frozen=True)
+class ArmSnapshot:
+    """An experiment's data for the analysis: every arm's totals, the same over the sessions first served in
+    the recent half (the novelty check), and per signal (segments)."""
+
+    total: list[stats.ArmData]
+    recent: list[stats.ArmData]
+    segments: dict[str, list[stats.ArmData]]
+
+
+class _Acc:
+    """Sums over sessions of per-session totals and of their squares and cross products."""
+
+    def __init__(self) -> None:
+        self.v = dict.fromkeys(
+            (
+                "exposures",
+                "fallbacks",
+                "cost",
+                "latency",
+                "sessions",
+                "n",
+                "pos",
+                "star_n",
+                "star_sum",
+                "star_sumsq",
+                "n_sq",
+                "pos_sq",
+                "pos_cross",
+                "star_n_sq",
+                "star_sum_sq",
+                "star_cross",
+            ),
+            0.0,
+        )
+
+    def add(self, s: SessionRow) -> None:
+        v = self.v
+        v["exposures"] += s.explanations
+        v["fallbacks"] += s.fallbacks
+        v["cost"] += s.cost_usd
+        v["latency"] += s.latency_ms
+        v["sessions"] += 1
+        v["n"] += s.votes
+        v["pos"] += s.positives
+        v["star_n"] += s.star_n
+        v["star_sum"] += s.star_sum
+        v["star_sumsq"] += s.star_sumsq
+        v["n_sq"] += s.votes * s.votes
+        v["pos_sq"] += s.positives * s.positives
+        v["pos_cross"] += s.positives * s.votes
+        v["star_n_sq"] += s.star_n * s.star_n
+        v["star_sum_sq"] += s.star_sum * s.star_sum
+        v["star_cross"] += s.star_n * s.star_sum
+
+    def arm(self, arm_id: str) -> stats.ArmData:
+        v = self.v
+        return stats.ArmData(
+            arm_id=arm_id,
+            exposures=int(v["exposures"]),
+            n=int(v["n"]),
+            positives=int(v["pos"]),
+            star_n=int(v["star_n"]),
+            star_sum=v["star_sum"],
+            star_sumsq=v["star_sumsq"],
+            cost_usd_sum=v["cost"],
+            latency_ms_sum=v["latency"],
+            sessions=int(v["sessions"]),
+            fallbacks=int(v["fallbacks"]),
+            n_sq=v["n_sq"],
+            pos_sq=v["pos_sq"],
+            pos_cross=v["pos_cross"],
+            star_n_sq=v["star_n_sq"],
+            star_sum_sq=v["star_sum_sq"],
+            star_cross=v["star_cross"],
+        )
+
+
+def _merge(rows: Iterable[SessionRow]) -> SessionRow:
+    rows = list(rows)
+    seen = [r.first_seen for r in rows if r.first_seen is not None]
+    return SessionRow(
+        arm_id=rows[0].arm_id,
+        unit=rows[0].unit,
+        signal="*",
+        explanations=sum(r.explanations for r in rows),
+        fallbacks=sum(r.fallbacks for r in rows),
+        cost_usd=sum(r.cost_usd for r in rows),
+        latency_ms=sum(r.latency_ms for r in rows),
+        first_seen=min(seen) if seen else None,
+        votes=sum(r.votes for r in rows),
+        positives=sum(r.positives for r in rows),
+        star_n=sum(r.star_n for r in rows),
+        star_sum=sum(r.star_sum for r in rows),
+        star_sumsq=sum(r.star_sumsq for r in rows),
+    )
+
+
+def arm_snapshot(rows: Iterable[SessionRow], arm_ids: Sequence[str], recent_since: float | None) -> ArmSnapshot:
+    """Fold per-(arm, session, signal) rows into the analysis's inputs. A session is one unit on its arm
+    whatever signals it asked about; within a segment, its explanations of that signal are the unit.
+    `recent_since` (seconds since the start): sessions first served at or after it form the recent part."""
+    by_session: dict[tuple[str, str], list[SessionRow]] = {}
+    segments: dict[str, dict[str, _Acc]] = {}
+    for r in rows:
+        by_session.setdefault((r.arm_id, r.unit), []).append(r)
+        segments.setdefault(r.signal, {}).setdefault(r.arm_id, _Acc()).add(r)
+    total = {a: _Acc() for a in arm_ids}
+    recent = {a: _Acc() for a in arm_ids}
+    for (arm_id, _), parts in by_session.items():
+        if arm_id not in total:
+            continue
+        s = _merge(parts)
+        total[arm_id].add(s)
+        if recent_since is not None and s.first_seen is not None and s.first_seen >= recent_since:
+            recent[arm_id].add(s)
+    return ArmSnapshot(
+        total=[total[a].arm(a) for a in arm_ids],
+        recent=[recent[a].arm(a) for a in arm_ids],
+        segments={sig: [accs.get(a, _Acc()).arm(a) for a in arm_ids] for sig, accs in sorted(segments.items())},
+    )

@@ -171,13 +171,19 @@ def _require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> dict[str, Any
 def _evaluate(
     uow: SqlUnitOfWork, exp: dict[str, Any], arms: list[dict[str, Any]], now: datetime
 ) -> tuple[list[stats.ArmData], stats.Analysis, stats.Decision]:
-    data = uow.repo.arm_data(exp["experiment_id"], [a["arm_id"] for a in arms])
-    history = domain.AllocationHistory([(int(s), dict(w)) for s, w in exp["allocation_history"] or []])
-    total_exposures = sum(d.exposures for d in data)
-    weights = history.average(total_exposures) or dict(exp["weights"])
+    """Analyze an experiment with the session as the unit: per-session aggregates of every arm (explanations
+    a fallback wrote excluded from quality), the sessions of the recent half for the novelty check, and one
+    segment per signal; the SRM check counts sessions against the weights each was assigned with."""
     started = exp["started_at"]
     end = exp["ended_at"] or now
     elapsed_s = max(0.0, (_aware(end) - _aware(started)).total_seconds()) if started else 0.0
+    arm_ids = [a["arm_id"] for a in arms]
+    rows = uow.repo.session_rows(exp["experiment_id"], started)
+    snapshot = domain.arm_snapshot(rows, arm_ids, recent_since=elapsed_s / 2 if elapsed_s > 0 else None)
+    data = snapshot.total
+    history = domain.AllocationHistory([(int(s), dict(w)) for s, w in exp["allocation_history"] or []])
+    total_sessions = sum(d.sessions or 0 for d in data)
+    weights = history.average(total_sessions) or dict(exp["weights"])
     total_feedback = sum(d.n for d in data)
     per_day = total_feedback / (elapsed_s / 86400) if elapsed_s > 0 and total_feedback else None
     control = next((a["arm_id"] for a in arms if a["is_control"]), arms[0]["arm_id"] if arms else "control")
@@ -189,9 +195,12 @@ def _evaluate(
         metric=config.metric,
         alpha=config.alpha,
         target_lift=config.target_lift,
+        min_lift=config.min_lift_to_ship,
         feedback_per_day=per_day,
         srm_threshold=config.srm_threshold,
         seed=_seed_of(exp["experiment_id"]),
+        recent=snapshot.recent,
+        segments=snapshot.segments,
     )
     return data, analysis, stats.decide(analysis, config, elapsed_s=elapsed_s)
 
@@ -280,7 +289,19 @@ def decide_experiment(
             experiment_id, last_status=decision.status, last_reason=decision.reason, last_decided_at=now
         )
         action = "none"
-        if exp["status"] == domain.RUNNING:
+        if exp["status"] == domain.AWAITING_APPROVAL:
+            # The winner waits for an operator, traffic still split: keep checking what could invalidate it.
+            fails = stats.guardrail_failures(analysis, exp["winner_arm_id"] or "", domain.decision_config(exp))
+            if decision.status == stats.DECISION_UNHEALTHY:
+                _end(uow, exp, domain.PAUSED, decision.status, None, decision.reason, now, archive_treatments=False)
+                action = "paused"
+            elif fails:
+                reason = f"approval withdrawn: {exp['winner_arm_id']} no longer passes its guardrails: " + "; ".join(
+                    fails
+                )
+                repo.update_experiment(experiment_id, status=domain.RUNNING, winner_arm_id=None, reason=reason)
+                action = "approval_withdrawn"
+        elif exp["status"] == domain.RUNNING:
             if decision.status == stats.DECISION_SHIP and decision.arm_id is not None:
                 if settings.promotion_mode == "auto":
                     _promote(uow, exp, decision.arm_id, decision.reason, now)
@@ -299,7 +320,7 @@ def decide_experiment(
             elif decision.status == stats.DECISION_UNHEALTHY:
                 _end(uow, exp, domain.PAUSED, decision.status, None, decision.reason, now, archive_treatments=False)
                 action = "paused"
-            elif exp["allocation"] == "adaptive" and _reweight(uow, exp, arms, data, settings):
+            elif exp["allocation"] == "adaptive" and _reweight(uow, exp, arms, data, analysis, settings):
                 action = "reweighted"
         uow.commit()
     if action != "none":
@@ -312,12 +333,18 @@ def _reweight(
     exp: dict[str, Any],
     arms: list[dict[str, Any]],
     data: list[stats.ArmData],
+    analysis: stats.Analysis,
     settings: OptimizerSettings,
 ) -> bool:
-    """Top-two Thompson weights in batches: only after `adaptive_batch` new feedback events and once every
-    arm has `adaptive_min_feedback_per_arm`; publishes AllocationChanged when the weights move."""
+    """Thompson weights in batches: only after `adaptive_batch` new feedback events and once every arm has
+    `adaptive_min_feedback_per_arm`; an arm whose always-valid interval lies below the target lift (futile)
+    gets no more traffic. The history records, with each weight change, the number of sessions at that
+    moment (the SRM check tests every session against the weights it was assigned with). Publishes
+    AllocationChanged when the weights move."""
     total_feedback = sum(d.n for d in data)
-    if total_feedback - int(exp["reweighted_at_feedback"] or 0) < settings.adaptive_batch:
+    futile = stats.futile_arms(analysis)
+    dropped_now = any(float(exp["weights"].get(a, 0.0)) > 0 for a in futile)
+    if total_feedback - int(exp["reweighted_at_feedback"] or 0) < settings.adaptive_batch and not dropped_now:
         return False
     control = next((a["arm_id"] for a in arms if a["is_control"]), None)
     history = list(exp["allocation_history"] or [])
@@ -331,11 +358,12 @@ def _reweight(
         control_id=control,
         # square-root rule: the control keeps just enough traffic for the many-to-one comparison
         control_share=stats.many_to_one_control_share(len(data) - 1) if control else None,
+        excluded=futile,
     )
     changed = domain.weights_changed(exp["weights"], new)
     values: dict[str, Any] = {"reweighted_at_feedback": total_feedback}
     if changed:
-        history.append([sum(d.exposures for d in data), new])
+        history.append([sum(d.sessions or 0 for d in data), new])
         values |= {"weights": new, "allocation_history": history}
         uow.add_events(
             AllocationChanged(
@@ -370,10 +398,12 @@ def start_queued(uow: SqlUnitOfWork, now: datetime | None = None) -> list[str]:
 
 
 def run_decisions(uow_factory: UowFactory, settings: OptimizerSettings, now: datetime | None = None) -> list[dict]:
-    """The beat's decision round: every running experiment is looked at; queued ones start when free."""
+    """The beat's decision round: every running experiment is looked at (one awaiting approval too: its SRM and
+    guardrails are re-checked); queued ones start when free."""
     now = now or utcnow()
     with uow_factory() as uow:
         running = [e["experiment_id"] for e in uow.repo.experiments(status=domain.RUNNING)]
+        running += [e["experiment_id"] for e in uow.repo.experiments(status=domain.AWAITING_APPROVAL)]
     results = []
     for experiment_id in running:
         try:

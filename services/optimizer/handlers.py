@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 
 
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> bool:
-    """Count an exposure (with its cost and latency) for the arm that served it."""
+    """Count an exposure (with its cost and latency) for the arm that served it, in the session it was served
+    to (the unit of analysis; an event without a session key is its own session) and its signal (the segment).
+    An explanation a fallback model wrote is recorded as such: it and the votes on it do not count for the
+    arm's quality, only for its fallback rate, cost and latency."""
     with uow:
         if uow.repo.seen(event.message_id):
             return False
@@ -58,7 +61,9 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
                 "latency_ms": event.latency_ms,
                 "fallback_used": event.fallback_used,
                 "created_at": event.created_at,
-            }
+            },
+            session_key=event.session_key,
+            signal=str(event.signal),
         )
         uow.commit()
     return added

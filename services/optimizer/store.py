@@ -4,7 +4,7 @@ and votes each arm collected, variant generations. No other service opens it."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -125,6 +125,18 @@ exposures = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# The session each explanation was served to and its signal: the unit of analysis and the segment. A table of
+# its own (not columns of exposures) so that stores made before it gain it by create_all; an exposure without a
+# row here (recorded before) is its own session, of signal "unknown".
+exposure_units = Table(
+    "exposure_units",
+    metadata,
+    Column("explanation_id", String(36), primary_key=True),
+    Column("experiment_id", String(64), index=True),
+    Column("session_key", String(128), nullable=False),  # keyed hash of the session; the explanation id if none
+    Column("signal", String(16), nullable=False),
+)
+
 votes = Table(
     "votes",
     metadata,
@@ -166,6 +178,10 @@ generations = Table(
 processed = processed_table(metadata)
 
 outbox = outbox_table(metadata)
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def _row(r: Any) -> dict[str, Any] | None:
@@ -284,11 +300,21 @@ class OptimizerRepository(MessageLog):
         return set(self.s.execute(q).scalars())
 
     # -- exposures and votes ----------------------------------------------------------------------------
-    def add_exposure(self, values: dict[str, Any]) -> bool:
+    def add_exposure(self, values: dict[str, Any], *, session_key: str | None = None, signal: str = "unknown") -> bool:
+        """Record an explanation an arm served, with the session it was served to (its own id when the event
+        carried none: an old message is its own session). False when already recorded."""
         q = select(exposures.c.explanation_id).where(exposures.c.explanation_id == values["explanation_id"])
         if self.s.execute(q).first() is not None:
             return False
         self.s.execute(exposures.insert().values(**values))
+        self.s.execute(
+            exposure_units.insert().values(
+                explanation_id=values["explanation_id"],
+                experiment_id=values.get("experiment_id"),
+                session_key=session_key or values["explanation_id"],
+                signal=signal,
+            )
+        )
         return True
 
     def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
@@ -330,6 +356,82 @@ class OptimizerRepository(MessageLog):
     def count_exposures(self, experiment_id: str) -> int:
         q = select(func.count()).select_from(exposures).where(exposures.c.experiment_id == experiment_id)
         return int(self.s.execute(q).scalar_one())
+
+    def session_rows(self, experiment_id: str, started_at: datetime | None) -> list[domain.SessionRow]:
+        """Per (arm, session, signal): own-model explanations, fallbacks, cost, latency, first served, and the
+        votes on its own-model explanations. A vote whose explanation is not recorded (yet) counts on its arm as
+        its own session (the events do not arrive in order)."""
+        unit = func.coalesce(exposure_units.c.session_key, exposures.c.explanation_id)
+        signal = func.coalesce(exposure_units.c.signal, "unknown")
+        own = case((exposures.c.fallback_used.is_(False), 1), else_=0)
+        exp_q = (
+            select(
+                exposures.c.arm_id,
+                unit.label("unit"),
+                signal.label("signal"),
+                func.sum(own).label("own"),
+                func.count().label("served"),
+                func.coalesce(func.sum(exposures.c.cost_usd), 0.0).label("cost"),
+                func.coalesce(func.sum(exposures.c.latency_ms), 0.0).label("latency"),
+                func.min(exposures.c.created_at).label("first"),
+            )
+            .select_from(
+                exposures.outerjoin(exposure_units, exposure_units.c.explanation_id == exposures.c.explanation_id)
+            )
+            .where(exposures.c.experiment_id == experiment_id)
+            .group_by(exposures.c.arm_id, unit, signal)
+        )
+        v_unit = func.coalesce(exposure_units.c.session_key, votes.c.explanation_id)
+        v_signal = func.coalesce(exposure_units.c.signal, "unknown")
+        vote_q = (
+            select(
+                votes.c.arm_id,
+                v_unit.label("unit"),
+                v_signal.label("signal"),
+                func.count().label("n"),
+                func.coalesce(func.sum(case((votes.c.rating == 1, 1), else_=0)), 0).label("pos"),
+                func.count(votes.c.stars).label("star_n"),
+                func.coalesce(func.sum(votes.c.stars), 0).label("star_sum"),
+                func.coalesce(func.sum(votes.c.stars * votes.c.stars), 0).label("star_sumsq"),
+                func.min(votes.c.submitted_at).label("first"),
+            )
+            .select_from(
+                votes.outerjoin(exposures, exposures.c.explanation_id == votes.c.explanation_id).outerjoin(
+                    exposure_units, exposure_units.c.explanation_id == votes.c.explanation_id
+                )
+            )
+            .where(votes.c.experiment_id == experiment_id, func.coalesce(exposures.c.fallback_used, False).is_(False))
+            .group_by(votes.c.arm_id, v_unit, v_signal)
+        )
+
+        def _secs(at: datetime | None) -> float | None:
+            if at is None or started_at is None:
+                return None
+            return (_aware(at) - _aware(started_at)).total_seconds()
+
+        rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for r in self.s.execute(exp_q):
+            rows[(r.arm_id, r.unit, r.signal)] = {
+                "explanations": int(r.own or 0),
+                "fallbacks": int(r.served) - int(r.own or 0),
+                "cost_usd": float(r.cost),
+                "latency_ms": float(r.latency),
+                "first_seen": _secs(r.first),
+            }
+        for r in self.s.execute(vote_q):
+            row = rows.setdefault((r.arm_id, r.unit, r.signal), {"first_seen": _secs(r.first)})
+            row |= {
+                "votes": int(r.n),
+                "positives": int(r.pos),
+                "star_n": int(r.star_n),
+                "star_sum": float(r.star_sum),
+                "star_sumsq": float(r.star_sumsq),
+            }
+        return [
+            domain.SessionRow(arm_id=arm, unit=unit_key, signal=sig, **values)
+            for (arm, unit_key, sig), values in rows.items()
+            if arm is not None
+        ]
 
     def arm_data(self, experiment_id: str, arm_ids: list[str]) -> list[ArmData]:
         """What each arm collected: exposures with cost and latency, thumbs, stars (sum and sum of squares)."""

@@ -113,9 +113,29 @@ def experiment_view(experiment_id: str, uow: SqlUnitOfWork, now: datetime | None
                 "metric": analysis.metric,
                 "control_id": analysis.control_id,
                 "alpha": analysis.alpha,
-                "srm": {"p_value": analysis.srm_p_value, "flagged": analysis.srm_flag},
-                "p_value_kind": "always-valid (mSPRT), Holm-corrected across treatments",
+                "srm": {
+                    "p_value": analysis.srm_p_value,
+                    "flagged": analysis.srm_flag,
+                    "unit": analysis.srm_unit,
+                    "p_value_fixed": analysis.srm_p_value_fixed,
+                },
+                "unit": "session",
+                "variance": "session-clustered (delta method): design_effect = clustered / independent variance",
+                "p_value_kind": "always-valid (mSPRT), Bonferroni-corrected across treatments",
+                "interval_kind": "always-valid confidence sequence, Bonferroni-corrected across treatments "
+                "(the interval the decision uses: ship when it lies above the minimum lift)",
+                "power_kind": "of the always-valid test that decides, at the target lift (a lower bound under "
+                "continuous monitoring)",
+                "target_lift": analysis.target_lift,
+                "min_lift": analysis.min_lift,
                 "arms": arm_views,
+                "segments": {
+                    "by": "signal",
+                    "correction": "Holm over segments x treatments (p-values); Bonferroni (intervals)",
+                    "note": "segments inform; they never drive shipping",
+                    "results": [asdict(seg) for seg in analysis.segments],
+                    "disagreeing": [f"{seg.arm_id} on {seg.segment}" for seg in analysis.segments if seg.disagrees],
+                },
             },
             "decision": decision,
         }

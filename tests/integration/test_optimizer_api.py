@@ -86,7 +86,7 @@ def test_experiment_is_created_and_analysed(client: TestClient) -> None:
     arm = view["analysis"]["arms"][1]
     for key in ("n", "positives", "rate", "rate_ci", "lift", "p_value_sequential", "prob_beat_control"):
         assert key in arm
-    assert view["analysis"]["srm"] == {"p_value": None, "flagged": False}
+    assert view["analysis"]["srm"] == {"p_value": None, "flagged": False, "unit": "sessions", "p_value_fixed": None}
     assert view["decision"]["status"] == "collecting" and "minimum duration" in view["decision"]["reason"]
     listed = client.get("/api/experiments").json()["experiments"]
     assert [e["experiment_id"] for e in listed] == [created["experiment_id"]]

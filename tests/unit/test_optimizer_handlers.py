@@ -425,12 +425,13 @@ def test_registered_model_starts_an_experiment_that_needs_ten_percent_lift(
     ]
     view = views.experiment_view(started[0].experiment_id, store.uow())
     assert view["config"]["min_lift_to_ship"] == pytest.approx(0.10) and view["source"] == "finetune"
-    # +8.9% relative is significant with this much data, but under the 10% the plan asks of a tuned model
+    # +8.9% relative is significant with this much data; whether it reaches the 10% the plan asks of a tuned
+    # model is still open (the always-valid interval straddles +10%): neither ship nor keep-control yet
     feed(store, started[0].experiment_id, "control", n=300, positives=270)
     feed(store, started[0].experiment_id, "t1", n=300, positives=294)
     result = experiments.decide_experiment(started[0].experiment_id, store.uow(), settings)
     assert champion(store)["model"] == MODEL
-    assert result["decision"] == "keep_control" and "below 10%" in result["reason"]
+    assert result["decision"] == "collecting" and "minimum lift 10%" in result["reason"]
 
 
 def test_registered_model_queues_behind_a_running_experiment(store: Store, settings: OptimizerSettings) -> None:
@@ -519,3 +520,131 @@ def test_auto_cycle_rotates_the_new_champion_into_control(store: Store, settings
 def test_auto_cycle_is_off_when_disabled(store: Store, settings: OptimizerSettings) -> None:
     off = settings.model_copy(update={"auto_experiment": False})
     assert handlers.auto_cycle(store.uow, OfflineGenerator(), off) == []
+
+
+def feed_sessions(
+    store: Store,
+    experiment_id: str,
+    arm_id: str,
+    sessions: int,
+    per_session: int,
+    *,
+    up: Callable[[int, int], bool],
+    fallback: bool = False,
+    signal: str = "BUY",
+    version: str = "v1.0",
+    prefix: str = "s",
+) -> None:
+    """`sessions` sessions of `per_session` voted explanations each; up(session, k) says thumbs up."""
+    now = utcnow()
+    common = {
+        "prompt_name": PROMPT_NAME,
+        "prompt_version": version,
+        "model": MODEL,
+        "experiment_id": experiment_id,
+        "arm_id": arm_id,
+    }
+    for s in range(sessions):
+        key = f"{prefix}{arm_id}{s}"
+        for k in range(per_session):
+            eid = uuid.uuid4()
+            handlers.on_explanation_created(
+                ExplanationCreated(
+                    explanation_id=eid,
+                    request_key="k",
+                    ticker="AAPL",
+                    signal=signal,  # type: ignore[arg-type]
+                    provider="offline",
+                    prompt_text="p",
+                    text="t",
+                    tokens_in=10,
+                    tokens_out=20,
+                    cost_usd=0.0,
+                    latency_ms=5.0,
+                    created_at=now,
+                    fallback_used=fallback,
+                    session_key=key,
+                    **common,
+                ),
+                store.uow(),
+            )
+            handlers.on_feedback_recorded(
+                FeedbackRecorded(
+                    feedback_id=uuid.uuid4(),
+                    explanation_id=eid,
+                    session_key=key,
+                    rating=1 if up(s, k) else -1,
+                    submitted_at=now,
+                    signal=signal,  # type: ignore[arg-type]
+                    ticker="AAPL",
+                    **common,
+                ),
+                store.uow(),
+            )
+
+
+def test_sessions_are_the_unit_and_fallback_explanations_do_not_count_for_the_arm(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    # whole sessions agree: every vote of an even session is up, of an odd one down
+    feed_sessions(store, exp, "control", 8, 5, up=lambda s, k: s % 2 == 0)
+    feed_sessions(store, exp, "t1", 8, 5, up=lambda s, k: s % 2 == 0, version=v)
+    # the fallback model answered 4 of t1's explanations, all voted up: excluded from t1's quality
+    feed_sessions(store, exp, "t1", 4, 1, up=lambda s, k: True, fallback=True, version=v, prefix="f", signal="SELL")
+    view = views.experiment_view(exp, store.uow())
+    t1 = next(a for a in view["analysis"]["arms"] if a["arm_id"] == "t1")
+    assert (t1["n"], t1["positives"], t1["exposures"]) == (40, 20, 40)
+    assert t1["fallbacks"] == 4 and t1["fallback_rate"] == pytest.approx(4 / 44)
+    assert t1["sessions"] == 12  # the SRM counts the sessions the arm was assigned, fallbacks or not
+    # five perfectly correlated votes per session are worth one: design effect 5
+    assert t1["design_effect"] == pytest.approx(5.0)
+    assert t1["effective_n"] == pytest.approx(8.0)
+    assert view["analysis"]["srm"]["unit"] == "sessions"
+    segments = {(r["segment"], r["arm_id"]): r for r in view["analysis"]["segments"]["results"]}
+    assert segments[("BUY", "t1")]["n"] == 40 and segments[("SELL", "t1")]["n"] == 0
+
+
+def test_approve_mode_withdraws_a_waiting_winner_when_its_guardrail_fails(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    approve = settings.model_copy(update={"promotion_mode": "approve"})
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    feed(store, exp, "control", n=60, positives=30)
+    feed(store, exp, "t1", n=60, positives=55, version=v)
+    assert experiments.decide_experiment(exp, store.uow(), approve)["action"] == "awaiting_approval"
+    # while it waits, its own model stops answering: most of its explanations now come from a fallback
+    feed_sessions(store, exp, "t1", 40, 1, up=lambda s, k: True, fallback=True, version=v, prefix="late")
+    feed_sessions(store, exp, "control", 40, 1, up=lambda s, k: True, prefix="late")
+    results = experiments.run_decisions(store.uow, approve)
+    assert [r["action"] for r in results if r.get("experiment_id") == exp] == ["approval_withdrawn"]
+    view = views.experiment_view(exp, store.uow())
+    assert view["status"] == "running" and "fallback rate" in view["reason"]
+    assert champion(store)["version"] == "v1.0"
+
+
+def test_adaptive_allocation_stops_traffic_to_an_arm_clearly_behind(store: Store, settings: OptimizerSettings) -> None:
+    tuned = settings.model_copy(update={"adaptive_min_feedback_per_arm": 20, "adaptive_batch": 10})
+    v1 = add_variant(store, settings, "bullet points")
+    v2 = registry.add_version(
+        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
+    )["version"]
+    spec = domain.ExperimentSpec(
+        prompt_name=PROMPT_NAME,
+        arms=(domain.ArmIn("v1.0", MODEL, None, True), domain.ArmIn(v1, MODEL, None), domain.ArmIn(v2, MODEL, None)),
+        allocation="adaptive",
+        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
+    )
+    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
+    published(store)
+    feed(store, exp, "control", n=150, positives=105)
+    feed(store, exp, "t1", n=150, positives=110, version=v1)
+    feed(store, exp, "t2", n=150, positives=30, version=v2)  # 20% against 70%: clearly behind
+    assert experiments.decide_experiment(exp, store.uow(), tuned)["action"] == "reweighted"
+    changes = [e for e in published(store) if isinstance(e, AllocationChanged)]
+    assert changes[-1].weights["t2"] == 0.0 and changes[-1].weights["t1"] > 0
+    assert sum(changes[-1].weights.values()) == pytest.approx(1.0)
+    view = views.experiment_view(exp, store.uow())
+    assert next(a for a in view["analysis"]["arms"] if a["arm_id"] == "t2")["futile"] is True

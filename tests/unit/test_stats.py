@@ -104,16 +104,45 @@ def test_cohens_h_matches_proportion_effectsize() -> None:
     assert stats.cohens_h(0.66, 0.6) == pytest.approx(proportion_effectsize(0.66, 0.6), abs=TOL)
 
 
-def test_analysis_power_uses_bonferroni_alpha_and_target_lift() -> None:
+def _cs_half_width(v: float, tau2: float, alpha: float) -> float:
+    return math.sqrt(v * (v + tau2) / tau2 * (2 * math.log(1 / alpha) + math.log((v + tau2) / v)))
+
+
+def test_analysis_power_samples_and_days_are_those_of_the_always_valid_test_that_decides() -> None:
     arms = _arms((400, 200), (400, 220), (400, 200))
-    result = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, feedback_per_day=300)
+    result = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, feedback_per_day=300, tau=0.05)
     t1 = result.arm("t1")
     assert t1 is not None
-    h = abs(proportion_effectsize(0.55, 0.5))
-    assert t1.power == pytest.approx(NormalIndPower().power(h, 400, 0.025), abs=TOL)
-    assert t1.samples_needed_per_arm == math.ceil(zt_ind_solve_power(h, alpha=0.025, power=0.8))
+    var_c = (201 / 402) * (201 / 402)  # smoothed p(1-p) of the control
+    var_t = (221 / 402) * (181 / 402)
+    effect, alpha = 0.1 * 0.5, 0.025  # target lift x control rate, Bonferroni over two treatments
+    v_now = var_t / 400 + var_c / 400
+    power_now = sps.norm.cdf((effect - _cs_half_width(v_now, 0.0025, alpha)) / math.sqrt(v_now))
+    assert t1.power == pytest.approx(power_now, abs=TOL)
+    unit = var_t + var_c
+    n80 = optimize.brentq(
+        lambda n: sps.norm.cdf((effect - _cs_half_width(unit / n, 0.0025, alpha)) / math.sqrt(unit / n)) - 0.8,
+        10,
+        1e7,
+        xtol=1e-9,
+    )
+    assert t1.samples_needed_per_arm == math.ceil(n80)
     # 100 votes per arm per day: days = (needed - 400) / 100
-    assert t1.days_to_decision == pytest.approx((zt_ind_solve_power(h, alpha=0.025, power=0.8) - 400) / 100, abs=1e-3)
+    assert t1.days_to_decision == pytest.approx((n80 - 400) / 100, abs=1e-3)
+    # the fixed-horizon z-test would promise far fewer samples: that figure was optimistic for the mSPRT
+    h = abs(proportion_effectsize(0.55, 0.5))
+    assert t1.samples_needed_per_arm > 1.3 * zt_ind_solve_power(h, alpha=0.025, power=0.8)
+
+
+def test_power_and_samples_count_the_minimum_lift_the_interval_must_clear() -> None:
+    arms = _arms((400, 200), (400, 220))
+    plain = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, tau=0.05).arm("t1")
+    strict = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, min_lift=0.05, tau=0.05).arm("t1")
+    assert plain is not None and strict is not None
+    assert strict.power < plain.power  # type: ignore[operator]
+    assert strict.samples_needed_per_arm > plain.samples_needed_per_arm  # type: ignore[operator]
+    unreachable = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, min_lift=0.1, tau=0.05).arm("t1")
+    assert unreachable is not None and unreachable.samples_needed_per_arm is None
 
 
 def test_srm_chi_square_reference_matches_scipy_and_flags_below_threshold() -> None:
@@ -341,7 +370,7 @@ def test_sequential_interval_is_wider_than_fixed_interval() -> None:
     assert t1.lift_ci_sequential[0] < t1.lift_ci_fixed[0] < t1.lift_ci_fixed[1] < t1.lift_ci_sequential[1]
 
 
-def test_sequential_p_values_are_holm_corrected_across_treatments() -> None:
+def test_sequential_p_values_and_intervals_share_the_bonferroni_correction_of_the_decision() -> None:
     arms = _arms((3000, 1500), (3000, 1650), (3000, 1620), (3000, 1500))
     result = stats.analyze(arms, "control", _equal(arms), tau=0.05)
     raw = []
@@ -352,9 +381,13 @@ def test_sequential_p_values_are_holm_corrected_across_treatments() -> None:
             + float(stats.smoothed_rate_variance(1500, 3000)) / 3000
         )
         raw.append(float(stats.msprt_p_value(d, v, 0.05**2)))
-    ref = multipletests(raw, method="holm")[1]
+    ref = multipletests(raw, method="bonferroni")[1]
     got = [result.arm(f"t{i}").p_value_sequential for i in (1, 2, 3)]  # type: ignore[union-attr]
     assert got == pytest.approx(list(ref), abs=TOL)
+    for a in result.arms[1:]:  # p < alpha exactly when the displayed interval excludes 0
+        assert a.lift_ci_sequential is not None and a.p_value_sequential is not None
+        excludes = a.lift_ci_sequential[0] > 0 or a.lift_ci_sequential[1] < 0
+        assert excludes == (a.p_value_sequential < 0.05)
 
 
 def test_probability_to_beat_control_matches_beta_closed_form() -> None:

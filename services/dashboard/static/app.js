@@ -387,7 +387,8 @@ function experiments(list) {
       ["P(beats control)", (a) => pct(a.prob_beats_control)], ["Avg ★", (a) => num(a.avg_rating)], ["Cost/expl.", (a) => usd(a.cost_per_explanation)],
     ];
     const status = e.status === "concluded" ? `concluded: ${e.decision || ""}${e.winner_arm_id ? ` (winner ${e.winner_arm_id})` : ""}` : e.status;
-    return el("div", { class: "experiment" }, el("p", {}, el("strong", {}, e.experiment_id), ` — ${e.prompt_name || ""} — ${status}`), table(cols, e.arms));
+    const note = el("p", { class: "muted" }, "These figures count every vote as independent (per-vote Wilson interval). The optimizer decides on sessions: a session-clustered, always-valid interval for the lift, with futility, novelty and fallback-rate checks and per-signal segments; see ", el("code", {}, `GET /api/experiments/${e.experiment_id}`), ".");
+    return el("div", { class: "experiment" }, el("p", {}, el("strong", {}, e.experiment_id), ` — ${e.prompt_name || ""} — ${status}`), table(cols, e.arms), note);
   });
 }
 

@@ -1,0 +1,133 @@
+"""A clustered A/A end to end, over HTTP with every real service: users ask for many explanations in one
+session, and sessions differ (some users like everything, others nothing), while both arms are equally good.
+The optimizer must ship nothing, and the interval it reports must be no narrower than the session-clustered
+one computed here from what was served and voted (statsmodels' cluster-robust OLS)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import statsmodels.api as sm
+
+from gateway.run import Stack
+from tests.conftest import FAST_ENV, start_stack
+from tests.e2e.test_learning_loop import PLAIN, champion, start_experiment
+from tests.support import wait_for
+
+pytestmark = pytest.mark.slow
+
+ADMIN = {"Authorization": f"Bearer {FAST_ENV['ADMIN_TOKEN']}"}
+TICKERS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "AMD", "INTC", "ORCL", "IBM", "SAP")
+SIGNALS = ("BUY", "SELL", "HOLD")
+PER_SESSION = 10
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(
+        Path(tmp_path_factory.mktemp("clustered")),
+        OPTIMIZER_DECISION_INTERVAL_S="1",
+        OPTIMIZER_AUTO_EXPERIMENT="false",
+    )
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def http(system: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=system.url, timeout=30) as client:
+        yield client
+
+
+def _likes(session: int) -> float:
+    """Sessions differ: a third like everything, a third nothing, a third half of it."""
+    return (1.0, 0.0, 0.5)[session % 3]
+
+
+def test_clustered_aa_ships_nothing_and_reports_an_interval_no_narrower_than_the_clustered_one(
+    http: httpx.Client,
+) -> None:
+    before = champion(http)
+    http.post("/api/prompts/explain_signal/versions", json={"template": PLAIN}, headers=ADMIN).raise_for_status()
+    plain = [v for v in http.get("/api/prompts/explain_signal").json()["versions"] if v["template"] == PLAIN][0]
+    exp = start_experiment(
+        http,
+        before["version"],
+        plain["version"],
+        before["model"],
+        min_duration_s=1,
+        min_feedback_per_arm=40,
+        max_feedback_per_arm=120,
+    )
+    wait_for(
+        lambda: (
+            http.post(
+                "/api/explanations",
+                json={"ticker": "AAPL", "signal": "BUY", "context": {"rsi": 1}, "session_id": "probe"},
+            ).json()["experiment_id"]
+            == exp
+        ),
+        timeout_s=30,
+        what="the router to serve the experiment",
+    )
+    votes: list[tuple[str, int, int]] = []  # (arm, session, thumbs up)
+    for s in range(60):
+        session_id = f"clustered-{s}"
+        for j in range(PER_SESSION):
+            r = http.post(
+                "/api/explanations",
+                json={
+                    "ticker": TICKERS[j % len(TICKERS)],
+                    "signal": SIGNALS[(s + j) % 3],
+                    "context": {"rsi": 20 + j, "session": s},
+                    "session_id": session_id,
+                },
+            )
+            assert r.status_code == 201, r.text
+            out = r.json()
+            if out["experiment_id"] != exp:
+                break
+            up = int(j * _likes(s)) < int((j + 1) * _likes(s)) if _likes(s) not in (0.0, 1.0) else _likes(s) == 1.0
+            fb = http.post(
+                f"/api/feedback/{out['explanation_id']}", json={"rating": 1 if up else -1, "session_id": session_id}
+            )
+            assert fb.status_code == 202, fb.text
+            votes.append((out["arm_id"], s, int(up)))
+        status = http.get(f"/api/experiments/{exp}").json()["status"]
+        if status != "running":
+            break
+
+    def settled() -> dict[str, Any] | None:
+        view = http.get(f"/api/experiments/{exp}").json()
+        counted = sum(a["n"] for a in view["analysis"]["arms"])
+        return view if counted == len(votes) else None
+
+    view = wait_for(settled, timeout_s=60, what="every vote to reach the optimizer")
+    assert view["decision"]["status"] != "ship" and view["winner_arm_id"] is None, view["decision"]
+    assert champion(http) == before
+
+    # the session-clustered reference from what this test served and voted
+    arm = np.array([0.0 if a == "control" else 1.0 for a, _, _ in votes])
+    y = np.array([u for _, _, u in votes], dtype=float)
+    groups = np.array([s for _, s, _ in votes])
+    fit = sm.OLS(y, sm.add_constant(arm)).fit(
+        cov_type="cluster", cov_kwds={"groups": groups, "use_correction": False}, use_t=False
+    )
+    lo, hi = fit.conf_int(alpha=0.05)[1]
+    t1 = next(a for a in view["analysis"]["arms"] if a["arm_id"] == "t1")
+    assert t1["diff"] == pytest.approx(float(fit.params[1]), abs=1e-9)
+    # the fixed-horizon reference is that interval; the always-valid one the decision uses is wider still
+    assert t1["lift_ci_fixed"] == pytest.approx([lo, hi], abs=1e-6)
+    seq_lo, seq_hi = t1["lift_ci_sequential"]
+    assert seq_hi - seq_lo >= hi - lo
+    assert t1["design_effect"] > 2  # the votes of a session move together
+    assert view["analysis"]["srm"]["unit"] == "sessions"
+    # per signal, shown and never decided on
+    assert {r["segment"] for r in view["analysis"]["segments"]["results"]} == {"BUY", "SELL", "HOLD"}
