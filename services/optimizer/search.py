@@ -133,7 +133,7 @@ def _survey(uow: SqlUnitOfWork, name: str, now: datetime) -> tuple[SearchHistory
     seen: set[str] = set()
     empty, counting = 0, True
     for g in repo.generations(name, limit=200):  # latest first
-        if counting and g["parent_version"] == champion["version"] and _aware(g["at"]) >= _aware(champion["since"]):
+        if counting and g["parent_version"] == champion["version"]:
             if g["accepted"]:
                 counting = False
             else:
