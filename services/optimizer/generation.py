@@ -185,7 +185,7 @@ def render_with_traits(template: str, traits: set[str]) -> str:
 
 
 TRAIT_NAMES: tuple[str, ...] = tuple(name for name, _, _ in TRAITS)
-_TRAIT_LABEL = {name: why.split(":")[0] for name, _, why in TRAITS}
+_TRAIT_LABEL = {"bullets": "bullet points", "risk": "a risk note", "concise": "more concise", "plain": "plain language"}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from shared.contracts import (
     FineTuneProgress,
     ModelRegistered,
     PromptTemplate,
+    SearchExhausted,
 )
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -333,3 +334,14 @@ def test_every_export_table_has_flat_rows(store: Store, table: str) -> None:
     assert rows
     for row in rows:
         assert all(not isinstance(v, list | dict) for v in row.values())
+
+
+def test_an_exhausted_search_becomes_one_alert(store: Store) -> None:
+    event = SearchExhausted(
+        prompt_name="explain_signal", champion_version="v1.4", versions_tried=15, reason="every combination tried"
+    )
+    assert handlers.on_search_exhausted(event, store.uow()) == "stored"
+    assert handlers.on_search_exhausted(event, store.uow()) == "duplicate"
+    alerts = handlers.stats(store.uow(), 30, POLICY, now=NOW)["alerts"]
+    assert [(a["kind"], a["scope"]) for a in alerts] == [("search_exhausted", "prompt explain_signal")]
+    assert "exhausted at champion v1.4 (15 versions tried); generation stopped" in alerts[0]["message"]
