@@ -225,9 +225,10 @@ class OfflineGenerator:
     Free, deterministic, needs no key.
 
     With a history (`remember=True`, the default) it walks every combination of traits the champion does not
-    have yet: single traits first, then combinations, each level ranked by the traits' measured lifts (then
-    in the order above); it skips every combination a version already has or a rejected proposal had, and
-    every one containing a trait that clearly hurt on its own. When none is left, the result is `exhausted`.
+    have yet: untried single traits first, then combinations of traits already tried, each level ranked by
+    the traits' measured lifts (then in the order above); it skips every combination a version already has or
+    a rejected proposal had, and every one containing a trait that clearly hurt on its own. A trait is
+    combined only once it has been tried alone. When none is left, the result is `exhausted`.
     `remember=False` is the generator as it was before it had a memory (one trait per variant in a fixed
     order, whatever was tried): bench/search_loop.py runs it as "today's loop"."""
 
@@ -236,8 +237,9 @@ class OfflineGenerator:
     def __init__(self, *, remember: bool = True) -> None:
         self.remember = remember
 
-    def plan(self, template: str, history: SearchHistory | None) -> list[Candidate]:
-        """Every proposal left for this champion, best first."""
+    def plan(self, template: str, history: SearchHistory | None, *, waiting: bool = False) -> list[Candidate]:
+        """The proposals open now for this champion, best first (`waiting`: also the combinations that wait
+        for one of their traits to be tried alone)."""
         have = frozenset(traits_of(template))
         if not self.remember or history is None:
             return [
@@ -249,15 +251,19 @@ class OfflineGenerator:
         known = history.known_fingerprints()
         evidence = trait_evidence(history)
         remaining = [t for t in TRAIT_NAMES if t not in have and t not in evidence.harmful]
+
+        def open_(traits: frozenset[str]) -> bool:
+            return traits not in taken and fingerprint(render_with_traits(template, set(traits))) not in known
+
+        # A trait whose single step from the champion is still untried is tried alone before it is combined.
+        pending = {t for t in remaining if open_(have | {t})}
         options: list[tuple[int, float, int, frozenset[str], str]] = []
         for size in range(1, len(remaining) + 1):
             for order, combo in enumerate(itertools.combinations(remaining, size)):
                 traits = have | frozenset(combo)
-                if traits in taken:
+                if not open_(traits) or (size > 1 and not waiting and pending & set(combo)):
                     continue
                 candidate = render_with_traits(template, set(traits))
-                if fingerprint(candidate) in known:
-                    continue
                 score = sum(evidence.score.get(t, 0.0) for t in combo)
                 options.append((size, -score, order, frozenset(combo), candidate))
         options.sort(key=lambda o: o[:3])
@@ -276,8 +282,8 @@ class OfflineGenerator:
         return out
 
     def remaining(self, template: str, history: SearchHistory | None) -> int | None:
-        """How many proposals are left (None: unknown, e.g. without a memory)."""
-        return len(self.plan(template, history)) if self.remember and history is not None else None
+        """How many combinations are left to try (None: unknown, e.g. without a memory)."""
+        return len(self.plan(template, history, waiting=True)) if self.remember and history is not None else None
 
     def generate(self, template: str, count: int, history: SearchHistory | None = None) -> GenerationResult:
         plan = self.plan(template, history)
@@ -292,7 +298,8 @@ class OfflineGenerator:
                 f"({_label(traits_of(template))}) has been tried{skipped}"
             )
         elif plan:
-            note = f"{len(plan)} combinations left to try; proposing {min(count, len(plan))}"
+            left = len(self.plan(template, history, waiting=True)) if self.remember and history else len(plan)
+            note = f"{left} combinations left to try; proposing {min(count, len(plan))}"
         return GenerationResult(
             source=self.source,
             model="offline/rewriter-v2" if self.remember else "offline/rewriter-v1",

@@ -59,20 +59,22 @@ def test_offline_walk_tries_untried_traits_first_then_combinations_ranked_by_wha
         ),
     )
     result = OfflineGenerator().generate(SEED_TEMPLATE, 3, history)
-    assert [traits_of(c.template) for c in result.candidates] == [
-        {"plain"},  # the one trait not tried yet
-        {"bullets", "risk"},  # the best-scoring combination
-        {"bullets", "plain"},
-    ]
+    # plain language is tried alone first; only traits tried alone are combined, concise (clearly harmful) never
+    assert [traits_of(c.template) for c in result.candidates] == [{"plain"}, {"bullets", "risk"}]
     assert "not tried yet" in result.candidates[0].rationale and "combine" in result.candidates[1].rationale
     assert not result.exhausted
-    everything = OfflineGenerator().plan(SEED_TEMPLATE, history)
-    assert all("concise" not in traits_of(c.template) for c in everything)  # a clearly harmful trait is left out
-    assert [traits_of(c.template) for c in everything] == [
-        {"plain"},
-        {"bullets", "risk"},
-        {"bullets", "plain"},
-        {"risk", "plain"},
+    after = SearchHistory(
+        PROMPT_NAME,
+        "v1.0",
+        history.versions
+        + (
+            tried("v1.4", {"plain"}, control_version="v1.0", lift=0.035, diff_ci=(-0.05, 0.10)),
+            tried("v1.5", {"bullets", "risk"}, control_version="v1.0", lift=0.0, diff_ci=(-0.08, 0.08)),
+        ),
+    )
+    assert [traits_of(c.template) for c in OfflineGenerator().plan(SEED_TEMPLATE, after)] == [
+        {"bullets", "plain"},  # 0.04 + 0.035
+        {"risk", "plain"},  # 0.03 + 0.035
         {"bullets", "risk", "plain"},
     ]
 
