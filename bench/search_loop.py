@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from bench.demo import FAST_CLOCK
+from bench.tastes import PROFILES, SEED_RATE, Profile
 from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import OfflineGenerator, traits_of
@@ -60,57 +61,11 @@ from shared.db import UnitOfWork
 from shared.prompts import PROMPT_NAME
 
 MODEL = "offline/template-v1"
-SEED_RATE = 0.60
 TARGET_POINTS = 0.10  # the goal: the champion 10 points above the seed
 GOAL_VOTES = 6000
 FEEDBACK_RATE = 0.7  # as in the demo
 USERS_PER_S = 33.0  # the demo's pace (about 6,000 users in 3 minutes)
 BATCH_USERS = 11  # users between two looks at the clock (a third of a second)
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    description: str
-    effects: dict[str, float]
-    pairs: dict[frozenset[str], float] = field(default_factory=dict)
-
-    def rate(self, traits: set[str]) -> float:
-        r = SEED_RATE + sum(self.effects.get(t, 0.0) for t in traits)
-        r += sum(v for pair, v in self.pairs.items() if pair <= traits)
-        return min(0.95, max(0.05, r))
-
-    def reachable(self) -> bool:
-        import itertools
-
-        names = ("bullets", "risk", "concise", "plain")
-        combos = (set(c) for k in range(1, 5) for c in itertools.combinations(names, k))
-        return any(self.rate(c) >= SEED_RATE + TARGET_POINTS - 1e-9 for c in combos)
-
-
-PROFILES = (
-    Profile(
-        "demo",
-        "bullets +15, risk +12, concise -5, plain 0 (the demo's users)",
-        {"bullets": 0.15, "risk": 0.12} | {"concise": -0.05},
-    ),
-    Profile(
-        "last-trait",
-        "plain +12 (listed last); bullets -3, risk -2, concise -5",
-        {"plain": 0.12, "bullets": -0.03} | {"risk": -0.02, "concise": -0.05},
-    ),
-    Profile(
-        "pair",
-        "bullets + risk together +12; either alone 0; concise -3, plain 0",
-        {"concise": -0.03},
-        {frozenset({"bullets", "risk"}): 0.12},
-    ),
-    Profile(
-        "nothing",
-        "every trait costs: bullets -2, risk -1, concise -4, plain -2",
-        {"bullets": -0.02, "risk": -0.01} | {"concise": -0.04, "plain": -0.02},
-    ),
-)
 
 
 DECISION_INTERVAL_S = float(FAST_CLOCK["OPTIMIZER_DECISION_INTERVAL_S"])  # beat's schedule in the demo
@@ -352,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="loops per profile and mode (default 4)")
     parser.add_argument("--max-votes", type=int, default=None, help="horizon per loop (default 15,000 votes)")
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--profiles", default=",".join(p.name for p in PROFILES))
+    parser.add_argument("--profiles", default=",".join(PROFILES))
     args = parser.parse_args(argv)
     runs = args.runs or (1 if args.quick else 4)
     max_votes = args.max_votes or (8000 if args.quick else 15000)
-    wanted = [p for p in PROFILES if p.name in args.profiles.split(",")]
+    wanted = [PROFILES[name] for name in args.profiles.split(",")]
     settings = demo_settings()
     t0 = time.perf_counter()
     print(
@@ -379,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print("  " + "  ".join(f"{k}: {v}" for k, v in row.items() if k not in ("profile",)), flush=True)
             mem = results["memory"]
-            if profile.reachable():
+            if profile.reachable(TARGET_POINTS):
                 ok = all(r.votes_to_target is not None and r.votes_to_target <= GOAL_VOTES for r in mem)
                 verdicts.append(f"{profile.name} memory within {GOAL_VOTES}: {'PASS' if ok else 'MISS'}")
                 if profile.name in ("last-trait", "pair"):
