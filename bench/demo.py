@@ -217,9 +217,12 @@ def summary(stack: Stack, tally: Tally, profile: Profile = PROFILES["demo"]) -> 
         if profile.reachable(0.10)
         else f"nothing these users like beats the seed (best {best_rate:.0%}): the loop should promote nothing"
     )
+    champion = prompt["champion"]["version"]
+    own = tally.per_version.get(champion, [0, 0])
     print(
         f"\nPositive rate: {first:.1%} on the seed prompt v1.0 -> {last:.1%} over the last {min(w, len(tally.votes))} "
-        f"votes (champion now {prompt['champion']['version']}).  {target}"
+        f"votes (champion now {champion}: {own[0] / max(1, own[1]):.1%} of its own {own[1]} votes; the rest of the "
+        f"recent votes are the running experiment's).  {target}"
     )
     return last
 

@@ -295,7 +295,7 @@ def summarise(profile: Profile, loop: str, runs: list[LoopResult], target_lift: 
         "false promotions": str(sum(r.false_promotions() for r in runs)),
         "promotions": str(sum(len(r.promotions) for r in runs)),
         "exhausted": f"{sum(x is not None for x in exhausted)}/{len(runs)}"
-        + (f" @{_median(exhausted)}" if any(x is not None for x in exhausted) else ""),
+        + (f" @{_median([x for x in exhausted if x is not None])}" if any(x is not None for x in exhausted) else ""),
         "stalled": f"{sum(r.stalled_at_votes is not None for r in runs)}/{len(runs)}",
         "final rate": f"{statistics.mean(r.final_rate for r in runs):.0%}",
     }
@@ -323,12 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, str]] = []
     verdicts: list[str] = []
     with tempfile.TemporaryDirectory(prefix="search-loop-") as tmp:
-        for profile in wanted:
+        for index, profile in enumerate(wanted):
             print(f"\n{profile.name}: {profile.description}", flush=True)
             results: dict[str, list[LoopResult]] = {}
             for loop, remember in (("today", False), ("memory", True)):
                 results[loop] = [
-                    run_loop(profile, remember, args.seed + 1000 * k, max_votes, Path(tmp)) for k in range(runs)
+                    run_loop(profile, remember, args.seed + 1000 * k + 100 * index, max_votes, Path(tmp))
+                    for k in range(runs)
                 ]
                 row = summarise(profile, loop, results[loop], settings.target_lift)
                 rows.append(row)

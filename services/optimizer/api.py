@@ -231,7 +231,7 @@ def get_prompt(name: str, store: StoreDep, settings: SettingsDep, generator: Gen
     """The prompt's registry entry, and its variant search: rounds, what each tried and learned, exhausted."""
     try:
         prompt = views.prompts_view(store.uow(), name)[0]
-        return prompt | {"search": views._clean(search.search_view(store.uow(), name, generator, settings))}
+        return prompt | {"search": search.search_view(store.uow(), name, generator, settings)}
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
 

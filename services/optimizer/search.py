@@ -50,6 +50,17 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _json_safe(value: Any) -> Any:
+    """Tuples to lists, non-finite floats to None (an interval may be unbounded early on)."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, tuple | list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
 def _survey(uow: SqlUnitOfWork, name: str, now: datetime) -> tuple[SearchHistory, list[dict[str, Any]]]:
     """One pass over the prompt's registry and experiments: the history and the rounds (oldest first)."""
     repo = uow.repo
@@ -285,18 +296,19 @@ def search_view(
         for t in r["tried"]:
             v = by_version.get(t["version"])
             t["why"] = v.reason if v is not None else ""
-            t["diff_ci"] = list(t["diff_ci"]) if t["diff_ci"] is not None else None
         r["learned"] = _learned(r)
-    return {
-        "champion_version": history.champion_version,
-        "exhausted": why is not None,
-        "exhausted_reason": why,
-        "remaining": left,
-        "empty_generations": history.empty_generations,
-        "rounds": rounds,
-        "versions": [
-            {"version": v.version, "outcome": v.outcome, "lift": v.lift, "experiment_id": v.experiment_id}
-            for v in history.versions
-        ],
-        "rejected": [{"reason": r.reason, "rationale": r.rationale} for r in history.rejected[:10]],
-    }
+    return _json_safe(
+        {
+            "champion_version": history.champion_version,
+            "exhausted": why is not None,
+            "exhausted_reason": why,
+            "remaining": left,
+            "empty_generations": history.empty_generations,
+            "rounds": rounds,
+            "versions": [
+                {"version": v.version, "outcome": v.outcome, "lift": v.lift, "experiment_id": v.experiment_id}
+                for v in history.versions
+            ],
+            "rejected": [{"reason": r.reason, "rationale": r.rationale} for r in history.rejected[:10]],
+        }
+    )
