@@ -1,7 +1,7 @@
 """Multi-round learning loop benchmark: the optimizer's real generator, registry, experiment and decision code
 over many rounds, with simulated users of several tastes, today's loop against the loop that remembers.
 
-    python -m bench.search_loop            # default run (several minutes on 2 cores)
+    python -m bench.search_loop            # default run: 3 loops per profile and mode (several minutes on 2 cores)
     python -m bench.search_loop --quick    # smoke run: one loop per profile and mode, shorter horizon
 
 What runs is the optimizer itself, without HTTP and without the queue: a real SQLite store per loop,
@@ -304,13 +304,13 @@ def summarise(profile: Profile, loop: str, runs: list[LoopResult], target_lift: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one loop per profile and mode, 8,000-vote horizon")
-    parser.add_argument("--runs", type=int, default=None, help="loops per profile and mode (default 4)")
-    parser.add_argument("--max-votes", type=int, default=None, help="horizon per loop (default 15,000 votes)")
+    parser.add_argument("--runs", type=int, default=None, help="loops per profile and mode (default 3)")
+    parser.add_argument("--max-votes", type=int, default=None, help="horizon per loop (default 12,000 votes)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--profiles", default=",".join(PROFILES))
     args = parser.parse_args(argv)
-    runs = args.runs or (1 if args.quick else 4)
-    max_votes = args.max_votes or (8000 if args.quick else 15000)
+    runs = args.runs or (1 if args.quick else 3)
+    max_votes = args.max_votes or (8000 if args.quick else 12000)
     wanted = [PROFILES[name] for name in args.profiles.split(",")]
     settings = demo_settings()
     t0 = time.perf_counter()
