@@ -109,7 +109,9 @@ class SearchHistory:
         }
 
     def measured(self) -> list[TriedVersion]:
-        return [v for v in self.versions if v.lift is not None and v.outcome in (OUTCOME_WON, OUTCOME_LOST)]
+        """The versions with a verdict and a measured lift (the champion too, when it won its place)."""
+        verdicts = (OUTCOME_WON, OUTCOME_LOST, OUTCOME_CHAMPION)
+        return [v for v in self.versions if v.lift is not None and v.outcome in verdicts]
 
 
 class VariantGenerator(Protocol):
