@@ -11,8 +11,9 @@ generator is given, and when the search is exhausted.
   (champion and number of versions); the dashboard turns it into an alert. Its id is derived from that state
   and remembered in the processed-message log, so the beat's next checks neither publish it again nor call
   the generator.
-- `search_view`: the rounds with what each tried and learned, the rejected proposals, and whether the search
-  is exhausted (`GET /api/prompts/{name}` carries it as "search").
+- `search_view`: the latest rounds with what each tried and learned, the rejected proposals, and whether the
+  search is exhausted (`GET /api/prompts/{name}` carries it as "search"; a public GET, so it analyses at most
+  the latest VIEW_ROUNDS experiments).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from shared.contracts import derived_id, utcnow
 
 OUTCOME_REPLACED = "replaced"  # was champion, replaced by a winner or a rollback
 REJECTED_KEPT = 50  # latest rejected proposals a generator is shown (deduplicated)
+VIEW_ROUNDS = 20  # rounds the public view analyses and shows (the latest): a GET must stay cheap
 
 
 def _finite(x: float | None) -> float | None:
@@ -61,21 +63,25 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _survey(uow: SqlUnitOfWork, name: str, now: datetime) -> tuple[SearchHistory, list[dict[str, Any]]]:
-    """One pass over the prompt's registry and experiments: the history and the rounds (oldest first)."""
+def _survey(
+    uow: SqlUnitOfWork, name: str, now: datetime, *, analyze_last: int | None = None
+) -> tuple[SearchHistory, list[dict[str, Any]]]:
+    """One pass over the prompt's registry and experiments: the history and the rounds (oldest first).
+    `analyze_last`: analyse only the latest rounds (the public view; older rounds keep their verdicts)."""
     repo = uow.repo
     champion = _require_prompt(uow, name)
     versions = repo.versions(name)
     facts: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, Any]] = []
     experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: _aware(e["created_at"]))
-    for exp in experiments:
+    first_analyzed = 0 if analyze_last is None else max(0, len(experiments) - analyze_last)
+    for index, exp in enumerate(experiments):
         arms = repo.arms(exp["experiment_id"])
         control = next((a for a in arms if a["is_control"]), None)
         if control is None:
             continue
         results: dict[str, stats.ArmResult] = {}
-        if exp["started_at"] is not None:
+        if exp["started_at"] is not None and index >= first_analyzed:
             _, analysis, _ = _evaluate(uow, exp, arms, now)
             results = {r.arm_id: r for r in analysis.arms}
         tried = []
@@ -286,7 +292,9 @@ def search_view(
     left, and whether the search is exhausted."""
     now = now or utcnow()
     with uow:
-        history, rounds = _survey(uow, name, now)
+        history, rounds = _survey(uow, name, now, analyze_last=VIEW_ROUNDS)
+    total_rounds = len(rounds)
+    rounds = rounds[-VIEW_ROUNDS:]
     template = history.template_of(history.champion_version) or ""
     why = exhaustion(history, template, generator, settings)
     remaining = getattr(generator, "remaining", None)
@@ -304,6 +312,7 @@ def search_view(
             "exhausted_reason": why,
             "remaining": left,
             "empty_generations": history.empty_generations,
+            "rounds_total": total_rounds,
             "rounds": rounds,
             "versions": [
                 {"version": v.version, "outcome": v.outcome, "lift": v.lift, "experiment_id": v.experiment_id}
