@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # The CPU build of torch goes in first: a loose requirement would otherwise pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= router,feedback,optimizer,finetune,dashboard,dev
+TASTE ?= demo# make demo TASTE=last-trait|pair|nothing: the simulated users' hidden taste (bench/tastes.py)
+DEMO_ARGS ?=
 
 .PHONY: install run test test-fast lint format bench chaos demo up down logs gpu-check openapi clean
 
@@ -37,6 +39,7 @@ format: install
 bench: install
 	$(PY) -m bench.feedback_throughput
 	$(PY) -m bench.learning
+	$(PY) -m bench.search_loop
 	$(PY) -m bench.transport_loss --quick
 	$(PY) -m bench.stuffing
 
@@ -45,7 +48,7 @@ chaos: install
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 demo: install
-	$(PY) -m bench.demo
+	$(PY) -m bench.demo --taste $(TASTE) $(DEMO_ARGS)
 
 gpu-check: install
 	$(PY) -m bench.gpu_check

@@ -3,6 +3,7 @@
     python -m bench.demo                  # about 3 minutes on 2 cores
     python -m bench.demo --users 1500     # shorter
     python -m bench.demo --adaptive       # Thompson-sampling allocation instead of fixed splits
+    python -m bench.demo --taste last-trait --users 9000   # users who like only what the generator tries last
 
 The whole system starts as `make run` starts it (gateway.run.Stack: private Redis, gateway, one worker per
 service, beat), with its clock sped up: an experiment may decide after seconds instead of 7 days, and variant
@@ -11,8 +12,11 @@ generator writes the variants (bullet points, a risk note, more concise, plain l
 offline provider honours those cues in the text it writes.
 
 Simulated users then ask for explanations and vote through the public HTTP API. They have hidden tastes the
-system is never told: they like bullet points and a risk note, dislike over-terse answers, and are neutral
-about plain language; on the seed prompt about 60% of them vote thumbs up. They judge only the text they get.
+system is never told (`--taste`, profiles in bench/tastes.py): by default they like bullet points and a risk
+note, dislike over-terse answers, and are neutral about plain language; `last-trait` users like only plain
+language (the trait the generator lists last), `pair` users only bullet points with a risk note together,
+`nothing` users nothing the generator can write. On the seed prompt about 60% of them vote thumbs up. They
+judge only the text they get.
 The optimizer must find out from their votes: it generates variants of the champion, splits traffic,
 promotes the winner when the evidence is in, and starts the next round with the new champion as control.
 At the end the demo prints the learning curve (positive rate per window of votes), the champion lineage, every
@@ -33,11 +37,10 @@ from typing import Any
 
 import httpx
 
+from bench.tastes import PROFILES, SEED_RATE, Profile
 from gateway.run import Stack
 from shared.redis_server import free_port
 
-BASE_RATE = 0.60
-TASTE = {"bullets": 0.15, "risk": 0.12, "concise": -0.05, "plain": 0.0}
 FEEDBACK_RATE = 0.7  # share of users who vote at all
 TICKERS = ("AAPL", "MSFT", "NVDA", "TSLA", "AMZN", "META", "GOOG", "AMD", "NFLX", "JPM")
 SIGNALS = ("BUY", "SELL", "HOLD")
@@ -79,8 +82,8 @@ def traits_seen(text: str) -> set[str]:
     return seen
 
 
-def like_probability(text: str) -> float:
-    return min(0.95, max(0.05, BASE_RATE + sum(TASTE[t] for t in traits_seen(text))))
+def like_probability(text: str, profile: Profile = PROFILES["demo"]) -> float:
+    return profile.rate(traits_seen(text))
 
 
 @dataclass
@@ -111,7 +114,9 @@ def context_for(rng: random.Random) -> dict[str, Any]:
     }
 
 
-def simulate(stack: Stack, users: int, seed: int, window: int, max_minutes: float) -> tuple[Tally, list[str]]:
+def simulate(
+    stack: Stack, users: int, seed: int, window: int, max_minutes: float, profile: Profile = PROFILES["demo"]
+) -> tuple[Tally, list[str]]:
     from tqdm import tqdm
 
     rng = random.Random(seed)
@@ -135,7 +140,7 @@ def simulate(stack: Stack, users: int, seed: int, window: int, max_minutes: floa
                 continue
             out = r.json()
             if rng.random() < FEEDBACK_RATE:
-                up = rng.random() < like_probability(out["text"])
+                up = rng.random() < like_probability(out["text"], profile)
                 f = http.post(
                     f"/api/feedback/{out['explanation_id']}", json={"rating": 1 if up else -1, "session_id": session}
                 )
@@ -157,7 +162,7 @@ def simulate(stack: Stack, users: int, seed: int, window: int, max_minutes: floa
     return tally, champions
 
 
-def summary(stack: Stack, tally: Tally) -> float:
+def summary(stack: Stack, tally: Tally, profile: Profile = PROFILES["demo"]) -> float:
     admin = {"Authorization": f"Bearer {stack.env['ADMIN_TOKEN']}"}
     print("\nLearning curve (thumbs-up rate per window of votes):")
     w = tally.window
@@ -177,6 +182,14 @@ def summary(stack: Stack, tally: Tally) -> float:
     print("\nPrompt lineage (version <- parent: why; status):")
     for v in prompt["versions"]:
         print(f"  {v['version']:<6} <- {v['parent_version'] or '-':<6} {v['reason'][:60]:<60} {v['status']}")
+    search = prompt.get("search") or {}
+    if search:
+        print("\nSearch rounds (GET /api/prompts/explain_signal -> search):")
+        for k, r in enumerate(search.get("rounds", []), 1):
+            tried = ", ".join(f"{t['version']} {_pct(t['lift'])}" for t in r["tried"])
+            print(f"  round {k}: {r['control']['version']} vs {tried}; {r['votes']} votes; {r['learned'][:90]}")
+        state = f"EXHAUSTED: {search['exhausted_reason']}" if search.get("exhausted") else "still searching"
+        print(f"  search: {state} ({search.get('remaining')} combinations left)")
     print("\nChampion history:")
     for h in prompt["champion_history"]:
         print(f"  {h['version']:<6} {h['kind']:<10} {h['reason'][:110]}")
@@ -202,12 +215,24 @@ def summary(stack: Stack, tally: Tally) -> float:
     seed_votes = [(v, ver) for v, ver in tally.votes if ver == "v1.0"]
     first = tally.rate(seed_votes or tally.votes[:w])
     last = tally.rate(tally.votes[-w:])
+    best_traits, best_rate = profile.best()
+    target = (
+        f"Plan's Phase 2 target: 60% -> 70%+: {'MET' if last >= 0.70 else 'NOT MET'}"
+        if profile.reachable(0.10)
+        else f"nothing these users like beats the seed (best {best_rate:.0%}): the loop should promote nothing"
+    )
+    champion = prompt["champion"]["version"]
+    own = tally.per_version.get(champion, [0, 0])
     print(
         f"\nPositive rate: {first:.1%} on the seed prompt v1.0 -> {last:.1%} over the last {min(w, len(tally.votes))} "
-        f"votes (champion now {prompt['champion']['version']}).  Plan's Phase 2 target: 60% -> 70%+: "
-        f"{'MET' if last >= 0.70 else 'NOT MET'}"
+        f"votes (champion now {champion}: {own[0] / max(1, own[1]):.1%} of its own {own[1]} votes; the rest of the "
+        f"recent votes are the running experiment's).  {target}"
     )
     return last
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.0%}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=400, help="votes per point of the learning curve")
     parser.add_argument("--max-minutes", type=float, default=6.0, help="stop the traffic after this long")
     parser.add_argument("--adaptive", action="store_true", help="adaptive (Thompson) allocation")
+    parser.add_argument("--taste", choices=sorted(PROFILES), default="demo", help="the users' hidden taste profile")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temporary folder")
     args = parser.parse_args(argv)
 
@@ -227,16 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack.start()
         print(f"up at {stack.url}; admin token in {data_dir}/secrets.env\n", flush=True)
+        profile = PROFILES[args.taste]
         print(
-            "Hidden user tastes: base 60% thumbs up; bullet points +15 pts, risk note +12 pts, "
-            "over-terse -5 pts, plain language 0.\n",
-            flush=True,
+            f"Hidden user tastes ({profile.name}): base {SEED_RATE:.0%} thumbs up; {profile.description}.\n", flush=True
         )
-        tally, _ = simulate(stack, args.users, args.seed, args.window, args.max_minutes)
-        final = summary(stack, tally)
+        tally, _ = simulate(stack, args.users, args.seed, args.window, args.max_minutes, profile)
+        final = summary(stack, tally, profile)
     finally:
         stack.stop()
-    return 0 if final >= 0.70 else 1
+    return 0 if final >= 0.70 or not profile.reachable(0.10) else 1
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ SUBSCRIPTIONS: Mapping[str, tuple[str, ...]] = {
     "experiment.started": ("router.on_experiment_started", "dashboard.on_experiment_started"),
     "experiment.allocation_changed": ("router.on_allocation_changed",),
     "experiment.concluded": ("router.on_experiment_concluded", "dashboard.on_experiment_concluded"),
+    "prompt.search_exhausted": ("dashboard.on_search_exhausted",),
     "model.registered": (
         "router.on_model_registered",
         "optimizer.on_model_registered",

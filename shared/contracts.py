@@ -220,6 +220,18 @@ class ExperimentConcluded(Event):
     reason: str = ""
 
 
+class SearchExhausted(Event):
+    """The optimizer's variant search for a prompt has nothing left to try on top of its champion (every
+    combination tried or ruled out, or the generator's last proposals all rejected): generation stops until
+    the champion changes or a version is added by hand."""
+
+    type: ClassVar[str] = "prompt.search_exhausted"
+    prompt_name: str
+    champion_version: str
+    versions_tried: int
+    reason: str = ""
+
+
 class ModelRegistered(Event):
     type: ClassVar[str] = "model.registered"
     model_id: str
@@ -276,6 +288,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ExperimentStarted,
         AllocationChanged,
         ExperimentConcluded,
+        SearchExhausted,
         ModelRegistered,
         FineTuneProgress,
     )

@@ -21,6 +21,7 @@ from shared.contracts import (
     FeedbackRecorded,
     FineTuneProgress,
     ModelRegistered,
+    SearchExhausted,
     derived_id,
     utcnow,
 )
@@ -200,6 +201,30 @@ def on_finetune_progress(event: FineTuneProgress, uow: SqlUnitOfWork) -> str:
             }
         )
         return "stored" if newer else "stale"
+
+    return _once(event, uow, apply)
+
+
+def on_search_exhausted(event: SearchExhausted, uow: SqlUnitOfWork) -> str:
+    """The optimizer's variant search has nothing left to try: an alert, so an operator knows the loop
+    stopped generating (and why) instead of finding out from a flat learning curve."""
+
+    def apply(uow: SqlUnitOfWork) -> str:
+        added = uow.repo.add_alert(
+            {
+                "alert_id": str(derived_id("dashboard.alert", event.message_id)),
+                "created_at": utc(event.occurred_at),
+                "scope": f"prompt {event.prompt_name}",
+                "kind": "search_exhausted",
+                "message": (
+                    f"variant search for {event.prompt_name} exhausted at champion {event.champion_version} "
+                    f"({event.versions_tried} versions tried); generation stopped: {event.reason}"
+                ),
+                "recent_votes": 0,
+                "baseline_votes": 0,
+            }
+        )
+        return "stored" if added else "known"
 
     return _once(event, uow, apply)
 

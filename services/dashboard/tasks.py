@@ -19,6 +19,7 @@ from shared.contracts import (
     FeedbackRecorded,
     FineTuneProgress,
     ModelRegistered,
+    SearchExhausted,
 )
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -86,6 +87,13 @@ def on_experiment_concluded(payload: dict) -> Any:
 @app.task(name="dashboard.on_model_registered")
 def on_model_registered(payload: dict) -> Any:
     result = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow())
+    _relay()
+    return result
+
+
+@app.task(name="dashboard.on_search_exhausted")
+def on_search_exhausted(payload: dict) -> Any:
+    result = handlers.on_search_exhausted(SearchExhausted.from_payload(payload), _store().uow())
     _relay()
     return result
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.optimizer import domain, experiments, registry, views
+from services.optimizer import domain, experiments, registry, search, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import GenerationFailed, VariantGenerator
 from services.optimizer.store import Store, outbox
@@ -227,9 +227,11 @@ def list_prompts(store: StoreDep) -> dict[str, Any]:
 
 
 @router.get("/api/prompts/{name}")
-def get_prompt(name: str, store: StoreDep) -> dict[str, Any]:
+def get_prompt(name: str, store: StoreDep, settings: SettingsDep, generator: GeneratorDep) -> dict[str, Any]:
+    """The prompt's registry entry, and its variant search: rounds, what each tried and learned, exhausted."""
     try:
-        return views.prompts_view(store.uow(), name)[0]
+        prompt = views.prompts_view(store.uow(), name)[0]
+        return prompt | {"search": search.search_view(store.uow(), name, generator, settings)}
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
 
@@ -243,9 +245,10 @@ def generate_variants(
     generator: GeneratorDep,
     body: VariantsBody | None = None,
 ) -> dict[str, Any]:
-    """Generate variants of the champion (OpenAI with a key, offline rewrites without); 429 when rate limited."""
+    """Generate variants of the champion (OpenAI with a key, offline rewrites without) with the prompt's search
+    history; 429 when rate limited, 409 when the search is exhausted."""
     try:
-        return registry.generate_variants(name, store.uow, generator, settings, count=body.count if body else None)
+        return search.generate_variants(name, store.uow, generator, settings, count=body.count if body else None)
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
     except GenerationFailed as exc:

@@ -45,6 +45,9 @@ class OptimizerSettings(ServiceSettings):
     max_variant_chars: int = Field(2000, ge=50)
     min_variant_chars: int = Field(40, ge=1)
     near_duplicate_ratio: float = Field(0.9, gt=0, le=1)
+    # the search is exhausted (announced once, generation stops) after this many generations in a row for
+    # the same champion that added no candidate; the offline generator also knows when its space is spent
+    generation_patience: int = Field(3, ge=1)
 
     # -- fine-tuned models (finetune service): ship only with a relative lift >= this ---------------------
     finetune_min_lift: float = Field(0.10, ge=0)

@@ -23,11 +23,11 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from services.optimizer import domain
+from services.optimizer import domain, search
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.experiments import create_experiment, spec_defaults
 from services.optimizer.generation import GenerationFailed, VariantGenerator
-from services.optimizer.registry import UowFactory, _aware, generate_variants
+from services.optimizer.registry import SearchExhausted, UowFactory, _aware
 from services.optimizer.store import SqlUnitOfWork
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered, utcnow
 from shared.prompts import PROMPT_NAME
@@ -166,8 +166,9 @@ def auto_cycle(
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """The self-learning loop's beat: for every prompt with no experiment running or queued, take the
-    untested candidates descended from the champion (generating new ones when there are none and the rate
-    limit allows) and start the next experiment: champion as control, candidates as treatments."""
+    untested candidates descended from the champion (generating new ones, with the search's history, when
+    there are none and the rate limit allows) and start the next experiment: champion as control, candidates
+    as treatments. A search with nothing left is announced once (SearchExhausted) and generates no more."""
     now = now or utcnow()
     out: list[dict[str, Any]] = []
     if not settings.auto_experiment:
@@ -193,8 +194,15 @@ def auto_cycle(
             ]
         generated = None
         if not candidates:
+            if search.already_announced(uow_factory(), name):
+                out.append({"prompt_name": name, "action": "exhausted", "reason": "announced before; nothing changed"})
+                continue
             try:
-                generated = generate_variants(name, uow_factory, generator, settings, now)
+                generated = search.generate_variants(name, uow_factory, generator, settings, now)
+            except SearchExhausted as exc:
+                search.announce_exhausted(uow_factory(), name, str(exc))
+                out.append({"prompt_name": name, "action": "exhausted", "reason": str(exc)})
+                continue
             except domain.RateLimited as exc:
                 out.append({"prompt_name": name, "action": "waiting", "reason": str(exc)})
                 continue

@@ -4,7 +4,10 @@ imports none of them): experiments.py, views.py and handlers.py use its champion
 `_require_prompt`) and small shared helpers (`UowFactory`, `_aware`, `_iso`, `_version_view`).
 
 Commands: `ensure_seeded`, `add_version`, `archive_version`.
-Variants: `generate_variants` (ask the generator, keep the variants that pass the guardrails as candidates).
+Variants: `generate_variants` (ask the generator, with the prompt's search history when the caller has it, and
+keep the variants that pass the guardrails as candidates; a proposal that repeats an existing version or an
+earlier rejected one is rejected as a repeat; `SearchExhausted` when the generator has nothing left). The
+history itself is read in search.py, which also decides when the search is exhausted and announces it.
 Rolling the champion back stops the running experiment, so `rollback_prompt` lives in experiments.py; the
 read model of the registry, `prompts_view`, in views.py.
 """
@@ -19,12 +22,18 @@ from typing import Any
 
 from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
-from services.optimizer.generation import VariantGenerator
+from services.optimizer.generation import SearchHistory, VariantGenerator, fingerprint
 from services.optimizer.store import SqlUnitOfWork
 from shared.contracts import ChampionChanged, PromptTemplate, derived_id, utcnow
 from shared.prompts import SEED_PROMPT, TemplateError, check_template
 
 log = logging.getLogger(__name__)
+
+
+class SearchExhausted(domain.Conflict):
+    """The generator has nothing left to propose for this champion (409): the search stops instead of
+    spinning until the champion changes or someone adds a version by hand."""
+
 
 UowFactory = Callable[[], SqlUnitOfWork]
 
@@ -219,10 +228,13 @@ def generate_variants(
     now: datetime | None = None,
     *,
     count: int | None = None,
+    history: SearchHistory | None = None,
 ) -> dict[str, Any]:
     """Ask the generator for variants of the champion, keep those that pass the guardrails as candidate
     versions (lineage: parent = champion, reason = the generator's rationale), record the cost. Rate
-    limited per prompt (RateLimited carries the wait); the provider call runs outside any transaction."""
+    limited per prompt (RateLimited carries the wait); the provider call runs outside any transaction.
+    With a `history` the generator sees what was tried; a generator with nothing left raises
+    SearchExhausted and records no generation."""
     now = now or utcnow()
     count = count or settings.generation_count
     with uow_factory() as uow:
@@ -230,7 +242,10 @@ def generate_variants(
         _rate_limit(uow, name, settings, now)
         parent = uow.repo.version(name, champion["version"])
         assert parent is not None
-    result = generator.generate(parent["template"], count)
+    result = generator.generate(parent["template"], count, history)
+    if result.exhausted and not result.candidates:
+        raise SearchExhausted(f"the search for better versions of {name!r} is exhausted: {result.note}")
+    repeats = _known_proposals(history)
     accepted: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
     with uow_factory() as uow:
@@ -255,7 +270,8 @@ def generate_variants(
             }
         )
         for cand in result.candidates:
-            problem = domain.variant_problem(
+            key = fingerprint(cand.template)
+            problem = repeats.get(key) or domain.variant_problem(
                 cand.template,
                 templates,
                 min_chars=settings.min_variant_chars,
@@ -263,7 +279,10 @@ def generate_variants(
                 duplicate_ratio=settings.near_duplicate_ratio,
             )
             if problem is not None:
-                rejected.append({"reason": problem, "rationale": cand.rationale, "preview": cand.template[:200]})
+                rejected.append(
+                    {"reason": problem, "rationale": cand.rationale, "preview": cand.template[:200], "fingerprint": key}
+                )
+                repeats.setdefault(key, f"repeats a proposal rejected before ({problem})")
                 continue
             version = domain.next_version(numbers, champion["version"])
             repo.add_version(
@@ -280,6 +299,7 @@ def generate_variants(
             )
             templates.append(cand.template)
             numbers.append(version)
+            repeats[key] = f"repeats {version}, added in the same generation"
             row = repo.version(name, version)
             assert row is not None
             accepted.append(_version_view(row))
@@ -297,4 +317,16 @@ def generate_variants(
         "tokens_out": result.tokens_out,
         "accepted": accepted,
         "rejected": rejected,
+        "note": result.note,
     }
+
+
+def _known_proposals(history: SearchHistory | None) -> dict[str, str]:
+    """fingerprint -> why a proposal with it is a repeat: an existing version (and how it fared), or a
+    proposal the guardrails rejected before."""
+    if history is None:
+        return {}
+    out = {r.fingerprint: f"repeats a proposal rejected before ({r.reason})" for r in history.rejected if r.fingerprint}
+    for v in history.versions:
+        out[fingerprint(v.template)] = f"repeats {v.version} ({v.outcome})"
+    return out

@@ -22,6 +22,7 @@ from shared.contracts import (
     FineTuneProgress,
     Message,
     ModelRegistered,
+    SearchExhausted,
 )
 from shared.redis_server import RedisServer
 from shared.settings import ServiceSettings
@@ -118,3 +119,18 @@ def test_beat_tasks_run_on_the_worker(worker: tuple[Celery, Store]) -> None:
     )  # fmt: skip
     send(app, "dashboard.on_explanation_created", ex)  # queued after the beat tasks: proves they were consumed
     wait_for(lambda: handlers.revision(store.uow()) > before, timeout_s=30, what="the worker to get past beat tasks")
+
+
+def test_an_exhausted_search_reaches_the_dashboard_as_an_alert(worker: tuple[Celery, Store]) -> None:
+    app, store = worker
+    event = SearchExhausted(prompt_name="explain_signal", champion_version="v1.2", versions_tried=15, reason="spent")
+    for task in SUBSCRIPTIONS[SearchExhausted.type]:
+        send(app, task, event)
+        send(app, task, event)  # redelivered: one alert
+
+    def alerts() -> list | None:
+        found = handlers.stats(store.uow(), 30, POLICY)["alerts"]
+        return found or None
+
+    (alert,) = wait_for(alerts, timeout_s=30, what="the worker to store the alert")
+    assert alert["kind"] == "search_exhausted" and "v1.2" in alert["message"]

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.optimizer.config import OptimizerSettings
+from services.optimizer.generation import render_with_traits
 from services.optimizer.main import create_app
 from shared.prompts import SEED_TEMPLATE
 from shared.redis_server import RedisServer
@@ -218,6 +219,42 @@ def test_variants_are_generated_then_rate_limited_with_retry_after(client: TestC
     assert "allowed in" in error_of(r)
     assert client.post("/api/prompts/nope/variants", headers=ADMIN).status_code == 404
     assert client.post("/api/prompts/explain_signal/variants", json={"count": 0}, headers=ADMIN).status_code == 422
+
+
+def test_prompt_shows_its_search_rounds_and_a_spent_search_is_a_409(client: TestClient) -> None:
+    search = client.get("/api/prompts/explain_signal").json()["search"]
+    assert search["exhausted"] is False and search["remaining"] == 15 and search["rounds"] == []
+    r = client.post("/api/prompts/explain_signal/variants", json={"count": 3}, headers=ADMIN)
+    assert r.status_code == 201 and r.json()["note"].startswith("15 combinations left")
+    arms = [{"prompt_version": "v1.0", "model": MODEL, "is_control": True}] + [
+        {"prompt_version": v, "model": MODEL} for v in ("v1.1", "v1.2", "v1.3")
+    ]
+    assert client.post("/api/experiments", json=body(arms=arms), headers=ADMIN).status_code == 201
+    search = client.get("/api/prompts/explain_signal").json()["search"]
+    (round_,) = search["rounds"]
+    assert round_["control"]["version"] == "v1.0" and round_["status"] == "running"
+    assert [t["version"] for t in round_["tried"]] == ["v1.1", "v1.2", "v1.3"]
+    assert round_["tried"][0]["why"] == "offline: add bullet points (not tried yet)"
+    assert round_["learned"].startswith("collecting") and search["remaining"] == 12
+
+    traits = ("bullets", "risk", "concise", "plain")
+    for mask in range(8, 16):  # every combination with plain language, added by hand
+        chosen = {t for i, t in enumerate(traits) if mask >> i & 1}
+        template = render_with_traits(SEED_TEMPLATE, chosen)
+        r = client.post("/api/prompts/explain_signal/versions", json={"template": template}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+    for chosen in ({"bullets", "risk"}, {"bullets", "concise"}, {"risk", "concise"}, {"bullets", "risk", "concise"}):
+        template = render_with_traits(SEED_TEMPLATE, chosen)
+        assert (
+            client.post("/api/prompts/explain_signal/versions", json={"template": template}, headers=ADMIN).status_code
+            == 201
+        )
+    search = client.get("/api/prompts/explain_signal").json()["search"]
+    assert (
+        search["exhausted"] is True and search["remaining"] == 0 and "every combination" in search["exhausted_reason"]
+    )
+    r = client.post("/api/prompts/explain_signal/variants", headers=ADMIN)
+    assert r.status_code == 409 and "exhausted" in error_of(r)
 
 
 @pytest.mark.parametrize(

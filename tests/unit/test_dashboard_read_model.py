@@ -21,6 +21,7 @@ from shared.contracts import (
     FineTuneProgress,
     ModelRegistered,
     PromptTemplate,
+    SearchExhausted,
 )
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -365,3 +366,14 @@ def test_a_weekend_dip_that_is_the_weekly_pattern_raises_no_alert_but_a_weekday_
     assert checks[0]["status"] == "ANOMALY", checks
     alerts = handlers.stats(store.uow(), 60, POLICY, now=later)["alerts"]
     assert alerts and alerts[0]["kind"] == "positive_rate_below_forecast"
+
+
+def test_an_exhausted_search_becomes_one_alert(store: Store) -> None:
+    event = SearchExhausted(
+        prompt_name="explain_signal", champion_version="v1.4", versions_tried=15, reason="every combination tried"
+    )
+    assert handlers.on_search_exhausted(event, store.uow()) == "stored"
+    assert handlers.on_search_exhausted(event, store.uow()) == "duplicate"
+    alerts = handlers.stats(store.uow(), 30, POLICY, now=NOW)["alerts"]
+    assert [(a["kind"], a["scope"]) for a in alerts] == [("search_exhausted", "prompt explain_signal")]
+    assert "exhausted at champion v1.4 (15 versions tried); generation stopped" in alerts[0]["message"]

@@ -11,7 +11,7 @@ import pytest
 
 from services.optimizer import domain, experiments, handlers, registry, views
 from services.optimizer.config import OptimizerSettings
-from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator
+from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator, SearchHistory
 from services.optimizer.store import Store, outbox
 from shared.bus import FakeBus
 from shared.contracts import (
@@ -453,7 +453,7 @@ class FixedGenerator:
         self.templates = templates
         self.calls = 0
 
-    def generate(self, template: str, count: int) -> GenerationResult:
+    def generate(self, template: str, count: int, history: SearchHistory | None = None) -> GenerationResult:
         self.calls += 1
         return GenerationResult(
             source="openai",
@@ -474,7 +474,7 @@ def test_generation_keeps_good_variants_rejects_broken_ones_and_records_cost(
     result = registry.generate_variants(PROMPT_NAME, store.uow, generator, settings, count=4)
     assert [v["version"] for v in result["accepted"]] == ["v1.1"]
     reasons = [r["reason"] for r in result["rejected"]]
-    assert "indicators" in reasons[0] and "near-duplicate" in reasons[1] and "near-duplicate" in reasons[2]
+    assert "indicators" in reasons[0] and "near-duplicate" in reasons[1] and "repeats v1.1" in reasons[2]
     assert result["cost_usd"] == pytest.approx(0.0021)
     generations = views.prompts_view(store.uow(), PROMPT_NAME)[0]["generations"]
     assert generations[0]["cost_usd"] == pytest.approx(0.0021) and generations[0]["rejected"] == 3

@@ -282,6 +282,7 @@ function renderStats(s) {
   $("stat-cost").textContent = usd(t.cost_per_explanation);
   $("stat-latency").textContent = ms(t.avg_latency_ms);
 
+  loadSearch();
   const alerts = $("alerts");
   alerts.replaceChildren(...s.alerts.slice(0, 5).map((a) => el("div", { class: "alert", role: "note" }, `⚠ ${a.created_at.slice(0, 16).replace("T", " ")} — ${a.message}`)));
 
@@ -374,6 +375,26 @@ function heatmap(h) {
     return td;
   })));
   return el("table", { class: "heat" }, el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+// The optimizer's variant search (GET /api/prompts/{name}, public): rounds, what each tried and learned.
+let searchLoadedAt = 0;
+async function loadSearch() {
+  if (Date.now() - searchLoadedAt < 5000) return;  // the stream may redraw often; the search changes per round
+  searchLoadedAt = Date.now();
+  let p;
+  try { p = await api("GET", "/api/prompts/explain_signal"); } catch (e) { $("search-state").textContent = `search unavailable (${e.message})`; return; }
+  const s = p.search || { rounds: [] };
+  $("search-state").textContent = s.exhausted
+    ? `⚠ Search exhausted at champion ${s.champion_version}: ${s.exhausted_reason}. Generation has stopped.`
+    : `Searching: champion ${s.champion_version}, ${s.remaining ?? "?"} combinations left to try.`;
+  const lift = (x) => (x === null || x === undefined ? "—" : `${x >= 0 ? "+" : ""}${(100 * x).toFixed(1)}%`);
+  const rounds = s.rounds.map((r, i) => ({ ...r, n: i + 1 })).reverse();
+  $("search-rounds").replaceChildren(table([
+    ["Round", (r) => r.n], ["Control", (r) => r.control.version],
+    ["Tried (lift)", (r) => r.tried.map((t) => `${t.version} ${lift(t.lift)}`).join(", ") || "—"],
+    ["Votes", (r) => r.votes], ["Learned", (r) => r.learned],
+  ], rounds, "no round yet"));
 }
 
 function experiments(list) {

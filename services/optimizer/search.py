@@ -1,0 +1,323 @@
+"""The variant search of a prompt, as a whole: what every round tried and what it learned, the history a
+generator is given, and when the search is exhausted.
+
+- `load_history`: the prompt's `SearchHistory` (every version with the result of its latest experiment, the
+  proposals the guardrails rejected and why, how many generations in a row added nothing) read through the
+  real analysis of each experiment (`experiments._evaluate`, the same numbers `GET /api/experiments/{id}`
+  shows).
+- `generate_variants`: registry.generate_variants with that history; SearchExhausted when the generator has
+  nothing left or `generation_patience` generations in a row for this champion added nothing.
+- `announce_exhausted` / `already_announced`: the SearchExhausted event, staged once per state of the search
+  (champion and number of versions); the dashboard turns it into an alert. Its id is derived from that state
+  and remembered in the processed-message log, so the beat's next checks neither publish it again nor call
+  the generator.
+- `search_view`: the latest rounds with what each tried and learned, the rejected proposals, and whether the
+  search is exhausted (`GET /api/prompts/{name}` carries it as "search"; a public GET, so it analyses at most
+  the latest VIEW_ROUNDS experiments).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+from services.optimizer import domain, stats
+from services.optimizer.config import OptimizerSettings
+from services.optimizer.experiments import _evaluate
+from services.optimizer.generation import (
+    OUTCOME_CHAMPION,
+    OUTCOME_LOST,
+    OUTCOME_STOPPED,
+    OUTCOME_TESTING,
+    OUTCOME_UNTESTED,
+    OUTCOME_WON,
+    RejectedProposal,
+    SearchHistory,
+    TriedVersion,
+    VariantGenerator,
+)
+from services.optimizer.registry import SearchExhausted, UowFactory, _aware, _iso, _require_prompt
+from services.optimizer.registry import generate_variants as _generate
+from services.optimizer.store import SqlUnitOfWork
+from shared.contracts import SearchExhausted as SearchExhaustedEvent
+from shared.contracts import derived_id, utcnow
+
+OUTCOME_REPLACED = "replaced"  # was champion, replaced by a winner or a rollback
+REJECTED_KEPT = 50  # latest rejected proposals a generator is shown (deduplicated)
+VIEW_ROUNDS = 20  # rounds the public view analyses and shows (the latest): a GET must stay cheap
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _json_safe(value: Any) -> Any:
+    """Tuples to lists, non-finite floats to None (an interval may be unbounded early on)."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, tuple | list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _survey(
+    uow: SqlUnitOfWork, name: str, now: datetime, *, analyze_last: int | None = None
+) -> tuple[SearchHistory, list[dict[str, Any]]]:
+    """One pass over the prompt's registry and experiments: the history and the rounds (oldest first).
+    `analyze_last`: analyse only the latest rounds (the public view; older rounds keep their verdicts)."""
+    repo = uow.repo
+    champion = _require_prompt(uow, name)
+    versions = repo.versions(name)
+    facts: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, Any]] = []
+    experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: _aware(e["created_at"]))
+    first_analyzed = 0 if analyze_last is None else max(0, len(experiments) - analyze_last)
+    for index, exp in enumerate(experiments):
+        arms = repo.arms(exp["experiment_id"])
+        control = next((a for a in arms if a["is_control"]), None)
+        if control is None:
+            continue
+        results: dict[str, stats.ArmResult] = {}
+        if exp["started_at"] is not None and index >= first_analyzed:
+            _, analysis, _ = _evaluate(uow, exp, arms, now)
+            results = {r.arm_id: r for r in analysis.arms}
+        tried = []
+        for a in arms:
+            r = results.get(a["arm_id"])
+            if a["is_control"] or a["prompt_version"] == control["prompt_version"]:
+                continue  # a model comparison on the same prompt says nothing about the prompt
+            if exp["status"] in (domain.RUNNING, domain.AWAITING_APPROVAL, domain.QUEUED):
+                outcome = OUTCOME_TESTING
+            elif exp["status"] in (domain.STOPPED, domain.PAUSED):
+                outcome = OUTCOME_STOPPED
+            elif exp["decision"] == stats.DECISION_SHIP and exp["winner_arm_id"] == a["arm_id"]:
+                outcome = OUTCOME_WON
+            else:
+                outcome = OUTCOME_LOST
+            ci = r.lift_ci_sequential if r is not None else None
+            fact = {
+                "outcome": outcome,
+                "experiment_id": exp["experiment_id"],
+                "control_version": control["prompt_version"],
+                "rate": _finite(r.rate) if r is not None else None,
+                "n": r.n if r is not None else 0,
+                "lift": _finite(r.lift) if r is not None else None,
+                "diff_ci": (float(ci[0]), float(ci[1])) if ci is not None else None,
+            }
+            facts[a["prompt_version"]] = fact
+            tried.append({"version": a["prompt_version"], "arm_id": a["arm_id"], **fact})
+        control_result = results.get(control["arm_id"])
+        rounds.append(
+            {
+                "experiment_id": exp["experiment_id"],
+                "status": exp["status"],
+                "decision": exp["decision"] or exp["last_status"],
+                "reason": exp["reason"] or exp["last_reason"] or "",
+                "source": exp["source"],
+                "started_at": _iso(exp["started_at"]),
+                "ended_at": _iso(exp["ended_at"]),
+                "control": {
+                    "version": control["prompt_version"],
+                    "rate": _finite(control_result.rate) if control_result else None,
+                    "n": control_result.n if control_result else 0,
+                },
+                "votes": sum(r.n for r in results.values()),
+                "tried": tried,
+            }
+        )
+    history_versions = []
+    for v in versions:
+        fact = facts.get(v["version"], {})
+        outcome = fact.get("outcome", OUTCOME_UNTESTED)
+        if v["version"] == champion["version"]:
+            outcome = OUTCOME_CHAMPION
+        elif not fact and v["status"] == domain.VERSION_ARCHIVED:
+            outcome = OUTCOME_REPLACED
+        history_versions.append(
+            TriedVersion(
+                version=v["version"],
+                template=v["template"],
+                source=v["source"],
+                parent_version=v["parent_version"],
+                reason=v["reason"],
+                **(fact | {"outcome": outcome}),
+            )
+        )
+    rejected: list[RejectedProposal] = []
+    seen: set[str] = set()
+    empty, counting = 0, True
+    for g in repo.generations(name, limit=200):  # latest first
+        if counting and g["parent_version"] == champion["version"]:
+            if g["accepted"]:
+                counting = False
+            else:
+                empty += 1
+        else:
+            counting = False
+        for r in g["rejected"] or []:
+            key = r.get("fingerprint") or r.get("preview", "")
+            if key in seen or len(rejected) >= REJECTED_KEPT:
+                continue
+            seen.add(key)
+            rejected.append(
+                RejectedProposal(
+                    reason=str(r.get("reason", "")),
+                    rationale=str(r.get("rationale", "")),
+                    preview=str(r.get("preview", "")),
+                    fingerprint=r.get("fingerprint"),
+                )
+            )
+    history = SearchHistory(
+        prompt_name=name,
+        champion_version=champion["version"],
+        versions=tuple(history_versions),
+        rejected=tuple(rejected),
+        empty_generations=empty,
+    )
+    return history, rounds
+
+
+def load_history(uow: SqlUnitOfWork, name: str, now: datetime | None = None) -> SearchHistory:
+    with uow:
+        return _survey(uow, name, now or utcnow())[0]
+
+
+def exhaustion(
+    history: SearchHistory, template: str, generator: VariantGenerator, settings: OptimizerSettings
+) -> str | None:
+    """Why the search is exhausted, or None while something is left to try. Asks no provider."""
+    if history.empty_generations >= settings.generation_patience:
+        return (
+            f"the last {history.empty_generations} generations for champion {history.champion_version} added no "
+            f"candidate (OPTIMIZER_GENERATION_PATIENCE={settings.generation_patience})"
+        )
+    remaining = getattr(generator, "remaining", None)
+    if remaining is not None and remaining(template, history) == 0:
+        return (
+            f"every combination of style traits on top of champion {history.champion_version} has been tried "
+            "or ruled out (a trait that clearly hurt on its own is not combined)"
+        )
+    return None
+
+
+def generate_variants(
+    name: str,
+    uow_factory: UowFactory,
+    generator: VariantGenerator,
+    settings: OptimizerSettings,
+    now: datetime | None = None,
+    *,
+    count: int | None = None,
+) -> dict[str, Any]:
+    """Generate variants of the champion with the prompt's history; SearchExhausted (409) when nothing is
+    left to try, before any provider is asked."""
+    now = now or utcnow()
+    history = load_history(uow_factory(), name, now)
+    template = history.template_of(history.champion_version) or ""
+    why = exhaustion(history, template, generator, settings)
+    if why is not None:
+        raise SearchExhausted(f"the search for better versions of {name!r} is exhausted: {why}")
+    return _generate(name, uow_factory, generator, settings, now, count=count, history=history)
+
+
+def _exhaustion_id(name: str, champion_version: str, versions: int) -> Any:
+    return derived_id("optimizer.search_exhausted", name, champion_version, versions)
+
+
+def already_announced(uow: SqlUnitOfWork, name: str) -> bool:
+    """Whether the search was announced exhausted in its present state (same champion, no version added)."""
+    with uow:
+        champion = _require_prompt(uow, name)
+        return uow.repo.seen(_exhaustion_id(name, champion["version"], len(uow.repo.versions(name))))
+
+
+def announce_exhausted(uow: SqlUnitOfWork, name: str, reason: str) -> bool:
+    """Stage SearchExhausted once for this state of the search. True when it was staged now."""
+    with uow:
+        champion = _require_prompt(uow, name)
+        n_versions = len(uow.repo.versions(name))
+        event_id = _exhaustion_id(name, champion["version"], n_versions)
+        if uow.repo.seen(event_id):
+            return False
+        uow.repo.mark_seen(event_id)
+        uow.add_events(
+            SearchExhaustedEvent(
+                message_id=event_id,
+                prompt_name=name,
+                champion_version=champion["version"],
+                versions_tried=max(0, n_versions - 1),
+                reason=reason[:1000],
+            )
+        )
+        uow.commit()
+    return True
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.1%}"
+
+
+def _learned(r: dict[str, Any]) -> str:
+    """One sentence: what the round taught."""
+    tried = r["tried"]
+    control = r["control"]["version"]
+    if not tried:
+        return "no prompt variant in this round (a model comparison)"
+    if any(t["outcome"] == OUTCOME_TESTING for t in tried):
+        leader = max(tried, key=lambda t: t["lift"] if t["lift"] is not None else -math.inf)
+        return f"collecting: leader so far {leader['version']} ({_pct(leader['lift'])} against {control})"
+    won = [t for t in tried if t["outcome"] == OUTCOME_WON]
+    hurt = [t["version"] for t in tried if t["diff_ci"] is not None and t["diff_ci"][1] < 0]
+    tail = f"; clearly worse: {', '.join(hurt)}" if hurt else ""
+    if won:
+        w = won[0]
+        return f"{w['version']} beat {control} ({_pct(w['lift'])}) and became champion{tail}"
+    if all(t["outcome"] == OUTCOME_STOPPED for t in tried):
+        return f"stopped without a verdict ({r['reason'][:120]})"
+    best = max(tried, key=lambda t: t["lift"] if t["lift"] is not None else -math.inf)
+    return f"none beat {control} (best {best['version']} {_pct(best['lift'])}){tail}"
+
+
+def search_view(
+    uow: SqlUnitOfWork,
+    name: str,
+    generator: VariantGenerator,
+    settings: OptimizerSettings,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The search as an operator reads it: rounds (what each tried and learned), what was rejected, what is
+    left, and whether the search is exhausted."""
+    now = now or utcnow()
+    with uow:
+        history, rounds = _survey(uow, name, now, analyze_last=VIEW_ROUNDS)
+    total_rounds = len(rounds)
+    rounds = rounds[-VIEW_ROUNDS:]
+    template = history.template_of(history.champion_version) or ""
+    why = exhaustion(history, template, generator, settings)
+    remaining = getattr(generator, "remaining", None)
+    left = remaining(template, history) if remaining is not None else None
+    by_version = {v.version: v for v in history.versions}
+    for r in rounds:
+        for t in r["tried"]:
+            v = by_version.get(t["version"])
+            t["why"] = v.reason if v is not None else ""
+        r["learned"] = _learned(r)
+    return _json_safe(
+        {
+            "champion_version": history.champion_version,
+            "exhausted": why is not None,
+            "exhausted_reason": why,
+            "remaining": left,
+            "empty_generations": history.empty_generations,
+            "rounds_total": total_rounds,
+            "rounds": rounds,
+            "versions": [
+                {"version": v.version, "outcome": v.outcome, "lift": v.lift, "experiment_id": v.experiment_id}
+                for v in history.versions
+            ],
+            "rejected": [{"reason": r.reason, "rationale": r.rationale} for r in history.rejected[:10]],
+        }
+    )

@@ -1,0 +1,314 @@
+"""The variant search remembers: the offline walk over trait combinations, repeats rejected, the history the
+generators see, and an exhausted search that stops with one announcement (real SQLite store, FakeBus)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from services.optimizer import experiments, handlers, registry, search
+from services.optimizer.config import OptimizerSettings
+from services.optimizer.generation import (
+    OUTCOME_CHAMPION,
+    OUTCOME_LOST,
+    OUTCOME_WON,
+    Candidate,
+    GenerationResult,
+    OfflineGenerator,
+    RejectedProposal,
+    SearchHistory,
+    TriedVersion,
+    fingerprint,
+    history_text,
+    render_with_traits,
+    traits_of,
+)
+from services.optimizer.store import Store, outbox
+from shared.bus import FakeBus
+from shared.contracts import ExperimentStarted, ExplanationCreated, FeedbackRecorded, SearchExhausted, utcnow
+from shared.outbox import relay
+from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
+
+MODEL = "offline/template-v1"
+
+
+def tried(version: str, traits: set[str], outcome: str = OUTCOME_LOST, **kw: Any) -> TriedVersion:
+    return TriedVersion(version, render_with_traits(SEED_TEMPLATE, traits), outcome=outcome, **kw)
+
+
+SEED = TriedVersion("v1.0", SEED_TEMPLATE, source="seed", outcome=OUTCOME_CHAMPION)
+
+
+# -- the offline walk (pure) --------------------------------------------------------------------------------
+
+
+def test_offline_walk_tries_untried_traits_first_then_combinations_ranked_by_what_they_measured() -> None:
+    history = SearchHistory(
+        PROMPT_NAME,
+        "v1.0",
+        (
+            SEED,
+            tried("v1.1", {"bullets"}, control_version="v1.0", lift=0.04, diff_ci=(-0.05, 0.10)),
+            tried("v1.2", {"risk"}, control_version="v1.0", lift=0.03, diff_ci=(-0.06, 0.09)),
+            # concise clearly hurt: the whole interval of its difference lies below zero
+            tried("v1.3", {"concise"}, control_version="v1.0", lift=-0.08, diff_ci=(-0.12, -0.01)),
+        ),
+    )
+    result = OfflineGenerator().generate(SEED_TEMPLATE, 3, history)
+    # plain language is tried alone first; only traits tried alone are combined, concise (clearly harmful) never
+    assert [traits_of(c.template) for c in result.candidates] == [{"plain"}, {"bullets", "risk"}]
+    assert "not tried yet" in result.candidates[0].rationale and "combine" in result.candidates[1].rationale
+    assert not result.exhausted
+    after = SearchHistory(
+        PROMPT_NAME,
+        "v1.0",
+        history.versions
+        + (
+            tried("v1.4", {"plain"}, control_version="v1.0", lift=0.035, diff_ci=(-0.05, 0.10)),
+            tried("v1.5", {"bullets", "risk"}, control_version="v1.0", lift=0.0, diff_ci=(-0.08, 0.08)),
+        ),
+    )
+    assert [traits_of(c.template) for c in OfflineGenerator().plan(SEED_TEMPLATE, after)] == [
+        {"bullets", "plain"},  # 0.04 + 0.035
+        {"risk", "plain"},  # 0.03 + 0.035
+        {"bullets", "risk", "plain"},
+    ]
+
+
+def test_offline_walk_without_memory_is_todays_fixed_order() -> None:
+    history = SearchHistory(PROMPT_NAME, "v1.0", (SEED, tried("v1.1", {"bullets"})))
+    result = OfflineGenerator(remember=False).generate(SEED_TEMPLATE, 3, history)
+    assert [traits_of(c.template) for c in result.candidates] == [{"bullets"}, {"risk"}, {"concise"}]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_offline_generator_never_reproposes_an_existing_or_rejected_version_and_ends_exhausted(seed: int) -> None:
+    """Whatever happens to its proposals (rejected by a guardrail, lost, won and promoted), nothing it
+    proposes was proposed before, and the walk ends with an exhausted search rather than running on."""
+    rng = random.Random(seed)
+    generator = OfflineGenerator()
+    versions = [SEED]
+    rejected: list[RejectedProposal] = []
+    champion = SEED
+    minor = 0
+    for _ in range(60):
+        history = SearchHistory(PROMPT_NAME, champion.version, tuple(versions), tuple(rejected))
+        result = generator.generate(champion.template, 3, history)
+        if result.exhausted:
+            assert result.candidates == () and "has been tried" in result.note
+            break
+        assert result.candidates
+        proposed_before = history.known_fingerprints()
+        trait_sets = {frozenset(traits_of(v.template)) for v in versions}
+        winner = None
+        for cand in result.candidates:
+            assert fingerprint(cand.template) not in proposed_before
+            assert frozenset(traits_of(cand.template)) not in trait_sets
+            fate = rng.random()
+            if fate < 0.15:
+                rejected.append(RejectedProposal("a guardrail said no", fingerprint=fingerprint(cand.template)))
+                continue
+            minor += 1
+            lift = rng.uniform(-0.15, 0.15)
+            won = winner is None and fate > 0.85
+            v = TriedVersion(
+                f"v1.{minor}",
+                cand.template,
+                outcome=OUTCOME_WON if won else OUTCOME_LOST,
+                control_version=champion.version,
+                lift=lift,
+                diff_ci=(lift * 0.6 - 0.05, lift * 0.6 + 0.05),
+            )
+            versions.append(v)
+            winner = v if won else winner
+        if winner is not None:
+            champion = winner
+    else:
+        pytest.fail("the offline search never ended")
+
+
+def test_exhausted_offline_search_says_so_and_counts_nothing_left() -> None:
+    template = render_with_traits(SEED_TEMPLATE, {"bullets", "risk", "concise"})
+    history = SearchHistory(
+        PROMPT_NAME,
+        "v1.3",
+        (
+            SEED,
+            TriedVersion("v1.3", template, outcome=OUTCOME_CHAMPION),
+            tried("v1.4", {"bullets", "risk", "concise", "plain"}),
+        ),
+    )
+    result = OfflineGenerator().generate(template, 3, history)
+    assert result.exhausted and result.candidates == ()
+    assert "v1.3" in result.note
+    assert OfflineGenerator().remaining(template, history) == 0
+
+
+def test_history_text_shows_the_best_versions_with_scores_what_lost_and_what_was_rejected() -> None:
+    history = SearchHistory(
+        PROMPT_NAME,
+        "v1.2",
+        (
+            tried("v1.0", set(), outcome="replaced"),
+            tried("v1.1", {"bullets"}, control_version="v1.0", lift=-0.05, rate=0.57, n=300),
+            tried("v1.2", {"plain"}, outcome=OUTCOME_CHAMPION, control_version="v1.0", lift=0.2, rate=0.72, n=310),
+        ),
+        (RejectedProposal("template drops required placeholders: indicators", preview="Explain {ticker}"),),
+    )
+    text = history_text(history)
+    assert "v1.2 (current champion; rate 72.0% over 310 votes; lift +20.0% vs v1.0)" in text
+    assert "Versions that lost" in text and "v1.1 (rate 57.0% over 300 votes; lift -5.0% vs v1.0)" in text
+    assert "drops required placeholders" in text and "Explain {ticker}" in text
+
+
+# -- through the store: the loop, repeats, exhaustion ------------------------------------------------------
+
+
+@pytest.fixture
+def store(store_url: Callable[[str], str]) -> Iterator[Store]:
+    s = Store(store_url("optimizer"))
+    registry.ensure_seeded(s.uow(), MODEL)
+    yield s
+    s.dispose()
+
+
+@pytest.fixture
+def settings() -> OptimizerSettings:
+    return OptimizerSettings(
+        min_duration_s=0,
+        min_feedback_per_arm=20,
+        max_feedback_per_arm=40,
+        generation_min_interval_s=0,
+        promotion_mode="auto",
+        auto_experiment=True,
+        OPENAI_API_KEY=None,
+        GROQ_API_KEY=None,
+    )
+
+
+def published(store: Store) -> list[Any]:
+    bus = FakeBus()
+    relay(store.factory, outbox, bus)
+    return bus.events
+
+
+def feed_round(store: Store, experiment_id: str) -> None:
+    """40 votes per arm, half of them thumbs up on every arm: the round ends at the cap without a winner."""
+    with store.uow() as uow:
+        rows = uow.repo.arms(experiment_id)
+    for arm in rows:
+        for i in range(40):
+            eid = uuid.uuid4()
+            common = {
+                "prompt_name": PROMPT_NAME,
+                "prompt_version": arm["prompt_version"],
+                "model": MODEL,
+                "experiment_id": experiment_id,
+                "arm_id": arm["arm_id"],
+            }
+            handlers.on_explanation_created(
+                ExplanationCreated(
+                    explanation_id=eid,
+                    request_key="k",
+                    ticker="AAPL",
+                    signal="BUY",
+                    provider="offline",
+                    prompt_text="p",
+                    text="t",
+                    tokens_in=10,
+                    tokens_out=20,
+                    cost_usd=0.0,
+                    latency_ms=5.0,
+                    created_at=utcnow(),
+                    session_key=f"{arm['arm_id']}-{i}",
+                    **common,
+                ),
+                store.uow(),
+            )
+            handlers.on_feedback_recorded(
+                FeedbackRecorded(
+                    feedback_id=uuid.uuid4(),
+                    explanation_id=eid,
+                    session_key=f"{arm['arm_id']}-{i}",
+                    rating=1 if i % 2 else -1,
+                    submitted_at=utcnow(),
+                    signal="BUY",
+                    ticker="AAPL",
+                    **common,
+                ),
+                store.uow(),
+            )
+
+
+class CountingGenerator(OfflineGenerator):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def generate(self, template: str, count: int, history: SearchHistory | None = None) -> GenerationResult:
+        self.calls += 1
+        return super().generate(template, count, history)
+
+
+def test_loop_without_winners_walks_every_combination_once_then_stops_with_one_announcement(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    generator = CountingGenerator()
+    proposed: list[frozenset[str]] = []
+    for _ in range(10):
+        results = handlers.auto_cycle(store.uow, generator, settings)
+        if results[0]["action"] == "exhausted":
+            break
+        assert results[0]["action"] == "started", results
+        started = [e for e in published(store) if isinstance(e, ExperimentStarted)][-1]
+        proposed += [frozenset(traits_of(a.prompt.template)) for a in started.arms if not a.is_control]
+        feed_round(store, started.experiment_id)
+        assert experiments.run_decisions(store.uow, settings)[0]["action"] == "concluded"
+    else:
+        pytest.fail("the search never ended")
+    assert len(proposed) == len(set(proposed)) == 15  # every combination of the four traits, once each
+    assert proposed[:3] == [frozenset({"bullets"}), frozenset({"risk"}), frozenset({"concise"})]
+    assert proposed[3] == frozenset({"plain"})  # round 2 starts with the trait round 1 had no room for
+
+    announced = [e for e in published(store) if isinstance(e, SearchExhausted)]
+    assert len(announced) == 1 and announced[0].champion_version == "v1.0" and announced[0].versions_tried == 15
+    assert "every combination" in announced[0].reason
+
+    calls = generator.calls
+    with store.uow() as uow:
+        generations = len(uow.repo.generations(PROMPT_NAME))
+    again = handlers.auto_cycle(store.uow, generator, settings)
+    assert again == [{"prompt_name": PROMPT_NAME, "action": "exhausted", "reason": "announced before; nothing changed"}]
+    assert generator.calls == calls and published(store) == []  # no generation, no second announcement
+    with store.uow() as uow:
+        assert len(uow.repo.generations(PROMPT_NAME)) == generations
+
+    view = search.search_view(store.uow(), PROMPT_NAME, generator, settings)
+    assert view["exhausted"] and view["remaining"] == 0 and len(view["rounds"]) == 5
+    first = view["rounds"][0]
+    assert [t["version"] for t in first["tried"]] == ["v1.1", "v1.2", "v1.3"]
+    assert first["control"]["version"] == "v1.0" and first["votes"] == 160
+    assert all(t["outcome"] == OUTCOME_LOST and t["lift"] == pytest.approx(0.0) for t in first["tried"])
+    assert first["learned"].startswith("none beat v1.0")
+
+
+def test_a_proposal_rejected_before_is_rejected_as_a_repeat(store: Store, settings: OptimizerSettings) -> None:
+    broken = "Explain the {signal} signal for {ticker} in bullet points, please, with care."  # no {indicators}
+
+    class Fixed:
+        def generate(self, template: str, count: int, history: SearchHistory | None = None) -> GenerationResult:
+            return GenerationResult("openai", "gpt-4o-mini", (Candidate(broken, "try"),))
+
+    first = search.generate_variants(PROMPT_NAME, store.uow, Fixed(), settings)
+    assert "indicators" in first["rejected"][0]["reason"]
+    second = search.generate_variants(PROMPT_NAME, store.uow, Fixed(), settings)
+    assert second["accepted"] == [] and second["rejected"][0]["reason"].startswith("repeats a proposal rejected before")
+    history = search.load_history(store.uow(), PROMPT_NAME)
+    assert history.empty_generations == 2 and history.rejected[0].fingerprint == fingerprint(broken)
+    search.generate_variants(PROMPT_NAME, store.uow, Fixed(), settings)
+    with pytest.raises(registry.SearchExhausted, match="GENERATION_PATIENCE=3"):
+        search.generate_variants(PROMPT_NAME, store.uow, Fixed(), settings)
