@@ -92,7 +92,8 @@ def test_export_with_an_unknown_format_is_a_clear_422(env) -> None:
     ("body", "status", "message"),
     [
         ({"base_model": "/no/such/model"}, 422, "unknown base model"),
-        ({"method": "dpo"}, 422, "method"),
+        ({"method": "ppo"}, 422, "method"),
+        ({"method": "dpo"}, 409, "no DPO training rows"),
         ({"recipe": {"nope": 1}}, 422, "unknown recipe fields: nope"),
         ({"min_examples": -1}, 422, "min_examples"),
         ({"surprise": True}, 422, "surprise"),
