@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -41,6 +42,8 @@ class FinetuneSettings(ServiceSettings):
     job_time_limit_s: float = Field(6 * 3600.0, gt=0)
     # While a job runs on a worker, another job sent to it waits queued and is retried after this many seconds.
     busy_retry_s: float = Field(15.0, gt=0)
+    # "cuda": a worker without a GPU leaves training jobs queued for one that has it (compose's gpu profile).
+    training_device: Literal["any", "cuda"] = "any"
     # An OpenAI-compatible endpoint serving the adapters (e.g. vLLM from serving.vllm_command); unset: the
     # transformers fallback server mounted under this service at /api/finetune/v1.
     serving_base_url: str | None = None

@@ -135,7 +135,13 @@ class JobRunner:
     def job_id_of(cmd: StartFineTune) -> str:
         return cmd.job_id or f"job-{derived_id('finetune.job', cmd.message_id).hex[:12]}"
 
-    def _record_queued(self, job_id: str, cmd: StartFineTune) -> None:
+    def wait_queued(self, cmd: StartFineTune, why: str) -> str:
+        """Leave the job queued (visible, with why) for another worker or a later try; returns BUSY."""
+        self._record_queued(self.job_id_of(cmd), cmd, why)
+        self.relay()
+        return BUSY
+
+    def _record_queued(self, job_id: str, cmd: StartFineTune, why: str = "another job is running") -> None:
         """A job sent by name while the worker is busy: make it visible as queued (validated when it runs)."""
         with self.store.uow() as uow:
             if uow.repo.job(job_id) is None:
@@ -149,10 +155,10 @@ class JobRunner:
                         "min_examples": cmd.min_examples
                         if cmd.min_examples is not None
                         else self.settings.min_examples,
-                        "detail": "waiting: another job is running",
+                        "detail": f"waiting: {why}",
                     }
                 )
-                uow.add_events(handlers.progress_event(job_id, domain.QUEUED, 0.0, "waiting: another job is running"))
+                uow.add_events(handlers.progress_event(job_id, domain.QUEUED, 0.0, f"waiting: {why}"))
             uow.commit()
 
     def _touch(self) -> None:

@@ -93,11 +93,18 @@ def start_job(self: Any, payload: dict) -> str:
         _relay()
         return "failed"
     runner = jobs.JobRunner(_store(), settings, _relay, on_registered=announce)
-    state = runner.start(cmd)
+    if settings.training_device == "cuda" and not _has_cuda():
+        state = runner.wait_queued(cmd, "for a worker with a GPU (FINETUNE_TRAINING_DEVICE=cuda)")
+    else:
+        state = runner.start(cmd)
     if state == jobs.BUSY:  # another job runs: this one stays queued and comes back later
         cmd = cmd.model_copy(update={"job_id": runner.job_id_of(cmd)})
         start_job.apply_async(kwargs={"payload": cmd.to_payload()}, countdown=settings.busy_retry_s)
     return state
+
+
+def _has_cuda() -> bool:
+    return bool(handlers.load_training().cuda_available())
 
 
 @app.task(name="finetune.watchdog")

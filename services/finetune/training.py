@@ -229,6 +229,12 @@ def _check_output_dir(output_dir: Path) -> None:
 # Training
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _device_and_dtype() -> tuple[str, Any]:
     import torch
 
