@@ -82,6 +82,8 @@ class Recipe:
     kto_beta: float = 0.1  # KTO: how far the policy may move from the reference (higher = less)
     dpo_beta: float = 0.1  # DPO: the same for DPO
     gradient_checkpointing: bool = False  # CUDA only; always off on CPU
+    packing: bool = False  # SFT: pack rows into full sequences (padding-free; wants a varlen attention kernel)
+    attn_implementation: str = "sdpa"  # "sdpa", "eager", or "flash_attention_2" where flash-attn is installed
 
     def __post_init__(self) -> None:
         # A list from JSON becomes a tuple, so the recipe stays hashable and frozen.
@@ -129,6 +131,12 @@ class Recipe:
         for name in ("lora_r", "lora_alpha", "max_steps", "per_device_batch_size", "max_seq_length"):
             if getattr(self, name) > MAX_RECIPE_INT:
                 out.append(f"{name} must be <= {MAX_RECIPE_INT}, got {getattr(self, name)}")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
+            out.append(
+                f"attn_implementation must be sdpa, eager or flash_attention_2/3, got {self.attn_implementation!r}"
+            )
+        if self.packing and self.method != "sft":
+            out.append("packing is for SFT only")
         if self.method == "kto" and self.per_device_batch_size < 2:
             # TRL estimates KTO's KL term from mismatched pairs inside a batch.
             out.append("KTO needs per_device_batch_size >= 2 (the KL term is estimated within a batch)")
@@ -260,6 +268,7 @@ def _make_callback(
             self.best_step: int | None = None
             self.bad_evals = 0
             self.stopped_early = False
+            self.eval_seconds = 0.0  # inside trainer.train(): not training time
 
         def on_step_end(self, args, state, control, **kwargs):
             if should_cancel is not None and should_cancel():
@@ -272,6 +281,7 @@ def _make_callback(
                 self._progress(state)
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            self.eval_seconds += float((metrics or {}).get("eval_runtime") or 0.0)
             loss = (metrics or {}).get("eval_loss")
             if loss is None or model is None:
                 return
@@ -438,7 +448,9 @@ def train(
     work_dir.mkdir()
     best_dir = work_dir / "adapter"
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_model_path, dtype=dtype, attn_implementation=recipe.attn_implementation
+        )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         context = int(getattr(model.config, "max_position_embeddings", 0) or recipe.max_seq_length)
@@ -463,7 +475,7 @@ def train(
             from trl import SFTConfig, SFTTrainer
 
             common |= _checkpointing_arg(SFTConfig, device == "cuda" and recipe.gradient_checkpointing)
-            args = SFTConfig(**common, packing=False, completion_only_loss=True, shuffle_dataset=True)
+            args = SFTConfig(**common, packing=recipe.packing, completion_only_loss=True, shuffle_dataset=True)
             trainer = SFTTrainer(
                 model=model,
                 args=args,
@@ -509,6 +521,7 @@ def train(
         if last_eval_step != trainer.state.global_step:
             trainer.evaluate()  # the callback compares it with the best so far
         seconds = time.perf_counter() - started
+        train_seconds = max(1e-9, seconds - callback.eval_seconds)
 
         if not best_dir.is_dir():
             raise RuntimeError("training finished without any evaluation: no adapter was saved")
@@ -530,8 +543,11 @@ def train(
             "device": device,
             "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(seconds, 3),
+            "eval_seconds": round(callback.eval_seconds, 3),
+            "train_seconds": round(train_seconds, 3),
             "train_tokens": train_tokens,
             "tokens_per_s": round(train_tokens / seconds, 1) if seconds > 0 else None,
+            "train_tokens_per_s": round(train_tokens / train_seconds, 1),  # without evaluation time
             "train_rows": len(train_rows),
             "eval_rows": len(eval_rows),
             "max_length": max_length,
