@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             print("--min-examples must be >= 0", file=sys.stderr)
             return 2
         job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
+        base = args.base
+        if base and Path(base).exists():  # a path relative to here means nothing to a worker in another folder
+            base = str(Path(base).resolve())
         cmd = StartFineTune(
-            job_id=job_id, base_model=args.base, method=args.method, recipe=recipe, min_examples=args.min_examples
+            job_id=job_id, base_model=base, method=args.method, recipe=recipe, min_examples=args.min_examples
         )
         broker = found["REDIS_URL"]
         try:

@@ -35,7 +35,7 @@ class FinetuneSettings(ServiceSettings):
     # older than heartbeat_timeout_s ("worker lost").
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_timeout_s: float = Field(120.0, gt=0)
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1)  # training on the worker, and generation of the built-in model server
     # A training job that reports no progress (no step, no evaluation) for this long stops beating, so the watchdog
     # fails it; one that runs longer than job_time_limit_s is stopped and failed ("time limit").
     progress_timeout_s: float = Field(900.0, gt=0)

@@ -148,9 +148,12 @@ class ModelPool:
     """Loads the base model once and attaches adapters on first use. Generation is serialised (one model, one
     lock) and runs on this pool's own thread, not on the shared thread pool of the app it is mounted in."""
 
-    def __init__(self, base_model_path: str, max_tokens_ceiling: int = MAX_TOKENS_CEILING) -> None:
+    def __init__(
+        self, base_model_path: str, max_tokens_ceiling: int = MAX_TOKENS_CEILING, threads: int | None = None
+    ) -> None:
         self.base_model_path = base_model_path
         self.max_tokens_ceiling = max_tokens_ceiling
+        self.threads = threads  # torch CPU threads (process-wide); None: torch's default
         self._lock = threading.Lock()
         self._tokenizer: Any = None
         self._model: Any = None  # the base model, or a PeftModel wrapping it once an adapter is attached
@@ -170,6 +173,9 @@ class ModelPool:
 
         cuda = torch.cuda.is_available()
         self.device = "cuda" if cuda else "cpu"
+        if not cuda and self.threads:
+            # On a shared CPU, more threads than cores to spare make generation many times slower, not faster.
+            torch.set_num_threads(self.threads)
         self._tokenizer = AutoTokenizer.from_pretrained(self.base_model_path)
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
@@ -336,6 +342,7 @@ def create_serving_app(
     base_model_name: str | None = None,
     api_key: str | None = None,
     max_tokens_ceiling: int = MAX_TOKENS_CEILING,
+    threads: int | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible chat server for ``base_model_path`` and its LoRA adapters (name -> path).
 
@@ -348,7 +355,7 @@ def create_serving_app(
         raise ValueError(f"base model path {base_model_path!r} has no config.json")
     base_name = base_model_name or base.name
     app = FastAPI(title="selflearn local model server", version="1")
-    pool = ModelPool(str(base), max_tokens_ceiling)
+    pool = ModelPool(str(base), max_tokens_ceiling, threads)
     created = int(time.time())
     app.state.pool = pool
     app.state.base_model_name = base_name
@@ -527,7 +534,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--api-key", default=None, help="serving key (default: SERVING_API_KEY; none: open)")
+    parser.add_argument(
+        "--api-key", default=None, help="serving key (default: SERVING_API_KEY, else derived from ADMIN_TOKEN)"
+    )
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS_CEILING, help="max_tokens ceiling")
     parser.add_argument("--print-vllm", action="store_true", help="print the equivalent vllm command and exit")
     args = parser.parse_args(argv)
@@ -541,7 +550,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     import uvicorn
 
-    key = args.api_key or os.environ.get("SERVING_API_KEY")
+    from shared.serving import serving_api_key
+
+    key = args.api_key or serving_api_key(None, os.environ.get("ADMIN_TOKEN"))
+    if not key:
+        print("warning: no serving key (--api-key, SERVING_API_KEY or ADMIN_TOKEN): anyone may call this server")
     app = create_serving_app(
         args.base, adapters, base_model_name=args.name, api_key=key, max_tokens_ceiling=args.max_tokens
     )

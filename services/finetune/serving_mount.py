@@ -69,7 +69,12 @@ class ServingMount:
             if app is None:
                 from services.finetune.serving import create_serving_app  # no torch until a model is loaded
 
-                app = create_serving_app(base_model, {}, max_tokens_ceiling=self.settings.serving_max_tokens)
+                app = create_serving_app(
+                    base_model,
+                    {},
+                    max_tokens_ceiling=self.settings.serving_max_tokens,
+                    threads=self.settings.torch_threads,
+                )
                 self._apps[base_model] = app
             return app
 
