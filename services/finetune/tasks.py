@@ -55,6 +55,7 @@ def on_feedback_recorded(payload: dict) -> str:
 @app.task(name="finetune.on_feedback_erased")
 def on_feedback_erased(payload: dict) -> dict[str, Any] | None:
     record = handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
+    _relay()  # ModelWithdrawn for every model its data reached
     return None if record is None else {k: v for k, v in record.items() if k != "erased_at"}
 
 
