@@ -20,6 +20,7 @@ from services.router.providers import ProviderSet
 from services.router.store import Store as RouterStore
 from shared.contracts import ArmSpec, ExperimentStarted, ModelWithdrawn, PromptTemplate, utcnow
 from shared.prompts import SEED_TEMPLATE
+from shared.redis_server import RedisServer
 from shared.serving import served_name, serving_api_key
 from tests.fakes.vllm_server import FakeVLLM
 
@@ -173,3 +174,31 @@ def test_without_runtime_lora_updating_the_load_route_is_missing_and_sync_report
             assert result["failed"] == [model["model_id"]] and result["loaded"] == []
         finally:
             store.dispose()
+
+
+def test_the_service_loads_adapters_at_start_and_again_when_the_engine_comes_back(
+    tmp_path: Path, engine: FakeVLLM, store_url: Callable[[str], str], redis_server: RedisServer
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.finetune.main import create_app
+    from tests.support import wait_for
+
+    settings = FinetuneSettings(
+        data_dir=tmp_path,
+        database_url=store_url("finetune"),
+        admin_token=ADMIN,
+        session_hash_key="k",
+        redis_url=redis_server.url,
+        serving_base_url=engine.base_url,
+        serving_sync_interval_s=0.2,
+    )
+    store = FinetuneStore(settings.db_url)
+    model = register(store, settings, tmp_path)
+    store.dispose()
+    name = served_name(model["name"])
+    with TestClient(create_app(settings)):
+        wait_for(lambda: name in engine.loras, 10, what="the adapter loaded at start")
+        engine.restart()  # vLLM restarted: runtime adapters are gone
+        assert name not in engine.loras
+        wait_for(lambda: name in engine.loras, 10, what="the adapter loaded again")
