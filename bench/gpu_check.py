@@ -1,17 +1,29 @@
-"""GPU check for the finetune edge: LoRA SFT + KTO and generation through the fallback server, GPU beside CPU.
+"""GPU check of the finetune edge: what a user would run, measured in one run, as JSON.
 
-``python -m bench.gpu_check [--out FILE] [--tiny] [--threads N]``
+``python -m bench.gpu_check [--out FILE] [--tiny] [--budget-s 400]``
 
-On a CUDA machine it builds a bigger random Llama (hidden 1024, 8 layers, vocab 8k by default), trains LoRA SFT and
-KTO adapters for a few dozen steps in bf16 through ``services.finetune.training.train``, serves the SFT adapter
-through the fallback OpenAI-compatible app in-process (httpx ``ASGITransport``), and prints training tokens/s,
-generation tokens/s and peak GPU memory beside the same figures for the small model on the CPU (measured in a child
-process with ``CUDA_VISIBLE_DEVICES=""``). Without CUDA it prints the CPU figures and says plainly that no GPU is
-present. ``--tiny`` shrinks every size and step count, for a smoke run.
+On CUDA (the default shape; ``--tiny`` for a smoke run, the default without CUDA):
 
-The GPU image has torch, transformers, peft and accelerate but not trl / datasets / fastapi: when an import is
-missing, the wheels in ``bench/wheels/`` (fetched beforehand by ``bench/fetch_gpu_wheels.sh``) are installed with
-``pip install --no-index --no-deps``, only for distributions that are missing or older than the wheel.
+1. a ~1.2B Llama-shaped random model (hidden 2048, 16 layers, 32 heads with 8 KV heads, intermediate 8192, vocab
+   49152, untied embeddings) in bf16, saved like a real base model;
+2. LoRA SFT through ``services.finetune.training.train`` (what a job runs: trl's SFTTrainer) with r=16 on every
+   linear layer, batch 16 x ~512 tokens, 30 steps: tokens/s WITHOUT the evaluation time, model FLOPs utilisation
+   against the device's bf16 peak, peak memory;
+3. the same model, LoRA config, rows and batches in a plain PyTorch + peft loop, in the same run: the baseline
+   (target: trl >= 0.9x of it);
+4. KTO and DPO for a few steps each (seconds per step, loss first/last, peak memory);
+5. the fallback server (``services.finetune.serving``) in-process: 8 sequential and 8 concurrent requests.
+
+Model FLOPs per trained token (LoRA: frozen weights need no weight gradients):
+``4 * N_linear + 6 * N_lora + 12 * layers * hidden * seq`` (forward 2N, backward to the activations 2N, LoRA
+weights forward + both backward halves, attention scores and values forward + backward). MFU = tokens/s x that /
+the device's dense bf16 peak (a table by device name; unknown devices get no MFU). The earlier plain-loop figure
+on an H200 (about 36k tokens/s, ~20% of peak) is on this definition.
+
+Each phase is skipped (and says so) once the time budget is spent, so the whole run ends in time (7 minutes on an
+H100/H200 is the requirement; the default budget leaves margin). The GPU image lacks trl / datasets / fastapi:
+they are installed from ``bench/wheels`` (``bench/fetch_gpu_wheels.sh``) with no index and no dependency
+resolution, only where a distribution is missing or does not satisfy what the installed packages require.
 """
 
 from __future__ import annotations
@@ -21,12 +33,14 @@ import asyncio
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +48,36 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "bench" / "wheels"
 NEEDED = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "fastapi", "pydantic", "httpx")
 
-SIZES = {
-    # name: (hidden, layers, heads, vocab, steps, batch, seq, gen_tokens, gen_requests)
-    "gpu": (1024, 8, 16, 8192, 40, 16, 512, 128, 8),
-    "gpu-tiny": (256, 2, 4, 1024, 6, 4, 128, 16, 2),
-    "cpu": (128, 2, 4, 512, 20, 4, 256, 32, 4),
-    "cpu-tiny": (64, 2, 4, 512, 6, 4, 128, 8, 2),
-}
+SHAPES: dict[str, dict[str, Any]] = {
+    "full": {
+        "hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 49152,
+        "batch": 16, "seq": 512, "steps": 30, "pref_steps": 4, "pref_batch": 8, "gen_tokens": 64, "requests": 8,
+    },
+    "tiny": {
+        "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 256, "vocab": 512,
+        "batch": 4, "seq": 96, "steps": 4, "pref_steps": 2, "pref_batch": 2, "gen_tokens": 4, "requests": 8,
+    },
+}  # fmt: skip
+
+#: Dense bf16 tensor-core peak (FLOP/s, no sparsity) by a substring of torch.cuda.get_device_name().
+BF16_PEAK = (
+    ("H200", 989.4e12),
+    ("GH200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),
+    ("H800", 989.4e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("RTX 4090", 165.2e12),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Dependencies
+# Dependencies from bench/wheels
 
 
 def _missing_modules() -> list[str]:
@@ -57,33 +90,66 @@ def _missing_modules() -> list[str]:
     return missing
 
 
-def _wheel_dist(wheel: Path) -> tuple[str, str]:
-    name, version = wheel.name.split("-")[:2]
-    return name.lower().replace("_", "-"), version
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
 
 
-def _needs_install(dist: str, version: str) -> bool:
-    from packaging.version import InvalidVersion, Version
+def _wheel_meta(wheel: Path) -> tuple[str, str, list[str]]:
+    """(distribution, version, Requires-Dist lines) read from the wheel itself."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        text = z.read(meta).decode("utf-8", "replace")
+    name = version = ""
+    requires = []
+    for line in text.splitlines():
+        if line.startswith("Name: "):
+            name = line[6:].strip()
+        elif line.startswith("Version: "):
+            version = line[9:].strip()
+        elif line.startswith("Requires-Dist: "):
+            requires.append(line[15:].strip())
+        elif not line.strip():
+            break
+    return _norm(name), version, requires
 
-    try:
-        installed = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return True
-    try:
-        return Version(installed) < Version(version)
-    except InvalidVersion:
-        return False
+
+def wheels_to_install(wheels: list[Path], installed: dict[str, str]) -> list[Path]:
+    """The wheels to install: a distribution that is missing, or whose installed version does not satisfy a
+    requirement of something being installed (or of the packages this check imports); repeated to a fixpoint."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    metas = {w: _wheel_meta(w) for w in wheels}
+    by_name = {m[0]: w for w, m in metas.items()}
+    chosen: set[Path] = {by_name[_norm(n)] for n in NEEDED if _norm(n) not in installed and _norm(n) in by_name}
+    changed = True
+    while changed:
+        changed = False
+        for w in list(chosen):
+            for line in metas[w][2]:
+                req = Requirement(line)
+                if req.marker and not req.marker.evaluate({"extra": ""}):
+                    continue
+                name = _norm(req.name)
+                if name not in by_name or by_name[name] in chosen:
+                    continue
+                have = installed.get(name)
+                if have is None or Version(have) not in req.specifier:
+                    chosen.add(by_name[name])
+                    changed = True
+    return sorted(chosen)
 
 
 def ensure_dependencies() -> None:
-    """Install missing packages from bench/wheels (no index, no deps); exit with a clear message if that fails."""
+    """Install what is missing from bench/wheels (no index, no deps); exit with a clear message if that fails."""
     missing = _missing_modules()
     if not missing:
         return
     wheels = sorted(WHEELS.glob("*.whl"))
     if not wheels:
         sys.exit(f"missing Python packages {missing} and no wheels in {WHEELS}: run bench/fetch_gpu_wheels.sh")
-    todo = [str(w) for w in wheels if _needs_install(*_wheel_dist(w))]
+    installed = {_norm(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    todo = [str(w) for w in wheels_to_install(wheels, installed)]
     print(f"missing {missing}: installing {len(todo)} wheel(s) from {WHEELS}", flush=True)
     base = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir"]
     if todo and subprocess.run(base + todo).returncode != 0:
@@ -97,204 +163,339 @@ def ensure_dependencies() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One measurement: build, train SFT + KTO, generate through the app
+# Data
 
 
-def _rows(n: int, sentences: int, seed: int) -> tuple[list[dict], list[dict]]:
+def make_rows(tokenizer: Any, n: int, seq: int, seed: int) -> dict[str, list[dict]]:
+    """n SFT rows filling ~seq tokens each (prompt + completion under the chat template), with KTO and DPO rows
+    built from the same prompts."""
+    from services.finetune import training
     from services.finetune.tinymodel import signal_explanation, signal_prompt
 
     rng = random.Random(seed)
-    sft, kto = [], []
+    sft, kto, dpo = [], [], []
     for i in range(n):
         prompt, signal, rsi, macd = signal_prompt(rng)
         ticker = prompt.split(" for ")[1].split(".")[0]
-        answer = " ".join(signal_explanation(signal, ticker, rsi, macd, rng) for _ in range(sentences))
-        bad = f"{rng.choice(['BUY', 'SELL', 'HOLD'])} whatever, {ticker} is random. " * sentences
-        sft.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
-        good = i % 2 == 0
-        kto.append(
-            {
-                "prompt": [{"role": "user", "content": prompt}],
-                "completion": [{"role": "assistant", "content": answer if good else bad.strip()}],
-                "label": good,
+        user = [{"role": "user", "content": prompt}]
+        sentences: list[str] = []
+        row: dict[str, Any] = {}
+        while True:
+            candidate = [*sentences, signal_explanation(signal, ticker, rsi, macd, rng)]
+            trial = {"messages": [*user, {"role": "assistant", "content": " ".join(candidate)}]}
+            if training.row_lengths(tokenizer, [trial], "sft")[0] > seq:
+                break
+            sentences, row = candidate, trial
+            if len(sentences) > 400:
+                break
+        if not row:  # the prompt alone is about seq long: one sentence, cut by the ceiling later
+            row = {
+                "messages": [
+                    *user,
+                    {"role": "assistant", "content": signal_explanation(signal, ticker, rsi, macd, rng)},
+                ]
             }
-        )
-    return sft, kto
+        good = row["messages"][-1]
+        bad = {"role": "assistant", "content": f"{rng.choice(['BUY', 'SELL', 'HOLD'])} whatever, {ticker} is random."}
+        sft.append(row)
+        kto.append({"prompt": user, "completion": [good if i % 2 == 0 else bad], "label": i % 2 == 0})
+        dpo.append({"prompt": user, "chosen": [good], "rejected": [bad]})
+    return {"sft": sft, "kto": kto, "dpo": dpo}
 
 
-async def _generate(app: Any, model: str, requests: int, max_tokens: int) -> dict[str, float]:
+# --------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int | None:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+def device_peak(name: str) -> float | None:
+    for key, peak in BF16_PEAK:
+        if key in name:
+            return peak
+    return None
+
+
+def count_params(base: Path, r: int) -> dict[str, int]:
+    """Linear-layer weights (embedding lookups have no FLOPs) and the LoRA parameters of r on every linear
+    layer but the LM head."""
+    config = json.loads((base / "config.json").read_text())
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # q k v o gate up down
+    linear = layers * sum(a * b for a, b in shapes) + h * config["vocab_size"]  # + the LM head
+    lora = layers * sum(r * (a + b) for a, b in shapes)
+    return {"linear": linear, "lora": lora, "layers": layers, "hidden": h}
+
+
+def flops_per_token(params: dict[str, int], seq: float) -> float:
+    return 4 * params["linear"] + 6 * params["lora"] + 12 * params["layers"] * params["hidden"] * seq
+
+
+def plain_loop(base: Path, rows: list[dict], batch: int, steps: int, r: int, lr: float) -> dict[str, Any]:
+    """The baseline: the same rows and batches through a hand-written PyTorch + peft loop (no trl, no Trainer)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa").to(device)
+    model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    encoded = [tok.apply_chat_template(r_["messages"], tokenize=True, return_dict=True)["input_ids"] for r_ in rows]
+    pad = tok.pad_token_id
+    tokens, losses = 0, []
+    _reset_peak()
+    started = time.perf_counter()
+    for step in range(steps):
+        chunk = encoded[(step * batch) % len(encoded) :][:batch]
+        width = max(len(x) for x in chunk)
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(mask.sum())
+        losses.append(loss.detach())
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    out = {
+        "steps": steps,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "loss_first": float(losses[0]),
+        "loss_last": float(losses[-1]),
+        "peak_memory_bytes": _peak(),
+    }
+    del model, opt
+    return out
+
+
+def run_trainer(base: Path, method: str, train: list[dict], heldout: list[dict], recipe: dict, out: Path) -> dict:
+    from services.finetune import training
+
+    _reset_peak()
+    result = training.train(str(base), train, heldout, training.Recipe(method=method, **recipe), out)
+    m = result.metrics
+    return {
+        "steps": m["steps"],
+        "train_tokens": m["train_tokens"],
+        "seconds_with_eval": m["seconds"],
+        "eval_seconds": m["eval_seconds"],
+        "train_seconds": m["train_seconds"],
+        "tokens_per_s": m["train_tokens_per_s"],  # without evaluation time
+        "seconds_per_step": round(m["train_seconds"] / max(1, m["steps"]), 4),
+        "loss_first": m["train_loss_first"],
+        "loss_last": m["train_loss_last"],
+        "max_length": m["max_length"],
+        "peak_memory_bytes": _peak(),
+        "adapter_path": result.adapter_path,
+    }
+
+
+async def serve(base: Path, adapter: str, requests: int, max_tokens: int) -> dict[str, Any]:
     import httpx
 
+    from services.finetune.serving import create_serving_app
+
+    app = create_serving_app(str(base), {"sft": adapter}, max_tokens_ceiling=max_tokens)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://local", timeout=600) as client:
 
-        async def one(i: int) -> dict:
+        async def one(i: int) -> int:
             body = {
-                "model": model,
+                "model": "sft",
                 "messages": [{"role": "user", "content": f"Explain the BUY signal for NVDA. RSI is {30 + i}."}],
                 "max_tokens": max_tokens,
                 "temperature": 0,
             }
             r = await client.post("/v1/chat/completions", json=body)
             r.raise_for_status()
-            return r.json()
+            return int(r.json()["usage"]["completion_tokens"])
 
         await one(0)  # warm-up: loads the model and the adapter
         started = time.perf_counter()
-        tokens = 0
+        seq_tokens = 0
         for i in range(requests):
-            tokens += (await one(i + 1))["usage"]["completion_tokens"]
-        seconds = time.perf_counter() - started
-    return {"gen_tokens": tokens, "gen_seconds": round(seconds, 3), "gen_tokens_per_s": round(tokens / seconds, 1)}
+            seq_tokens += await one(i + 1)
+        seq_s = time.perf_counter() - started
+        started = time.perf_counter()
+        conc_tokens = sum(await asyncio.gather(*(one(100 + i) for i in range(requests))))
+        conc_s = time.perf_counter() - started
+    app.state.pool.executor.shutdown(wait=True)
+    return {
+        "requests": requests,
+        "max_tokens": max_tokens,
+        "sequential": {"tokens": seq_tokens, "seconds": round(seq_s, 3), "tokens_per_s": round(seq_tokens / seq_s, 1)},
+        "concurrent": {
+            "tokens": conc_tokens,
+            "seconds": round(conc_s, 3),
+            "tokens_per_s": round(conc_tokens / conc_s, 1),
+        },
+        "concurrent_vs_sequential": round((conc_tokens / conc_s) / (seq_tokens / seq_s), 3),
+        "note": "the fallback server generates one request at a time (vLLM batches); concurrency shows queueing",
+    }
 
 
-def measure(size: str, work: Path) -> dict[str, Any]:
+def measure(shape_name: str, work: Path, budget_s: float) -> dict[str, Any]:
     import torch
 
-    from services.finetune import serving, training
     from services.finetune.tinymodel import build_tiny_model
 
-    hidden, layers, heads, vocab, steps, batch, seq, gen_tokens, gen_requests = SIZES[size]
+    shape = SHAPES[shape_name]
+    started = time.perf_counter()
     cuda = torch.cuda.is_available()
-    base = build_tiny_model(work / f"base-{size}", hidden_size=hidden, layers=layers, heads=heads, vocab_size=vocab)
-    n_params = sum(p.numel() for p in _load_params(base))
-    sentences = 6 if size == "gpu" else 2
-    sft_rows, kto_rows = _rows(max(64, batch * 4), sentences, seed=1)
-    sft_eval, kto_eval = _rows(max(16, batch * 2), sentences, seed=2)
-    common = {
-        "max_steps": steps,
-        "per_device_batch_size": batch,
-        "max_seq_length": seq,
-        "eval_every_steps": max(2, steps // 2),
-        "early_stopping_patience": 10,
-        "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "learning_rate": 1e-3,
-    }
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = device_peak(name) if cuda else None
     out: dict[str, Any] = {
-        "size": size,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "model": {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab, "params": n_params},
+        "shape": shape_name,
+        "device": name,
+        "torch": torch.__version__,
+        "bf16_peak_flops": peak,
+        "shape_params": shape,
     }
-    adapters: dict[str, str] = {}
-    for method, rows, eval_rows in (("sft", sft_rows, sft_eval), ("kto", kto_rows, kto_eval)):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        recipe = training.Recipe(method=method, **common)
-        result = training.train(str(base), rows, eval_rows, recipe, work / f"{method}-{size}")
-        m = result.metrics
-        out[method] = {
-            k: m.get(k)
-            for k in (
-                "train_loss_first",
-                "train_loss_last",
-                "eval_loss_first",
-                "eval_loss_best",
-                "steps",
-                "dtype",
-                "seconds",
-                "train_tokens",
-                "tokens_per_s",
-            )
-        }
-        if cuda:
-            out[method]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        adapters[f"{method}-adapter"] = result.adapter_path
 
-    app = serving.create_serving_app(str(base), adapters)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    out["generation"] = {
-        "base": asyncio.run(_generate(app, base.name, gen_requests, gen_tokens)),
-        "sft-adapter": asyncio.run(_generate(app, "sft-adapter", gen_requests, gen_tokens)),
-        "max_tokens": gen_tokens,
+    def left() -> float:
+        return budget_s - (time.perf_counter() - started)
+
+    t0 = time.perf_counter()
+    base = build_tiny_model(
+        work / "base",
+        hidden_size=shape["hidden"],
+        layers=shape["layers"],
+        heads=shape["heads"],
+        kv_heads=shape["kv_heads"],
+        intermediate_size=shape["intermediate"],
+        vocab_size=shape["vocab"],
+        dtype="bfloat16" if cuda else "float32",
+        max_position_embeddings=max(2048, shape["seq"]),
+        tie_word_embeddings=False,
+    )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    n_train = shape["batch"] * shape["steps"]
+    rows = make_rows(tok, n_train + shape["batch"], shape["seq"], seed=0)
+    r = 16
+    params = count_params(base, r)
+    out["model"] = {
+        "parameters_linear": params["linear"],
+        "parameters_total": params["linear"] + shape["vocab"] * shape["hidden"],
+        "lora_parameters": params["lora"],
     }
-    if cuda:
-        out["generation"]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    out["setup_seconds"] = round(time.perf_counter() - t0, 2)
+    recipe = {
+        "lora_r": r, "lora_alpha": 2 * r, "learning_rate": 1e-4, "max_steps": shape["steps"],
+        "per_device_batch_size": shape["batch"], "max_seq_length": shape["seq"], "eval_every_steps": shape["steps"],
+        "early_stopping_patience": 10,
+    }  # fmt: skip
+    train, heldout = rows["sft"][:n_train], rows["sft"][n_train:]
+    sft = run_trainer(base, "sft", train, heldout, recipe, work / "sft")
+    seq_mean = sft["train_tokens"] / max(1, sft["steps"] * shape["batch"])
+    fpt = flops_per_token(params, seq_mean)
+    sft["mfu"] = round(sft["tokens_per_s"] * fpt / peak, 4) if peak else None
+    out["sft_trl"] = sft
+    out["flops_per_token"] = fpt
+    out["flops_formula"] = "4*N_linear + 6*N_lora + 12*layers*hidden*seq (LoRA: no weight gradients of frozen weights)"
+
+    if left() > 0:
+        plain = plain_loop(base, train, shape["batch"], shape["steps"], r, 1e-4)
+        plain["mfu"] = round(plain["tokens_per_s"] * fpt / peak, 4) if peak else None
+        out["plain_loop"] = plain
+        out["trl_vs_plain"] = round(sft["tokens_per_s"] / plain["tokens_per_s"], 3)
+    else:
+        out["plain_loop"] = {"skipped": "time budget spent"}
+    pref = {**recipe, "max_steps": shape["pref_steps"], "eval_every_steps": shape["pref_steps"],
+            "per_device_batch_size": shape["pref_batch"]}  # fmt: skip
+    n_pref = shape["pref_batch"] * shape["pref_steps"]
+    for method in ("kto", "dpo"):
+        if left() <= 0:
+            out[method] = {"skipped": "time budget spent"}
+            continue
+        data = rows[method]
+        out[method] = run_trainer(base, method, data[:n_pref], data[n_pref : n_pref + shape["pref_batch"]], pref,
+                                  work / method)  # fmt: skip
+    if left() > 0:
+        _reset_peak()
+        out["serving"] = asyncio.run(serve(base, sft["adapter_path"], shape["requests"], shape["gen_tokens"]))
+        out["serving"]["peak_memory_bytes"] = _peak()
+    else:
+        out["serving"] = {"skipped": "time budget spent"}
+    out["targets"] = {
+        "trl_vs_plain_at_least_0.9": None if "trl_vs_plain" not in out else out["trl_vs_plain"] >= 0.9,
+        "sft_mfu_at_least_0.30": None if not sft.get("mfu") else sft["mfu"] >= 0.30,
+    }
+    out["total_seconds"] = round(time.perf_counter() - started, 1)
     return out
 
 
-def _load_params(base: Path):
-    from safetensors import safe_open
+def summary(result: dict[str, Any]) -> str:
+    sft, plain = result["sft_trl"], result.get("plain_loop", {})
 
-    with safe_open(str(base / "model.safetensors"), "pt") as f:
-        return [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118 - safe_open is not a Mapping
+    def gib(b: Any) -> str:
+        return "-" if not b else f"{b / 2**30:.1f} GiB"
 
-
-def _cpu_in_child(size: str, threads: int | None) -> dict[str, Any]:
-    """The CPU baseline in a child process that cannot see the GPU."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result_file = Path(tmp) / "cpu.json"
-        cmd = [sys.executable, "-m", "bench.gpu_check", "--cpu-child", str(result_file), "--size", size]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-        return json.loads(result_file.read_text())
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Report
-
-
-def _row(label: str, gpu: Any, cpu: Any) -> str:
-    return f"{label:<34}{gpu!s:>22}{cpu!s:>22}"
-
-
-def report(gpu: dict[str, Any] | None, cpu: dict[str, Any]) -> str:
-    g = gpu or {}
-
-    def get(d: dict, *path: str) -> Any:
-        for p in path:
-            d = d.get(p, {}) if isinstance(d, dict) else {}
-        return d if d != {} else "-"
-
-    lines = [_row("", (g.get("device") or "no GPU")[:21], "cpu"), "-" * 78]
-    lines.append(_row("model params", get(g, "model", "params"), get(cpu, "model", "params")))
-    for method in ("sft", "kto"):
-        lines.append(_row(f"{method} train tokens/s", get(g, method, "tokens_per_s"), get(cpu, method, "tokens_per_s")))
+    lines = [
+        f"device {result['device']} ({result['shape']} shape, {result['model']['parameters_total'] / 1e9:.2f}B params)",
+        f"trl SFT:     {sft['tokens_per_s']:>10.0f} tokens/s (eval {sft['eval_seconds']} s excluded), "
+        f"MFU {sft.get('mfu')}, peak {gib(sft['peak_memory_bytes'])}",
+    ]
+    if "tokens_per_s" in plain:
         lines.append(
-            _row(
-                f"{method} loss first -> last",
-                f"{_f(get(g, method, 'train_loss_first'))} -> {_f(get(g, method, 'train_loss_last'))}",
-                f"{_f(get(cpu, method, 'train_loss_first'))} -> {_f(get(cpu, method, 'train_loss_last'))}",
-            )
+            f"plain loop:  {plain['tokens_per_s']:>10.0f} tokens/s, MFU {plain.get('mfu')}, "
+            f"peak {gib(plain['peak_memory_bytes'])}; trl/plain = {result['trl_vs_plain']}"
         )
+    for method in ("kto", "dpo"):
+        m = result.get(method, {})
+        if "seconds_per_step" in m:
+            lines.append(
+                f"{method.upper()}:         {m['seconds_per_step']} s/step, loss {m['loss_first']} -> {m['loss_last']}"
+            )
+    s = result.get("serving", {})
+    if "sequential" in s:
         lines.append(
-            _row(
-                f"{method} seconds ({get(g, method, 'steps')} / {get(cpu, method, 'steps')} steps)",
-                get(g, method, "seconds"),
-                get(cpu, method, "seconds"),
-            )
+            f"serving:     {s['sequential']['tokens_per_s']} tokens/s sequential, {s['concurrent']['tokens_per_s']} "
+            f"concurrent ({s['requests']} requests each)"
         )
-        lines.append(_row(f"{method} peak GPU memory GiB", get(g, method, "peak_memory_gib"), "-"))
-    for name in ("base", "sft-adapter"):
-        lines.append(
-            _row(
-                f"generation tokens/s ({name})",
-                get(g, "generation", name, "gen_tokens_per_s"),
-                get(cpu, "generation", name, "gen_tokens_per_s"),
-            )
-        )
-    lines.append(_row("generation peak GPU memory GiB", get(g, "generation", "peak_memory_gib"), "-"))
-    if gpu is None:
-        lines.append("NO GPU IS PRESENT: torch.cuda.is_available() is False, so only the CPU figures were measured.")
+    lines.append(f"targets: {result['targets']}; total {result['total_seconds']} s")
     return "\n".join(lines)
 
 
-def _f(x: Any) -> str:
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="LoRA SFT/KTO + generation on the GPU beside the CPU")
-    parser.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes and few steps (smoke run)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for the CPU baseline")
-    parser.add_argument("--cpu-child", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--size", default=None, help=argparse.SUPPRESS)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="LoRA SFT/KTO/DPO + serving on the GPU, with a plain-loop baseline")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu_check.json", help="JSON figures")
+    parser.add_argument("--tiny", action="store_true", help="tiny shape (the default without CUDA)")
+    parser.add_argument("--full", action="store_true", help="the full shape even without CUDA (hours on a CPU)")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="skip later phases once this is spent")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -309,30 +510,23 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     if args.threads:
         torch.set_num_threads(args.threads)
+    shape = "tiny" if args.tiny or not (torch.cuda.is_available() or args.full) else "full"
+    if not torch.cuda.is_available():
+        print(f"No GPU is present (torch {torch.__version__}): the {shape} shape on the CPU only.", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(shape, Path(tmp), args.budget_s)
+    result["command"] = "python -m bench.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=_json_default))
+    print(summary(result))
+    print(f"figures: {args.out}")
+    return result
 
-    if args.cpu_child is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            args.cpu_child.write_text(json.dumps(measure(args.size, Path(tmp))))
-        return
 
-    cpu_size = "cpu-tiny" if args.tiny else "cpu"
-    gpu: dict[str, Any] | None = None
-    started = time.perf_counter()
-    if torch.cuda.is_available():
-        print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            gpu = measure("gpu-tiny" if args.tiny else "gpu", Path(tmp))
-        cpu = _cpu_in_child(cpu_size, args.threads)
-    else:
-        print(f"No GPU is present (torch {torch.__version__}, CUDA unavailable): measuring the CPU only.", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            cpu = measure(cpu_size, Path(tmp))
-    text = report(gpu, cpu)
-    print(text)
-    print(f"total {time.perf_counter() - started:.1f}s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"gpu": gpu, "cpu": cpu, "gpu_present": gpu is not None}, indent=2))
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
 
 
 if __name__ == "__main__":

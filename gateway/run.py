@@ -161,11 +161,24 @@ class Stack:
             self.redis = RedisServer(self.data_dir / "redis").start()
             env["REDIS_URL"] = self.redis.url
         self.env = env
+        self._write_run_env()
         self._declare_topology()
         for name in self.commands():
             self.start_process(name)
         self.wait_healthy(wait_s)
         return self
+
+    @property
+    def run_env_path(self) -> Path:
+        return self.data_dir / "run.env"
+
+    def _write_run_env(self) -> None:
+        """Where this running system's broker and gateway are, for the data team's CLI (services.finetune.cli):
+        `data/run.env`, owner-only, removed again by stop()."""
+        text = f"REDIS_URL={self.env['REDIS_URL']}\nGATEWAY_URL={self.env['GATEWAY_URL']}\n"
+        fd = os.open(self.run_env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
 
     def _declare_topology(self) -> None:
         subprocess.run(
@@ -252,6 +265,7 @@ class Stack:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        self.run_env_path.unlink(missing_ok=True)
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

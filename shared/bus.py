@@ -57,6 +57,7 @@ SUBSCRIPTIONS: Mapping[str, tuple[str, ...]] = {
         "optimizer.on_model_registered",
         "dashboard.on_model_registered",
     ),
+    "model.withdrawn": ("router.on_model_withdrawn", "optimizer.on_model_withdrawn"),
     "finetune.progress": ("dashboard.on_finetune_progress",),
 }
 

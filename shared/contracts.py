@@ -242,6 +242,17 @@ class ModelRegistered(Event):
     cost_per_1k_tokens_usd: float = 0.0
 
 
+class ModelWithdrawn(Event):
+    """A registered model may no longer be used: its training data held a session that was erased (or an
+    operator withdrew it). The router stops serving it, the optimizer ends every experiment it is in (the
+    control serves) and never makes it champion."""
+
+    type: ClassVar[str] = "model.withdrawn"
+    model_id: str
+    model: str  # the name the router uses, e.g. "local/ft-3f2a"
+    reason: str = ""
+
+
 class FineTuneProgress(Event):
     type: ClassVar[str] = "finetune.progress"
     job_id: str
@@ -273,7 +284,7 @@ class StartFineTune(Command):
     type: ClassVar[str] = "finetune.start_job"
     job_id: str | None = None
     base_model: str | None = None
-    method: Literal["sft", "kto"] = "sft"
+    method: Literal["sft", "kto", "dpo"] = "sft"
     recipe: dict[str, Any] = Field(default_factory=dict)
     min_examples: int | None = None
 
@@ -290,6 +301,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ExperimentConcluded,
         SearchExhausted,
         ModelRegistered,
+        ModelWithdrawn,
         FineTuneProgress,
     )
 }

@@ -29,7 +29,7 @@ class JobIn(BaseModel):
     base_model: str | None = Field(
         default=None, min_length=1, max_length=1000, description="a local Hugging Face model directory"
     )
-    method: Literal["sft", "kto"] = "sft"
+    method: Literal["sft", "kto", "dpo"] = "sft"
     recipe: dict[str, Any] = Field(default_factory=dict, description="overrides of the training recipe")
     min_examples: int | None = Field(default=None, ge=0, description="overrides FINETUNE_MIN_EXAMPLES")
 
@@ -104,12 +104,26 @@ def list_erasures(_: AdminDep, store: StoreDep) -> dict[str, Any]:
         return {"items": uow.repo.erasures()}
 
 
+class ReleaseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    force: bool = Field(False, description="must be true: the model did not beat its base on the held-out rows")
+
+
+class WithdrawIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("withdrawn by an operator", min_length=1, max_length=500)
+
+
 @router.post("/jobs", status_code=202)
 def start_job(body: JobIn, _: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep) -> dict[str, Any]:
     """Validate and queue a fine-tuning job; a finetune worker runs it."""
     cmd = StartFineTune(
         base_model=body.base_model, method=body.method, recipe=body.recipe, min_examples=body.min_examples
     )
+    return _queue_job(cmd, store, bus, settings)
+
+
+def _queue_job(cmd: StartFineTune, store: Store, bus: CeleryBus, settings: FinetuneSettings) -> dict[str, Any]:
     try:
         job, queued = handlers.create_job(cmd, store, settings)
     except handlers.Rejected as exc:
@@ -155,3 +169,40 @@ def list_models(_: AdminDep, store: StoreDep) -> dict[str, Any]:
     """The model registry: base, adapter, recipe, dataset exports, metrics, status."""
     with store.uow() as uow:
         return {"items": uow.repo.list_models()}
+
+
+@router.post("/models/{model_id}/release")
+def release_model(model_id: str, body: ReleaseIn, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
+    """Send a model that did not beat its base into serving and a live experiment anyway (force=true)."""
+    try:
+        model = handlers.release_model(store.uow(), model_id, body.force)
+    except handlers.NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except handlers.Rejected as exc:
+        raise HTTPException(exc.status, exc.message) from exc
+    relay_after_commit(store.factory, outbox, bus)
+    return model
+
+
+@router.post("/models/{model_id}/withdraw")
+def withdraw_model(model_id: str, body: WithdrawIn, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
+    """Take a model out of serving and of every experiment for good (ModelWithdrawn)."""
+    try:
+        model = handlers.withdraw_model(store.uow(), model_id, body.reason)
+    except handlers.NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except handlers.Rejected as exc:
+        raise HTTPException(exc.status, exc.message) from exc
+    relay_after_commit(store.factory, outbox, bus)
+    return model
+
+
+@router.post("/models/{model_id}/retrain", status_code=202)
+def retrain_model(model_id: str, _: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep) -> dict[str, Any]:
+    """Train the model again (same base, method, recipe) from today's data: erased sessions are not in it. The
+    same as the queue message `finetune.retrain` {"model_id": ...}."""
+    try:
+        cmd = handlers.retrain_command(store.uow(), model_id)
+    except handlers.NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    return _queue_job(cmd, store, bus, settings)

@@ -5,10 +5,16 @@ Export rules
 - Only explanations with feedback are exported; votes of an erased session are never used (the session key is
   remembered, so a vote of that session that arrives later is ignored too).
 - One vote per feedback id (a replaced vote counts once; the newer wins, handled by the store).
-- Deduplicated: explanations with the same prompt and text (after PII scrubbing) are one example, with their
-  votes pooled; its id is the smallest explanation id of the group.
-- Held-out split: deterministic by a hash of that id (``heldout_percent`` of ids); a held-out example never
-  enters a training row of any format, and DPO pairs are built within one split.
+- Not trained on: explanations written by the offline template writer (models starting with one of
+  ``exclude_model_prefixes``) and, with ``exclude_fallback``, those a fallback model wrote in place of the one
+  assigned: the model would learn from text it did not write.
+- Deduplicated BEFORE scrubbing: explanations with the same raw prompt and text are one example, with their votes
+  pooled; its id is the smallest explanation id of the group. (Scrubbing first merged different explanations that
+  only differed in what the scrubber replaced.)
+- Held-out split: deterministic by a hash of the request key (``heldout_percent`` of requests): every example of one
+  request, so every copy of one prompt, is on one side, and a new duplicate never moves an example. A held-out
+  example never enters a training row of any format, and DPO pairs are built within one request, so one split.
+- Every row carries the system message the router sends when serving (shared.serving.SYSTEM_MESSAGE).
 - SFT: examples whose top votes (stars >= ``sft_min_stars``; a thumbs up without stars when
   ``sft_accept_thumbs_up``) outnumber their thumbs down.
 - KTO: unpaired rows labelled by the net thumbs (up > down: True; down > up: False; ties left out).
@@ -26,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from shared.contracts import derived_id
+from shared.serving import SYSTEM_MESSAGE
 
 Format = Literal["sft", "kto", "dpo"]
 Split = Literal["train", "heldout"]
@@ -55,6 +62,8 @@ class Explanation:
     prompt_text: str
     text: str
     votes: tuple[Vote, ...] = ()
+    model: str = ""
+    fallback_used: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,13 @@ class ExportRules:
     sft_min_stars: int = 5
     sft_accept_thumbs_up: bool = True
     heldout_percent: int = 10
+    exclude_model_prefixes: tuple[str, ...] = ("offline/",)
+    exclude_fallback: bool = True
+
+    def excluded(self, e: Explanation) -> bool:
+        return (self.exclude_fallback and e.fallback_used) or any(
+            e.model.startswith(p) for p in self.exclude_model_prefixes if p
+        )
 
 
 @dataclass(frozen=True)
@@ -104,9 +120,9 @@ class Export:
     example_ids: tuple[str, ...] = ()
 
 
-def is_heldout(example_id: str, percent: int) -> bool:
-    """Deterministic split: the first 8 bytes of sha256(id) modulo 100 below `percent` are held out."""
-    digest = hashlib.sha256(example_id.encode("utf-8")).digest()
+def is_heldout(request_key: str, percent: int) -> bool:
+    """Deterministic split by request: the first 8 bytes of sha256(key) modulo 100 below `percent` are held out."""
+    digest = hashlib.sha256(request_key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % 100 < percent
 
 
@@ -122,20 +138,27 @@ def examples(
     explanations: Iterable[Explanation],
     erased_sessions: frozenset[str] | set[str],
     scrub: Callable[[str], str],
+    rules: ExportRules | None = None,
 ) -> list[Example]:
-    """Scrub, drop votes of erased sessions, and merge copies of the same (prompt, text); only examples with
-    at least one usable vote are kept. Sorted by id, so every export is deterministic."""
+    """Drop excluded explanations and votes of erased sessions, merge copies of the same raw (prompt, text), then
+    scrub; only examples with at least one usable vote are kept. Sorted by id, so every export is deterministic."""
+    rules = rules or ExportRules()
     groups: dict[tuple[str, str], list[tuple[Explanation, list[Vote]]]] = {}
     for e in explanations:
+        if rules.excluded(e):
+            continue
         votes = [v for v in e.votes if v.session_key not in erased_sessions]
         if not votes:
             continue
-        key = (scrub(e.prompt_text).strip(), scrub(e.text).strip())
+        key = (e.prompt_text.strip(), e.text.strip())
         if not key[0] or not key[1]:
             continue
         groups.setdefault(key, []).append((e, votes))
     out = []
-    for (prompt, completion), members in groups.items():
+    for (raw_prompt, raw_completion), members in groups.items():
+        prompt, completion = scrub(raw_prompt).strip(), scrub(raw_completion).strip()
+        if not prompt or not completion:
+            continue
         first = min(members, key=lambda m: m[0].explanation_id)[0]
         seen: dict[str, Vote] = {}
         for _, votes in members:
@@ -154,7 +177,7 @@ def examples(
 
 
 def in_split(ex: Example, split: str, rules: ExportRules) -> bool:
-    return is_heldout(ex.example_id, rules.heldout_percent) == (split == "heldout")
+    return is_heldout(ex.request_key, rules.heldout_percent) == (split == "heldout")
 
 
 def qualifies_for_sft(ex: Example, rules: ExportRules) -> bool:
@@ -163,7 +186,8 @@ def qualifies_for_sft(ex: Example, rules: ExportRules) -> bool:
 
 
 def _user(content: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": content}]
+    """The prompt as the router sends it: its system message, then the rendered prompt."""
+    return [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": content}]
 
 
 def _assistant(content: str) -> list[dict[str, str]]:
@@ -266,7 +290,27 @@ def model_id_for(job_id: str) -> str:
 
 
 def model_name(model_id: str) -> str:
+    """The system-wide name; the serving engine knows it by shared.serving.served_name(name) == model_id."""
     return f"local/{model_id}"
+
+
+def beats_base(metrics: dict[str, Any]) -> bool | None:
+    """Did the tuned adapter beat its base model on the held-out rows? The preference margin (good minus bad
+    completion log-likelihood) when both kinds of held-out rows exist, else the likelihood of the good ones,
+    else the held-out loss. None when nothing was measured."""
+    for key in ("offline_margin_gain", "offline_good_ll_gain"):
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value > 0
+    improved = metrics.get("improved")
+    return improved if isinstance(improved, bool) else None
+
+
+# Model statuses in the registry
+MODEL_REGISTERED = "registered"  # beat its base: announced (ModelRegistered), served, tested live
+MODEL_BELOW_BASE = "below_base"  # did not beat its base: kept, not served, not tested unless an operator forces it
+MODEL_WITHDRAWN = "withdrawn"  # trained on an erased session's data: never served or tested again
+MODEL_STATUSES = (MODEL_REGISTERED, MODEL_BELOW_BASE, MODEL_WITHDRAWN)
 
 
 def cost_per_explanation(cost_per_1k_tokens_usd: float, mean_tokens: float) -> float:

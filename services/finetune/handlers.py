@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.finetune import domain
+from services.finetune import domain, pii
 from services.finetune.config import FinetuneSettings
 from services.finetune.store import SqlUnitOfWork, Store
 from shared.contracts import (
@@ -20,11 +20,12 @@ from shared.contracts import (
     FeedbackErased,
     FeedbackRecorded,
     FineTuneProgress,
+    ModelRegistered,
+    ModelWithdrawn,
     StartFineTune,
     derived_id,
     utcnow,
 )
-from shared.privacy import scrub_pii
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def rules_from(settings: FinetuneSettings) -> domain.ExportRules:
         sft_min_stars=settings.sft_min_stars,
         sft_accept_thumbs_up=settings.sft_accept_thumbs_up,
         heldout_percent=settings.heldout_percent,
+        exclude_model_prefixes=tuple(settings.exclude_model_prefixes),
+        exclude_fallback=settings.exclude_fallback,
     )
 
 
@@ -100,6 +103,7 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
                 "tokens_in": event.tokens_in,
                 "tokens_out": event.tokens_out,
                 "created_at": event.created_at,
+                "fallback_used": event.fallback_used,
             }
         )
         uow.commit()
@@ -136,31 +140,125 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> dict[str, Any] | None:
-    """Forget the session's votes and remember its key, so nothing of it is exported again. Returns the
-    trace (which exports and models had used its feedback)."""
+    """Forget the session's votes and remember its key (and feedback ids), so nothing of it is exported again,
+    and withdraw every model whose training or held-out data held its feedback (ModelWithdrawn, in the same
+    transaction). A job still training on it is withdrawn when it registers (jobs.JobRunner._register).
+    Returns the trace (which exports and models had used its feedback, which were withdrawn)."""
     with uow:
         if uow.repo.seen(event.message_id):
             return None
         uow.repo.mark_seen(event.message_id)
         record = uow.repo.erase(event.session_key, [str(f) for f in event.feedback_ids], event.erased_at)
+        withdrawn = [
+            model_id
+            for model_id in record["model_ids"]
+            if withdraw_in(uow, model_id, "its training data held a session that was erased")
+        ]
         uow.commit()
     if record["model_ids"]:
         log.warning(
-            "an erased session's feedback was used by %d model(s)",
+            "an erased session's feedback was used by %d model(s); withdrawn now: %d",
             len(record["model_ids"]),
+            len(withdrawn),
             extra={"model_ids": record["model_ids"], "export_ids": record["export_ids"]},
         )
-    return record
+    return {**record, "withdrawn": withdrawn}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry: withdraw, force a below-base model live, retrain
+
+
+def withdraw_in(uow: SqlUnitOfWork, model_id: str, reason: str) -> bool:
+    """Inside an open unit of work: mark the model withdrawn and stage ModelWithdrawn. False when it is unknown
+    or already withdrawn."""
+    model = uow.repo.model(model_id)
+    if model is None or model["status"] == domain.MODEL_WITHDRAWN:
+        return False
+    uow.repo.update_model(model_id, status=domain.MODEL_WITHDRAWN, status_reason=reason)
+    uow.add_events(
+        ModelWithdrawn(
+            message_id=derived_id("model.withdrawn", model_id),
+            model_id=model_id,
+            model=model["name"],
+            reason=reason,
+        )
+    )
+    return True
+
+
+def withdraw_model(uow: SqlUnitOfWork, model_id: str, reason: str) -> dict[str, Any]:
+    with uow:
+        if uow.repo.model(model_id) is None:
+            raise NotFound(f"model {model_id} not found")
+        if not withdraw_in(uow, model_id, reason):
+            raise Rejected(409, f"model {model_id} is already withdrawn")
+        uow.commit()
+        model = uow.repo.model(model_id)
+    assert model is not None
+    return model
+
+
+def registered_event(model: dict[str, Any]) -> ModelRegistered:
+    return ModelRegistered(
+        message_id=derived_id("model.registered", model["model_id"]),
+        model_id=model["model_id"],
+        model=model["name"],
+        base_model=model["base_model"],
+        serving_base_url=model["serving_base_url"],
+        metrics=domain.float_metrics(model["metrics"]),
+        cost_per_1k_tokens_usd=model["cost_per_1k_tokens_usd"],
+    )
+
+
+def release_model(uow: SqlUnitOfWork, model_id: str, force: bool) -> dict[str, Any]:
+    """An operator sends a model that did not beat its base into live testing anyway (force must be true).
+    A withdrawn model can never be released."""
+    with uow:
+        model = uow.repo.model(model_id)
+        if model is None:
+            raise NotFound(f"model {model_id} not found")
+        if model["status"] == domain.MODEL_WITHDRAWN:
+            raise Rejected(409, f"model {model_id} is withdrawn ({model['status_reason']}); retrain it instead")
+        if model["status"] == domain.MODEL_REGISTERED:
+            raise Rejected(409, f"model {model_id} is already registered and live")
+        if not force:
+            raise Rejected(
+                422, f"model {model_id} did not beat its base on the held-out rows; send force=true to test it anyway"
+            )
+        uow.repo.update_model(model_id, status=domain.MODEL_REGISTERED, status_reason="released by an operator")
+        model = uow.repo.model(model_id)
+        assert model is not None
+        uow.add_events(registered_event(model))
+        uow.commit()
+    return model
+
+
+def retrain_command(uow: SqlUnitOfWork, model_id: str) -> StartFineTune:
+    """The job that trains the model again, same base, method and recipe, from the data as it is today (erased
+    sessions are not in it)."""
+    with uow:
+        model = uow.repo.model(model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} not found")
+    with uow:
+        job = uow.repo.job(model["job_id"])
+    return StartFineTune(
+        method=model["method"],
+        base_model=model["base_model"],
+        recipe={k: v for k, v in model["recipe"].items() if k != "method"},
+        min_examples=job["min_examples"] if job else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Exports
 
 
-def training_pool(uow: SqlUnitOfWork) -> list[domain.Example]:
+def training_pool(uow: SqlUnitOfWork, rules: domain.ExportRules | None = None) -> list[domain.Example]:
     """Every usable example, deduplicated and scrubbed, from one consistent read."""
     with uow:
-        return domain.examples(uow.repo.training_explanations(), uow.repo.erased_keys(), scrub_pii)
+        return domain.examples(uow.repo.training_explanations(), uow.repo.erased_keys(), pii.scrub, rules)
 
 
 def export_dataset(
@@ -174,7 +272,7 @@ def export_dataset(
 ) -> tuple[str, domain.Export]:
     """Build one export and record it (export id + the feedback ids that went into it)."""
     if pool is None:
-        pool = training_pool(uow)
+        pool = training_pool(uow, rules)
     export = domain.build_export(pool, fmt, split, rules)
     export_id = str(derived_id("finetune.export", job_id, fmt, split) if job_id else uuid.uuid4())
     with uow:
@@ -184,7 +282,7 @@ def export_dataset(
 
 
 def data_summary(uow: SqlUnitOfWork, rules: domain.ExportRules) -> dict[str, Any]:
-    pool = training_pool(uow)
+    pool = training_pool(uow, rules)
     with uow:
         counts = uow.repo.counts()
     out: dict[str, Any] = {**counts, "examples": len(pool)}
@@ -256,7 +354,7 @@ def job_spec(cmd: StartFineTune, settings: FinetuneSettings, trainer: Any = None
 
 def check_data(uow: SqlUnitOfWork, spec: JobSpec, rules: domain.ExportRules) -> None:
     """Rejected(409) when the data as it is now cannot feed this job (too little, empty export)."""
-    pool = training_pool(uow)
+    pool = training_pool(uow, rules)
     train = domain.build_export(pool, spec.method, "train", rules)
     heldout = domain.build_export(pool, spec.method, "heldout", rules)
     problem = domain.enough_data_problem(spec.method, len(train.rows), len(heldout.rows), spec.min_examples)
@@ -273,6 +371,11 @@ def create_job(cmd: StartFineTune, store: Store, settings: FinetuneSettings) -> 
     with store.uow() as uow:
         if uow.repo.job(job_id) is not None:
             raise Rejected(409, f"job {job_id} already exists")
+        busy = [j for j in uow.repo.active_jobs() if j["job_id"] != job_id]
+        if busy:
+            raise Rejected(
+                409, f"job {busy[0]['job_id']} is {busy[0]['state']}: one job at a time; send this one when it ends"
+            )
         uow.repo.add_job(
             {
                 "job_id": job_id,
@@ -335,7 +438,7 @@ def progress_event(job_id: str, state: str, progress: float, detail: str, step: 
 
 def registered_adapters(uow: SqlUnitOfWork) -> list[dict[str, Any]]:
     with uow:
-        return [m for m in uow.repo.list_models() if m["status"] == "registered"]
+        return [m for m in uow.repo.list_models() if m["status"] == domain.MODEL_REGISTERED]
 
 
 def fail_unqueued(uow: SqlUnitOfWork, job_id: str, reason: str) -> None:
@@ -359,7 +462,7 @@ def reject_payload(store: Store, payload: Any, reason: str) -> str | None:
             {
                 "job_id": job_id,
                 "state": domain.FAILED,
-                "method": method if method in ("sft", "kto") else str(method)[:8],
+                "method": method if method in domain.FORMATS else str(method)[:8],
                 "base_model": str(payload.get("base_model") or ""),
                 "recipe": payload.get("recipe") if isinstance(payload.get("recipe"), dict) else {},
                 "min_examples": 0,

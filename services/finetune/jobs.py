@@ -9,8 +9,10 @@ running, so a failed, cancelled or killed job leaves no half-registered model (a
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,11 +23,16 @@ from typing import Any
 from services.finetune import domain, handlers
 from services.finetune.config import FinetuneSettings
 from services.finetune.store import Store
-from shared.contracts import ModelRegistered, StartFineTune, derived_id, utcnow
+from shared.contracts import ModelWithdrawn, StartFineTune, derived_id, utcnow
+from shared.serving import served_name
 
 log = logging.getLogger(__name__)
 
 Relay = Callable[[], Any]
+
+#: One job at a time per worker process: a second one stays queued (the task sends itself again later).
+_ONE_JOB = threading.Lock()
+BUSY = "waiting"
 
 
 class JobStopped(Exception):
@@ -33,12 +40,19 @@ class JobStopped(Exception):
 
 
 class _Heartbeat:
-    """Writes the job's heartbeat every `interval_s` from a daemon thread while the job runs."""
+    """Writes the job's heartbeat every `interval_s` from a daemon thread while the job makes progress: when no
+    progress was reported for `progress_timeout_s` (a hung step, a stuck evaluation), it stops beating, so the
+    watchdog fails the job as it fails one whose worker died."""
 
-    def __init__(self, store: Store, job_id: str, interval_s: float) -> None:
+    def __init__(self, store: Store, job_id: str, interval_s: float, progress_timeout_s: float = 900.0) -> None:
         self.store, self.job_id, self.interval_s = store, job_id, interval_s
+        self.progress_timeout_s = progress_timeout_s
+        self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def touch(self) -> None:
+        self.last_progress = time.monotonic()
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -50,6 +64,11 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if time.monotonic() - self.last_progress > self.progress_timeout_s:
+                log.error(
+                    "job %s reported no progress for %.0f s: no more heartbeats", self.job_id, self.progress_timeout_s
+                )
+                return
             try:
                 with self.store.uow() as uow:
                     job = uow.repo.job(self.job_id)
@@ -84,21 +103,81 @@ class JobRunner:
     def start(self, cmd: StartFineTune) -> str:
         """Handle `finetune.start_job`: create the job when it came without one (sent by name from outside),
         claim it, run it. Returns the job's final state."""
-        job_id = cmd.job_id or f"job-{derived_id('finetune.job', cmd.message_id).hex[:12]}"
-        claimed = self._claim(job_id, cmd)
-        self.relay()
-        if claimed is None:
-            return self._state(job_id)
-        try:
-            with _Heartbeat(self.store, job_id, self.settings.heartbeat_interval_s):
-                self._run(job_id, claimed)
-        finally:
+        job_id = self.job_id_of(cmd)
+        if not _ONE_JOB.acquire(blocking=False):  # another job runs in this process: stay queued
+            self._record_queued(job_id, cmd)
             self.relay()
-        return self._state(job_id)
+            return BUSY
+        try:
+            claimed = self._claim(job_id, cmd)
+            self.relay()
+            if claimed is None:
+                return self._state(job_id)
+            if claimed == BUSY:
+                return BUSY
+            self._started = time.monotonic()
+            self._timed_out = False
+            try:
+                with _Heartbeat(
+                    self.store, job_id, self.settings.heartbeat_interval_s, self.settings.progress_timeout_s
+                ) as beat:
+                    self._beat = beat
+                    self._run(job_id, claimed)
+            finally:
+                self._beat = None
+                self.relay()
+            return self._state(job_id)
+        finally:
+            _release_memory()
+            _ONE_JOB.release()
 
-    def _claim(self, job_id: str, cmd: StartFineTune) -> handlers.JobSpec | None:
+    @staticmethod
+    def job_id_of(cmd: StartFineTune) -> str:
+        return cmd.job_id or f"job-{derived_id('finetune.job', cmd.message_id).hex[:12]}"
+
+    def wait_queued(self, cmd: StartFineTune, why: str) -> str:
+        """Leave the job queued (visible, with why) for another worker or a later try; returns BUSY."""
+        self._record_queued(self.job_id_of(cmd), cmd, why)
+        self.relay()
+        return BUSY
+
+    def _record_queued(self, job_id: str, cmd: StartFineTune, why: str = "another job is running") -> None:
+        """A job sent by name while the worker is busy: make it visible as queued (validated when it runs)."""
+        with self.store.uow() as uow:
+            if uow.repo.job(job_id) is None:
+                uow.repo.add_job(
+                    {
+                        "job_id": job_id,
+                        "state": domain.QUEUED,
+                        "method": cmd.method,
+                        "base_model": cmd.base_model or self.settings.base_model or "",
+                        "recipe": dict(cmd.recipe),
+                        "min_examples": cmd.min_examples
+                        if cmd.min_examples is not None
+                        else self.settings.min_examples,
+                        "detail": f"waiting: {why}",
+                    }
+                )
+                uow.add_events(handlers.progress_event(job_id, domain.QUEUED, 0.0, f"waiting: {why}"))
+            uow.commit()
+
+    def _touch(self) -> None:
+        beat = getattr(self, "_beat", None)
+        if beat is not None:
+            beat.touch()
+
+    def _cancel_or_timeout(self, job_id: str) -> bool:
+        if time.monotonic() - getattr(self, "_started", time.monotonic()) > self.settings.job_time_limit_s:
+            self._timed_out = True
+            return True
+        return self._should_stop(job_id)
+
+    def _claim(self, job_id: str, cmd: StartFineTune) -> handlers.JobSpec | str | None:
         with self.store.uow() as uow:
             job = uow.repo.job(job_id)
+            if job is not None and job["state"] == domain.QUEUED and job["detail"].startswith("waiting"):
+                uow.repo.delete_job(job_id)  # recorded while waiting, not validated yet: validate it now
+                job = None
             if job is None:
                 try:
                     spec = handlers.job_spec(cmd, self.settings, self.trainer)
@@ -136,6 +215,15 @@ class JobRunner:
             if job["state"] != domain.QUEUED:  # a redelivery, or cancelled while queued
                 uow.commit()
                 return None
+            others = [
+                j
+                for j in uow.repo.active_jobs()
+                if j["job_id"] != job_id
+                and not domain.heartbeat_stale(j["heartbeat_at"], self.clock(), self.settings.heartbeat_timeout_s)
+            ]
+            if others:  # another worker runs a job: this one waits
+                uow.commit()
+                return BUSY
             now = self.clock()
             uow.repo.update_job(
                 job_id,
@@ -156,6 +244,7 @@ class JobRunner:
 
     # -- transitions ------------------------------------------------------------------------------------
     def _advance(self, job_id: str, state: str, progress: float, detail: str, step: object = "", **values: Any) -> None:
+        self._touch()
         with self.store.uow() as uow:
             job = uow.repo.job(job_id)
             if job is None or job["state"] not in domain.ACTIVE_STATES:
@@ -191,7 +280,7 @@ class JobRunner:
         job_dir = self.settings.adapters_dir / model_id
         adapter_dir = job_dir / "adapter"
         try:
-            pool = handlers.training_pool(self.store.uow())
+            pool = handlers.training_pool(self.store.uow(), self.rules)
             train_id, train = handlers.export_dataset(
                 self.store.uow(), spec.method, "train", self.rules, pool=pool, job_id=job_id
             )
@@ -216,12 +305,12 @@ class JobRunner:
                 recipe,
                 adapter_dir,
                 on_progress=self._on_progress(job_id),
-                should_cancel=lambda: self._should_stop(job_id),
+                should_cancel=lambda: self._cancel_or_timeout(job_id),
             )
             self._advance(job_id, domain.EVALUATING, 0.9, "offline evaluation on the held-out split")
             metrics = self._evaluate(spec, pool, result)
             model = self._register(job_id, model_id, spec, result, metrics, train_id, heldout_id)
-            if self.on_registered is not None:
+            if self.on_registered is not None and model["status"] == domain.MODEL_REGISTERED:
                 try:
                     self.on_registered(model)
                 except Exception:  # the model is registered; serving it elsewhere is best effort
@@ -229,7 +318,11 @@ class JobRunner:
         except self.trainer.TrainingCancelled:
             _remove(job_dir)
             if self._state(job_id) in domain.ACTIVE_STATES:
-                self._finish(job_id, domain.CANCELLED, None, "cancelled")
+                if getattr(self, "_timed_out", False):
+                    limit = f"time limit of {self.settings.job_time_limit_s:.0f} s exceeded (FINETUNE_JOB_TIME_LIMIT_S)"
+                    self._finish(job_id, domain.FAILED, limit, "failed")
+                else:
+                    self._finish(job_id, domain.CANCELLED, None, "cancelled")
             log.info("job %s stopped: %s", job_id, self._state(job_id))
         except JobStopped as exc:
             _remove(job_dir)
@@ -246,6 +339,7 @@ class JobRunner:
         last: dict[str, Any] = {"bucket": -1, "eval": None, "t": 0.0}
 
         def report(fraction: float, info: dict) -> None:
+            self._touch()
             step = info.get("step")
             loss, eval_loss = info.get("loss"), info.get("eval_loss")
             detail = f"step {step}" + (f", loss {loss:.4f}" if loss is not None else "")
@@ -285,6 +379,8 @@ class JobRunner:
                 metrics["offline_good_ll_gain"] = tuned["good_ll"] - base["good_ll"]
             if base.get("margin") is not None and tuned.get("margin") is not None:
                 metrics["offline_margin_gain"] = tuned["margin"] - base["margin"]
+        beats = domain.beats_base(metrics)
+        metrics["beats_base"] = beats
         with self.store.uow() as uow:
             mean_tokens = uow.repo.mean_tokens()
         metrics["mean_tokens_per_explanation"] = mean_tokens
@@ -304,7 +400,12 @@ class JobRunner:
         heldout_id: str,
     ) -> dict[str, Any]:
         """The one transaction that makes a model exist: the job becomes registered, the registry gets the
-        model, and ModelRegistered is staged, all or nothing, and only while the job is still running."""
+        model, all or nothing, and only while the job is still running. Its status:
+        - withdrawn when its exports hold feedback of a session erased at any time up to now (also while it
+          trained): ModelWithdrawn is staged, it is never served;
+        - below_base when it did not beat its base on the held-out rows: kept, not announced, not served (an
+          operator may release it: handlers.release_model);
+        - registered otherwise: ModelRegistered is staged (the router serves it, the optimizer tests it)."""
         adapter = Path(result.adapter_path)
         if not (adapter / "adapter_config.json").is_file():
             raise RuntimeError(f"adapter directory {adapter} is incomplete")
@@ -316,6 +417,15 @@ class JobRunner:
             if job["cancel_requested"]:
                 raise self.trainer.TrainingCancelled("cancelled")
             now = self.clock()
+            erased = uow.repo.erased_in_exports([train_id, heldout_id])
+            if erased:
+                status = domain.MODEL_WITHDRAWN
+                reason = f"its training data held {len(erased)} vote(s) of an erased session"
+            elif metrics.get("beats_base") is True:
+                status, reason = domain.MODEL_REGISTERED, None
+            else:
+                status = domain.MODEL_BELOW_BASE
+                reason = "did not beat its base model on the held-out rows (release it with force to test it live)"
             uow.repo.add_model(
                 {
                     "model_id": model_id,
@@ -328,7 +438,8 @@ class JobRunner:
                     "train_export_id": train_id,
                     "heldout_export_id": heldout_id,
                     "metrics": metrics,
-                    "status": "registered",
+                    "status": status,
+                    "status_reason": reason,
                     "serving_base_url": self.settings.public_serving_url,
                     "cost_per_1k_tokens_usd": self.settings.cost_per_1k_tokens_usd,
                     "registered_at": now,
@@ -338,32 +449,38 @@ class JobRunner:
                 job_id,
                 state=domain.REGISTERED,
                 progress=1.0,
-                detail=f"registered {name}",
+                detail=f"registered {name} ({status})",
                 model_id=model_id,
                 metrics=metrics,
                 finished_at=now,
             )
-            uow.add_events(
-                handlers.progress_event(job_id, domain.REGISTERED, 1.0, f"registered {name}"),
-                ModelRegistered(
-                    message_id=derived_id("model.registered", model_id),
-                    model_id=model_id,
-                    model=name,
-                    base_model=spec.base_model,
-                    serving_base_url=self.settings.public_serving_url,
-                    metrics=domain.float_metrics(metrics),
-                    cost_per_1k_tokens_usd=self.settings.cost_per_1k_tokens_usd,
-                ),
-            )
-            uow.commit()
+            uow.add_events(handlers.progress_event(job_id, domain.REGISTERED, 1.0, f"registered {name} ({status})"))
             model = uow.repo.model(model_id)
-        log.info("job %s registered %s", job_id, name)
+            assert model is not None
+            if status == domain.MODEL_REGISTERED:
+                uow.add_events(handlers.registered_event(model))
+            elif status == domain.MODEL_WITHDRAWN:
+                uow.add_events(
+                    ModelWithdrawn(
+                        message_id=derived_id("model.withdrawn", model_id), model_id=model_id, model=name, reason=reason
+                    )
+                )
+            uow.commit()
+        log.info("job %s registered %s (%s)", job_id, name, status)
         assert model is not None
         return model
 
 
 def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _release_memory() -> None:
+    """After a job: drop what training left (models, optimizer state) and hand cached GPU memory back."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -395,14 +512,79 @@ def watchdog(store: Store, settings: FinetuneSettings, now: datetime | None = No
     return failed
 
 
-def load_adapter_on_server(base_url: str, model: dict[str, Any], timeout_s: float = 30.0) -> None:
+def _engine_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def load_adapter_on_server(
+    base_url: str, model: dict[str, Any], timeout_s: float = 30.0, key: str | None = None
+) -> str:
     """Ask an OpenAI-compatible server with runtime LoRA loading (vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING, or
-    the fallback server) to serve a newly registered adapter under the model's name."""
+    the fallback server) to serve a registered adapter under its served name (shared.serving.served_name, the
+    name the router asks for). vLLM answers 400 "... has already been loaded." for a name it has: that counts as
+    loaded. Returns "loaded" or "already loaded"; raises httpx.HTTPStatusError on any other refusal."""
+    import httpx
+
+    name = served_name(model["name"])
+    r = httpx.post(
+        f"{base_url.rstrip('/')}/load_lora_adapter",
+        json={"lora_name": name, "lora_path": model["adapter_path"]},
+        headers=_engine_headers(key),
+        timeout=timeout_s,
+    )
+    if r.status_code == 400 and "already been loaded" in r.text:
+        return "already loaded"
+    r.raise_for_status()
+    return "loaded"
+
+
+def unload_adapter_on_server(base_url: str, name: str, timeout_s: float = 30.0, key: str | None = None) -> bool:
     import httpx
 
     r = httpx.post(
-        f"{base_url.rstrip('/')}/load_lora_adapter",
-        json={"lora_name": model["name"], "lora_path": model["adapter_path"]},
+        f"{base_url.rstrip('/')}/unload_lora_adapter",
+        json={"lora_name": name},
+        headers=_engine_headers(key),
         timeout=timeout_s,
     )
+    if r.status_code == 404:
+        return False
     r.raise_for_status()
+    return True
+
+
+def sync_serving(store: Store, settings: FinetuneSettings, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Make the external serving engine (FINETUNE_SERVING_BASE_URL) serve exactly the registered adapters: load
+    the ones it lacks (after it restarted, it has none) and unload withdrawn ones it still has. Called when the
+    service starts and every FINETUNE_SERVING_SYNC_INTERVAL_S. Returns what it did; raises httpx errors when the
+    engine cannot be reached (the next round tries again)."""
+    import httpx
+
+    base = settings.serving_base_url
+    if not base:
+        return {"engine": None}
+    key = settings.serving_key()
+    r = httpx.get(f"{base.rstrip('/')}/models", headers=_engine_headers(key), timeout=timeout_s)
+    r.raise_for_status()
+    served = {m.get("id") for m in r.json().get("data", [])}
+    with store.uow() as uow:
+        models = uow.repo.list_models()
+    loaded, unloaded, failed = [], [], []
+    for m in models:
+        name = served_name(m["name"])
+        if m["status"] == domain.MODEL_REGISTERED and name not in served:
+            try:
+                load_adapter_on_server(base, m, timeout_s=max(timeout_s, 30.0), key=key)
+                loaded.append(name)
+            except httpx.HTTPError as exc:
+                failed.append(name)
+                log.error("could not load adapter %s into %s: %s", name, base, exc)
+        elif (
+            m["status"] == domain.MODEL_WITHDRAWN
+            and name in served
+            and unload_adapter_on_server(base, name, timeout_s=timeout_s, key=key)
+        ):
+            unloaded.append(name)
+    if loaded or unloaded:
+        log.info("serving engine %s: loaded %s, unloaded %s", base, loaded, unloaded)
+    return {"engine": base, "loaded": loaded, "unloaded": unloaded, "failed": failed}

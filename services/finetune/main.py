@@ -1,21 +1,45 @@
 """The finetune service's app: `create_app()` and its lifespan. The OpenAI-compatible endpoint that serves
-registered models is mounted at /api/finetune/v1 (see serving_mount.py)."""
+registered models is mounted at /api/finetune/v1 (see serving_mount.py). With an external serving engine
+(FINETUNE_SERVING_BASE_URL, e.g. vLLM), the lifespan keeps it serving every registered adapter: at start and every
+FINETUNE_SERVING_SYNC_INTERVAL_S, so an engine that restarted (and forgot its runtime adapters) gets them back."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
-from services.finetune import api
+from services.finetune import api, jobs
 from services.finetune.config import FinetuneSettings, get_settings
 from services.finetune.serving_mount import PREFIX, ServingMount
 from services.finetune.store import Store
 from shared.bus import CeleryBus, declare_topology, make_celery
 from shared.logging import configure_logging
 from shared.web import install_common
+
+log = logging.getLogger(__name__)
+
+
+async def keep_engine_in_sync(store: Store, settings: FinetuneSettings) -> None:
+    """Load registered adapters into the serving engine now and after every interval (errors are logged: the
+    engine may be starting or restarting; the next round tries again)."""
+    failing = False
+    while True:
+        try:
+            result = await asyncio.to_thread(jobs.sync_serving, store, settings)
+            if failing:
+                log.info("serving engine %s is back", settings.serving_base_url)
+            failing = bool(result.get("failed"))
+        except Exception as exc:
+            if not failing:
+                log.warning("serving engine %s not reachable: %s", settings.serving_base_url, exc)
+            failing = True
+        await asyncio.sleep(settings.serving_sync_interval_s)
 
 
 def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
@@ -29,7 +53,14 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         celery = make_celery("finetune", settings)
         declare_topology(celery)
         app.state.bus = CeleryBus(celery)
+        sync = None
+        if settings.serving_base_url:
+            sync = asyncio.create_task(keep_engine_in_sync(app.state.store, settings))
         yield
+        if sync is not None:
+            sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sync
         app.state.store.dispose()
 
     app = FastAPI(title="finetune", lifespan=lifespan)

@@ -2,9 +2,11 @@
 
 Registered models are served by the transformers fallback server (services.finetune.serving), one server per
 base model, built on the first request that needs it (the model itself loads lazily inside it). The model is
-picked by the request's `model` name ("local/<model_id>", or the bare model id); models registered after start
-(by the worker, in another process) are found in the registry on the next request. When
-FINETUNE_SERVING_BASE_URL is set (e.g. a vLLM server started with serving.vllm_command), the models are served
+picked by the request's `model` name: its served name (shared.serving.served_name: the model id, which is what
+the router asks for) or its full name "local/<model_id>"; models registered after start (by the worker, in
+another process) are found in the registry on the next request. Only models with status "registered" are
+served (not below-base or withdrawn ones). Every route needs the serving key (the router has it); lists show
+no paths. When FINETUNE_SERVING_BASE_URL is set (e.g. vLLM from serving.vllm_command), the models are served
 there and this mount only says so.
 """
 
@@ -18,7 +20,9 @@ from starlette.types import Receive, Scope, Send
 
 from services.finetune import handlers
 from services.finetune.config import FinetuneSettings
+from services.finetune.serving import bearer_ok
 from services.finetune.store import Store
+from shared.serving import served_name
 
 PREFIX = "/api/finetune/v1"
 
@@ -52,11 +56,11 @@ class ServingMount:
         return self._store_of()
 
     def _models(self) -> dict[str, dict[str, Any]]:
-        """Served name -> model row: both "local/<id>" and "<id>" name a model."""
+        """Name -> model row: both the served name ("<id>") and the full name ("local/<id>") name a model."""
         out: dict[str, dict[str, Any]] = {}
         for m in handlers.registered_adapters(self.store.uow()):
             out[m["name"]] = m
-            out[m["model_id"]] = m
+            out[served_name(m["name"])] = m
         return out
 
     def _app_for(self, base_model: str) -> Any:
@@ -65,7 +69,12 @@ class ServingMount:
             if app is None:
                 from services.finetune.serving import create_serving_app  # no torch until a model is loaded
 
-                app = create_serving_app(base_model, {})
+                app = create_serving_app(
+                    base_model,
+                    {},
+                    max_tokens_ceiling=self.settings.serving_max_tokens,
+                    threads=self.settings.torch_threads,
+                )
                 self._apps[base_model] = app
             return app
 
@@ -75,6 +84,15 @@ class ServingMount:
         path: str = scope["path"]
         rest = path[len(PREFIX) :] if path.startswith(PREFIX) else path
         rest = rest or "/"
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        if not bearer_ok(authorization, self.settings.serving_key() or "unset"):
+            await _send_json(
+                send,
+                401,
+                _openai_error(401, "a serving key is required: Authorization: Bearer <key>", "invalid_api_key"),
+            )
+            return
         if self.settings.serving_base_url:
             await _send_json(
                 send,
@@ -91,14 +109,15 @@ class ServingMount:
         await _send_json(send, 404, _openai_error(404, f"no route {scope['method']} {PREFIX}{rest}", "not_found"))
 
     def _list_models(self) -> dict[str, Any]:
+        """Each model once, by its full name (no paths)."""
         data = [
             {
                 "id": m["name"],
                 "object": "model",
                 "created": int(m["registered_at"].timestamp()),
                 "owned_by": "selflearn",
-                "root": m["adapter_path"],
-                "parent": m["base_model"],
+                "root": m["name"],
+                "parent": None,
             }
             for name, m in sorted(self._models().items())
             if name == m["name"]
@@ -147,4 +166,5 @@ class ServingMount:
             return await receive()
 
         child = {**scope, "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": ""}
+        # the key was checked above; the child app requires none
         await app(child, replay, send)

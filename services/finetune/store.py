@@ -49,6 +49,8 @@ explanations = Table(
     Column("tokens_in", Integer, nullable=False, default=0),
     Column("tokens_out", Integer, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # written by a fallback model in place of the one assigned: not trained on by default
+    Column("fallback_used", Boolean, nullable=False, default=False),
 )
 
 votes = Table(
@@ -128,7 +130,8 @@ models = Table(
     Column("train_export_id", String(36), nullable=False),
     Column("heldout_export_id", String(36), nullable=False),
     Column("metrics", JSON, nullable=False),
-    Column("status", String(16), nullable=False),
+    Column("status", String(16), nullable=False),  # domain.MODEL_STATUSES
+    Column("status_reason", Text),
     Column("serving_base_url", Text),
     Column("cost_per_1k_tokens_usd", Float, nullable=False, default=0.0),
     Column("registered_at", DateTime(timezone=True), nullable=False),
@@ -244,14 +247,35 @@ class FinetuneRepository(MessageLog):
                 explanations.c.request_key,
                 explanations.c.prompt_text,
                 explanations.c.text,
+                explanations.c.model,
+                explanations.c.fallback_used,
             ).where(explanations.c.explanation_id.in_(list(by_explanation)))
         ).all()
         return [
             domain.Explanation(
-                r.explanation_id, r.request_key, r.prompt_text, r.text, tuple(by_explanation[r.explanation_id])
+                r.explanation_id,
+                r.request_key,
+                r.prompt_text,
+                r.text,
+                tuple(by_explanation[r.explanation_id]),
+                model=r.model,
+                fallback_used=bool(r.fallback_used),
             )
             for r in rows
         ]
+
+    def erased_in_exports(self, export_ids: Iterable[str]) -> list[str]:
+        """The feedback ids of the given exports that belong to an erased session (whenever it was erased)."""
+        used = {
+            r.feedback_id
+            for r in self.s.execute(
+                select(export_feedback.c.feedback_id).where(export_feedback.c.export_id.in_(list(export_ids)))
+            )
+        }
+        erased: set[str] = set()
+        for r in self.s.execute(select(erased_sessions.c.feedback_ids)):
+            erased |= set(r.feedback_ids or [])
+        return sorted(used & erased)
 
     def mean_tokens(self) -> float:
         value = self.s.execute(select(func.avg(explanations.c.tokens_in + explanations.c.tokens_out))).scalar()
@@ -302,8 +326,13 @@ class FinetuneRepository(MessageLog):
     def add_job(self, values: dict[str, Any]) -> None:
         now = utcnow()
         self.s.execute(
-            jobs.insert().values(created_at=now, updated_at=now, progress=0.0, detail="", metrics={}, **values)
+            jobs.insert().values(
+                **{"created_at": now, "updated_at": now, "progress": 0.0, "detail": "", "metrics": {}, **values}
+            )
         )
+
+    def delete_job(self, job_id: str) -> None:
+        self.s.execute(jobs.delete().where(jobs.c.job_id == job_id))
 
     def update_job(self, job_id: str, **values: Any) -> None:
         self.s.execute(jobs.update().where(jobs.c.job_id == job_id).values(updated_at=utcnow(), **values))
@@ -323,6 +352,9 @@ class FinetuneRepository(MessageLog):
     def model(self, model_id: str) -> dict[str, Any] | None:
         row = self.s.execute(select(models).where(models.c.model_id == model_id)).mappings().first()
         return dict(row) if row else None
+
+    def update_model(self, model_id: str, **values: Any) -> None:
+        self.s.execute(models.update().where(models.c.model_id == model_id).values(**values))
 
     def list_models(self) -> list[dict[str, Any]]:
         rows = self.s.execute(select(models).order_by(models.c.registered_at.desc())).mappings()

@@ -59,6 +59,7 @@ def on_feedback_recorded(payload: dict) -> str:
 @app.task(name="finetune.on_feedback_erased")
 def on_feedback_erased(payload: dict) -> dict[str, Any] | None:
     record = handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
+    _relay()  # ModelWithdrawn for every model its data reached
     return None if record is None else {k: v for k, v in record.items() if k != "erased_at"}
 
 
@@ -85,10 +86,10 @@ def start_job(self: Any, payload: dict) -> str:
     settings = get_settings()
     announce = None
     if settings.serving_base_url:  # an external server (vLLM): load the adapter there once it is registered
-        url = settings.serving_base_url
+        url, key = settings.serving_base_url, settings.serving_key()
 
         def announce(model: dict) -> None:
-            jobs.load_adapter_on_server(url, model)
+            jobs.load_adapter_on_server(url, model, key=key)
 
     try:
         cmd = StartFineTune.from_payload(payload)
@@ -97,7 +98,18 @@ def start_job(self: Any, payload: dict) -> str:
         _relay()
         return "failed"
     runner = jobs.JobRunner(_store(), settings, _relay, on_registered=announce)
-    return runner.start(cmd)
+    if settings.training_device == "cuda" and not _has_cuda():
+        state = runner.wait_queued(cmd, "for a worker with a GPU (FINETUNE_TRAINING_DEVICE=cuda)")
+    else:
+        state = runner.start(cmd)
+    if state == jobs.BUSY:  # another job runs: this one stays queued and comes back later
+        cmd = cmd.model_copy(update={"job_id": runner.job_id_of(cmd)})
+        start_job.apply_async(kwargs={"payload": cmd.to_payload()}, countdown=settings.busy_retry_s)
+    return state
+
+
+def _has_cuda() -> bool:
+    return bool(handlers.load_training().cuda_available())
 
 
 @app.task(name="finetune.watchdog")
@@ -105,6 +117,21 @@ def watchdog() -> list[str]:
     failed = jobs.watchdog(_store(), get_settings())
     _relay()
     return failed
+
+
+@app.task(name="finetune.sync_serving")
+def sync_serving() -> dict[str, Any]:
+    """Load every registered adapter the serving engine lacks (e.g. after it restarted); unload withdrawn ones."""
+    return jobs.sync_serving(_store(), get_settings())
+
+
+@app.task(name="finetune.retrain")
+def retrain(payload: dict) -> str:
+    """Queue message {"model_id": ...}: train that model again (same base, method, recipe) from today's data."""
+    cmd = handlers.retrain_command(_store().uow(), str(payload.get("model_id", "")))
+    cmd = cmd.model_copy(update={"job_id": jobs.JobRunner.job_id_of(cmd)})
+    start_job.apply_async(kwargs={"payload": cmd.to_payload()})
+    return cmd.job_id or ""
 
 
 @app.task(name="finetune.relay_outbox")

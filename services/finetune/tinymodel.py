@@ -106,8 +106,15 @@ def build_tiny_model(
     heads: int = 4,
     vocab_size: int = 512,
     seed: int = 0,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    dtype: str = "float32",
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = True,
 ) -> Path:
-    """Build and save a random Llama + trained tokenizer at out_dir; return out_dir."""
+    """Build and save a random Llama + trained tokenizer at out_dir; return out_dir. The shape parameters make
+    bigger Llama-shaped models for benchmarks (e.g. hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate
+    8192, vocab 32000: ~1.2B parameters; saved in ``dtype``)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -121,18 +128,20 @@ def build_tiny_model(
         # The generated corpus may not fill a large vocabulary: the embedding is padded up to vocab_size then.
         vocab_size=max(len(tokenizer), vocab_size),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
+        intermediate_size=intermediate_size or hidden_size * 4,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_position_embeddings,
         pad_token_id=ids[PAD],
         eos_token_id=ids[EOS],
         bos_token_id=ids[BOS],
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    device = "cuda" if dtype != "float32" and torch.cuda.is_available() else "cpu"  # big models init fast there
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         pad_token_id=ids[PAD], eos_token_id=ids[EOS], bos_token_id=ids[BOS], do_sample=False, max_new_tokens=64
     )

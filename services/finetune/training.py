@@ -1,4 +1,4 @@
-"""The finetune service's training edge: LoRA SFT / KTO on a local base model with TRL.
+"""The finetune service's training edge: LoRA SFT / KTO / DPO on a local base model with TRL.
 
 One of the only three modules in the project that touch torch / transformers / peft / trl (with ``tinymodel`` and
 ``serving``). They are imported lazily inside functions, so ``import services.finetune.training`` stays cheap for
@@ -8,6 +8,13 @@ Row formats are exactly what the export produces:
 
 - SFT: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}``
 - KTO: ``{"prompt": [{"role": "user", ...}], "completion": [{"role": "assistant", ...}], "label": True|False}``
+- DPO: ``{"prompt": [...], "chosen": [{"role": "assistant", ...}], "rejected": [{"role": "assistant", ...}]}``
+
+The sequence length comes from the data: the longest row (prompt + completion, in tokens of the base model's chat
+template) sets ``max_length``, so no completion is cut; rows longer than ``max_seq_length`` (the ceiling, also
+bounded by the model's context) are left out and counted (``rows_too_long``), never truncated. LoRA targets every
+linear layer by default (``all-linear``: works for fused-QKV models too), with a rank the serving engine covers
+(``MAX_SERVED_LORA_RANK``, vLLM's ``--max-lora-rank``).
 
 SFT rows are turned into conversational prompt / completion pairs (everything before the last assistant turn is the
 prompt), so the loss is computed on the explanation only, whatever the base model's chat template looks like.
@@ -33,7 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("sft", "kto")
+METHODS = ("sft", "kto", "dpo")
+#: The highest LoRA rank the serving engine is started for (vLLM --max-lora-rank in docker-compose.yml); a recipe
+#: above it would train an adapter that vLLM refuses to load.
+MAX_SERVED_LORA_RANK = 64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 RUN_FILE = "training_run.json"  # recipe + metrics, written beside the adapter weights
 
@@ -56,21 +66,24 @@ MAX_RECIPE_INT = 1_000_000  # far above any sane rank, step count or length; kee
 class Recipe:
     """Frozen hyper-parameters stored with each run (``to_dict`` / ``from_dict`` round-trip through JSON)."""
 
-    method: str = "sft"  # "sft" | "kto"
+    method: str = "sft"  # "sft" | "kto" | "dpo"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ("all-linear",)
     learning_rate: float = 2e-4
     max_steps: int = 60
     per_device_batch_size: int = 4
-    max_seq_length: int = 256
+    max_seq_length: int = 2048  # a ceiling: the length used is the longest row's; longer rows are left out
     eval_every_steps: int = 10
     early_stopping_patience: int = 3
     seed: int = 0
     # Additions (defaults keep the original interface):
     kto_beta: float = 0.1  # KTO: how far the policy may move from the reference (higher = less)
+    dpo_beta: float = 0.1  # DPO: the same for DPO
     gradient_checkpointing: bool = False  # CUDA only; always off on CPU
+    packing: bool = False  # SFT: pack rows into full sequences (padding-free; wants a varlen attention kernel)
+    attn_implementation: str = "sdpa"  # "sdpa", "eager", or "flash_attention_2" where flash-attn is installed
 
     def __post_init__(self) -> None:
         # A list from JSON becomes a tuple, so the recipe stays hashable and frozen.
@@ -105,14 +118,25 @@ class Recipe:
             out.append(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.target_modules:
             out.append("target_modules must not be empty")
-        if not (self.kto_beta > 0 and math.isfinite(self.kto_beta)):
+        for name in ("kto_beta", "dpo_beta"):
             # NaN would also be stored with the job and make every later read of it fail to serialise.
-            out.append(f"kto_beta must be a finite number > 0, got {self.kto_beta}")
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                out.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.lora_r > MAX_SERVED_LORA_RANK:
+            out.append(
+                f"lora_r must be <= {MAX_SERVED_LORA_RANK} (the serving engine's --max-lora-rank), got {self.lora_r}"
+            )
         if not 0 <= self.seed < 2**32:
             out.append(f"seed must be in [0, 2**32), got {self.seed}")
         for name in ("lora_r", "lora_alpha", "max_steps", "per_device_batch_size", "max_seq_length"):
             if getattr(self, name) > MAX_RECIPE_INT:
                 out.append(f"{name} must be <= {MAX_RECIPE_INT}, got {getattr(self, name)}")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
+            out.append(
+                f"attn_implementation must be sdpa, eager or flash_attention_2/3, got {self.attn_implementation!r}"
+            )
+        if self.packing and self.method != "sft":
+            out.append("packing is for SFT only")
         if self.method == "kto" and self.per_device_batch_size < 2:
             # TRL estimates KTO's KL term from mismatched pairs inside a batch.
             out.append("KTO needs per_device_batch_size >= 2 (the KL term is estimated within a batch)")
@@ -171,12 +195,26 @@ def split_row(row: Any, where: str = "row") -> tuple[list[dict], list[dict]]:
     raise TrainingInputError(f"{where} needs 'messages' (SFT) or 'prompt' and 'completion' (KTO); has {sorted(row)}")
 
 
+def dpo_parts(row: Any, where: str = "row") -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) messages of a DPO row; TrainingInputError when malformed."""
+    if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= set(row):
+        raise TrainingInputError(f"{where} is missing one of 'prompt', 'chosen', 'rejected' (DPO rows)")
+    return (
+        _check_messages(row["prompt"], f"{where}.prompt"),
+        _check_messages(row["chosen"], f"{where}.chosen"),
+        _check_messages(row["rejected"], f"{where}.rejected"),
+    )
+
+
 def validate_rows(rows: Any, method: str, name: str = "train_rows") -> None:
     """Raise TrainingInputError unless rows are a non-empty list in the format ``method`` trains on."""
     if not isinstance(rows, list) or not rows:
         raise TrainingInputError(f"{name} is empty: nothing to train or evaluate on")
     for i, row in enumerate(rows):
         where = f"{name}[{i}]"
+        if method == "dpo":
+            dpo_parts(row, where)
+            continue
         if method == "sft":
             if not isinstance(row, dict) or "messages" not in row:
                 raise TrainingInputError(f"{where} is missing 'messages' (SFT rows are {{'messages': [...]}})")
@@ -197,6 +235,12 @@ def _check_output_dir(output_dir: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Training
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _device_and_dtype() -> tuple[str, Any]:
@@ -224,6 +268,7 @@ def _make_callback(
             self.best_step: int | None = None
             self.bad_evals = 0
             self.stopped_early = False
+            self.eval_seconds = 0.0  # inside trainer.train(): not training time
 
         def on_step_end(self, args, state, control, **kwargs):
             if should_cancel is not None and should_cancel():
@@ -236,6 +281,7 @@ def _make_callback(
                 self._progress(state)
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            self.eval_seconds += float((metrics or {}).get("eval_runtime") or 0.0)
             loss = (metrics or {}).get("eval_loss")
             if loss is None or model is None:
                 return
@@ -266,8 +312,8 @@ def _make_callback(
     return _Callback()
 
 
-def _trainer_args(recipe: Recipe, device: str, dtype: Any, work_dir: Path) -> dict[str, Any]:
-    """TrainingArguments shared by SFT and KTO, overriding TRL's GPU-minded defaults explicitly."""
+def _trainer_args(recipe: Recipe, device: str, dtype: Any, work_dir: Path, max_length: int) -> dict[str, Any]:
+    """TrainingArguments shared by SFT, KTO and DPO, overriding TRL's GPU-minded defaults explicitly."""
     import torch
 
     cuda = device == "cuda"
@@ -277,7 +323,7 @@ def _trainer_args(recipe: Recipe, device: str, dtype: Any, work_dir: Path) -> di
         "per_device_train_batch_size": recipe.per_device_batch_size,
         "per_device_eval_batch_size": recipe.per_device_batch_size,
         "learning_rate": recipe.learning_rate,
-        "max_length": recipe.max_seq_length,
+        "max_length": max_length,
         "seed": recipe.seed,
         "data_seed": recipe.seed,
         "logging_strategy": "steps",
@@ -308,6 +354,41 @@ def _sft_dataset(rows: list[dict]):
 
     pairs = [split_row(r) for r in rows]
     return Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+
+
+def _dpo_dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list([dict(zip(("prompt", "chosen", "rejected"), dpo_parts(r), strict=True)) for r in rows])
+
+
+def row_lengths(tokenizer: Any, rows: list[dict], method: str) -> list[int]:
+    """Tokens of each row as the trainer sees it: the chat template over prompt + completion (for DPO the longer
+    of chosen and rejected)."""
+
+    def n(messages: list[dict]) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    out = []
+    for row in rows:
+        if method == "dpo":
+            prompt, chosen, rejected = dpo_parts(row)
+            out.append(max(n(prompt + chosen), n(prompt + rejected)))
+        else:
+            prompt, completion = split_row(row)
+            out.append(n(prompt + completion))
+    return out
+
+
+def fit_rows(tokenizer: Any, rows: list[dict], method: str, ceiling: int, name: str) -> tuple[list[dict], int, int]:
+    """(the rows that fit in `ceiling` tokens, how many were left out, the longest kept length)."""
+    lengths = row_lengths(tokenizer, rows, method)
+    kept = [r for r, n in zip(rows, lengths, strict=True) if n <= ceiling]
+    if not kept:
+        raise TrainingInputError(
+            f"every one of the {len(rows)} {name} is longer than {ceiling} tokens (max_seq_length / the context)"
+        )
+    return kept, len(rows) - len(kept), max(n for n in lengths if n <= ceiling)
 
 
 def _kto_dataset(rows: list[dict]):
@@ -367,24 +448,34 @@ def train(
     work_dir.mkdir()
     best_dir = work_dir / "adapter"
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_model_path, dtype=dtype, attn_implementation=recipe.attn_implementation
+        )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+        context = int(getattr(model.config, "max_position_embeddings", 0) or recipe.max_seq_length)
+        ceiling = min(recipe.max_seq_length, context)
+        train_rows, train_too_long, train_longest = fit_rows(
+            tokenizer, train_rows, recipe.method, ceiling, "train rows"
+        )
+        eval_rows, eval_too_long, eval_longest = fit_rows(tokenizer, eval_rows, recipe.method, ceiling, "eval rows")
+        max_length = max(train_longest, eval_longest)
+        targets = list(recipe.target_modules)
         peft_config = LoraConfig(
             r=recipe.lora_r,
             lora_alpha=recipe.lora_alpha,
             lora_dropout=recipe.lora_dropout,
-            target_modules=list(recipe.target_modules),
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
             bias="none",
             task_type="CAUSAL_LM",
         )
         callback = _make_callback(recipe, best_dir, on_progress, should_cancel)
-        common = _trainer_args(recipe, device, dtype, work_dir)
+        common = _trainer_args(recipe, device, dtype, work_dir, max_length)
         if recipe.method == "sft":
             from trl import SFTConfig, SFTTrainer
 
             common |= _checkpointing_arg(SFTConfig, device == "cuda" and recipe.gradient_checkpointing)
-            args = SFTConfig(**common, packing=False, completion_only_loss=True, shuffle_dataset=True)
+            args = SFTConfig(**common, packing=recipe.packing, completion_only_loss=True, shuffle_dataset=True)
             trainer = SFTTrainer(
                 model=model,
                 args=args,
@@ -392,6 +483,20 @@ def train(
                 eval_dataset=_sft_dataset(eval_rows),
                 processing_class=tokenizer,
                 peft_config=peft_config,
+                callbacks=[callback],
+            )
+        elif recipe.method == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            common |= _checkpointing_arg(DPOConfig, device == "cuda" and recipe.gradient_checkpointing)
+            args = DPOConfig(**common, beta=recipe.dpo_beta)
+            trainer = DPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=_dpo_dataset(train_rows),
+                eval_dataset=_dpo_dataset(eval_rows),
+                processing_class=tokenizer,
+                peft_config=peft_config,  # the reference model is the base: the adapter disabled
                 callbacks=[callback],
             )
         else:
@@ -416,6 +521,7 @@ def train(
         if last_eval_step != trainer.state.global_step:
             trainer.evaluate()  # the callback compares it with the best so far
         seconds = time.perf_counter() - started
+        train_seconds = max(1e-9, seconds - callback.eval_seconds)
 
         if not best_dir.is_dir():
             raise RuntimeError("training finished without any evaluation: no adapter was saved")
@@ -437,22 +543,41 @@ def train(
             "device": device,
             "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(seconds, 3),
+            "eval_seconds": round(callback.eval_seconds, 3),
+            "train_seconds": round(train_seconds, 3),
             "train_tokens": train_tokens,
             "tokens_per_s": round(train_tokens / seconds, 1) if seconds > 0 else None,
+            "train_tokens_per_s": round(train_tokens / train_seconds, 1),  # without evaluation time
             "train_rows": len(train_rows),
             "eval_rows": len(eval_rows),
+            "max_length": max_length,
+            "rows_too_long": train_too_long + eval_too_long,
             "torch": torch.__version__,
         }
         if device == "cuda":
             metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         (best_dir / RUN_FILE).write_text(json.dumps({"recipe": recipe.to_dict(), "metrics": metrics}, indent=2))
+        if hasattr(trainer, "accelerator"):
+            trainer.accelerator.free_memory()
         del trainer, model
         if output_dir.exists():
             output_dir.rmdir()  # checked empty above
         os.replace(best_dir, output_dir)  # atomic on one filesystem
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+        _free_memory()
     return TrainResult(adapter_path=str(output_dir), recipe=recipe.to_dict(), metrics=metrics)
+
+
+def _free_memory() -> None:
+    """What a finished (or failed) run held goes back: Python objects, then the CUDA cache."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -231,3 +231,54 @@ def auto_cycle(
             continue
         out.append({"prompt_name": name, "action": "started", **created, "generated": generated is not None})
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Withdrawn models (erasure reached their training data)
+# --------------------------------------------------------------------------------------------------------
+
+
+def on_model_withdrawn(event: Any, uow_factory: UowFactory, now: datetime | None = None) -> dict[str, Any]:
+    """A model may no longer be used (shared.contracts.ModelWithdrawn): every experiment with an arm on it is
+    stopped (the control, the champion, serves), a champion on it is rolled back to the latest earlier champion
+    on another model, and its ModelRegistered is marked as seen so a late or replayed one starts nothing."""
+    from services.optimizer import experiments as exps
+    from shared.contracts import derived_id
+
+    now = now or utcnow()
+    with uow_factory() as uow:
+        if uow.repo.seen(event.message_id):
+            return {"outcome": "duplicate"}
+        hit = [
+            e["experiment_id"]
+            for status in domain.ALL_STATES
+            if status not in (domain.CONCLUDED, domain.STOPPED)
+            for e in uow.repo.experiments(status=status)
+            if any(a["model"] == event.model for a in uow.repo.arms(e["experiment_id"]))
+        ]
+        champions = [
+            name for name in uow.repo.prompt_names() if (c := uow.repo.champion(name)) and c["model"] == event.model
+        ]
+    reason = f"model {event.model} withdrawn: {event.reason}"[:500]
+    stopped = []
+    for experiment_id in hit:
+        try:
+            exps.stop_experiment(experiment_id, uow_factory(), now, reason=reason)
+            stopped.append(experiment_id)
+        except domain.Conflict:  # ended meanwhile
+            pass
+    restored = []
+    for name in champions:
+        with uow_factory() as uow:
+            earlier = [h for h in uow.repo.champion_history(name) if h["model"] != event.model]
+        if earlier:
+            exps.rollback_prompt(name, uow_factory(), now, version=earlier[-1]["version"], model=earlier[-1]["model"])
+            restored.append(name)
+        else:
+            log.error("prompt %s has no champion other than the withdrawn model %s", name, event.model)
+    with uow_factory() as uow:
+        for message_id in (event.message_id, derived_id("model.registered", event.model_id)):
+            if not uow.repo.seen(message_id):
+                uow.repo.mark_seen(message_id)
+        uow.commit()
+    return {"outcome": "withdrawn", "stopped": stopped, "rolled_back": restored}

@@ -63,6 +63,15 @@ def on_model_registered(payload: dict) -> str:
     return outcome
 
 
+@app.task(name="optimizer.on_model_withdrawn")
+def on_model_withdrawn(payload: dict) -> dict[str, Any]:
+    from shared.contracts import ModelWithdrawn
+
+    outcome = handlers.on_model_withdrawn(ModelWithdrawn.from_payload(payload), _store().uow)
+    _relay()
+    return outcome
+
+
 @app.task(name="optimizer.run_decisions")
 def run_decisions(payload: dict | None = None) -> list[dict[str, Any]]:
     results = experiments.run_decisions(_store().uow, get_settings())

@@ -26,6 +26,7 @@ from shared.contracts import (
     ExperimentStarted,
     ExplanationCreated,
     ModelRegistered,
+    ModelWithdrawn,
     derived_id,
     utcnow,
 )
@@ -415,6 +416,31 @@ def on_model_registered(event: ModelRegistered, uow: SqlUnitOfWork) -> str:
         )
         uow.commit()
     return "registered"
+
+
+def on_model_withdrawn(event: ModelWithdrawn, uow: SqlUnitOfWork) -> str:
+    """A model trained on erased data (or withdrawn by an operator): forget where it is served (so no request
+    reaches it through its engine) and stop routing to every running experiment that has it in an arm (the
+    champion serves everyone; the optimizer ends the experiment too). Returns withdrawn or duplicate."""
+    with uow:
+        repo = uow.repo
+        if repo.seen(event.message_id):
+            return "duplicate"
+        repo.mark_seen(event.message_id)
+        repo.delete_model(event.model)
+        exp_id = repo.running_experiment_id()
+        while exp_id is not None and any(a["model"] == event.model for a in repo.arms_of(exp_id)):
+            repo.update_experiment(
+                exp_id,
+                status="concluded",
+                concluded_at=event.occurred_at,
+                decision="model_withdrawn",
+                winner_arm_id=None,
+            )
+            exp_id = repo.running_experiment_id()
+        uow.commit()
+    log.warning("model %s withdrawn: %s", event.model, event.reason)
+    return "withdrawn"
 
 
 def routing_state(uow: SqlUnitOfWork) -> dict[str, Any]:

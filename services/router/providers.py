@@ -4,8 +4,10 @@ A model is named "<provider>/<model>":
 - ``openai/<name>``: the official openai SDK (OPENAI_API_KEY, optional OPENAI_BASE_URL);
 - ``groq/<name>``: the official groq SDK (GROQ_API_KEY, optional GROQ_BASE_URL);
 - ``vllm/<name>`` / ``local/<name>``: any OpenAI-compatible server, through the openai SDK: the
-  ``serving_base_url`` a ModelRegistered event gave for that model, else ROUTER_COMPATIBLE_BASE_URL. A base URL
-  without a trailing ``/v1`` gets one (vLLM and the finetune server serve under ``/v1``);
+  ``serving_base_url`` a ModelRegistered event gave for that model (asked for by ``shared.serving.served_name``,
+  the name the finetune service loaded it under, with the serving key), else ROUTER_COMPATIBLE_BASE_URL (with
+  ROUTER_COMPATIBLE_API_KEY). A base URL without a trailing ``/v1`` gets one (vLLM and the finetune server serve
+  under ``/v1``);
 - ``offline/template-v1``: a deterministic writer that needs nothing and honours style cues in the prompt.
 
 `ProviderSet.generate` tries a chain of models: each gets retries with exponential backoff on transient errors
@@ -29,6 +31,7 @@ import openai
 from services.router import domain
 from services.router.config import OFFLINE_MODEL, RouterSettings
 from shared.prompts import format_indicators
+from shared.serving import SYSTEM_MESSAGE, served_name, serving_api_key
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class Provider(Protocol):
 # SDK adapters
 # ---------------------------------------------------------------------------------------------------------
 
-_SYSTEM = "You explain trading signals to retail investors clearly and accurately."
+_SYSTEM = SYSTEM_MESSAGE  # the same system turn the fine-tuning rows carry
 
 
 def _classify(exc: Exception, sdk: Any) -> ProviderError:
@@ -323,7 +326,7 @@ class ProviderSet:
         self.settings = settings
         self.sleep = sleep
         self.offline = OfflineProvider()
-        self._clients: dict[tuple[str, str], ChatProvider] = {}
+        self._clients: dict[tuple[str, str, str], ChatProvider] = {}
         self._lock = threading.Lock()
 
     def configured_defaults(self) -> list[str]:
@@ -364,14 +367,25 @@ class ProviderSet:
             if not key:
                 return None
             return self._client("groq", groq, groq.Groq, key, s.groq_base_url)
-        base = (registered or {}).get(model) or s.compatible_base_url
-        if not base:
+        served = (registered or {}).get(model)
+        if served:  # a model the finetune service registered: its serving engine, with the serving key
+            admin = s.admin_token.get_secret_value() if s.admin_token else None
+            key = serving_api_key(None, admin) or "EMPTY"
+            return self._client(kind, openai, openai.OpenAI, key, compatible_base_url(served))
+        if not s.compatible_base_url:
             return None
         key = s.compatible_api_key.get_secret_value() if s.compatible_api_key else "EMPTY"
-        return self._client(kind, openai, openai.OpenAI, key or "EMPTY", compatible_base_url(base))
+        return self._client(kind, openai, openai.OpenAI, key or "EMPTY", compatible_base_url(s.compatible_base_url))
+
+    def engine_model_name(self, model: str, registered: Mapping[str, str | None] | None = None) -> str:
+        """The name to ask the provider for: a registered local model by its served name (the one rule of
+        shared.serving), anything else by the part after the provider."""
+        if (registered or {}).get(model):
+            return served_name(model)
+        return domain.split_model(model)[1]
 
     def _client(self, name: str, sdk: Any, cls: type, key: str, base_url: str | None) -> ChatProvider:
-        cache_key = (name, base_url or "")
+        cache_key = (name, base_url or "", key)
         with self._lock:
             client = self._clients.get(cache_key)
             if client is None:
@@ -391,7 +405,7 @@ class ProviderSet:
         errors: list[AttemptError] = []
         deadline = time.monotonic() + s.request_deadline_s
         for model, provider in usable:
-            _, model_name = domain.split_model(model)
+            model_name = self.engine_model_name(model, registered)
             for attempt, pause in enumerate(pauses):
                 remaining = deadline - time.monotonic() - pause
                 if provider is not self.offline and remaining <= 0:

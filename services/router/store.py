@@ -212,6 +212,9 @@ class RouterRepository(MessageLog):
         else:
             self.s.execute(models.update().where(models.c.model == values["model"]).values(**values))
 
+    def delete_model(self, model: str) -> None:
+        self.s.execute(models.delete().where(models.c.model == model))
+
     def models(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.s.execute(select(models).order_by(models.c.registered_at)).mappings()]
 

@@ -15,6 +15,7 @@ from shared.contracts import (
     ExperimentConcluded,
     ExperimentStarted,
     ModelRegistered,
+    ModelWithdrawn,
 )
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -71,6 +72,13 @@ def on_experiment_concluded(payload: dict) -> str:
 @app.task(name="router.on_model_registered")
 def on_model_registered(payload: dict) -> str:
     outcome = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow())
+    _relay()
+    return outcome
+
+
+@app.task(name="router.on_model_withdrawn")
+def on_model_withdrawn(payload: dict) -> str:
+    outcome = handlers.on_model_withdrawn(ModelWithdrawn.from_payload(payload), _store().uow())
     _relay()
     return outcome
 

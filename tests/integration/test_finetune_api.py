@@ -18,9 +18,11 @@ from services.finetune.config import FinetuneSettings
 from services.finetune.main import create_app
 from services.finetune.store import Store, outbox
 from shared.redis_server import RedisServer
+from shared.serving import served_name, serving_api_key
 from tests.unit.test_finetune_handlers import fake_base_model, seed
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
+SERVING = {"Authorization": f"Bearer {serving_api_key(None, 'admin-secret')}"}
 
 
 def _settings(tmp_path: Path, redis_server: RedisServer, **extra: object) -> FinetuneSettings:
@@ -90,7 +92,8 @@ def test_export_with_an_unknown_format_is_a_clear_422(env) -> None:
     ("body", "status", "message"),
     [
         ({"base_model": "/no/such/model"}, 422, "unknown base model"),
-        ({"method": "dpo"}, 422, "method"),
+        ({"method": "ppo"}, 422, "method"),
+        ({"method": "dpo"}, 409, "no DPO training rows"),
         ({"recipe": {"nope": 1}}, 422, "unknown recipe fields: nope"),
         ({"min_examples": -1}, 422, "min_examples"),
         ({"surprise": True}, 422, "surprise"),
@@ -174,25 +177,39 @@ def test_registry_and_mounted_models_list_show_registered_models(env, tmp_path: 
     name = _register_fake_model(store, tmp_path)
     [model] = client.get("/api/finetune/models", headers=ADMIN).json()["items"]
     assert model["name"] == name and model["metrics"] == {"eval_loss_best": 1.5}
-    listed = client.get("/api/finetune/v1/models").json()
+    assert client.get("/api/finetune/v1/models").status_code == 401  # the serving key is required
+    listed = client.get("/api/finetune/v1/models", headers=SERVING).json()
     assert [m["id"] for m in listed["data"]] == [name]
+    assert "adapters" not in json.dumps(listed)  # no paths
+
+
+def test_the_model_server_refuses_an_anonymous_or_wrongly_keyed_call(env) -> None:
+    client, _, _ = env
+    body = {"model": "local/nope", "messages": [{"role": "user", "content": "hi"}]}
+    for headers in ({}, ADMIN, {"Authorization": "Bearer wrong"}):
+        res = client.post("/api/finetune/v1/chat/completions", json=body, headers=headers)
+        assert res.status_code == 401 and res.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_mounted_endpoint_answers_unknown_models_and_bad_bodies_in_openai_shape(env) -> None:
     client, _, _ = env
-    res = client.post("/api/finetune/v1/chat/completions", json={"model": "local/nope", "messages": []})
+    res = client.post(
+        "/api/finetune/v1/chat/completions", json={"model": "local/nope", "messages": []}, headers=SERVING
+    )
     assert res.status_code == 404 and res.json()["error"]["code"] == "model_not_found"
     res = client.post(
-        "/api/finetune/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+        "/api/finetune/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json", **SERVING},
     )
     assert res.status_code == 400 and "error" in res.json()
-    assert client.get("/api/finetune/v1/nothing").status_code == 404
+    assert client.get("/api/finetune/v1/nothing", headers=SERVING).status_code == 404
 
 
 def test_with_an_external_serving_url_the_mount_points_there(tmp_path: Path, redis_server: RedisServer) -> None:
     app = create_app(_settings(tmp_path, redis_server, serving_base_url="http://vllm.test:8001/v1"))
     with TestClient(app) as client:
-        res = client.get("/api/finetune/v1/models")
+        res = client.get("/api/finetune/v1/models", headers=SERVING)
         assert res.status_code == 404 and "http://vllm.test:8001/v1" in res.json()["error"]["message"]
         assert client.get("/healthz").json()["serving_base_url"] == "http://vllm.test:8001/v1"
 
@@ -236,7 +253,7 @@ def test_registered_adapter_is_loaded_on_an_external_openai_compatible_server(tm
             on_registered=lambda model: jobs.load_adapter_on_server(url, model),
         )
         assert runner.start(cmd) == "registered"
-        name = domain.model_name(domain.model_id_for(job["job_id"]))
+        name = served_name(domain.model_name(domain.model_id_for(job["job_id"])))
         assert name in serving.state.adapters
         with store.uow() as uow:
             assert uow.repo.list_models()[0]["serving_base_url"] == url

@@ -241,13 +241,15 @@ def test_job_sent_by_name_from_outside_the_project_is_trained_registered_and_ser
     assert states[0] == "exporting" and states[-1] == "registered" and "training" in states and "evaluating" in states
 
     # The mounted endpoint serves the registered adapter by its name (loaded on this first request).
+    key = {"Authorization": f"Bearer {system['settings'].serving_key()}"}
     with TestClient(create_app(system["settings"])) as api:
-        names = [d["id"] for d in api.get("/api/finetune/v1/models").json()["data"]]
+        names = [d["id"] for d in api.get("/api/finetune/v1/models", headers=key).json()["data"]]
         assert f"local/{model_id}" in names
         res = api.post(
             "/api/finetune/v1/chat/completions",
             json={"model": f"local/{model_id}", "messages": [{"role": "user", "content": "Explain BUY for AAPL."}],
                   "max_tokens": 8, "temperature": 0},
+            headers=key,
         )  # fmt: skip
         assert res.status_code == 200, res.text
         body = res.json()

@@ -155,6 +155,43 @@ def test_kto_lowers_loss_and_separates_good_from_bad(base_model: str, tmp_path: 
     assert after["margin"] > before["margin"]
 
 
+def dpo_rows(n: int, offset: int = 0) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": _prompt(i)}],
+            "chosen": [{"role": "assistant", "content": _good(i)}],
+            "rejected": [{"role": "assistant", "content": _bad(i)}],
+        }
+        for i in range(offset, offset + n)
+    ]
+
+
+def test_dpo_trains_the_tiny_model_from_pairs_and_its_loss_falls(base_model: str, tmp_path: Path) -> None:
+    recipe = Recipe(method="dpo", **{**FAST, "max_steps": 16, "eval_every_steps": 8})
+    result = training.train(base_model, dpo_rows(24), dpo_rows(6, offset=100), recipe, tmp_path / "dpo")
+    m = result.metrics
+    assert m["method"] == "dpo" and m["steps"] >= 8
+    assert m["eval_loss_best"] < m["eval_loss_first"]  # ln 2 before training: the pairs are separated after
+    assert m["train_loss_last"] < m["train_loss_first"]
+    assert (Path(result.adapter_path) / "adapter_config.json").is_file()
+    config = json.loads((Path(result.adapter_path) / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) >= 7  # all-linear: q, k, v, o, gate, up, down
+    assert m["rows_too_long"] == 0 and m["max_length"] < recipe.max_seq_length
+
+
+def test_rows_longer_than_the_ceiling_are_left_out_never_truncated(base_model: str, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    rows = sft_rows(8)
+    lengths = training.row_lengths(tok, rows, "sft")
+    ceiling = sorted(lengths)[4]
+    kept, dropped, longest = training.fit_rows(tok, rows, "sft", ceiling, "train rows")
+    assert dropped == sum(1 for n in lengths if n > ceiling) and longest <= ceiling and len(kept) + dropped == 8
+    with pytest.raises(training.TrainingInputError, match="longer than 3 tokens"):
+        training.fit_rows(tok, rows, "sft", 3, "train rows")
+
+
 def test_validation_loss_that_stops_improving_stops_training_and_keeps_best(base_model: str, tmp_path: Path) -> None:
     # Train on one answer, validate on a contradicting one at a high learning rate: validation loss rises fast.
     contradicting = [
@@ -181,6 +218,7 @@ def test_validation_loss_that_stops_improving_stops_training_and_keeps_best(base
         ("no_base", "does not exist"),
         ("no_config", "has no config.json"),
         ("bad_recipe", "method must be one of"),
+        ("rank_too_high", "lora_r must be <= 64"),
         ("kto_batch", "per_device_batch_size >= 2"),
         ("output_taken", "already exists and is not empty"),
     ],
@@ -203,7 +241,9 @@ def test_bad_inputs_raise_before_training(base_model: str, tmp_path: Path, kind:
         (tmp_path / "empty-model").mkdir()
         base = str(tmp_path / "empty-model")
     elif kind == "bad_recipe":
-        recipe = Recipe(method="dpo")
+        recipe = Recipe(method="ppo")
+    elif kind == "rank_too_high":
+        recipe = Recipe(lora_r=128)
     elif kind == "kto_batch":
         train_rows, eval_rows = kto_rows(4), kto_rows(2)
         recipe = Recipe(method="kto", per_device_batch_size=1)
@@ -264,7 +304,7 @@ def test_vllm_command_serves_adapters_by_name() -> None:
     assert cmd[:3] == ["vllm", "serve", "/models/base"]
     assert "--enable-lora" in cmd and cmd[cmd.index("--port") + 1] == "8002"
     assert cmd[cmd.index("--lora-modules") + 1 :][:2] == ["sft-1=/a/sft-1", "kto-2=/a/kto-2"]
-    assert cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    assert cmd[cmd.index("--max-lora-rank") + 1] == str(training.MAX_SERVED_LORA_RANK)
 
 
 # --------------------------------------------------------------------------------------------------------------

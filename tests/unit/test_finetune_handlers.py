@@ -294,8 +294,8 @@ def test_job_runs_export_train_evaluate_register_and_publishes_model_registered(
         trainer.calls[0]["eval"]
     )
     assert set(train_export["feedback_ids"]).isdisjoint(heldout_export["feedback_ids"])
-    heldout_prompts = {r["messages"][0]["content"] for r in trainer.calls[0]["eval"]}
-    assert heldout_prompts.isdisjoint(r["messages"][0]["content"] for r in trainer.calls[0]["train"])
+    heldout_prompts = {r["messages"][1]["content"] for r in trainer.calls[0]["eval"]}
+    assert heldout_prompts.isdisjoint(r["messages"][1]["content"] for r in trainer.calls[0]["train"])
 
 
 def test_job_sent_without_a_job_id_is_created_by_the_worker_and_fails_at_once_on_too_little_data(
@@ -404,3 +404,130 @@ def test_invalid_payload_sent_by_name_is_recorded_as_a_failed_job_with_the_reaso
     assert job["state"] == "failed" and job["reason"] == reason
     assert handlers.reject_payload(store, {"job_id": "j-bad"}, reason) is None  # never overwrites a job
     assert handlers.reject_payload(store, {"method": "dpo"}, reason) is None
+
+
+# -- the held-out gate, erasure to models, one job at a time ----------------------------------------------------
+
+
+class BelowBaseTrainer(FakeTrainer):
+    def evaluate_likelihood(self, base, adapter, good, bad):
+        gain = 0.0 if adapter is None else -0.3
+        return {"good_ll": -2.0 + gain, "bad_ll": -2.0, "margin": gain}
+
+
+def _published(bus: FakeBus, cls: type) -> list[Any]:
+    return bus.of_type(cls)
+
+
+def test_a_model_that_does_not_beat_its_base_is_kept_below_base_and_not_announced_until_forced(
+    store: Store, settings: FinetuneSettings
+) -> None:
+    seed(store, 60, 20)
+    bus = FakeBus()
+    cmd = StartFineTune(job_id="job-below", min_examples=10)
+    assert _runner(store, settings, bus, BelowBaseTrainer()).start(cmd) == "registered"
+    model_id = domain.model_id_for("job-below")
+    with store.uow() as uow:
+        model = uow.repo.model(model_id)
+    assert model is not None and model["status"] == domain.MODEL_BELOW_BASE
+    assert model["metrics"]["beats_base"] is False and "did not beat its base" in model["status_reason"]
+    assert _published(bus, ModelRegistered) == []  # no live experiment, not served
+    assert handlers.registered_adapters(store.uow()) == []
+    with pytest.raises(handlers.Rejected) as info:
+        handlers.release_model(store.uow(), model_id, force=False)
+    assert info.value.status == 422
+    released = handlers.release_model(store.uow(), model_id, force=True)
+    assert released["status"] == domain.MODEL_REGISTERED
+    relay(store.factory, outbox, bus)
+    [event] = _published(bus, ModelRegistered)
+    assert event.model_id == model_id and event.message_id == derived_id("model.registered", model_id)
+
+
+def test_erasure_after_registration_withdraws_the_model_and_says_so(store: Store, settings: FinetuneSettings) -> None:
+    from shared.contracts import ModelWithdrawn
+
+    events = seed(store, 60, 20)
+    bus = FakeBus()
+    assert _runner(store, settings, bus, FakeTrainer()).start(StartFineTune(job_id="job-e", min_examples=10)) == (
+        "registered"
+    )
+    model_id = domain.model_id_for("job-e")
+    ev = events[0]
+    vote = vote_event(ev.explanation_id, "session-0", 1, 5)
+    erased = FeedbackErased(
+        session_key="session-0", feedback_ids=[vote.feedback_id], explanation_ids=[ev.explanation_id], erased_at=T0
+    )
+    record = handlers.on_feedback_erased(erased, store.uow())
+    assert record is not None and record["withdrawn"] == [model_id]
+    relay(store.factory, outbox, bus)
+    [withdrawn] = _published(bus, ModelWithdrawn)
+    assert withdrawn.model == f"local/{model_id}" and "erased" in withdrawn.reason
+    assert handlers.registered_adapters(store.uow()) == []  # the fallback server no longer serves it
+    with pytest.raises(handlers.Rejected, match="withdrawn"):
+        handlers.release_model(store.uow(), model_id, force=True)
+    cmd = handlers.retrain_command(store.uow(), model_id)
+    assert cmd.method == "sft" and cmd.base_model == settings.base_model and cmd.min_examples == 10
+
+
+def test_a_session_erased_while_the_model_trained_ends_withdrawn(store: Store, settings: FinetuneSettings) -> None:
+    from shared.contracts import ModelWithdrawn
+
+    events = seed(store, 60, 20)
+    ev = events[3]
+    vote = vote_event(ev.explanation_id, "session-3", 1, 5)
+    erased = FeedbackErased(
+        session_key="session-3", feedback_ids=[vote.feedback_id], explanation_ids=[ev.explanation_id], erased_at=T0
+    )
+
+    def erase_mid_training(step: int) -> None:
+        if step == 2:
+            handlers.on_feedback_erased(erased, store.uow())
+
+    bus = FakeBus()
+    trainer = FakeTrainer(on_step=erase_mid_training)
+    assert _runner(store, settings, bus, trainer).start(StartFineTune(job_id="job-mid", min_examples=10)) == (
+        "registered"
+    )
+    with store.uow() as uow:
+        model = uow.repo.model(domain.model_id_for("job-mid"))
+    assert model is not None and model["status"] == domain.MODEL_WITHDRAWN
+    assert _published(bus, ModelRegistered) == []
+    assert [e.model_id for e in _published(bus, ModelWithdrawn)] == [model["model_id"]]
+
+
+def test_a_second_job_waits_queued_while_one_runs_and_the_api_says_409(
+    store: Store, settings: FinetuneSettings
+) -> None:
+    seed(store, 60, 20)
+    bus = FakeBus()
+    seen: dict[str, Any] = {}
+
+    def second_job(step: int) -> None:
+        if step == 1:
+            other = _runner(store, settings, bus, FakeTrainer())
+            seen["state"] = other.start(StartFineTune(job_id="job-2", min_examples=10))
+            seen["job"] = _job(store, "job-2")
+            with pytest.raises(handlers.Rejected) as info:
+                handlers.create_job(StartFineTune(min_examples=10), store, settings)
+            seen["api"] = (info.value.status, info.value.message)
+
+    assert _runner(store, settings, bus, FakeTrainer(on_step=second_job)).start(
+        StartFineTune(job_id="job-1", min_examples=10)
+    ) == ("registered")
+    assert seen["state"] == jobs.BUSY and seen["job"]["state"] == "queued"
+    assert seen["api"][0] == 409 and "one job at a time" in seen["api"][1]
+    # once the first has ended, the waiting one runs (the task sends itself again later)
+    assert _runner(store, settings, bus, FakeTrainer()).start(StartFineTune(job_id="job-2", min_examples=10)) == (
+        "registered"
+    )
+
+
+def test_a_job_past_its_time_limit_fails_with_that_reason(store: Store, settings: FinetuneSettings) -> None:
+    seed(store, 60, 20)
+    bus = FakeBus()
+    slow = settings.model_copy(update={"job_time_limit_s": 0.01})
+    import time as _time
+
+    trainer = FakeTrainer(on_step=lambda step: _time.sleep(0.02))
+    assert _runner(store, slow, bus, trainer).start(StartFineTune(job_id="job-t", min_examples=10)) == "failed"
+    assert "time limit" in _job(store, "job-t")["reason"]
