@@ -370,3 +370,26 @@ class Store(SqlStore[FinetuneRepository]):
 
     def __init__(self, url: str) -> None:
         super().__init__(url, metadata, FinetuneRepository, outbox)
+        add_missing_columns(self.engine)
+
+
+#: Columns added after the first release: (table, column, DDL type and default). create_all does not add columns
+#: to a table that exists, so a store made by an earlier version gets them here (until the stores have migrations).
+ADDED_COLUMNS = (
+    ("explanations", "fallback_used", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    ("models", "status_reason", "TEXT"),
+)
+
+
+def add_missing_columns(engine: Any) -> list[str]:
+    """Add the ADDED_COLUMNS an older store lacks (every existing row keeps its data); returns what was added."""
+    from sqlalchemy import inspect, text
+
+    added = []
+    inspector = inspect(engine)
+    for table, column, ddl in ADDED_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+            added.append(f"{table}.{column}")
+    return added

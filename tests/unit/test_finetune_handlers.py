@@ -531,3 +531,34 @@ def test_a_job_past_its_time_limit_fails_with_that_reason(store: Store, settings
     trainer = FakeTrainer(on_step=lambda step: _time.sleep(0.02))
     assert _runner(store, slow, bus, trainer).start(StartFineTune(job_id="job-t", min_examples=10)) == "failed"
     assert "time limit" in _job(store, "job-t")["reason"]
+
+
+def test_a_store_made_by_the_previous_version_gets_the_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from services.finetune import store as store_module
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    old = sa.MetaData()
+    for table in store_module.metadata.sorted_tables:  # the previous schema: without the added columns
+        dropped = {c for t, c, _ in store_module.ADDED_COLUMNS if t == table.name}
+        sa.Table(table.name, old, *[c._copy() for c in table.columns if c.name not in dropped])
+    old.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO explanations (explanation_id, request_key, ticker, signal, prompt_name, prompt_version,"
+                " model, prompt_text, text, tokens_in, tokens_out, created_at)"
+                " VALUES ('e1', 'r1', 'AAPL', 'BUY', 'p', 'v1', 'openai/x', 'P', 'T', 1, 2, '2026-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+    s = Store(url)
+    try:
+        assert store_module.add_missing_columns(s.engine) == []  # already added by Store()
+        with s.engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT explanation_id, fallback_used FROM explanations")).one()
+        assert tuple(row) == ("e1", 0)
+    finally:
+        s.dispose()
