@@ -163,9 +163,13 @@ class Stack:
         self.env = env
         self._write_run_env()
         self._declare_topology()
-        for name in self.commands():
-            self.start_process(name)
-        self.wait_healthy(wait_s)
+        try:
+            for name in self.commands():
+                self.start_process(name)
+            self.wait_healthy(wait_s)
+        except BaseException:
+            self.stop()  # nothing started here outlives a failed start
+            raise
         return self
 
     @property
@@ -218,7 +222,9 @@ class Stack:
             except httpx.HTTPError as exc:
                 last = str(exc)
             time.sleep(0.25)
-        raise TimeoutError(f"gateway not healthy after {wait_s}s: {last}")
+        log = self.log_dir / "gateway.log" if self.log_dir else None
+        tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else "(no log)"
+        raise TimeoutError(f"gateway not healthy after {wait_s}s: {last}\ngateway log tail:\n{tail}")
 
     def supervise_once(self, now: float | None = None) -> list[str]:
         """Restart what died (the private redis-server first, then any child), each no sooner than its backoff
