@@ -78,3 +78,21 @@ def test_admin_route_without_a_configured_token_answers_503_json_not_500() -> No
     r = _get(_admin_app(None), {"Authorization": "Bearer anything"})
     assert r.status_code == 503
     assert "ADMIN_TOKEN" in r.json()["error"]["message"]
+
+
+def test_same_origin_compares_the_origin_with_the_host_the_browser_connected_to() -> None:
+    from shared.web import _same_origin
+
+    assert _same_origin("http://127.0.0.1:8000", "127.0.0.1:8000")
+    assert _same_origin("https://App.Example", "app.example")
+    assert not _same_origin("http://127.0.0.1:8001", "127.0.0.1:8000")
+    assert not _same_origin("https://evil.example", "app.example")
+    assert not _same_origin("null", "app.example")
+
+
+def test_json_content_types() -> None:
+    from shared.web import _is_json
+
+    assert _is_json("application/json") and _is_json("application/json; charset=utf-8")
+    assert _is_json("application/merge-patch+json")
+    assert not _is_json("text/plain") and not _is_json("application/x-www-form-urlencoded") and not _is_json("")
