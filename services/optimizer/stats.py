@@ -1233,7 +1233,7 @@ def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> D
             f"P(best)={pick.prob_best or 0.0:.2f}); guardrails hold{note}",
         )
 
-    bar_txt = f"the minimum lift {config.min_lift_to_ship:.0%}" if ship_bar > 0 else "no change"
+    bar_txt = f"the minimum lift {config.min_lift_to_ship:.0%}" if ship_bar > 0 else "0 (no change)"
     if below and len(below) == len(treatments):
         return Decision(
             DECISION_KEEP_CONTROL,
