@@ -30,7 +30,8 @@ class OptimizerSettings(ServiceSettings):
     target_lift: float = Field(0.10, gt=0)
     metric: Literal["positive_rate", "avg_stars"] = "positive_rate"
 
-    # -- adaptive allocation (top-two Thompson with a floor, reweighted in batches) ------------------------
+    # -- adaptive allocation (Thompson leader vs the control at the square-root share, 1% floor, futile arms
+    #    get nothing; reweighted in batches; two arms: an even split) -------------------------------------
     adaptive_floor: float = Field(0.01, ge=0, le=0.5)
     adaptive_min_feedback_per_arm: int = Field(100, ge=1)  # no reweighting before every arm has this much
     adaptive_batch: int = Field(50, ge=1)  # new feedback events (all arms) between two reweightings

@@ -1233,7 +1233,7 @@ def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> D
             f"P(best)={pick.prob_best or 0.0:.2f}); guardrails hold{note}",
         )
 
-    bar_txt = f"the minimum lift {config.min_lift_to_ship:.0%}" if ship_bar > 0 else "no change"
+    bar_txt = f"the minimum lift {config.min_lift_to_ship:.0%}" if ship_bar > 0 else "0 (no change)"
     if below and len(below) == len(treatments):
         return Decision(
             DECISION_KEEP_CONTROL,
@@ -1299,7 +1299,9 @@ def thompson_weights(
     treatment_beta: float | None = None,
     excluded: Collection[str] = (),
 ) -> dict[str, float]:
-    """Top-two Thompson sampling allocation with a floor per arm; weights sum to 1.
+    """Thompson-sampling allocation with a floor per arm; weights sum to 1. Without `control_id`: top-two
+    Thompson sampling over all arms (any number). With `control_id` (what the service passes): the many-vs-control
+    mode below, in which the treatments get plain Thompson sampling (or top-two with `treatment_beta`).
 
     Returns `current` (or equal) weights unchanged until every arm has >= min_feedback_per_arm, so the
     posterior is not driven by a handful of early votes; call it once per batch, not per request.
