@@ -23,7 +23,10 @@ offline provider follows); a taste profile gives each trait combination a true t
 * nothing: no trait or combination beats the seed (each costs 1-4 points).
 
 Loops: "today" is the generator as it was (`OfflineGenerator(remember=False)`: one trait per variant in a
-fixed order, no memory); "memory" is the generator with the search history (`OfflineGenerator()`).
+fixed order, no memory) in the loop as it is: after its first round it proposes the same variants again, they
+are rejected (now as repeats, before as near-duplicates), and after three such generations the search is
+announced exhausted (before, it kept generating and rejecting every check: the same stall, unannounced);
+"memory" is the generator with the search history (`OfflineGenerator()`).
 
 Figures per profile and loop (medians over the runs, and how many runs got there):
 * users / votes until +10 points: until the champion (what every user outside an experiment gets) has a true

@@ -83,7 +83,7 @@ def test_vote_in_the_browser_shows_in_the_stats_panel(stack: Stack, tmp_path: Pa
             expect(page.locator("#versions table")).to_be_visible()
             # the optimizer's variant search, read from GET /api/prompts/explain_signal
             expect(page.locator("#search-state")).to_contain_text("champion v", timeout=15_000)
-            expect(page.locator("#search-rounds table")).to_be_visible()
+            expect(page.locator("#search-rounds")).not_to_be_empty()  # the rounds, or "no round yet"
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             print(f"screenshot: {tmp_path / 'page.png'}")
 
