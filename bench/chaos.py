@@ -129,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="selflearn-chaos-"))
     stack = Stack(data_dir=data_dir, port=free_port(), env_overrides=FAST)
     print(f"starting the system (data in {data_dir}) ...", flush=True)
-    stack.start()
+    try:
+        stack.start()
+    except Exception:
+        stack.stop()  # leave no process behind
+        raise
     url = stack.url
     tally = Tally()
     stop = threading.Event()
