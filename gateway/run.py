@@ -161,10 +161,14 @@ class Stack:
             self.redis = RedisServer(self.data_dir / "redis").start()
             env["REDIS_URL"] = self.redis.url
         self.env = env
-        self._declare_topology()
-        for name in self.commands():
-            self.start_process(name)
-        self.wait_healthy(wait_s)
+        try:
+            self._declare_topology()
+            for name in self.commands():
+                self.start_process(name)
+            self.wait_healthy(wait_s)
+        except BaseException:
+            self.stop()  # no process (nor the private Redis) outlives a failed start
+            raise
         return self
 
     def _declare_topology(self) -> None:
