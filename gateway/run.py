@@ -162,13 +162,13 @@ class Stack:
             env["REDIS_URL"] = self.redis.url
         self.env = env
         self._write_run_env()
-        self._declare_topology()
         try:
+            self._declare_topology()
             for name in self.commands():
                 self.start_process(name)
             self.wait_healthy(wait_s)
         except BaseException:
-            self.stop()  # nothing started here outlives a failed start
+            self.stop()  # no process (nor the private Redis) outlives a failed start
             raise
         return self
 

@@ -166,7 +166,8 @@ class ReliableTask(Task):
                 countdown,
             )
             try:
-                raise self.retry(countdown=countdown, max_retries=max_retries)
+                # the error Celery logs with the retry: described, never with a statement's parameters
+                raise self.retry(countdown=countdown, max_retries=max_retries, exc=RuntimeError(error))
             except Retry:
                 raise
             except Exception as retry_exc:  # the broker is down too: keep the message in the dead letters

@@ -60,8 +60,10 @@ UNREADABLE = "unreadable"  # the relay or the sweep could not even parse it
 
 def describe_error(exc: BaseException) -> str:
     """The error as it goes into the store and the log: a pydantic validation error without the input values
-    it would otherwise quote (a comment, a session key), anything else as `Type: message`, bounded."""
+    it would otherwise quote (a comment, a session key), a database error without its statement's parameters
+    (the same), anything else as `Type: message`, bounded."""
     from pydantic import ValidationError
+    from sqlalchemy.exc import StatementError
 
     if isinstance(exc, ValidationError):
         parts = []
@@ -69,6 +71,8 @@ def describe_error(exc: BaseException) -> str:
             loc = ".".join(str(p) for p in err.get("loc", ())) or "payload"
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         text = f"ValidationError: {'; '.join(parts)}"
+    elif isinstance(exc, StatementError):
+        text = f"{type(exc).__name__}: {exc.orig if exc.orig is not None else 'statement failed'}"
     else:
         text = f"{type(exc).__name__}: {exc}"
     return text[:MAX_ERROR_CHARS]

@@ -17,6 +17,8 @@ REDACTED_FIELDS = frozenset({"session_id", "comment", "authorization", "admin_to
 _INLINE = re.compile(r"(?i)\b(session_id|comment|authorization)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|\S+)")
 # pydantic quotes the input in a validation error ("input_value={'comment': ...}, input_type=dict"): all of it goes.
 _INPUT_VALUE = re.compile(r"input_value=.*?(?=, input_type=|\]\n|\n|$)", re.DOTALL)
+# SQLAlchemy quotes a failed statement's parameters ("[parameters: ('comment text', ...)]"): all of them go.
+_SQL_PARAMETERS = re.compile(r"\[parameters: .*?\](?=\s*(\n|\(Background|$))", re.DOTALL)
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
 
@@ -30,6 +32,7 @@ def _service_of(logger_name: str, default: str) -> str:
 
 def redact(text: str) -> str:
     text = _INPUT_VALUE.sub("input_value=[redacted]", text)
+    text = _SQL_PARAMETERS.sub("[parameters: redacted]", text)
     return _INLINE.sub(lambda m: f"{m.group(1)}{m.group(2)}[redacted]", text)
 
 

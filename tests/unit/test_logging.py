@@ -46,3 +46,24 @@ def test_a_validation_error_in_a_failure_log_shows_no_input_values() -> None:
         text = JsonFormatter("feedback-worker").format(record)
     assert "my private note" not in text and "raw-session-42" not in text
     assert "input_value=[redacted]" in text
+
+
+def test_a_failed_statement_logs_and_dead_letters_without_its_parameters() -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError
+
+    from shared.deadletter import describe_error
+
+    engine = create_engine("sqlite://")
+    with engine.begin() as conn:
+        conn.execute(text("create table votes (comment text unique)"))
+        conn.execute(text("insert into votes values (:c)"), {"c": "call me on 555"})
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("insert into votes values (:c)"), {"c": "call me on 555"})
+    except IntegrityError as exc:
+        record = logging.LogRecord("celery.app.trace", logging.ERROR, __file__, 1, "retry: %s", (exc,), None)
+        line = JsonFormatter("feedback-worker").format(record)
+        described = describe_error(exc)
+    assert "555" not in line and "[parameters: redacted]" in line
+    assert described == "IntegrityError: UNIQUE constraint failed: votes.comment"
