@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
+from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
 from gateway.run import ROOT, worker_command
 
 T = TypeVar("T")
@@ -176,31 +177,3 @@ def celery_worker(
                 proc.kill()
                 proc.wait()
         print(f"{service} worker log:", log_path.read_text(errors="replace")[-3000:])
-
-
-# -- erasure ---------------------------------------------------------------------------------------------------
-
-
-def found_in_sqlite(paths: Iterable[Path], needles: Iterable[str]) -> list[str]:
-    """Where any of `needles` occurs in any column of any table of these SQLite files (read as the store's own
-    SQL sees them, JSON as text): "file:table.column" for each hit. The erasure tests assert it is empty."""
-    import sqlite3
-
-    needles = [n for n in needles if n]
-    hits: list[str] = []
-    for path in paths:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        try:
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            for table in tables:
-                columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
-                for column in columns:
-                    for needle in needles:
-                        (count,) = conn.execute(
-                            f'SELECT count(*) FROM "{table}" WHERE instr(CAST("{column}" AS TEXT), ?) > 0', (needle,)
-                        ).fetchone()
-                        if count:
-                            hits.append(f"{Path(path).name}:{table}.{column}")
-        finally:
-            conn.close()
-    return hits
