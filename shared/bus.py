@@ -43,6 +43,7 @@ SUBSCRIPTIONS: Mapping[str, tuple[str, ...]] = {
         "dashboard.on_feedback_recorded",
     ),
     "feedback.erased": (
+        "router.on_feedback_erased",
         "optimizer.on_feedback_erased",
         "finetune.on_feedback_erased",
         "dashboard.on_feedback_erased",
@@ -503,6 +504,37 @@ class IntakeJournal:
 
     def pending(self) -> int:
         return int(self._client().hlen(self.hash_key))
+
+    def forget_session(self, session_keys: Iterable[str], erased_at: Any, queue: str | None = None) -> int:
+        """Remove an erased session's commands from the journal (and the same task messages still waiting on
+        `queue`): those with one of its keys submitted at or before `erased_at`, which the worker would drop
+        anyway. A later vote of the same session stays. Returns how many entries were removed."""
+        from datetime import UTC, datetime
+
+        keys = set(session_keys)
+        cutoff = erased_at if erased_at.tzinfo else erased_at.replace(tzinfo=UTC)
+        client = self._client()
+        gone: list[tuple[bytes, bytes]] = []
+        for mid, value in client.hscan_iter(self.hash_key, count=500):
+            try:
+                raw = value.partition(b"|")[2]
+                payload = task_payload(raw)
+                if payload.get("session_key") not in keys:
+                    continue
+                submitted = datetime.fromisoformat(str(payload.get("submitted_at")))
+                if (submitted if submitted.tzinfo else submitted.replace(tzinfo=UTC)) > cutoff:
+                    continue
+            except Exception:  # unreadable: the sweep dead-letters it
+                continue
+            gone.append((mid, raw))
+        if gone:
+            pipe = client.pipeline(transaction=False)
+            pipe.hdel(self.hash_key, *[mid for mid, _ in gone])
+            if queue:
+                for _, raw in gone:
+                    pipe.lrem(queue, 0, raw)
+            pipe.execute()
+        return len(gone)
 
     def close(self) -> None:
         if self._sync is not None:

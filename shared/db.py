@@ -63,6 +63,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cur.execute(f"PRAGMA busy_timeout={timeout_ms}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # Deleted and overwritten rows are zeroed in the file, not left in free pages: an erased session's
+            # data is not recoverable from a copy of the store (the WAL keeps old frames until a checkpoint).
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")

@@ -13,7 +13,9 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-REDACTED_FIELDS = frozenset({"session_id", "comment", "authorization", "admin_token", "session_hash_key"})
+REDACTED_FIELDS = frozenset(
+    {"session_id", "comment", "authorization", "admin_token", "session_hash_key", "session_hash_keys"}
+)
 _INLINE = re.compile(r"(?i)\b(session_id|comment|authorization)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|\S+)")
 # pydantic quotes the input in a validation error ("input_value={'comment': ...}, input_type=dict"): all of it goes.
 _INPUT_VALUE = re.compile(r"input_value=.*?(?=, input_type=|\]\n|\n|$)", re.DOTALL)

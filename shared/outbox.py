@@ -6,9 +6,10 @@ harmless. This is how "publish after the unit of work commits" survives a crash.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, select, update
+from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, Text, cast, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.bus import Publisher
@@ -85,6 +86,12 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
         if done:
             with factory() as session, session.begin():
                 session.execute(update(table).where(table.c.event_id.in_(done)).values(published_at=utcnow()))
+                if published:  # an erasure's event carries the key it erases: the row keeps none once sent
+                    session.execute(
+                        update(table)
+                        .where(table.c.event_id.in_(published), table.c.event_type.in_(SCRUB_WHEN_PUBLISHED))
+                        .values(payload=ERASED_PAYLOAD)
+                    )
     return len(published)
 
 
@@ -104,3 +111,76 @@ def pending(factory: sessionmaker[Session], table: Table) -> list[dict[str, Any]
     with factory() as session:
         rows = session.execute(select(table).where(table.c.published_at.is_(None))).mappings().all()
     return [dict(r) for r in rows]
+
+
+# -- erasure -----------------------------------------------------------------------------------------------
+
+#: Events that exist to carry an erasure (the key it erases): the row's payload is dropped once published.
+SCRUB_WHEN_PUBLISHED: frozenset[str] = frozenset({"feedback.erased"})
+#: Fields of an event that are a session's own data (what it sent, what it was shown): blanked on erasure.
+SESSION_DATA_FIELDS: tuple[str, ...] = ("prompt_text", "text", "comment", "context")
+#: What a row's payload becomes when its event carried an erased session's data and cannot be kept without it.
+ERASED_PAYLOAD: dict[str, Any] = {"erased": True}
+
+
+def session_event_types() -> frozenset[str]:
+    """The event types that can carry a session key (the only ones an erasure has to look at)."""
+    return frozenset(t for t, cls in EVENT_TYPES.items() if "session_key" in cls.model_fields)
+
+
+def redact_session(event_type: str, payload: dict[str, Any], keys: Iterable[str]) -> dict[str, Any] | None:
+    """The payload without the session: its key (wherever it appears) removed and its own data blanked, or
+    None when the event is not valid without them (a vote, an erasure: such an event is the session's data)."""
+    cls = EVENT_TYPES.get(event_type)
+    if cls is None or not isinstance(payload, dict):
+        return None
+    gone = set(keys)
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str) and value in gone:
+            return None
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    out = scrub(payload)
+    for name in SESSION_DATA_FIELDS:
+        if isinstance(out.get(name), str):
+            out[name] = ""
+        elif isinstance(out.get(name), dict):
+            out[name] = {}
+    try:
+        cls.from_payload(out)
+    except Exception:
+        return None
+    return out
+
+
+def forget_session(session: Session, table: Table, keys: Iterable[str]) -> tuple[int, int]:
+    """Remove an erased session from this outbox, inside the caller's transaction. A row whose event carries
+    the key is rewritten without the session (`redact_session`): published or not, so an unpublished row is
+    still published, without the session's data. A row whose event cannot exist without it (a vote of the
+    session, an earlier erasure) is emptied and, if not yet published, dropped: it is never published.
+    Returns (rewritten, dropped)."""
+    keys = [k for k in keys if k]
+    rewritten = dropped = 0
+    types = session_event_types()
+    for key in keys:
+        rows = session.execute(
+            select(table.c.event_id, table.c.event_type, table.c.payload, table.c.published_at).where(
+                table.c.event_type.in_(types), cast(table.c.payload, Text).contains(key)
+            )
+        ).all()
+        for event_id, event_type, payload, published_at in rows:
+            redacted = redact_session(event_type, payload, keys)
+            values: dict[str, Any] = {"payload": ERASED_PAYLOAD if redacted is None else redacted}
+            if redacted is None:
+                dropped += 1
+                if published_at is None:
+                    values["published_at"] = utcnow()  # never to be published: the event was the session's data
+            else:
+                rewritten += 1
+            session.execute(update(table).where(table.c.event_id == event_id).values(**values))
+    return rewritten, dropped

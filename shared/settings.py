@@ -21,6 +21,9 @@ class ServiceSettings(BaseSettings):
     # Secrets have no default: a service refuses to start without them (`make run` generates them).
     admin_token: SecretStr | None = _common("ADMIN_TOKEN", None)  # type: ignore[assignment]
     session_hash_key: SecretStr | None = _common("SESSION_HASH_KEY", None)  # type: ignore[assignment]
+    # Versioned keys for rotation, newest first: "v2:newsecret,v1:oldsecret". New sessions are hashed with the
+    # first; lookups and erasure try every version (SESSION_HASH_KEY, if set and not listed, is the oldest).
+    session_hash_keys: SecretStr | None = _common("SESSION_HASH_KEYS", None)  # type: ignore[assignment]
     data_dir: Path = _common("DATA_DIR", Path("data"))  # type: ignore[assignment]
     visibility_timeout_s: float = _common("BROKER_VISIBILITY_TIMEOUT", 3600.0)  # type: ignore[assignment]
     broker_pool_limit: int = _common("BROKER_POOL_LIMIT", 16)  # type: ignore[assignment]
@@ -49,6 +52,21 @@ class ServiceSettings(BaseSettings):
         return self.admin_token.get_secret_value()
 
     def require_session_hash_key(self) -> bytes:
-        if self.session_hash_key is None or not self.session_hash_key.get_secret_value():
-            raise RuntimeError("SESSION_HASH_KEY is not set: session ids cannot be hashed (make run sets one)")
-        return self.session_hash_key.get_secret_value().encode()
+        """The current secret: the one new session keys are written under."""
+        return self.session_hash_secrets()[0]
+
+    def session_hash_secrets(self) -> tuple[bytes, ...]:
+        """Every version of the session-hash secret, newest first (see shared.privacy.parse_hash_keys)."""
+        from shared.privacy import parse_hash_keys
+
+        versioned = self.session_hash_keys.get_secret_value() if self.session_hash_keys else ""
+        legacy = self.session_hash_key.get_secret_value() if self.session_hash_key else None
+        try:
+            pairs = parse_hash_keys(versioned, legacy)
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
+        if not pairs:
+            raise RuntimeError(
+                "SESSION_HASH_KEY (or SESSION_HASH_KEYS) is not set: session ids cannot be hashed (make run sets one)"
+            )
+        return tuple(secret for _, secret in pairs)

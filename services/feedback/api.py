@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import uuid
@@ -18,9 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from services.feedback import domain, handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.store import Store, outbox
-from shared.bus import CeleryBus
+from shared.bus import CeleryBus, queue_for
 from shared.outbox import relay_after_commit
-from shared.privacy import session_key
+from shared.privacy import session_keys
 from shared.text import check_text
 from shared.web import AdminDep
 
@@ -95,6 +96,11 @@ class KnownIds:
     def __contains__(self, eid: uuid.UUID) -> bool:
         return self.get(eid)[0]
 
+    def forget(self, eids: list[uuid.UUID]) -> None:
+        """Drop explanations whose session was erased: the next vote on them reads the replica again."""
+        for eid in eids:
+            self._ids.pop(eid, None)
+
     def add(self, eid: uuid.UUID, served_session_key: str | None = None) -> None:
         self._ids[eid] = served_session_key
         if len(self._ids) > self.capacity:
@@ -152,11 +158,13 @@ async def _router_knows(request: Request, settings: FeedbackSettings, explanatio
 
 
 async def _check_served(
-    request: Request, store: Store, settings: FeedbackSettings, explanation_id: uuid.UUID, voter_key: str
-) -> None:
+    request: Request, store: Store, settings: FeedbackSettings, explanation_id: uuid.UUID, voter_keys: list[str]
+) -> str:
     """404 for an id never issued; 403 for a vote from a session the explanation was not served to. An id the
     replica has not learnt of yet is accepted: the worker quarantines the vote until the explanation's event
-    arrives and applies the same session check then (a vote from another session is dropped, never stored)."""
+    arrives and applies the same session check then (a vote from another session is dropped, never stored).
+    Returns the key the vote is stored under: the one the explanation was served to, which after a rotation of
+    the secret may be an older version's (`voter_keys` holds the session's key under every version)."""
     known_ids: KnownIds = request.app.state.known_ids
     known, served = known_ids.get(explanation_id)
     if not known:
@@ -164,13 +172,18 @@ async def _check_served(
         if known:
             known_ids.add(explanation_id, served)
     if known:
+        voter_key = next(
+            (k for k in voter_keys if served is not None and hmac.compare_digest(k.encode(), served.encode())),
+            voter_keys[0],
+        )
         refusal = domain.vote_refusal(served, voter_key)
         if refusal is not None:
             request.app.state.metrics.refused.labels("feedback", "votes", refusal).inc()
             raise HTTPException(403, domain.REFUSAL_MESSAGES[refusal])
-        return
+        return voter_key
     if settings.verify_unknown_with_router and await _router_knows(request, settings, explanation_id) is False:
         raise HTTPException(404, f"explanation {explanation_id} was never issued")
+    return voter_keys[0]
 
 
 def _client(request: Request) -> str | None:
@@ -209,8 +222,8 @@ async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONRe
     settings: FeedbackSettings = state.settings
     if body.comment is not None and len(body.comment) > settings.max_comment_chars:
         raise HTTPException(422, f"comment is longer than {settings.max_comment_chars} characters")
-    key = session_key(body.session_id, state.session_secret)
-    await state.vote_limiter.check(client=_client(request), session=key)
+    keys = session_keys(body.session_id, state.session_secrets)
+    await state.vote_limiter.check(client=_client(request), session=keys[0])
     if settings.max_backlog and await state.backlog.current() > settings.max_backlog:
         state.metrics.refused.labels("feedback", "votes", "backlog").inc()
         raise HTTPException(
@@ -219,7 +232,7 @@ async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONRe
             f"{settings.backlog_retry_after_s} s",
             headers={"Retry-After": str(settings.backlog_retry_after_s)},
         )
-    await _check_served(request, state.store, settings, explanation_id, key)
+    key = await _check_served(request, state.store, settings, explanation_id, keys)
     cmd = handlers.new_vote(explanation_id, key, body.rating, body.stars, body.comment)
     try:
         await state.sender.send(cmd)
@@ -244,20 +257,41 @@ def erase_session(
         check_text(session_id, "session id")
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    key = session_key(session_id, settings.require_session_hash_key())
-    request.app.state.erasure_limiter.check(client=_client(request), session=key)
-    event, staged = handlers.erase_session(key, store.uow(), tombstone_s=settings.erasure_tombstone_s)
-    if staged:
-        relay_after_commit(store.factory, outbox, bus)
-    else:
-        # Nothing of the session is kept here, so nothing permanent was written; the other services may still
-        # hold something of it, so they are told now, and the client retries if they cannot be.
-        try:
-            bus.publish(event)
-        except Exception as exc:
-            log.error("could not publish an erasure: %s", type(exc).__name__)
-            raise HTTPException(503, "the erasure could not be sent to every service right now; please retry") from exc
-    return {"erased": True, "votes_erased": len(event.feedback_ids)}
+    keys = session_keys(session_id, settings.session_hash_secrets())
+    state = request.app.state
+    state.erasure_limiter.check(client=_client(request), session=keys[0])
+    votes_erased = 0
+    for key in keys:  # the session's key under every version of the secret: rotation orphans nothing
+        event, staged = handlers.erase_session(key, store.uow(), tombstone_s=settings.erasure_tombstone_s)
+        votes_erased += len(event.feedback_ids)
+        state.known_ids.forget(event.explanation_ids)
+        if staged:
+            relay_after_commit(store.factory, outbox, bus)
+        else:
+            # Nothing of the session is kept here, so nothing permanent was written; the other services may still
+            # hold something of it, so they are told now, and the client retries if they cannot be.
+            try:
+                bus.publish(event)
+            except Exception as exc:
+                log.error("could not publish an erasure: %s", type(exc).__name__)
+                raise HTTPException(
+                    503, "the erasure could not be sent to every service right now; please retry"
+                ) from exc
+    _forget_journalled(state, keys, event.erased_at)
+    return {"erased": True, "votes_erased": votes_erased}
+
+
+def _forget_journalled(state: Any, keys: list[str], erased_at: Any) -> None:
+    """Votes of the session accepted but not stored yet leave the intake journal and the queue now (the worker
+    would drop them anyway, as cast before the erasure). Best effort: if Redis cannot be reached, they are
+    dropped by the worker and leave the journal then."""
+    journal = getattr(getattr(state, "sender", None), "journal", None)
+    if journal is None:
+        return
+    try:
+        journal.forget_session(keys, erased_at, queue=queue_for("feedback.record"))
+    except Exception as exc:
+        log.warning("could not remove an erased session's votes from the intake journal (%s)", type(exc).__name__)
 
 
 @router.get("/api/feedback/quarantine")

@@ -17,6 +17,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
+from shared.privacy import erasure_tag
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def record_feedback(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
 def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
     repo = uow.repo
     if domain.erased_before(repo.erased_at(cmd.session_key), cmd.submitted_at):
-        repo.audit("worker", "drop_vote_of_erased_session", cmd.session_key[:12], {"feedback_id": str(cmd.feedback_id)})
+        repo.audit("worker", "drop_vote_of_erased_session", erasure_tag(cmd.session_key)[:12], {})
         return "erased"
     explanation = repo.explanation(cmd.explanation_id)
     if explanation is None:
@@ -90,12 +91,16 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
 
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int:
     """Keep the replica of issued explanation ids; release votes that arrived before it. Returns how many
-    quarantined votes were released."""
+    quarantined votes were released. An explanation served before its session was erased (the event was still
+    on its way) is kept without the session: no vote on it counts, and the key is not stored."""
     with uow:
         repo = uow.repo
         if repo.seen(event.message_id):
             return 0
         repo.mark_seen(event.message_id)
+        served_key = event.session_key
+        if served_key and domain.erased_before(repo.erased_at(served_key), event.created_at):
+            served_key = None
         repo.add_explanation(
             {
                 "explanation_id": str(event.explanation_id),
@@ -108,7 +113,7 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int
                 "arm_id": event.arm_id,
                 "created_at": event.created_at,
             },
-            session_key=event.session_key,
+            session_key=served_key,
         )
         released = repo.take_quarantined(event.explanation_id)
         for payload in released:
@@ -120,9 +125,10 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int
 def erase_session(
     session_key: str, uow: SqlUnitOfWork, *, actor: str = "data-subject", tombstone_s: float = 2 * 86_400
 ) -> tuple[FeedbackErased, bool]:
-    """Forget every vote and comment of a session, remember that it asked (so queued votes cast before the
-    request are dropped too), audit it, and tell the other services. Returns the event and whether it was
-    staged in the outbox.
+    """Forget every vote and comment of a session and its events in the outbox (a vote not yet published is
+    never published), remember that it asked by its erasure tag (so queued votes cast before the request are
+    dropped too), audit it, and tell the other services. Returns the event and whether it was staged in the
+    outbox (where its payload, which names the key, is dropped once published).
 
     A session this service holds nothing of (no vote, no quarantined vote, no explanation served to it) leaves
     no permanent row: only a tombstone that drops its votes still in flight and is purged after `tombstone_s`,
@@ -135,7 +141,7 @@ def erase_session(
         held = repo.holds_session(session_key)
         if held:
             feedback_ids, explanation_ids = repo.erase_session(session_key, now)
-            repo.audit(actor, "erase_session", session_key[:12], {"votes_erased": len(feedback_ids)})
+            repo.audit(actor, "erase_session", erasure_tag(session_key)[:12], {"votes_erased": len(feedback_ids)})
         else:
             feedback_ids, explanation_ids = [], []
             repo.add_tombstone(session_key, now, now + timedelta(seconds=tombstone_s))

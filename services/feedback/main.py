@@ -76,7 +76,7 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="feedback", lifespan=lifespan)
     app.state.settings = settings
-    app.state.session_secret = settings.require_session_hash_key()
+    app.state.session_secrets = settings.session_hash_secrets()
     metrics = install_common(app, "feedback")
     metrics.registry.register(DroppedVotes(app))
     app.include_router(api.router)

@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 from services.feedback.domain import StoredVote
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
-from shared.outbox import outbox_table
+from shared.outbox import forget_session, outbox_table
+from shared.privacy import erasure_tag
 
 metadata = MetaData()
 
@@ -79,6 +80,8 @@ quarantine = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
 )
 
+# Erasure records keep `erasure_tag(session_key)` (a one-way digest, in the column named session_key), never the
+# key itself: enough to drop a vote of the session still in flight, nothing to join with.
 erasures = Table(
     "erasures",
     metadata,
@@ -212,10 +215,11 @@ class FeedbackRepository(MessageLog):
     # -- erasure ----------------------------------------------------------------------------------------
     def erased_at(self, session_key: str) -> datetime | None:
         """The latest time this session asked to be forgotten (a permanent erasure or a tombstone), or None."""
+        tag = erasure_tag(session_key)
         times = [
             row.erased_at
             for table in (erasures, erasure_tombstones)
-            if (row := self.s.execute(select(table.c.erased_at).where(table.c.session_key == session_key)).first())
+            if (row := self.s.execute(select(table.c.erased_at).where(table.c.session_key == tag)).first())
         ]
         return max(times, key=_aware) if times else None
 
@@ -227,25 +231,33 @@ class FeedbackRepository(MessageLog):
         return False
 
     def add_tombstone(self, session_key: str, at: datetime, expires_at: datetime) -> None:
-        self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == session_key))
-        self.s.execute(erasure_tombstones.insert().values(session_key=session_key, erased_at=at, expires_at=expires_at))
+        tag = erasure_tag(session_key)
+        self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == tag))
+        self.s.execute(erasure_tombstones.insert().values(session_key=tag, erased_at=at, expires_at=expires_at))
 
     def purge_tombstones(self, now: datetime) -> int:
         return self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.expires_at < now)).rowcount
 
     def erase_session(self, session_key: str, at: datetime) -> tuple[list[str], list[str]]:
+        """Delete everything of the session (votes, quarantined votes, which explanations were served to it, its
+        events in the outbox) and record the erasure by its tag. Returns its feedback ids and the explanations
+        it voted on or was served."""
         rows = self.s.execute(
             select(feedback.c.feedback_id, feedback.c.explanation_id).where(feedback.c.session_key == session_key)
         ).all()
+        served = self.s.execute(select(served_to.c.explanation_id).where(served_to.c.session_key == session_key))
+        explanation_ids = sorted({r.explanation_id for r in rows} | {r.explanation_id for r in served})
         self.s.execute(delete(feedback).where(feedback.c.session_key == session_key))
         self.s.execute(delete(quarantine).where(quarantine.c.session_key == session_key))
         self.s.execute(delete(served_to).where(served_to.c.session_key == session_key))
-        self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == session_key))
-        if self.s.execute(select(erasures.c.session_key).where(erasures.c.session_key == session_key)).first() is None:
-            self.s.execute(erasures.insert().values(session_key=session_key, erased_at=at))
+        tag = erasure_tag(session_key)
+        self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == tag))
+        if self.s.execute(select(erasures.c.session_key).where(erasures.c.session_key == tag)).first() is None:
+            self.s.execute(erasures.insert().values(session_key=tag, erased_at=at))
         else:
-            self.s.execute(erasures.update().where(erasures.c.session_key == session_key).values(erased_at=at))
-        return [r.feedback_id for r in rows], [r.explanation_id for r in rows]
+            self.s.execute(erasures.update().where(erasures.c.session_key == tag).values(erased_at=at))
+        forget_session(self.s, outbox, [session_key])
+        return [r.feedback_id for r in rows], explanation_ids
 
     # -- audit ------------------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, subject: str, detail: dict[str, Any]) -> None:

@@ -85,10 +85,14 @@ def rules_from(settings: FinetuneSettings) -> domain.ExportRules:
 
 
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> bool:
+    """Keep the explanation as training material. One served to a session erased after it was created (its
+    event was still on its way) is kept without its prompt and text."""
     with uow:
         if uow.repo.seen(event.message_id):
             return False
         uow.repo.mark_seen(event.message_id)
+        erased_at = uow.repo.erased_at(event.session_key) if event.session_key else None
+        erased = erased_at is not None and domain.aware(event.created_at) <= domain.aware(erased_at)
         added = uow.repo.add_explanation(
             {
                 "explanation_id": str(event.explanation_id),
@@ -98,8 +102,8 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
                 "prompt_name": event.prompt_name,
                 "prompt_version": event.prompt_version,
                 "model": event.model,
-                "prompt_text": event.prompt_text,
-                "text": event.text,
+                "prompt_text": "" if erased else event.prompt_text,
+                "text": "" if erased else event.text,
                 "tokens_in": event.tokens_in,
                 "tokens_out": event.tokens_out,
                 "created_at": event.created_at,
@@ -148,7 +152,12 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> dict[str, A
         if uow.repo.seen(event.message_id):
             return None
         uow.repo.mark_seen(event.message_id)
-        record = uow.repo.erase(event.session_key, [str(f) for f in event.feedback_ids], event.erased_at)
+        record = uow.repo.erase(
+            event.session_key,
+            [str(f) for f in event.feedback_ids],
+            event.erased_at,
+            [str(e) for e in event.explanation_ids],
+        )
         withdrawn = [
             model_id
             for model_id in record["model_ids"]

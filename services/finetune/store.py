@@ -30,7 +30,8 @@ from sqlalchemy.orm import Session
 from services.finetune import domain
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
-from shared.outbox import outbox_table
+from shared.outbox import forget_session, outbox_table
+from shared.privacy import erasure_tag
 
 metadata = MetaData()
 
@@ -64,6 +65,7 @@ votes = Table(
     Column("submitted_at", DateTime(timezone=True), nullable=False),
 )
 
+# Keyed by `erasure_tag(session_key)` (in the column named session_key), never by the key itself.
 erased_sessions = Table(
     "erased_sessions",
     metadata,
@@ -171,24 +173,40 @@ class FinetuneRepository(MessageLog):
             self.s.execute(votes.insert().values(**values))
 
     def is_erased(self, session_key: str) -> bool:
-        return (
-            self.s.execute(
-                select(erased_sessions.c.session_key).where(erased_sessions.c.session_key == session_key)
-            ).first()
-            is not None
-        )
+        return self.erased_at(session_key) is not None
+
+    def erased_at(self, session_key: str) -> datetime | None:
+        row = self.s.execute(
+            select(erased_sessions.c.erased_at).where(erased_sessions.c.session_key == erasure_tag(session_key))
+        ).first()
+        return row.erased_at if row else None
 
     def erased_keys(self) -> frozenset[str]:
-        return frozenset(r.session_key for r in self.s.execute(select(erased_sessions.c.session_key)))
+        """The keys of stored votes whose session was erased (none, unless a vote slipped in: the records keep
+        only tags, so this checks each voting session's tag)."""
+        tags = {r.session_key for r in self.s.execute(select(erased_sessions.c.session_key))}
+        if not tags:
+            return frozenset()
+        keys = {r.session_key for r in self.s.execute(select(votes.c.session_key).distinct())}
+        return frozenset(k for k in keys if erasure_tag(k) in tags)
 
-    def erase(self, session_key: str, feedback_ids: Iterable[str], at: datetime) -> dict[str, Any]:
-        """Delete the session's votes (by key and by the ids the event names), remember the key, and record
-        which exports and models had used them."""
+    def erase(
+        self, session_key: str, feedback_ids: Iterable[str], at: datetime, explanation_ids: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Delete the session's votes (by key and by the ids the event names), blank the prompts and texts of
+        the explanations served to it, remember its erasure tag, and record which exports and models had used
+        its votes."""
         ids = set(feedback_ids)
         ids |= {
             r.feedback_id for r in self.s.execute(select(votes.c.feedback_id).where(votes.c.session_key == session_key))
         }
         self.s.execute(delete(votes).where(or_(votes.c.session_key == session_key, votes.c.feedback_id.in_(ids))))
+        served = sorted(set(explanation_ids))
+        if served:
+            self.s.execute(
+                explanations.update().where(explanations.c.explanation_id.in_(served)).values(prompt_text="", text="")
+            )
+        forget_session(self.s, outbox, [session_key])
         export_ids = sorted(
             {
                 r.export_id
@@ -207,17 +225,16 @@ class FinetuneRepository(MessageLog):
                 )
             }
         )
+        tag = erasure_tag(session_key)
         record = {
-            "session_key": session_key,
+            "session_key": tag,
             "erased_at": at,
             "feedback_ids": sorted(ids),
             "export_ids": export_ids,
             "model_ids": model_ids,
         }
         if self.is_erased(session_key):
-            self.s.execute(
-                erased_sessions.update().where(erased_sessions.c.session_key == session_key).values(**record)
-            )
+            self.s.execute(erased_sessions.update().where(erased_sessions.c.session_key == tag).values(**record))
         else:
             self.s.execute(erased_sessions.insert().values(**record))
         return record

@@ -49,6 +49,10 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
         if uow.repo.seen(event.message_id):
             return False
         uow.repo.mark_seen(event.message_id)
+        unit = event.session_key
+        erased = uow.repo.erased_session(unit) if unit else None
+        if erased is not None and _aware(event.created_at) <= _aware(erased[0]):
+            unit = erased[1]  # served before its session was erased, arriving after: the anonymous unit
         added = uow.repo.add_exposure(
             {
                 "explanation_id": str(event.explanation_id),
@@ -62,7 +66,7 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
                 "fallback_used": event.fallback_used,
                 "created_at": event.created_at,
             },
-            session_key=event.session_key,
+            session_key=unit,
             signal=str(event.signal),
         )
         uow.commit()
@@ -102,14 +106,23 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
-    """Forget the erased votes (GDPR); returns how many were counted here."""
+    """Forget an erased session (GDPR): its votes leave the analysis; its exposures stay, under an anonymous
+    unit instead of its key (see `OptimizerRepository.erase_session`). Returns how many votes were removed.
+
+    What this does to an experiment's figures: the session's votes no longer count (the arm's n, positives,
+    rate and interval are recomputed without them at the next decision and in every view), while its
+    exposures, cost and latency, and so the traffic split and the sample-ratio check, stay as served. A
+    decision already taken is not revisited: it was right on the data it had."""
     with uow:
         if uow.repo.seen(event.message_id):
             return 0
         uow.repo.mark_seen(event.message_id)
-        ids = [str(f) for f in event.feedback_ids]
-        uow.repo.remember_erased(ids, event.erased_at)
-        removed = uow.repo.delete_votes(ids)
+        removed = uow.repo.erase_session(
+            event.session_key,
+            [str(f) for f in event.feedback_ids],
+            [str(e) for e in event.explanation_ids],
+            event.erased_at,
+        )
         uow.commit()
     return removed
 

@@ -30,7 +30,8 @@ from services.optimizer import domain
 from services.optimizer.stats import ArmData
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
-from shared.outbox import outbox_table
+from shared.outbox import forget_session, outbox_table
+from shared.privacy import erasure_tag
 
 metadata = MetaData()
 
@@ -155,6 +156,16 @@ erased_votes = Table(
     "erased_votes",
     metadata,
     Column("feedback_id", String(36), primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+)
+
+# Sessions erased on request, by `erasure_tag` (never the key), with the anonymous unit their exposures were
+# given: an explanation served before the erasure whose event arrives after it joins that unit, without the key.
+erased_sessions = Table(
+    "erased_sessions",
+    metadata,
+    Column("tag", String(64), primary_key=True),
+    Column("unit", String(128), nullable=False),
     Column("erased_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -342,6 +353,48 @@ class OptimizerRepository(MessageLog):
                 self.s.execute(
                     erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=erased_at)
                 )
+
+    def erase_session(self, session_key: str, feedback_ids: list[str], explanation_ids: list[str], at: datetime) -> int:
+        """Forget an erased session: its votes (the ids the event names, and any vote on an explanation served to
+        it: only its own vote on those can count) are deleted and remembered as erased; its exposures stay (they
+        were served and paid for: the arm's exposure, cost, latency and sample-ratio figures do not change) but
+        their unit becomes an anonymous one, the same for all of them, so the session is still one unit and
+        can no longer be joined with its key. Returns how many votes were deleted."""
+        served = {
+            r.explanation_id
+            for r in self.s.execute(
+                select(exposure_units.c.explanation_id).where(exposure_units.c.session_key == session_key)
+            )
+        } | set(explanation_ids)
+        ids = set(feedback_ids)
+        if served:
+            ids |= {
+                r.feedback_id
+                for r in self.s.execute(select(votes.c.feedback_id).where(votes.c.explanation_id.in_(sorted(served))))
+            }
+        self.remember_erased(sorted(ids), at)
+        removed = self.delete_votes(sorted(ids))
+        tag = erasure_tag(session_key)
+        known = self.s.execute(select(erased_sessions.c.unit).where(erased_sessions.c.tag == tag)).first()
+        unit = known.unit if known else f"erased-{uuid.uuid4().hex}"
+        if known:
+            self.s.execute(erased_sessions.update().where(erased_sessions.c.tag == tag).values(erased_at=at))
+        else:
+            self.s.execute(erased_sessions.insert().values(tag=tag, unit=unit, erased_at=at))
+        self.s.execute(
+            exposure_units.update().where(exposure_units.c.session_key == session_key).values(session_key=unit)
+        )
+        forget_session(self.s, outbox, [session_key])
+        return removed
+
+    def erased_session(self, session_key: str) -> tuple[datetime, str] | None:
+        """(when, the anonymous unit) if this session was erased, else None."""
+        row = self.s.execute(
+            select(erased_sessions.c.erased_at, erased_sessions.c.unit).where(
+                erased_sessions.c.tag == erasure_tag(session_key)
+            )
+        ).first()
+        return (row.erased_at, row.unit) if row else None
 
     def vote_erased_at(self, feedback_id: uuid.UUID) -> datetime | None:
         row = self.s.execute(

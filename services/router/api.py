@@ -231,11 +231,20 @@ def _publish(store: Store, bus: CeleryBus, event: ExplanationCreated) -> None:
         log.warning("publishing after the request failed (%s); the periodic relay will retry", type(exc).__name__)
 
 
-@router.get("/api/explanations/{explanation_id}", response_model=ExplanationOut)
+@router.get(
+    "/api/explanations/{explanation_id}",
+    response_model=ExplanationOut,
+    responses={
+        404: {"description": "the explanation id was never issued"},
+        410: {"description": "the session it was served to was erased: its text is gone"},
+    },
+)
 def get_explanation(explanation_id: uuid.UUID, store: StoreDep) -> Any:
     row = handlers.get_explanation(store.uow(), explanation_id)
     if row is None:
         raise HTTPException(404, f"explanation {explanation_id} was never issued")
+    if handlers.explanation_erased(row):
+        raise HTTPException(410, f"explanation {explanation_id} was erased with the session it was served to")
     return _out(row)
 
 

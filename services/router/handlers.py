@@ -18,13 +18,14 @@ from sqlalchemy.exc import IntegrityError
 from services.router import domain
 from services.router.config import DEFAULT_PRICES
 from services.router.providers import AttemptError, ProviderRequest, ProviderSet
-from services.router.store import SqlUnitOfWork
+from services.router.store import ERASED_SESSION, SqlUnitOfWork
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
     ExperimentConcluded,
     ExperimentStarted,
     ExplanationCreated,
+    FeedbackErased,
     ModelRegistered,
     ModelWithdrawn,
     derived_id,
@@ -441,6 +442,24 @@ def on_model_withdrawn(event: ModelWithdrawn, uow: SqlUnitOfWork) -> str:
         uow.commit()
     log.warning("model %s withdrawn: %s", event.model, event.reason)
     return "withdrawn"
+
+
+def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
+    """A session was erased: its explanations keep their cost and variant (the figures) but lose the session's
+    key, context, prompt and text (`RouterRepository.erase_session`), here and in the outbox. Returns how many
+    explanations were erased (0 for a duplicate)."""
+    with uow:
+        repo = uow.repo
+        if repo.seen(event.message_id):
+            return 0
+        repo.mark_seen(event.message_id)
+        erased = repo.erase_session(event.session_key, [str(e) for e in event.explanation_ids])
+        uow.commit()
+    return erased
+
+
+def explanation_erased(row: dict[str, Any]) -> bool:
+    return row["session_key"] == ERASED_SESSION
 
 
 def routing_state(uow: SqlUnitOfWork) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from services.router.domain import Arm, Experiment, Routing, Template
 from shared.bus import Publisher
 from shared.contracts import Event, utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
-from shared.outbox import outbox_table
+from shared.outbox import forget_session, outbox_table
 
 metadata = MetaData()
 
@@ -112,6 +112,9 @@ models = Table(
 
 processed = processed_table(metadata)
 
+#: `explanations.session_key` of an explanation whose session was erased (its context and texts are blanked).
+ERASED_SESSION = ""
+
 outbox = outbox_table(metadata)
 
 
@@ -149,6 +152,22 @@ class RouterRepository(MessageLog):
         out = dict(row)
         out["created_at"] = _aware(out["created_at"])
         return out
+
+    def erase_session(self, session_key: str, explanation_ids: list[str]) -> int:
+        """Keep what the cost and quality figures need of the session's explanations (ids, variant, model,
+        tokens, cost, latency, time) and drop what was the session's: its key, the context it sent, the prompt
+        rendered from it and the text written for it. Its events in the outbox are rewritten the same way.
+        Returns how many explanations were erased."""
+        condition = explanations.c.session_key == session_key
+        if explanation_ids:
+            condition = condition | explanations.c.explanation_id.in_(explanation_ids)
+        erased = self.s.execute(
+            explanations.update()
+            .where(condition, explanations.c.session_key != ERASED_SESSION)
+            .values(session_key=ERASED_SESSION, context={}, prompt_text="", text="")
+        ).rowcount
+        forget_session(self.s, outbox, [session_key])
+        return int(erased or 0)
 
     # -- champion ---------------------------------------------------------------------------------------
     def champion(self) -> dict[str, Any] | None:

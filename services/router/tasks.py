@@ -14,6 +14,7 @@ from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
     ExperimentStarted,
+    FeedbackErased,
     ModelRegistered,
     ModelWithdrawn,
 )
@@ -81,6 +82,13 @@ def on_model_withdrawn(payload: dict) -> str:
     outcome = handlers.on_model_withdrawn(ModelWithdrawn.from_payload(payload), _store().uow())
     _relay()
     return outcome
+
+
+@app.task(name="router.on_feedback_erased")
+def on_feedback_erased(payload: dict) -> int:
+    erased = handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
+    _relay()
+    return erased
 
 
 @app.task(name="router.relay_outbox")

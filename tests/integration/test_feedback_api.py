@@ -21,6 +21,7 @@ from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
 from shared.privacy import session_key
 from shared.redis_server import RedisServer, free_port
+from tests.support import found_in_redis
 
 ADMIN = "admin-secret"
 
@@ -424,3 +425,65 @@ def test_erasing_an_unknown_session_with_the_broker_down_is_503_not_a_silent_suc
     app.state.bus = CeleryBus(make_celery("feedback", dead), retries=0)
     res = client.delete("/api/feedback/sessions/never-seen")
     assert res.status_code == 503 and "retry" in res.json()["error"]["message"]
+
+
+# -- erasure reaches the intake journal; rotation of the session-hash secret -------------------------------
+
+
+def _journalled_sessions(r: redis.Redis) -> list[str]:
+    from shared.bus import task_payload
+
+    return sorted(task_payload(v.partition(b"|")[2])["session_key"] for v in r.hvals("journal:feedback"))
+
+
+def test_erasure_removes_the_sessions_votes_from_the_intake_journal_and_the_queue(env) -> None:
+    client, r, known = env
+    other, event = _explanation("s2")
+    handlers.on_explanation_created(event, client.app.state.store.uow())
+    assert (
+        client.post(f"/api/feedback/{known}", json={"rating": 1, "comment": "mine", "session_id": SERVED}).status_code
+        == 202
+    )
+    assert client.post(f"/api/feedback/{other}", json={"rating": -1, "session_id": "s2"}).status_code == 202
+    mine, theirs = session_key(SERVED, b"k"), session_key("s2", b"k")
+    assert _journalled_sessions(r) == sorted([mine, theirs]) and _queued(r) == 2
+    url = client.app.state.settings.redis_url
+    assert {h.split(" ")[0] for h in found_in_redis(url, [mine])} >= {"journal:feedback", "feedback"}
+
+    assert client.delete(f"/api/feedback/sessions/{SERVED}").status_code == 200
+
+    assert _journalled_sessions(r) == [theirs]
+    # left: the erasure itself on its way to the other services (no workers here), and the rate-limit counters
+    left = {h.split(" ")[0] for h in found_in_redis(url, [mine, "mine"]) if not h.startswith("LIMITS:")}
+    assert left == {"router", "optimizer", "finetune", "dashboard"}
+    queued = [m for m in r.lrange("feedback", 0, -1)]
+    assert len(queued) == 1 and mine.encode() not in b"".join(queued) and b"mine" not in b"".join(queued)
+    # the session can no longer vote on what it was served before the erasure
+    assert client.post(f"/api/feedback/{known}", json={"rating": 1, "session_id": SERVED}).status_code == 403
+
+
+def test_after_rotation_votes_under_the_old_key_are_found_replaced_and_erased(make_env, tmp_path: Path) -> None:
+    from tests.support import found_in_sqlite
+
+    old_key, new_key = session_key(SERVED, b"k"), session_key(SERVED, b"k2")
+    client, r, known = make_env(session_hash_keys="v2:k2")  # SESSION_HASH_KEY "k" stays as the oldest version
+    store = client.app.state.store
+    first = handlers.new_vote(known, old_key, 1, 5, "before the rotation")  # stored under the old key
+    assert handlers.record_feedback(first, store.uow()) == "stored"
+
+    # the same session votes again after the rotation: recognised under its old key, so it replaces the vote
+    res = client.post(f"/api/feedback/{known}", json={"rating": -1, "session_id": SERVED})
+    assert res.status_code == 202 and res.json()["feedback_id"] == str(first.feedback_id)
+    assert _journalled_sessions(r) == [old_key]
+    # a new explanation is served under the new key, and its vote is bound to that
+    fresh, event = _explanation(None)
+    handlers.on_explanation_created(event.model_copy(update={"session_key": new_key}), store.uow())
+    assert client.post(f"/api/feedback/{fresh}", json={"rating": 1, "session_id": SERVED}).status_code == 202
+    assert _journalled_sessions(r) == sorted([old_key, new_key])
+
+    res = client.delete(f"/api/feedback/sessions/{SERVED}")
+
+    assert res.status_code == 200 and res.json()["votes_erased"] == 1
+    assert _journalled_sessions(r) == []
+    # the erasure's events were published right after the commit, and their rows emptied then
+    assert found_in_sqlite([tmp_path / "feedback.db"], [old_key, new_key, "before the rotation"]) == []

@@ -130,7 +130,7 @@ def test_erasure_deletes_votes_and_drops_votes_cast_before_it(store: Store) -> N
     # longer counts; on an explanation served after the erasure it does.
     after = handlers.new_vote(exp.explanation_id, "k", 1, None, None, datetime.now(UTC) + timedelta(seconds=1))
     assert handlers.record_feedback(after, store.uow()) == "unbound_explanation"
-    fresh = _explanation(session="k")
+    fresh = _explanation(session="k").model_copy(update={"created_at": datetime.now(UTC) + timedelta(seconds=1)})
     handlers.on_explanation_created(fresh, store.uow())
     again = handlers.new_vote(fresh.explanation_id, "k", 1, None, None, datetime.now(UTC) + timedelta(seconds=1))
     assert handlers.record_feedback(again, store.uow()) == "stored"

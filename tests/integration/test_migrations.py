@@ -17,6 +17,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, MetaData, String
 from shared.bus import SERVICES
 from shared.db import make_engine
 from shared.migrations import BASELINE, _config, current_revision, schema_drift, version_table
+from shared.privacy import erasure_tag
 
 
 def _value(column: Any, n: int) -> Any:
@@ -61,6 +62,55 @@ def _previous_release_store(service: str, path: Path) -> dict[str, tuple[list[st
     return rows
 
 
+#: Values a revision deliberately rewrites: (service, table, column) -> what the value becomes.
+#: Erasure records keep a one-way tag of the session key instead of the key (revision 0004).
+TRANSFORMS = {
+    ("feedback", "erasures", "session_key"): erasure_tag,
+    ("finetune", "erased_sessions", "session_key"): erasure_tag,
+}
+
+
+def _transformed(service: str, name: str, columns: list[str], rows: list[tuple]) -> list[tuple]:
+    for (svc, table, column), change in TRANSFORMS.items():
+        if (svc, table) == (service, name):
+            i = columns.index(column)
+            rows = [(*r[:i], change(r[i]), *r[i + 1 :]) for r in rows]
+    return rows
+
+
+def test_erasure_records_are_rewritten_as_tags_and_outbox_rows_naming_them_are_emptied(tmp_path: Path) -> None:
+    from services.feedback.store import Store, erasures, outbox
+
+    path = tmp_path / "feedback.db"
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        command.upgrade(_config("feedback", conn, MetaData()), "0003")
+        key = "a" * 64
+        conn.execute(erasures.insert().values(session_key=key, erased_at=datetime(2026, 1, 1, tzinfo=UTC)))
+        for n, (kind, published) in enumerate(
+            [("feedback.recorded", None), ("feedback.erased", datetime(2026, 1, 1, tzinfo=UTC))]
+        ):
+            conn.execute(
+                outbox.insert().values(
+                    event_id=f"e{n}",
+                    event_type=kind,
+                    payload={"session_key": key},
+                    created_at=datetime(2026, 1, 1, tzinfo=UTC),
+                    published_at=published,
+                )
+            )
+    engine.dispose()
+    store = Store(f"sqlite:///{path}")
+    try:
+        with store.engine.connect() as conn:
+            assert [r.session_key for r in conn.execute(select(erasures))] == [erasure_tag(key)]
+            rows = conn.execute(select(outbox)).all()
+        assert [r.payload for r in rows] == [{"erased": True}] * 2
+        assert all(r.published_at is not None for r in rows)  # the unpublished vote is never sent
+    finally:
+        store.dispose()
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_a_previous_release_store_is_upgraded_and_keeps_every_row(service: str, tmp_path: Path) -> None:
     path = tmp_path / f"{service}.db"
@@ -78,6 +128,7 @@ def test_a_previous_release_store_is_upgraded_and_keeps_every_row(service: str, 
                 # The columns the rows had then (a later revision may add columns, with their defaults).
                 table = after.tables[name]
                 now = sorted(tuple(r) for r in conn.execute(select(*(table.c[c] for c in columns))).all())
+                rows = _transformed(service, name, columns, rows)
                 assert [r for r in rows if r not in now] == [], f"{service}.{name} lost rows"
         assert store.dead_letters.list() == []  # the table a revision added is there, empty
         drift = schema_drift(store.engine, store_module.metadata)

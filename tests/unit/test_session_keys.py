@@ -1,0 +1,44 @@
+"""Session-hash secrets are versioned: new keys under the newest, every version for lookups and erasure."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.privacy import erasure_tag, parse_hash_keys, session_key, session_keys
+from shared.settings import ServiceSettings
+
+
+def test_versions_are_read_newest_first_and_the_single_key_is_the_oldest() -> None:
+    assert parse_hash_keys("v2:new, v1:old", "legacy") == [("v2", b"new"), ("v1", b"old"), ("v0", b"legacy")]
+    assert parse_hash_keys("v2:new,v1:old", "old") == [("v2", b"new"), ("v1", b"old")]  # listed already
+    assert parse_hash_keys("", "only") == [("v0", b"only")]
+    assert parse_hash_keys("v1:a:b") == [("v1", b"a:b")]  # a secret may hold colons
+
+
+@pytest.mark.parametrize("bad", ["nocolon", ":secret", "v1:", "v1:a,v1:b"])
+def test_a_malformed_key_list_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_hash_keys(bad)
+
+
+def test_a_session_has_one_key_per_version_newest_first() -> None:
+    keys = session_keys("s-1", [b"new", b"old"])
+    assert keys == [session_key("s-1", b"new"), session_key("s-1", b"old")]
+    assert session_keys("s-1", [b"same", b"same"]) == [session_key("s-1", b"same")]
+
+
+def test_settings_hash_new_sessions_with_the_newest_secret_and_keep_the_old_one() -> None:
+    rotated = ServiceSettings(SESSION_HASH_KEY="old", SESSION_HASH_KEYS="v2:new")
+    assert rotated.session_hash_secrets() == (b"new", b"old")
+    assert rotated.require_session_hash_key() == b"new"
+    assert ServiceSettings(SESSION_HASH_KEY="old").session_hash_secrets() == (b"old",)
+    with pytest.raises(RuntimeError, match="SESSION_HASH_KEY"):
+        ServiceSettings(SESSION_HASH_KEY=None).require_session_hash_key()
+    with pytest.raises(RuntimeError, match="<version>:<secret>"):
+        ServiceSettings(SESSION_HASH_KEYS="broken").session_hash_secrets()
+
+
+def test_an_erasure_tag_is_stable_and_is_not_the_key() -> None:
+    key = session_key("s-1", b"k")
+    assert erasure_tag(key) == erasure_tag(key) != key
+    assert erasure_tag(key) != erasure_tag(session_key("s-2", b"k")) and len(erasure_tag(key)) == 64
