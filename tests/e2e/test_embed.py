@@ -21,7 +21,7 @@ import pytest
 from gateway.run import Stack
 from services.dashboard.domain import wilson_interval
 from shared.redis_server import free_port
-from tests.conftest import start_stack
+from tests.conftest import FAST_ENV
 from tests.e2e.test_page import CHROMIUM, CHROMIUM_ARGS, HAS_EMOJI, OVERLAPPING_LABELS, require_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -65,7 +65,14 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
 @pytest.fixture(scope="module")
 def embed_stack(host: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     origin, root = host
-    stack = start_stack(tmp_path_factory.mktemp("embed-system"), ALLOWED_ORIGINS=origin)
+    overrides = {**FAST_ENV, "REDIS_URL": "", "ALLOWED_ORIGINS": origin}
+    # A patient start: on a machine busy with other work the gateway's imports alone can take minutes.
+    stack = Stack(data_dir=tmp_path_factory.mktemp("embed-system"), port=free_port(), env_overrides=overrides)
+    try:
+        stack.start(wait_s=240)  # under the suite's 300 s per-test timeout
+    except Exception:
+        stack.stop()
+        raise
     (root / "host.html").write_text(HOST_PAGE.format(gateway=stack.url))
     try:
         yield stack
