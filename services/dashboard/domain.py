@@ -233,6 +233,60 @@ def daily(cells: list[Cell], until: date) -> list[dict[str, Any]]:
     return rows
 
 
+#: How long one point of the learning curve may span, shortest first (5 min ... 30 days).
+CURVE_WIDTHS_S = (
+    300,
+    900,
+    1800,
+    3600,
+    3 * 3600,
+    6 * 3600,
+    12 * 3600,
+    86400,
+    2 * 86400,
+    7 * 86400,
+    14 * 86400,
+    30 * 86400,
+)
+CURVE_MAX_POINTS = 48
+
+
+def curve_width(first: datetime | None, now: datetime, max_points: int = CURVE_MAX_POINTS) -> int:
+    """The shortest width in `CURVE_WIDTHS_S` that keeps the curve from the first explanation with a vote to
+    `now` at `max_points` points or fewer: minutes on a first hour, hours on a first day, days later on.
+    Points are aligned to multiples of the width since the epoch, so a span of s seconds touches at most
+    floor(s / width) + 2 of them."""
+    span = 0.0 if first is None else max(0.0, (aware(now) - aware(first)).total_seconds())
+    for width in CURVE_WIDTHS_S:
+        if span / width + 2 <= max_points:
+            return width
+    return CURVE_WIDTHS_S[-1]
+
+
+def learning_curve(buckets: Iterable[tuple[int, int, int, int]], width_s: int | None, now: datetime) -> dict[str, Any]:
+    """The learning curve: the positive rate per time window of `width_s` seconds, with its Wilson 95%
+    interval, from rows (window index since the epoch, explanations, votes, positives). As everywhere on the
+    dashboard, a vote counts at its explanation's creation time (the quality of what was produced then).
+    Windows without votes have no rate (a gap, not a zero)."""
+    points = []
+    for index, n_explanations, votes, positives in sorted(buckets):
+        assert width_s is not None
+        start = datetime.fromtimestamp(index * width_s, UTC)
+        ci = wilson_interval(positives, votes)
+        points.append(
+            {
+                "start": start.isoformat(),
+                "end": (start + timedelta(seconds=width_s)).isoformat(),
+                "explanations": n_explanations,
+                "votes": votes,
+                "positives": positives,
+                "positive_rate": _ratio(positives, votes),
+                "positive_rate_ci": list(ci) if ci else None,
+            }
+        )
+    return {"bucket_s": width_s, "until": aware(now).isoformat(), "points": points}
+
+
 def ticker_league(cells: list[Cell], *, min_votes: int, n: int) -> dict[str, Any]:
     """Top and bottom `n` tickers by positive rate, among tickers with at least `min_votes` votes (fewer
     votes say too little to rank). Ties are broken by more votes first."""

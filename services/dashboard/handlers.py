@@ -373,6 +373,9 @@ def stats(uow: SqlUnitOfWork, days: int, policy: ReadPolicy, now: datetime | Non
         experiment_cells = repo.cells(None, by=BY_ARM, experiments_only=True)
         infos = repo.experiment_infos()
         pending = repo.pending_votes()
+        first_voted = repo.first_voted_at(since)
+        width = domain.curve_width(first_voted, now)
+        curve = [] if first_voted is None else repo.curve_buckets(since, _floor(first_voted, width), width)
         alerts = repo.recent_alerts()
         champions = repo.champion_history()
         models = repo.model_list()
@@ -394,6 +397,7 @@ def stats(uow: SqlUnitOfWork, days: int, policy: ReadPolicy, now: datetime | Non
         "totals": domain.figures(cells).as_dict(),
         "pending_votes": pending,
         "daily": domain.daily(cells, today),
+        "learning_curve": domain.learning_curve(curve, width if first_voted else None, now),
         "per_prompt_version": rows(lambda c: (c.prompt_name, c.prompt_version), ("prompt_name", "prompt_version")),
         "per_model": rows(lambda c: c.model, ("model",)),
         "per_signal": rows(lambda c: c.signal, ("signal",)),
@@ -406,6 +410,12 @@ def stats(uow: SqlUnitOfWork, days: int, policy: ReadPolicy, now: datetime | Non
         "models": models,
         "finetune_jobs": jobs,
     }
+
+
+def _floor(ts: datetime, width_s: int) -> datetime:
+    """The start of the `width_s`-second window (aligned to the epoch) that holds `ts`."""
+    epoch = int(utc(ts).timestamp())
+    return datetime.fromtimestamp(epoch - epoch % width_s, utc(ts).tzinfo)
 
 
 def revision(uow: SqlUnitOfWork) -> int:

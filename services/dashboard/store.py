@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     and_,
     case,
+    cast,
     delete,
     func,
     or_,
@@ -339,6 +340,31 @@ class DashboardRepository(MessageLog):
             )
             for r in self.s.execute(q).mappings()
         ]
+
+    def first_voted_at(self, since_day: str) -> datetime | None:
+        """When the first explanation of the window that has a vote was created (where the curve starts)."""
+        e = explanations
+        q = select(func.min(e.c.created_at)).where(e.c.day >= since_day, e.c.votes > 0)
+        first = self.s.execute(q).scalar_one_or_none()
+        return None if first is None else utc(first)
+
+    def curve_buckets(self, since_day: str, start: datetime, width_s: int) -> list[tuple[int, int, int, int]]:
+        """(window index since the epoch, explanations, votes, positives) per `width_s`-second window of
+        creation time, for the explanations of the window created at `start` or later."""
+        e = explanations
+        if self.s.get_bind().dialect.name == "sqlite":  # stored as UTC text; integer division floors
+            index = cast(func.strftime("%s", e.c.created_at), Integer) // width_s
+        else:
+            index = cast(func.floor(func.extract("epoch", e.c.created_at) / width_s), Integer)
+        bucket = index.label("bucket")
+        q = (
+            select(
+                bucket, func.count(), func.coalesce(func.sum(e.c.votes), 0), func.coalesce(func.sum(e.c.positives), 0)
+            )
+            .where(e.c.day >= since_day, e.c.created_at >= utc(start))
+            .group_by(bucket)
+        )
+        return [(int(b), int(n), int(v), int(p)) for b, n, v, p in self.s.execute(q).all()]
 
     def pending_votes(self) -> int:
         """Votes whose explanation the dashboard has not seen yet (counted once it arrives)."""

@@ -173,11 +173,18 @@ def test_page_and_its_assets_are_served_without_external_resources(client: TestC
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
-    assert 'aria-label="Thumbs up: helpful"' in page and 'aria-label="Thumbs down: not helpful"' in page
-    for asset, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+    assert "<explanation-card" in page and "<feedback-stats" in page  # the page uses the embeddable components
+    for asset, kind in (
+        ("/static/components.js", "javascript"),
+        ("/static/app.js", "javascript"),
+        ("/static/style.css", "text/css"),
+    ):
         a = client.get(asset)
         assert a.status_code == 200 and kind in a.headers["content-type"], asset
         page += a.text
+    assert '"aria-label": "Thumbs up: helpful"' in page and '"aria-label": "Thumbs down: not helpful"' in page
+    # the icons are inline SVG: no emoji, which a machine without an emoji font draws as empty boxes
+    assert not re.search("[\U0001f000-\U0001faff\u2600-\u27bf\ufe0f]", page)
     # no CDN, no web fonts: every src / href / url() / import stays on this origin
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert not re.search(r"url\(\s*['\"]?(https?:)?//", page)

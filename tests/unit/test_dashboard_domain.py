@@ -214,3 +214,32 @@ def test_anomaly_needs_a_significant_and_material_drop_with_enough_votes() -> No
     assert domain.check_anomaly("overall", (6500, 10000), (7000, 10000), **kw).status == "OK"
     check = domain.check_anomaly("overall", (12, 40), (90, 150), **kw)
     assert "30.0%" in check.message() and "60.0%" in check.message()
+
+
+@pytest.mark.parametrize(
+    ("age", "width"),
+    [
+        (timedelta(0), 300),
+        (timedelta(hours=3), 300),
+        (timedelta(hours=10), 900),
+        (timedelta(hours=23), 1800),
+        (timedelta(days=1, hours=12), 3600),
+        (timedelta(days=30), 86400),
+        (timedelta(days=365), 14 * 86400),
+    ],
+)
+def test_curve_width_keeps_the_curve_to_at_most_48_points(age: timedelta, width: int) -> None:
+    now = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+    assert domain.curve_width(now - age, now) == width
+    assert (age.total_seconds() // width) + 2 <= domain.CURVE_MAX_POINTS
+
+
+def test_learning_curve_points_carry_their_window_and_wilson_interval() -> None:
+    now = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+    index = int(now.timestamp()) // 3600 - 1
+    curve = domain.learning_curve([(index, 5, 4, 3)], 3600, now)
+    (point,) = curve["points"]
+    assert point["start"] == "2026-03-10T11:00:00+00:00" and point["end"] == "2026-03-10T12:00:00+00:00"
+    assert point["positive_rate"] == pytest.approx(0.75)
+    assert point["positive_rate_ci"] == pytest.approx(list(domain.wilson_interval(3, 4)))
+    assert domain.learning_curve([], None, now)["points"] == []

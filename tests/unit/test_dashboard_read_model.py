@@ -119,6 +119,7 @@ def test_empty_read_model_has_no_division_errors(store: Store) -> None:
     assert s["totals"]["explanations"] == 0
     assert s["totals"]["positive_rate"] is None
     assert s["daily"] == [] and s["per_prompt_version"] == [] and s["experiments"] == []
+    assert s["learning_curve"]["points"] == []
 
 
 def test_replaced_vote_counts_once_with_the_newer_rating(store: Store) -> None:
@@ -377,3 +378,37 @@ def test_an_exhausted_search_becomes_one_alert(store: Store) -> None:
     alerts = handlers.stats(store.uow(), 30, POLICY, now=NOW)["alerts"]
     assert [(a["kind"], a["scope"]) for a in alerts] == [("search_exhausted", "prompt explain_signal")]
     assert "exhausted at champion v1.4 (15 versions tried); generation stopped" in alerts[0]["message"]
+
+
+def test_learning_curve_on_a_first_day_has_a_point_per_window_with_its_interval(store: Store) -> None:
+    """Votes from the first two hours: points per 5 minutes (not one dot for the day), each window's positive
+    rate with its Wilson interval; a window without votes is left out, not drawn as zero."""
+    start = NOW - timedelta(hours=2)
+    plan = {0: (3, 2), 1: (4, 4), 7: (2, 0)}  # 5-minute window -> (votes, positives)
+    for window, (n, positives) in plan.items():
+        for i in range(n):
+            ex = explanation(created_at=start + timedelta(minutes=5 * window, seconds=10 + i))
+            handlers.on_explanation_created(ex, store.uow())
+            handlers.on_feedback_recorded(vote(ex, 1 if i < positives else -1), store.uow())
+    handlers.on_explanation_created(explanation(created_at=start + timedelta(minutes=20)), store.uow())  # no vote
+    curve = handlers.stats(store.uow(), 1, POLICY, now=NOW)["learning_curve"]
+    assert curve["bucket_s"] == 300
+    voted = [p for p in curve["points"] if p["votes"]]
+    assert [(p["start"], p["votes"], p["positives"]) for p in voted] == [
+        ((start + timedelta(minutes=5 * w)).isoformat(), n, x) for w, (n, x) in plan.items()
+    ]
+    assert voted[0]["positive_rate"] == pytest.approx(2 / 3)
+    lo, hi = voted[0]["positive_rate_ci"]
+    assert lo < 2 / 3 < hi
+    assert [p["votes"] for p in curve["points"]] == [3, 4, 0, 2]  # the unvoted window: no rate, not a zero
+    assert curve["points"][2]["positive_rate"] is None
+
+
+def test_learning_curve_widens_its_windows_as_the_data_ages(store: Store) -> None:
+    for days_ago in (27, 3, 0):
+        ex = explanation(created_at=NOW - timedelta(days=days_ago, hours=1))
+        handlers.on_explanation_created(ex, store.uow())
+        handlers.on_feedback_recorded(vote(ex, 1), store.uow())
+    curve = handlers.stats(store.uow(), 30, POLICY, now=NOW)["learning_curve"]
+    assert curve["bucket_s"] == 86400
+    assert [p["start"][:10] for p in curve["points"]] == ["2026-02-11", "2026-03-07", "2026-03-10"]
