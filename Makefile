@@ -8,7 +8,7 @@ EXTRAS ?= router,feedback,optimizer,finetune,dashboard,dev
 TASTE ?= demo# make demo TASTE=last-trait|pair|nothing: the simulated users' hidden taste (bench/tastes.py)
 DEMO_ARGS ?=
 
-.PHONY: install run test test-fast lint format bench chaos demo up down logs gpu-check openapi clean
+.PHONY: install run test test-fast lint format bench chaos demo up down logs gpu-check openapi mutate clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,12 @@ bench: install
 # Not part of `make test`: minutes of load and SIGKILLs on 127.0.0.1 (CHAOS_ARGS=--quick for one minute).
 chaos: install
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
+
+# Not part of `make test`: mutation testing of the core modules (tools/mutate.py, [tool.mutate] in pyproject.toml),
+# the score per module. MUTATE_MODULES=privacy,outbox picks modules; MUTATE_JOBS=2 runs two mutants at a time.
+MUTATE_JOBS ?= 2
+mutate: install
+	MUTATE_JOBS=$(MUTATE_JOBS) MUTATE_MODULES=$(MUTATE_MODULES) $(PY) -m tools.mutate --fail-under 80
 
 demo: install
 	$(PY) -m bench.demo --taste $(TASTE) $(DEMO_ARGS)

@@ -4,7 +4,6 @@ per service, beat, and one SQLite file per service."""
 from __future__ import annotations
 
 import sqlite3
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -201,9 +200,7 @@ def test_killed_feedback_worker_loses_no_acknowledged_vote(tmp_path, admin_heade
                 stack.kill("worker-feedback")
             assert stored() < n
             stack.start_process("worker-feedback")
-            deadline = time.monotonic() + 90
-            while stored() < n and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_for(lambda: stored() >= n, timeout_s=90, interval_s=0.2, what=f"all {n} acknowledged votes stored")
             assert stored() == n, f"{stored()} of {n} acknowledged votes stored after the restarts"
             with sqlite3.connect(stack.data_dir / "feedback.db") as conn:
                 sessions = conn.execute("select count(distinct session_key) from feedback").fetchone()[0]

@@ -109,9 +109,7 @@ def test_stream_sends_snapshots_on_change_and_heartbeats_between(server: tuple[s
                 snapshots.append(json.loads(line[5:]))
                 if len(snapshots) == 1:
                     # while this stream is open, the server still answers other requests at once
-                    t0 = time.monotonic()
                     assert httpx.get(url + "/healthz", timeout=2).status_code == 200
-                    assert time.monotonic() - t0 < 1.0
                     assert "llm_learning_stream_clients 1.0" in httpx.get(url + "/metrics", timeout=2).text
             if heartbeats >= 1 and not changed:
                 add_vote(store)  # the read model changes: new snapshots follow

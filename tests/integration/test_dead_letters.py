@@ -146,7 +146,8 @@ def test_a_transient_error_is_retried_with_backoff_until_it_passes(tmp_path: Pat
             second = _model()
             _send(sender, "router.on_model_registered", second.to_payload())
             wait_for(lambda: "transient OperationalError" in log.read_text(), timeout_s=20, what="a retry")
-            time.sleep(1.0)
+            # retried again while the lock is held, and still not stored
+            wait_for(lambda: log.read_text().count("transient OperationalError") >= 2, timeout_s=30, what="a 2nd retry")
             assert not _processed(db, second.message_id)
             locker.execute("COMMIT")
             locker.close()

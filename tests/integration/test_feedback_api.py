@@ -21,7 +21,7 @@ from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
 from shared.privacy import session_key
 from shared.redis_server import RedisServer, free_port
-from tests.support import found_in_redis
+from tests.support import found_in_redis, wait_for
 
 ADMIN = "admin-secret"
 
@@ -390,11 +390,18 @@ def test_erasing_an_unknown_session_writes_no_permanent_row_but_tells_the_other_
 
 
 def test_expired_tombstones_are_purged_by_the_next_erasure(make_env) -> None:
-    import time
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from services.feedback.store import erasure_tombstones
 
     client, _, _ = make_env(erasure_tombstone_s=0.01)
     client.delete("/api/feedback/sessions/ghost-1")
-    time.sleep(0.05)
+    with client.app.state.store.engine.connect() as conn:
+        expires = conn.execute(select(erasure_tombstones.c.expires_at)).scalar_one()
+    expires = expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    wait_for(lambda: datetime.now(UTC) > expires, timeout_s=5, interval_s=0.01, what="the tombstone to expire")
     client.delete("/api/feedback/sessions/ghost-2")
     assert _rows(client, "erasure_tombstones") == 1
 

@@ -3,7 +3,6 @@ the official SDKs: usage, retries with backoff, no retry on 4xx, timeouts, fallb
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,8 +157,8 @@ def test_missing_usage_is_estimated_from_words(tmp_path: Path, fake: FakeOpenAIS
 def test_one_deadline_bounds_all_hosted_attempts_of_a_request(tmp_path: Path, fake: FakeOpenAIServer) -> None:
     fake.hang_next(100, seconds=5)
     ps = provider_set(tmp_path, fake, provider_timeout_s=0.3, provider_retries=5, request_deadline_s=0.5)
-    started = time.monotonic()
     result = ps.generate([OPENAI, GROQ, OFFLINE], REQUEST)
-    assert time.monotonic() - started < 1.5  # not 6 tries x 2 models x 0.3 s
+    # the deadline (0.5 s) leaves room for two hung attempts of 0.3 s at most, not 6 tries x 2 models
+    assert 1 <= len(fake.requests) <= 2, [r.model for r in fake.requests]
     assert result.model == OFFLINE
     assert "deadline" in [e.kind for e in result.errors]

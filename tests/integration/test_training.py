@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ for _module in ("torch", "transformers", "peft", "trl", "datasets", "openai", "u
 from services.finetune import serving, training  # noqa: E402
 from services.finetune.tinymodel import build_tiny_model  # noqa: E402
 from services.finetune.training import Recipe, TrainingCancelled, TrainingInputError  # noqa: E402
+from tests.support import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -328,10 +328,7 @@ def server(base_model: str, sft_result: training.TrainResult) -> Iterator[tuple[
     )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
+    wait_for(lambda: srv.started, timeout_s=20, interval_s=0.05, what="the model server to start")
     yield f"http://127.0.0.1:{port}/v1", app
     srv.should_exit = True
     thread.join(timeout=10)

@@ -1,0 +1,175 @@
+"""The transactional outbox on a real SQLite file: staging is idempotent, the relay publishes in order and in
+batches, a publish that fails halfway through a batch loses nothing and repeats nothing that went out, and rows it
+cannot read become dead letters (with the raw value when it is not even a JSON object)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import MetaData, Table, create_engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.contracts import Command, Event, FeedbackErased, utcnow
+from shared.deadletter import UNREADABLE, DeadLetters, dead_letter_table
+from shared.outbox import outbox_table, pending, relay, relay_after_commit, stage
+
+
+class BrokerDown(ConnectionError):
+    pass
+
+
+class RecordingBus:
+    """Records what it published; raises on the publish numbered `fail_at` (1-based) and every one after it."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.events: list[Event] = []
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def publish(self, event: Event) -> None:
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise BrokerDown("broker went away")
+        self.events.append(event)
+
+    def send(self, command: Command) -> None:  # pragma: no cover - the outbox only publishes events
+        raise AssertionError("the outbox sends no commands")
+
+
+class Db:
+    def __init__(self, path: Path) -> None:
+        self.metadata = MetaData()
+        self.table: Table = outbox_table(self.metadata)
+        self.dead_table = dead_letter_table(self.metadata)
+        self.engine = create_engine(f"sqlite:///{path}")
+        self.metadata.create_all(self.engine)
+        self.factory: sessionmaker[Session] = sessionmaker(self.engine)
+        self.dead = DeadLetters(self.factory, self.dead_table)
+
+    def stage(self, *events: Event) -> None:
+        with self.factory() as session, session.begin():
+            stage(session, self.table, list(events))
+
+    def stage_raw(self, event_id: str, event_type: str, payload: object, age_s: float = 0.0) -> None:
+        with self.factory() as session, session.begin():
+            session.execute(
+                self.table.insert().values(
+                    event_id=event_id,
+                    event_type=event_type,
+                    payload=payload,
+                    created_at=utcnow() - timedelta(seconds=age_s),
+                )
+            )
+
+    def rows(self) -> list[dict]:
+        with self.factory() as session:
+            return [dict(r) for r in session.execute(select(self.table)).mappings()]
+
+    def unpublished(self) -> set[str]:
+        return {r["event_id"] for r in pending(self.factory, self.table)}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Db]:
+    d = Db(tmp_path / "outbox.db")
+    yield d
+    d.engine.dispose()
+
+
+def _event(n: int = 0) -> FeedbackErased:
+    return FeedbackErased(session_key=f"k{n}", feedback_ids=[], explanation_ids=[], erased_at=utcnow())
+
+
+def _staged_in_order(db: Db, count: int) -> list[FeedbackErased]:
+    """`count` events, each created a second after the one before (the relay publishes oldest first)."""
+    events = [_event(i) for i in range(count)]
+    for i, ev in enumerate(events):
+        db.stage_raw(str(ev.message_id), ev.type, ev.to_payload(), age_s=float(count - i))
+    return events
+
+
+def test_staging_the_same_event_twice_keeps_one_row(db: Db) -> None:
+    ev = _event()
+    db.stage(ev)
+    db.stage(ev, _event(1))
+    rows = db.rows()
+    assert sorted(r["event_id"] for r in rows) == sorted([str(ev.message_id), str(rows[1]["event_id"])])
+    assert len(rows) == 2
+    mine = next(r for r in rows if r["event_id"] == str(ev.message_id))
+    assert mine["event_type"] == "feedback.erased" and mine["published_at"] is None
+    assert mine["payload"] == ev.to_payload()
+
+
+def test_relay_publishes_oldest_first_marks_them_and_returns_the_count(db: Db) -> None:
+    events = _staged_in_order(db, 5)
+    bus = RecordingBus()
+    assert relay(db.factory, db.table, bus) == 5
+    assert [e.message_id for e in bus.events] == [e.message_id for e in events]
+    assert all(r["published_at"] is not None for r in db.rows())
+    assert db.unpublished() == set()
+    assert relay(db.factory, db.table, bus) == 0  # nothing is published twice
+    assert len(bus.events) == 5
+
+
+def test_relay_takes_at_most_one_batch_per_call(db: Db) -> None:
+    events = _staged_in_order(db, 5)
+    bus = RecordingBus()
+    assert relay(db.factory, db.table, bus, limit=2) == 2
+    assert [e.message_id for e in bus.events] == [e.message_id for e in events[:2]]
+    assert db.unpublished() == {str(e.message_id) for e in events[2:]}
+    assert relay(db.factory, db.table, bus, limit=2) == 2
+    assert relay(db.factory, db.table, bus, limit=2) == 1
+    assert [e.message_id for e in bus.events] == [e.message_id for e in events]
+
+
+def test_a_publish_failing_halfway_through_a_batch_keeps_what_went_out_and_retries_only_the_rest(db: Db) -> None:
+    events = _staged_in_order(db, 6)
+    broken = RecordingBus(fail_at=4)  # three go out, the fourth publish raises
+    with pytest.raises(BrokerDown):
+        relay(db.factory, db.table, broken)
+    sent = [e.message_id for e in broken.events]
+    assert sent == [e.message_id for e in events[:3]]
+    # the three that went out are marked; the others wait for the next relay
+    assert db.unpublished() == {str(e.message_id) for e in events[3:]}
+    healthy = RecordingBus()
+    assert relay(db.factory, db.table, healthy) == 3
+    assert [e.message_id for e in healthy.events] == [e.message_id for e in events[3:]]
+    assert db.unpublished() == set()
+
+
+def test_relay_after_commit_swallows_a_broker_outage_and_leaves_the_events_for_the_periodic_relay(db: Db) -> None:
+    events = _staged_in_order(db, 3)
+    assert relay_after_commit(db.factory, db.table, RecordingBus(fail_at=1)) == 0
+    assert db.unpublished() == {str(e.message_id) for e in events}
+    assert relay_after_commit(db.factory, db.table, RecordingBus()) == 3
+    assert db.unpublished() == set()
+
+
+def test_an_unreadable_row_becomes_a_dead_letter_with_its_payload_and_the_rest_are_published(db: Db) -> None:
+    good = _staged_in_order(db, 2)
+    db.stage_raw("not-a-dict", "no.such.event", [1, 2, 3], age_s=10)
+    db.stage_raw("unknown-type", "no.such.event", {"x": 1}, age_s=9)
+    bus = RecordingBus()
+    assert relay(db.factory, db.table, bus) == 2  # dead letters are not counted as published
+    assert [e.message_id for e in bus.events] == [e.message_id for e in good]
+    assert db.unpublished() == set()  # and they do not come back
+    dead = {d["message_id"]: d for d in db.dead.list()}
+    assert set(dead) == {"not-a-dict", "unknown-type"}
+    assert dead["unknown-type"]["task"] == "outbox:no.such.event"
+    assert dead["unknown-type"]["reason"] == UNREADABLE
+    assert dead["unknown-type"]["payload"] == {"x": 1} and dead["unknown-type"]["raw"] is None
+    assert "outbox row of type 'no.such.event'" in dead["unknown-type"]["error"]
+    assert "unknown event type 'no.such.event'" in dead["unknown-type"]["error"]
+    assert dead["not-a-dict"]["payload"] is None and dead["not-a-dict"]["raw"] == "[1, 2, 3]"
+
+
+def test_pending_lists_only_unpublished_rows(db: Db) -> None:
+    first, second = _staged_in_order(db, 2)
+    relay(db.factory, db.table, RecordingBus(), limit=1)
+    assert [r["event_id"] for r in pending(db.factory, db.table)] == [str(second.message_id)]
+    assert uuid.UUID(pending(db.factory, db.table)[0]["event_id"]) == second.message_id
+    assert first.message_id != second.message_id
