@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             "PYTHONPATH": str(ROOT),
         }
         stores = Stores(Path(tmp), seeded)
+        fb_port, dash_port = free_port(), free_port()
+        apis = [
+            _serve("services.feedback.main:create_app", fb_port, env),
+            _serve("services.dashboard.main:create_app", dash_port, env),
+        ]
         workers = [_worker(s, env) for s in ("feedback", "optimizer", "dashboard")]
         eids = _seed(env, seeded)
         seed_s = _wait(
@@ -161,11 +166,6 @@ def main(argv: list[str] | None = None) -> int:
                         if isinstance(db, Path)) >= seeded,
             timeout_s=300,
         )  # fmt: skip
-        fb_port, dash_port = free_port(), free_port()
-        apis = [
-            _serve("services.feedback.main:create_app", fb_port, env),
-            _serve("services.dashboard.main:create_app", dash_port, env),
-        ]
         try:
             # 1. sustained
             def loop_vote(i: int) -> tuple[str, dict]:

@@ -520,6 +520,15 @@ class CeleryBus:
         """Whether the broker answers (within this bus's socket timeout)."""
         return bool(self._redis.ping())
 
+    def queue_lags(self) -> list[dict[str, Any]]:
+        """Per service queue: messages waiting and the age in seconds of the oldest (`worker_metrics.queue_lag`,
+        the figures the workers export as `celery_queue_depth` and `celery_queue_oldest_age_seconds`)."""
+        out = []
+        for queue in SERVICES:
+            depth, age = worker_metrics.queue_lag(self._redis, queue)
+            out.append({"queue": queue, "depth": depth, "oldest_age_s": None if age is None else round(age, 3)})
+        return out
+
     def _push(self, messages: list[tuple[str, bytes]]) -> None:
         import time
 
