@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         stores = Stores(Path(tmp), seeded)
         fb_port, dash_port = free_port(), free_port()
         apis = [
-            _serve("services.feedback.main:create_app", fb_port, env),
-            _serve("services.dashboard.main:create_app", dash_port, env),
+            _serve("services.feedback.main:create_app", fb_port, env, 180),
+            _serve("services.dashboard.main:create_app", dash_port, env, 180),
         ]
         workers = [_worker(s, env) for s in ("feedback", "optimizer", "dashboard")]
         eids = _seed(env, seeded)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         import redis
 
         r = redis.Redis.from_url(redis_server.url)
-        fb = _serve("services.feedback.main:create_app", fb_port, env)
+        fb = _serve("services.feedback.main:create_app", fb_port, env, 180)
         drains: dict[str, float] = {}
         try:
             for label, count, extra in (

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             "PYTHONPATH": str(ROOT),
         }
         port = free_port()
-        router = _serve("services.router.main:create_app", port, env)
+        router = _serve("services.router.main:create_app", port, env, 180)
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Explain BUY for AAPL"}]}
 
         def direct(c: httpx.Client, i: int) -> httpx.Response:
