@@ -38,6 +38,8 @@ format: install
 
 bench: install
 	$(PY) -m bench.feedback_throughput
+	$(PY) -m bench.digest
+	$(PY) -m bench.explain_overhead
 	$(PY) -m bench.learning
 	$(PY) -m bench.search_loop
 	$(PY) -m bench.transport_loss --quick

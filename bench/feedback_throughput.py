@@ -30,7 +30,7 @@ from shared.redis_server import RedisServer, free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _serve(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+def _serve(factory: str, port: int, env: dict[str, str], timeout_s: float = 30.0) -> subprocess.Popen:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -47,7 +47,7 @@ def _serve(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen:
         env=env,
         cwd=ROOT,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -22,6 +22,8 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    #: open loop: (request index, time.time() when its 2xx answer arrived), for lag measurements
+    answered_at: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -87,6 +89,7 @@ async def _open(
     queue: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
     ok = errors = 0
     lat: list[float] = []
+    answered: list[tuple[int, float]] = []
     start = time.perf_counter() + 0.05
     for i in range(total):
         queue.put_nowait((i, start + i / rate))
@@ -108,12 +111,13 @@ async def _open(
             lat.append((time.perf_counter() - due) * 1000)  # from when it *should* have been sent
             if 200 <= status < 300:
                 ok += 1
+                answered.append((i, time.time()))
             else:
                 errors += 1
         writer.close()
 
     await asyncio.gather(*(worker() for _ in range(conns)))
-    return Result(total, ok, errors, time.perf_counter() - start, lat)
+    return Result(total, ok, errors, time.perf_counter() - start, lat, answered)
 
 
 def closed_loop(

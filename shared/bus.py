@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
 from celery.signals import before_task_publish
+from celery_batches import Batches as _Batches
 from kombu import Exchange, Queue
 
 from shared import worker_metrics
@@ -139,7 +141,11 @@ class ReliableTask(Task):
         except Exception as exc:
             return self._handle_failure(exc, kwargs.get("payload"))
 
-    def _handle_failure(self, exc: Exception, payload: Any) -> Any:
+    def _handle_failure(
+        self, exc: Exception, payload: Any, *, retries: int | None = None, retry_later: Any = None
+    ) -> Any:
+        """Retry, dead-letter or put back one message whose handler raised. `retries` and `retry_later(countdown)`
+        are given by a batch task (`BatchTask`), whose messages are not the task's current request."""
         import time
 
         from pydantic import ValidationError
@@ -150,7 +156,8 @@ class ReliableTask(Task):
         if payload is None:
             log.error("periodic task %s failed (the next run tries again): %s", self.name, error)
             return None
-        retries = int(self.request.retries or 0)
+        if retries is None:
+            retries = int(self.request.retries or 0)
         max_retries = (
             self.max_retries if self.max_retries is not None else self.app.conf.get("selflearn_max_retries", 6)
         )
@@ -167,6 +174,9 @@ class ReliableTask(Task):
                 countdown,
             )
             try:
+                if retry_later is not None:
+                    retry_later(countdown)
+                    return "retried"
                 # the error Celery logs with the retry: described, never with a statement's parameters
                 raise self.retry(countdown=countdown, max_retries=max_retries, exc=RuntimeError(error))
             except Retry:
@@ -201,6 +211,131 @@ class ReliableTask(Task):
         return delay * random.uniform(0.5, 1.0)  # jitter: redeliveries of one outage do not come back together
 
 
+def batch_size() -> int:
+    """How many messages a batch task digests in one transaction at most (`TASK_BATCH_SIZE`, 100)."""
+    return max(1, int(os.environ.get("TASK_BATCH_SIZE", "100")))
+
+
+def batch_wait_s() -> float:
+    """How long a batch task waits for more messages before it digests what it has (`TASK_BATCH_WAIT_MS`, 50)."""
+    return max(0.001, float(os.environ.get("TASK_BATCH_WAIT_MS", "50")) / 1000)
+
+
+class BatchTask(_Batches, ReliableTask):  # type: ignore[misc]
+    """A consumer that digests its messages in batches: up to `TASK_BATCH_SIZE` messages, or what arrived within
+    `TASK_BATCH_WAIT_MS`, in one transaction (celery-batches buffers the worker's prefetched messages and
+    flushes them as a list). The guarantees of one message hold for each message of a batch:
+
+    - **At least once**: every message of the batch is acknowledged only after the batch returned (its
+      transaction committed, its outbox relayed); a worker killed before that leaves them all unacknowledged,
+      so Redis delivers them again (and the feedback intake journal re-sends what the kill took from the
+      queue). If the batch raised instead of returning, every message is put back on the queue.
+    - **Idempotent**: each message runs the service's one-message handler, which checks its message id, in its
+      own savepoint of the batch's transaction (`shared.db.run_in_one_transaction`).
+    - **Poison alone**: a message that does not validate, or whose handler raises, is rolled back alone and
+      retried (transient errors, sent again with backoff) or dead-lettered (`ReliableTask`); the rest of the
+      batch commits. A message that even the dead-letter store cannot take is put back on the queue.
+
+    The worker must prefetch at least a batch (`make_celery(..., batches=True)` sets the prefetch multiplier).
+    """
+
+    abstract = True
+    typing = False
+    flush_every = 100
+    flush_interval = 0.05
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # ReliableTask's per-message handling is in digest
+        return self.run(*args, **kwargs)
+
+    def flush(self, requests: Any) -> Any:
+        from celery_batches import SimpleRequest
+        from celery_batches.trace import apply_batches_task
+
+        requests = list(requests)
+        simple = ([SimpleRequest.from_request(r) for r in requests],)
+
+        def on_return(result: Any) -> None:
+            # a list: the positions to put back on the queue; anything else: the batch raised, put back all
+            put_back = set(result) if isinstance(result, list) else None
+            for i, req in enumerate(requests):
+                if put_back is None or i in put_back:
+                    req.reject(requeue=True)
+                else:
+                    req.acknowledge()
+
+        return self._pool.apply_async(apply_batches_task, (self, simple, 0, None), callback=on_return)
+
+    def digest(
+        self,
+        requests: list[Any],
+        parse: Any,
+        handle: Any,
+        after: Any = None,
+    ) -> list[int]:
+        """Run one batch: `parse(payload)` each message, `handle(messages)` the valid ones (returning, in order,
+        (True, outcome) or (False, exception) for each), then `after(handled messages)`. Returns the positions
+        of the messages to put back on the queue."""
+        import time
+
+        put_back: list[int] = []
+        valid: list[tuple[int, dict, int, Any]] = []
+        for i, req in enumerate(requests):
+            payload = (req.kwargs or {}).get("payload")
+            retries = int((req.request_dict or {}).get("retries") or 0)
+            try:
+                if not isinstance(payload, dict):
+                    raise TypeError("the task message carries no payload object")
+                valid.append((i, payload, retries, parse(payload)))
+            except Exception as exc:
+                if not self._settle(exc, payload if isinstance(payload, dict) else {"raw": repr(payload)}, retries):
+                    put_back.append(i)
+        handled: list[Any] = []
+        if valid:
+            outcomes = handle([message for *_, message in valid])
+            for (i, payload, retries, message), (ok, value) in zip(valid, outcomes, strict=True):
+                if ok:
+                    handled.append(message)
+                elif not self._settle(value, payload, retries):
+                    put_back.append(i)
+        if handled and after is not None:
+            after(handled)
+        if put_back:
+            time.sleep(1.0)  # as ReliableTask does before it puts a message back: no hot loop
+        return sorted(put_back)
+
+    def _settle(self, exc: Exception, payload: dict, retries: int) -> bool:
+        """Retry or dead-letter one message of a batch; False when it must go back on the queue."""
+
+        def retry_later(countdown: float) -> None:
+            self.apply_async(kwargs={"payload": payload}, countdown=countdown, retries=retries + 1)
+
+        try:
+            self._handle_failure(exc, payload, retries=retries, retry_later=retry_later)
+        except Reject:
+            return False
+        return True
+
+
+def batch_task(
+    app: Celery, name: str, *, parse: Any, handle: Any, after: Any = None, size: int | None = None
+) -> BatchTask:
+    """Register the batch consumer `name` (see `BatchTask`): `parse(payload) -> message`,
+    `handle(messages) -> [(ok, outcome or exception), ...]` (usually `run_in_one_transaction` over the
+    one-message handler), `after(handled messages)` once they are committed (relay the outbox, clear a journal)."""
+
+    def run(self: BatchTask, requests: list[Any]) -> list[int]:
+        return self.digest(requests, parse, handle, after)
+
+    run.__name__ = name.rsplit(".", 1)[-1]
+    return app.task(  # type: ignore[no-any-return]
+        name=name,
+        base=BatchTask,
+        bind=True,
+        flush_every=size or batch_size(),
+        flush_interval=batch_wait_s(),
+    )(run)
+
+
 def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> None:
     """Where this service's workers put what they cannot handle: `dead_letters()` returns the service
     store's `DeadLetters`; `after(task, payload)` runs once one is stored (e.g. to drop a journal entry)."""
@@ -222,10 +357,11 @@ def task_message_sender(app: Celery) -> Any:
     return send
 
 
-def make_celery(service: str, settings: Any) -> Celery:
+def make_celery(service: str, settings: Any, *, batches: bool = False) -> Celery:
     """A Celery app for one service: at-least-once delivery (ack after the handler ran, requeue when the
-    worker dies), one message prefetched at a time, JSON only, no result backend (no task waits on another);
-    failures retried or dead-lettered (`ReliableTask`)."""
+    worker dies), one message prefetched at a time (two batches' worth for a service with batch tasks, which
+    buffer them: `BatchTask`), JSON only, no result backend (no task waits on another); failures retried or
+    dead-lettered (`ReliableTask`)."""
     app = Celery(service, broker=settings.redis_url, task_cls=ReliableTask)
     retry_cap = max(
         1.0, min(float(getattr(settings, "task_retry_backoff_max_s", 60.0)), settings.visibility_timeout_s / 2)
@@ -242,7 +378,7 @@ def make_celery(service: str, settings: Any) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=2 * batch_size() if batches else 1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
@@ -375,12 +511,25 @@ class CeleryBus:
     def publish(self, event: Event) -> None:
         self._push([self._encoder.encode(name, event) for name in SUBSCRIPTIONS.get(event.type, ())])
 
+    def publish_many(self, events: Iterable[Event]) -> None:
+        """Several events in one pipelined round trip (the outbox relay of a batch), in order."""
+        self._push([self._encoder.encode(name, e) for e in events for name in SUBSCRIPTIONS.get(e.type, ())])
+
     def send(self, command: Command) -> None:
         self._push([self._encoder.encode(command.type, command)])
 
     def ping(self) -> bool:
         """Whether the broker answers (within this bus's socket timeout)."""
         return bool(self._redis.ping())
+
+    def queue_lags(self) -> list[dict[str, Any]]:
+        """Per service queue: messages waiting and the age in seconds of the oldest (`worker_metrics.queue_lag`,
+        the figures the workers export as `celery_queue_depth` and `celery_queue_oldest_age_seconds`)."""
+        out = []
+        for queue in SERVICES:
+            depth, age = worker_metrics.queue_lag(self._redis, queue)
+            out.append({"queue": queue, "depth": depth, "oldest_age_s": None if age is None else round(age, 3)})
+        return out
 
     def _push(self, messages: list[tuple[str, bytes]]) -> None:
         import time
@@ -463,6 +612,11 @@ class IntakeJournal:
 
     def done(self, message_id: uuid.UUID | str) -> None:
         self._client().hdel(self.hash_key, str(message_id))
+
+    def done_many(self, message_ids: Iterable[uuid.UUID | str]) -> None:
+        ids = [str(m) for m in message_ids]
+        if ids:
+            self._client().hdel(self.hash_key, *ids)
 
     def overdue(self, older_than_s: float, *, limit: int = 1000, on_unreadable: Any = None) -> list[dict[str, Any]]:
         """Payloads of commands journalled more than `older_than_s` ago whose handler has not run; each is

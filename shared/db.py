@@ -11,9 +11,9 @@ A store file is created readable by its owner only (0600); its folder 0700.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, event
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -91,6 +91,8 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 RepoT = TypeVar("RepoT")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class UnitOfWork(Generic[RepoT]):
@@ -123,6 +125,69 @@ class UnitOfWork(Generic[RepoT]):
     def commit(self) -> None:
         self.session.commit()
         self.committed = True
+
+
+class SavepointUnitOfWork:
+    """One message's share of a batch transaction (`run_in_one_transaction`): it looks like a `UnitOfWork` to a
+    handler written for one message (`with uow: ... uow.commit()`), but its block is a SAVEPOINT inside the
+    batch's transaction. `commit()` releases the savepoint (the change stays, to be committed with the batch);
+    leaving the block without it, or with an exception, rolls back to the savepoint: exactly what the handler
+    would have done alone, without disturbing the other messages of the batch."""
+
+    def __init__(self, outer: UnitOfWork[Any]) -> None:
+        self.outer = outer
+        self.session = outer.session
+        self.repo = outer.repo
+        self.outbox = outer.outbox
+        self.committed = False
+        self._savepoint: Any = None
+
+    def __enter__(self) -> Self:
+        self.committed = False
+        self._savepoint = self.session.begin_nested()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed and self._savepoint is not None and self._savepoint.is_active:
+            self._savepoint.rollback()
+
+    def add_events(self, *events: Event) -> None:
+        from shared.outbox import stage
+
+        stage(self.session, self.outbox, list(events))
+
+    def commit(self) -> None:
+        self._savepoint.commit()
+        self.committed = True
+
+
+def run_in_one_transaction(
+    uow: UnitOfWork[Any], items: Sequence[T], handle: Callable[[T, Any], R]
+) -> list[tuple[bool, R | Exception]]:
+    """Run a one-message handler `handle(item, uow)` for every item, all in one transaction (one commit, one
+    lock), each item in its own savepoint. Returns, in order, (True, what the handler returned) or (False, the
+    exception it raised): a failing item is rolled back alone and the others still commit. If the transaction
+    cannot begin or commit, every item gets that error (nothing of the batch was stored)."""
+    if not items:
+        return []
+    try:
+        with uow:
+            uow.session.connection()  # BEGIN (IMMEDIATE on SQLite): wait for the lock once, not per item
+            results: list[tuple[bool, R | Exception]] = []
+            for item in items:
+                own = uow.session.begin_nested()  # everything this item writes, whatever the handler does
+                try:
+                    outcome = handle(item, SavepointUnitOfWork(uow))
+                except Exception as exc:
+                    own.rollback()
+                    results.append((False, exc))
+                else:
+                    own.commit()
+                    results.append((True, outcome))
+            uow.commit()
+    except Exception as exc:
+        return [(False, exc)] * len(items)
+    return results
 
 
 def _service_of(make_repo: Callable[..., object]) -> str | None:

@@ -58,7 +58,9 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
         ).all()
     published: list[str] = []
     dead: list[tuple[str, str, Any, str]] = []
+    publish_many = getattr(bus, "publish_many", None)  # a batch's events in one round trip
     try:
+        ready: list[tuple[str, Any]] = []
         for event_id, event_type, payload in rows:
             cls = EVENT_TYPES.get(event_type)
             try:
@@ -68,8 +70,14 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
             except Exception as exc:
                 dead.append((event_id, event_type, payload, describe_error(exc)))
                 continue
-            bus.publish(event)
-            published.append(event_id)
+            if publish_many is None:
+                bus.publish(event)
+                published.append(event_id)
+            else:
+                ready.append((event_id, event))
+        if ready:
+            publish_many([event for _, event in ready])
+            published.extend(event_id for event_id, _ in ready)
     finally:  # mark what went out, in one transaction; anything else is published again next time
         if dead:
             letters = DeadLetters(factory, dead_letter_table(table.metadata))

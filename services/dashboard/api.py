@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from services.dashboard.store import Store
 from shared.web import AdminDep
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -81,8 +83,18 @@ def snapshot(request: Request, store: Store, days: int, settings: DashboardSetti
 def llm_learning(
     _: AdminDep, request: Request, store: StoreDep, settings: SettingsDep, days: DaysQuery = None
 ) -> dict[str, Any]:
-    """Every figure of the dashboard over the last `days` days (default 30)."""
-    return snapshot(request, store, window(days, settings), settings)
+    """Every figure of the dashboard over the last `days` days (default 30), and `queues`: how far behind each
+    service's consumers are (messages waiting, age of the oldest), read from the broker now."""
+    return {**snapshot(request, store, window(days, settings), settings), "queues": queue_lags(request)}
+
+
+def queue_lags(request: Request) -> list[dict[str, Any]] | None:
+    """Per queue depth and oldest-message age; None when the broker does not answer (the figures still show)."""
+    try:
+        return request.app.state.bus.queue_lags()
+    except Exception as exc:
+        log.warning("could not read the queue lag (%s)", type(exc).__name__)
+        return None
 
 
 @router.get("/api/admin/llm-learning/metrics")

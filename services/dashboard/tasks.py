@@ -9,7 +9,7 @@ from typing import Any
 from services.dashboard import handlers
 from services.dashboard.config import get_settings
 from services.dashboard.store import Store, outbox
-from shared.bus import bus_for, make_celery, use_dead_letters
+from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
 from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
@@ -25,7 +25,7 @@ from shared.logging import configure_logging
 from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("dashboard", settings)
+app = make_celery("dashboard", settings, batches=True)
 configure_logging("dashboard-worker", settings.log_level)
 
 
@@ -42,18 +42,22 @@ def _relay() -> None:
     relay(_store().factory, outbox, bus_for(app))
 
 
-@app.task(name="dashboard.on_explanation_created")
-def on_explanation_created(payload: dict) -> Any:
-    result = handlers.on_explanation_created(ExplanationCreated.from_payload(payload), _store().uow())
-    _relay()
-    return result
+on_explanation_created = batch_task(
+    app,
+    "dashboard.on_explanation_created",
+    parse=ExplanationCreated.from_payload,
+    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
+    after=lambda _: _relay(),
+)
 
 
-@app.task(name="dashboard.on_feedback_recorded")
-def on_feedback_recorded(payload: dict) -> Any:
-    result = handlers.on_feedback_recorded(FeedbackRecorded.from_payload(payload), _store().uow())
-    _relay()
-    return result
+on_feedback_recorded = batch_task(
+    app,
+    "dashboard.on_feedback_recorded",
+    parse=FeedbackRecorded.from_payload,
+    handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
+    after=lambda _: _relay(),
+)
 
 
 @app.task(name="dashboard.on_feedback_erased")

@@ -168,7 +168,7 @@ async def _check_served(
     known_ids: KnownIds = request.app.state.known_ids
     known, served = known_ids.get(explanation_id)
     if not known:
-        known, served = await run_in_threadpool(handlers.served_session, store.uow(), explanation_id)
+        known, served = await run_in_threadpool(handlers.served_session, store.reader(), explanation_id)
         if known:
             known_ids.add(explanation_id, served)
     if known:

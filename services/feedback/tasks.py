@@ -10,14 +10,14 @@ from pydantic import ValidationError
 from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.store import Store, outbox
-from shared.bus import IntakeJournal, bus_for, make_celery, use_dead_letters
+from shared.bus import IntakeJournal, batch_task, bus_for, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.deadletter import INVALID, UNREADABLE, describe_error
 from shared.logging import configure_logging
 from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("feedback", settings)
+app = make_celery("feedback", settings, batches=True)
 configure_logging("feedback-worker", settings.log_level)
 
 
@@ -45,13 +45,19 @@ def _forget_journal_entry(task: str, payload: object) -> None:
 use_dead_letters(app, lambda: _store().dead_letters, after=_forget_journal_entry)
 
 
-@app.task(name="feedback.record")
-def record(payload: dict) -> str:
-    cmd = RecordFeedback.from_payload(payload)
-    outcome = handlers.record_feedback(cmd, _store().uow())
-    _journal().done(cmd.message_id)  # committed (or recognised as handled): no need to send it again
+def _recorded(cmds: list[RecordFeedback]) -> None:
+    _journal().done_many(cmd.message_id for cmd in cmds)  # committed (or recognised as handled): not again
     _relay()
-    return outcome
+
+
+# Votes are digested in batches: one transaction for up to TASK_BATCH_SIZE of them (shared.bus.BatchTask).
+record = batch_task(
+    app,
+    "feedback.record",
+    parse=RecordFeedback.from_payload,
+    handle=lambda cmds: handlers.record_feedback_batch(cmds, _store().uow()),
+    after=_recorded,
+)
 
 
 @app.task(name="feedback.sweep_journal")
@@ -77,11 +83,13 @@ def sweep_journal() -> int:
     return sent
 
 
-@app.task(name="feedback.on_explanation_created")
-def on_explanation_created(payload: dict) -> int:
-    released = handlers.on_explanation_created(ExplanationCreated.from_payload(payload), _store().uow())
-    _relay()
-    return released
+on_explanation_created = batch_task(
+    app,
+    "feedback.on_explanation_created",
+    parse=ExplanationCreated.from_payload,
+    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
+    after=lambda _: _relay(),
+)
 
 
 @app.task(name="feedback.relay_outbox")

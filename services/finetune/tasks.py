@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
 from services.finetune.store import Store, outbox
-from shared.bus import bus_for, make_celery, use_dead_letters
+from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -29,7 +29,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-app = make_celery("finetune", settings)
+app = make_celery("finetune", settings, batches=True)
 configure_logging("finetune-worker", settings.log_level)
 
 
@@ -46,14 +46,20 @@ def _relay() -> int:
     return relay(_store().factory, outbox, bus_for(app))
 
 
-@app.task(name="finetune.on_explanation_created")
-def on_explanation_created(payload: dict) -> bool:
-    return handlers.on_explanation_created(ExplanationCreated.from_payload(payload), _store().uow())
+on_explanation_created = batch_task(
+    app,
+    "finetune.on_explanation_created",
+    parse=ExplanationCreated.from_payload,
+    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
+)
 
 
-@app.task(name="finetune.on_feedback_recorded")
-def on_feedback_recorded(payload: dict) -> str:
-    return handlers.on_feedback_recorded(FeedbackRecorded.from_payload(payload), _store().uow())
+on_feedback_recorded = batch_task(
+    app,
+    "finetune.on_feedback_recorded",
+    parse=FeedbackRecorded.from_payload,
+    handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
+)
 
 
 @app.task(name="finetune.on_feedback_erased")

@@ -11,13 +11,13 @@ from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store, outbox
-from shared.bus import bus_for, make_celery, use_dead_letters
+from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
 from shared.logging import configure_logging
 from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("optimizer", settings)
+app = make_celery("optimizer", settings, batches=True)
 configure_logging("optimizer-worker", settings.log_level)
 
 
@@ -41,14 +41,20 @@ def _relay() -> int:
     return relay(_store().factory, outbox, bus_for(app))
 
 
-@app.task(name="optimizer.on_explanation_created")
-def on_explanation_created(payload: dict) -> bool:
-    return handlers.on_explanation_created(ExplanationCreated.from_payload(payload), _store().uow())
+on_explanation_created = batch_task(
+    app,
+    "optimizer.on_explanation_created",
+    parse=ExplanationCreated.from_payload,
+    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
+)
 
 
-@app.task(name="optimizer.on_feedback_recorded")
-def on_feedback_recorded(payload: dict) -> str:
-    return handlers.on_feedback_recorded(FeedbackRecorded.from_payload(payload), _store().uow())
+on_feedback_recorded = batch_task(
+    app,
+    "optimizer.on_feedback_recorded",
+    parse=FeedbackRecorded.from_payload,
+    handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
+)
 
 
 @app.task(name="optimizer.on_feedback_erased")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
@@ -169,6 +169,7 @@ BudgetDep = Annotated[handlers.Budget, Depends(get_budget)]
 def create_explanation(
     body: ExplanationIn,
     request: Request,
+    background: BackgroundTasks,
     limiter: LimiterDep,
     budget: BudgetDep,
     store: StoreDep,
@@ -183,7 +184,7 @@ def create_explanation(
     cmd = handlers.Explain(ticker=body.ticker, signal=body.signal, context=body.context, session_key=key)
     try:
         result = handlers.create_explanation(
-            cmd, store.uow(), providers, price_overrides=settings.prices, budget=budget
+            cmd, store.uow(), providers, price_overrides=settings.prices, budget=budget, reader=store.reader()
         )
     except handlers.BudgetSpent as exc:
         metrics.budget_refusals.inc()
@@ -202,7 +203,9 @@ def create_explanation(
         metrics.fallbacks.labels(result.requested_model, result.model).inc()
     metrics.explanations.labels(result.model, result.prompt_version, cmd.signal).inc()
     metrics.latency.labels(result.model).observe(result.latency_ms / 1000)
-    _publish(store, bus, result.event)
+    # Recorded, with its event in the outbox, in the commit above: the event goes to the broker after the
+    # response is sent (the periodic relay publishes it if this process dies first), so no request waits on it.
+    background.add_task(_publish, store, bus, result.event)
     return ExplanationOut(
         explanation_id=result.explanation_id,
         text=result.text,
@@ -223,7 +226,7 @@ def create_explanation(
 
 
 def _publish(store: Store, bus: CeleryBus, event: ExplanationCreated) -> None:
-    """Publish right after the commit. A broker outage does not fail the request: the explanation is stored
+    """Publish right after the response. A broker outage does not fail the request: the explanation is stored
     and its event waits in the outbox for the periodic relay (`router.relay_outbox`)."""
     try:
         store.publish_staged(bus, [event])

@@ -123,16 +123,18 @@ def create_explanation(
     *,
     price_overrides: Mapping[str, Mapping[str, float]],
     budget: Budget | None = None,
+    reader: SqlUnitOfWork | None = None,
 ) -> Explained:
     """Pick the variant, render, call the providers (with fallback), record, stage the event.
 
     Raises NoProviderConfigured / AllProvidersFailed from the provider layer, RoutingUnavailable when unseeded,
     BudgetSpent when the daily budget is spent and the assigned model is paid (no provider is called then;
-    with a free assigned model, only the free models of the fallback chain are tried).
+    with a free assigned model, only the free models of the fallback chain are tried). `reader`: a read
+    transaction for the routing state (the request path passes one; the write goes through `uow`).
     """
-    with uow:
-        routing = uow.repo.routing()
-        registered = {m["model"]: m for m in uow.repo.models()}
+    with reader or uow:  # a read transaction where given: no write lock while choosing the variant
+        routing = (reader or uow).repo.routing()
+        registered = {m["model"]: m for m in (reader or uow).repo.models()}
     if routing is None:
         raise RoutingUnavailable("the router has no champion yet")
     variant = domain.choose_variant(routing, cmd.session_key)

@@ -149,7 +149,9 @@ def test_killed_feedback_worker_loses_no_acknowledged_vote(tmp_path, admin_heade
     is stored exactly once after restarts."""
     from tests.conftest import start_stack
 
-    stack = start_stack(tmp_path / "system")
+    # Small batches (TASK_BATCH_SIZE): the worker stores votes in many transactions, so the kills below land
+    # between batches and inside them (tests/integration/test_batches.py kills one inside its transaction).
+    stack = start_stack(tmp_path / "system", TASK_BATCH_SIZE="10")
     try:
         with httpx.Client(base_url=stack.url, timeout=10) as client:
             n = 300

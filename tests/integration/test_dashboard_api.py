@@ -90,6 +90,30 @@ def test_stats_shape_with_the_token(client: TestClient) -> None:
     assert s["days"] == 30
 
 
+def test_stats_show_each_queue_depth_and_the_age_of_its_oldest_message(client: TestClient) -> None:
+    from datetime import timedelta
+
+    from shared.bus import SUBSCRIPTIONS, CeleryBus
+
+    bus: CeleryBus = client.app.state.bus  # type: ignore[attr-defined]
+    for q in ("router", "feedback", "optimizer", "finetune", "dashboard"):
+        bus._redis.delete(q)
+    old = FeedbackRecorded(
+        feedback_id=uuid.uuid4(), explanation_id=uuid.uuid4(), session_key="s", rating=1, stars=None,
+        submitted_at=datetime.now(UTC), prompt_name="explain", prompt_version="v1.0", model="offline",
+        signal="BUY", ticker="AAPL",
+    ).model_copy(update={"occurred_at": datetime.now(UTC) - timedelta(seconds=90)})  # fmt: skip
+    bus.publish(old)  # waits, unconsumed, on the queue of every subscriber
+    queues = {q["queue"]: q for q in client.get("/api/admin/llm-learning", headers=ADMIN).json()["queues"]}
+    subscribers = {t.split(".")[0] for t in SUBSCRIPTIONS["feedback.recorded"]}
+    assert set(queues) == {"router", "feedback", "optimizer", "finetune", "dashboard"}
+    for name, q in queues.items():
+        if name in subscribers:
+            assert q["depth"] == 1 and 89 <= q["oldest_age_s"] < 120, q
+        else:
+            assert q["depth"] == 0 and q["oldest_age_s"] == 0, q
+
+
 def test_days_parameter_is_validated(client: TestClient) -> None:
     assert client.get("/api/admin/llm-learning?days=7", headers=ADMIN).json()["days"] == 7
     for bad in ("0", "-3", "100000"):

@@ -127,6 +127,11 @@ function renderTables(s) {
   $("heatmap").replaceChildren(heatmap(s.heatmap));
   $("experiments").replaceChildren(...experiments(s.experiments));
   $("daily").replaceChildren(table([["Day", (r) => r.day], ...figCols], s.daily.slice(-14).reverse()));
+  if (s.queues !== undefined) {  // the polled stats carry the queue lag; the live stream's snapshots do not
+    const lagCols = [["Queue", (r) => r.queue], ["Waiting", (r) => String(r.depth)],
+      ["Oldest waiting (s)", (r) => (r.oldest_age_s === null ? "—" : num(r.oldest_age_s, 1))]];
+    $("queues").replaceChildren(s.queues === null ? el("p", { class: "muted" }, "the broker did not answer") : table(lagCols, s.queues));
+  }
 }
 
 function table(columns, rows, emptyNote = "no data yet") {

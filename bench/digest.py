@@ -1,0 +1,281 @@
+"""Sustained feedback: votes accepted and fully digested per second, the lag until the dashboard shows them,
+and how the feedback worker's drain rate scales, in one run (one uvicorn process per API, one Celery worker
+per service, as `make run` starts them). Printed as ratios:
+
+1. sustained: 32 connections post votes for `--seconds` while the feedback, optimizer and dashboard workers
+   digest them; "digested" means stored by feedback and counted by optimizer and dashboard (their processed
+   ids). The digest rate is the accepted votes over the time from the first vote to the last one digested,
+   beside the intake rate of the same phase (goal >= 0.9x).
+2. lag: votes at a fixed `--rate` (open loop, one new session each); `GET /api/admin/llm-learning` is polled
+   every 50 ms, and a vote's lag is from its 202 to the first poll whose vote count includes it (the k-th
+   vote answered is taken as visible once the count has grown by k: first in, first out). p50/p99 (goal p99
+   < 1 s at 500 votes/s).
+3. drain: a backlog of `--backlog` votes queued with no worker, then drained by one feedback worker digesting
+   one message per transaction (TASK_BATCH_SIZE=1, the way every consumer worked before batches), by one
+   batching worker, and by two batching workers (ratios to the one batching worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from bench.feedback_throughput import _serve
+from bench.loadgen import closed_loop, open_loop
+from gateway.run import worker_command
+from shared.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN = "bench"
+
+
+def _count(db: Path, sql: str) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=10) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+    except sqlite3.OperationalError:  # the table is not there yet
+        return 0
+
+
+def _worker(service: str, env: dict[str, str], name: str | None = None, **extra: str) -> subprocess.Popen:
+    cmd = worker_command(service)
+    if name:
+        cmd[cmd.index("-n") + 1] = f"{name}@%h"
+    return subprocess.Popen(cmd, env={**env, **extra}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _wait(check: callable, timeout_s: float, interval_s: float = 0.05) -> float | None:
+    """Seconds until check() is true (polled), or None at the timeout."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if check():
+            return time.perf_counter() - start
+        time.sleep(interval_s)
+    return None
+
+
+def _seed(env: dict[str, str], n: int) -> list[uuid.UUID]:
+    """n explanations, written into the feedback, optimizer and dashboard stores by their own handlers (in
+    batches, as their workers would digest the ExplanationCreated events); explanation i was served to session
+    f"bench-{i}"."""
+    code = (
+        "import uuid\n"
+        "from datetime import datetime, UTC\n"
+        "from services.feedback.config import get_settings\n"
+        "from services.feedback import handlers as fh, store as fs\n"
+        "from services.optimizer import handlers as oh, store as os_\n"
+        "from services.dashboard import handlers as dh, store as ds\n"
+        "from services.optimizer.config import get_settings as ocfg\n"
+        "from services.dashboard.config import get_settings as dcfg\n"
+        "from shared.contracts import ExplanationCreated\n"
+        "from shared.privacy import session_key\n"
+        "s = get_settings()\n"
+        "sinks = [(fh.on_explanation_created_batch, fs.Store(s.db_url)),"
+        " (oh.on_explanation_created_batch, os_.Store(ocfg().db_url)),"
+        " (dh.on_explanation_created_batch, ds.Store(dcfg().db_url))]\n"
+        "events = []\n"
+        f"for i in range({n}):\n"
+        "    eid = uuid.uuid4(); print(eid)\n"
+        "    events.append(ExplanationCreated(explanation_id=eid, request_key='r', ticker='AAPL', signal='BUY',"
+        " prompt_name='explain_signal', prompt_version='v1.0', model='offline/template-v1', provider='offline',"
+        " prompt_text='p', text='t', tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0,"
+        " created_at=datetime.now(UTC), session_key=session_key(f'bench-{i}', s.require_session_hash_key())))\n"
+        "for k in range(0, len(events), 500):\n"
+        "    for batch, store in sinks:\n"
+        "        assert all(ok for ok, _ in batch(events[k:k + 500], store.uow()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    return [uuid.UUID(line) for line in out.stdout.split()][-n:]
+
+
+class Stores:
+    def __init__(self, data_dir: Path, seeded: int) -> None:
+        self.feedback = data_dir / "feedback.db"
+        self.optimizer = data_dir / "optimizer.db"
+        self.dashboard = data_dir / "dashboard.db"
+        self.seeded = seeded
+
+    def votes_stored(self) -> int:
+        """Vote messages the feedback worker has handled (its processed ids less the explanations')."""
+        return _count(self.feedback, "select count(*) from processed_messages") - self.seeded
+
+    def recorded(self) -> int:
+        return _count(self.feedback, "select count(*) from outbox where event_type = 'feedback.recorded'")
+
+    def counted(self, db: Path) -> int:
+        """FeedbackRecorded events a downstream service has handled."""
+        return _count(db, "select count(*) from processed_messages") - self.seeded
+
+    def digested(self, accepted: int) -> bool:
+        if self.votes_stored() < accepted:
+            return False
+        r = self.recorded()
+        return self.counted(self.optimizer) >= r and self.counted(self.dashboard) >= r
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--backlog", type=int, default=3000)
+    args = parser.parse_args(argv)
+    lag_votes = int(args.rate * args.seconds)
+    loop_sessions = 1000
+    seeded = loop_sessions + lag_votes
+
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_server.url,
+            "DATA_DIR": tmp,
+            "ADMIN_TOKEN": ADMIN,
+            "SESSION_HASH_KEY": "bench",
+            "LOG_LEVEL": "WARNING",
+            "FEEDBACK_VERIFY_UNKNOWN_WITH_ROUTER": "false",
+            # One load generator is one client with few sessions: the doors are measured elsewhere, not hit here.
+            "FEEDBACK_VOTES_PER_CLIENT": "100000000/minute",
+            "FEEDBACK_VOTES_PER_SESSION": "100000000/minute",
+            "FEEDBACK_MAX_BACKLOG": "100000000",  # no backpressure: the digest rate is what is measured
+            "PYTHONPATH": str(ROOT),
+        }
+        stores = Stores(Path(tmp), seeded)
+        t0 = time.perf_counter()
+        eids = _seed(env, seeded)
+        seed_s = time.perf_counter() - t0
+        fb_port, dash_port = free_port(), free_port()
+        apis = [
+            _serve("services.feedback.main:create_app", fb_port, env, 180),
+            _serve("services.dashboard.main:create_app", dash_port, env, 180),
+        ]
+        workers = [_worker(s, env) for s in ("feedback", "optimizer", "dashboard")]
+        time.sleep(5)  # the workers start (and open their stores) before the load
+        try:
+            # 1. sustained
+            def loop_vote(i: int) -> tuple[str, dict]:
+                k = i % loop_sessions
+                return f"/api/feedback/{eids[k]}", {"rating": 1 if i % 3 else -1, "session_id": f"bench-{k}"}
+
+            started = time.perf_counter()
+            tp = closed_loop("127.0.0.1", fb_port, loop_vote, conns=32, seconds=args.seconds)
+            digest_wait = _wait(lambda: stores.digested(tp.ok), timeout_s=600, interval_s=0.05)
+            digest_s = time.perf_counter() - started if digest_wait is not None else float("nan")
+            intake = tp.ok / tp.seconds
+            digest = tp.ok / digest_s
+
+            # 2. lag at a fixed rate, one new session per vote
+            client = httpx.Client(
+                base_url=f"http://127.0.0.1:{dash_port}", headers={"Authorization": f"Bearer {ADMIN}"}
+            )
+
+            def visible_votes() -> int:
+                return int(client.get("/api/admin/llm-learning").json()["totals"]["votes"])
+
+            base = visible_votes()
+            polls: list[tuple[float, int]] = []
+            stop = threading.Event()
+
+            def poll() -> None:
+                while not stop.is_set():
+                    polls.append((time.time(), visible_votes()))
+                    time.sleep(0.05)
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+
+            def lag_vote(i: int) -> tuple[str, dict]:
+                k = loop_sessions + i
+                return f"/api/feedback/{eids[k]}", {"rating": 1, "session_id": f"bench-{k}"}
+
+            lat = open_loop("127.0.0.1", fb_port, lag_vote, rate=args.rate, seconds=args.seconds, conns=64)
+            _wait(lambda: bool(polls) and polls[-1][1] - base >= lat.ok, timeout_s=120)
+            stop.set()
+            poller.join()
+            client.close()
+            answered = sorted(t for _, t in lat.answered_at)
+            lags: list[float] = []
+            j = 0
+            for k, t in enumerate(answered, start=1):
+                while j < len(polls) and polls[j][1] - base < k:
+                    j += 1
+                if j == len(polls):
+                    break
+                lags.append(max(0.0, polls[j][0] - t))
+            lags.sort()
+            missing = len(answered) - len(lags)
+        finally:
+            _stop(*apis)
+        _stop(*workers)
+
+        # 3. drain of a backlog: batch of one, one batching worker, two batching workers
+        import redis
+
+        r = redis.Redis.from_url(redis_server.url)
+        fb = _serve("services.feedback.main:create_app", fb_port, env, 180)
+        drains: dict[str, float] = {}
+        try:
+            for label, count, extra in (
+                ("1 worker, 1 message per transaction", 1, {"TASK_BATCH_SIZE": "1"}),
+                ("1 worker, batches", 1, {}),
+                ("2 workers, batches", 2, {}),
+            ):
+                before = stores.votes_stored()
+
+                def backlog_vote(i: int, before: int = before) -> tuple[str, dict]:
+                    k = (before + i) % seeded
+                    return f"/api/feedback/{eids[k]}", {"rating": 1, "session_id": f"bench-{k}"}
+
+                queued = 0
+                while queued < args.backlog:
+                    queued += closed_loop("127.0.0.1", fb_port, backlog_vote, conns=32, seconds=0.5).ok
+                ws = [_worker("feedback", env, name=f"feedback{i}", **extra) for i in range(count)]
+                started = time.perf_counter()
+                took = _wait(lambda b=before, q=queued: stores.votes_stored() >= b + q, timeout_s=600)
+                _stop(*ws)
+                drains[label] = queued / took if took else float("nan")
+                r.delete("feedback")  # anything a stopped worker gave back would count in the next round
+        finally:
+            _stop(fb)
+            r.close()
+
+    p = lambda q: lags[min(len(lags) - 1, int(q / 100 * len(lags)))] * 1000 if lags else float("nan")  # noqa: E731
+    print(f"\nSustained feedback ({datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores; one worker per service,"
+          f" TASK_BATCH_SIZE={os.environ.get('TASK_BATCH_SIZE', '100')}; seeding {seeded} explanations took"
+          f" {seed_s:.1f} s)")  # fmt: skip
+    print(f"{'intake, 32 connections (votes/s)':46}{intake:>10.0f}")
+    print(f"{'accepted and fully digested (votes/s)':46}{digest:>10.0f}   ratio {digest / intake:.2f} (goal >= 0.9)")
+    print(f"{f'lag 202 -> visible, p50 at {args.rate:.0f} votes/s (ms)':46}{p(50):>10.0f}")
+    print(f"{f'lag 202 -> visible, p99 at {args.rate:.0f} votes/s (ms)':46}{p(99):>10.0f}   (goal < 1000)"
+          + (f"; {missing} votes never seen" if missing else ""))  # fmt: skip
+    print(f"  (answered at the rate: {lat.ok} of {lat.sent}, p99 of the 202 {lat.percentile(99):.1f} ms)")
+    one = drains.get("1 worker, batches") or float("nan")
+    for label, rate in drains.items():
+        print(f"{'drain, ' + label + ' (votes/s)':46}{rate:>10.0f}   ratio {rate / one:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
