@@ -33,6 +33,9 @@ from services.router.config import OFFLINE_MODEL, RouterSettings
 from shared.prompts import format_indicators
 from shared.serving import SYSTEM_MESSAGE, served_name, serving_api_key
 
+#: The least time worth giving a hosted attempt; with less left of a request's deadline, it has passed.
+MIN_ATTEMPT_S = 0.05
+
 
 @dataclass(frozen=True)
 class ProviderRequest:
@@ -408,12 +411,14 @@ class ProviderSet:
             model_name = self.engine_model_name(model, registered)
             for attempt, pause in enumerate(pauses):
                 remaining = deadline - time.monotonic() - pause
-                if provider is not self.offline and remaining <= 0:
+                # An attempt with only a few milliseconds left cannot get an answer from a hosted model: the
+                # deadline counts as passed rather than sending a request doomed to time out.
+                if provider is not self.offline and remaining <= MIN_ATTEMPT_S:
                     errors.append(AttemptError(model, attempt, "deadline", "the request's deadline has passed"))
                     break
                 if pause:
                     self.sleep(pause)
-                timeout_s = min(s.provider_timeout_s, max(remaining, 0.001))
+                timeout_s = min(s.provider_timeout_s, max(remaining, MIN_ATTEMPT_S))
                 try:
                     completion = provider.complete(model_name, request, timeout_s=timeout_s)
                 except ProviderError as exc:

@@ -25,6 +25,7 @@ def gpu_config(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "PATH": "/usr/bin:/bin",
         "ADMIN_TOKEN": "x",
         "SESSION_HASH_KEY": "y",
+        "REDIS_PASSWORD": "z",
         "HOME": str(tmp_path_factory.mktemp("h")),
     }
     res = subprocess.run(
