@@ -245,3 +245,36 @@ def test_figures_are_computed_once_per_change_of_the_read_model(client: TestClie
 
 def test_health_is_ok(client: TestClient) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_an_allowed_origin_may_load_the_components_and_read_the_stats_with_the_token(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """What <feedback-stats> on a host page of another origin needs: a preflight for a GET with Authorization,
+    then the answer with CORS headers; another origin gets no CORS answer, so its browser shows nothing."""
+    settings = DashboardSettings(
+        admin_token=TOKEN, data_dir=tmp_path, redis_url=redis_server.url, allowed_origins="https://app.example"
+    )
+    with TestClient(create_app(settings)) as client:
+        pre = client.options(
+            "/api/admin/llm-learning",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        r = client.get(
+            "/api/admin/llm-learning",
+            headers={"Origin": "https://app.example", "Authorization": f"Bearer {TOKEN}"},
+        )
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "learning_curve" in r.json()
+        other = client.options(
+            "/api/admin/llm-learning",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+        assert client.get("/static/components.js").status_code == 200
