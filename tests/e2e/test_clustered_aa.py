@@ -131,3 +131,34 @@ def test_clustered_aa_ships_nothing_and_reports_an_interval_no_narrower_than_the
     assert view["analysis"]["srm"]["unit"] == "sessions"
     # per signal, shown and never decided on
     assert {r["segment"] for r in view["analysis"]["segments"]["results"]} == {"BUY", "SELL", "HOLD"}
+
+
+@pytest.mark.browser
+def test_the_page_shows_what_the_optimizer_decides_on(system: Stack, http: httpx.Client) -> None:
+    """The dashboard page shows, beside its per-vote table, the optimizer's session-level view of each
+    experiment: sessions, design effect, the always-valid lift interval, fallback rate, flags and the decision."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.e2e.test_page import CHROMIUM, CHROMIUM_ARGS, require_chromium
+
+    require_chromium()
+    if not http.get("/api/experiments").json()[
+        "experiments"
+    ]:  # this module's first test ran an experiment; alone, start one to look at
+        before = champion(http)
+        version = http.post("/api/prompts/explain_signal/versions", json={"template": PLAIN}, headers=ADMIN)
+        start_experiment(http, before["version"], version.json()["version"], before["model"])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1600})
+            page.goto(system.url + "/")
+            page.fill("#token", system.env["ADMIN_TOKEN"])
+            page.get_by_role("button", name="Show the learning statistics").click()
+            view = page.locator(".decision-view").first
+            expect(view).to_contain_text("Decision:", timeout=60_000)
+            for heading in ("Sessions", "Design effect", "Lift, always-valid interval", "Fallback rate"):
+                expect(view.locator("th", has_text=heading)).to_be_visible()
+            expect(view).to_contain_text("Sample-ratio check on sessions")
+        finally:
+            browser.close()

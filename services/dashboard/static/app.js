@@ -192,9 +192,41 @@ function experiments(list) {
       ["P(beats control)", (a) => pct(a.prob_beats_control)], ["Avg stars", (a) => num(a.avg_rating)], ["Cost/expl.", (a) => usd(a.cost_per_explanation)],
     ];
     const status = e.status === "concluded" ? `concluded: ${e.decision || ""}${e.winner_arm_id ? ` (winner ${e.winner_arm_id})` : ""}` : e.status;
-    const note = el("p", { class: "muted" }, "These figures count every vote as independent (per-vote Wilson interval). The optimizer decides on sessions: a session-clustered, always-valid interval for the lift, with futility, novelty and fallback-rate checks and per-signal segments; see ", el("code", {}, `GET /api/experiments/${e.experiment_id}`), ".");
-    return el("div", { class: "experiment" }, el("p", {}, el("strong", {}, e.experiment_id), ` — ${e.prompt_name || ""} — ${status}`), table(cols, e.arms), note);
+    const decision = el("div", { class: "decision-view", "data-experiment": e.experiment_id }, el("p", { class: "muted" }, "loading the optimizer's analysis…"));
+    loadDecisionView(e.experiment_id, decision);
+    return el("div", { class: "experiment" }, el("p", {}, el("strong", {}, e.experiment_id), ` — ${e.prompt_name || ""} — ${status}`),
+      el("p", { class: "muted" }, "Per vote (each vote counted as independent, Wilson interval):"), table(cols, e.arms), decision);
   });
+}
+
+// The figures the optimizer decides on (GET /api/experiments/{id}): sessions as the unit, the session-clustered
+// design effect, the always-valid interval for the lift (the one the decision reads), fallbacks excluded and
+// their rate, futility and novelty, and per-signal segments that disagree with the overall result.
+async function loadDecisionView(id, into) {
+  let x;
+  try { x = await api("GET", `/api/experiments/${encodeURIComponent(id)}`); } catch (err) {
+    into.replaceChildren(el("p", { class: "muted" }, `the optimizer's analysis is unavailable (${err.message})`)); return;
+  }
+  const a = x.analysis || {};
+  const rel = (ci) => (ci ? `${ci[0] >= 0 ? "+" : ""}${(100 * ci[0]).toFixed(1)}% … ${ci[1] >= 0 ? "+" : ""}${(100 * ci[1]).toFixed(1)}%` : "—");
+  const cols = [
+    ["Arm", (r) => `${r.arm_id}${r.is_control ? " (control)" : ""}`], ["Sessions", (r) => r.sessions], ["Votes", (r) => r.n],
+    ["Positive", (r) => pct(r.rate)], ["Design effect", (r) => num(r.design_effect)],
+    ["Lift, always-valid interval", (r) => (r.is_control ? "—" : rel(r.lift_ci_relative))],
+    ["Fallback rate", (r) => pct(r.fallback_rate)],
+    ["Flags", (r) => [r.futile ? "futile" : "", r.novelty_flag ? "fading novelty" : ""].filter(Boolean).join(", ") || "—"],
+  ];
+  const srm = a.srm || {};
+  const seg = a.segments || {};
+  const d = x.decision || {};
+  into.replaceChildren(
+    el("p", { class: "muted" }, `What the optimizer decides on (unit: ${a.unit || "session"}; ${a.interval_kind || ""}):`),
+    table(cols, a.arms || []),
+    el("p", {}, el("strong", {}, `Decision: ${d.status || "?"}`), d.reason ? ` — ${d.reason}` : ""),
+    el("p", { class: "muted" }, `Sample-ratio check on ${srm.unit || "sessions"}: ${srm.flagged ? "MISMATCH" : "ok"}` +
+      (srm.p_value === null || srm.p_value === undefined ? "" : ` (p=${Number(srm.p_value).toPrecision(2)})`) +
+      `. Segments by ${seg.by || "signal"}: ${(seg.disagreeing || []).length ? `disagreeing: ${seg.disagreeing.join(", ")}` : "none disagrees"} (${seg.note || "segments inform"}).`),
+  );
 }
 
 for (const b of document.querySelectorAll("[data-export]")) {
