@@ -30,6 +30,8 @@ from services.optimizer import domain
 from services.optimizer.stats import ArmData
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.deadletter import dead_letter_table
+from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 from shared.privacy import erasure_tag
 
@@ -385,6 +387,7 @@ class OptimizerRepository(MessageLog):
             exposure_units.update().where(exposure_units.c.session_key == session_key).values(session_key=unit)
         )
         forget_session(self.s, outbox, [session_key])
+        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
         return removed
 
     def erased_session(self, session_key: str) -> tuple[datetime, str] | None:

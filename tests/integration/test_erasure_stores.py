@@ -294,3 +294,37 @@ def test_finetune_keeps_no_key_and_no_prompt_of_an_erased_session(
     # a vote of the erased session that arrives later is not kept
     late_vote = _vote(mine, KEY).model_copy(update={"message_id": uuid.uuid4()})
     assert finetune_handlers.on_feedback_recorded(late_vote, finetune_store.uow()) == "erased"
+
+
+# -- dead letters ----------------------------------------------------------------------------------------------
+
+
+def test_dead_letters_lose_the_session_except_the_erasure_itself(
+    optimizer_store: OptimizerStore, tmp_path: Path
+) -> None:
+    from shared.deadletter import FAILED
+
+    exp = _explanation(KEY, experiment="exp-dl")
+    vote = _vote(exp, KEY)
+    earlier_erasure = _erased([vote.feedback_id], [exp.explanation_id])
+    letters = optimizer_store.dead_letters
+    for task, message in [
+        ("optimizer.on_explanation_created", exp),
+        ("optimizer.on_feedback_recorded", vote),
+        ("optimizer.on_feedback_erased", earlier_erasure),
+        ("optimizer.on_feedback_recorded", _vote(exp, OTHER)),
+    ]:
+        letters.add(task, reason=FAILED, error="boom", payload=message.to_payload())
+
+    optimizer_handlers.on_feedback_erased(_erased([vote.feedback_id], [exp.explanation_id]), optimizer_store.uow())
+
+    kept = {d["task"]: d["payload"] for d in letters.list()}
+    assert sorted(d["task"] for d in letters.list()) == [
+        "optimizer.on_explanation_created",
+        "optimizer.on_feedback_erased",  # the erasure is kept, to be replayed
+        "optimizer.on_feedback_recorded",  # the other session's vote
+    ]
+    replayable = ExplanationCreated.from_payload(kept["optimizer.on_explanation_created"])
+    assert replayable.session_key is None and replayable.prompt_text == replayable.text == ""
+    assert kept["optimizer.on_feedback_recorded"]["session_key"] == OTHER
+    assert found_in_sqlite([tmp_path / "optimizer.db"], [KEY]) == ["optimizer.db:dead_letters.payload"]
