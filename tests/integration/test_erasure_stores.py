@@ -140,6 +140,11 @@ def test_an_explanation_event_arriving_after_its_session_was_erased_is_not_bound
     late = _explanation(KEY, at=T0)  # served before the erasure, its event still on the way
     feedback_handlers.on_explanation_created(late, feedback_store.uow())
     assert feedback_handlers.served_session(feedback_store.uow(), late.explanation_id) == (True, None)
+    bus = FakeBus()  # the erasure is announced again for it, so the router forgets it there too
+    relay(feedback_store.factory, feedback_outbox, bus)
+    [again] = bus.events
+    assert isinstance(again, FeedbackErased) and again.session_key == KEY
+    assert again.explanation_ids == [late.explanation_id] and again.feedback_ids == []
     assert found_in_sqlite([tmp_path / "feedback.db"], [KEY]) == []
     # a session that goes on after its erasure is served and votes as any other
     fresh = _explanation(KEY, at=utcnow() + timedelta(seconds=5))
