@@ -377,10 +377,13 @@ class OptimizerRepository(MessageLog):
         self.remember_erased(sorted(ids), at)
         removed = self.delete_votes(sorted(ids))
         tag = erasure_tag(session_key)
-        known = self.s.execute(select(erased_sessions.c.unit).where(erased_sessions.c.tag == tag)).first()
+        known = self.s.execute(
+            select(erased_sessions.c.unit, erased_sessions.c.erased_at).where(erased_sessions.c.tag == tag)
+        ).first()
         unit = known.unit if known else f"erased-{uuid.uuid4().hex}"
         if known:
-            self.s.execute(erased_sessions.update().where(erased_sessions.c.tag == tag).values(erased_at=at))
+            if _aware(at) > _aware(known.erased_at):  # an older erasure arriving late does not move it back
+                self.s.execute(erased_sessions.update().where(erased_sessions.c.tag == tag).values(erased_at=at))
         else:
             self.s.execute(erased_sessions.insert().values(tag=tag, unit=unit, erased_at=at))
         self.s.execute(
