@@ -168,9 +168,9 @@ class FeedbackRecorded(Event):
 
 class FeedbackErased(Event):
     type: ClassVar[str] = "feedback.erased"
-    session_key: str
-    feedback_ids: list[uuid.UUID]
-    explanation_ids: list[uuid.UUID]
+    session_key: str  # one version of the session's key: an erasure under rotated secrets is one event per version
+    feedback_ids: list[uuid.UUID]  # the session's votes the feedback service held
+    explanation_ids: list[uuid.UUID]  # the explanations it voted on or was served
     erased_at: datetime
 
 

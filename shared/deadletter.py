@@ -20,7 +20,23 @@ import os
 import sys
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Engine, Integer, MetaData, String, Table, Text, func, select, update
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    cast,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contracts import utcnow
@@ -229,3 +245,33 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def forget_session(session: Session, table: Table, keys: list[str]) -> tuple[int, int]:
+    """Remove an erased session from this store's dead letters, inside the caller's transaction. A message that
+    names one of its keys is rewritten without the session when it can still be replayed without it (an
+    explanation's event: its cost and variant still count) and deleted when it was the session's own (a vote:
+    replayed, it would be dropped anyway). An erasure itself stays, to be replayed. Returns (rewritten, deleted)."""
+    from shared.bus import SUBSCRIPTIONS
+    from shared.outbox import redact_session
+
+    event_of_task = {task: event for event, tasks in SUBSCRIPTIONS.items() for task in tasks}
+    rewritten = deleted = 0
+    for key in [k for k in keys if k]:
+        rows = session.execute(
+            select(table.c.id, table.c.task, table.c.payload).where(
+                or_(cast(table.c.payload, Text).contains(key), table.c.raw.contains(key))
+            )
+        ).all()
+        for row_id, task, payload in rows:
+            event_type = task.split(":", 1)[1] if task.startswith("outbox:") else event_of_task.get(task)
+            if event_type == "feedback.erased":
+                continue  # the erasure itself: kept to be replayed
+            redacted = redact_session(event_type, payload, keys) if event_type and isinstance(payload, dict) else None
+            if redacted is None:
+                session.execute(delete(table).where(table.c.id == row_id))
+                deleted += 1
+            else:
+                session.execute(update(table).where(table.c.id == row_id).values(payload=redacted, raw=None))
+                rewritten += 1
+    return rewritten, deleted

@@ -107,8 +107,13 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int | str:
-    """Remove the erased votes; returns how many were removed."""
-    return _once(event, uow, lambda u: u.repo.erase_votes([str(f) for f in event.feedback_ids], event.erased_at))
+    """Remove the erased votes (and the session's messages kept here); returns how many votes were removed."""
+
+    def apply(u: SqlUnitOfWork) -> int:
+        u.repo.forget_session_messages(event.session_key)
+        return u.repo.erase_votes([str(f) for f in event.feedback_ids], event.erased_at)
+
+    return _once(event, uow, apply)
 
 
 def on_champion_changed(event: ChampionChanged, uow: SqlUnitOfWork) -> str:

@@ -32,7 +32,9 @@ from sqlalchemy.orm import Session
 
 from services.dashboard.domain import Cell, ExperimentInfo
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
-from shared.outbox import outbox_table
+from shared.deadletter import dead_letter_table
+from shared.deadletter import forget_session as forget_dead_letters
+from shared.outbox import forget_session, outbox_table
 
 metadata = MetaData()
 
@@ -257,6 +259,12 @@ class DashboardRepository(MessageLog):
             elif utc(at) > utc(previous.erased_at):
                 self.s.execute(erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=utc(at)))
         return removed
+
+    def forget_session_messages(self, session_key: str) -> None:
+        """An erased session's key out of this store's dead letters and outbox (the dashboard keeps no key
+        elsewhere: its votes are by feedback id)."""
+        forget_session(self.s, outbox, [session_key])
+        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
 
     # -- experiments, champions, models, fine-tune jobs -------------------------------------------------
     def experiment(self, experiment_id: str) -> dict[str, Any] | None:

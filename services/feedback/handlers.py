@@ -103,14 +103,27 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int:
     """Keep the replica of issued explanation ids; release votes that arrived before it. Returns how many
     quarantined votes were released. An explanation served before its session was erased (the event was still
-    on its way) is kept without the session: no vote on it counts, and the key is not stored."""
+    on its way) is kept without the session: no vote on it counts, the key is not stored, and the erasure is
+    announced again for it, so the services that hold it (the router first) forget the session there too."""
     with uow:
         repo = uow.repo
         if repo.seen(event.message_id):
             return 0
         repo.mark_seen(event.message_id)
         served_key = event.session_key
-        if served_key and domain.erased_before(repo.erased_at(served_key), event.created_at):
+        erased_at = repo.erased_at(served_key) if served_key else None
+        if served_key and domain.erased_before(erased_at, event.created_at):
+            # Served while its session was being erased (the router wrote it after handling the erasure, or its
+            # event was on its way): erase it again everywhere, this explanation included.
+            uow.add_events(
+                FeedbackErased(
+                    message_id=derived_id("feedback.erased", served_key, event.explanation_id),
+                    session_key=served_key,
+                    feedback_ids=[],
+                    explanation_ids=[event.explanation_id],
+                    erased_at=erased_at,
+                )
+            )
             served_key = None
         repo.add_explanation(
             {

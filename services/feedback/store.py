@@ -24,6 +24,8 @@ from sqlalchemy.orm import Session
 from services.feedback.domain import StoredVote
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.deadletter import dead_letter_table
+from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 from shared.privacy import erasure_tag
 
@@ -257,6 +259,7 @@ class FeedbackRepository(MessageLog):
         else:
             self.s.execute(erasures.update().where(erasures.c.session_key == tag).values(erased_at=at))
         forget_session(self.s, outbox, [session_key])
+        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
         return [r.feedback_id for r in rows], explanation_ids
 
     # -- audit ------------------------------------------------------------------------------------------

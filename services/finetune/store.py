@@ -30,6 +30,8 @@ from sqlalchemy.orm import Session
 from services.finetune import domain
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.deadletter import dead_letter_table
+from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 from shared.privacy import erasure_tag
 
@@ -207,6 +209,7 @@ class FinetuneRepository(MessageLog):
                 explanations.update().where(explanations.c.explanation_id.in_(served)).values(prompt_text="", text="")
             )
         forget_session(self.s, outbox, [session_key])
+        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
         export_ids = sorted(
             {
                 r.export_id

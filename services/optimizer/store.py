@@ -30,6 +30,8 @@ from services.optimizer import domain
 from services.optimizer.stats import ArmData
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.deadletter import dead_letter_table
+from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 from shared.privacy import erasure_tag
 
@@ -375,16 +377,20 @@ class OptimizerRepository(MessageLog):
         self.remember_erased(sorted(ids), at)
         removed = self.delete_votes(sorted(ids))
         tag = erasure_tag(session_key)
-        known = self.s.execute(select(erased_sessions.c.unit).where(erased_sessions.c.tag == tag)).first()
+        known = self.s.execute(
+            select(erased_sessions.c.unit, erased_sessions.c.erased_at).where(erased_sessions.c.tag == tag)
+        ).first()
         unit = known.unit if known else f"erased-{uuid.uuid4().hex}"
         if known:
-            self.s.execute(erased_sessions.update().where(erased_sessions.c.tag == tag).values(erased_at=at))
+            if _aware(at) > _aware(known.erased_at):  # an older erasure arriving late does not move it back
+                self.s.execute(erased_sessions.update().where(erased_sessions.c.tag == tag).values(erased_at=at))
         else:
             self.s.execute(erased_sessions.insert().values(tag=tag, unit=unit, erased_at=at))
         self.s.execute(
             exposure_units.update().where(exposure_units.c.session_key == session_key).values(session_key=unit)
         )
         forget_session(self.s, outbox, [session_key])
+        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
         return removed
 
     def erased_session(self, session_key: str) -> tuple[datetime, str] | None:

@@ -28,6 +28,8 @@ from services.router.domain import Arm, Experiment, Routing, Template
 from shared.bus import Publisher
 from shared.contracts import Event, utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.deadletter import dead_letter_table
+from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 
 metadata = MetaData()
@@ -167,6 +169,7 @@ class RouterRepository(MessageLog):
             .values(session_key=ERASED_SESSION, context={}, prompt_text="", text="")
         ).rowcount
         forget_session(self.s, outbox, [session_key])
+        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
         return int(erased or 0)
 
     # -- champion ---------------------------------------------------------------------------------------

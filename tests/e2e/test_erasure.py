@@ -49,16 +49,19 @@ def test_an_erased_sessions_key_is_found_in_no_store_outbox_journal_or_queue(sta
 
         wait_for(voted, timeout_s=30, what="votes accepted")
 
-        def everywhere() -> list[str]:
-            hits = found_in_sqlite(_stores(stack), needles)
-            return (
-                hits
-                if {h.split(":")[0] for h in hits} >= {"router.db", "feedback.db", "optimizer.db", "finetune.db"}
-                else []
-            )
+        def everywhere() -> list[str]:  # its explanations in every service, its votes stored (and replicated)
+            hits = set(found_in_sqlite(_stores(stack), needles))
+            wanted = {
+                "router.db:explanations.session_key",
+                "feedback.db:feedback.session_key",
+                "feedback.db:feedback.comment",
+                "optimizer.db:exposure_units.session_key",
+                "finetune.db:votes.session_key",
+                "finetune.db:explanations.prompt_text",
+            }
+            return sorted(hits) if hits >= wanted else []
 
-        before = wait_for(everywhere, timeout_s=60, what="the session's data in every service")
-        assert any(h.startswith("feedback.db:feedback.") for h in before)  # the votes were stored
+        wait_for(everywhere, timeout_s=60, what="the session's explanations and votes in every service")
 
         res = client.delete(f"/api/feedback/sessions/{session}")
         assert res.status_code == 200, res.text

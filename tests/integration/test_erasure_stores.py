@@ -140,6 +140,11 @@ def test_an_explanation_event_arriving_after_its_session_was_erased_is_not_bound
     late = _explanation(KEY, at=T0)  # served before the erasure, its event still on the way
     feedback_handlers.on_explanation_created(late, feedback_store.uow())
     assert feedback_handlers.served_session(feedback_store.uow(), late.explanation_id) == (True, None)
+    bus = FakeBus()  # the erasure is announced again for it, so the router forgets it there too
+    relay(feedback_store.factory, feedback_outbox, bus)
+    [again] = bus.events
+    assert isinstance(again, FeedbackErased) and again.session_key == KEY
+    assert again.explanation_ids == [late.explanation_id] and again.feedback_ids == []
     assert found_in_sqlite([tmp_path / "feedback.db"], [KEY]) == []
     # a session that goes on after its erasure is served and votes as any other
     fresh = _explanation(KEY, at=utcnow() + timedelta(seconds=5))
@@ -294,3 +299,37 @@ def test_finetune_keeps_no_key_and_no_prompt_of_an_erased_session(
     # a vote of the erased session that arrives later is not kept
     late_vote = _vote(mine, KEY).model_copy(update={"message_id": uuid.uuid4()})
     assert finetune_handlers.on_feedback_recorded(late_vote, finetune_store.uow()) == "erased"
+
+
+# -- dead letters ----------------------------------------------------------------------------------------------
+
+
+def test_dead_letters_lose_the_session_except_the_erasure_itself(
+    optimizer_store: OptimizerStore, tmp_path: Path
+) -> None:
+    from shared.deadletter import FAILED
+
+    exp = _explanation(KEY, experiment="exp-dl")
+    vote = _vote(exp, KEY)
+    earlier_erasure = _erased([vote.feedback_id], [exp.explanation_id])
+    letters = optimizer_store.dead_letters
+    for task, message in [
+        ("optimizer.on_explanation_created", exp),
+        ("optimizer.on_feedback_recorded", vote),
+        ("optimizer.on_feedback_erased", earlier_erasure),
+        ("optimizer.on_feedback_recorded", _vote(exp, OTHER)),
+    ]:
+        letters.add(task, reason=FAILED, error="boom", payload=message.to_payload())
+
+    optimizer_handlers.on_feedback_erased(_erased([vote.feedback_id], [exp.explanation_id]), optimizer_store.uow())
+
+    kept = {d["task"]: d["payload"] for d in letters.list()}
+    assert sorted(d["task"] for d in letters.list()) == [
+        "optimizer.on_explanation_created",
+        "optimizer.on_feedback_erased",  # the erasure is kept, to be replayed
+        "optimizer.on_feedback_recorded",  # the other session's vote
+    ]
+    replayable = ExplanationCreated.from_payload(kept["optimizer.on_explanation_created"])
+    assert replayable.session_key is None and replayable.prompt_text == replayable.text == ""
+    assert kept["optimizer.on_feedback_recorded"]["session_key"] == OTHER
+    assert found_in_sqlite([tmp_path / "optimizer.db"], [KEY]) == ["optimizer.db:dead_letters.payload"]
