@@ -36,3 +36,17 @@ def test_holm_matches_statsmodels_on_many_unordered_p_values() -> None:
         assert stats.holm_adjust(p) == pytest.approx(list(multipletests(p, method="holm")[1]), abs=1e-12)
     assert stats.holm_adjust([]) == []
     assert stats.holm_adjust([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
+
+
+def test_power_and_sample_size_default_to_equal_arms_as_statsmodels_does() -> None:
+    from statsmodels.stats.power import NormalIndPower
+
+    ref = NormalIndPower().power(0.2, nobs1=300, alpha=0.05, ratio=1.0)
+    assert stats.z_test_power(0.2, 300, 0.05) == pytest.approx(ref, abs=1e-9)
+    n = stats.z_test_nobs1(0.2, 0.05)
+    assert NormalIndPower().power(0.2, nobs1=n, alpha=0.05, ratio=1.0) == pytest.approx(stats.TARGET_POWER, abs=1e-6)
+
+
+def test_no_effect_needs_infinitely_many_samples() -> None:
+    assert stats.z_test_nobs1(0.0, 0.05) == float("inf")
+    assert stats.z_test_nobs1(-0.2, 0.05) == pytest.approx(stats.z_test_nobs1(0.2, 0.05))
