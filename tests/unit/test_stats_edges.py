@@ -50,3 +50,33 @@ def test_power_and_sample_size_default_to_equal_arms_as_statsmodels_does() -> No
 def test_no_effect_needs_infinitely_many_samples() -> None:
     assert stats.z_test_nobs1(0.0, 0.05) == float("inf")
     assert stats.z_test_nobs1(-0.2, 0.05) == pytest.approx(stats.z_test_nobs1(0.2, 0.05))
+
+
+@pytest.mark.parametrize(
+    ("clustered", "independent", "expected"),
+    [
+        (float("nan"), 1.0, 1.0),  # undefined: nothing to compare
+        (float("inf"), 1.0, 1.0),
+        (1.0, float("inf"), 1.0),
+        (2.0, 0.0, 1.0),  # no independent variance
+        (0.5, 1.0, 1.0),  # a negative within-session correlation is not credited
+        (1.0 + 1e-12, 1.0, 1.0),  # one vote per session: equal up to rounding
+        (1.5, 1.0, 1.5),
+        (3.0, 1.5, 2.0),
+    ],
+)
+def test_the_design_effect_is_the_variance_ratio_floored_at_one(
+    clustered: float, independent: float, expected: float
+) -> None:
+    assert stats.design_effect(clustered, independent) == pytest.approx(expected)
+
+
+def test_msprt_power_is_undefined_without_variance_and_uses_threshold_zero_by_default() -> None:
+    import math
+
+    assert math.isnan(stats.msprt_power(0.1, 0.0, 0.01, 0.05))
+    assert math.isnan(stats.msprt_power(0.1, 0.001, 0.0, 0.05))
+    assert math.isnan(stats.msprt_power(0.1, -1.0, 0.01, 0.05))
+    default = stats.msprt_power(0.1, 0.001, 0.01, 0.05)
+    assert default == stats.msprt_power(0.1, 0.001, 0.01, 0.05, threshold=0.0)
+    assert default > stats.msprt_power(0.1, 0.001, 0.01, 0.05, threshold=0.05)
