@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from services.feedback import handlers
-from services.feedback.store import Store, feedback, quarantine, served_to
+from services.feedback.store import Store, erasure_tombstones, feedback, quarantine, served_to
 from shared.contracts import ExplanationCreated
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -87,8 +87,10 @@ def test_the_replica_knows_each_explanation_with_its_own_session(store: Store) -
         row = uow.repo.explanation(unbound)
         assert row is not None and row["session_key"] is None and row["ticker"] == "AAPL"
         assert uow.repo.explanation(uuid.uuid4()) is None
-        # a second copy of the event changes nothing
-        assert uow.repo.add_explanation({**row, "explanation_id": str(a)}, session_key="sc") is False
+        # a second copy of the event changes nothing; a new explanation is added
+        fields = {k: v for k, v in row.items() if k != "session_key"}
+        assert uow.repo.add_explanation({**fields, "explanation_id": str(a)}, session_key="sc") is False
+        assert uow.repo.add_explanation({**fields, "explanation_id": str(uuid.uuid4())}, session_key="sd") is True
     with store.factory() as s:
         assert s.execute(select(served_to.c.session_key).where(served_to.c.explanation_id == str(a))).all() == [("sa",)]
         assert s.execute(select(served_to).where(served_to.c.explanation_id == str(unbound))).first() is None
@@ -123,6 +125,19 @@ def test_holds_session_sees_votes_quarantined_votes_and_served_explanations(stor
         for session in ("served-only", "voter", "waiting"):
             assert uow.repo.holds_session(session), session
         assert not uow.repo.holds_session("nobody")
+
+
+def test_erasing_a_session_replaces_its_tombstone_and_keeps_the_others(store: Store) -> None:
+    eid = _served(store, "k")
+    _vote(store, eid, "k", 1, None, T0)
+    with store.uow() as uow:
+        uow.repo.add_tombstone("k", T0, T0 + timedelta(days=1))
+        uow.repo.add_tombstone("other", T0, T0 + timedelta(days=1))
+        uow.repo.erase_session("k", T0 + timedelta(hours=1))
+        uow.commit()
+    with store.factory() as s:
+        left = [r.session_key for r in s.execute(select(erasure_tombstones.c.session_key))]
+    assert left == ["other"]
 
 
 def test_a_second_erasure_moves_the_erasure_time_forward(store: Store) -> None:
@@ -179,7 +194,9 @@ def test_releasing_quarantined_votes_takes_only_that_explanations_in_arrival_ord
     with store.uow() as uow:
         listed = uow.repo.list_quarantine()
         assert len(listed) == 3 and len(uow.repo.list_quarantine(limit=2)) == 2
-        assert [r["explanation_id"] for r in listed] == [str(waiting), str(other), str(waiting)]  # newest first
+        newest_first = [("t", waiting), ("s", other), ("s", waiting)]
+        expected = [str(handlers.new_vote(e, k, 1, None, None).feedback_id) for k, e in newest_first]
+        assert [r["feedback_id"] for r in listed] == expected
         taken = uow.repo.take_quarantined(waiting)
         uow.commit()
     assert [c["session_key"] for c in taken] == ["s", "t"]

@@ -126,6 +126,22 @@ def test_relay_takes_at_most_one_batch_per_call(db: Db) -> None:
     assert [e.message_id for e in bus.events] == [e.message_id for e in events]
 
 
+def test_one_relay_call_takes_500_rows_by_default(db: Db) -> None:
+    events = [_event(i) for i in range(501)]
+    with db.factory() as session, session.begin():
+        session.execute(
+            db.table.insert(),
+            [
+                {"event_id": str(e.message_id), "event_type": e.type, "payload": e.to_payload(), "created_at": utcnow()}
+                for e in events
+            ],
+        )
+    bus = RecordingBus()
+    assert relay(db.factory, db.table, bus) == 500
+    assert len(db.unpublished()) == 1
+    assert relay(db.factory, db.table, bus) == 1
+
+
 def test_a_publish_failing_halfway_through_a_batch_keeps_what_went_out_and_retries_only_the_rest(db: Db) -> None:
     events = _staged_in_order(db, 6)
     broken = RecordingBus(fail_at=4)  # three go out, the fourth publish raises
@@ -153,12 +169,14 @@ def test_an_unreadable_row_becomes_a_dead_letter_with_its_payload_and_the_rest_a
     good = _staged_in_order(db, 2)
     db.stage_raw("not-a-dict", "no.such.event", [1, 2, 3], age_s=10)
     db.stage_raw("unknown-type", "no.such.event", {"x": 1}, age_s=9)
+    db.stage_raw("huge", "no.such.event", list(range(2000)), age_s=8)
     bus = RecordingBus()
     assert relay(db.factory, db.table, bus) == 2  # dead letters are not counted as published
     assert [e.message_id for e in bus.events] == [e.message_id for e in good]
     assert db.unpublished() == set()  # and they do not come back
     dead = {d["message_id"]: d for d in db.dead.list()}
-    assert set(dead) == {"not-a-dict", "unknown-type"}
+    assert set(dead) == {"not-a-dict", "unknown-type", "huge"}
+    assert dead["huge"]["raw"] == repr(list(range(2000)))[:2000]  # kept, cut to 2000 characters
     assert dead["unknown-type"]["task"] == "outbox:no.such.event"
     assert dead["unknown-type"]["reason"] == UNREADABLE
     assert dead["unknown-type"]["payload"] == {"x": 1} and dead["unknown-type"]["raw"] is None
