@@ -291,7 +291,10 @@ class BatchTask(_Batches, ReliableTask):  # type: ignore[misc]
                     put_back.append(i)
         handled: list[Any] = []
         if valid:
-            outcomes = handle([message for *_, message in valid])
+            try:
+                outcomes = handle([message for *_, message in valid])
+            except Exception as exc:  # e.g. the store cannot be opened: each message is retried or dead-lettered
+                outcomes = [(False, exc)] * len(valid)
             for (i, payload, retries, message), (ok, value) in zip(valid, outcomes, strict=True):
                 if ok:
                     handled.append(message)

@@ -129,10 +129,10 @@ class UnitOfWork(Generic[RepoT]):
 
 class SavepointUnitOfWork:
     """One message's share of a batch transaction (`run_in_one_transaction`): it looks like a `UnitOfWork` to a
-    handler written for one message (`with uow: ... uow.commit()`), but its block is a SAVEPOINT inside the
-    batch's transaction. `commit()` releases the savepoint (the change stays, to be committed with the batch);
-    leaving the block without it, or with an exception, rolls back to the savepoint: exactly what the handler
-    would have done alone, without disturbing the other messages of the batch."""
+    handler written for one message (`with uow: ... uow.commit()`). The batch gives each message a savepoint;
+    `commit()` keeps the message's changes (committed with the batch); a block left without it, or with an
+    exception, makes the batch roll back to the message's savepoint: what the handler would have done alone,
+    without disturbing the other messages. A handler that opens a second block gets a nested savepoint for it."""
 
     def __init__(self, outer: UnitOfWork[Any]) -> None:
         self.outer = outer
@@ -140,16 +140,24 @@ class SavepointUnitOfWork:
         self.repo = outer.repo
         self.outbox = outer.outbox
         self.committed = False
-        self._savepoint: Any = None
+        self.discarded = False  # a block ended without commit: the message's savepoint is rolled back
+        self._blocks = 0
+        self._nested: Any = None
 
     def __enter__(self) -> Self:
+        self._blocks += 1
         self.committed = False
-        self._savepoint = self.session.begin_nested()
+        self._nested = self.session.begin_nested() if self._blocks > 1 else None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self.committed and self._savepoint is not None and self._savepoint.is_active:
-            self._savepoint.rollback()
+        if self.committed:
+            return
+        if self._nested is not None:
+            if self._nested.is_active:
+                self._nested.rollback()
+        else:
+            self.discarded = True
 
     def add_events(self, *events: Event) -> None:
         from shared.outbox import stage
@@ -157,7 +165,8 @@ class SavepointUnitOfWork:
         stage(self.session, self.outbox, list(events))
 
     def commit(self) -> None:
-        self._savepoint.commit()
+        if self._nested is not None:
+            self._nested.commit()
         self.committed = True
 
 
@@ -176,13 +185,17 @@ def run_in_one_transaction(
             results: list[tuple[bool, R | Exception]] = []
             for item in items:
                 own = uow.session.begin_nested()  # everything this item writes, whatever the handler does
+                member = SavepointUnitOfWork(uow)
                 try:
-                    outcome = handle(item, SavepointUnitOfWork(uow))
+                    outcome = handle(item, member)
                 except Exception as exc:
                     own.rollback()
                     results.append((False, exc))
                 else:
-                    own.commit()
+                    if member.discarded:
+                        own.rollback()
+                    else:
+                        own.commit()
                     results.append((True, outcome))
             uow.commit()
     except Exception as exc:

@@ -44,7 +44,7 @@ def _relay() -> None:
 
 on_explanation_created = batch_task(
     app,
-    "dashboard.on_explanation_created",
+    name="dashboard.on_explanation_created",
     parse=ExplanationCreated.from_payload,
     handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
     after=lambda _: _relay(),
@@ -53,7 +53,7 @@ on_explanation_created = batch_task(
 
 on_feedback_recorded = batch_task(
     app,
-    "dashboard.on_feedback_recorded",
+    name="dashboard.on_feedback_recorded",
     parse=FeedbackRecorded.from_payload,
     handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
     after=lambda _: _relay(),

@@ -53,7 +53,7 @@ def _recorded(cmds: list[RecordFeedback]) -> None:
 # Votes are digested in batches: one transaction for up to TASK_BATCH_SIZE of them (shared.bus.BatchTask).
 record = batch_task(
     app,
-    "feedback.record",
+    name="feedback.record",
     parse=RecordFeedback.from_payload,
     handle=lambda cmds: handlers.record_feedback_batch(cmds, _store().uow()),
     after=_recorded,
@@ -85,7 +85,7 @@ def sweep_journal() -> int:
 
 on_explanation_created = batch_task(
     app,
-    "feedback.on_explanation_created",
+    name="feedback.on_explanation_created",
     parse=ExplanationCreated.from_payload,
     handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
     after=lambda _: _relay(),

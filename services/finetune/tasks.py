@@ -48,7 +48,7 @@ def _relay() -> int:
 
 on_explanation_created = batch_task(
     app,
-    "finetune.on_explanation_created",
+    name="finetune.on_explanation_created",
     parse=ExplanationCreated.from_payload,
     handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
 )
@@ -56,7 +56,7 @@ on_explanation_created = batch_task(
 
 on_feedback_recorded = batch_task(
     app,
-    "finetune.on_feedback_recorded",
+    name="finetune.on_feedback_recorded",
     parse=FeedbackRecorded.from_payload,
     handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
 )

@@ -43,7 +43,7 @@ def _relay() -> int:
 
 on_explanation_created = batch_task(
     app,
-    "optimizer.on_explanation_created",
+    name="optimizer.on_explanation_created",
     parse=ExplanationCreated.from_payload,
     handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
 )
@@ -51,7 +51,7 @@ on_explanation_created = batch_task(
 
 on_feedback_recorded = batch_task(
     app,
-    "optimizer.on_feedback_recorded",
+    name="optimizer.on_feedback_recorded",
     parse=FeedbackRecorded.from_payload,
     handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
 )

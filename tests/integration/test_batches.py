@@ -183,3 +183,42 @@ def test_worker_killed_in_the_middle_of_a_batch_loses_nothing_and_duplicates_not
         assert _count(db, "select count(*) from outbox where event_type = 'feedback.recorded'") == n
         assert not Store(f"sqlite:///{db}").dead_letters.list()
         r.close()
+
+
+def test_batch_task_dead_letters_the_poison_alone_and_hands_the_rest_on() -> None:
+    from types import SimpleNamespace
+
+    from shared.bus import batch_task, make_celery, use_dead_letters
+    from shared.settings import ServiceSettings
+
+    app = make_celery("feedback", ServiceSettings(redis_url="redis://127.0.0.1:1/0"), batches=True)
+    letters: list[tuple[str, str]] = []
+
+    class Sink:
+        def add(self, task: str, *, reason: str, **_: object) -> None:
+            letters.append((task, reason))
+
+    use_dead_letters(app, lambda: Sink())
+    handed: list[list[int]] = []
+
+    def parse(payload: dict) -> int:
+        return int(payload["n"])  # {"n": "x"} does not parse: ValueError, not transient
+
+    def handle(ns: list[int]) -> list[tuple[bool, object]]:
+        return [(False, RuntimeError("boom")) if n == 13 else (True, n) for n in ns]
+
+    task = batch_task(app, name="feedback.test_batch", parse=parse, handle=handle, after=handed.append)
+    requests = [
+        SimpleNamespace(kwargs={"payload": p}, request_dict={"retries": 0})
+        for p in ({"n": 1}, {"n": "x"}, {"n": 13}, None, {"n": 2})
+    ]
+    assert task.digest(requests, parse, handle, handed.append) == []  # nothing goes back on the queue
+    assert handed == [[1, 2]]
+    assert letters == [("feedback.test_batch", "failed")] * 3  # the unparsable, the raising, the empty one
+
+    def broken(ns: list[int]) -> list[tuple[bool, object]]:
+        raise RuntimeError("the store cannot be opened")
+
+    letters.clear()
+    assert task.digest(requests[:1], parse, broken) == []
+    assert letters == [("feedback.test_batch", "failed")]
