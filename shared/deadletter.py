@@ -127,6 +127,9 @@ class DeadLetters:
                     created_at=utcnow(),
                 )
             )
+        from shared.worker_metrics import DEAD_LETTERS
+
+        DEAD_LETTERS.labels(task, reason).inc()
         log.error(
             "dead-lettered a %s message (reason %s, message %s): %s",
             task,

@@ -1,5 +1,5 @@
 """What operators scaling workers need to see, as Prometheus series from every worker: per-queue depth and the
-age of its oldest waiting message (the lag), task durations by outcome, failures and retries.
+age of its oldest waiting message (the lag), task durations by outcome, failures, retries and dead letters.
 
 - Task series come from Celery's signals, in whichever process runs the task. Under the prefork pool (compose's
   `-c 2`) those are child processes: set `PROMETHEUS_MULTIPROC_DIR` (compose does) and the worker's metrics
@@ -43,6 +43,11 @@ TASK_FAILURES = Counter(
     "celery_task_failures_total", "Tasks that raised, by task name and exception", ["task", "exception"]
 )
 TASK_RETRIES = Counter("celery_task_retries_total", "Task retries scheduled, by task name", ["task"])
+DEAD_LETTERS = Counter(
+    "celery_task_dead_letters_total",
+    "Messages put into the service's dead-letter store, by task and reason (shared.deadletter)",
+    ["task", "reason"],
+)
 
 _started: dict[str, float] = {}
 _connected = False

@@ -23,8 +23,9 @@ from tests.support import celery_worker, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _event() -> ExplanationCreated:
+def _event(session_key: str | None = None) -> ExplanationCreated:
     return ExplanationCreated(
+        session_key=session_key,
         explanation_id=uuid.uuid4(),
         request_key="rk",
         ticker="AMD",
@@ -52,23 +53,28 @@ def test_published_event_and_group_committed_command_are_consumed_by_a_real_work
         bus = CeleryBus(app)
         event = _event()
         bus.publish(event)
+        # votes count only from the session an explanation was served to: ten explanations, one per session
+        served = [_event(session_key=f"k{i}") for i in range(10)]
         r = redis.Redis.from_url(server.url)
         # one message per subscriber, each on its own service's queue
         for task in SUBSCRIPTIONS[event.type]:
             assert r.llen(task.split(".")[0]) == 1
 
-        cmd = handlers.new_vote(event.explanation_id, "session-key", 1, 3, None)
+        for e in served:
+            bus.publish(e)
 
         async def send() -> None:
             sender = GroupCommitSender(app)
             await asyncio.gather(
-                sender.send(cmd),
-                *(sender.send(handlers.new_vote(event.explanation_id, f"k{i}", -1, None, None)) for i in range(9)),
+                *(
+                    sender.send(handlers.new_vote(e.explanation_id, f"k{i}", -1, None, None))
+                    for i, e in enumerate(served)
+                )
             )
             await sender.aclose()
 
         asyncio.run(send())
-        assert r.llen("feedback") == 11
+        assert r.llen("feedback") == 21  # 11 explanation events and 10 votes
 
         env = {
             **os.environ,

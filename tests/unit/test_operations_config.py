@@ -18,7 +18,12 @@ DEPLOY = ROOT / "deploy"
 
 def _exported_names() -> set[str]:
     names = set()
-    for metric in (worker_metrics.TASK_SECONDS, worker_metrics.TASK_FAILURES, worker_metrics.TASK_RETRIES):
+    for metric in (
+        worker_metrics.TASK_SECONDS,
+        worker_metrics.TASK_FAILURES,
+        worker_metrics.TASK_RETRIES,
+        worker_metrics.DEAD_LETTERS,
+    ):
         for family in metric.collect():
             suffixes = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",)}[family.type]
             names.update(family.name + suffix for suffix in suffixes)
