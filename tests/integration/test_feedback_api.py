@@ -429,6 +429,6 @@ def test_erasing_an_unknown_session_with_the_broker_down_is_503_not_a_silent_suc
     client, _, _ = env
     app = client.app
     dead = app.state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    app.state.bus = CeleryBus(make_celery("feedback", dead), retries=0)
+    app.state.bus = CeleryBus(make_celery("feedback", dead), deadline_s=0.5)
     res = client.delete("/api/feedback/sessions/never-seen")
     assert res.status_code == 503 and "retry" in res.json()["error"]["message"]
