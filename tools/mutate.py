@@ -61,6 +61,7 @@ class Target:
     module: str
     tests: tuple[str, ...]
     functions: tuple[str, ...] = ()
+    default: bool = True  # False: runs only when named in --modules / MUTATE_MODULES
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def load_config(pyproject: Path = ROOT / "pyproject.toml") -> Config:
                 module=module,
                 tests=tuple(spec["tests"]),
                 functions=tuple(spec.get("functions", ())),
+                default=bool(spec.get("default", True)),
             )
         )
     return Config(targets=tuple(targets))
@@ -812,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(chosen) - {t.name for t in config.targets})
     if unknown:
         parser.error(f"unknown module(s) {unknown}; configured: {[t.name for t in config.targets]}")
-    targets = [t for t in config.targets if not chosen or t.name in chosen]
+    targets = [t for t in config.targets if t.name in chosen] if chosen else [t for t in config.targets if t.default]
 
     def echo(line: str) -> None:
         print(line, flush=True)

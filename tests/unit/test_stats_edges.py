@@ -80,3 +80,50 @@ def test_msprt_power_is_undefined_without_variance_and_uses_threshold_zero_by_de
     default = stats.msprt_power(0.1, 0.001, 0.01, 0.05)
     assert default == stats.msprt_power(0.1, 0.001, 0.01, 0.05, threshold=0.0)
     assert default > stats.msprt_power(0.1, 0.001, 0.01, 0.05, threshold=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"effect": 0.05, "threshold": 0.05},  # no effect beyond the threshold
+        {"unit_var": 0.0},
+        {"tau2": 0.0},
+        {"power": 0.0},
+        {"power": 1.0},
+    ],
+)
+def test_msprt_samples_are_infinite_when_the_target_cannot_be_reached(kwargs: dict) -> None:
+    args = {"effect": 0.05, "unit_var": 0.5, "tau2": 0.001, "alpha": 0.05, **kwargs}
+    assert stats.msprt_samples_per_arm(**args) == float("inf")
+
+
+def test_msprt_samples_for_an_effect_seen_at_once_is_the_lower_bound() -> None:
+    assert stats.msprt_samples_per_arm(effect=10.0, unit_var=1e-6, tau2=1.0, alpha=0.05) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    ("exposures", "weights"),
+    [
+        ([100.0, float("nan")], [0.5, 0.5]),  # not finite
+        ([100, 100], [0.5, float("inf")]),
+        ([[100, 100]], [[0.5, 0.5]]),  # not one row
+        ([100, 100], [0.5, 0.3, 0.2]),  # shapes differ
+        ([0, 0], [0.5, 0.5]),  # no exposures
+        ([100], [1.0]),  # one arm
+    ],
+)
+def test_srm_check_says_nothing_on_input_it_cannot_judge(exposures: list, weights: list) -> None:
+    assert stats.srm_check(exposures, weights) == (None, False)
+
+
+def test_srm_check_flags_traffic_to_an_arm_meant_to_get_none() -> None:
+    assert stats.srm_check([100, 1, 100], [0.5, 0.0, 0.5]) == (0.0, True)
+    assert stats.srm_check([100, 1, 100], [0.5, 0.0, 0.5], sequential=False) == (0.0, True)
+
+
+def test_srm_check_judges_a_single_exposure_and_the_chi_square_from_five_expected() -> None:
+    p, flagged = stats.srm_check([1, 0], [0.5, 0.5])
+    assert p is not None and not flagged
+    p, flagged = stats.srm_check([5, 5], [0.5, 0.5], sequential=False)
+    assert p == pytest.approx(1.0) and not flagged
+    assert stats.srm_check([4, 5], [0.5, 0.5], sequential=False) == (None, False)  # 4.5 expected: too few
