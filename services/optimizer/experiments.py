@@ -16,9 +16,22 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from services.optimizer import domain, stats
+from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.registry import UowFactory, _aware, _require_prompt, _set_champion
+from services.optimizer.stats.analysis import analyze
+from services.optimizer.stats.bayesian import many_to_one_control_share, thompson_weights
+from services.optimizer.stats.decision import (
+    DECISION_INCONCLUSIVE,
+    DECISION_KEEP_CONTROL,
+    DECISION_SHIP,
+    DECISION_UNHEALTHY,
+    Decision,
+    decide,
+    futile_arms,
+    guardrail_failures,
+)
+from services.optimizer.stats.results import Analysis, ArmData
 from services.optimizer.store import SqlUnitOfWork
 from shared.contracts import (
     AllocationChanged,
@@ -170,7 +183,7 @@ def _require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> dict[str, Any
 
 def _evaluate(
     uow: SqlUnitOfWork, exp: dict[str, Any], arms: list[dict[str, Any]], now: datetime
-) -> tuple[list[stats.ArmData], stats.Analysis, stats.Decision]:
+) -> tuple[list[ArmData], Analysis, Decision]:
     """Analyze an experiment with the session as the unit: per-session aggregates of every arm (explanations
     a fallback wrote excluded from quality), the sessions of the recent half for the novelty check, and one
     segment per signal; the SRM check counts sessions against the weights each was assigned with."""
@@ -188,7 +201,7 @@ def _evaluate(
     per_day = total_feedback / (elapsed_s / 86400) if elapsed_s > 0 and total_feedback else None
     control = next((a["arm_id"] for a in arms if a["is_control"]), arms[0]["arm_id"] if arms else "control")
     config = domain.decision_config(exp)
-    analysis = stats.analyze(
+    analysis = analyze(
         data,
         control,
         weights,
@@ -202,7 +215,7 @@ def _evaluate(
         recent=snapshot.recent,
         segments=snapshot.segments,
     )
-    return data, analysis, stats.decide(analysis, config, elapsed_s=elapsed_s)
+    return data, analysis, decide(analysis, config, elapsed_s=elapsed_s)
 
 
 def _end(
@@ -269,7 +282,7 @@ def _promote(uow: SqlUnitOfWork, exp: dict[str, Any], arm_id: str, reason: str, 
             experiment_id=exp["experiment_id"],
         )
         repo.update_experiment(exp["experiment_id"], promoted_champion_id=cid)
-    _end(uow, exp, domain.CONCLUDED, stats.DECISION_SHIP, arm_id, reason, now)
+    _end(uow, exp, domain.CONCLUDED, DECISION_SHIP, arm_id, reason, now)
     return cid
 
 
@@ -291,8 +304,8 @@ def decide_experiment(
         action = "none"
         if exp["status"] == domain.AWAITING_APPROVAL:
             # The winner waits for an operator, traffic still split: keep checking what could invalidate it.
-            fails = stats.guardrail_failures(analysis, exp["winner_arm_id"] or "", domain.decision_config(exp))
-            if decision.status == stats.DECISION_UNHEALTHY:
+            fails = guardrail_failures(analysis, exp["winner_arm_id"] or "", domain.decision_config(exp))
+            if decision.status == DECISION_UNHEALTHY:
                 _end(uow, exp, domain.PAUSED, decision.status, None, decision.reason, now, archive_treatments=False)
                 action = "paused"
             elif fails:
@@ -302,7 +315,7 @@ def decide_experiment(
                 repo.update_experiment(experiment_id, status=domain.RUNNING, winner_arm_id=None, reason=reason)
                 action = "approval_withdrawn"
         elif exp["status"] == domain.RUNNING:
-            if decision.status == stats.DECISION_SHIP and decision.arm_id is not None:
+            if decision.status == DECISION_SHIP and decision.arm_id is not None:
                 if settings.promotion_mode == "auto":
                     _promote(uow, exp, decision.arm_id, decision.reason, now)
                     action = "promoted"
@@ -314,10 +327,10 @@ def decide_experiment(
                         reason=decision.reason,
                     )
                     action = "awaiting_approval"
-            elif decision.status in (stats.DECISION_KEEP_CONTROL, stats.DECISION_INCONCLUSIVE):
+            elif decision.status in (DECISION_KEEP_CONTROL, DECISION_INCONCLUSIVE):
                 _end(uow, exp, domain.CONCLUDED, decision.status, None, decision.reason, now)
                 action = "concluded"
-            elif decision.status == stats.DECISION_UNHEALTHY:
+            elif decision.status == DECISION_UNHEALTHY:
                 _end(uow, exp, domain.PAUSED, decision.status, None, decision.reason, now, archive_treatments=False)
                 action = "paused"
             elif exp["allocation"] == "adaptive" and _reweight(uow, exp, arms, data, analysis, settings):
@@ -332,8 +345,8 @@ def _reweight(
     uow: SqlUnitOfWork,
     exp: dict[str, Any],
     arms: list[dict[str, Any]],
-    data: list[stats.ArmData],
-    analysis: stats.Analysis,
+    data: list[ArmData],
+    analysis: Analysis,
     settings: OptimizerSettings,
 ) -> bool:
     """Thompson weights in batches: only after `adaptive_batch` new feedback events and once every arm has
@@ -342,13 +355,13 @@ def _reweight(
     moment (the SRM check tests every session against the weights it was assigned with). Publishes
     AllocationChanged when the weights move."""
     total_feedback = sum(d.n for d in data)
-    futile = stats.futile_arms(analysis)
+    futile = futile_arms(analysis)
     dropped_now = any(float(exp["weights"].get(a, 0.0)) > 0 for a in futile)
     if total_feedback - int(exp["reweighted_at_feedback"] or 0) < settings.adaptive_batch and not dropped_now:
         return False
     control = next((a["arm_id"] for a in arms if a["is_control"]), None)
     history = list(exp["allocation_history"] or [])
-    new = stats.thompson_weights(
+    new = thompson_weights(
         data,
         floor=settings.adaptive_floor,
         min_feedback_per_arm=settings.adaptive_min_feedback_per_arm,
@@ -357,7 +370,7 @@ def _reweight(
         metric=exp["metric"],
         control_id=control,
         # square-root rule: the control keeps just enough traffic for the many-to-one comparison
-        control_share=stats.many_to_one_control_share(len(data) - 1) if control else None,
+        control_share=many_to_one_control_share(len(data) - 1) if control else None,
         excluded=futile,
     )
     changed = domain.weights_changed(exp["weights"], new)
@@ -445,7 +458,7 @@ def promote_experiment(
             arm_id, reason = exp["winner_arm_id"], f"approved by an operator: {exp['reason']}"
         else:
             _, _, decision = _evaluate(uow, exp, arms, now)
-            if decision.status != stats.DECISION_SHIP or decision.arm_id is None:
+            if decision.status != DECISION_SHIP or decision.arm_id is None:
                 raise domain.Conflict(
                     f"no winner to promote yet ({decision.status}: {decision.reason}); "
                     "pass arm_id to promote an arm anyway"

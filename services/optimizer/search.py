@@ -22,7 +22,7 @@ import math
 from datetime import datetime
 from typing import Any
 
-from services.optimizer import domain, stats
+from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.experiments import _evaluate
 from services.optimizer.generation import (
@@ -39,6 +39,8 @@ from services.optimizer.generation import (
 )
 from services.optimizer.registry import SearchExhausted, UowFactory, _aware, _iso, _require_prompt
 from services.optimizer.registry import generate_variants as _generate
+from services.optimizer.stats.decision import DECISION_SHIP
+from services.optimizer.stats.results import ArmResult
 from services.optimizer.store import SqlUnitOfWork
 from shared.contracts import SearchExhausted as SearchExhaustedEvent
 from shared.contracts import derived_id, utcnow
@@ -80,7 +82,7 @@ def _survey(
         control = next((a for a in arms if a["is_control"]), None)
         if control is None:
             continue
-        results: dict[str, stats.ArmResult] = {}
+        results: dict[str, ArmResult] = {}
         if exp["started_at"] is not None and index >= first_analyzed:
             _, analysis, _ = _evaluate(uow, exp, arms, now)
             results = {r.arm_id: r for r in analysis.arms}
@@ -93,7 +95,7 @@ def _survey(
                 outcome = OUTCOME_TESTING
             elif exp["status"] in (domain.STOPPED, domain.PAUSED):
                 outcome = OUTCOME_STOPPED
-            elif exp["decision"] == stats.DECISION_SHIP and exp["winner_arm_id"] == a["arm_id"]:
+            elif exp["decision"] == DECISION_SHIP and exp["winner_arm_id"] == a["arm_id"]:
                 outcome = OUTCOME_WON
             else:
                 outcome = OUTCOME_LOST

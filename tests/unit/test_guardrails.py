@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from services.optimizer import stats
-from services.optimizer.stats import ArmResult, DecisionConfig
+from services.optimizer.stats.decision import DecisionConfig, guardrail_failures
+from services.optimizer.stats.results import Analysis, ArmResult
 
 
 def _arm(arm_id: str, **kw: object) -> ArmResult:
@@ -42,7 +42,7 @@ def _arm(arm_id: str, **kw: object) -> ArmResult:
 
 
 def _fails(arm: ArmResult, control: ArmResult | None = None, **config: object) -> list[str]:
-    analysis = stats.Analysis(
+    analysis = Analysis(
         status="OK",
         metric="positive_rate",
         control_id="control",
@@ -51,14 +51,14 @@ def _fails(arm: ArmResult, control: ArmResult | None = None, **config: object) -
         srm_flag=False,
         alpha=0.05,
     )
-    return stats.guardrail_failures(analysis, arm.arm_id, DecisionConfig(**config))  # type: ignore[arg-type]
+    return guardrail_failures(analysis, arm.arm_id, DecisionConfig(**config))  # type: ignore[arg-type]
 
 
 def test_an_arm_like_the_control_passes_every_guardrail() -> None:
     assert _fails(_arm("t1")) == []
     assert (
-        stats.guardrail_failures(
-            stats.Analysis("OK", "positive_rate", "control", (_arm("t1"),), 0.5, False, 0.05), "t1", DecisionConfig()
+        guardrail_failures(
+            Analysis("OK", "positive_rate", "control", (_arm("t1"),), 0.5, False, 0.05), "t1", DecisionConfig()
         )
         == []
     )  # no control: nothing to compare
