@@ -211,7 +211,7 @@ def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> D
                 )
             else:
                 winners.append(t)
-        elif ci[1] < ship_bar or (ship_bar == 0 and ci[1] < 0):
+        elif ci[1] < ship_bar:  # ship_bar >= 0, so with no minimum lift: wholly below 0
             below.append(t)
         elif config.futility and ci[1] < target_bar:
             futile.append(t)
