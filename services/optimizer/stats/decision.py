@@ -200,7 +200,7 @@ def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> D
         ci = t.lift_ci_sequential
         if ci is None or t.diff is None:
             continue
-        if ci[0] > ship_bar and ci[0] > 0:
+        if ci[0] > ship_bar:  # ship_bar >= 0: a winner's interval lies wholly above 0 too
             fails = _guardrail_failures(t, control, config)
             if fails:
                 blocked.append(f"{t.arm_id} wins but is blocked by guardrails: " + "; ".join(fails))
