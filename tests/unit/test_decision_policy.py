@@ -11,6 +11,7 @@ import pytest
 
 from services.optimizer.stats.decision import DecisionConfig, decide, futile_arms, guardrail_failures
 from services.optimizer.stats.results import Analysis, ArmResult
+from tests.unit.arm_results import arm_result
 
 LATE = 30 * 86400.0
 CONFIG = DecisionConfig(min_duration_s=0, min_feedback_per_arm=100)  # target lift 10%: 0.05 on the 0.5 control
@@ -19,35 +20,12 @@ CONFIG = DecisionConfig(min_duration_s=0, min_feedback_per_arm=100)  # target li
 def _arm(arm_id: str, ci: tuple[float, float] | None = None, **kw: object) -> ArmResult:
     """An arm with 500 votes at rate 0.5; `ci` the always-valid interval of its difference to the control
     (absolute; its relative form is the same over the control's 0.5)."""
-    base = ArmResult(
-        arm_id=arm_id,
-        is_control=arm_id == "control",
-        exposures=1000,
-        n=500,
-        positives=250,
-        rate=0.5,
-        rate_ci=(0.45, 0.55),
-        star_mean=4.0,
-        feedback_rate=0.5,
-        cost_per_explanation=0.002,
-        latency_ms_mean=1000.0,
-        lift=None if ci is None else (ci[0] + ci[1]) / 2 / 0.5,
-        lift_ci_sequential=ci,
-        lift_ci_fixed=None,
-        p_value_sequential=None if ci is None else 0.01,
-        p_value_fixed=None,
-        prob_beat_control=None,
-        prob_best=None if ci is None else 0.5,
-        expected_loss=None,
-        power=None,
-        samples_needed_per_arm=None,
-        days_to_decision=None,
-        metric_n=500,
-        diff=None if ci is None else (ci[0] + ci[1]) / 2,
-        fallback_rate=0.0,
-        lift_ci_relative=None if ci is None else (ci[0] / 0.5, ci[1] / 0.5),
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    derived: dict[str, object] = {}
+    if ci is not None:
+        diff = (ci[0] + ci[1]) / 2
+        derived = {"diff": diff, "lift": diff / 0.5, "p_value_sequential": 0.01, "prob_best": 0.5}
+        derived["lift_ci_relative"] = (ci[0] / 0.5, ci[1] / 0.5)
+    return arm_result(arm_id, lift_ci_sequential=ci, **{**derived, **kw})
 
 
 def _analysis(*treatments: ArmResult, control: ArmResult | None = None, **kw: object) -> Analysis:
