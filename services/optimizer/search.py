@@ -39,7 +39,7 @@ from services.optimizer.generation import (
 )
 from services.optimizer.registry import SearchExhausted, UowFactory, aware, iso, require_prompt
 from services.optimizer.registry import generate_variants as _generate
-from services.optimizer.stats.decision import DECISION_SHIP
+from services.optimizer.stats.decision import DECISION_INCONCLUSIVE, DECISION_SHIP
 from services.optimizer.stats.results import ArmResult
 from services.optimizer.store import SqlUnitOfWork
 from shared.contracts import SearchExhausted as SearchExhaustedEvent
@@ -197,12 +197,12 @@ def retest_candidate(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings,
         return None
     with uow:
         repo = uow.repo
-        champion = _require_prompt(uow, name)
-        experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: _aware(e["created_at"]))
+        champion = require_prompt(uow, name)
+        experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: aware(e["created_at"]))
         if not experiments:
             return None
         last = experiments[-1]
-        if last["status"] != domain.CONCLUDED or last["decision"] != stats.DECISION_INCONCLUSIVE:
+        if last["status"] != domain.CONCLUDED or last["decision"] != DECISION_INCONCLUSIVE:
             return None
         if "futility" in (last["reason"] or "") or last["started_at"] is None:
             return None
@@ -210,7 +210,7 @@ def retest_candidate(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings,
         control = next((a for a in arms if a["is_control"]), None)
         if control is None or control["prompt_version"] != champion["version"]:
             return None
-        _, analysis, _ = _evaluate(uow, last, arms, now)
+        _, analysis, _ = evaluate(uow, last, arms, now)
         version_of = {a["arm_id"]: a["prompt_version"] for a in arms if not a["is_control"]}
         target = float(last["target_lift"])
         open_ = [

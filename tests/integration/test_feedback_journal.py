@@ -142,9 +142,7 @@ def test_a_vote_whose_explanation_event_was_lost_is_stored_once_the_router_sends
         router_store = RouterStore(f"sqlite:///{tmp_path / 'router.db'}")
         with router_store.uow() as uow:  # the router has it; its event never reached the feedback service
             row = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
-            uow.repo.add_explanation(
-                row | {"explanation_id": str(eid), "context": {}, "requested_model": event.model}
-            )
+            uow.repo.add_explanation(row | {"explanation_id": str(eid), "context": {}, "requested_model": event.model})
             uow.commit()
         assert router_handlers.explanation_events(router_store.uow(), [eid, uuid.uuid4()])[0].message_id == (
             router_handlers.explanation_event(row | {"explanation_id": str(eid)}).message_id
