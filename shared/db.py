@@ -170,6 +170,20 @@ class SavepointUnitOfWork:
         self.committed = True
 
 
+def handle_once(uow: Any, message_id: object, apply: Callable[[Any], R], *, duplicate: Any = "duplicate") -> Any:
+    """Handle a message at most once per store: in one unit of work, a message id already seen returns
+    `duplicate` (the queue delivers at least once: a redelivery is acknowledged and ignored); otherwise it is
+    marked seen, `apply(uow)` runs, and the unit of work commits with both. Returns what `apply` returned.
+    If `apply` raises, nothing is committed, the mark included, so the retry handles the message again."""
+    with uow:
+        if uow.repo.seen(message_id):
+            return duplicate
+        uow.repo.mark_seen(message_id)
+        result = apply(uow)
+        uow.commit()
+    return result
+
+
 def run_in_one_transaction(
     uow: UnitOfWork[Any], items: Sequence[T], handle: Callable[[T, Any], R]
 ) -> list[tuple[bool, R | Exception]]:

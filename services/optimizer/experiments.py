@@ -18,8 +18,9 @@ from typing import Any
 
 from services.optimizer import domain, stats
 from services.optimizer.config import OptimizerSettings
-from services.optimizer.registry import UowFactory, _aware, _require_prompt, _set_champion
+from services.optimizer.registry import UowFactory, _require_prompt, _set_champion
 from services.optimizer.store import SqlUnitOfWork
+from shared.clock import as_utc
 from shared.contracts import (
     AllocationChanged,
     ArmSpec,
@@ -176,7 +177,7 @@ def _evaluate(
     segment per signal; the SRM check counts sessions against the weights each was assigned with."""
     started = exp["started_at"]
     end = exp["ended_at"] or now
-    elapsed_s = max(0.0, (_aware(end) - _aware(started)).total_seconds()) if started else 0.0
+    elapsed_s = max(0.0, (as_utc(end) - as_utc(started)).total_seconds()) if started else 0.0
     arm_ids = [a["arm_id"] for a in arms]
     rows = uow.repo.session_rows(exp["experiment_id"], started)
     snapshot = domain.arm_snapshot(rows, arm_ids, recent_since=elapsed_s / 2 if elapsed_s > 0 else None)
@@ -383,7 +384,7 @@ def start_queued(uow: SqlUnitOfWork, now: datetime | None = None) -> list[str]:
     started = []
     with uow:
         repo = uow.repo
-        queued = sorted(repo.experiments(status=domain.QUEUED), key=lambda e: _aware(e["created_at"]))
+        queued = sorted(repo.experiments(status=domain.QUEUED), key=lambda e: as_utc(e["created_at"]))
         for exp in queued:
             name = exp["prompt_name"]
             if repo.active_experiment(name) is not None:

@@ -27,10 +27,11 @@ from services.optimizer import domain, search
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.experiments import create_experiment, spec_defaults
 from services.optimizer.generation import GenerationFailed, VariantGenerator
-from services.optimizer.registry import SearchExhausted, UowFactory, _aware
+from services.optimizer.registry import SearchExhausted, UowFactory
 from services.optimizer.store import SqlUnitOfWork
+from shared import votes
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered, utcnow
-from shared.db import run_in_one_transaction
+from shared.db import handle_once, run_in_one_transaction
 from shared.prompts import PROMPT_NAME
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,11 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
     to (the unit of analysis; an event without a session key is its own session) and its signal (the segment).
     An explanation a fallback model wrote is recorded as such: it and the votes on it do not count for the
     arm's quality, only for its fallback rate, cost and latency."""
-    with uow:
-        if uow.repo.seen(event.message_id):
-            return False
-        uow.repo.mark_seen(event.message_id)
+
+    def apply(uow: SqlUnitOfWork) -> bool:
         unit = event.session_key
         erased = uow.repo.erased_session(unit) if unit else None
-        if erased is not None and _aware(event.created_at) <= _aware(erased[0]):
+        if erased is not None and votes.erased_before(erased[0], event.created_at):
             unit = erased[1]  # served before its session was erased, arriving after: the anonymous unit
         added = uow.repo.add_exposure(
             {
@@ -70,25 +69,21 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
             session_key=unit,
             signal=str(event.signal),
         )
-        uow.commit()
-    return added
+        return added
+
+    return handle_once(uow, event.message_id, apply, duplicate=False)
 
 
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
     """Count a vote for its arm; a replacing vote (same feedback_id) overwrites the earlier one, so it counts
     once. Returns stored, replaced, stale, erased or duplicate."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
-        erased_at = repo.vote_erased_at(event.feedback_id)
-        if erased_at is not None and _aware(event.submitted_at) <= _aware(erased_at):
-            uow.commit()  # the session asked to be forgotten after this vote: it stays forgotten
-            return "erased"
+        if votes.erased_before(repo.vote_erased_at(event.feedback_id), event.submitted_at):
+            return "erased"  # the session asked to be forgotten after this vote: it stays forgotten
         existing = repo.vote_submitted_at(event.feedback_id)
-        if existing is not None and _aware(event.submitted_at) < _aware(existing):
-            uow.commit()
+        if votes.vote_outcome(existing, event.submitted_at) == "stale":
             return "stale"
         repo.upsert_vote(
             {
@@ -102,8 +97,9 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
             },
             exists=existing is not None,
         )
-        uow.commit()
-    return "replaced" if existing is not None else "stored"
+        return "replaced" if existing is not None else "stored"
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
@@ -114,18 +110,17 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
     rate and interval are recomputed without them at the next decision and in every view), while its
     exposures, cost and latency, and so the traffic split and the sample-ratio check, stay as served. A
     decision already taken is not revisited: it was right on the data it had."""
-    with uow:
-        if uow.repo.seen(event.message_id):
-            return 0
-        uow.repo.mark_seen(event.message_id)
+
+    def apply(uow: SqlUnitOfWork) -> int:
         removed = uow.repo.erase_session(
             event.session_key,
             [str(f) for f in event.feedback_ids],
             [str(e) for e in event.explanation_ids],
             event.erased_at,
         )
-        uow.commit()
-    return removed
+        return removed
+
+    return handle_once(uow, event.message_id, apply, duplicate=0)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ from services.optimizer.generation import (
     TriedVersion,
     VariantGenerator,
 )
-from services.optimizer.registry import SearchExhausted, UowFactory, _aware, _iso, _require_prompt
+from services.optimizer.registry import SearchExhausted, UowFactory, _iso, _require_prompt
 from services.optimizer.registry import generate_variants as _generate
 from services.optimizer.store import SqlUnitOfWork
+from shared.clock import as_utc
 from shared.contracts import SearchExhausted as SearchExhaustedEvent
 from shared.contracts import derived_id, utcnow
 
@@ -73,7 +74,7 @@ def _survey(
     versions = repo.versions(name)
     facts: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, Any]] = []
-    experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: _aware(e["created_at"]))
+    experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: as_utc(e["created_at"]))
     first_analyzed = 0 if analyze_last is None else max(0, len(experiments) - analyze_last)
     for index, exp in enumerate(experiments):
         arms = repo.arms(exp["experiment_id"])

@@ -4,7 +4,7 @@ experiment, known models), kept up to date by events. No other service opens it.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from services.router.domain import Arm, Experiment, Routing, Template
 from shared.bus import Publisher
+from shared.clock import as_utc
 from shared.contracts import Event, utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.deadletter import dead_letter_table
@@ -120,12 +121,6 @@ ERASED_SESSION = ""
 outbox = outbox_table(metadata)
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    if ts is None:
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
 class RouterRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
 
@@ -152,7 +147,7 @@ class RouterRepository(MessageLog):
         if row is None:
             return None
         out = dict(row)
-        out["created_at"] = _aware(out["created_at"])
+        out["created_at"] = as_utc(out["created_at"])
         return out
 
     def erase_session(self, session_key: str, explanation_ids: list[str]) -> int:
@@ -178,7 +173,7 @@ class RouterRepository(MessageLog):
         if row is None:
             return None
         out = dict(row)
-        out["changed_at"] = _aware(out["changed_at"])
+        out["changed_at"] = as_utc(out["changed_at"])
         return out
 
     def set_champion(self, values: dict[str, Any]) -> None:
@@ -194,7 +189,7 @@ class RouterRepository(MessageLog):
             return None
         out = dict(row)
         for key in ("started_at", "weights_at", "concluded_at"):
-            out[key] = _aware(out[key])
+            out[key] = None if out[key] is None else as_utc(out[key])
         return out
 
     def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,32 @@
+"""The vote rules every service that keeps votes applies, pure (no I/O).
+
+- One vote per (session, explanation) under one feedback id; a second vote replaces the first, and the newer
+  `submitted_at` wins whatever order the queue delivers them in (`vote_outcome`).
+- A vote cast before its session was erased is dropped when it arrives after the erasure, and so is an
+  explanation served before it (`erased_before`); what the session does after its erasure counts again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from shared.clock import as_utc
+
+VoteOutcome = Literal["insert", "replace", "stale"]
+
+
+def vote_outcome(stored_submitted_at: datetime | None, submitted_at: datetime) -> VoteOutcome:
+    """'insert' (no vote under this id yet), 'replace' (same time or newer than the stored one) or 'stale'
+    (older than what is stored: a late redelivery, which must not overwrite the newer vote)."""
+    if stored_submitted_at is None:
+        return "insert"
+    if as_utc(submitted_at) < as_utc(stored_submitted_at):
+        return "stale"
+    return "replace"
+
+
+def erased_before(erased_at: datetime | None, submitted_at: datetime) -> bool:
+    """True when something was submitted (a vote cast, an explanation served) at or before its session asked
+    to be forgotten: it must not come back."""
+    return erased_at is not None and as_utc(submitted_at) <= as_utc(erased_at)

@@ -1,0 +1,51 @@
+"""The vote rules every service that keeps votes applies (`shared.votes`): the newest vote wins whatever order
+the queue delivers them in, and what a session did before its erasure stays erased."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+from shared import votes
+from shared.clock import as_utc
+
+T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+def test_first_vote_is_inserted_and_a_newer_one_replaces_it() -> None:
+    assert votes.vote_outcome(None, T0) == "insert"
+    assert votes.vote_outcome(T0, T0 + timedelta(seconds=1)) == "replace"
+
+
+def test_an_older_vote_arriving_late_does_not_overwrite_a_newer_one() -> None:
+    assert votes.vote_outcome(T0, T0 - timedelta(seconds=1)) == "stale"
+
+
+def test_a_second_vote_with_the_same_timestamp_replaces_the_first() -> None:
+    # the same message twice is caught by its message id before this rule; two votes stamped alike are two
+    # changes of mind, and the one that arrives last wins
+    assert votes.vote_outcome(T0, T0) == "replace"
+    assert votes.vote_outcome(T0, T0.replace(tzinfo=None)) == "replace"
+
+
+def test_naive_timestamps_from_sqlite_compare_as_utc() -> None:
+    assert votes.vote_outcome(T0.replace(tzinfo=None), T0 + timedelta(seconds=1)) == "replace"
+    assert votes.vote_outcome(T0.replace(tzinfo=None), T0 - timedelta(seconds=1)) == "stale"
+
+
+def test_times_in_another_zone_compare_by_the_instant() -> None:
+    plus_two = timezone(timedelta(hours=2))
+    assert votes.vote_outcome(T0, T0.astimezone(plus_two) - timedelta(seconds=1)) == "stale"
+    assert as_utc(T0.astimezone(plus_two)) == T0
+    assert as_utc(T0.astimezone(plus_two)).utcoffset() == timedelta(0)
+
+
+def test_votes_cast_before_an_erasure_are_dropped_and_later_ones_are_not() -> None:
+    assert votes.erased_before(T0, T0 - timedelta(seconds=1))
+    assert not votes.erased_before(T0, T0 + timedelta(seconds=1))
+    assert not votes.erased_before(None, T0)
+
+
+def test_a_vote_cast_at_the_instant_of_the_erasure_is_dropped() -> None:
+    assert votes.erased_before(T0, T0)
+    assert votes.erased_before(T0.replace(tzinfo=None), T0)
+    assert not votes.erased_before(T0, T0 + timedelta(microseconds=1))
