@@ -28,9 +28,10 @@ from pathlib import Path
 import httpx
 
 from bench.traces import found_in_redis, found_in_sqlite
+from gateway.redis_server import free_port
 from gateway.run import Stack
+from shared.contracts import SERVICES
 from shared.privacy import parse_hash_keys, session_key, session_keys
-from shared.redis_server import free_port
 
 FAST = {
     "BROKER_VISIBILITY_TIMEOUT": "10",
@@ -196,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         restarts += stack.supervise_once()
         count = _rows(feedback_db, "select count(*) from feedback")
         n = count[0][0] if count else -1
-        busy = r.hlen("journal:feedback") + sum(
-            r.llen(q) for q in ("router", "feedback", "optimizer", "finetune", "dashboard")
-        )
+        busy = r.hlen("journal:feedback") + sum(r.llen(q) for q in SERVICES)
         if n != last or busy:
             last, stable_since = n, time.monotonic()
         elif time.monotonic() - stable_since > 15:

@@ -33,8 +33,8 @@ import httpx
 
 from bench.feedback_throughput import _serve
 from bench.loadgen import closed_loop, open_loop
+from gateway.redis_server import RedisServer, free_port
 from gateway.run import worker_command
-from shared.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "bench"

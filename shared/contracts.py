@@ -20,6 +20,9 @@ from shared.clock import utcnow
 
 Signal = Literal["BUY", "SELL", "HOLD"]
 
+#: The services of the system. Each has a queue of its own, named after it, and its task names start with it.
+SERVICES: tuple[str, ...] = ("router", "feedback", "optimizer", "finetune", "dashboard")
+
 #: A model is named "<provider>/<name>": the router knows how to call each provider; the optimizer refuses
 #: an experiment arm whose model no provider could serve.
 MODEL_PROVIDERS: tuple[str, ...] = ("openai", "groq", "vllm", "local", "offline")

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, Text, cast, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.bus import Publisher
-from shared.contracts import EVENT_TYPES, Event, utcnow
+from shared.contracts import EVENT_TYPES, Command, Event, utcnow
 
 log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    """What publishes events and sends commands: `shared.bus.CeleryBus` (a fake in tests)."""
+
+    def publish(self, event: Event) -> None: ...
+    def send(self, command: Command) -> None: ...
 
 
 def outbox_table(metadata: MetaData) -> Table:

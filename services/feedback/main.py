@@ -11,8 +11,9 @@ from prometheus_client.core import CounterMetricFamily
 
 from services.feedback import api, handlers
 from services.feedback.config import FeedbackSettings, get_settings
+from services.feedback.intake import GroupCommitSender, IntakeJournal
 from services.feedback.store import Store
-from shared.bus import CeleryBus, GroupCommitSender, IntakeJournal, declare_topology, make_celery
+from shared.bus import CeleryBus, declare_topology, make_celery
 from shared.logging import configure_logging
 from shared.ratelimit import AsyncRateLimiter, RateLimiter
 from shared.web import install_common

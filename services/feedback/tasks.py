@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from services.feedback import handlers
 from services.feedback.config import get_settings
+from services.feedback.intake import IntakeJournal
 from services.feedback.store import Store, outbox
-from shared.bus import IntakeJournal, batch_task, bus_for, make_celery, use_dead_letters
+from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.deadletter import INVALID, UNREADABLE, describe_error
 from shared.logging import configure_logging

@@ -25,13 +25,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from services.router.domain import Arm, Experiment, Routing, Template
-from shared.bus import Publisher
 from shared.clock import as_utc
 from shared.contracts import Event, utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
-from shared.outbox import forget_session, outbox_table
+from shared.outbox import Publisher, forget_session, outbox_table
 
 metadata = MetaData()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from gateway.redis_server import RedisServer
 from services.dashboard import handlers
 from services.dashboard.store import Store
 from shared.bus import SUBSCRIPTIONS, declare_topology, make_celery
@@ -24,7 +25,6 @@ from shared.contracts import (
     ModelRegistered,
     SearchExhausted,
 )
-from shared.redis_server import RedisServer
 from shared.settings import ServiceSettings
 from tests.support import celery_worker, wait_for
 

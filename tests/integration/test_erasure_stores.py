@@ -26,10 +26,10 @@ from services.router.config import RouterSettings
 from services.router.providers import ProviderSet
 from services.router.store import Store as RouterStore
 from services.router.store import outbox as router_outbox
-from shared.bus import FakeBus
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, utcnow
 from shared.outbox import pending, relay
 from shared.privacy import erasure_tag
+from tests.fakes.bus import FakeBus
 from tests.support import found_in_sqlite
 
 KEY = "a1" * 32  # a session's keyed hash

@@ -14,7 +14,7 @@ import pytest
 from alembic import command
 from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, MetaData, String, Text, select
 
-from shared.bus import SERVICES
+from shared.contracts import SERVICES
 from shared.db import make_engine
 from shared.migrations import BASELINE, _config, current_revision, schema_drift, version_table
 from shared.privacy import erasure_tag

@@ -11,9 +11,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from shared.contracts import SERVICES
 from shared.web import AdminDep, install_error_handlers, require_admin
-
-SERVICES = ("router", "feedback", "optimizer", "finetune", "dashboard")
 
 
 def _admin_app(token: str | None) -> FastAPI:
