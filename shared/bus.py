@@ -317,11 +317,26 @@ class BatchTask(_Batches, ReliableTask):  # type: ignore[misc]
 
 
 def batch_task(
-    app: Celery, name: str, *, parse: Any, handle: Any, after: Any = None, size: int | None = None
+    app: Celery,
+    name: str,
+    *,
+    parse: Any,
+    handle: Any = None,
+    each: Any = None,
+    uow: Any = None,
+    after: Any = None,
+    size: int | None = None,
 ) -> BatchTask:
     """Register the batch consumer `name` (see `BatchTask`): `parse(payload) -> message`,
-    `handle(messages) -> [(ok, outcome or exception), ...]` (usually `run_in_one_transaction` over the
-    one-message handler), `after(handled messages)` once they are committed (relay the outbox, clear a journal)."""
+    `handle(messages) -> [(ok, outcome or exception), ...]`, or, the usual case, the one-message handler
+    `each(message, uow)` run for every message in its own savepoint of one transaction on `uow()`
+    (`shared.db.run_in_one_transaction`); `after(handled messages)` once they are committed (relay the
+    outbox, clear a journal)."""
+    if handle is None:
+        from shared.db import run_in_one_transaction
+
+        def handle(messages: list[Any]) -> list[tuple[bool, Any]]:
+            return run_in_one_transaction(uow(), messages, each)
 
     def run(self: BatchTask, requests: list[Any]) -> list[int]:
         return self.digest(requests, parse, handle, after)
@@ -334,6 +349,46 @@ def batch_task(
         flush_every=size or batch_size(),
         flush_interval=batch_wait_s(),
     )(run)
+
+
+def event_tasks(
+    app: Celery,
+    handlers: Mapping[str, tuple[Any, Any]],
+    uow: Any,
+    *,
+    after: Any = None,
+    batched: Iterable[str] = (),
+) -> dict[str, Task]:
+    """Register a consumer for each entry of `handlers`, task name -> (message class, one-message handler):
+    the task turns its payload into the message and calls `handler(message, uow())`, then `after()` (relay
+    the outbox) once the handler has returned; the task's result is the handler's. Failures are
+    `ReliableTask`'s (retried, dead-lettered). The tasks named in `batched` digest their messages in batches
+    instead (`batch_task`, the same handler per message). Returns the tasks by name."""
+    batched = set(batched)
+    if batched - set(handlers):
+        raise ValueError(f"batched tasks without a handler: {sorted(batched - set(handlers))}")
+
+    def consumer(name: str, cls: Any, handler: Any) -> Any:
+        def run(payload: dict) -> Any:
+            result = handler(cls.from_payload(payload), uow())
+            if after is not None:
+                after()
+            return result
+
+        run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
+        return run
+
+    def after_batch(_: list[Any]) -> None:
+        after()
+
+    return {
+        name: batch_task(
+            app, name, parse=cls.from_payload, each=handler, uow=uow, after=None if after is None else after_batch
+        )
+        if name in batched
+        else app.task(name=name)(consumer(name, cls, handler))
+        for name, (cls, handler) in handlers.items()
+    }
 
 
 def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> None:
@@ -548,6 +603,14 @@ class CeleryBus:
                 if time.monotonic() + pause >= give_up:
                     raise
                 time.sleep(pause)
+
+
+def api_bus(service: str, settings: Any) -> CeleryBus:
+    """The bus of a service's API process: its Celery app (`make_celery`), every queue declared first
+    (`declare_topology`), publishing with the request path's short deadline."""
+    app = make_celery(service, settings)
+    declare_topology(app)
+    return CeleryBus(app)
 
 
 _BUSES: dict[int, CeleryBus] = {}

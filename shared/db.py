@@ -97,10 +97,13 @@ R = TypeVar("R")
 
 class UnitOfWork(Generic[RepoT]):
     """One transaction over one service's store, with that service's repository as `repo`. Events added
-    with `add_events` are staged in the outbox in the same transaction and published after the commit.
+    with `add_events` are staged in the outbox in the same transaction and published after the commit (a store
+    without an outbox, one whose service publishes nothing, refuses them).
     Leaving the block without `commit()` rolls back."""
 
-    def __init__(self, factory: sessionmaker[Session], make_repo: Callable[[Session], RepoT], outbox: Table) -> None:
+    def __init__(
+        self, factory: sessionmaker[Session], make_repo: Callable[[Session], RepoT], outbox: Table | None
+    ) -> None:
         self.factory = factory
         self.make_repo = make_repo
         self.outbox = outbox
@@ -118,13 +121,19 @@ class UnitOfWork(Generic[RepoT]):
         self.session.close()
 
     def add_events(self, *events: Event) -> None:
-        from shared.outbox import stage
-
-        stage(self.session, self.outbox, list(events))
+        stage_events(self.session, self.outbox, events)
 
     def commit(self) -> None:
         self.session.commit()
         self.committed = True
+
+
+def stage_events(session: Session, outbox: Table | None, events: Sequence[Event]) -> None:
+    from shared.outbox import stage
+
+    if outbox is None:
+        raise RuntimeError("this store has no outbox: its service publishes no events")
+    stage(session, outbox, list(events))
 
 
 class SavepointUnitOfWork:
@@ -160,9 +169,7 @@ class SavepointUnitOfWork:
             self.discarded = True
 
     def add_events(self, *events: Event) -> None:
-        from shared.outbox import stage
-
-        stage(self.session, self.outbox, list(events))
+        stage_events(self.session, self.outbox, events)
 
     def commit(self) -> None:
         if self._nested is not None:
@@ -236,7 +243,7 @@ class SqlStore(Generic[RepoT]):
         url: str,
         metadata: MetaData,
         make_repo: Callable[[Session], RepoT],
-        outbox: Table,
+        outbox: Table | None,
         *,
         seed: Callable[[Session], None] | None = None,
         service: str | None = None,

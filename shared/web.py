@@ -23,6 +23,17 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 
 
+def from_state(name: str) -> Any:
+    """A FastAPI dependency on what the app's lifespan put in `app.state.<name>` (its store, bus, settings),
+    for a readable alias: `StoreDep = Annotated[Store, from_state("store")]`."""
+
+    async def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    dependency.__name__ = f"get_{name}"
+    return Depends(dependency)
+
+
 def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"status": status, "message": message, **extra}}
 

@@ -35,7 +35,6 @@ from shared.clock import as_utc
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
-from shared.outbox import forget_session, outbox_table
 
 metadata = MetaData()
 
@@ -165,7 +164,6 @@ meta = Table(
 
 processed = processed_table(metadata)
 
-outbox = outbox_table(metadata)  # the dashboard publishes nothing yet; kept for the common shape
 
 DIMENSIONS = ("day", "signal", "ticker", "prompt_name", "prompt_version", "model", "experiment_id", "arm_id")
 #: The groupings the dashboard reads. One cube over every dimension would have about one cell per
@@ -259,9 +257,8 @@ class DashboardRepository(MessageLog):
         return removed
 
     def forget_session_messages(self, session_key: str) -> None:
-        """An erased session's key out of this store's dead letters and outbox (the dashboard keeps no key
-        elsewhere: its votes are by feedback id)."""
-        forget_session(self.s, outbox, [session_key])
+        """An erased session's key out of this store's dead letters (the dashboard keeps no key elsewhere: its
+        votes are by feedback id)."""
         forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
 
     # -- experiments, champions, models, fine-tune jobs -------------------------------------------------
@@ -481,7 +478,8 @@ def _seed(session: Session) -> None:
 
 
 class Store(SqlStore[DashboardRepository]):
-    """This service's database: its tables, repository and outbox on the shared store plumbing."""
+    """This service's database: its tables and repository on the shared store plumbing. No outbox: the
+    dashboard only reads the other services' events and publishes none."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url, metadata, DashboardRepository, outbox, seed=_seed)
+        super().__init__(url, metadata, DashboardRepository, None, seed=_seed)

@@ -18,7 +18,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import handle_once, run_in_one_transaction
+from shared.db import handle_once
 from shared.privacy import erasure_tag
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,6 @@ def record_feedback(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
         return outcome
 
     return handle_once(uow, cmd.message_id, apply)
-
-
-def record_feedback_batch(cmds: list[RecordFeedback], uow: SqlUnitOfWork) -> list[tuple[bool, object]]:
-    """`record_feedback` for many votes in one transaction, each in its own savepoint: in order, (True,
-    outcome) or (False, the exception) per vote (shared.db.run_in_one_transaction)."""
-    return run_in_one_transaction(uow, cmds, record_feedback)
-
-
-def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[tuple[bool, object]]:
-    return run_in_one_transaction(uow, events, on_explanation_created)
 
 
 def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:

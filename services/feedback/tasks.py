@@ -11,7 +11,7 @@ from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.intake import IntakeJournal
 from services.feedback.store import Store, outbox
-from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
+from shared.bus import batch_task, bus_for, event_tasks, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.deadletter import INVALID, UNREADABLE, describe_error
 from shared.logging import configure_logging
@@ -27,8 +27,8 @@ def _store() -> Store:
     return Store(get_settings().db_url)
 
 
-def _relay() -> None:
-    relay(_store().factory, outbox, bus_for(app))
+def _relay() -> int:
+    return relay(_store().factory, outbox, bus_for(app))
 
 
 @lru_cache
@@ -56,7 +56,8 @@ record = batch_task(
     app,
     name="feedback.record",
     parse=RecordFeedback.from_payload,
-    handle=lambda cmds: handlers.record_feedback_batch(cmds, _store().uow()),
+    each=handlers.record_feedback,
+    uow=lambda: _store().uow(),
     after=_recorded,
 )
 
@@ -84,15 +85,15 @@ def sweep_journal() -> int:
     return sent
 
 
-on_explanation_created = batch_task(
+EVENT_TASKS = event_tasks(
     app,
-    name="feedback.on_explanation_created",
-    parse=ExplanationCreated.from_payload,
-    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
-    after=lambda _: _relay(),
+    {"feedback.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created)},
+    lambda: _store().uow(),
+    after=_relay,
+    batched=("feedback.on_explanation_created",),
 )
 
 
 @app.task(name="feedback.relay_outbox")
 def relay_outbox() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+    return _relay()

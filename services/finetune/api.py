@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,7 +17,7 @@ from services.finetune.store import Store, outbox
 from shared.bus import CeleryBus
 from shared.contracts import StartFineTune
 from shared.outbox import relay_after_commit
-from shared.web import AdminDep
+from shared.web import AdminDep, from_state
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/finetune")
@@ -34,21 +34,9 @@ class JobIn(BaseModel):
     min_examples: int | None = Field(default=None, ge=0, description="overrides FINETUNE_MIN_EXAMPLES")
 
 
-async def get_store(request: Request) -> Store:
-    return request.app.state.store
-
-
-async def get_bus(request: Request) -> CeleryBus:
-    return request.app.state.bus
-
-
-async def get_settings_dep(request: Request) -> FinetuneSettings:
-    return request.app.state.settings
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-BusDep = Annotated[CeleryBus, Depends(get_bus)]
-SettingsDep = Annotated[FinetuneSettings, Depends(get_settings_dep)]
+StoreDep = Annotated[Store, from_state("store")]
+BusDep = Annotated[CeleryBus, from_state("bus")]
+SettingsDep = Annotated[FinetuneSettings, from_state("settings")]
 
 
 def _job_out(job: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import handle_once, run_in_one_transaction
+from shared.db import handle_once
 
 log = logging.getLogger(__name__)
 
@@ -482,14 +482,3 @@ def reject_payload(store: Store, payload: Any, reason: str) -> str | None:
         uow.add_events(progress_event(job_id, domain.FAILED, 0.0, reason))
         uow.commit()
     return job_id
-
-
-def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_feedback_recorded` for many events in one transaction, each in its own savepoint: in order, (True,
-    outcome) or (False, the exception) per event (shared.db.run_in_one_transaction)."""
-    return run_in_one_transaction(uow, events, on_feedback_recorded)
-
-
-def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_explanation_created` for many events in one transaction (see `on_feedback_recorded_batch`)."""
-    return run_in_one_transaction(uow, events, on_explanation_created)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
 from services.finetune.store import Store, outbox
-from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
+from shared.bus import bus_for, event_tasks, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -46,19 +46,15 @@ def _relay() -> int:
     return relay(_store().factory, outbox, bus_for(app))
 
 
-on_explanation_created = batch_task(
+#: task -> (the event it takes, the handler that keeps it as training material), in batches
+EVENT_TASKS = event_tasks(
     app,
-    name="finetune.on_explanation_created",
-    parse=ExplanationCreated.from_payload,
-    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
-)
-
-
-on_feedback_recorded = batch_task(
-    app,
-    name="finetune.on_feedback_recorded",
-    parse=FeedbackRecorded.from_payload,
-    handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
+    {
+        "finetune.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created),
+        "finetune.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
+    },
+    lambda: _store().uow(),
+    batched=("finetune.on_explanation_created", "finetune.on_feedback_recorded"),
 )
 
 

@@ -31,7 +31,7 @@ from services.optimizer.registry import SearchExhausted, UowFactory
 from services.optimizer.store import SqlUnitOfWork
 from shared import votes
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered, utcnow
-from shared.db import handle_once, run_in_one_transaction
+from shared.db import handle_once
 from shared.prompts import PROMPT_NAME
 
 log = logging.getLogger(__name__)
@@ -291,14 +291,3 @@ def on_model_withdrawn(event: Any, uow_factory: UowFactory, now: datetime | None
                 uow.repo.mark_seen(message_id)
         uow.commit()
     return {"outcome": "withdrawn", "stopped": stopped, "rolled_back": restored}
-
-
-def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_feedback_recorded` for many events in one transaction, each in its own savepoint: in order, (True,
-    outcome) or (False, the exception) per event (shared.db.run_in_one_transaction)."""
-    return run_in_one_transaction(uow, events, on_feedback_recorded)
-
-
-def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_explanation_created` for many events in one transaction (see `on_feedback_recorded_batch`)."""
-    return run_in_one_transaction(uow, events, on_explanation_created)

@@ -11,7 +11,7 @@ from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store, outbox
-from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
+from shared.bus import bus_for, event_tasks, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -41,25 +41,17 @@ def _relay() -> int:
     return relay(_store().factory, outbox, bus_for(app))
 
 
-on_explanation_created = batch_task(
+#: task -> (the event it takes, the handler); the two busiest digest their messages in batches
+EVENT_TASKS = event_tasks(
     app,
-    name="optimizer.on_explanation_created",
-    parse=ExplanationCreated.from_payload,
-    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
+    {
+        "optimizer.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created),
+        "optimizer.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
+        "optimizer.on_feedback_erased": (FeedbackErased, handlers.on_feedback_erased),
+    },
+    lambda: _store().uow(),
+    batched=("optimizer.on_explanation_created", "optimizer.on_feedback_recorded"),
 )
-
-
-on_feedback_recorded = batch_task(
-    app,
-    name="optimizer.on_feedback_recorded",
-    parse=FeedbackRecorded.from_payload,
-    handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
-)
-
-
-@app.task(name="optimizer.on_feedback_erased")
-def on_feedback_erased(payload: dict) -> int:
-    return handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
 
 
 @app.task(name="optimizer.on_model_registered")

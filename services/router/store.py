@@ -20,17 +20,15 @@ from sqlalchemy import (
     Text,
     func,
     select,
-    update,
 )
 from sqlalchemy.orm import Session
 
 from services.router.domain import Arm, Experiment, Routing, Template
 from shared.clock import as_utc
-from shared.contracts import Event, utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
-from shared.outbox import Publisher, forget_session, outbox_table
+from shared.outbox import forget_session, outbox_table
 
 metadata = MetaData()
 
@@ -273,19 +271,3 @@ class Store(SqlStore[RouterRepository]):
 
     def __init__(self, url: str) -> None:
         super().__init__(url, metadata, RouterRepository, outbox)
-
-    def publish_staged(self, bus: Publisher, events: list[Event]) -> None:
-        """Publish events this process just committed to the outbox, and mark them published.
-
-        The request path uses this instead of a full relay: it touches only its own rows, so concurrent
-        requests do not each republish everyone's pending events. Anything left unpublished (a crash, a
-        broker outage) is picked up by the periodic `router.relay_outbox`.
-        """
-        for event in events:
-            bus.publish(event)
-        with self.factory() as session, session.begin():
-            session.execute(
-                update(outbox)
-                .where(outbox.c.event_id.in_([str(e.message_id) for e in events]))
-                .values(published_at=utcnow())
-            )

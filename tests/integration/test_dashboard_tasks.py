@@ -111,7 +111,6 @@ def test_beat_tasks_run_on_the_worker(worker: tuple[Celery, Store]) -> None:
     app, store = worker
     before = handlers.revision(store.uow())
     app.send_task("dashboard.check_anomalies", queue="dashboard")
-    app.send_task("dashboard.relay_outbox", queue="dashboard")
     ex = ExplanationCreated(
         explanation_id=uuid.uuid4(), request_key="k", ticker="X", signal="BUY", prompt_name="explain",
         prompt_version="v1.0", model="offline", provider="offline", prompt_text="p", text="t", tokens_in=1,
