@@ -403,6 +403,17 @@ def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> No
     app.dead_letter_sink = sink  # type: ignore[attr-defined]
 
 
+def worker_app(service: str, settings: Any, dead_letters: Any, *, batches: bool = False, after: Any = None) -> Celery:
+    """A service's worker process: its Celery app (`make_celery`), JSON logs as `<service>-worker`, and what a
+    task cannot handle going to `dead_letters()`, the service store's (`use_dead_letters`, `after` included)."""
+    from shared.logging import configure_logging
+
+    app = make_celery(service, settings, batches=batches)
+    configure_logging(f"{service}-worker", settings.log_level)
+    use_dead_letters(app, dead_letters, after=after)
+    return app
+
+
 def task_message_sender(app: Celery) -> Any:
     """`send(task_name, payload)`: a new task message for a task, by name, on its service's queue."""
 

@@ -8,7 +8,7 @@ from functools import lru_cache
 from services.dashboard import handlers
 from services.dashboard.config import get_settings
 from services.dashboard.store import Store
-from shared.bus import event_tasks, make_celery, use_dead_letters
+from shared.bus import event_tasks, worker_app
 from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
@@ -20,20 +20,15 @@ from shared.contracts import (
     ModelRegistered,
     SearchExhausted,
 )
-from shared.logging import configure_logging
 
 settings = get_settings()
-app = make_celery("dashboard", settings, batches=True)
-configure_logging("dashboard-worker", settings.log_level)
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+app = worker_app("dashboard", settings, lambda: _store().dead_letters, batches=True)
 
 
 @lru_cache
 def _store() -> Store:
     return Store(get_settings().db_url)
-
-
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters)
 
 
 #: task -> (the event it takes, the handler that applies it to the read model); the busiest two in batches

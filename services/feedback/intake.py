@@ -106,10 +106,11 @@ class IntakeJournal:
         """Remove an erased session's commands from the journal (and the same task messages still waiting on
         `queue`): those with one of its keys submitted at or before `erased_at`, which the worker would drop
         anyway. A later vote of the same session stays. Returns how many entries were removed."""
-        from datetime import UTC, datetime
+        from datetime import datetime
+
+        from shared.votes import erased_before
 
         keys = set(session_keys)
-        cutoff = erased_at if erased_at.tzinfo else erased_at.replace(tzinfo=UTC)
         client = self._client()
         gone: list[tuple[bytes, bytes]] = []
         for mid, value in client.hscan_iter(self.hash_key, count=500):
@@ -119,7 +120,7 @@ class IntakeJournal:
                 if payload.get("session_key") not in keys:
                     continue
                 submitted = datetime.fromisoformat(str(payload.get("submitted_at")))
-                if (submitted if submitted.tzinfo else submitted.replace(tzinfo=UTC)) > cutoff:
+                if not erased_before(erased_at, submitted):
                     continue
             except Exception:  # unreadable: the sweep dead-letters it
                 continue

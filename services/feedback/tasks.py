@@ -11,15 +11,17 @@ from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.intake import IntakeJournal
 from services.feedback.store import Store, outbox
-from shared.bus import batch_task, bus_for, event_tasks, make_celery, use_dead_letters
+from shared.bus import batch_task, bus_for, event_tasks, worker_app
 from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.deadletter import INVALID, UNREADABLE, describe_error
-from shared.logging import configure_logging
 from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("feedback", settings, batches=True)
-configure_logging("feedback-worker", settings.log_level)
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask), and leaves the
+# intake journal.
+app = worker_app(
+    "feedback", settings, lambda: _store().dead_letters, batches=True, after=lambda *a: _forget_journal_entry(*a)
+)
 
 
 @lru_cache
@@ -40,10 +42,6 @@ def _forget_journal_entry(task: str, payload: object) -> None:
     """A dead-lettered vote leaves the intake journal (else the sweep would send it again and again)."""
     if task == "feedback.record" and isinstance(payload, dict) and payload.get("message_id"):
         _journal().done(str(payload["message_id"]))
-
-
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters, after=_forget_journal_entry)
 
 
 def _recorded(cmds: list[RecordFeedback]) -> None:

@@ -16,9 +16,8 @@ from pydantic import ValidationError
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
 from services.finetune.store import Store, outbox
-from shared.bus import bus_for, event_tasks, make_celery, use_dead_letters
+from shared.bus import bus_for, event_tasks, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
-from shared.logging import configure_logging
 from shared.outbox import relay
 
 settings = get_settings()
@@ -29,17 +28,13 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-app = make_celery("finetune", settings, batches=True)
-configure_logging("finetune-worker", settings.log_level)
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+app = worker_app("finetune", settings, lambda: _store().dead_letters, batches=True)
 
 
 @lru_cache
 def _store() -> Store:
     return Store(get_settings().db_url)
-
-
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters)
 
 
 def _relay() -> int:

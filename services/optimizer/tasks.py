@@ -11,14 +11,13 @@ from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store, outbox
-from shared.bus import bus_for, event_tasks, make_celery, use_dead_letters
+from shared.bus import bus_for, event_tasks, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
-from shared.logging import configure_logging
 from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("optimizer", settings, batches=True)
-configure_logging("optimizer-worker", settings.log_level)
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+app = worker_app("optimizer", settings, lambda: _store().dead_letters, batches=True)
 
 
 @lru_cache
@@ -26,10 +25,6 @@ def _store() -> Store:
     store = Store(get_settings().db_url)
     registry.ensure_seeded(store.uow(), get_settings().seed_model())
     return store
-
-
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters)
 
 
 @lru_cache

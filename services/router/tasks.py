@@ -8,7 +8,7 @@ from functools import lru_cache
 from services.router import handlers
 from services.router.config import get_settings
 from services.router.store import Store, outbox
-from shared.bus import bus_for, event_tasks, make_celery, use_dead_letters
+from shared.bus import bus_for, event_tasks, worker_app
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -18,12 +18,11 @@ from shared.contracts import (
     ModelRegistered,
     ModelWithdrawn,
 )
-from shared.logging import configure_logging
 from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("router", settings)
-configure_logging("router-worker", settings.log_level)
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+app = worker_app("router", settings, lambda: _store().dead_letters)
 
 
 @lru_cache
@@ -32,10 +31,6 @@ def _store() -> Store:
     store = Store(s.db_url)
     handlers.ensure_seeded(store.uow(), s.resolved_default_model())
     return store
-
-
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters)
 
 
 def _relay() -> int:
