@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Literal
 
@@ -24,6 +25,18 @@ def vote_outcome(stored_submitted_at: datetime | None, submitted_at: datetime) -
     if as_utc(submitted_at) < as_utc(stored_submitted_at):
         return "stale"
     return "replace"
+
+
+def keep_newest(
+    stored_submitted_at: datetime | None, submitted_at: datetime, write: Callable[[bool], object]
+) -> Literal["stored", "replaced", "stale"]:
+    """Apply `vote_outcome`: a stale vote is not written ('stale'); otherwise `write(replace)` stores it, as a
+    new row or over the stored one ('stored' or 'replaced')."""
+    outcome = vote_outcome(stored_submitted_at, submitted_at)
+    if outcome == "stale":
+        return "stale"
+    write(outcome == "replace")
+    return "replaced" if outcome == "replace" else "stored"
 
 
 def erased_before(erased_at: datetime | None, submitted_at: datetime) -> bool:

@@ -83,26 +83,24 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         repo = uow.repo
         if votes.erased_before(repo.erased_at(event.feedback_id), event.submitted_at):
             return "erased"
-        outcome = votes.vote_outcome(repo.vote_submitted_at(event.feedback_id), event.submitted_at)
-        if outcome == "stale":
-            return "stale"
-        repo.upsert_vote(
-            {
-                "feedback_id": str(event.feedback_id),
-                "explanation_id": str(event.explanation_id),
-                "rating": event.rating,
-                "stars": event.stars,
-                "has_comment": event.has_comment,
-                "submitted_at": as_utc(event.submitted_at),
-                "prompt_name": event.prompt_name,
-                "prompt_version": event.prompt_version,
-                "model": event.model,
-                "signal": event.signal,
-                "ticker": event.ticker,
-            },
-            replace=outcome == "replace",
+        row = {
+            "feedback_id": str(event.feedback_id),
+            "explanation_id": str(event.explanation_id),
+            "rating": event.rating,
+            "stars": event.stars,
+            "has_comment": event.has_comment,
+            "submitted_at": as_utc(event.submitted_at),
+            "prompt_name": event.prompt_name,
+            "prompt_version": event.prompt_version,
+            "model": event.model,
+            "signal": event.signal,
+            "ticker": event.ticker,
+        }
+        return votes.keep_newest(
+            repo.vote_submitted_at(event.feedback_id),
+            event.submitted_at,
+            lambda replace: repo.upsert_vote(row, replace=replace),
         )
-        return "replaced" if outcome == "replace" else "stored"
 
     return _once(event, uow, apply)
 

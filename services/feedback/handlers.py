@@ -49,23 +49,24 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
     if refusal is not None:  # counted, never stored: nothing of the vote is kept
         repo.count_dropped(refusal)
         return refusal
+    row = {
+        "feedback_id": str(cmd.feedback_id),
+        "explanation_id": str(cmd.explanation_id),
+        "session_key": cmd.session_key,
+        "rating": cmd.rating,
+        "stars": cmd.stars,
+        "comment": cmd.comment,
+        "submitted_at": cmd.submitted_at,
+        "stored_at": utcnow(),
+    }
     existing = repo.vote(cmd.feedback_id)
-    outcome = votes.vote_outcome(existing.submitted_at if existing else None, cmd.submitted_at)
+    outcome = votes.keep_newest(
+        existing.submitted_at if existing else None,
+        cmd.submitted_at,
+        lambda replace: repo.upsert_vote(row, replace=replace),
+    )
     if outcome == "stale":
         return "stale"
-    repo.upsert_vote(
-        {
-            "feedback_id": str(cmd.feedback_id),
-            "explanation_id": str(cmd.explanation_id),
-            "session_key": cmd.session_key,
-            "rating": cmd.rating,
-            "stars": cmd.stars,
-            "comment": cmd.comment,
-            "submitted_at": cmd.submitted_at,
-            "stored_at": utcnow(),
-        },
-        replace=outcome == "replace",
-    )
     uow.add_events(
         FeedbackRecorded(
             message_id=derived_id("feedback.recorded", cmd.message_id),
@@ -75,7 +76,7 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
             rating=cmd.rating,
             stars=cmd.stars,
             has_comment=bool(cmd.comment),
-            replaced=outcome == "replace",
+            replaced=outcome == "replaced",
             submitted_at=cmd.submitted_at,
             prompt_name=explanation["prompt_name"],
             prompt_version=explanation["prompt_version"],
@@ -86,7 +87,7 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
             arm_id=explanation["arm_id"],
         )
     )
-    return "replaced" if outcome == "replace" else "stored"
+    return outcome
 
 
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int:

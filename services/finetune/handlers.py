@@ -125,21 +125,19 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         # (a model keeps what it learnt until it is withdrawn), so this store never takes that session back.
         if repo.is_erased(event.session_key):
             return "erased"
-        previous = repo.vote_submitted_at(str(event.feedback_id))
-        if votes.vote_outcome(previous, event.submitted_at) == "stale":
-            return "stale"
-        repo.upsert_vote(
-            {
-                "feedback_id": str(event.feedback_id),
-                "explanation_id": str(event.explanation_id),
-                "session_key": event.session_key,
-                "rating": event.rating,
-                "stars": event.stars,
-                "submitted_at": event.submitted_at,
-            },
-            exists=previous is not None,
+        row = {
+            "feedback_id": str(event.feedback_id),
+            "explanation_id": str(event.explanation_id),
+            "session_key": event.session_key,
+            "rating": event.rating,
+            "stars": event.stars,
+            "submitted_at": event.submitted_at,
+        }
+        return votes.keep_newest(
+            repo.vote_submitted_at(str(event.feedback_id)),
+            event.submitted_at,
+            lambda replace: repo.upsert_vote(row, exists=replace),
         )
-        return "replaced" if previous is not None else "stored"
 
     return handle_once(uow, event.message_id, apply)
 

@@ -82,22 +82,20 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         repo = uow.repo
         if votes.erased_before(repo.vote_erased_at(event.feedback_id), event.submitted_at):
             return "erased"  # the session asked to be forgotten after this vote: it stays forgotten
-        existing = repo.vote_submitted_at(event.feedback_id)
-        if votes.vote_outcome(existing, event.submitted_at) == "stale":
-            return "stale"
-        repo.upsert_vote(
-            {
-                "feedback_id": str(event.feedback_id),
-                "explanation_id": str(event.explanation_id),
-                "experiment_id": event.experiment_id,
-                "arm_id": event.arm_id,
-                "rating": event.rating,
-                "stars": event.stars,
-                "submitted_at": event.submitted_at,
-            },
-            exists=existing is not None,
+        row = {
+            "feedback_id": str(event.feedback_id),
+            "explanation_id": str(event.explanation_id),
+            "experiment_id": event.experiment_id,
+            "arm_id": event.arm_id,
+            "rating": event.rating,
+            "stars": event.stars,
+            "submitted_at": event.submitted_at,
+        }
+        return votes.keep_newest(
+            repo.vote_submitted_at(event.feedback_id),
+            event.submitted_at,
+            lambda replace: repo.upsert_vote(row, exists=replace),
         )
-        return "replaced" if existing is not None else "stored"
 
     return handle_once(uow, event.message_id, apply)
 

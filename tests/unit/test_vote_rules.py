@@ -49,3 +49,11 @@ def test_a_vote_cast_at_the_instant_of_the_erasure_is_dropped() -> None:
     assert votes.erased_before(T0, T0)
     assert votes.erased_before(T0.replace(tzinfo=None), T0)
     assert not votes.erased_before(T0, T0 + timedelta(microseconds=1))
+
+
+def test_keep_newest_writes_a_new_or_newer_vote_and_skips_a_stale_one() -> None:
+    writes: list[bool] = []
+    assert votes.keep_newest(None, T0, writes.append) == "stored"
+    assert votes.keep_newest(T0, T0 + timedelta(seconds=1), writes.append) == "replaced"
+    assert votes.keep_newest(T0, T0 - timedelta(seconds=1), writes.append) == "stale"
+    assert writes == [False, True]  # insert, then replace; nothing for the stale one
