@@ -170,54 +170,32 @@ def create_explanation(
     explanation_id = uuid.uuid4()
     created_at = utcnow()
     key = domain.request_key(cmd.ticker, cmd.signal, cmd.context)
+    row = {
+        "explanation_id": str(explanation_id),
+        "request_key": key,
+        "session_key": cmd.session_key,
+        "ticker": cmd.ticker,
+        "signal": cmd.signal,
+        "context": dict(cmd.context),
+        "prompt_name": variant.prompt.name,
+        "prompt_version": variant.prompt.version,
+        "prompt_text": prompt,
+        "requested_model": variant.model,
+        "model": result.model,
+        "provider": result.provider,
+        "experiment_id": variant.experiment_id,
+        "arm_id": variant.arm_id,
+        "text": c.text,
+        "tokens_in": c.tokens_in,
+        "tokens_out": c.tokens_out,
+        "cost_usd": cost,
+        "latency_ms": latency_ms,
+        "fallback_used": result.fallback_used,
+        "created_at": created_at,
+    }
+    event = explanation_event(row)
     with uow:
-        uow.repo.add_explanation(
-            {
-                "explanation_id": str(explanation_id),
-                "request_key": key,
-                "session_key": cmd.session_key,
-                "ticker": cmd.ticker,
-                "signal": cmd.signal,
-                "context": dict(cmd.context),
-                "prompt_name": variant.prompt.name,
-                "prompt_version": variant.prompt.version,
-                "prompt_text": prompt,
-                "requested_model": variant.model,
-                "model": result.model,
-                "provider": result.provider,
-                "experiment_id": variant.experiment_id,
-                "arm_id": variant.arm_id,
-                "text": c.text,
-                "tokens_in": c.tokens_in,
-                "tokens_out": c.tokens_out,
-                "cost_usd": cost,
-                "latency_ms": latency_ms,
-                "fallback_used": result.fallback_used,
-                "created_at": created_at,
-            }
-        )
-        event = ExplanationCreated(
-            message_id=derived_id("explanation.created", explanation_id),
-            explanation_id=explanation_id,
-            request_key=key,
-            ticker=cmd.ticker,
-            signal=cmd.signal,  # type: ignore[arg-type]
-            prompt_name=variant.prompt.name,
-            prompt_version=variant.prompt.version,
-            model=result.model,
-            provider=result.provider,
-            experiment_id=variant.experiment_id,
-            arm_id=variant.arm_id,
-            prompt_text=prompt,
-            text=c.text,
-            tokens_in=c.tokens_in,
-            tokens_out=c.tokens_out,
-            cost_usd=cost,
-            latency_ms=latency_ms,
-            fallback_used=result.fallback_used,
-            created_at=created_at,
-            session_key=cmd.session_key,
-        )
+        uow.repo.add_explanation(row)
         uow.add_events(event)
         uow.commit()
     return Explained(
@@ -239,6 +217,42 @@ def create_explanation(
         event=event,
         errors=tuple(result.errors),
     )
+
+
+def explanation_event(row: Mapping[str, Any]) -> ExplanationCreated:
+    """The `ExplanationCreated` of a stored explanation, with the message id it was first published with. An
+    erased session's explanation gives the event as its erasure left it: no session, prompt or text."""
+    explanation_id = uuid.UUID(str(row["explanation_id"]))
+    return ExplanationCreated(
+        message_id=derived_id("explanation.created", explanation_id),
+        explanation_id=explanation_id,
+        request_key=row["request_key"],
+        ticker=row["ticker"],
+        signal=row["signal"],
+        prompt_name=row["prompt_name"],
+        prompt_version=row["prompt_version"],
+        model=row["model"],
+        provider=row["provider"],
+        experiment_id=row["experiment_id"],
+        arm_id=row["arm_id"],
+        prompt_text=row["prompt_text"],
+        text=row["text"],
+        tokens_in=row["tokens_in"],
+        tokens_out=row["tokens_out"],
+        cost_usd=row["cost_usd"],
+        latency_ms=row["latency_ms"],
+        fallback_used=bool(row["fallback_used"]),
+        created_at=row["created_at"],
+        session_key=None if row["session_key"] == ERASED_SESSION else row["session_key"],
+    )
+
+
+def explanation_events(uow: SqlUnitOfWork, explanation_ids: list[uuid.UUID]) -> list[ExplanationCreated]:
+    """The events of the stored explanations among `explanation_ids`, to publish again
+    (`ResendExplanations`); ids the router never issued are skipped."""
+    with uow:
+        rows = uow.repo.explanations(explanation_ids)
+    return [explanation_event(r) for r in sorted(rows, key=lambda r: r["created_at"])]
 
 
 def cost_since(uow: SqlUnitOfWork, since: datetime) -> float:
