@@ -414,6 +414,20 @@ def worker_app(service: str, settings: Any, dead_letters: Any, *, batches: bool 
     return app
 
 
+def outbox_relay(app: Celery, service: str, store: Any) -> Any:
+    """Publish what the service's store (`store()`) has staged in its outbox, through this worker's bus:
+    `relay()` after a task's commit, and the periodic task `<service>.relay_outbox` (beat) for what a crash
+    left behind. Returns `relay`."""
+    from shared.outbox import relay as relay_staged
+
+    def relay(payload: dict | None = None) -> int:  # beat sends no payload
+        opened = store()
+        return relay_staged(opened.factory, opened.outbox, bus_for(app))
+
+    app.task(name=f"{service}.relay_outbox")(relay)
+    return relay
+
+
 def task_message_sender(app: Celery) -> Any:
     """`send(task_name, payload)`: a new task message for a task, by name, on its service's queue."""
 

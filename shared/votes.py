@@ -8,9 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from shared.clock import as_utc
 
@@ -27,15 +26,20 @@ def vote_outcome(stored_submitted_at: datetime | None, submitted_at: datetime) -
     return "replace"
 
 
-def keep_newest(
-    stored_submitted_at: datetime | None, submitted_at: datetime, write: Callable[[bool], object]
-) -> Literal["stored", "replaced", "stale"]:
-    """Apply `vote_outcome`: a stale vote is not written ('stale'); otherwise `write(replace)` stores it, as a
-    new row or over the stored one ('stored' or 'replaced')."""
-    outcome = vote_outcome(stored_submitted_at, submitted_at)
+class VoteRows(Protocol):
+    """Where a service keeps one row per feedback id (its repository)."""
+
+    def vote_submitted_at(self, feedback_id: Any) -> datetime | None: ...
+    def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None: ...
+
+
+def keep_newest(rows: VoteRows, row: dict[str, Any], submitted_at: datetime) -> Literal["stored", "replaced", "stale"]:
+    """Store the vote `row` (keyed by its "feedback_id") by `vote_outcome`: a stale vote is not written
+    ('stale'); otherwise it becomes a new row or replaces the stored one ('stored' or 'replaced')."""
+    outcome = vote_outcome(rows.vote_submitted_at(row["feedback_id"]), submitted_at)
     if outcome == "stale":
         return "stale"
-    write(outcome == "replace")
+    rows.upsert_vote(row, replace=outcome == "replace")
     return "replaced" if outcome == "replace" else "stored"
 
 

@@ -96,11 +96,7 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
             "signal": event.signal,
             "ticker": event.ticker,
         }
-        return votes.keep_newest(
-            repo.vote_submitted_at(event.feedback_id),
-            event.submitted_at,
-            lambda replace: repo.upsert_vote(row, replace=replace),
-        )
+        return votes.keep_newest(repo, row, event.submitted_at)
 
     return _once(event, uow, apply)
 

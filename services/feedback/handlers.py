@@ -59,12 +59,7 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
         "submitted_at": cmd.submitted_at,
         "stored_at": utcnow(),
     }
-    existing = repo.vote(cmd.feedback_id)
-    outcome = votes.keep_newest(
-        existing.submitted_at if existing else None,
-        cmd.submitted_at,
-        lambda replace: repo.upsert_vote(row, replace=replace),
-    )
+    outcome = votes.keep_newest(repo, row, cmd.submitted_at)
     if outcome == "stale":
         return "stale"
     uow.add_events(

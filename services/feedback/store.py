@@ -157,6 +157,10 @@ class FeedbackRepository(MessageLog):
         return True
 
     # -- votes ------------------------------------------------------------------------------------------
+    def vote_submitted_at(self, feedback_id: uuid.UUID | str) -> datetime | None:
+        row = self.s.execute(select(feedback.c.submitted_at).where(feedback.c.feedback_id == str(feedback_id))).first()
+        return row.submitted_at if row else None
+
     def vote(self, feedback_id: uuid.UUID) -> StoredVote | None:
         row = self.s.execute(
             select(feedback.c.rating, feedback.c.stars, feedback.c.submitted_at).where(

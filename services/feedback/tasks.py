@@ -11,11 +11,10 @@ from pydantic import ValidationError
 from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.intake import IntakeJournal
-from services.feedback.store import Store, outbox
-from shared.bus import batch_task, bus_for, event_tasks, worker_app
+from services.feedback.store import Store
+from shared.bus import batch_task, bus_for, event_tasks, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, RecordFeedback, ResendExplanations, utcnow
 from shared.deadletter import INVALID, UNREADABLE, describe_error
-from shared.outbox import relay
 
 settings = get_settings()
 # What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask), and leaves the
@@ -30,8 +29,7 @@ def _store() -> Store:
     return Store(get_settings().db_url)
 
 
-def _relay() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+_relay = outbox_relay(app, "feedback", _store)
 
 
 @lru_cache
@@ -114,8 +112,3 @@ EVENT_TASKS = event_tasks(
     after=_relay,
     batched=("feedback.on_explanation_created",),
 )
-
-
-@app.task(name="feedback.relay_outbox")
-def relay_outbox() -> int:
-    return _relay()

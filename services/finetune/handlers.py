@@ -133,11 +133,7 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
             "stars": event.stars,
             "submitted_at": event.submitted_at,
         }
-        return votes.keep_newest(
-            repo.vote_submitted_at(str(event.feedback_id)),
-            event.submitted_at,
-            lambda replace: repo.upsert_vote(row, exists=replace),
-        )
+        return votes.keep_newest(repo, row, event.submitted_at)
 
     return handle_once(uow, event.message_id, apply)
 

@@ -15,10 +15,9 @@ from pydantic import ValidationError
 
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
-from services.finetune.store import Store, outbox
-from shared.bus import bus_for, event_tasks, worker_app
+from services.finetune.store import Store
+from shared.bus import event_tasks, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
-from shared.outbox import relay
 
 settings = get_settings()
 # torch reads these when it is first imported (inside the training edge, on the first job): one thread per
@@ -37,8 +36,7 @@ def _store() -> Store:
     return Store(get_settings().db_url)
 
 
-def _relay() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+_relay = outbox_relay(app, "finetune", _store)
 
 
 #: task -> (the event it takes, the handler that keeps it as training material), in batches
@@ -129,8 +127,3 @@ def retrain(payload: dict) -> str:
     cmd = cmd.model_copy(update={"job_id": jobs.JobRunner.job_id_of(cmd)})
     start_job.apply_async(kwargs={"payload": cmd.to_payload()})
     return cmd.job_id or ""
-
-
-@app.task(name="finetune.relay_outbox")
-def relay_outbox() -> int:
-    return _relay()

@@ -332,8 +332,8 @@ class OptimizerRepository(MessageLog):
         row = self.s.execute(q).first()
         return row.submitted_at if row else None
 
-    def upsert_vote(self, values: dict[str, Any], *, exists: bool) -> None:
-        if exists:
+    def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
+        if replace:
             self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
         else:
             self.s.execute(votes.insert().values(**values))

@@ -10,10 +10,9 @@ from typing import Any
 from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
-from services.optimizer.store import Store, outbox
-from shared.bus import bus_for, event_tasks, worker_app
+from services.optimizer.store import Store
+from shared.bus import event_tasks, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
-from shared.outbox import relay
 
 settings = get_settings()
 # What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
@@ -32,8 +31,7 @@ def _generator() -> VariantGenerator:
     return make_generator(get_settings())
 
 
-def _relay() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+_relay = outbox_relay(app, "optimizer", _store)
 
 
 #: task -> (the event it takes, the handler); the two busiest digest their messages in batches
@@ -78,8 +76,3 @@ def generate_variants(payload: dict | None = None) -> list[dict[str, Any]]:
     results = handlers.auto_cycle(_store().uow, _generator(), get_settings())
     _relay()
     return results
-
-
-@app.task(name="optimizer.relay_outbox")
-def relay_outbox(payload: dict | None = None) -> int:
-    return _relay()

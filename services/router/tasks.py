@@ -7,8 +7,8 @@ from functools import lru_cache
 
 from services.router import handlers
 from services.router.config import get_settings
-from services.router.store import Store, outbox
-from shared.bus import bus_for, event_tasks, worker_app
+from services.router.store import Store
+from shared.bus import bus_for, event_tasks, outbox_relay, worker_app
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -19,7 +19,6 @@ from shared.contracts import (
     ModelWithdrawn,
     ResendExplanations,
 )
-from shared.outbox import relay
 
 settings = get_settings()
 # What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
@@ -34,8 +33,7 @@ def _store() -> Store:
     return store
 
 
-def _relay() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+_relay = outbox_relay(app, "router", _store)
 
 
 #: task -> (the event it takes, the handler that applies it to the routing replica)
@@ -53,11 +51,6 @@ EVENT_TASKS = event_tasks(
     lambda: _store().uow(),
     after=_relay,
 )
-
-
-@app.task(name="router.relay_outbox")
-def relay_outbox() -> int:
-    return _relay()
 
 
 @app.task(name="router.resend_explanations")

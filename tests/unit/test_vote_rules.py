@@ -51,9 +51,28 @@ def test_a_vote_cast_at_the_instant_of_the_erasure_is_dropped() -> None:
     assert not votes.erased_before(T0, T0 + timedelta(microseconds=1))
 
 
+class Rows:
+    """One vote row per feedback id, in memory."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self.writes: list[bool] = []
+
+    def vote_submitted_at(self, feedback_id: str) -> datetime | None:
+        return self.rows[feedback_id]["submitted_at"] if feedback_id in self.rows else None
+
+    def upsert_vote(self, values: dict, *, replace: bool) -> None:
+        assert replace == (values["feedback_id"] in self.rows)
+        self.writes.append(replace)
+        self.rows[values["feedback_id"]] = values
+
+
 def test_keep_newest_writes_a_new_or_newer_vote_and_skips_a_stale_one() -> None:
-    writes: list[bool] = []
-    assert votes.keep_newest(None, T0, writes.append) == "stored"
-    assert votes.keep_newest(T0, T0 + timedelta(seconds=1), writes.append) == "replaced"
-    assert votes.keep_newest(T0, T0 - timedelta(seconds=1), writes.append) == "stale"
-    assert writes == [False, True]  # insert, then replace; nothing for the stale one
+    rows = Rows()
+    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": 1, "submitted_at": T0}, T0) == "stored"
+    later = T0 + timedelta(seconds=1)
+    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": -1, "submitted_at": later}, later) == "replaced"
+    earlier = T0 - timedelta(seconds=1)
+    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": 1, "submitted_at": earlier}, earlier) == "stale"
+    assert rows.writes == [False, True]  # insert, then replace; nothing for the stale one
+    assert rows.rows["f"]["rating"] == -1
