@@ -33,10 +33,26 @@ class VoteRows(Protocol):
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None: ...
 
 
-def keep_newest(rows: VoteRows, row: dict[str, Any], submitted_at: datetime) -> Literal["stored", "replaced", "stale"]:
-    """Store the vote `row` (keyed by its "feedback_id") by `vote_outcome`: a stale vote is not written
-    ('stale'); otherwise it becomes a new row or replaces the stored one ('stored' or 'replaced')."""
-    outcome = vote_outcome(rows.vote_submitted_at(row["feedback_id"]), submitted_at)
+#: What every store of votes keeps of a vote; each adds its own columns (`vote_row`).
+VOTE_FIELDS: tuple[str, ...] = ("feedback_id", "explanation_id", "rating", "stars", "submitted_at")
+
+
+def vote_row(message: Any, *fields: str) -> dict[str, Any]:
+    """A vote (`RecordFeedback`, `FeedbackRecorded`) as a store's row: `VOTE_FIELDS` with the ids as text and
+    `submitted_at` in UTC, and the message's `fields` as they are."""
+    row = {name: getattr(message, name) for name in (*VOTE_FIELDS, *fields)}
+    row.update(
+        feedback_id=str(message.feedback_id),
+        explanation_id=str(message.explanation_id),
+        submitted_at=as_utc(message.submitted_at),
+    )
+    return row
+
+
+def keep_newest(rows: VoteRows, row: dict[str, Any]) -> Literal["stored", "replaced", "stale"]:
+    """Store the vote `row` (a `vote_row`) by `vote_outcome`: a stale vote is not written ('stale'); otherwise
+    it becomes a new row or replaces the stored one under its feedback id ('stored' or 'replaced')."""
+    outcome = vote_outcome(rows.vote_submitted_at(row["feedback_id"]), row["submitted_at"])
     if outcome == "stale":
         return "stale"
     rows.upsert_vote(row, replace=outcome == "replace")

@@ -83,20 +83,8 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         repo = uow.repo
         if votes.erased_before(repo.erased_at(event.feedback_id), event.submitted_at):
             return "erased"
-        row = {
-            "feedback_id": str(event.feedback_id),
-            "explanation_id": str(event.explanation_id),
-            "rating": event.rating,
-            "stars": event.stars,
-            "has_comment": event.has_comment,
-            "submitted_at": as_utc(event.submitted_at),
-            "prompt_name": event.prompt_name,
-            "prompt_version": event.prompt_version,
-            "model": event.model,
-            "signal": event.signal,
-            "ticker": event.ticker,
-        }
-        return votes.keep_newest(repo, row, event.submitted_at)
+        row = votes.vote_row(event, "has_comment", "prompt_name", "prompt_version", "model", "signal", "ticker")
+        return votes.keep_newest(repo, row)
 
     return _once(event, uow, apply)
 

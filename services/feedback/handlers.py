@@ -49,17 +49,8 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
     if refusal is not None:  # counted, never stored: nothing of the vote is kept
         repo.count_dropped(refusal)
         return refusal
-    row = {
-        "feedback_id": str(cmd.feedback_id),
-        "explanation_id": str(cmd.explanation_id),
-        "session_key": cmd.session_key,
-        "rating": cmd.rating,
-        "stars": cmd.stars,
-        "comment": cmd.comment,
-        "submitted_at": cmd.submitted_at,
-        "stored_at": utcnow(),
-    }
-    outcome = votes.keep_newest(repo, row, cmd.submitted_at)
+    row = votes.vote_row(cmd, "session_key", "comment") | {"stored_at": utcnow()}
+    outcome = votes.keep_newest(repo, row)
     if outcome == "stale":
         return "stale"
     uow.add_events(

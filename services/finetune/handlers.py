@@ -125,15 +125,7 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         # (a model keeps what it learnt until it is withdrawn), so this store never takes that session back.
         if repo.is_erased(event.session_key):
             return "erased"
-        row = {
-            "feedback_id": str(event.feedback_id),
-            "explanation_id": str(event.explanation_id),
-            "session_key": event.session_key,
-            "rating": event.rating,
-            "stars": event.stars,
-            "submitted_at": event.submitted_at,
-        }
-        return votes.keep_newest(repo, row, event.submitted_at)
+        return votes.keep_newest(repo, votes.vote_row(event, "session_key"))
 
     return handle_once(uow, event.message_id, apply)
 

@@ -82,16 +82,7 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         repo = uow.repo
         if votes.erased_before(repo.vote_erased_at(event.feedback_id), event.submitted_at):
             return "erased"  # the session asked to be forgotten after this vote: it stays forgotten
-        row = {
-            "feedback_id": str(event.feedback_id),
-            "explanation_id": str(event.explanation_id),
-            "experiment_id": event.experiment_id,
-            "arm_id": event.arm_id,
-            "rating": event.rating,
-            "stars": event.stars,
-            "submitted_at": event.submitted_at,
-        }
-        return votes.keep_newest(repo, row, event.submitted_at)
+        return votes.keep_newest(repo, votes.vote_row(event, "experiment_id", "arm_id"))
 
     return handle_once(uow, event.message_id, apply)
 

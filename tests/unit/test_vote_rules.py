@@ -3,6 +3,7 @@ the queue delivers them in, and what a session did before its erasure stays eras
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 from shared import votes
@@ -69,10 +70,28 @@ class Rows:
 
 def test_keep_newest_writes_a_new_or_newer_vote_and_skips_a_stale_one() -> None:
     rows = Rows()
-    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": 1, "submitted_at": T0}, T0) == "stored"
+    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": 1, "submitted_at": T0}) == "stored"
     later = T0 + timedelta(seconds=1)
-    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": -1, "submitted_at": later}, later) == "replaced"
+    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": -1, "submitted_at": later}) == "replaced"
     earlier = T0 - timedelta(seconds=1)
-    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": 1, "submitted_at": earlier}, earlier) == "stale"
+    assert votes.keep_newest(rows, {"feedback_id": "f", "rating": 1, "submitted_at": earlier}) == "stale"
     assert rows.writes == [False, True]  # insert, then replace; nothing for the stale one
     assert rows.rows["f"]["rating"] == -1
+
+
+def test_a_vote_row_has_the_common_fields_ids_as_text_the_time_in_utc_and_what_the_store_adds() -> None:
+    class Vote:
+        feedback_id, explanation_id = uuid.UUID(int=1), uuid.UUID(int=2)
+        rating, stars, comment = 1, None, "ok"
+        submitted_at = T0.astimezone(timezone(timedelta(hours=2)))
+
+    row = votes.vote_row(Vote(), "comment")
+    assert row == {
+        "feedback_id": str(uuid.UUID(int=1)),
+        "explanation_id": str(uuid.UUID(int=2)),
+        "rating": 1,
+        "stars": None,
+        "submitted_at": T0,
+        "comment": "ok",
+    }
+    assert row["submitted_at"].utcoffset() == timedelta(0)
