@@ -4,7 +4,7 @@ experiment, known models), kept up to date by events. No other service opens it.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -20,13 +20,11 @@ from sqlalchemy import (
     Text,
     func,
     select,
-    update,
 )
 from sqlalchemy.orm import Session
 
 from services.router.domain import Arm, Experiment, Routing, Template
-from shared.bus import Publisher
-from shared.contracts import Event, utcnow
+from shared.clock import as_utc
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
@@ -120,12 +118,6 @@ ERASED_SESSION = ""
 outbox = outbox_table(metadata)
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    if ts is None:
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
 class RouterRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
 
@@ -152,13 +144,13 @@ class RouterRepository(MessageLog):
         if row is None:
             return None
         out = dict(row)
-        out["created_at"] = _aware(out["created_at"])
+        out["created_at"] = as_utc(out["created_at"])
         return out
 
     def explanations(self, explanation_ids: list[uuid.UUID]) -> list[dict[str, Any]]:
         ids = [str(e) for e in explanation_ids]
         rows = self.s.execute(select(explanations).where(explanations.c.explanation_id.in_(ids))).mappings().all()
-        return [dict(r) | {"created_at": _aware(r["created_at"])} for r in rows]
+        return [dict(r) | {"created_at": as_utc(r["created_at"])} for r in rows]
 
     def erase_session(self, session_key: str, explanation_ids: list[str]) -> int:
         """Keep what the cost and quality figures need of the session's explanations (ids, variant, model,
@@ -183,7 +175,7 @@ class RouterRepository(MessageLog):
         if row is None:
             return None
         out = dict(row)
-        out["changed_at"] = _aware(out["changed_at"])
+        out["changed_at"] = as_utc(out["changed_at"])
         return out
 
     def set_champion(self, values: dict[str, Any]) -> None:
@@ -199,7 +191,7 @@ class RouterRepository(MessageLog):
             return None
         out = dict(row)
         for key in ("started_at", "weights_at", "concluded_at"):
-            out[key] = _aware(out[key])
+            out[key] = None if out[key] is None else as_utc(out[key])
         return out
 
     def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:
@@ -284,19 +276,3 @@ class Store(SqlStore[RouterRepository]):
 
     def __init__(self, url: str) -> None:
         super().__init__(url, metadata, RouterRepository, outbox)
-
-    def publish_staged(self, bus: Publisher, events: list[Event]) -> None:
-        """Publish events this process just committed to the outbox, and mark them published.
-
-        The request path uses this instead of a full relay: it touches only its own rows, so concurrent
-        requests do not each republish everyone's pending events. Anything left unpublished (a crash, a
-        broker outage) is picked up by the periodic `router.relay_outbox`.
-        """
-        for event in events:
-            bus.publish(event)
-        with self.factory() as session, session.begin():
-            session.execute(
-                update(outbox)
-                .where(outbox.c.event_id.in_([str(e.message_id) for e in events]))
-                .values(published_at=utcnow())
-            )
