@@ -11,14 +11,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy.exc import IntegrityError
 
 from services.router import domain
 from services.router.config import DEFAULT_PRICES
 from services.router.providers import AttemptError, ProviderRequest, ProviderSet
-from services.router.store import ERASED_SESSION, SqlUnitOfWork
+from services.router.store import ERASED_SESSION, ExplanationRow, SqlUnitOfWork
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -28,6 +28,7 @@ from shared.contracts import (
     FeedbackErased,
     ModelRegistered,
     ModelWithdrawn,
+    Signal,
     derived_id,
     utcnow,
 )
@@ -42,29 +43,19 @@ SEED_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 @dataclass(frozen=True)
 class Explain:
     ticker: str
-    signal: str
+    signal: Signal
     context: Mapping[str, domain.ContextValue]
     session_key: str
 
 
 @dataclass(frozen=True)
 class Explained:
-    explanation_id: uuid.UUID
-    text: str
-    prompt_name: str
-    prompt_version: str
-    model: str
-    requested_model: str
-    provider: str
-    experiment_id: str | None
-    arm_id: str | None
-    tokens_in: int
-    tokens_out: int
-    latency_ms: float
-    cost_usd: float
-    fallback_used: bool
-    created_at: datetime
+    """A served explanation: its event (what was recorded and is published: the text, variant, model, tokens,
+    cost and latency), the model the variant assigned (`event.model` answered: a fallback when they differ)
+    and the provider attempts that failed on the way."""
+
     event: ExplanationCreated
+    requested_model: str
     errors: tuple[AttemptError, ...] = ()
 
 
@@ -167,40 +158,13 @@ def create_explanation(
     if budget is not None:
         budget.add(cost)
     explanation_id = uuid.uuid4()
-    created_at = utcnow()
-    key = domain.request_key(cmd.ticker, cmd.signal, cmd.context)
     with uow:
-        uow.repo.add_explanation(
-            {
-                "explanation_id": str(explanation_id),
-                "request_key": key,
-                "session_key": cmd.session_key,
-                "ticker": cmd.ticker,
-                "signal": cmd.signal,
-                "context": dict(cmd.context),
-                "prompt_name": variant.prompt.name,
-                "prompt_version": variant.prompt.version,
-                "prompt_text": prompt,
-                "requested_model": variant.model,
-                "model": result.model,
-                "provider": result.provider,
-                "experiment_id": variant.experiment_id,
-                "arm_id": variant.arm_id,
-                "text": c.text,
-                "tokens_in": c.tokens_in,
-                "tokens_out": c.tokens_out,
-                "cost_usd": cost,
-                "latency_ms": latency_ms,
-                "fallback_used": result.fallback_used,
-                "created_at": created_at,
-            }
-        )
         event = ExplanationCreated(
             message_id=derived_id("explanation.created", explanation_id),
             explanation_id=explanation_id,
-            request_key=key,
+            request_key=domain.request_key(cmd.ticker, cmd.signal, cmd.context),
             ticker=cmd.ticker,
-            signal=cmd.signal,  # type: ignore[arg-type]
+            signal=cmd.signal,
             prompt_name=variant.prompt.name,
             prompt_version=variant.prompt.version,
             model=result.model,
@@ -214,30 +178,30 @@ def create_explanation(
             cost_usd=cost,
             latency_ms=latency_ms,
             fallback_used=result.fallback_used,
-            created_at=created_at,
+            created_at=utcnow(),
             session_key=cmd.session_key,
+        )
+        uow.repo.add_explanation(
+            _explanation_row(event, session_key=cmd.session_key, context=cmd.context, requested_model=variant.model)
         )
         uow.add_events(event)
         uow.commit()
-    return Explained(
-        explanation_id=explanation_id,
-        text=c.text,
-        prompt_name=variant.prompt.name,
-        prompt_version=variant.prompt.version,
-        model=result.model,
-        requested_model=variant.model,
-        provider=result.provider,
-        experiment_id=variant.experiment_id,
-        arm_id=variant.arm_id,
-        tokens_in=c.tokens_in,
-        tokens_out=c.tokens_out,
-        latency_ms=latency_ms,
-        cost_usd=cost,
-        fallback_used=result.fallback_used,
-        created_at=created_at,
-        event=event,
-        errors=tuple(result.errors),
-    )
+    return Explained(event=event, requested_model=variant.model, errors=tuple(result.errors))
+
+
+def _explanation_row(
+    event: ExplanationCreated, *, session_key: str, context: Mapping[str, domain.ContextValue], requested_model: str
+) -> ExplanationRow:
+    """The stored explanation: the event's fields, with what the event does not carry (the context it was
+    asked with, the model the variant assigned)."""
+    fields = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
+    fields |= {
+        "explanation_id": str(event.explanation_id),
+        "session_key": session_key,
+        "context": dict(context),
+        "requested_model": requested_model,
+    }
+    return cast(ExplanationRow, fields)
 
 
 def cost_since(uow: SqlUnitOfWork, since: datetime) -> float:
@@ -245,7 +209,7 @@ def cost_since(uow: SqlUnitOfWork, since: datetime) -> float:
         return uow.repo.cost_since(since)
 
 
-def get_explanation(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> dict[str, Any] | None:
+def get_explanation(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> ExplanationRow | None:
     with uow:
         return uow.repo.explanation(explanation_id)
 
@@ -460,7 +424,7 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
     return erased
 
 
-def explanation_erased(row: dict[str, Any]) -> bool:
+def explanation_erased(row: ExplanationRow) -> bool:
     return row["session_key"] == ERASED_SESSION
 
 
