@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
-from services.finetune.store import Store, outbox
+from services.finetune.store import ModelRow, Store, outbox
 from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
 from shared.logging import configure_logging
@@ -94,7 +94,7 @@ def start_job(self: Any, payload: dict) -> str:
     if settings.serving_base_url:  # an external server (vLLM): load the adapter there once it is registered
         url, key = settings.serving_base_url, settings.serving_key()
 
-        def announce(model: dict) -> None:
+        def announce(model: ModelRow) -> None:
             jobs.load_adapter_on_server(url, model, key=key)
 
     try:

@@ -19,7 +19,7 @@ from typing import Any
 from services.optimizer import domain, stats
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.registry import UowFactory, _aware, _require_prompt, _set_champion
-from services.optimizer.store import SqlUnitOfWork
+from services.optimizer.store import ArmRow, ExperimentRow, SqlUnitOfWork
 from shared.contracts import (
     AllocationChanged,
     ArmSpec,
@@ -156,7 +156,7 @@ def _start(uow: SqlUnitOfWork, experiment_id: str, now: datetime) -> None:
     )
 
 
-def _require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> dict[str, Any]:
+def _require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> ExperimentRow:
     exp = uow.repo.experiment(experiment_id)
     if exp is None:
         raise domain.NotFound(f"unknown experiment {experiment_id}")
@@ -169,7 +169,7 @@ def _require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> dict[str, Any
 
 
 def _evaluate(
-    uow: SqlUnitOfWork, exp: dict[str, Any], arms: list[dict[str, Any]], now: datetime
+    uow: SqlUnitOfWork, exp: ExperimentRow, arms: list[ArmRow], now: datetime
 ) -> tuple[list[stats.ArmData], stats.Analysis, stats.Decision]:
     """Analyze an experiment with the session as the unit: per-session aggregates of every arm (explanations
     a fallback wrote excluded from quality), the sessions of the recent half for the novelty check, and one
@@ -207,7 +207,7 @@ def _evaluate(
 
 def _end(
     uow: SqlUnitOfWork,
-    exp: dict[str, Any],
+    exp: ExperimentRow,
     status: str,
     decision: str,
     winner_arm_id: str | None,
@@ -248,7 +248,7 @@ def _end(
         )
 
 
-def _promote(uow: SqlUnitOfWork, exp: dict[str, Any], arm_id: str, reason: str, now: datetime) -> int | None:
+def _promote(uow: SqlUnitOfWork, exp: ExperimentRow, arm_id: str, reason: str, now: datetime) -> int | None:
     """Make the arm champion, archive the losers, conclude. Returns the champion row id (None when the arm
     already is the champion)."""
     repo = uow.repo
@@ -330,8 +330,8 @@ def decide_experiment(
 
 def _reweight(
     uow: SqlUnitOfWork,
-    exp: dict[str, Any],
-    arms: list[dict[str, Any]],
+    exp: ExperimentRow,
+    arms: list[ArmRow],
     data: list[stats.ArmData],
     analysis: stats.Analysis,
     settings: OptimizerSettings,
@@ -490,7 +490,8 @@ def rollback_experiment(experiment_id: str, uow: SqlUnitOfWork, now: datetime | 
             raise domain.Conflict(f"experiment {experiment_id} has already been rolled back")
         promoted = repo.champion_by_id(int(exp["promoted_champion_id"]))
         assert promoted is not None
-        if not promoted["previous_version"]:
+        previous_version, previous_model = promoted["previous_version"], promoted["previous_model"]
+        if not previous_version or not previous_model:  # both are set together (registry._set_champion)
             raise domain.Conflict("there is no earlier champion to restore")
         name = exp["prompt_name"]
         current = repo.champion(name)
@@ -500,9 +501,7 @@ def rollback_experiment(experiment_id: str, uow: SqlUnitOfWork, now: datetime | 
             f"({promoted['previous_model']}) in place of {current['version']}"
         )
         stopped = _stop_active_for(uow, name, "stopped by a rollback of the champion", now)
-        cid = _set_champion(
-            uow, name, promoted["previous_version"], promoted["previous_model"], kind="rollback", reason=reason
-        )
+        cid = _set_champion(uow, name, previous_version, previous_model, kind="rollback", reason=reason)
         repo.update_experiment(experiment_id, rolled_back=True)
         uow.commit()
     return {

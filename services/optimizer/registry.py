@@ -23,7 +23,7 @@ from typing import Any
 from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import SearchHistory, VariantGenerator, fingerprint
-from services.optimizer.store import SqlUnitOfWork
+from services.optimizer.store import ChampionRow, PromptVersionRow, SqlUnitOfWork
 from shared.contracts import ChampionChanged, PromptTemplate, derived_id, utcnow
 from shared.prompts import SEED_PROMPT, TemplateError, check_template
 
@@ -46,7 +46,7 @@ def _iso(ts: datetime | None) -> str | None:
     return _aware(ts).isoformat() if ts else None
 
 
-def _version_view(row: dict[str, Any]) -> dict[str, Any]:
+def _version_view(row: PromptVersionRow) -> dict[str, Any]:
     return {
         "version": row["version"],
         "template": row["template"],
@@ -103,7 +103,7 @@ def ensure_seeded(uow: SqlUnitOfWork, model: str) -> bool:
     return True
 
 
-def _require_prompt(uow: SqlUnitOfWork, name: str) -> dict[str, Any]:
+def _require_prompt(uow: SqlUnitOfWork, name: str) -> ChampionRow:
     champion = uow.repo.champion(name)
     if champion is None:
         raise domain.NotFound(f"unknown prompt {name!r}")
