@@ -67,7 +67,7 @@ class Gateway:
             """Every service's own health, asked side by side (each answers within about a second)."""
             import asyncio
 
-            transport = httpx.ASGITransport(app=self)  # type: ignore[arg-type]
+            transport = httpx.ASGITransport(app=self)
 
             async def ask(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
                 try:
