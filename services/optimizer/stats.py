@@ -650,10 +650,10 @@ def _posterior_draws(
         pos = np.array([a.positives for a in arms], dtype=float) / deff
         n = np.array([a.n for a in arms], dtype=float) / deff
         return beta_draws(pos, n, draws, rng)
-    if any(m.mean is None or m.n < 2 for m in moments):
+    if any(m.mean is None or m.var is None or m.n < 2 for m in moments):
         return None
     means = np.array([m.mean for m in moments], dtype=float)
-    sds = np.sqrt(np.array([m.var / m.n for m in moments], dtype=float))  # type: ignore[operator]
+    sds = np.sqrt(np.array([m.var / m.n for m in moments if m.var is not None], dtype=float))  # every one
     return rng.normal(means, sds, size=(draws, len(arms)))
 
 
@@ -766,8 +766,8 @@ def _segment_results(
     tested = [r for r in rows if r["diff"] is not None]
     alpha_each = alpha / max(len(tested), 1)
     adjusted = holm_adjust([float(msprt_p_value(r["diff"], r["var"], tau2)) for r in tested])
-    for r, p in zip(tested, adjusted, strict=True):
-        r["p"] = p
+    for r, p_holm in zip(tested, adjusted, strict=True):
+        r["p"] = p_holm
     out = []
     for r in rows:
         d = r["diff"]
@@ -972,6 +972,7 @@ def analyze(
         ci_seq = ci_fixed = ci_rel = None
         futile = False
         if i in diff:
+            assert tau2 is not None  # a difference is computed only with a prior scale
             c_mean = prim_m[control_idx].mean  # type: ignore[index]
             lift = diff[i] / c_mean if c_mean else None
             h = float(msprt_half_width(var[i], tau2, alpha_each))
