@@ -37,6 +37,7 @@ FAST = {
     "OUTBOX_RELAY_INTERVAL_S": "2",
     "FEEDBACK_JOURNAL_SWEEP_INTERVAL_S": "2",
     "FEEDBACK_JOURNAL_GRACE_S": "15",
+    "FEEDBACK_QUARANTINE_RESEND_AFTER_S": "15",
     "OPTIMIZER_DECISION_INTERVAL_S": "30",
     "LOG_LEVEL": "WARNING",
     "REDIS_URL": "",  # always the private one: this run kills it
@@ -196,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         restarts += stack.supervise_once()
         count = _rows(feedback_db, "select count(*) from feedback")
         n = count[0][0] if count else -1
-        busy = r.hlen("journal:feedback") + sum(
-            r.llen(q) for q in ("router", "feedback", "optimizer", "finetune", "dashboard")
+        held = _rows(feedback_db, "select count(*) from quarantine")  # votes waiting for their explanation
+        busy = (
+            r.hlen("journal:feedback")
+            + sum(r.llen(q) for q in ("router", "feedback", "optimizer", "finetune", "dashboard"))
+            + (held[0][0] if held else 0)
         )
         if n != last or busy:
             last, stable_since = n, time.monotonic()

@@ -280,6 +280,16 @@ class RecordFeedback(Command):
     submitted_at: datetime
 
 
+class ResendExplanations(Command):
+    """Sent by the feedback service for explanations it holds votes on but never got the event of: the router
+    publishes their `ExplanationCreated` again, with the original message ids (a subscriber that had them
+    ignores them). kombu's Redis transport loses a message taken by a worker killed before it was recorded as
+    unacknowledged; for an event this is the one way back."""
+
+    type: ClassVar[str] = "router.resend_explanations"
+    explanation_ids: list[uuid.UUID] = Field(min_length=1, max_length=500)
+
+
 class StartFineTune(Command):
     type: ClassVar[str] = "finetune.start_job"
     job_id: str | None = None

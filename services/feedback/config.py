@@ -24,6 +24,11 @@ class FeedbackSettings(ServiceSettings):
     # Every accepted vote is also journalled until the worker has stored it; a vote still in the journal
     # after this long (it was lost between the queue and a killed worker) is sent again. See IntakeJournal.
     journal_grace_s: float = 300.0
+    # A vote held in the quarantine this long (its explanation's event has not arrived) makes the sweep ask the
+    # router to publish that event again (ResendExplanations); it asks again at every sweep for up to
+    # `quarantine_resend_window_s`, then gives up on that vote (a vote on an id the router never issued).
+    quarantine_resend_after_s: float = Field(30.0, ge=0)
+    quarantine_resend_window_s: float = Field(3600.0, gt=0)
 
     # Doors. Rate limits per client (IP) and per session, "<n>/<period>" as the `limits` library reads them;
     # empty: no limit. Generous for people; a frontend that proxies many users from one IP raises the client's.

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    func,
     select,
 )
 from sqlalchemy.orm import Session
@@ -226,6 +227,17 @@ class FeedbackRepository(MessageLog):
         ).all()
         self.s.execute(delete(quarantine).where(quarantine.c.explanation_id == str(explanation_id)))
         return [r.command for r in rows]
+
+    def quarantined_explanations(self, since: datetime, until: datetime, limit: int = 500) -> list[uuid.UUID]:
+        """Explanations with votes quarantined between `since` and `until`, oldest first."""
+        q = (
+            select(quarantine.c.explanation_id, func.min(quarantine.c.received_at).label("first"))
+            .where(quarantine.c.received_at >= since, quarantine.c.received_at <= until)
+            .group_by(quarantine.c.explanation_id)
+            .order_by("first")
+            .limit(limit)
+        )
+        return [uuid.UUID(r.explanation_id) for r in self.s.execute(q)]
 
     def list_quarantine(self, limit: int = 100) -> list[QuarantinedRow]:
         rows = self.s.execute(

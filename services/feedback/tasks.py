@@ -3,6 +3,7 @@ calls the handler; the outbox is relayed after the commit."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 
 from pydantic import ValidationError
@@ -11,7 +12,7 @@ from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.store import Store, outbox
 from shared.bus import IntakeJournal, batch_task, bus_for, make_celery, use_dead_letters
-from shared.contracts import ExplanationCreated, RecordFeedback
+from shared.contracts import ExplanationCreated, RecordFeedback, ResendExplanations, utcnow
 from shared.deadletter import INVALID, UNREADABLE, describe_error
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -63,7 +64,30 @@ record = batch_task(
 @app.task(name="feedback.sweep_journal")
 def sweep_journal() -> int:
     """Send again the accepted votes that no worker has stored within the grace period. What cannot be read
-    (a broken journal entry, a payload that does not validate) is dead-lettered and skipped; the rest goes on."""
+    (a broken journal entry, a payload that does not validate) is dead-lettered and skipped; the rest goes on.
+    Then ask the router again for the explanations that quarantined votes still wait for (`ask_for_missing`)."""
+    sent = _sweep_journal()
+    ask_for_missing()
+    return sent
+
+
+def ask_for_missing() -> int:
+    """Votes wait in the quarantine for their explanation's event. If it does not come within
+    `quarantine_resend_after_s` (the event was lost on its way here: a worker killed between taking it off the
+    queue and recording it), the router is asked to publish it again; at every sweep, for as long as
+    `quarantine_resend_window_s`. Returns how many explanations were asked for."""
+    s = get_settings()
+    now = utcnow()
+    with _store().uow() as uow:
+        missing = uow.repo.quarantined_explanations(
+            now - timedelta(seconds=s.quarantine_resend_window_s), now - timedelta(seconds=s.quarantine_resend_after_s)
+        )
+    if missing:
+        bus_for(app).send(ResendExplanations(explanation_ids=missing))
+    return len(missing)
+
+
+def _sweep_journal() -> int:
     bus = bus_for(app)
     dead = _store().dead_letters
 

@@ -49,6 +49,10 @@ class OptimizerSettings(ServiceSettings):
     # the search is exhausted (announced once, generation stops) after this many generations in a row for
     # the same champion that added no candidate; the offline generator also knows when its space is spent
     generation_patience: int = Field(3, ge=1)
+    # a round that reached its sample cap with a leader whose always-valid interval still reaches the target
+    # lift gives that leader this many more rounds against the same champion (alone against it: more power)
+    # before it counts as lost; 0: an inconclusive round is final
+    retest_rounds: int = Field(1, ge=0, le=3)
 
     # -- fine-tuned models (finetune service): ship only with a relative lift >= this ---------------------
     finetune_min_lift: float = Field(0.10, ge=0)

@@ -182,7 +182,9 @@ def auto_cycle(
     """The self-learning loop's beat: for every prompt with no experiment running or queued, take the
     untested candidates descended from the champion (generating new ones, with the search's history, when
     there are none and the rate limit allows) and start the next experiment: champion as control, candidates
-    as treatments. A search with nothing left is announced once (SearchExhausted) and generates no more."""
+    as treatments. A round that ended at its cap with a leader that may still reach the target lift is run
+    again, that leader alone against the champion (`search.retest_candidate`), before anything new is generated.
+    A search with nothing left is announced once (SearchExhausted) and generates no more."""
     now = now or utcnow()
     out: list[dict[str, Any]] = []
     if not settings.auto_experiment:
@@ -207,6 +209,11 @@ def auto_cycle(
                 and v["version"] not in tested
             ]
         generated = None
+        if not candidates and (retest := search.retest_candidate(uow_factory(), name, settings, now)) is not None:
+            with uow_factory() as uow:  # archived when its round ended; a candidate again for one more round
+                uow.repo.set_version_status(name, retest, domain.VERSION_CANDIDATE)
+                uow.commit()
+            candidates = [retest]
         if not candidates:
             if search.already_announced(uow_factory(), name):
                 out.append({"prompt_name": name, "action": "exhausted", "reason": "announced before; nothing changed"})

@@ -180,6 +180,59 @@ def _survey(
     return history, rounds
 
 
+def retest_candidate(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings, now: datetime) -> str | None:
+    """The version that deserves another round before it counts as lost, or None.
+
+    It is the leader of the prompt's latest round when that round ended inconclusive at its sample cap (not
+    for futility), was run against today's champion, it measured at least half the target lift, and its
+    always-valid interval of the relative lift still reaches the target lift: a real winner that measured low by
+    chance. One look is noisy at a capped sample,
+    and a version that lost is never proposed again, so without this a +12-point variant that measured +6 in
+    its round is gone for good. It gets `settings.retest_rounds` more rounds; each round keeps its own
+    always-valid error bound, so a version that is no better ships in a re-test with at most that error again.
+    """
+    if settings.retest_rounds <= 0:
+        return None
+    with uow:
+        repo = uow.repo
+        champion = _require_prompt(uow, name)
+        experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: _aware(e["created_at"]))
+        if not experiments:
+            return None
+        last = experiments[-1]
+        if last["status"] != domain.CONCLUDED or last["decision"] != stats.DECISION_INCONCLUSIVE:
+            return None
+        if "futility" in (last["reason"] or "") or last["started_at"] is None:
+            return None
+        arms = repo.arms(last["experiment_id"])
+        control = next((a for a in arms if a["is_control"]), None)
+        if control is None or control["prompt_version"] != champion["version"]:
+            return None
+        _, analysis, _ = _evaluate(uow, last, arms, now)
+        version_of = {a["arm_id"]: a["prompt_version"] for a in arms if not a["is_control"]}
+        target = float(last["target_lift"])
+        open_ = [
+            r
+            for r in analysis.arms
+            if r.arm_id in version_of
+            and version_of[r.arm_id] != champion["version"]
+            and r.lift is not None
+            and r.lift >= target / 2
+            and r.lift_ci_relative is not None
+            and r.lift_ci_relative[1] >= target
+        ]
+        if not open_:
+            return None
+        leader = version_of[max(open_, key=lambda r: r.lift or 0.0).arm_id]
+        rounds = sum(
+            1
+            for e in experiments
+            for a in repo.arms(e["experiment_id"])
+            if not a["is_control"] and a["prompt_version"] == leader
+        )
+        return leader if rounds <= settings.retest_rounds else None
+
+
 def load_history(uow: SqlUnitOfWork, name: str, now: datetime | None = None) -> SearchHistory:
     with uow:
         return _survey(uow, name, now or utcnow())[0]

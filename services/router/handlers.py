@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
 
@@ -158,50 +158,71 @@ def create_explanation(
     if budget is not None:
         budget.add(cost)
     explanation_id = uuid.uuid4()
+    row: ExplanationRow = {
+        "explanation_id": str(explanation_id),
+        "request_key": domain.request_key(cmd.ticker, cmd.signal, cmd.context),
+        "session_key": cmd.session_key,
+        "ticker": cmd.ticker,
+        "signal": cmd.signal,
+        "context": dict(cmd.context),
+        "prompt_name": variant.prompt.name,
+        "prompt_version": variant.prompt.version,
+        "prompt_text": prompt,
+        "requested_model": variant.model,
+        "model": result.model,
+        "provider": result.provider,
+        "experiment_id": variant.experiment_id,
+        "arm_id": variant.arm_id,
+        "text": c.text,
+        "tokens_in": c.tokens_in,
+        "tokens_out": c.tokens_out,
+        "cost_usd": cost,
+        "latency_ms": latency_ms,
+        "fallback_used": result.fallback_used,
+        "created_at": utcnow(),
+    }
+    event = explanation_event(row)
     with uow:
-        event = ExplanationCreated(
-            message_id=derived_id("explanation.created", explanation_id),
-            explanation_id=explanation_id,
-            request_key=domain.request_key(cmd.ticker, cmd.signal, cmd.context),
-            ticker=cmd.ticker,
-            signal=cmd.signal,
-            prompt_name=variant.prompt.name,
-            prompt_version=variant.prompt.version,
-            model=result.model,
-            provider=result.provider,
-            experiment_id=variant.experiment_id,
-            arm_id=variant.arm_id,
-            prompt_text=prompt,
-            text=c.text,
-            tokens_in=c.tokens_in,
-            tokens_out=c.tokens_out,
-            cost_usd=cost,
-            latency_ms=latency_ms,
-            fallback_used=result.fallback_used,
-            created_at=utcnow(),
-            session_key=cmd.session_key,
-        )
-        uow.repo.add_explanation(
-            _explanation_row(event, session_key=cmd.session_key, context=cmd.context, requested_model=variant.model)
-        )
+        uow.repo.add_explanation(row)
         uow.add_events(event)
         uow.commit()
     return Explained(event=event, requested_model=variant.model, errors=tuple(result.errors))
 
 
-def _explanation_row(
-    event: ExplanationCreated, *, session_key: str, context: Mapping[str, domain.ContextValue], requested_model: str
-) -> ExplanationRow:
-    """The stored explanation: the event's fields, with what the event does not carry (the context it was
-    asked with, the model the variant assigned)."""
-    fields = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
-    fields |= {
-        "explanation_id": str(event.explanation_id),
-        "session_key": session_key,
-        "context": dict(context),
-        "requested_model": requested_model,
-    }
-    return cast(ExplanationRow, fields)
+def explanation_event(row: ExplanationRow) -> ExplanationCreated:
+    """The `ExplanationCreated` of a stored explanation, with the message id it was first published with. An
+    erased session's explanation gives the event as its erasure left it: no session, prompt or text."""
+    explanation_id = uuid.UUID(str(row["explanation_id"]))
+    return ExplanationCreated(
+        message_id=derived_id("explanation.created", explanation_id),
+        explanation_id=explanation_id,
+        request_key=row["request_key"],
+        ticker=row["ticker"],
+        signal=row["signal"],
+        prompt_name=row["prompt_name"],
+        prompt_version=row["prompt_version"],
+        model=row["model"],
+        provider=row["provider"],
+        experiment_id=row["experiment_id"],
+        arm_id=row["arm_id"],
+        prompt_text=row["prompt_text"],
+        text=row["text"],
+        tokens_in=row["tokens_in"],
+        tokens_out=row["tokens_out"],
+        cost_usd=row["cost_usd"],
+        latency_ms=row["latency_ms"],
+        fallback_used=bool(row["fallback_used"]),
+        created_at=row["created_at"],
+        session_key=None if row["session_key"] == ERASED_SESSION else row["session_key"],
+    )
+
+
+def explanation_events(uow: SqlUnitOfWork, explanation_ids: list[uuid.UUID]) -> list[ExplanationCreated]:
+    """The events of the stored explanations among `explanation_ids`, to publish again
+    (`ResendExplanations`); ids the router never issued are skipped."""
+    with uow:
+        rows = uow.repo.explanations(explanation_ids)
+    return [explanation_event(r) for r in sorted(rows, key=lambda r: r["created_at"])]
 
 
 def cost_since(uow: SqlUnitOfWork, since: datetime) -> float:

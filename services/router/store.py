@@ -227,6 +227,11 @@ class RouterRepository(MessageLog):
         out["created_at"] = _aware(out["created_at"])
         return out
 
+    def explanations(self, explanation_ids: list[uuid.UUID]) -> list[ExplanationRow]:
+        ids = [str(e) for e in explanation_ids]
+        rows = self.s.execute(select(explanations).where(explanations.c.explanation_id.in_(ids))).mappings().all()
+        return [cast(ExplanationRow, dict(r) | {"created_at": _aware(r["created_at"])}) for r in rows]
+
     def erase_session(self, session_key: str, explanation_ids: list[str]) -> int:
         """Keep what the cost and quality figures need of the session's explanations (ids, variant, model,
         tokens, cost, latency, time) and drop what was the session's: its key, the context it sent, the prompt

@@ -17,6 +17,7 @@ from shared.contracts import (
     FeedbackErased,
     ModelRegistered,
     ModelWithdrawn,
+    ResendExplanations,
 )
 from shared.logging import configure_logging
 from shared.outbox import relay
@@ -94,3 +95,14 @@ def on_feedback_erased(payload: dict) -> int:
 @app.task(name="router.relay_outbox")
 def relay_outbox() -> int:
     return _relay()
+
+
+@app.task(name="router.resend_explanations")
+def resend_explanations(payload: dict) -> int:
+    """Publish the `ExplanationCreated` of these explanations again (`ResendExplanations`, from the feedback
+    service's sweep): straight to the bus, not through the outbox, whose row of that event id was published
+    long ago. A broker error is transient: the task is retried, then dead-lettered."""
+    events = handlers.explanation_events(_store().uow(), ResendExplanations.from_payload(payload).explanation_ids)
+    if events:
+        bus_for(app).publish_many(events)
+    return len(events)

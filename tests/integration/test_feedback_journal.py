@@ -117,3 +117,66 @@ def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_store
             with sqlite3.connect(tmp_path / "feedback.db") as conn:
                 assert conn.execute("select count(distinct session_key) from feedback").fetchone()[0] == 3
         r.close()
+
+
+@pytest.mark.slow
+def test_a_vote_whose_explanation_event_was_lost_is_stored_once_the_router_sends_the_event_again(
+    tmp_path: Path,
+) -> None:
+    """The same gap for an event: the feedback service's copy of an `ExplanationCreated` is lost (taken by a
+    worker killed before kombu recorded it), so the vote on it waits in the quarantine. The sweep asks the
+    router to publish the event again (`ResendExplanations`), and the vote is released and stored."""
+    from services.router import handlers as router_handlers
+    from services.router.store import Store as RouterStore
+
+    with RedisServer(tmp_path / "redis") as server:
+        settings = FeedbackSettings(
+            redis_url=server.url,
+            admin_token="a",
+            session_hash_key="k",
+            data_dir=tmp_path,
+            gateway_url=f"http://127.0.0.1:{free_port()}",
+        )
+        eid = uuid.uuid4()
+        event = _explanation(eid, "s")
+        router_store = RouterStore(f"sqlite:///{tmp_path / 'router.db'}")
+        with router_store.uow() as uow:  # the router has it; its event never reached the feedback service
+            row = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
+            uow.repo.add_explanation(row | {"explanation_id": str(eid), "context": {}, "requested_model": event.model})
+            uow.commit()
+        assert router_handlers.explanation_events(router_store.uow(), [eid, uuid.uuid4()])[0].message_id == (
+            router_handlers.explanation_event(row | {"explanation_id": str(eid)}).message_id
+        )
+        router_store.dispose()
+
+        app = create_app(settings)
+        with TestClient(app) as client:
+            assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": "s"}).status_code == 202
+
+        env = {
+            **os.environ,
+            "REDIS_URL": server.url,
+            "DATA_DIR": str(tmp_path),
+            "ADMIN_TOKEN": "a",
+            "SESSION_HASH_KEY": "k",
+            "FEEDBACK_QUARANTINE_RESEND_AFTER_S": "0",
+            "PYTHONPATH": str(ROOT),
+        }
+
+        def count(table: str) -> int:
+            with sqlite3.connect(tmp_path / "feedback.db") as conn:
+                return int(conn.execute(f"select count(*) from {table}").fetchone()[0])
+
+        with (
+            celery_worker("feedback", env, tmp_path / "feedback-worker.log"),
+            celery_worker("router", env, tmp_path / "router-worker.log"),
+        ):
+            wait_for(lambda: count("quarantine") == 1, timeout_s=30, what="the vote held in the quarantine")
+            sender = Celery(broker=server.url)
+            wait_for(
+                lambda: sender.send_task("feedback.sweep_journal", queue="feedback") and count("feedback") == 1,
+                timeout_s=45,
+                interval_s=2.0,
+                what="the explanation's event sent again and the vote released and stored",
+            )
+            assert count("quarantine") == 0

@@ -64,7 +64,7 @@ def test_every_treatment_below_keeps_the_control_and_says_against_what() -> None
     arms = [arm("control", 3000, 1800), arm("t1", 3000, 1500), arm("t2", 3000, 1450)]
     d = stats.decide(analysis(arms), DecisionConfig(), elapsed_s=LATE)
     assert (d.status, d.arm_id) == ("keep_control", "control")
-    assert d.reason == "every treatment's always-valid interval lies below no change on positive_rate"
+    assert d.reason == "every treatment's always-valid interval lies below 0 (no change) on positive_rate"
 
 
 def test_a_cheaper_winner_is_chosen_among_tied_ones_and_the_tie_is_said() -> None:
@@ -81,4 +81,4 @@ def test_a_cheaper_winner_is_chosen_among_tied_ones_and_the_tie_is_said() -> Non
 def test_still_collecting_reports_the_smallest_corrected_p_value() -> None:
     d = stats.decide(analysis([arm("control", 1000, 500), arm("t1", 1000, 530)]), DecisionConfig(), elapsed_s=LATE)
     assert d.status == "collecting"
-    assert d.reason.startswith("no interval clears no change yet; smallest corrected always-valid p=")
+    assert d.reason.startswith("no interval clears 0 (no change) yet; smallest corrected always-valid p=")
