@@ -227,21 +227,13 @@ class ChampionRow(TypedDict):
     since: datetime
 
 
-class ExperimentRow(TypedDict):
+class ExperimentRow(domain.StoredDecisionRule):
+    """An experiment: its decision rule's columns (`domain.StoredDecisionRule`) and these."""
+
     experiment_id: str
     prompt_name: str
     status: str
     allocation: Literal["fixed", "adaptive"]
-    metric: str
-    alpha: float
-    min_duration_s: float
-    min_feedback_per_arm: int
-    max_feedback_per_arm: int
-    target_lift: float
-    min_lift_to_ship: float
-    max_cost_ratio: float | None
-    max_latency_ratio: float | None
-    min_feedback_rate_ratio: float | None
     source: str
     note: str
     created_at: datetime
