@@ -303,9 +303,10 @@ def plain_loop(base: Path, rows: list[dict], batch: int, steps: int, r: int, lr:
 
 def run_trainer(base: Path, method: str, train: list[dict], heldout: list[dict], recipe: dict, out: Path) -> dict:
     from services.finetune import training
+    from services.finetune.domain import Recipe
 
     _reset_peak()
-    result = training.train(str(base), train, heldout, training.Recipe(method=method, **recipe), out)
+    result = training.train(str(base), train, heldout, Recipe(method=method, **recipe), out)
     m = result.metrics
     return {
         "steps": m["steps"],

@@ -1,5 +1,5 @@
-"""Learning benchmark: the optimizer's real statistics and decision code (stats.analyze / stats.decide /
-stats.thompson_weights) on simulated traffic, session by session, against the targets of issue 7 and issue 9.
+"""Learning benchmark: the optimizer's real statistics and decision code (analyze / decide /
+thompson_weights) on simulated traffic, session by session, against the targets of issue 7 and issue 9.
 
     python -m bench.learning            # headline run: 300 simulations per scenario (several minutes on 2 cores)
     python -m bench.learning --quick    # smoke run, 40 per scenario, wide error bars
@@ -10,10 +10,10 @@ each; a session is assigned to an arm with the weights in force (the router is s
 explanation gets a thumbs vote with probability 0.3; within a session the thumbs share a session-level rate
 drawn from a Beta around the arm's true rate with intra-session correlation rho (rho = 0: independent votes).
 After each batch the experiment is looked at as the service does: per-arm per-session aggregates (sessions,
-explanations, votes, ups, and their squares and cross products) go to `stats.analyze` (clustered variances,
+explanations, votes, ups, and their squares and cross products) go to `analyze` (clustered variances,
 anytime-valid SRM on sessions against the session-weighted intended split, the recent half of the sessions for
-the novelty check) and `stats.decide`. Adaptive mode re-weights after every batch with `stats.thompson_weights`,
-arms whose always-valid interval lies below the target lift (`stats.futile_arms`) getting no more traffic. A look
+the novelty check) and `decide`. Adaptive mode re-weights after every batch with `thompson_weights`,
+arms whose always-valid interval lies below the target lift (`futile_arms`) getting no more traffic. A look
 at which `decide` provably answers "collecting" (no interval near a bar, no arm at the cap, no SRM near its
 threshold, recomputed vectorised with the same formulas and slack) skips the analysis; `--exact` checks that.
 
@@ -49,7 +49,33 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from services.optimizer import stats
+from services.optimizer.stats.analysis import analyze
+from services.optimizer.stats.bayesian import many_to_one_control_share, thompson_weights
+from services.optimizer.stats.decision import (
+    DECISION_COLLECTING,
+    DECISION_KEEP_CONTROL,
+    DECISION_SHIP,
+    DECISION_UNHEALTHY,
+    Decision,
+    DecisionConfig,
+    decide,
+    futile_arms,
+)
+from services.optimizer.stats.frequentist import (
+    SRM_CONCENTRATION,
+    TARGET_POWER,
+    cohens_h,
+    msprt_half_width,
+    msprt_samples_per_arm,
+    msprt_tau_for_effect,
+    ratio_cluster_variance,
+    smoothed_rate_variance,
+    srm_log_bayes_factor,
+    two_proportion_z_p_value,
+    wilson_interval,
+    z_test_nobs1,
+)
+from services.optimizer.stats.results import ArmData
 
 ARMS = ("control", "t1", "t2", "t3")
 BASE_RATE = 0.60
@@ -70,7 +96,7 @@ ANALYZE_DRAWS = 1000  # Monte Carlo draws for P(best) inside the loop (ranking o
 NOVELTY_DAYS = 3.0
 NOVELTY_POINTS = 0.15
 SERVICE_CAP = 20000  # the service's default max_feedback_per_arm
-ADAPTIVE: dict[str, float] = {"control_share": stats.many_to_one_control_share(len(ARMS) - 1), "floor": 0.01}
+ADAPTIVE: dict[str, float] = {"control_share": many_to_one_control_share(len(ARMS) - 1), "floor": 0.01}
 # Outcome codes per run
 SHIP, KEEP, CAPPED, FUTILE, UNHEALTHY, OPEN = 0, 1, 2, 3, 4, 5
 
@@ -93,11 +119,11 @@ class Scenario:
     def k(self) -> int:
         return len(self.rates)
 
-    def configs(self) -> list[tuple[tuple[float, bool], stats.DecisionConfig]]:
+    def configs(self) -> list[tuple[tuple[float, bool], DecisionConfig]]:
         return [
             (
                 (days, fut),
-                stats.DecisionConfig(
+                DecisionConfig(
                     alpha=ALPHA,
                     target_lift=self.target_lift,
                     min_lift_to_ship=self.min_lift,
@@ -137,10 +163,10 @@ class Runs:
 F_SESS, F_EXP, F_N, F_X, F_NN, F_XX, F_XN = range(7)
 
 
-def n_fixed_per_arm(lift: float = TARGET_LIFT, power: float = stats.TARGET_POWER, k: int = 4) -> float:
+def n_fixed_per_arm(lift: float = TARGET_LIFT, power: float = TARGET_POWER, k: int = 4) -> float:
     """Fixed-horizon n per arm for `power` at `lift`, alpha Bonferroni-split over the treatments."""
-    h = abs(stats.cohens_h(BASE_RATE * (1 + lift), BASE_RATE))
-    return stats.z_test_nobs1(h, ALPHA / (k - 1), power=power)
+    h = abs(cohens_h(BASE_RATE * (1 + lift), BASE_RATE))
+    return z_test_nobs1(h, ALPHA / (k - 1), power=power)
 
 
 def horizon_batches(lift: float) -> int:
@@ -148,9 +174,9 @@ def horizon_batches(lift: float) -> int:
     return math.ceil(4 * n_fixed_per_arm(lift) / (FEEDBACK_PER_DAY / BATCHES_PER_DAY))
 
 
-def _arm_data(agg: NDArray[np.float64], k: int) -> list[stats.ArmData]:
+def _arm_data(agg: NDArray[np.float64], k: int) -> list[ArmData]:
     return [
-        stats.ArmData(
+        ArmData(
             arm_id=ARMS[j],
             exposures=int(agg[j, F_EXP]),
             n=int(agg[j, F_N]),
@@ -173,15 +199,15 @@ def _intervals(agg: NDArray[np.float64], sc: Scenario) -> tuple[NDArray, NDArray
     x = agg[..., F_X]
     rate = x / n
     iid = rate * (1 - rate) / n
-    cl = stats.ratio_cluster_variance(x, n, agg[..., F_XX], agg[..., F_NN], agg[..., F_XN])
+    cl = ratio_cluster_variance(x, n, agg[..., F_XX], agg[..., F_NN], agg[..., F_XN])
     with np.errstate(divide="ignore", invalid="ignore"):
         deff = np.where(iid > 0, np.maximum(cl / np.where(iid > 0, iid, 1.0), 1.0), 1.0)
-    var = stats.smoothed_rate_variance(x, n) * deff / n
+    var = smoothed_rate_variance(x, n) * deff / n
     alpha_each = ALPHA / (sc.k - 1)
     pooled = np.clip(x.sum(axis=-1) / n.sum(axis=-1), 0.01, 0.99)
-    tau = stats.msprt_tau_for_effect(max(sc.target_lift, 1e-3), alpha_each) * pooled
+    tau = msprt_tau_for_effect(max(sc.target_lift, 1e-3), alpha_each) * pooled
     v = var[..., 1:] + var[..., :1]
-    h = stats.msprt_half_width(v, (tau * tau)[..., None], alpha_each)
+    h = msprt_half_width(v, (tau * tau)[..., None], alpha_each)
     return rate[..., 1:] - rate[..., :1], h, rate[..., 0]
 
 
@@ -203,16 +229,16 @@ def _may_be_futile(agg: NDArray[np.float64], sc: Scenario) -> NDArray[np.bool_]:
 
 
 def _may_be_srm(sessions: NDArray[np.float64], intended: NDArray[np.float64]) -> NDArray[np.bool_]:
-    log_bf = stats.srm_log_bayes_factor(sessions, intended, stats.SRM_CONCENTRATION)
+    log_bf = srm_log_bayes_factor(sessions, intended, SRM_CONCENTRATION)
     return log_bf >= math.log(1.0 / 0.001) - math.log(10.0)
 
 
-def _code(decision: stats.Decision) -> int:
-    if decision.status == stats.DECISION_SHIP:
+def _code(decision: Decision) -> int:
+    if decision.status == DECISION_SHIP:
         return SHIP
-    if decision.status == stats.DECISION_KEEP_CONTROL:
+    if decision.status == DECISION_KEEP_CONTROL:
         return KEEP
-    if decision.status == stats.DECISION_UNHEALTHY:
+    if decision.status == DECISION_UNHEALTHY:
         return UNHEALTHY
     return FUTILE if "futility" in decision.reason else CAPPED
 
@@ -287,8 +313,8 @@ def simulate(
             for s in idx:
                 futile: list[str] = []
                 if s in cand:
-                    futile = stats.futile_arms(
-                        stats.analyze(
+                    futile = futile_arms(
+                        analyze(
                             _arm_data(agg[s], k),
                             "control",
                             dict(zip(ARMS[:k], intended[s], strict=True)),
@@ -297,7 +323,7 @@ def simulate(
                             draws=10,
                         )
                     )
-                new_w = stats.thompson_weights(
+                new_w = thompson_weights(
                     _arm_data(agg[s], k),
                     current=dict(zip(ARMS[:k], weights[s], strict=True)),
                     seed=int(s) * 100_003 + batch,
@@ -317,7 +343,7 @@ def simulate(
             need = ~stopped[:, idx] & ((floors_ok & maybe[None, :]) | srm[None, :])
         for j in np.flatnonzero(need.any(axis=0)):
             s = idx[j]
-            analysis = stats.analyze(
+            analysis = analyze(
                 _arm_data(agg[s], k),
                 "control",
                 dict(zip(ARMS[:k], intended[s], strict=True)),
@@ -329,8 +355,8 @@ def simulate(
                 recent=_arm_data(recent_all[s], k),
             )
             for r in np.flatnonzero(need[:, j]).tolist():
-                decision = stats.decide(analysis, configs[r][1], elapsed_s=elapsed_s)
-                if decision.status == stats.DECISION_COLLECTING:
+                decision = decide(analysis, configs[r][1], elapsed_s=elapsed_s)
+                if decision.status == DECISION_COLLECTING:
                     continue
                 stopped[r, s] = True
                 stop_batch[r, s] = batch
@@ -338,7 +364,7 @@ def simulate(
                 worse_at_stop[r, s] = worse_exp[s]
                 exp_at_stop[r, s] = agg[s, :, F_EXP].sum()
                 code[r, s] = _code(decision)
-                if decision.status == stats.DECISION_SHIP and decision.arm_id is not None:
+                if decision.status == DECISION_SHIP and decision.arm_id is not None:
                     outcome[r, s] = ARMS.index(decision.arm_id)
     out = {}
     for r, (key, _) in enumerate(configs):
@@ -366,15 +392,15 @@ def simulate_srm(per_session: int, assign: float, sims: int, *, seed: int, days:
     counts = np.cumsum(rng.binomial(per_batch, assign, size=(sims, batches)), axis=1)
     totals = per_batch * np.arange(1, batches + 1)
     sessions = np.stack([counts, totals[None, :] - counts], axis=2)
-    log_bf = stats.srm_log_bayes_factor(sessions, np.array([0.5, 0.5]), stats.SRM_CONCENTRATION)
+    log_bf = srm_log_bayes_factor(sessions, np.array([0.5, 0.5]), SRM_CONCENTRATION)
     flagged = log_bf >= math.log(1.0 / 0.001)
     hit = flagged.any(axis=1)
     first = np.where(hit, flagged.argmax(axis=1), batches)
     # spot check: analyze itself agrees with the vectorised test on the first run's last look
-    a = stats.analyze(
+    a = analyze(
         [
-            stats.ArmData("control", 0, 0, 0, sessions=int(sessions[0, -1, 0])),
-            stats.ArmData("t1", 0, 0, 0, sessions=int(sessions[0, -1, 1])),
+            ArmData("control", 0, 0, 0, sessions=int(sessions[0, -1, 0])),
+            ArmData("t1", 0, 0, 0, sessions=int(sessions[0, -1, 1])),
         ],
         "control",
         {"control": 0.5, "t1": 0.5},
@@ -411,7 +437,7 @@ def simulate_naive(rates: NDArray[np.float64], sims: int, cap: int, *, seed: int
         if batch < NAIVE_MIN_DAYS * BATCHES_PER_DAY or batch % BATCHES_PER_DAY:
             continue  # looked at once a day, from day 7
         nn, pp = n[idx], pos[idx]
-        p_vals = stats.two_proportion_z_p_value(pp[:, 1:], nn[:, 1:], pp[:, :1], nn[:, :1])
+        p_vals = two_proportion_z_p_value(pp[:, 1:], nn[:, 1:], pp[:, :1], nn[:, :1])
         rate_hat = pp / np.maximum(nn, 1)
         sig_better = (p_vals < NAIVE_ALPHA) & (rate_hat[:, 1:] > rate_hat[:, :1])
         leader = np.argmax(rate_hat, axis=1)
@@ -445,7 +471,7 @@ def asn_ratio(runs: Runs, best: int, lift: float) -> tuple[float, float, float, 
     hit = runs.outcome == best
     if not hit.any():
         return math.nan, power, math.nan, math.nan
-    low = stats.wilson_interval(int(hit.sum()), m)
+    low = wilson_interval(int(hit.sum()), m)
     p_ref = max(low[0] if low else 0.5, 0.5)
     ref = 4 * n_fixed_per_arm(lift, p_ref)
     ref80 = 4 * n_fixed_per_arm(lift)
@@ -566,9 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # votes per arm at which 80% of the test-mode runs had shipped the right arm (1-day floor, so the floor does
     # not bind), and the fixed z-test's figure the service used to report.
     pooled = (3 * BASE_RATE + BASE_RATE * (1 + TARGET_LIFT)) / 4
-    tau = stats.msprt_tau_for_effect(TARGET_LIFT * pooled, ALPHA / 3)
+    tau = msprt_tau_for_effect(TARGET_LIFT * pooled, ALPHA / 3)
     rt = BASE_RATE * (1 + TARGET_LIFT)
-    predicted = stats.msprt_samples_per_arm(
+    predicted = msprt_samples_per_arm(
         TARGET_LIFT * BASE_RATE, BASE_RATE * (1 - BASE_RATE) + rt * (1 - rt), tau * tau, ALPHA / 3
     )
     realised = power_matched_ratio(test_mode[A], 1, fixed_total)[1] * fixed_total / 4
@@ -709,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"control rate {BASE_RATE:.2f}, {FEEDBACK_PER_DAY:.0f} votes/day, {BATCHES_PER_DAY} looks/day, alpha {ALPHA} "
         f"(Bonferroni over the treatments); fixed-horizon reference n={n_fix:.0f}/arm at 80% power "
         f"({horizon / BATCHES_PER_DAY:.1f} days); cap {cap}/arm; minimum duration {HEADLINE_DAYS:g} days "
-        f"[{ALT_DAYS:g} day in brackets]; mSPRT tau = {stats.msprt_tau_for_effect(1.0, ALPHA / 3):.3f} x the target "
+        f"[{ALT_DAYS:g} day in brackets]; mSPRT tau = {msprt_tau_for_effect(1.0, ALPHA / 3):.3f} x the target "
         "effect"
     )
     print()

@@ -6,7 +6,7 @@ over many rounds, with simulated users of several tastes, today's loop against t
 
 What runs is the optimizer itself, without HTTP and without the queue: a real SQLite store per loop,
 `handlers.auto_cycle` (variant generation with its guardrails and rate limit, the next experiment),
-`experiments.run_decisions` (`stats.analyze` / `stats.decide`: promotion, conclusion, reweighting; any rule
+`experiments.run_decisions` (`analysis.analyze` / `decision.decide`: promotion, conclusion, reweighting; any rule
 added to them, such as futility stopping, is picked up as it is), and the exposures and votes go in as the
 router's and the feedback service's events through `handlers.on_explanation_created` /
 `on_feedback_recorded` (many per transaction, for speed; the handlers are the real ones). The clock is

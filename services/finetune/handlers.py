@@ -314,14 +314,14 @@ class JobSpec:
     min_examples: int
 
 
-def build_recipe(method: str, overrides: dict[str, Any], trainer: Any = None) -> dict[str, Any]:
-    """The full recipe for `method` with the overrides applied; Rejected(422) names what is wrong."""
-    training = trainer or load_training()
-    fields = {f.name: f for f in dataclasses.fields(training.Recipe)}
+def build_recipe(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The full recipe for `method` with the overrides applied (`domain.Recipe`); Rejected(422) names what is
+    wrong."""
+    fields = {f.name: f for f in dataclasses.fields(domain.Recipe)}
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise Rejected(422, f"unknown recipe fields: {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
-    defaults = training.Recipe().to_dict()
+    defaults = domain.Recipe().to_dict()
     values = {**overrides, "method": method}
     for name, value in values.items():
         default = defaults[name]
@@ -338,7 +338,7 @@ def build_recipe(method: str, overrides: dict[str, Any], trainer: Any = None) ->
         )
         if not ok:
             raise Rejected(422, f"recipe.{name} must be of the same type as its default {default!r}, got {value!r}")
-    recipe = training.Recipe.from_dict({**defaults, **values})
+    recipe = domain.Recipe.from_dict({**defaults, **values})
     if problems := recipe.problems():
         raise Rejected(422, "bad recipe: " + "; ".join(problems))
     return recipe.to_dict()
@@ -359,7 +359,7 @@ def job_spec(cmd: StartFineTune, settings: FinetuneSettings, trainer: Any = None
     min_examples = settings.min_examples if cmd.min_examples is None else cmd.min_examples
     if min_examples < 0:
         raise Rejected(422, "min_examples must be >= 0")
-    return JobSpec(cmd.method, base, build_recipe(cmd.method, dict(cmd.recipe), training), min_examples)
+    return JobSpec(cmd.method, base, build_recipe(cmd.method, dict(cmd.recipe)), min_examples)
 
 
 def check_data(uow: SqlUnitOfWork, spec: JobSpec, rules: domain.ExportRules) -> None:

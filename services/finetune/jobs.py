@@ -292,7 +292,7 @@ class JobRunner:
                 self._finish(job_id, domain.FAILED, problem, "validation failed before training")
                 return
             self.trainer.validate_base_model(spec.base_model)
-            recipe = self.trainer.Recipe.from_dict(spec.recipe)
+            recipe = domain.Recipe.from_dict(spec.recipe)
             self._advance(
                 job_id, domain.TRAINING, 0.05, f"training on {len(train.rows)} rows, validating on {len(heldout.rows)}",
                 train_export_id=train_id, heldout_export_id=heldout_id,

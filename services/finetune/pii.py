@@ -28,9 +28,12 @@ _PHONE_CUE = re.compile(
 _PHONE_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d+\)?){2,6}(?![\w])")
 _PHONE_NANP = re.compile(r"(?<![\w.])\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?![\w.])")
 _IP = re.compile(r"(?<![\d.])(?:25[0-5]|2[0-4]\d|1?\d?\d)(?:\.(?:25[0-5]|2[0-4]\d|1?\d?\d)){3}(?![\d.])")
+# The name: one or two capitalised words, each whole when it has parts joined by an apostrophe or a hyphen
+# (O'Neil, D'Angelo, Anne-Marie, Smith-Jones), so no part of it is left behind. (Written out twice rather than
+# built from one fragment: a pattern is then one literal, which the mutation tests can change.)
 _NAME_CUE = re.compile(
     r"\b((?i:my name is|name:|signed,?|regards,?|sincerely,?|cheers,?|thanks,?)\s+|(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?\s+)"
-    r"([A-Z][a-z'-]+(?:\s+[A-Z][a-z'-]+)?)"
+    r"((?:[A-Z][a-z]*(?:['-][A-Z]?[a-z]+)+|[A-Z][a-z]+)(?:\s+(?:[A-Z][a-z]*(?:['-][A-Z]?[a-z]+)+|[A-Z][a-z]+))?)"
 )
 
 

@@ -14,7 +14,8 @@ The sequence length comes from the data: the longest row (prompt + completion, i
 template) sets ``max_length``, so no completion is cut; rows longer than ``max_seq_length`` (the ceiling, also
 bounded by the model's context) are left out and counted (``rows_too_long``), never truncated. LoRA targets every
 linear layer by default (``all-linear``: works for fused-QKV models too), with a rank the serving engine covers
-(``MAX_SERVED_LORA_RANK``, vLLM's ``--max-lora-rank``).
+(``domain.MAX_SERVED_LORA_RANK``, vLLM's ``--max-lora-rank``). The ``Recipe`` and its checks live in the finetune
+domain (``services.finetune.domain``); this module runs one.
 
 SFT rows are turned into conversational prompt / completion pairs (everything before the last assistant turn is the
 prompt), so the loss is computed on the explanation only, whatever the base model's chat template looks like.
@@ -35,7 +36,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,10 +44,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import Trainer
 
-METHODS = ("sft", "kto", "dpo")
-#: The highest LoRA rank the serving engine is started for (vLLM --max-lora-rank in docker-compose.yml); a recipe
-#: above it would train an adapter that vLLM refuses to load.
-MAX_SERVED_LORA_RANK = 64
+from services.finetune.domain import Recipe
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 RUN_FILE = "training_run.json"  # recipe + metrics, written beside the adapter weights
 
@@ -60,90 +59,6 @@ class TrainingCancelled(Exception):
 
 class TrainingInputError(ValueError):
     """Bad inputs (base model, rows, recipe, output dir), raised before any training starts."""
-
-
-MAX_RECIPE_INT = 1_000_000  # far above any sane rank, step count or length; keeps 64-bit stores and torch happy
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Frozen hyper-parameters stored with each run (``to_dict`` / ``from_dict`` round-trip through JSON)."""
-
-    method: str = "sft"  # "sft" | "kto" | "dpo"
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("all-linear",)
-    learning_rate: float = 2e-4
-    max_steps: int = 60
-    per_device_batch_size: int = 4
-    max_seq_length: int = 2048  # a ceiling: the length used is the longest row's; longer rows are left out
-    eval_every_steps: int = 10
-    early_stopping_patience: int = 3
-    seed: int = 0
-    # Additions (defaults keep the original interface):
-    kto_beta: float = 0.1  # KTO: how far the policy may move from the reference (higher = less)
-    dpo_beta: float = 0.1  # DPO: the same for DPO
-    gradient_checkpointing: bool = False  # CUDA only; always off on CPU
-    packing: bool = False  # SFT: pack rows into full sequences (padding-free; wants a varlen attention kernel)
-    attn_implementation: str = "sdpa"  # "sdpa", "eager", or "flash_attention_2" where flash-attn is installed
-
-    def __post_init__(self) -> None:
-        # A list from JSON becomes a tuple, so the recipe stays hashable and frozen.
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
-        """Build from a stored dict; unknown keys (from a newer version) are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def problems(self) -> list[str]:
-        """What is wrong with these hyper-parameters (empty when fine)."""
-        out = []
-        if self.method not in METHODS:
-            out.append(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("lora_r", "lora_alpha", "max_steps", "per_device_batch_size", "max_seq_length"):
-            if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every_steps < 1:
-            out.append(f"eval_every_steps must be >= 1, got {self.eval_every_steps}")
-        if self.early_stopping_patience < 1:
-            out.append(f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
-        if not 0 <= self.lora_dropout < 1:
-            out.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            out.append(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not self.target_modules:
-            out.append("target_modules must not be empty")
-        for name in ("kto_beta", "dpo_beta"):
-            # NaN would also be stored with the job and make every later read of it fail to serialise.
-            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                out.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
-        if self.lora_r > MAX_SERVED_LORA_RANK:
-            out.append(
-                f"lora_r must be <= {MAX_SERVED_LORA_RANK} (the serving engine's --max-lora-rank), got {self.lora_r}"
-            )
-        if not 0 <= self.seed < 2**32:
-            out.append(f"seed must be in [0, 2**32), got {self.seed}")
-        for name in ("lora_r", "lora_alpha", "max_steps", "per_device_batch_size", "max_seq_length"):
-            if getattr(self, name) > MAX_RECIPE_INT:
-                out.append(f"{name} must be <= {MAX_RECIPE_INT}, got {getattr(self, name)}")
-        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
-            out.append(
-                f"attn_implementation must be sdpa, eager or flash_attention_2/3, got {self.attn_implementation!r}"
-            )
-        if self.packing and self.method != "sft":
-            out.append("packing is for SFT only")
-        if self.method == "kto" and self.per_device_batch_size < 2:
-            # TRL estimates KTO's KL term from mismatched pairs inside a batch.
-            out.append("KTO needs per_device_batch_size >= 2 (the KL term is estimated within a batch)")
-        return out
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict
 
-from services.optimizer import stats
+from services.optimizer.stats.decision import DecisionConfig
+from services.optimizer.stats.results import METRIC_POSITIVE_RATE, METRICS, ArmData
 from shared.contracts import model_name_problem
 from shared.prompts import TemplateError, check_template
 
@@ -140,7 +141,7 @@ class ExperimentSpec:
     prompt_name: str
     arms: tuple[ArmIn, ...]
     allocation: str = "fixed"
-    metric: str = stats.METRIC_POSITIVE_RATE
+    metric: str = METRIC_POSITIVE_RATE
     alpha: float = 0.05
     min_duration_s: float = 7 * 86400.0
     min_feedback_per_arm: int = 100
@@ -177,8 +178,8 @@ def plan_arms(spec: ExperimentSpec, versions: Mapping[str, str]) -> list[Planned
     and weights, the control first. Raises InvalidRequest with a message a person can act on."""
     if spec.allocation not in ALLOCATIONS:
         raise InvalidRequest(f"allocation must be one of {', '.join(ALLOCATIONS)}")
-    if spec.metric not in stats.METRICS:
-        raise InvalidRequest(f"metric must be one of {', '.join(stats.METRICS)}")
+    if spec.metric not in METRICS:
+        raise InvalidRequest(f"metric must be one of {', '.join(METRICS)}")
     if not 0 < spec.alpha <= 0.5:
         raise InvalidRequest("alpha must be in (0, 0.5]")
     if not (math.isfinite(spec.min_duration_s) and 0 <= spec.min_duration_s <= MAX_DURATION_S):
@@ -254,9 +255,9 @@ class StoredDecisionRule(TypedDict):
     min_feedback_rate_ratio: float | None
 
 
-def decision_config(row: StoredDecisionRule) -> stats.DecisionConfig:
+def decision_config(row: StoredDecisionRule) -> DecisionConfig:
     """The stats engine's decision rule from an experiment's stored configuration."""
-    return stats.DecisionConfig(
+    return DecisionConfig(
         alpha=float(row["alpha"]),
         metric=str(row["metric"]),
         min_duration_s=float(row["min_duration_s"]),
@@ -334,9 +335,9 @@ class ArmSnapshot:
     """An experiment's data for the analysis: every arm's totals, the same over the sessions first served in
     the recent half (the novelty check), and per signal (segments)."""
 
-    total: list[stats.ArmData]
-    recent: list[stats.ArmData]
-    segments: dict[str, list[stats.ArmData]]
+    total: list[ArmData]
+    recent: list[ArmData]
+    segments: dict[str, list[ArmData]]
 
 
 class _Acc:
@@ -384,9 +385,9 @@ class _Acc:
         v["star_sum_sq"] += s.star_sum * s.star_sum
         v["star_cross"] += s.star_n * s.star_sum
 
-    def arm(self, arm_id: str) -> stats.ArmData:
+    def arm(self, arm_id: str) -> ArmData:
         v = self.v
-        return stats.ArmData(
+        return ArmData(
             arm_id=arm_id,
             exposures=int(v["exposures"]),
             n=int(v["n"]),

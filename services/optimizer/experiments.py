@@ -6,7 +6,7 @@ control is no longer the champion.
 
 Commands: `spec_defaults`, `create_experiment`, `decide_experiment`, `run_decisions` (beat), `start_queued`,
 `promote_experiment`, `stop_experiment`, `rollback_experiment`, `rollback_prompt`.
-`_require_experiment` and `_evaluate` (analysis and live decision) are shared with the read models in views.py.
+`require_experiment` and `evaluate` (analysis and live decision) are shared with the read models in views.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,22 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from services.optimizer import domain, stats
+from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
-from services.optimizer.registry import UowFactory, _aware, _require_prompt, _set_champion
+from services.optimizer.registry import UowFactory, aware, require_prompt, set_champion
+from services.optimizer.stats.analysis import analyze
+from services.optimizer.stats.bayesian import many_to_one_control_share, thompson_weights
+from services.optimizer.stats.decision import (
+    DECISION_INCONCLUSIVE,
+    DECISION_KEEP_CONTROL,
+    DECISION_SHIP,
+    DECISION_UNHEALTHY,
+    Decision,
+    decide,
+    futile_arms,
+    guardrail_failures,
+)
+from services.optimizer.stats.results import Analysis, ArmData
 from services.optimizer.store import ArmRow, ExperimentRow, SqlUnitOfWork
 from shared.contracts import (
     AllocationChanged,
@@ -62,7 +75,7 @@ def create_experiment(
     now = now or utcnow()
     with uow:
         repo = uow.repo
-        _require_prompt(uow, spec.prompt_name)
+        require_prompt(uow, spec.prompt_name)
         versions = {v["version"]: v["status"] for v in repo.versions(spec.prompt_name)}
         planned = domain.plan_arms(spec, versions)
         active = repo.active_experiment(spec.prompt_name)
@@ -156,7 +169,7 @@ def _start(uow: SqlUnitOfWork, experiment_id: str, now: datetime) -> None:
     )
 
 
-def _require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> ExperimentRow:
+def require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> ExperimentRow:
     exp = uow.repo.experiment(experiment_id)
     if exp is None:
         raise domain.NotFound(f"unknown experiment {experiment_id}")
@@ -168,15 +181,15 @@ def _require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> ExperimentRow
 # --------------------------------------------------------------------------------------------------------
 
 
-def _evaluate(
+def evaluate(
     uow: SqlUnitOfWork, exp: ExperimentRow, arms: list[ArmRow], now: datetime
-) -> tuple[list[stats.ArmData], stats.Analysis, stats.Decision]:
+) -> tuple[list[ArmData], Analysis, Decision]:
     """Analyze an experiment with the session as the unit: per-session aggregates of every arm (explanations
     a fallback wrote excluded from quality), the sessions of the recent half for the novelty check, and one
     segment per signal; the SRM check counts sessions against the weights each was assigned with."""
     started = exp["started_at"]
     end = exp["ended_at"] or now
-    elapsed_s = max(0.0, (_aware(end) - _aware(started)).total_seconds()) if started else 0.0
+    elapsed_s = max(0.0, (aware(end) - aware(started)).total_seconds()) if started else 0.0
     arm_ids = [a["arm_id"] for a in arms]
     rows = uow.repo.session_rows(exp["experiment_id"], started)
     snapshot = domain.arm_snapshot(rows, arm_ids, recent_since=elapsed_s / 2 if elapsed_s > 0 else None)
@@ -188,7 +201,7 @@ def _evaluate(
     per_day = total_feedback / (elapsed_s / 86400) if elapsed_s > 0 and total_feedback else None
     control = next((a["arm_id"] for a in arms if a["is_control"]), arms[0]["arm_id"] if arms else "control")
     config = domain.decision_config(exp)
-    analysis = stats.analyze(
+    analysis = analyze(
         data,
         control,
         weights,
@@ -202,7 +215,7 @@ def _evaluate(
         recent=snapshot.recent,
         segments=snapshot.segments,
     )
-    return data, analysis, stats.decide(analysis, config, elapsed_s=elapsed_s)
+    return data, analysis, decide(analysis, config, elapsed_s=elapsed_s)
 
 
 def _end(
@@ -259,7 +272,7 @@ def _promote(uow: SqlUnitOfWork, exp: ExperimentRow, arm_id: str, reason: str, n
     current = repo.champion(name)
     cid = None
     if current is None or (current["version"], current["model"]) != (arm["prompt_version"], arm["model"]):
-        cid = _set_champion(
+        cid = set_champion(
             uow,
             name,
             arm["prompt_version"],
@@ -269,7 +282,7 @@ def _promote(uow: SqlUnitOfWork, exp: ExperimentRow, arm_id: str, reason: str, n
             experiment_id=exp["experiment_id"],
         )
         repo.update_experiment(exp["experiment_id"], promoted_champion_id=cid)
-    _end(uow, exp, domain.CONCLUDED, stats.DECISION_SHIP, arm_id, reason, now)
+    _end(uow, exp, domain.CONCLUDED, DECISION_SHIP, arm_id, reason, now)
     return cid
 
 
@@ -280,19 +293,19 @@ def decide_experiment(
     now = now or utcnow()
     with uow:
         repo = uow.repo
-        exp = _require_experiment(uow, experiment_id)
+        exp = require_experiment(uow, experiment_id)
         if exp["status"] not in domain.ACTIVE_STATES:
             return {"experiment_id": experiment_id, "status": exp["status"], "action": "none"}
         arms = repo.arms(experiment_id)
-        data, analysis, decision = _evaluate(uow, exp, arms, now)
+        data, analysis, decision = evaluate(uow, exp, arms, now)
         repo.update_experiment(
             experiment_id, last_status=decision.status, last_reason=decision.reason, last_decided_at=now
         )
         action = "none"
         if exp["status"] == domain.AWAITING_APPROVAL:
             # The winner waits for an operator, traffic still split: keep checking what could invalidate it.
-            fails = stats.guardrail_failures(analysis, exp["winner_arm_id"] or "", domain.decision_config(exp))
-            if decision.status == stats.DECISION_UNHEALTHY:
+            fails = guardrail_failures(analysis, exp["winner_arm_id"] or "", domain.decision_config(exp))
+            if decision.status == DECISION_UNHEALTHY:
                 _end(uow, exp, domain.PAUSED, decision.status, None, decision.reason, now, archive_treatments=False)
                 action = "paused"
             elif fails:
@@ -302,7 +315,7 @@ def decide_experiment(
                 repo.update_experiment(experiment_id, status=domain.RUNNING, winner_arm_id=None, reason=reason)
                 action = "approval_withdrawn"
         elif exp["status"] == domain.RUNNING:
-            if decision.status == stats.DECISION_SHIP and decision.arm_id is not None:
+            if decision.status == DECISION_SHIP and decision.arm_id is not None:
                 if settings.promotion_mode == "auto":
                     _promote(uow, exp, decision.arm_id, decision.reason, now)
                     action = "promoted"
@@ -314,10 +327,10 @@ def decide_experiment(
                         reason=decision.reason,
                     )
                     action = "awaiting_approval"
-            elif decision.status in (stats.DECISION_KEEP_CONTROL, stats.DECISION_INCONCLUSIVE):
+            elif decision.status in (DECISION_KEEP_CONTROL, DECISION_INCONCLUSIVE):
                 _end(uow, exp, domain.CONCLUDED, decision.status, None, decision.reason, now)
                 action = "concluded"
-            elif decision.status == stats.DECISION_UNHEALTHY:
+            elif decision.status == DECISION_UNHEALTHY:
                 _end(uow, exp, domain.PAUSED, decision.status, None, decision.reason, now, archive_treatments=False)
                 action = "paused"
             elif exp["allocation"] == "adaptive" and _reweight(uow, exp, arms, data, analysis, settings):
@@ -332,8 +345,8 @@ def _reweight(
     uow: SqlUnitOfWork,
     exp: ExperimentRow,
     arms: list[ArmRow],
-    data: list[stats.ArmData],
-    analysis: stats.Analysis,
+    data: list[ArmData],
+    analysis: Analysis,
     settings: OptimizerSettings,
 ) -> bool:
     """Thompson weights in batches: only after `adaptive_batch` new feedback events and once every arm has
@@ -342,13 +355,13 @@ def _reweight(
     moment (the SRM check tests every session against the weights it was assigned with). Publishes
     AllocationChanged when the weights move."""
     total_feedback = sum(d.n for d in data)
-    futile = stats.futile_arms(analysis)
+    futile = futile_arms(analysis)
     dropped_now = any(float(exp["weights"].get(a, 0.0)) > 0 for a in futile)
     if total_feedback - int(exp["reweighted_at_feedback"] or 0) < settings.adaptive_batch and not dropped_now:
         return False
     control = next((a["arm_id"] for a in arms if a["is_control"]), None)
     history = list(exp["allocation_history"] or [])
-    new = stats.thompson_weights(
+    new = thompson_weights(
         data,
         floor=settings.adaptive_floor,
         min_feedback_per_arm=settings.adaptive_min_feedback_per_arm,
@@ -357,7 +370,7 @@ def _reweight(
         metric=exp["metric"],
         control_id=control,
         # square-root rule: the control keeps just enough traffic for the many-to-one comparison
-        control_share=stats.many_to_one_control_share(len(data) - 1) if control else None,
+        control_share=many_to_one_control_share(len(data) - 1) if control else None,
         excluded=futile,
     )
     changed = domain.weights_changed(exp["weights"], new)
@@ -383,7 +396,7 @@ def start_queued(uow: SqlUnitOfWork, now: datetime | None = None) -> list[str]:
     started = []
     with uow:
         repo = uow.repo
-        queued = sorted(repo.experiments(status=domain.QUEUED), key=lambda e: _aware(e["created_at"]))
+        queued = sorted(repo.experiments(status=domain.QUEUED), key=lambda e: aware(e["created_at"]))
         for exp in queued:
             name = exp["prompt_name"]
             if repo.active_experiment(name) is not None:
@@ -431,7 +444,7 @@ def promote_experiment(
     would ship now. 409 when there is nothing to promote."""
     now = now or utcnow()
     with uow:
-        exp = _require_experiment(uow, experiment_id)
+        exp = require_experiment(uow, experiment_id)
         if exp["status"] not in domain.ACTIVE_STATES:
             raise domain.Conflict(f"experiment {experiment_id} is {exp['status']}; only a running one can promote")
         arms = uow.repo.arms(experiment_id)
@@ -444,8 +457,8 @@ def promote_experiment(
         elif exp["status"] == domain.AWAITING_APPROVAL and exp["winner_arm_id"]:
             arm_id, reason = exp["winner_arm_id"], f"approved by an operator: {exp['reason']}"
         else:
-            _, _, decision = _evaluate(uow, exp, arms, now)
-            if decision.status != stats.DECISION_SHIP or decision.arm_id is None:
+            _, _, decision = evaluate(uow, exp, arms, now)
+            if decision.status != DECISION_SHIP or decision.arm_id is None:
                 raise domain.Conflict(
                     f"no winner to promote yet ({decision.status}: {decision.reason}); "
                     "pass arm_id to promote an arm anyway"
@@ -469,7 +482,7 @@ def stop_experiment(
 ) -> dict[str, Any]:
     now = now or utcnow()
     with uow:
-        exp = _require_experiment(uow, experiment_id)
+        exp = require_experiment(uow, experiment_id)
         if exp["status"] in (domain.CONCLUDED, domain.STOPPED):
             raise domain.Conflict(f"experiment {experiment_id} has already ended ({exp['status']})")
         why = reason or "stopped by an operator"
@@ -483,7 +496,7 @@ def rollback_experiment(experiment_id: str, uow: SqlUnitOfWork, now: datetime | 
     now = now or utcnow()
     with uow:
         repo = uow.repo
-        exp = _require_experiment(uow, experiment_id)
+        exp = require_experiment(uow, experiment_id)
         if not exp["promoted_champion_id"]:
             raise domain.Conflict(f"experiment {experiment_id} promoted nothing; there is nothing to roll back")
         if exp["rolled_back"]:
@@ -491,7 +504,7 @@ def rollback_experiment(experiment_id: str, uow: SqlUnitOfWork, now: datetime | 
         promoted = repo.champion_by_id(int(exp["promoted_champion_id"]))
         assert promoted is not None
         previous_version, previous_model = promoted["previous_version"], promoted["previous_model"]
-        if not previous_version or not previous_model:  # both are set together (registry._set_champion)
+        if not previous_version or not previous_model:  # both are set together (registry.set_champion)
             raise domain.Conflict("there is no earlier champion to restore")
         name = exp["prompt_name"]
         current = repo.champion(name)
@@ -501,7 +514,7 @@ def rollback_experiment(experiment_id: str, uow: SqlUnitOfWork, now: datetime | 
             f"({promoted['previous_model']}) in place of {current['version']}"
         )
         stopped = _stop_active_for(uow, name, "stopped by a rollback of the champion", now)
-        cid = _set_champion(uow, name, previous_version, previous_model, kind="rollback", reason=reason)
+        cid = set_champion(uow, name, previous_version, previous_model, kind="rollback", reason=reason)
         repo.update_experiment(experiment_id, rolled_back=True)
         uow.commit()
     return {
@@ -527,7 +540,7 @@ def rollback_prompt(
     the prompt is stopped: its control is no longer the champion."""
     now = now or utcnow()
     with uow:
-        current = _require_prompt(uow, name)
+        current = require_prompt(uow, name)
         history = uow.repo.champion_history(name)
         earlier = [h for h in history if (h["version"], h["model"]) != (current["version"], current["model"])]
         if not earlier:
@@ -546,7 +559,7 @@ def rollback_prompt(
         target = matches[-1]
         reason = f"rollback: restored {target['version']} ({target['model']}) in place of {current['version']}"
         stopped = _stop_active_for(uow, name, "stopped by a rollback of the champion", now)
-        cid = _set_champion(uow, name, target["version"], target["model"], kind="rollback", reason=reason)
+        cid = set_champion(uow, name, target["version"], target["model"], kind="rollback", reason=reason)
         uow.commit()
     return {"champion_id": cid, "version": target["version"], "model": target["model"], "reason": reason} | (
         {"stopped_experiment": stopped} if stopped else {}

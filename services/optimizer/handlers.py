@@ -27,7 +27,8 @@ from services.optimizer import domain, search
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.experiments import create_experiment, spec_defaults
 from services.optimizer.generation import GenerationFailed, VariantGenerator
-from services.optimizer.registry import SearchExhausted, UowFactory, _aware
+from services.optimizer.registry import SearchExhausted, UowFactory
+from services.optimizer.registry import aware as _aware
 from services.optimizer.store import SqlUnitOfWork
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered, utcnow
 from shared.db import run_in_one_transaction

@@ -1,7 +1,7 @@
 """Prompt registry use cases: the versions of each prompt (seeded, hand-written, generated) with their lineage
 and status, and the champion with its history. It is the bottom of the optimizer's use-case modules (it
-imports none of them): experiments.py, views.py and handlers.py use its champion helpers (`_set_champion`,
-`_require_prompt`) and small shared helpers (`UowFactory`, `_aware`, `_iso`, `_version_view`).
+imports none of them): experiments.py, views.py and handlers.py use its champion helpers (`set_champion`,
+`require_prompt`) and small shared helpers (`UowFactory`, `aware`, `iso`, `version_view`).
 
 Commands: `ensure_seeded`, `add_version`, `archive_version`.
 Variants: `generate_variants` (ask the generator, with the prompt's search history when the caller has it, and
@@ -38,15 +38,15 @@ class SearchExhausted(domain.Conflict):
 UowFactory = Callable[[], SqlUnitOfWork]
 
 
-def _aware(ts: datetime) -> datetime:
+def aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
-def _iso(ts: datetime | None) -> str | None:
-    return _aware(ts).isoformat() if ts else None
+def iso(ts: datetime | None) -> str | None:
+    return aware(ts).isoformat() if ts else None
 
 
-def _version_view(row: PromptVersionRow) -> dict[str, Any]:
+def version_view(row: PromptVersionRow) -> dict[str, Any]:
     return {
         "version": row["version"],
         "template": row["template"],
@@ -54,7 +54,7 @@ def _version_view(row: PromptVersionRow) -> dict[str, Any]:
         "reason": row["reason"],
         "source": row["source"],
         "status": row["status"],
-        "created_at": _iso(row["created_at"]),
+        "created_at": iso(row["created_at"]),
     }
 
 
@@ -103,7 +103,7 @@ def ensure_seeded(uow: SqlUnitOfWork, model: str) -> bool:
     return True
 
 
-def _require_prompt(uow: SqlUnitOfWork, name: str) -> ChampionRow:
+def require_prompt(uow: SqlUnitOfWork, name: str) -> ChampionRow:
     champion = uow.repo.champion(name)
     if champion is None:
         raise domain.NotFound(f"unknown prompt {name!r}")
@@ -125,7 +125,7 @@ def add_version(
     except TemplateError as exc:
         raise domain.InvalidRequest(str(exc)) from exc
     with uow:
-        champion = _require_prompt(uow, name)
+        champion = require_prompt(uow, name)
         versions = uow.repo.versions(name)
         parent = parent_version or champion["version"]
         if parent not in {v["version"] for v in versions}:
@@ -154,12 +154,12 @@ def add_version(
         row = uow.repo.version(name, version)
         uow.commit()
     assert row is not None
-    return _version_view(row)
+    return version_view(row)
 
 
 def archive_version(name: str, version: str, uow: SqlUnitOfWork) -> dict[str, Any]:
     with uow:
-        champion = _require_prompt(uow, name)
+        champion = require_prompt(uow, name)
         row = uow.repo.version(name, version)
         if row is None:
             raise domain.NotFound(f"unknown version {version} of prompt {name!r}")
@@ -172,7 +172,7 @@ def archive_version(name: str, version: str, uow: SqlUnitOfWork) -> dict[str, An
     return {"name": name, "version": version, "status": domain.VERSION_ARCHIVED}
 
 
-def _set_champion(
+def set_champion(
     uow: SqlUnitOfWork,
     name: str,
     version: str,
@@ -211,10 +211,10 @@ def _rate_limit(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings, now:
     last = uow.repo.last_generation(name)
     if last is None:
         return
-    wait = settings.generation_min_interval_s - (now - _aware(last["at"])).total_seconds()
+    wait = settings.generation_min_interval_s - (now - aware(last["at"])).total_seconds()
     if wait > 0:
         raise domain.RateLimited(
-            f"variants of {name!r} were generated at {_aware(last['at']).isoformat()}; the next generation is "
+            f"variants of {name!r} were generated at {aware(last['at']).isoformat()}; the next generation is "
             f"allowed in {math.ceil(wait)} s (at most one per {settings.generation_min_interval_s:g} s)",
             retry_after_s=wait,
         )
@@ -238,7 +238,7 @@ def generate_variants(
     now = now or utcnow()
     count = count or settings.generation_count
     with uow_factory() as uow:
-        champion = _require_prompt(uow, name)
+        champion = require_prompt(uow, name)
         _rate_limit(uow, name, settings, now)
         parent = uow.repo.version(name, champion["version"])
         assert parent is not None
@@ -302,7 +302,7 @@ def generate_variants(
             repeats[key] = f"repeats {version}, added in the same generation"
             row = repo.version(name, version)
             assert row is not None
-            accepted.append(_version_view(row))
+            accepted.append(version_view(row))
         repo.finish_generation(generation_id, [v["version"] for v in accepted], rejected)
         uow.commit()
     log.info("generated %d variants of %s (%d rejected)", len(accepted), name, len(rejected))

@@ -3,7 +3,7 @@ generator is given, and when the search is exhausted.
 
 - `load_history`: the prompt's `SearchHistory` (every version with the result of its latest experiment, the
   proposals the guardrails rejected and why, how many generations in a row added nothing) read through the
-  real analysis of each experiment (`experiments._evaluate`, the same numbers `GET /api/experiments/{id}`
+  real analysis of each experiment (`experiments.evaluate`, the same numbers `GET /api/experiments/{id}`
   shows).
 - `generate_variants`: registry.generate_variants with that history; SearchExhausted when the generator has
   nothing left or `generation_patience` generations in a row for this champion added nothing.
@@ -22,9 +22,9 @@ import math
 from datetime import datetime
 from typing import Any
 
-from services.optimizer import domain, stats
+from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
-from services.optimizer.experiments import _evaluate
+from services.optimizer.experiments import evaluate
 from services.optimizer.generation import (
     OUTCOME_CHAMPION,
     OUTCOME_LOST,
@@ -37,8 +37,10 @@ from services.optimizer.generation import (
     TriedVersion,
     VariantGenerator,
 )
-from services.optimizer.registry import SearchExhausted, UowFactory, _aware, _iso, _require_prompt
+from services.optimizer.registry import SearchExhausted, UowFactory, aware, iso, require_prompt
 from services.optimizer.registry import generate_variants as _generate
+from services.optimizer.stats.decision import DECISION_INCONCLUSIVE, DECISION_SHIP
+from services.optimizer.stats.results import ArmResult
 from services.optimizer.store import SqlUnitOfWork
 from shared.contracts import SearchExhausted as SearchExhaustedEvent
 from shared.contracts import derived_id, utcnow
@@ -69,20 +71,20 @@ def _survey(
     """One pass over the prompt's registry and experiments: the history and the rounds (oldest first).
     `analyze_last`: analyse only the latest rounds (the public view; older rounds keep their verdicts)."""
     repo = uow.repo
-    champion = _require_prompt(uow, name)
+    champion = require_prompt(uow, name)
     versions = repo.versions(name)
     facts: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, Any]] = []
-    experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: _aware(e["created_at"]))
+    experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: aware(e["created_at"]))
     first_analyzed = 0 if analyze_last is None else max(0, len(experiments) - analyze_last)
     for index, exp in enumerate(experiments):
         arms = repo.arms(exp["experiment_id"])
         control = next((a for a in arms if a["is_control"]), None)
         if control is None:
             continue
-        results: dict[str, stats.ArmResult] = {}
+        results: dict[str, ArmResult] = {}
         if exp["started_at"] is not None and index >= first_analyzed:
-            _, analysis, _ = _evaluate(uow, exp, arms, now)
+            _, analysis, _ = evaluate(uow, exp, arms, now)
             results = {r.arm_id: r for r in analysis.arms}
         tried = []
         for a in arms:
@@ -93,7 +95,7 @@ def _survey(
                 outcome = OUTCOME_TESTING
             elif exp["status"] in (domain.STOPPED, domain.PAUSED):
                 outcome = OUTCOME_STOPPED
-            elif exp["decision"] == stats.DECISION_SHIP and exp["winner_arm_id"] == a["arm_id"]:
+            elif exp["decision"] == DECISION_SHIP and exp["winner_arm_id"] == a["arm_id"]:
                 outcome = OUTCOME_WON
             else:
                 outcome = OUTCOME_LOST
@@ -117,8 +119,8 @@ def _survey(
                 "decision": exp["decision"] or exp["last_status"],
                 "reason": exp["reason"] or exp["last_reason"] or "",
                 "source": exp["source"],
-                "started_at": _iso(exp["started_at"]),
-                "ended_at": _iso(exp["ended_at"]),
+                "started_at": iso(exp["started_at"]),
+                "ended_at": iso(exp["ended_at"]),
                 "control": {
                     "version": control["prompt_version"],
                     "rate": _finite(control_result.rate) if control_result else None,
@@ -195,12 +197,12 @@ def retest_candidate(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings,
         return None
     with uow:
         repo = uow.repo
-        champion = _require_prompt(uow, name)
-        experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: _aware(e["created_at"]))
+        champion = require_prompt(uow, name)
+        experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: aware(e["created_at"]))
         if not experiments:
             return None
         last = experiments[-1]
-        if last["status"] != domain.CONCLUDED or last["decision"] != stats.DECISION_INCONCLUSIVE:
+        if last["status"] != domain.CONCLUDED or last["decision"] != DECISION_INCONCLUSIVE:
             return None
         if "futility" in (last["reason"] or "") or last["started_at"] is None:
             return None
@@ -208,7 +210,7 @@ def retest_candidate(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings,
         control = next((a for a in arms if a["is_control"]), None)
         if control is None or control["prompt_version"] != champion["version"]:
             return None
-        _, analysis, _ = _evaluate(uow, last, arms, now)
+        _, analysis, _ = evaluate(uow, last, arms, now)
         version_of = {a["arm_id"]: a["prompt_version"] for a in arms if not a["is_control"]}
         target = float(last["target_lift"])
         open_ = [
@@ -283,14 +285,14 @@ def _exhaustion_id(name: str, champion_version: str, versions: int) -> Any:
 def already_announced(uow: SqlUnitOfWork, name: str) -> bool:
     """Whether the search was announced exhausted in its present state (same champion, no version added)."""
     with uow:
-        champion = _require_prompt(uow, name)
+        champion = require_prompt(uow, name)
         return uow.repo.seen(_exhaustion_id(name, champion["version"], len(uow.repo.versions(name))))
 
 
 def announce_exhausted(uow: SqlUnitOfWork, name: str, reason: str) -> bool:
     """Stage SearchExhausted once for this state of the search. True when it was staged now."""
     with uow:
-        champion = _require_prompt(uow, name)
+        champion = require_prompt(uow, name)
         n_versions = len(uow.repo.versions(name))
         event_id = _exhaustion_id(name, champion["version"], n_versions)
         if uow.repo.seen(event_id):

@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from services.optimizer import domain
-from services.optimizer.stats import ArmData
+from services.optimizer.stats.results import ArmData
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table

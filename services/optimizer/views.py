@@ -13,8 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from services.optimizer import domain
-from services.optimizer.experiments import _evaluate, _require_experiment
-from services.optimizer.registry import _iso, _version_view
+from services.optimizer.experiments import evaluate, require_experiment
+from services.optimizer.registry import iso, version_view
 from services.optimizer.store import ArmRow, ExperimentRow, SqlUnitOfWork
 from shared.contracts import utcnow
 
@@ -38,9 +38,9 @@ def _experiment_summary(exp: ExperimentRow, arms: list[ArmRow]) -> dict[str, Any
         "source": exp["source"],
         "note": exp["note"],
         "allocation": exp["allocation"],
-        "created_at": _iso(exp["created_at"]),
-        "started_at": _iso(exp["started_at"]),
-        "ended_at": _iso(exp["ended_at"]),
+        "created_at": iso(exp["created_at"]),
+        "started_at": iso(exp["started_at"]),
+        "ended_at": iso(exp["ended_at"]),
         "decision": exp["decision"] or exp["last_status"],
         "winner_arm_id": exp["winner_arm_id"],
         "reason": exp["reason"] or exp["last_reason"] or "",
@@ -68,9 +68,9 @@ def experiment_view(experiment_id: str, uow: SqlUnitOfWork, now: datetime | None
     """Configuration, per-arm analysis and the decision (the live one while running, the final one after)."""
     now = now or utcnow()
     with uow:
-        exp = _require_experiment(uow, experiment_id)
+        exp = require_experiment(uow, experiment_id)
         arms = uow.repo.arms(experiment_id)
-        _, analysis, live = _evaluate(uow, exp, arms, now)
+        _, analysis, live = evaluate(uow, exp, arms, now)
     by_arm = {a["arm_id"]: a for a in arms}
     arm_views = []
     for result in analysis.arms:
@@ -158,10 +158,10 @@ def prompts_view(uow: SqlUnitOfWork, name: str | None = None) -> list[dict[str, 
                     "champion": {
                         "version": champion["version"],
                         "model": champion["model"],
-                        "since": _iso(champion["since"]),
+                        "since": iso(champion["since"]),
                         "reason": champion["reason"],
                     },
-                    "versions": [_version_view(v) for v in repo.versions(n)],
+                    "versions": [version_view(v) for v in repo.versions(n)],
                     "champion_history": [
                         {
                             "version": h["version"],
@@ -170,14 +170,14 @@ def prompts_view(uow: SqlUnitOfWork, name: str | None = None) -> list[dict[str, 
                             "reason": h["reason"],
                             "experiment_id": h["experiment_id"],
                             "previous_version": h["previous_version"],
-                            "since": _iso(h["since"]),
+                            "since": iso(h["since"]),
                         }
                         for h in repo.champion_history(n)
                     ],
                     "generations": [
                         {
                             "id": g["id"],
-                            "at": _iso(g["at"]),
+                            "at": iso(g["at"]),
                             "source": g["source"],
                             "model": g["model"],
                             "parent_version": g["parent_version"],

@@ -24,9 +24,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _module in ("torch", "transformers", "peft", "trl", "datasets", "openai", "uvicorn"):
     importlib.import_module(_module)
 
-from services.finetune import serving, training  # noqa: E402
+from services.finetune import domain, serving, training  # noqa: E402
+from services.finetune.domain import Recipe  # noqa: E402
 from services.finetune.tinymodel import build_tiny_model  # noqa: E402
-from services.finetune.training import Recipe, TrainingCancelled, TrainingInputError  # noqa: E402
+from services.finetune.training import TrainingCancelled, TrainingInputError  # noqa: E402
 from tests.support import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -304,7 +305,7 @@ def test_vllm_command_serves_adapters_by_name() -> None:
     assert cmd[:3] == ["vllm", "serve", "/models/base"]
     assert "--enable-lora" in cmd and cmd[cmd.index("--port") + 1] == "8002"
     assert cmd[cmd.index("--lora-modules") + 1 :][:2] == ["sft-1=/a/sft-1", "kto-2=/a/kto-2"]
-    assert cmd[cmd.index("--max-lora-rank") + 1] == str(training.MAX_SERVED_LORA_RANK)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == str(domain.MAX_SERVED_LORA_RANK)
 
 
 # --------------------------------------------------------------------------------------------------------------

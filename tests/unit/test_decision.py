@@ -1,4 +1,4 @@
-"""Decision rules of services.optimizer.stats.decide and the Thompson allocation."""
+"""Decision rules of services.optimizer.stats.decision.decide and the Thompson allocation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from services.optimizer import stats
-from services.optimizer.stats import ArmData, DecisionConfig
+from services.optimizer.stats import decision
+from services.optimizer.stats.analysis import analyze
+from services.optimizer.stats.bayesian import many_to_one_control_share, thompson_weights
+from services.optimizer.stats.decision import Decision, DecisionConfig
+from services.optimizer.stats.results import ArmData
 
 DAY = 86400.0
 LATE = 30 * DAY
@@ -26,10 +29,10 @@ def arm(arm_id: str, n: int, positives: int, *, cost: float = 0.001, latency: fl
     )
 
 
-def decide(arms: list[ArmData], config: DecisionConfig | None = None, elapsed_s: float = LATE) -> stats.Decision:
+def decide(arms: list[ArmData], config: DecisionConfig | None = None, elapsed_s: float = LATE) -> Decision:
     weights = {a.arm_id: float(a.exposures) for a in arms}  # intended split = observed (no SRM here)
-    analysis = stats.analyze(arms, "control", weights, alpha=0.05)
-    return stats.decide(analysis, config or DecisionConfig(), elapsed_s=elapsed_s)
+    analysis = analyze(arms, "control", weights, alpha=0.05)
+    return decision.decide(analysis, config or DecisionConfig(), elapsed_s=elapsed_s)
 
 
 def test_clear_winner_ships() -> None:
@@ -55,8 +58,8 @@ def test_minimum_feedback_per_arm_gates_a_clear_winner() -> None:
 
 def test_sample_ratio_mismatch_is_unhealthy_even_before_minimum_duration() -> None:
     arms = [ArmData("control", 10000, 1000, 500), ArmData("t1", 11000, 1000, 500)]
-    analysis = stats.analyze(arms, "control", {"control": 0.5, "t1": 0.5})
-    d = stats.decide(analysis, DecisionConfig(), elapsed_s=0)
+    analysis = analyze(arms, "control", {"control": 0.5, "t1": 0.5})
+    d = decision.decide(analysis, DecisionConfig(), elapsed_s=0)
     assert d.status == "unhealthy" and "sample ratio mismatch" in d.reason
 
 
@@ -126,21 +129,21 @@ def test_min_lift_to_ship_blocks_a_small_significant_lift() -> None:
 def test_avg_stars_metric_decides_on_stars() -> None:
     control = arm("control", 3000, 1500, star_n=2000, star_sum=7000.0, star_sumsq=26000.0)
     better = arm("t1", 3000, 1500, star_n=2000, star_sum=8000.0, star_sumsq=34000.0)
-    analysis = stats.analyze([control, better], "control", {"control": 1, "t1": 1}, metric="avg_stars")
-    d = stats.decide(analysis, DecisionConfig(metric="avg_stars"), elapsed_s=LATE)
+    analysis = analyze([control, better], "control", {"control": 1, "t1": 1}, metric="avg_stars")
+    d = decision.decide(analysis, DecisionConfig(metric="avg_stars"), elapsed_s=LATE)
     assert (d.status, d.arm_id) == ("ship", "t1")
 
 
 def test_thompson_weights_unchanged_until_every_arm_has_minimum_feedback() -> None:
     arms = [arm("control", 500, 250), arm("t1", 99, 90)]
-    assert stats.thompson_weights(arms) == {"control": 0.5, "t1": 0.5}
+    assert thompson_weights(arms) == {"control": 0.5, "t1": 0.5}
     current = {"control": 0.7, "t1": 0.3}
-    assert stats.thompson_weights(arms, current=current) == pytest.approx(current)
+    assert thompson_weights(arms, current=current) == pytest.approx(current)
 
 
 def test_thompson_weights_favour_the_leader_keep_the_floor_and_sum_to_one() -> None:
     arms = [arm("control", 2000, 1000), arm("t1", 2000, 1300), arm("t2", 2000, 900), arm("t3", 2000, 950)]
-    w = stats.thompson_weights(arms, floor=0.01)
+    w = thompson_weights(arms, floor=0.01)
     assert sum(w.values()) == pytest.approx(1.0)
     assert min(w.values()) >= 0.01 - 1e-12
     assert max(w, key=w.__getitem__) == "t1"
@@ -149,15 +152,15 @@ def test_thompson_weights_favour_the_leader_keep_the_floor_and_sum_to_one() -> N
 
 def test_thompson_weights_with_control_keep_half_on_control() -> None:
     arms = [arm("control", 2000, 1000), arm("t1", 2000, 1300), arm("t2", 2000, 900), arm("t3", 2000, 950)]
-    w = stats.thompson_weights(arms, control_id="control", floor=0.01)
+    w = thompson_weights(arms, control_id="control", floor=0.01)
     assert w["control"] == pytest.approx(0.5 * 0.96 + 0.01)
     assert w["t1"] == pytest.approx(0.5 * 0.96 + 0.01, abs=1e-3)
 
 
 def test_thompson_weights_control_share_is_kept_and_the_rest_follows_thompson() -> None:
     arms = [arm("control", 2000, 1000), arm("t1", 2000, 1300), arm("t2", 2000, 900), arm("t3", 2000, 950)]
-    share = stats.many_to_one_control_share(3)
-    w = stats.thompson_weights(arms, control_id="control", floor=0.01, control_share=share)
+    share = many_to_one_control_share(3)
+    w = thompson_weights(arms, control_id="control", floor=0.01, control_share=share)
     assert sum(w.values()) == pytest.approx(1.0)
     assert w["control"] == pytest.approx(0.01 + 0.96 * share)  # the floor mixes with the uniform
     assert w["t1"] == pytest.approx(0.01 + 0.96 * (1 - share), abs=1e-3)  # the sure leader takes the rest
@@ -166,7 +169,7 @@ def test_thompson_weights_control_share_is_kept_and_the_rest_follows_thompson() 
 
 def test_thompson_weights_treatment_beta_keeps_a_challenger_among_treatments() -> None:
     arms = [arm("control", 2000, 1000), arm("t1", 2000, 1300), arm("t2", 2000, 900), arm("t3", 2000, 950)]
-    w = stats.thompson_weights(arms, control_id="control", floor=0.0, treatment_beta=0.5)
+    w = thompson_weights(arms, control_id="control", floor=0.0, treatment_beta=0.5)
     assert w["control"] == pytest.approx(0.5)
     assert w["t1"] == pytest.approx(0.25, abs=1e-3)  # leader: beta of the treatments' half
     assert w["t2"] + w["t3"] == pytest.approx(0.25, abs=1e-3)  # the challengers share the rest
@@ -174,7 +177,7 @@ def test_thompson_weights_treatment_beta_keeps_a_challenger_among_treatments() -
 
 def test_thompson_weights_are_deterministic_for_a_seed() -> None:
     arms = [arm("control", 300, 150), arm("t1", 300, 160), arm("t2", 300, 155)]
-    assert stats.thompson_weights(arms, seed=3) == stats.thompson_weights(arms, seed=3)
+    assert thompson_weights(arms, seed=3) == thompson_weights(arms, seed=3)
 
 
 def test_decision_config_is_frozen() -> None:

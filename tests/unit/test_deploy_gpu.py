@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.finetune.training import MAX_SERVED_LORA_RANK
+from services.finetune.domain import MAX_SERVED_LORA_RANK
 from shared.serving import serving_api_key
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -105,7 +105,6 @@ def fake_base_model(path: Path) -> str:
 class FakeTrainer:
     """The training edge's interface, with `train` writing a complete adapter at once."""
 
-    Recipe = training.Recipe
     TrainingCancelled = training.TrainingCancelled
     TrainingInputError = training.TrainingInputError
     validate_base_model = staticmethod(training.validate_base_model)

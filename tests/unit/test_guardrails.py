@@ -4,61 +4,31 @@ other metric's name."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
-from services.optimizer import stats
-from services.optimizer.stats import ArmResult, DecisionConfig
-
-
-def _arm(arm_id: str, **kw: object) -> ArmResult:
-    base = ArmResult(
-        arm_id=arm_id,
-        is_control=arm_id == "control",
-        exposures=1000,
-        n=500,
-        positives=250,
-        rate=0.5,
-        rate_ci=(0.45, 0.55),
-        star_mean=4.0,
-        feedback_rate=0.5,
-        cost_per_explanation=0.002,
-        latency_ms_mean=1000.0,
-        lift=None,
-        lift_ci_sequential=None,
-        lift_ci_fixed=None,
-        p_value_sequential=None,
-        p_value_fixed=None,
-        prob_beat_control=None,
-        prob_best=None,
-        expected_loss=None,
-        power=None,
-        samples_needed_per_arm=None,
-        days_to_decision=None,
-        fallback_rate=0.0,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+from services.optimizer.stats.decision import DecisionConfig, guardrail_failures
+from services.optimizer.stats.results import Analysis, ArmResult
+from tests.unit.arm_results import arm_result
 
 
 def _fails(arm: ArmResult, control: ArmResult | None = None, **config: object) -> list[str]:
-    analysis = stats.Analysis(
+    analysis = Analysis(
         status="OK",
         metric="positive_rate",
         control_id="control",
-        arms=(control or _arm("control"), arm),
+        arms=(control or arm_result("control"), arm),
         srm_p_value=0.5,
         srm_flag=False,
         alpha=0.05,
     )
-    return stats.guardrail_failures(analysis, arm.arm_id, DecisionConfig(**config))  # type: ignore[arg-type]
+    return guardrail_failures(analysis, arm.arm_id, DecisionConfig(**config))  # type: ignore[arg-type]
 
 
 def test_an_arm_like_the_control_passes_every_guardrail() -> None:
-    assert _fails(_arm("t1")) == []
+    assert _fails(arm_result("t1")) == []
     assert (
-        stats.guardrail_failures(
-            stats.Analysis("OK", "positive_rate", "control", (_arm("t1"),), 0.5, False, 0.05), "t1", DecisionConfig()
+        guardrail_failures(
+            Analysis("OK", "positive_rate", "control", (arm_result("t1"),), 0.5, False, 0.05), "t1", DecisionConfig()
         )
         == []
     )  # no control: nothing to compare
@@ -66,58 +36,60 @@ def test_an_arm_like_the_control_passes_every_guardrail() -> None:
 
 @pytest.mark.parametrize(("metric", "name"), [("positive_rate", "star mean"), ("avg_stars", "positive rate")])
 def test_a_significantly_worse_secondary_metric_blocks_and_is_named(metric: str, name: str) -> None:
-    (fail,) = _fails(_arm("t1", secondary_significantly_worse=True), metric=metric)
+    (fail,) = _fails(arm_result("t1", secondary_significantly_worse=True), metric=metric)
     assert fail == f"{name} significantly worse than control"
 
 
 def test_feedback_rate_ratio_below_the_floor_blocks_and_at_it_does_not() -> None:
-    assert _fails(_arm("t1", feedback_rate=0.4)) == []  # 0.8x: at the floor
-    (fail,) = _fails(_arm("t1", feedback_rate=0.39))
+    assert _fails(arm_result("t1", feedback_rate=0.4)) == []  # 0.8x: at the floor
+    (fail,) = _fails(arm_result("t1", feedback_rate=0.39))
     assert fail.startswith("feedback rate 0.78x control")
-    assert _fails(_arm("t1", feedback_rate=0.1), min_feedback_rate_ratio=None) == []
-    assert _fails(_arm("t1", feedback_rate=0.1), _arm("control", feedback_rate=0.0)) == []
+    assert _fails(arm_result("t1", feedback_rate=0.1), min_feedback_rate_ratio=None) == []
+    assert _fails(arm_result("t1", feedback_rate=0.1), arm_result("control", feedback_rate=0.0)) == []
 
 
 def test_cost_ratio_over_the_limit_blocks_and_at_it_does_not() -> None:
-    assert _fails(_arm("t1", cost_per_explanation=0.003)) == []  # 1.5x
-    (fail,) = _fails(_arm("t1", cost_per_explanation=0.0031))
+    assert _fails(arm_result("t1", cost_per_explanation=0.003)) == []  # 1.5x
+    (fail,) = _fails(arm_result("t1", cost_per_explanation=0.0031))
     assert fail.startswith("cost 1.55x control")
-    assert _fails(_arm("t1", cost_per_explanation=1.0), max_cost_ratio=None) == []
+    assert _fails(arm_result("t1", cost_per_explanation=1.0), max_cost_ratio=None) == []
 
 
 def test_against_a_free_control_the_absolute_cost_limit_applies() -> None:
-    free = _arm("control", cost_per_explanation=0.0)
-    assert _fails(_arm("t1", cost_per_explanation=0.001), free) == []  # exactly +$0.001
-    (fail,) = _fails(_arm("t1", cost_per_explanation=0.0011), free)
+    free = arm_result("control", cost_per_explanation=0.0)
+    assert _fails(arm_result("t1", cost_per_explanation=0.001), free) == []  # exactly +$0.001
+    (fail,) = _fails(arm_result("t1", cost_per_explanation=0.0011), free)
     assert fail.startswith("cost $0.0011 per explanation against a $0 control")
-    assert _fails(_arm("t1", cost_per_explanation=5.0), free, max_cost_increase_usd=None) == []
+    assert _fails(arm_result("t1", cost_per_explanation=5.0), free, max_cost_increase_usd=None) == []
 
 
 def test_latency_ratio_over_the_limit_blocks_and_at_it_does_not() -> None:
-    assert _fails(_arm("t1", latency_ms_mean=2000.0)) == []  # 2x
-    (fail,) = _fails(_arm("t1", latency_ms_mean=2100.0))
+    assert _fails(arm_result("t1", latency_ms_mean=2000.0)) == []  # 2x
+    (fail,) = _fails(arm_result("t1", latency_ms_mean=2100.0))
     assert fail.startswith("latency 2.10x control")
 
 
 def test_against_an_instant_control_the_absolute_latency_limit_applies() -> None:
-    instant = _arm("control", latency_ms_mean=0.0)
-    assert _fails(_arm("t1", latency_ms_mean=2000.0), instant) == []
-    (fail,) = _fails(_arm("t1", latency_ms_mean=2001.0), instant)
+    instant = arm_result("control", latency_ms_mean=0.0)
+    assert _fails(arm_result("t1", latency_ms_mean=2000.0), instant) == []
+    (fail,) = _fails(arm_result("t1", latency_ms_mean=2001.0), instant)
     assert fail.startswith("latency 2001 ms against a 0 ms control")
 
 
 def test_fallback_rate_increase_over_the_limit_blocks() -> None:
-    control = _arm("control", fallback_rate=0.05)
-    assert _fails(_arm("t1", fallback_rate=0.10), control) == []  # exactly +5 points
-    (fail,) = _fails(_arm("t1", fallback_rate=0.11), control)
+    control = arm_result("control", fallback_rate=0.05)
+    assert _fails(arm_result("t1", fallback_rate=0.10), control) == []  # exactly +5 points
+    (fail,) = _fails(arm_result("t1", fallback_rate=0.11), control)
     assert fail.startswith("fallback rate 11.0% vs control 5.0%")
-    assert _fails(_arm("t1", fallback_rate=0.06), _arm("control", fallback_rate=None)) == [
-        *_fails(_arm("t1", fallback_rate=0.06), _arm("control", fallback_rate=0.0))
+    assert _fails(arm_result("t1", fallback_rate=0.06), arm_result("control", fallback_rate=None)) == [
+        *_fails(arm_result("t1", fallback_rate=0.06), arm_result("control", fallback_rate=0.0))
     ]
-    (fail,) = _fails(_arm("t1", fallback_rate=0.06), _arm("control", fallback_rate=None))
+    (fail,) = _fails(arm_result("t1", fallback_rate=0.06), arm_result("control", fallback_rate=None))
     assert "vs control 0.0%" in fail
 
 
 def test_several_failures_are_all_reported() -> None:
-    fails = _fails(_arm("t1", cost_per_explanation=1.0, latency_ms_mean=9000.0, secondary_significantly_worse=True))
+    fails = _fails(
+        arm_result("t1", cost_per_explanation=1.0, latency_ms_mean=9000.0, secondary_significantly_worse=True)
+    )
     assert len(fails) == 3

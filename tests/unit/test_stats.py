@@ -17,8 +17,33 @@ from statsmodels.stats.proportion import (
     proportions_ztest,
 )
 
-from services.optimizer import stats
-from services.optimizer.stats import ArmData
+from services.optimizer.stats.analysis import analyze
+from services.optimizer.stats.bayesian import many_to_one_control_share
+from services.optimizer.stats.decision import (
+    DECISION_COLLECTING,
+    DECISION_KEEP_CONTROL,
+    DECISION_SHIP,
+    DECISION_UNHEALTHY,
+    DecisionConfig,
+    decide,
+)
+from services.optimizer.stats.frequentist import (
+    SRM_CONCENTRATION,
+    cohens_h,
+    holm_adjust,
+    msprt_half_width,
+    msprt_log_lr,
+    msprt_p_value,
+    msprt_tau_for_effect,
+    smoothed_rate_variance,
+    srm_check,
+    srm_log_bayes_factor,
+    two_proportion_z_p_value,
+    wilson_interval,
+    z_test_nobs1,
+    z_test_power,
+)
+from services.optimizer.stats.results import STATUS_INSUFFICIENT, STATUS_OK, STATUS_SRM, ArmData
 
 TOL = 1e-6
 
@@ -37,7 +62,7 @@ def _equal(arms: list[ArmData]) -> dict[str, float]:
 
 @pytest.mark.parametrize(("x", "n"), [(0, 10), (10, 10), (7, 23), (81, 263), (500, 1000), (1, 1)])
 def test_wilson_interval_matches_statsmodels(x: int, n: int) -> None:
-    lo, hi = stats.wilson_interval(x, n)  # type: ignore[misc]
+    lo, hi = wilson_interval(x, n)  # type: ignore[misc]
     ref_lo, ref_hi = proportion_confint(x, n, alpha=0.05, method="wilson")
     assert lo == pytest.approx(ref_lo, abs=TOL)
     assert hi == pytest.approx(ref_hi, abs=TOL)
@@ -45,24 +70,24 @@ def test_wilson_interval_matches_statsmodels(x: int, n: int) -> None:
 
 def test_wilson_interval_matches_newcombe_1998_table() -> None:
     # Newcombe (1998), Stat Med 17:857, Table I, method 3 (score): 81/263 and 15/148.
-    assert stats.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
-    assert stats.wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
 
 
 def test_wilson_interval_is_none_without_data() -> None:
-    assert stats.wilson_interval(0, 0) is None
+    assert wilson_interval(0, 0) is None
 
 
 @pytest.mark.parametrize(("x1", "n1", "x2", "n2"), [(120, 200, 100, 200), (5, 40, 9, 38), (640, 1000, 600, 1000)])
 def test_fixed_horizon_z_test_matches_proportions_ztest(x1: int, n1: int, x2: int, n2: int) -> None:
     _, ref = proportions_ztest([x1, x2], [n1, n2])
-    assert float(stats.two_proportion_z_p_value(x1, n1, x2, n2)) == pytest.approx(ref, abs=TOL)
+    assert float(two_proportion_z_p_value(x1, n1, x2, n2)) == pytest.approx(ref, abs=TOL)
 
 
 def test_analysis_reference_numbers_match_statsmodels() -> None:
     arms = _arms((400, 200), (380, 230), (410, 190))
-    result = stats.analyze(arms, "control", _equal(arms))
-    assert result.status == stats.STATUS_OK
+    result = analyze(arms, "control", _equal(arms))
+    assert result.status == STATUS_OK
     t1 = result.arm("t1")
     assert t1 is not None and t1.lift_ci_fixed is not None
     _, p_ref = proportions_ztest([230, 200], [380, 400])
@@ -76,7 +101,7 @@ def test_analysis_reference_numbers_match_statsmodels() -> None:
 def test_holm_adjustment_matches_multipletests() -> None:
     p = [0.01, 0.04, 0.03, 0.2, 0.0001]
     ref = multipletests(p, method="holm")[1]
-    assert stats.holm_adjust(p) == pytest.approx(list(ref), abs=TOL)
+    assert holm_adjust(p) == pytest.approx(list(ref), abs=TOL)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +109,7 @@ def test_holm_adjustment_matches_multipletests() -> None:
 )
 def test_power_matches_normal_ind_power(es: float, n1: float, alpha: float, ratio: float) -> None:
     ref = NormalIndPower().power(es, n1, alpha, ratio=ratio)
-    assert stats.z_test_power(es, n1, alpha, ratio) == pytest.approx(ref, abs=TOL)
+    assert z_test_power(es, n1, alpha, ratio) == pytest.approx(ref, abs=TOL)
 
 
 @pytest.mark.parametrize(
@@ -92,16 +117,16 @@ def test_power_matches_normal_ind_power(es: float, n1: float, alpha: float, rati
 )
 def test_samples_needed_match_zt_ind_solve_power(es: float, alpha: float, power: float, ratio: float) -> None:
     ref = zt_ind_solve_power(effect_size=es, alpha=alpha, power=power, ratio=ratio)
-    assert stats.z_test_nobs1(es, alpha, power, ratio) == pytest.approx(ref, abs=1e-4)
+    assert z_test_nobs1(es, alpha, power, ratio) == pytest.approx(ref, abs=1e-4)
 
 
 def test_samples_needed_match_cohen_1988_table() -> None:
     # Cohen (1988) Table 6.4.1: h = 0.2, two-sided alpha 0.05, power 0.80 -> n = 392 per group.
-    assert stats.z_test_nobs1(0.2, 0.05) == pytest.approx(392, abs=1)
+    assert z_test_nobs1(0.2, 0.05) == pytest.approx(392, abs=1)
 
 
 def test_cohens_h_matches_proportion_effectsize() -> None:
-    assert stats.cohens_h(0.66, 0.6) == pytest.approx(proportion_effectsize(0.66, 0.6), abs=TOL)
+    assert cohens_h(0.66, 0.6) == pytest.approx(proportion_effectsize(0.66, 0.6), abs=TOL)
 
 
 def _cs_half_width(v: float, tau2: float, alpha: float) -> float:
@@ -110,7 +135,7 @@ def _cs_half_width(v: float, tau2: float, alpha: float) -> float:
 
 def test_analysis_power_samples_and_days_are_those_of_the_always_valid_test_that_decides() -> None:
     arms = _arms((400, 200), (400, 220), (400, 200))
-    result = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, feedback_per_day=300, tau=0.05)
+    result = analyze(arms, "control", _equal(arms), target_lift=0.1, feedback_per_day=300, tau=0.05)
     t1 = result.arm("t1")
     assert t1 is not None
     var_c = (201 / 402) * (201 / 402)  # smoothed p(1-p) of the control
@@ -136,37 +161,37 @@ def test_analysis_power_samples_and_days_are_those_of_the_always_valid_test_that
 
 def test_power_and_samples_count_the_minimum_lift_the_interval_must_clear() -> None:
     arms = _arms((400, 200), (400, 220))
-    plain = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, tau=0.05).arm("t1")
-    strict = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, min_lift=0.05, tau=0.05).arm("t1")
+    plain = analyze(arms, "control", _equal(arms), target_lift=0.1, tau=0.05).arm("t1")
+    strict = analyze(arms, "control", _equal(arms), target_lift=0.1, min_lift=0.05, tau=0.05).arm("t1")
     assert plain is not None and strict is not None
     assert strict.power < plain.power  # type: ignore[operator]
     assert strict.samples_needed_per_arm > plain.samples_needed_per_arm  # type: ignore[operator]
-    unreachable = stats.analyze(arms, "control", _equal(arms), target_lift=0.1, min_lift=0.1, tau=0.05).arm("t1")
+    unreachable = analyze(arms, "control", _equal(arms), target_lift=0.1, min_lift=0.1, tau=0.05).arm("t1")
     assert unreachable is not None and unreachable.samples_needed_per_arm is None
 
 
 def test_srm_chi_square_reference_matches_scipy_and_flags_below_threshold() -> None:
-    p, flag = stats.srm_check([5000, 5100, 4900], [1, 1, 1], sequential=False)
+    p, flag = srm_check([5000, 5100, 4900], [1, 1, 1], sequential=False)
     assert p == pytest.approx(sps.chisquare([5000, 5100, 4900]).pvalue, abs=TOL)
     chi2 = sum((o - 5000) ** 2 / 5000 for o in [5000, 5100, 4900])
     assert p == pytest.approx(sps.chi2.sf(chi2, 2), abs=TOL)
     assert flag is False
-    p2, flag2 = stats.srm_check([5000, 5600], [0.5, 0.5], sequential=False)
+    p2, flag2 = srm_check([5000, 5600], [0.5, 0.5], sequential=False)
     assert p2 is not None and p2 < 0.001 and flag2 is True
 
 
 def test_srm_uses_intended_weights_not_equal_split() -> None:
     for sequential in (True, False):
-        _, flag = stats.srm_check([9000, 1000], [0.9, 0.1], sequential=sequential)
+        _, flag = srm_check([9000, 1000], [0.9, 0.1], sequential=sequential)
         assert flag is False
-        _, flag = stats.srm_check([5000, 5000], [0.9, 0.1], sequential=sequential)
+        _, flag = srm_check([5000, 5000], [0.9, 0.1], sequential=sequential)
         assert flag is True
 
 
 def test_srm_chi_square_is_skipped_while_expected_counts_are_tiny() -> None:
-    assert stats.srm_check([3, 1], [0.5, 0.5], sequential=False) == (None, False)
+    assert srm_check([3, 1], [0.5, 0.5], sequential=False) == (None, False)
     # The anytime-valid test is valid at any n: it answers, and four exposures are no evidence.
-    p, flag = stats.srm_check([3, 1], [0.5, 0.5])
+    p, flag = srm_check([3, 1], [0.5, 0.5])
     assert p is not None and p > 0.5 and flag is False
 
 
@@ -202,18 +227,18 @@ def _log_bf_reference(counts: list[int], p: list[float], c: float) -> float:
 def test_srm_log_bayes_factor_matches_dirichlet_multinomial_over_multinomial(
     counts: list[int], p: list[float], c: float
 ) -> None:
-    ours = float(stats.srm_log_bayes_factor(counts, p, c))
+    ours = float(srm_log_bayes_factor(counts, p, c))
     assert ours == pytest.approx(_log_bf_reference(counts, p, c), abs=TOL)
-    pv, flag = stats.srm_check(counts, p, 0.001, concentration=c)
+    pv, flag = srm_check(counts, p, 0.001, concentration=c)
     assert pv == pytest.approx(min(1.0, math.exp(-ours)), rel=1e-9)
     assert flag is (ours >= math.log(1000))
 
 
 def test_srm_log_bayes_factor_is_vectorised_and_handles_zero_weights() -> None:
     counts = np.array([[5000, 5600, 0], [10, 12, 0], [10, 12, 1]])
-    out = stats.srm_log_bayes_factor(counts, [0.5, 0.5, 0.0])
-    assert out[0] == pytest.approx(_log_bf_reference([5000, 5600], [0.5, 0.5], stats.SRM_CONCENTRATION), abs=TOL)
-    assert out[1] == pytest.approx(_log_bf_reference([10, 12], [0.5, 0.5], stats.SRM_CONCENTRATION), abs=TOL)
+    out = srm_log_bayes_factor(counts, [0.5, 0.5, 0.0])
+    assert out[0] == pytest.approx(_log_bf_reference([5000, 5600], [0.5, 0.5], SRM_CONCENTRATION), abs=TOL)
+    assert out[1] == pytest.approx(_log_bf_reference([10, 12], [0.5, 0.5], SRM_CONCENTRATION), abs=TOL)
     assert out[2] == math.inf  # traffic on an arm that should get none
 
 
@@ -223,11 +248,11 @@ def test_srm_log_bayes_factor_is_vectorised_and_handles_zero_weights() -> None:
 )
 def test_srm_degenerate_inputs_give_no_flag(exposures: list[int], weights: list[float]) -> None:
     for sequential in (True, False):
-        assert stats.srm_check(exposures, weights, sequential=sequential) == (None, False)
+        assert srm_check(exposures, weights, sequential=sequential) == (None, False)
 
 
 def test_srm_traffic_on_a_zero_weight_arm_is_flagged_outright() -> None:
-    assert stats.srm_check([10, 3], [1.0, 0.0]) == (0.0, True)
+    assert srm_check([10, 3], [1.0, 0.0]) == (0.0, True)
 
 
 def test_anytime_valid_srm_survives_continuous_monitoring_and_catches_a_real_mismatch() -> None:
@@ -236,7 +261,7 @@ def test_anytime_valid_srm_survives_continuous_monitoring_and_catches_a_real_mis
     p = np.array([0.4, 0.2, 0.2, 0.2])
     looks, per, sims = 100, 300, 2000
     healthy = rng.multinomial(per, p, size=(sims, looks)).cumsum(axis=1)
-    log_bf = stats.srm_log_bayes_factor(healthy, p)
+    log_bf = srm_log_bayes_factor(healthy, p)
     assert log_bf.shape == (sims, looks)
     flagged_seq = (log_bf >= math.log(1000)).any(axis=1).mean()
     expected = healthy.sum(axis=2, keepdims=True) * p
@@ -249,7 +274,7 @@ def test_anytime_valid_srm_survives_continuous_monitoring_and_catches_a_real_mis
     # control), is caught within the same 100 looks, and quickly.
     q = np.array([0.38, 0.22, 0.2, 0.2])
     broken = rng.multinomial(per, q, size=(200, looks)).cumsum(axis=1)
-    hit = stats.srm_log_bayes_factor(broken, p) >= math.log(1000)
+    hit = srm_log_bayes_factor(broken, p) >= math.log(1000)
     assert hit.any(axis=1).mean() >= 0.99
     first = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, looks + 1)
     assert np.median(first) <= 35  # about 21-24 looks (6,500-7,000 exposures) over seeds
@@ -257,32 +282,32 @@ def test_anytime_valid_srm_survives_continuous_monitoring_and_catches_a_real_mis
 
 def test_analysis_reports_srm_status() -> None:
     arms = [ArmData("control", 5000, 500, 250), ArmData("t1", 5600, 560, 280)]
-    result = stats.analyze(arms, "control", {"control": 0.5, "t1": 0.5})
-    assert result.status == stats.STATUS_SRM and result.srm_flag
+    result = analyze(arms, "control", {"control": 0.5, "t1": 0.5})
+    assert result.status == STATUS_SRM and result.srm_flag
     assert result.srm_sequential
     assert result.srm_p_value == pytest.approx(math.exp(-result.srm_log_bayes_factor), rel=1e-9)  # type: ignore[arg-type]
     assert result.srm_p_value_fixed == pytest.approx(sps.chisquare([5000, 5600]).pvalue, abs=TOL)
-    d = stats.decide(result, stats.DecisionConfig(), elapsed_s=0)
-    assert d.status == stats.DECISION_UNHEALTHY and "anytime-valid" in d.reason and "chi-square" in d.reason
+    d = decide(result, DecisionConfig(), elapsed_s=0)
+    assert d.status == DECISION_UNHEALTHY and "anytime-valid" in d.reason and "chi-square" in d.reason
 
 
 def test_analysis_flags_on_the_anytime_valid_p_and_still_reports_chi_square() -> None:
     # chi-square p = 8e-4 (< 0.001: the old check would pause this experiment) but BF is about 49: no flag.
     arms = [ArmData("control", 5000, 500, 250), ArmData("t1", 5340, 534, 267)]
     weights = {"control": 0.5, "t1": 0.5}
-    result = stats.analyze(arms, "control", weights)
+    result = analyze(arms, "control", weights)
     assert result.srm_p_value_fixed is not None and result.srm_p_value_fixed < 0.001
     assert result.srm_p_value is not None and result.srm_p_value > 0.001
-    assert not result.srm_flag and result.status == stats.STATUS_OK
-    legacy = stats.analyze(arms, "control", weights, srm_sequential=False)
+    assert not result.srm_flag and result.status == STATUS_OK
+    legacy = analyze(arms, "control", weights, srm_sequential=False)
     assert legacy.srm_flag and legacy.srm_p_value == legacy.srm_p_value_fixed
-    d = stats.decide(legacy, stats.DecisionConfig(), elapsed_s=0)
-    assert d.status == stats.DECISION_UNHEALTHY and "anytime-valid" not in d.reason
+    d = decide(legacy, DecisionConfig(), elapsed_s=0)
+    assert d.status == DECISION_UNHEALTHY and "anytime-valid" not in d.reason
 
 
 def test_analysis_without_exposures_has_no_srm_numbers() -> None:
     arms = [ArmData("control", 0, 0, 0), ArmData("t1", 0, 0, 0)]
-    result = stats.analyze(arms, "control", {"control": 0.5, "t1": 0.5})
+    result = analyze(arms, "control", {"control": 0.5, "t1": 0.5})
     assert (result.srm_p_value, result.srm_flag, result.srm_p_value_fixed, result.srm_log_bayes_factor) == (
         None,
         False,
@@ -298,13 +323,13 @@ def test_msprt_closed_form_equals_mixture_integral() -> None:
         return math.exp((theta * d - theta * theta / 2) / v) * sps.norm.pdf(theta, scale=tau)
 
     numeric, _ = integrate.quad(lr, -1, 1, points=[0.0, d], limit=200)
-    assert math.exp(float(stats.msprt_log_lr(d, v, tau * tau))) == pytest.approx(numeric, rel=1e-6)
+    assert math.exp(float(msprt_log_lr(d, v, tau * tau))) == pytest.approx(numeric, rel=1e-6)
 
 
 def test_confidence_sequence_boundary_is_where_lambda_hits_one_over_alpha() -> None:
     v, tau2, alpha = 0.0004, 0.0025, 0.05
-    h = float(stats.msprt_half_width(v, tau2, alpha))
-    assert float(stats.msprt_p_value(h, v, tau2)) == pytest.approx(alpha, rel=1e-9)
+    h = float(msprt_half_width(v, tau2, alpha))
+    assert float(msprt_p_value(h, v, tau2)) == pytest.approx(alpha, rel=1e-9)
 
 
 @pytest.mark.parametrize(("effect", "alpha"), [(0.06, 0.05 / 3), (0.06, 0.05), (0.2, 0.01), (0.011, 0.001)])
@@ -323,26 +348,26 @@ def test_msprt_tau_maximises_the_variance_at_which_the_mean_path_crosses(effect:
     res = optimize.minimize_scalar(
         lambda t: -crossing_v(t * effect), bounds=(0.3, 3.0), method="bounded", options={"xatol": 1e-10}
     )
-    tau = stats.msprt_tau_for_effect(effect, alpha)
+    tau = msprt_tau_for_effect(effect, alpha)
     assert tau == pytest.approx(res.x * effect, rel=1e-4)  # the optimum is flat: compare the location loosely
     assert crossing_v(tau) == pytest.approx(-res.fun, rel=1e-9)  # and the value tightly
     r = tau**2 / crossing_v(tau)
     assert r == pytest.approx(big_l + math.log1p(r), rel=1e-6)  # the fixed point the closed form uses
-    assert stats.msprt_tau_for_effect(-effect, alpha) == pytest.approx(tau, rel=1e-12)
+    assert msprt_tau_for_effect(-effect, alpha) == pytest.approx(tau, rel=1e-12)
 
 
 def test_msprt_tau_rejects_an_invalid_alpha() -> None:
     with pytest.raises(ValueError, match="alpha"):
-        stats.msprt_tau_for_effect(0.06, 1.0)
+        msprt_tau_for_effect(0.06, 1.0)
 
 
 def test_analysis_default_tau_is_tuned_to_the_target_effect_at_the_bonferroni_alpha() -> None:
     arms = _arms((1000, 600), (1000, 640), (1000, 590), (1000, 610))
-    result = stats.analyze(arms, "control", _equal(arms), alpha=0.05, target_lift=0.1)
+    result = analyze(arms, "control", _equal(arms), alpha=0.05, target_lift=0.1)
     pooled = (600 + 640 + 590 + 610) / 4000
-    assert result.tau == pytest.approx(stats.msprt_tau_for_effect(0.1 * pooled, 0.05 / 3), rel=1e-12)
+    assert result.tau == pytest.approx(msprt_tau_for_effect(0.1 * pooled, 0.05 / 3), rel=1e-12)
     assert result.tau == pytest.approx(0.956 * 0.1 * pooled, rel=1e-3)
-    fixed = stats.analyze(arms, "control", _equal(arms), tau=0.05)
+    fixed = analyze(arms, "control", _equal(arms), tau=0.05)
     assert fixed.tau == 0.05
 
 
@@ -352,35 +377,32 @@ def test_many_to_one_control_share_minimises_the_comparison_variance(k: int) -> 
     res = optimize.minimize_scalar(
         lambda w: 1 / w + k / (1 - w), bounds=(1e-6, 1 - 1e-6), method="bounded", options={"xatol": 1e-12}
     )
-    assert stats.many_to_one_control_share(k) == pytest.approx(res.x, abs=1e-6)
-    assert stats.many_to_one_control_share(1) == 0.5
+    assert many_to_one_control_share(k) == pytest.approx(res.x, abs=1e-6)
+    assert many_to_one_control_share(1) == 0.5
 
 
 def test_always_valid_p_value_is_larger_than_fixed_horizon_p_value() -> None:
     arms = _arms((2000, 1000), (2000, 1080))
-    t1 = stats.analyze(arms, "control", _equal(arms)).arm("t1")
+    t1 = analyze(arms, "control", _equal(arms)).arm("t1")
     assert t1 is not None and t1.p_value_sequential is not None and t1.p_value_fixed is not None
     assert t1.p_value_sequential > t1.p_value_fixed
 
 
 def test_sequential_interval_is_wider_than_fixed_interval() -> None:
     arms = _arms((2000, 1000), (2000, 1080))
-    t1 = stats.analyze(arms, "control", _equal(arms)).arm("t1")
+    t1 = analyze(arms, "control", _equal(arms)).arm("t1")
     assert t1 is not None and t1.lift_ci_sequential and t1.lift_ci_fixed
     assert t1.lift_ci_sequential[0] < t1.lift_ci_fixed[0] < t1.lift_ci_fixed[1] < t1.lift_ci_sequential[1]
 
 
 def test_sequential_p_values_and_intervals_share_the_bonferroni_correction_of_the_decision() -> None:
     arms = _arms((3000, 1500), (3000, 1650), (3000, 1620), (3000, 1500))
-    result = stats.analyze(arms, "control", _equal(arms), tau=0.05)
+    result = analyze(arms, "control", _equal(arms), tau=0.05)
     raw = []
     for a in arms[1:]:
         d = a.positives / a.n - 0.5
-        v = (
-            float(stats.smoothed_rate_variance(a.positives, a.n)) / a.n
-            + float(stats.smoothed_rate_variance(1500, 3000)) / 3000
-        )
-        raw.append(float(stats.msprt_p_value(d, v, 0.05**2)))
+        v = float(smoothed_rate_variance(a.positives, a.n)) / a.n + float(smoothed_rate_variance(1500, 3000)) / 3000
+        raw.append(float(msprt_p_value(d, v, 0.05**2)))
     ref = multipletests(raw, method="bonferroni")[1]
     got = [result.arm(f"t{i}").p_value_sequential for i in (1, 2, 3)]  # type: ignore[union-attr]
     assert got == pytest.approx(list(ref), abs=TOL)
@@ -409,7 +431,7 @@ def test_probability_to_beat_control_matches_beta_closed_form() -> None:
             - math.lgamma(beta_a)
         )
     arms = _arms((a_n, a_x), (b_n, b_x))
-    t1 = stats.analyze(arms, "control", _equal(arms), draws=200_000).arm("t1")
+    t1 = analyze(arms, "control", _equal(arms), draws=200_000).arm("t1")
     assert t1 is not None and t1.prob_beat_control is not None
     assert t1.prob_beat_control == pytest.approx(total, abs=0.005)
     assert t1.prob_best == pytest.approx(t1.prob_beat_control, abs=1e-12)  # two arms: best == beats the other
@@ -417,12 +439,12 @@ def test_probability_to_beat_control_matches_beta_closed_form() -> None:
 
 def test_analysis_is_deterministic_for_a_seed() -> None:
     arms = _arms((300, 150), (300, 170), (300, 160))
-    assert stats.analyze(arms, "control", _equal(arms)) == stats.analyze(arms, "control", _equal(arms))
+    assert analyze(arms, "control", _equal(arms)) == analyze(arms, "control", _equal(arms))
 
 
 def test_expected_loss_is_zero_for_a_certain_winner_and_positive_otherwise() -> None:
     arms = _arms((5000, 1000), (5000, 4000))
-    result = stats.analyze(arms, "control", _equal(arms))
+    result = analyze(arms, "control", _equal(arms))
     assert result.arm("t1").expected_loss == pytest.approx(0.0, abs=1e-9)  # type: ignore[union-attr]
     assert result.arm("control").expected_loss == pytest.approx(0.6, abs=0.01)  # type: ignore[union-attr]
 
@@ -432,9 +454,9 @@ def test_star_metric_uses_star_means_and_welch_z() -> None:
         ArmData("control", 1000, 300, 150, star_n=200, star_sum=700.0, star_sumsq=2650.0),
         ArmData("t1", 1000, 300, 160, star_n=220, star_sum=836.0, star_sumsq=3300.0),
     ]
-    result = stats.analyze(arms, "control", _equal(arms), metric="avg_stars")
+    result = analyze(arms, "control", _equal(arms), metric="avg_stars")
     t1 = result.arm("t1")
-    assert result.status == stats.STATUS_OK and t1 is not None
+    assert result.status == STATUS_OK and t1 is not None
     mc, mt = 3.5, 836 / 220
     vc = (2650 - 200 * mc * mc) / 199
     vt = (3300 - 220 * mt * mt) / 219
@@ -459,22 +481,22 @@ def test_star_metric_uses_star_means_and_welch_z() -> None:
 def test_degenerate_inputs_return_status_codes_not_exceptions(arms: list[ArmData]) -> None:
     weights = {a.arm_id: 1.0 for a in arms}
     for metric in ("positive_rate", "avg_stars"):
-        result = stats.analyze(arms, "control", weights, metric=metric, feedback_per_day=10)
-        assert result.status in (stats.STATUS_OK, stats.STATUS_INSUFFICIENT)
-        decision = stats.decide(result, stats.DecisionConfig(min_feedback_per_arm=1), elapsed_s=1e9)
-        assert decision.status in (stats.DECISION_COLLECTING, stats.DECISION_KEEP_CONTROL)
+        result = analyze(arms, "control", weights, metric=metric, feedback_per_day=10)
+        assert result.status in (STATUS_OK, STATUS_INSUFFICIENT)
+        decision = decide(result, DecisionConfig(min_feedback_per_arm=1), elapsed_s=1e9)
+        assert decision.status in (DECISION_COLLECTING, DECISION_KEEP_CONTROL)
 
 
 def test_zero_feedback_and_one_arm_are_insufficient() -> None:
     zero = [ArmData("control", 0, 0, 0), ArmData("t1", 0, 0, 0)]
-    assert stats.analyze(zero, "control", _equal(zero)).status == stats.STATUS_INSUFFICIENT
+    assert analyze(zero, "control", _equal(zero)).status == STATUS_INSUFFICIENT
     one = [ArmData("control", 100, 50, 20)]
-    assert stats.analyze(one, "control", {"control": 1.0}).status == stats.STATUS_INSUFFICIENT
+    assert analyze(one, "control", {"control": 1.0}).status == STATUS_INSUFFICIENT
 
 
 def test_all_positive_arms_have_finite_tests() -> None:
     arms = _arms((200, 200), (200, 200))
-    t1 = stats.analyze(arms, "control", _equal(arms)).arm("t1")
+    t1 = analyze(arms, "control", _equal(arms)).arm("t1")
     assert t1 is not None and t1.p_value_sequential == pytest.approx(1.0)
     assert t1.rate_ci is not None and t1.rate_ci[1] == pytest.approx(1.0)
 
@@ -488,9 +510,9 @@ def test_always_valid_test_keeps_false_positives_under_alpha_with_continuous_mon
     n = step * np.arange(1, looks + 1)[None, :]
     xc, xt = x[:, :, 0], x[:, :, 1]
     d = xt / n - xc / n
-    v = (stats.smoothed_rate_variance(xt, n) + stats.smoothed_rate_variance(xc, n)) / n
-    seq_reject = (stats.msprt_p_value(d, v, (0.1 * p) ** 2) < 0.05).any(axis=1).mean()
-    z_reject = (stats.two_proportion_z_p_value(xt, n, xc, n) < 0.05).any(axis=1).mean()
+    v = (smoothed_rate_variance(xt, n) + smoothed_rate_variance(xc, n)) / n
+    seq_reject = (msprt_p_value(d, v, (0.1 * p) ** 2) < 0.05).any(axis=1).mean()
+    z_reject = (two_proportion_z_p_value(xt, n, xc, n) < 0.05).any(axis=1).mean()
     assert seq_reject <= 0.05
     assert z_reject > 0.2
 
@@ -500,7 +522,7 @@ def test_decisions_on_aa_data_rarely_ship_under_continuous_monitoring() -> None:
     # The same property through analyze/decide, 3 treatments, Holm: ship rate <= ~5% (3 SE of slack).
     rng = np.random.default_rng(11)
     sims, ids = 150, ["control", "t1", "t2", "t3"]
-    config = stats.DecisionConfig(min_duration_s=0, min_feedback_per_arm=100, max_feedback_per_arm=3000)
+    config = DecisionConfig(min_duration_s=0, min_feedback_per_arm=100, max_feedback_per_arm=3000)
     shipped = 0
     for _ in range(sims):
         x = np.zeros(4, dtype=int)
@@ -509,9 +531,9 @@ def test_decisions_on_aa_data_rarely_ship_under_continuous_monitoring() -> None:
             n += 100
             x += rng.binomial(100, 0.6, size=4)
             arms = [ArmData(i, 2 * n, n, int(x[k])) for k, i in enumerate(ids)]
-            result = stats.analyze(arms, "control", _equal(arms), tau=0.06, draws=500)
-            decision = stats.decide(result, config, elapsed_s=0)
-            if decision.status != stats.DECISION_COLLECTING:
-                shipped += decision.status == stats.DECISION_SHIP
+            result = analyze(arms, "control", _equal(arms), tau=0.06, draws=500)
+            decision = decide(result, config, elapsed_s=0)
+            if decision.status != DECISION_COLLECTING:
+                shipped += decision.status == DECISION_SHIP
                 break
     assert shipped / sims <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / sims)

@@ -11,8 +11,25 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 
-from services.optimizer import stats
-from services.optimizer.stats import ArmData, DecisionConfig
+from services.optimizer.stats.analysis import analyze
+from services.optimizer.stats.bayesian import thompson_weights
+from services.optimizer.stats.decision import (
+    DECISION_COLLECTING,
+    DECISION_SHIP,
+    Decision,
+    DecisionConfig,
+    decide,
+    futile_arms,
+)
+from services.optimizer.stats.frequentist import (
+    TARGET_POWER,
+    msprt_half_width,
+    msprt_p_value,
+    msprt_samples_per_arm,
+    ratio_cluster_variance,
+    smoothed_rate_variance,
+)
+from services.optimizer.stats.results import METRICS, ArmData
 
 TOL = 1e-6
 DAY = 86400.0
@@ -80,7 +97,7 @@ def test_ratio_variance_matches_statsmodels_cluster_robust_ols_on_one_arm() -> N
     votes, ups = clustered_votes(rng, 300, 0.6, 0.3)
     y, g = _long(votes, ups)
     fit = sm.OLS(y, np.ones((len(y), 1))).fit(cov_type="cluster", cov_kwds={"groups": g, "use_correction": False})
-    got = stats.ratio_cluster_variance(ups.sum(), votes.sum(), (ups**2).sum(), (votes**2).sum(), (ups * votes).sum())
+    got = ratio_cluster_variance(ups.sum(), votes.sum(), (ups**2).sum(), (votes**2).sum(), (ups * votes).sum())
     assert float(got) == pytest.approx(float(fit.bse[0] ** 2), rel=TOL, abs=1e-12)
     # with statsmodels' small-sample correction G/(G-1) (N-1)/(N-k) the same up to that factor
     fit_c = sm.OLS(y, np.ones((len(y), 1))).fit(cov_type="cluster", cov_kwds={"groups": g})
@@ -99,7 +116,7 @@ def test_difference_and_reference_interval_match_statsmodels_cluster_robust_ols(
     groups = np.concatenate([gc, gt])
     fit = sm.OLS(y, x).fit(cov_type="cluster", cov_kwds={"groups": groups, "use_correction": False}, use_t=False)
     arms = [sessions_arm("control", cv, cu), sessions_arm("t1", tv, tu)]
-    analysis = stats.analyze(arms, "control", {"control": 400, "t1": 380})
+    analysis = analyze(arms, "control", {"control": 400, "t1": 380})
     t1 = analysis.arm("t1")
     assert t1 is not None and t1.diff is not None and t1.lift_ci_fixed is not None
     assert t1.diff == pytest.approx(float(fit.params[1]), abs=TOL)
@@ -109,7 +126,7 @@ def test_difference_and_reference_interval_match_statsmodels_cluster_robust_ols(
     assert t1.design_effect > 1.5
     # and the always-valid interval carries it: wider than the same counts read as independent votes
     flat = [ArmData(a.arm_id, a.exposures, a.n, a.positives) for a in arms]
-    t1_flat = stats.analyze(flat, "control", {"control": 1, "t1": 1}).arm("t1")
+    t1_flat = analyze(flat, "control", {"control": 1, "t1": 1}).arm("t1")
     assert t1_flat is not None and t1_flat.lift_ci_sequential and t1.lift_ci_sequential
     width = t1.lift_ci_sequential[1] - t1.lift_ci_sequential[0]
     flat_width = t1_flat.lift_ci_sequential[1] - t1_flat.lift_ci_sequential[0]
@@ -125,7 +142,7 @@ def test_star_ratio_variance_matches_statsmodels_cluster_robust_ols() -> None:
     g = np.repeat(np.arange(200), sizes)
     fit = sm.OLS(y, np.ones((len(y), 1))).fit(cov_type="cluster", cov_kwds={"groups": g, "use_correction": False})
     sums = np.array([r.sum() for r in ratings])
-    got = stats.ratio_cluster_variance(sums.sum(), sizes.sum(), (sums**2).sum(), (sizes**2).sum(), (sums * sizes).sum())
+    got = ratio_cluster_variance(sums.sum(), sizes.sum(), (sums**2).sum(), (sizes**2).sum(), (sums * sizes).sum())
     assert float(got) == pytest.approx(float(fit.bse[0] ** 2), rel=TOL)
 
 
@@ -162,9 +179,9 @@ def test_one_vote_per_session_gives_exactly_the_per_vote_analysis() -> None:
             )
         )
     weights = {"control": 1 / 3, "t1": 1 / 3, "t2": 1 / 3}
-    for metric in stats.METRICS:
-        a = stats.analyze(arms_sessions, "control", weights, metric=metric, feedback_per_day=500, seed=7)
-        b = stats.analyze(arms_flat, "control", weights, metric=metric, feedback_per_day=500, seed=7)
+    for metric in METRICS:
+        a = analyze(arms_sessions, "control", weights, metric=metric, feedback_per_day=500, seed=7)
+        b = analyze(arms_flat, "control", weights, metric=metric, feedback_per_day=500, seed=7)
         assert a == b
         assert all(r.design_effect == 1.0 for r in a.arms)
 
@@ -174,21 +191,21 @@ def test_srm_counts_sessions_not_explanations() -> None:
     # 500 sessions each; the treatment's users ask for four times as many explanations: healthy
     c = sessions_arm("control", *clustered_votes(rng, 500, 0.6, 0.2), per_session_explanations=2)
     t = sessions_arm("t1", *clustered_votes(rng, 500, 0.6, 0.2), per_session_explanations=8)
-    healthy = stats.analyze([c, t], "control", {"control": 0.5, "t1": 0.5})
+    healthy = analyze([c, t], "control", {"control": 0.5, "t1": 0.5})
     assert healthy.srm_unit == "sessions" and not healthy.srm_flag
     assert healthy.arm("t1").sessions == 500  # type: ignore[union-attr]
     # a true 45/55 split of sessions is caught
     c2 = sessions_arm("control", *clustered_votes(rng, 2250, 0.6, 0.2))
     t2 = sessions_arm("t1", *clustered_votes(rng, 2750, 0.6, 0.2))
-    broken = stats.analyze([c2, t2], "control", {"control": 0.5, "t1": 0.5})
+    broken = analyze([c2, t2], "control", {"control": 0.5, "t1": 0.5})
     assert broken.srm_flag
-    d = stats.decide(broken, DecisionConfig(), elapsed_s=LATE)
+    d = decide(broken, DecisionConfig(), elapsed_s=LATE)
     assert d.status == "unhealthy" and "sessions" in d.reason
 
 
-def _two(control: ArmData, treatment: ArmData, config: DecisionConfig | None = None, **kw: object) -> stats.Decision:
+def _two(control: ArmData, treatment: ArmData, config: DecisionConfig | None = None, **kw: object) -> Decision:
     cfg = config or DecisionConfig()
-    analysis = stats.analyze(
+    analysis = analyze(
         [control, treatment],
         "control",
         {"control": 0.5, "t1": 0.5},
@@ -196,7 +213,7 @@ def _two(control: ArmData, treatment: ArmData, config: DecisionConfig | None = N
         min_lift=cfg.min_lift_to_ship,
         **kw,  # type: ignore[arg-type]
     )
-    return stats.decide(analysis, cfg, elapsed_s=LATE)
+    return decide(analysis, cfg, elapsed_s=LATE)
 
 
 def _flat(arm_id: str, n: int, x: int, **kw: float) -> ArmData:
@@ -229,7 +246,7 @@ def test_a_hopeless_round_stops_for_futility_and_a_promising_one_does_not() -> N
     # both arms equal with plenty of data: +10% is excluded, nothing can ship
     d = _two(_flat("control", 6000, 3600), _flat("t1", 6000, 3610))
     assert d.status == "inconclusive" and "futility" in d.reason
-    assert stats.futile_arms(stats.analyze([_flat("control", 6000, 3600), _flat("t1", 6000, 3610)], "control", {}))
+    assert futile_arms(analyze([_flat("control", 6000, 3600), _flat("t1", 6000, 3610)], "control", {}))
     # same data early on: still collecting
     d = _two(_flat("control", 300, 180), _flat("t1", 300, 181))
     assert d.status == "collecting"
@@ -240,16 +257,16 @@ def test_a_hopeless_round_stops_for_futility_and_a_promising_one_does_not() -> N
 
 def test_futile_arms_stop_receiving_adaptive_traffic() -> None:
     arms = [_flat("control", 3000, 1800), _flat("t1", 3000, 1980), _flat("t2", 3000, 1790)]
-    w = stats.thompson_weights(arms, control_id="control", excluded=["t2"], floor=0.01)
+    w = thompson_weights(arms, control_id="control", excluded=["t2"], floor=0.01)
     assert w["t2"] == 0.0 and sum(w.values()) == pytest.approx(1.0)
     # the control is never excluded
-    w = stats.thompson_weights(arms, control_id="control", excluded=["control"])
+    w = thompson_weights(arms, control_id="control", excluded=["control"])
     assert w["control"] > 0
 
 
 def test_two_arm_adaptive_allocation_is_an_even_split() -> None:
     arms = [_flat("control", 3000, 1800), _flat("t1", 3000, 1900)]
-    assert stats.thompson_weights(arms, control_id="control", floor=0.0) == pytest.approx({"control": 0.5, "t1": 0.5})
+    assert thompson_weights(arms, control_id="control", floor=0.0) == pytest.approx({"control": 0.5, "t1": 0.5})
 
 
 def test_cost_and_latency_guardrails_are_absolute_against_a_free_instant_control() -> None:
@@ -267,10 +284,10 @@ def test_cost_and_latency_guardrails_are_absolute_against_a_free_instant_control
 def test_fallback_rate_is_shown_and_guards_shipping() -> None:
     control = ArmData("control", 8000, 4000, 2000, cost_usd_sum=8.0, latency_ms_sum=8e6, fallbacks=40)
     shaky = ArmData("t1", 8000, 4000, 2400, cost_usd_sum=8.0, latency_ms_sum=8e6, fallbacks=2000)
-    analysis = stats.analyze([control, shaky], "control", {"control": 0.5, "t1": 0.5})
+    analysis = analyze([control, shaky], "control", {"control": 0.5, "t1": 0.5})
     assert analysis.arm("t1").fallback_rate == pytest.approx(2000 / 10000)  # type: ignore[union-attr]
     assert analysis.arm("control").fallback_rate == pytest.approx(40 / 8040)  # type: ignore[union-attr]
-    d = stats.decide(analysis, DecisionConfig(), elapsed_s=LATE)
+    d = decide(analysis, DecisionConfig(), elapsed_s=LATE)
     assert d.status != "ship" and "fallback rate" in d.reason
 
 
@@ -291,7 +308,7 @@ def test_a_fading_novelty_effect_blocks_shipping() -> None:
     total = [merge(c_early, c_recent), merge(t_early, t_recent)]
     d = _two(*total, recent=[c_recent, t_recent])
     assert d.status == "collecting" and "novelty" in d.reason
-    t1 = stats.analyze(total, "control", {"control": 0.5, "t1": 0.5}, recent=[c_recent, t_recent]).arm("t1")
+    t1 = analyze(total, "control", {"control": 0.5, "t1": 0.5}, recent=[c_recent, t_recent]).arm("t1")
     assert t1 is not None and t1.novelty_flag
     assert t1.lift_early == pytest.approx(0.25) and t1.lift_recent == pytest.approx(0.0)
     # a lasting effect ships
@@ -319,22 +336,22 @@ def test_segments_are_holm_corrected_and_a_disagreeing_segment_is_flagged() -> N
     }
     total = [merge(merge(segs["BUY"][0], segs["SELL"][0]), segs["HOLD"][0])]
     total.append(merge(merge(segs["BUY"][1], segs["SELL"][1]), segs["HOLD"][1]))
-    analysis = stats.analyze(total, "control", {"control": 0.5, "t1": 0.5}, segments=segs, tau=0.05)
+    analysis = analyze(total, "control", {"control": 0.5, "t1": 0.5}, segments=segs, tau=0.05)
     by = {s.segment: s for s in analysis.segments}
     assert set(by) == {"BUY", "SELL", "HOLD"}
     assert by["HOLD"].disagrees and not by["BUY"].disagrees
-    raw = [float(stats.msprt_p_value(s.diff, _seg_var(segs[s.segment]), 0.05**2)) for s in analysis.segments]
+    raw = [float(msprt_p_value(s.diff, _seg_var(segs[s.segment]), 0.05**2)) for s in analysis.segments]
     from statsmodels.stats.multitest import multipletests
 
     assert [s.p_value for s in analysis.segments] == pytest.approx(list(multipletests(raw, method="holm")[1]))
     # segments never drive shipping: the decision is the same without them
-    plain = stats.analyze(total, "control", {"control": 0.5, "t1": 0.5}, tau=0.05)
+    plain = analyze(total, "control", {"control": 0.5, "t1": 0.5}, tau=0.05)
     cfg = DecisionConfig()
-    assert stats.decide(analysis, cfg, elapsed_s=LATE) == stats.decide(plain, cfg, elapsed_s=LATE)
+    assert decide(analysis, cfg, elapsed_s=LATE) == decide(plain, cfg, elapsed_s=LATE)
 
 
 def _seg_var(arms: list[ArmData]) -> float:
-    return sum(float(stats.smoothed_rate_variance(a.positives, a.n)) / a.n for a in arms)
+    return sum(float(smoothed_rate_variance(a.positives, a.n)) / a.n for a in arms)
 
 
 def test_msprt_power_is_a_lower_bound_under_continuous_monitoring() -> None:
@@ -342,7 +359,7 @@ def test_msprt_power_is_a_lower_bound_under_continuous_monitoring() -> None:
     rng = np.random.default_rng(11)
     effect, sd, tau2, alpha = 0.05, 0.5, 0.05**2, 0.05
     unit = 2 * sd * sd
-    n_pred = stats.msprt_samples_per_arm(effect, unit, tau2, alpha)
+    n_pred = msprt_samples_per_arm(effect, unit, tau2, alpha)
     steps = np.arange(20, int(n_pred) + 1, 20)
     hits = 0
     runs = 2000
@@ -350,8 +367,8 @@ def test_msprt_power_is_a_lower_bound_under_continuous_monitoring() -> None:
         dx = rng.normal(effect, math.sqrt(unit), size=int(n_pred)).cumsum()
         d = dx[steps - 1] / steps
         v = unit / steps
-        hits += bool(np.any(d - stats.msprt_half_width(v, tau2, alpha) > 0))
-    assert hits / runs >= stats.TARGET_POWER - 0.02
+        hits += bool(np.any(d - msprt_half_width(v, tau2, alpha) > 0))
+    assert hits / runs >= TARGET_POWER - 0.02
 
 
 def test_clustered_aa_with_futility_rarely_ships_and_ends_before_the_cap() -> None:
@@ -371,11 +388,9 @@ def test_clustered_aa_with_futility_rarely_ships_and_ends_before_the_cap() -> No
                 sess[arm_id][0].extend([5] * per_look)
                 sess[arm_id][1].extend(rng.binomial(5, p).tolist())
             arms = [sessions_arm(a, np.array(v), np.array(x)) for a, (v, x) in sess.items()]
-            decision = stats.decide(
-                stats.analyze(arms, "control", {"control": 0.5, "t1": 0.5}, draws=100), config, elapsed_s=LATE
-            )
-            if decision.status != stats.DECISION_COLLECTING:
-                shipped += decision.status == stats.DECISION_SHIP
+            decision = decide(analyze(arms, "control", {"control": 0.5, "t1": 0.5}, draws=100), config, elapsed_s=LATE)
+            if decision.status != DECISION_COLLECTING:
+                shipped += decision.status == DECISION_SHIP
                 futile += "futility" in decision.reason
                 votes_at_end.append(max(a.n for a in arms))
                 break

@@ -1,0 +1,266 @@
+"""The decision policy over an `Analysis`: `decide` turns it into collecting / unhealthy / ship / keep_control /
+inconclusive with the reason the API shows (the sample-ratio check, the minimum duration and feedback, the
+guardrails, the novelty check, futility and the sample cap); `guardrail_failures` and `futile_arms` for the
+approve mode and adaptive allocation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from services.optimizer.stats.results import (
+    METRIC_AVG_STARS,
+    METRIC_POSITIVE_RATE,
+    STATUS_OK,
+    STATUS_SRM,
+    Analysis,
+    ArmResult,
+)
+
+DECISION_COLLECTING = "collecting"
+DECISION_UNHEALTHY = "unhealthy"
+DECISION_SHIP = "ship"
+DECISION_KEEP_CONTROL = "keep_control"
+DECISION_INCONCLUSIVE = "inconclusive"
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    alpha: float = 0.05
+    metric: str = "positive_rate"
+    min_duration_s: float = 7 * 86400
+    min_feedback_per_arm: int = 100
+    max_feedback_per_arm: int = 20000  # sample cap -> inconclusive
+    target_lift: float = 0.10  # relative
+    min_lift_to_ship: float = 0.0  # relative lift a winner must show (finetune uses 0.10)
+    max_cost_ratio: float | None = 1.5  # guardrail vs control; None disables
+    max_latency_ratio: float | None = 2.0
+    min_feedback_rate_ratio: float | None = 0.8
+    srm_threshold: float = 0.001
+    tie_tolerance: float = 0.02  # winners whose prob_best differ by at most this are tied -> cheaper wins
+    # Absolute guardrails, used when the control's cost or latency is 0 (an offline or local control), where
+    # a ratio means nothing: a treatment may cost at most this much more per explanation, be this much slower.
+    max_cost_increase_usd: float | None = 0.001
+    max_latency_increase_ms: float | None = 2000.0
+    # Fallback guardrail: the share of a treatment's explanations written by a fallback model may exceed the
+    # control's by at most this (absolute); None disables.
+    max_fallback_rate_increase: float | None = 0.05
+    # Futility: end the experiment (inconclusive) once every treatment's always-valid interval lies below the
+    # target lift; in adaptive mode such an arm stops receiving traffic.
+    futility: bool = True
+    novelty_check: bool = True  # block shipping while the recent lift is significantly below the early one
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str  # "collecting" | "unhealthy" | "ship" | "keep_control" | "inconclusive"
+    arm_id: str | None  # the arm to ship (or the control for keep_control)
+    reason: str  # human readable
+
+
+def _guardrail_failures(arm: ArmResult, control: ArmResult, config: DecisionConfig) -> list[str]:
+    """Reasons this treatment may not ship even if it wins on the success metric. Cost and latency are
+    compared as ratios to the control, or as absolute differences when the control's figure is 0 (an offline
+    or local control), where a ratio would say nothing."""
+    fails = []
+    other = "star mean" if config.metric == METRIC_POSITIVE_RATE else "positive rate"
+    if arm.secondary_significantly_worse:
+        fails.append(f"{other} significantly worse than control")
+    if (
+        config.min_feedback_rate_ratio is not None
+        and arm.feedback_rate is not None
+        and control.feedback_rate
+        and arm.feedback_rate / control.feedback_rate < config.min_feedback_rate_ratio
+    ):
+        ratio = arm.feedback_rate / control.feedback_rate
+        fails.append(f"feedback rate {ratio:.2f}x control (< {config.min_feedback_rate_ratio:g}x)")
+    if arm.cost_per_explanation is not None and control.cost_per_explanation is not None:
+        if control.cost_per_explanation > 0:
+            ratio = arm.cost_per_explanation / control.cost_per_explanation
+            if config.max_cost_ratio is not None and ratio > config.max_cost_ratio:
+                fails.append(f"cost {ratio:.2f}x control (> {config.max_cost_ratio:g}x)")
+        elif config.max_cost_increase_usd is not None:
+            extra = arm.cost_per_explanation - control.cost_per_explanation
+            if extra > config.max_cost_increase_usd:
+                fails.append(
+                    f"cost ${arm.cost_per_explanation:.4g} per explanation against a $0 control "
+                    f"(> +${config.max_cost_increase_usd:g})"
+                )
+    if arm.latency_ms_mean is not None and control.latency_ms_mean is not None:
+        if control.latency_ms_mean > 0:
+            ratio = arm.latency_ms_mean / control.latency_ms_mean
+            if config.max_latency_ratio is not None and ratio > config.max_latency_ratio:
+                fails.append(f"latency {ratio:.2f}x control (> {config.max_latency_ratio:g}x)")
+        elif config.max_latency_increase_ms is not None:
+            extra = arm.latency_ms_mean - control.latency_ms_mean
+            if extra > config.max_latency_increase_ms:
+                fails.append(
+                    f"latency {arm.latency_ms_mean:.0f} ms against a 0 ms control (> +{config.max_latency_increase_ms:g} ms)"
+                )
+    if config.max_fallback_rate_increase is not None and arm.fallback_rate is not None:
+        extra = arm.fallback_rate - (control.fallback_rate or 0.0)
+        if extra > config.max_fallback_rate_increase:
+            fails.append(
+                f"fallback rate {arm.fallback_rate:.1%} vs control {control.fallback_rate or 0.0:.1%} "
+                f"(> +{config.max_fallback_rate_increase:.0%}): its own model often did not answer"
+            )
+    return fails
+
+
+def guardrail_failures(analysis: Analysis, arm_id: str, config: DecisionConfig) -> list[str]:
+    """The guardrails `decide` applies, for one treatment of an analysis (approve mode re-checks a waiting
+    winner with it). Empty when the arm or the control is missing."""
+    arm, control = analysis.arm(arm_id), analysis.arm(analysis.control_id)
+    if arm is None or control is None:
+        return []
+    return _guardrail_failures(arm, control, config)
+
+
+def _cost_key(arm: ArmResult) -> float:
+    return arm.cost_per_explanation if arm.cost_per_explanation is not None else math.inf
+
+
+def _fmt_ci(ci: tuple[float, float] | None) -> str:
+    return f"[{ci[0]:+.1%}, {ci[1]:+.1%}]" if ci else "n/a"
+
+
+def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> Decision:
+    """Turn an Analysis into collecting / unhealthy / ship / keep_control / inconclusive with a reason.
+
+    Order: a sample-ratio mismatch is reported at once (unhealthy). Otherwise nothing is decided before the
+    minimum duration. At the sample cap (an arm with `max_feedback_per_arm` votes) the experiment ends even if
+    another arm has no votes. Before it, every arm needs the minimum feedback. Then, with L = the always-valid
+    interval of a treatment's difference to the control (Bonferroni over the treatments, the interval shown):
+    - a treatment can ship when L lies wholly above the minimum lift (`min_lift_to_ship` x the control's mean),
+      its guardrails hold, and its recent lift is not significantly below its early lift (novelty check);
+      among several, the highest probability to be best wins, near-ties (tie_tolerance) going to the cheaper;
+    - the control is kept when every treatment's L lies wholly below the minimum lift, or the rest are
+      winners blocked by guardrails;
+    - futility (`config.futility`): when every treatment's L lies below the target lift (or it is blocked by
+      a guardrail, or below the minimum lift), no arm can reach what the round is for: inconclusive;
+    - at the sample cap without a winner: inconclusive; otherwise keep collecting.
+    """
+    if analysis.status == STATUS_SRM:
+        p = analysis.srm_p_value
+        p_txt = f"p={p:.2g}" if p is not None else "p=n/a"
+        if not analysis.srm_sequential:
+            p_txt = "chi-square " + p_txt
+        else:
+            p_txt = "anytime-valid " + p_txt
+            if analysis.srm_p_value_fixed is not None:
+                p_txt += f"; chi-square p={analysis.srm_p_value_fixed:.2g}"
+        return Decision(
+            DECISION_UNHEALTHY,
+            None,
+            f"sample ratio mismatch: {analysis.srm_unit} do not match the intended split ({p_txt}); "
+            "fix the assignment before trusting any result",
+        )
+    control = analysis.arm(analysis.control_id)
+    treatments = [a for a in analysis.arms if not a.is_control]
+    if control is None or not treatments:
+        return Decision(DECISION_COLLECTING, None, "nothing to compare: need a control and at least one treatment")
+    if elapsed_s < config.min_duration_s:
+        return Decision(
+            DECISION_COLLECTING,
+            None,
+            f"minimum duration not reached ({elapsed_s / 86400:.1f} of {config.min_duration_s / 86400:.1f} days)",
+        )
+    at_cap = max(a.metric_n for a in analysis.arms) >= config.max_feedback_per_arm
+    short = [a for a in analysis.arms if a.metric_n < config.min_feedback_per_arm]
+    if short:
+        worst = min(short, key=lambda a: a.metric_n)
+        if at_cap:
+            return Decision(
+                DECISION_INCONCLUSIVE,
+                None,
+                f"sample cap of {config.max_feedback_per_arm} per arm reached while {worst.arm_id} has only "
+                f"{worst.metric_n} of {config.min_feedback_per_arm} votes (feedback guardrail: an arm people do "
+                "not vote on cannot be judged)",
+            )
+        return Decision(
+            DECISION_COLLECTING,
+            None,
+            f"minimum feedback not reached: {worst.arm_id} has {worst.metric_n} of "
+            f"{config.min_feedback_per_arm} per arm",
+        )
+    if analysis.status != STATUS_OK:
+        if at_cap:
+            return Decision(DECISION_INCONCLUSIVE, None, f"sample cap reached without a comparison ({analysis.status})")
+        return Decision(DECISION_COLLECTING, None, f"not enough data to compare arms ({analysis.status})")
+
+    c_mean = abs((control.star_mean if config.metric == METRIC_AVG_STARS else control.rate) or 0.0)
+    ship_bar = max(config.min_lift_to_ship, 0.0) * c_mean
+    target_bar = config.target_lift * c_mean
+    winners: list[ArmResult] = []
+    blocked: list[str] = []  # winners that cannot ship (guardrails): final
+    waiting: list[str] = []  # winners that may ship later (novelty): keep collecting
+    below: list[ArmResult] = []
+    futile: list[ArmResult] = []
+    for t in treatments:
+        ci = t.lift_ci_sequential
+        if ci is None or t.diff is None:
+            continue
+        if ci[0] > ship_bar:  # ship_bar >= 0: a winner's interval lies wholly above 0 too
+            fails = _guardrail_failures(t, control, config)
+            if fails:
+                blocked.append(f"{t.arm_id} wins but is blocked by guardrails: " + "; ".join(fails))
+            elif config.novelty_check and t.novelty_flag:
+                waiting.append(
+                    f"{t.arm_id} wins but its lift fades (novelty check: early {t.lift_early or 0.0:+.1%}, recent "
+                    f"{t.lift_recent or 0.0:+.1%}, p={t.novelty_p_value or 0.0:.2g})"
+                )
+            else:
+                winners.append(t)
+        elif ci[1] < ship_bar:  # ship_bar >= 0, so with no minimum lift: wholly below 0
+            below.append(t)
+        elif config.futility and ci[1] < target_bar:
+            futile.append(t)
+
+    if winners:
+        top = max(w.prob_best or 0.0 for w in winners)
+        tied = [w for w in winners if (w.prob_best or 0.0) >= top - config.tie_tolerance]
+        pick = min(tied, key=lambda w: (_cost_key(w), -(w.prob_best or 0.0)))
+        lift = f"{pick.lift:+.1%}" if pick.lift is not None else "n/a"
+        note = f"; tied with {len(tied) - 1} other winner(s), chose the cheaper" if len(tied) > 1 else ""
+        return Decision(
+            DECISION_SHIP,
+            pick.arm_id,
+            f"{pick.arm_id} beats control on {analysis.metric} (lift {lift}, always-valid interval "
+            f"{_fmt_ci(pick.lift_ci_relative)} above the minimum lift {config.min_lift_to_ship:.0%}, Bonferroni "
+            f"over {len(treatments)} treatment(s), p={pick.p_value_sequential or 0.0:.3g}, "
+            f"P(best)={pick.prob_best or 0.0:.2f}); guardrails hold{note}",
+        )
+
+    bar_txt = f"the minimum lift {config.min_lift_to_ship:.0%}" if ship_bar > 0 else "0 (no change)"
+    if below and len(below) == len(treatments):
+        return Decision(
+            DECISION_KEEP_CONTROL,
+            control.arm_id,
+            f"every treatment's always-valid interval lies below {bar_txt} on {analysis.metric}",
+        )
+    if blocked and len(blocked) + len(below) == len(treatments):
+        return Decision(DECISION_KEEP_CONTROL, control.arm_id, "no treatment can ship: " + " | ".join(blocked))
+    extra = (" (" + " | ".join(blocked + waiting) + ")") if blocked or waiting else ""
+    if (futile or below) and len(blocked) + len(below) + len(futile) == len(treatments):
+        return Decision(
+            DECISION_INCONCLUSIVE,
+            None,
+            f"stopped for futility: no treatment can still reach the target lift {config.target_lift:.0%} "
+            f"(every always-valid interval lies below it){extra}",
+        )
+    if at_cap:
+        return Decision(
+            DECISION_INCONCLUSIVE,
+            None,
+            f"sample cap of {config.max_feedback_per_arm} per arm reached without a winner{extra}",
+        )
+    best_p = min((t.p_value_sequential for t in treatments if t.p_value_sequential is not None), default=None)
+    p_txt = f"; smallest corrected always-valid p={best_p:.3g}" if best_p is not None else ""
+    return Decision(DECISION_COLLECTING, None, f"no interval clears {bar_txt} yet{p_txt}{extra}")
+
+
+def futile_arms(analysis: Analysis) -> list[str]:
+    """Treatments whose always-valid interval lies wholly below the target lift: clearly behind, they stop
+    receiving traffic under adaptive allocation (the interval is valid under any allocation rule, so dropping
+    them keeps the error guarantees)."""
+    return [a.arm_id for a in analysis.arms if not a.is_control and a.futile]
