@@ -28,9 +28,10 @@ from pathlib import Path
 import httpx
 
 from bench.traces import found_in_redis, found_in_sqlite
+from gateway.redis_server import free_port
 from gateway.run import Stack
+from shared.contracts import SERVICES
 from shared.privacy import parse_hash_keys, session_key, session_keys
-from shared.redis_server import free_port
 
 FAST = {
     "BROKER_VISIBILITY_TIMEOUT": "10",
@@ -198,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         count = _rows(feedback_db, "select count(*) from feedback")
         n = count[0][0] if count else -1
         held = _rows(feedback_db, "select count(*) from quarantine")  # votes waiting for their explanation
-        busy = (
-            r.hlen("journal:feedback")
-            + sum(r.llen(q) for q in ("router", "feedback", "optimizer", "finetune", "dashboard"))
-            + (held[0][0] if held else 0)
-        )
+        busy = r.hlen("journal:feedback") + sum(r.llen(q) for q in SERVICES) + (held[0][0] if held else 0)
         if n != last or busy:
             last, stable_since = n, time.monotonic()
         elif time.monotonic() - stable_since > 15:

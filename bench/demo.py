@@ -38,8 +38,8 @@ from typing import Any
 import httpx
 
 from bench.tastes import PROFILES, SEED_RATE, Profile
+from gateway.redis_server import free_port
 from gateway.run import Stack
-from shared.redis_server import free_port
 
 FEEDBACK_RATE = 0.7  # share of users who vote at all
 TICKERS = ("AAPL", "MSFT", "NVDA", "TSLA", "AMZN", "META", "GOOG", "AMD", "NFLX", "JPM")

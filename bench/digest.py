@@ -35,8 +35,8 @@ import httpx
 
 from bench.feedback_throughput import _serve
 from bench.loadgen import closed_loop, open_loop
+from gateway.redis_server import RedisServer, free_port
 from gateway.run import worker_command
-from shared.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "bench"
@@ -94,11 +94,12 @@ def _seed(env: dict[str, str], n: int) -> list[uuid.UUID]:
         "from services.optimizer.config import get_settings as ocfg\n"
         "from services.dashboard.config import get_settings as dcfg\n"
         "from shared.contracts import ExplanationCreated\n"
+        "from shared.db import run_in_one_transaction\n"
         "from shared.privacy import session_key\n"
         "s = get_settings()\n"
-        "sinks = [(fh.on_explanation_created_batch, fs.Store(s.db_url)),"
-        " (oh.on_explanation_created_batch, os_.Store(ocfg().db_url)),"
-        " (dh.on_explanation_created_batch, ds.Store(dcfg().db_url))]\n"
+        "sinks = [(fh.on_explanation_created, fs.Store(s.db_url)),"
+        " (oh.on_explanation_created, os_.Store(ocfg().db_url)),"
+        " (dh.on_explanation_created, ds.Store(dcfg().db_url))]\n"
         "events = []\n"
         f"for i in range({n}):\n"
         "    eid = uuid.uuid4(); print(eid)\n"
@@ -107,8 +108,8 @@ def _seed(env: dict[str, str], n: int) -> list[uuid.UUID]:
         " prompt_text='p', text='t', tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0,"
         " created_at=datetime.now(UTC), session_key=session_key(f'bench-{i}', s.require_session_hash_key())))\n"
         "for k in range(0, len(events), 500):\n"
-        "    for batch, store in sinks:\n"
-        "        assert all(ok for ok, _ in batch(events[k:k + 500], store.uow()))\n"
+        "    for each, store in sinks:\n"
+        "        assert all(ok for ok, _ in run_in_one_transaction(store.uow(), events[k:k + 500], each))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return [uuid.UUID(line) for line in out.stdout.split()][-n:]

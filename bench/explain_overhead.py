@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from bench.feedback_throughput import _serve
-from shared.redis_server import RedisServer, free_port
+from gateway.redis_server import RedisServer, free_port
 from tests.fakes.openai_server import FakeOpenAIServer
 
 ROOT = Path(__file__).resolve().parent.parent

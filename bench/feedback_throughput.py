@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 
 from bench.loadgen import Result, closed_loop, open_loop
+from gateway.redis_server import RedisServer, free_port
 from gateway.run import worker_command
-from shared.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -35,9 +35,9 @@ from typing import Any
 import httpx
 import redis
 
+from gateway.redis_server import free_port
 from gateway.run import Stack
 from shared.prompts import SEED_TEMPLATE
-from shared.redis_server import free_port
 
 LIKE_RATE = 0.60  # the same on both arms: an A/A experiment for these users
 BULLETS = SEED_TEMPLATE.replace(

@@ -38,7 +38,8 @@ from typing import Any, ClassVar
 
 from celery import Celery
 
-from shared.bus import CeleryBus, GroupCommitSender, IntakeJournal, declare_topology, make_celery
+from services.feedback.intake import GroupCommitSender, IntakeJournal
+from shared.bus import CeleryBus, declare_topology, make_celery
 from shared.contracts import Command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     only = {s.strip() for s in args.only.split(",") if s.strip()} or {"filesystem", "sqla", "redis", "journal"}
     print(f"seed {seed}")
 
-    from shared.redis_server import RedisServer
+    from gateway.redis_server import RedisServer
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="transport-loss-") as tmpdir:

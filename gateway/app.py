@@ -25,13 +25,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.openapi import merged_openapi
 from gateway.routes import service_for
+from shared.contracts import SERVICES
 
 #: Paths the gateway answers itself; everything else goes to a service.
 OWN_PATHS = ("/healthz", "/openapi.json", "/docs")
 
 
 def load_service_apps(names: tuple[str, ...] | None = None) -> dict[str, FastAPI]:
-    wanted = names or ("router", "feedback", "optimizer", "finetune", "dashboard")
+    wanted = names or SERVICES
     apps: dict[str, FastAPI] = {}
     for name in wanted:
         module = importlib.import_module(f"services.{name}.main")

@@ -7,7 +7,11 @@ import os
 from celery import Celery
 
 from shared.bus import all_queues, queue_for
+from shared.contracts import SERVICES
 from shared.settings import ServiceSettings
+
+#: The services with a transactional outbox to relay (the dashboard publishes nothing: it has none).
+OUTBOX_SERVICES = tuple(s for s in SERVICES if s != "dashboard")
 
 
 def _every(env: str, default: float) -> float:
@@ -22,7 +26,7 @@ def schedule() -> dict[str, dict]:
         "dashboard.check_anomalies": _every("DASHBOARD_ANOMALY_INTERVAL_S", 300),
         "feedback.sweep_journal": _every("FEEDBACK_JOURNAL_SWEEP_INTERVAL_S", 60),
     }
-    for service in ("router", "feedback", "optimizer", "finetune", "dashboard"):
+    for service in OUTBOX_SERVICES:
         entries[f"{service}.relay_outbox"] = _every("OUTBOX_RELAY_INTERVAL_S", 10)
     return {
         name: {"task": name, "schedule": seconds, "options": {"queue": queue_for(name), "expires": seconds}}

@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from gateway.routes import service_for
+from shared.contracts import SERVICES
 
 ERROR_SCHEMA: dict[str, Any] = {
     "title": "Error",
@@ -91,7 +92,7 @@ def _gateway_paths() -> dict[str, Any]:
         "name": "name",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "enum": ["router", "feedback", "optimizer", "finetune", "dashboard"]},
+        "schema": {"type": "string", "enum": list(SERVICES)},
     }
     health = {
         "type": "object",

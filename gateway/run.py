@@ -26,9 +26,9 @@ from pathlib import Path
 
 import httpx
 
-from shared.redis_server import RedisServer, free_port
+from gateway.redis_server import RedisServer, free_port
+from shared.contracts import SERVICES
 
-SERVICES = ("router", "feedback", "optimizer", "finetune", "dashboard")
 ROOT = Path(__file__).resolve().parent.parent
 
 

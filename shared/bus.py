@@ -14,9 +14,8 @@ import base64
 import json
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
@@ -25,11 +24,9 @@ from celery_batches import Batches as _Batches
 from kombu import Exchange, Queue
 
 from shared import worker_metrics
-from shared.contracts import Command, Event, Message, new_id
+from shared.contracts import SERVICES, Command, Event, Message, new_id
 
 log = logging.getLogger(__name__)
-
-SERVICES: tuple[str, ...] = ("router", "feedback", "optimizer", "finetune", "dashboard")
 
 #: event type -> the tasks that subscribe to it. This table is the whole event wiring of the system.
 SUBSCRIPTIONS: Mapping[str, tuple[str, ...]] = {
@@ -228,8 +225,8 @@ class BatchTask(_Batches, ReliableTask):
 
     - **At least once**: every message of the batch is acknowledged only after the batch returned (its
       transaction committed, its outbox relayed); a worker killed before that leaves them all unacknowledged,
-      so Redis delivers them again (and the feedback intake journal re-sends what the kill took from the
-      queue). If the batch raised instead of returning, every message is put back on the queue.
+      so Redis delivers them again (and an intake journal, where a service keeps one, re-sends what the kill
+      took from the queue). If the batch raised instead of returning, every message is put back on the queue.
     - **Idempotent**: each message runs the service's one-message handler, which checks its message id, in its
       own savepoint of the batch's transaction (`shared.db.run_in_one_transaction`).
     - **Poison alone**: a message that does not validate, or whose handler raises, is rolled back alone and
@@ -320,11 +317,26 @@ class BatchTask(_Batches, ReliableTask):
 
 
 def batch_task(
-    app: Celery, name: str, *, parse: Any, handle: Any, after: Any = None, size: int | None = None
+    app: Celery,
+    name: str,
+    *,
+    parse: Any,
+    handle: Any = None,
+    each: Any = None,
+    uow: Any = None,
+    after: Any = None,
+    size: int | None = None,
 ) -> BatchTask:
     """Register the batch consumer `name` (see `BatchTask`): `parse(payload) -> message`,
-    `handle(messages) -> [(ok, outcome or exception), ...]` (usually `run_in_one_transaction` over the
-    one-message handler), `after(handled messages)` once they are committed (relay the outbox, clear a journal)."""
+    `handle(messages) -> [(ok, outcome or exception), ...]`, or, the usual case, the one-message handler
+    `each(message, uow)` run for every message in its own savepoint of one transaction on `uow()`
+    (`shared.db.run_in_one_transaction`); `after(handled messages)` once they are committed (relay the
+    outbox, clear a journal)."""
+    if handle is None:
+        from shared.db import run_in_one_transaction
+
+        def handle(messages: list[Any]) -> list[tuple[bool, Any]]:
+            return run_in_one_transaction(uow(), messages, each)
 
     def run(self: BatchTask, requests: list[Any]) -> list[int]:
         return self.digest(requests, parse, handle, after)
@@ -339,6 +351,46 @@ def batch_task(
     )(run)
 
 
+def event_tasks(
+    app: Celery,
+    handlers: Mapping[str, tuple[Any, Any]],
+    uow: Any,
+    *,
+    after: Any = None,
+    batched: Iterable[str] = (),
+) -> dict[str, Task]:
+    """Register a consumer for each entry of `handlers`, task name -> (message class, one-message handler):
+    the task turns its payload into the message and calls `handler(message, uow())`, then `after()` (relay
+    the outbox) once the handler has returned; the task's result is the handler's. Failures are
+    `ReliableTask`'s (retried, dead-lettered). The tasks named in `batched` digest their messages in batches
+    instead (`batch_task`, the same handler per message). Returns the tasks by name."""
+    batched = set(batched)
+    if batched - set(handlers):
+        raise ValueError(f"batched tasks without a handler: {sorted(batched - set(handlers))}")
+
+    def consumer(name: str, cls: Any, handler: Any) -> Any:
+        def run(payload: dict) -> Any:
+            result = handler(cls.from_payload(payload), uow())
+            if after is not None:
+                after()
+            return result
+
+        run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
+        return run
+
+    def after_batch(_: list[Any]) -> None:
+        after()
+
+    return {
+        name: batch_task(
+            app, name, parse=cls.from_payload, each=handler, uow=uow, after=None if after is None else after_batch
+        )
+        if name in batched
+        else app.task(name=name)(consumer(name, cls, handler))
+        for name, (cls, handler) in handlers.items()
+    }
+
+
 def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> None:
     """Where this service's workers put what they cannot handle: `dead_letters()` returns the service
     store's `DeadLetters`; `after(task, payload)` runs once one is stored (e.g. to drop a journal entry)."""
@@ -349,6 +401,31 @@ def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> No
             after(task, payload)
 
     app.dead_letter_sink = sink
+
+
+def worker_app(service: str, settings: Any, dead_letters: Any, *, batches: bool = False, after: Any = None) -> Celery:
+    """A service's worker process: its Celery app (`make_celery`), JSON logs as `<service>-worker`, and what a
+    task cannot handle going to `dead_letters()`, the service store's (`use_dead_letters`, `after` included)."""
+    from shared.logging import configure_logging
+
+    app = make_celery(service, settings, batches=batches)
+    configure_logging(f"{service}-worker", settings.log_level)
+    use_dead_letters(app, dead_letters, after=after)
+    return app
+
+
+def outbox_relay(app: Celery, service: str, store: Any) -> Any:
+    """Publish what the service's store (`store()`) has staged in its outbox, through this worker's bus:
+    `relay()` after a task's commit, and the periodic task `<service>.relay_outbox` (beat) for what a crash
+    left behind. Returns `relay`."""
+    from shared.outbox import relay as relay_staged
+
+    def relay(payload: dict | None = None) -> int:  # beat sends no payload
+        opened = store()
+        return relay_staged(opened.factory, opened.outbox, bus_for(app))
+
+    app.task(name=f"{service}.relay_outbox")(relay)
+    return relay
 
 
 def task_message_sender(app: Celery) -> Any:
@@ -411,11 +488,6 @@ def declare_topology(app: Celery) -> None:
         channel = conn.default_channel
         for queue in all_queues():
             queue(channel).declare()
-
-
-class Publisher(Protocol):
-    def publish(self, event: Event) -> None: ...
-    def send(self, command: Command) -> None: ...
 
 
 class TaskMessageEncoder:
@@ -483,7 +555,7 @@ class TaskMessageEncoder:
         return queue, json.dumps(envelope).encode()
 
 
-def _group_by_queue(messages: Iterable[tuple[str, bytes]]) -> dict[str, list[bytes]]:
+def group_by_queue(messages: Iterable[tuple[str, bytes]]) -> dict[str, list[bytes]]:
     """One LPUSH per queue with every message for it, in order: LPUSH k a b c leaves `a` at the tail, where
     the worker's BRPOP takes from, so the queue stays first in, first out."""
     grouped: dict[str, list[bytes]] = {}
@@ -546,7 +618,7 @@ class CeleryBus:
         while True:
             try:
                 pipe = self._redis.pipeline(transaction=False)
-                for key, raws in _group_by_queue(messages).items():
+                for key, raws in group_by_queue(messages).items():
                     pipe.lpush(key, *raws)
                 pipe.execute()
                 return
@@ -556,6 +628,14 @@ class CeleryBus:
                 if time.monotonic() + pause >= give_up:
                     raise
                 time.sleep(pause)
+
+
+def api_bus(service: str, settings: Any) -> CeleryBus:
+    """The bus of a service's API process: its Celery app (`make_celery`), every queue declared first
+    (`declare_topology`), publishing with the request path's short deadline."""
+    app = make_celery(service, settings)
+    declare_topology(app)
+    return CeleryBus(app)
 
 
 _BUSES: dict[int, CeleryBus] = {}
@@ -568,229 +648,3 @@ def bus_for(app: Celery) -> CeleryBus:
     if bus is None:
         bus = _BUSES[id(app)] = CeleryBus(app, deadline_s=10.0)
     return bus
-
-
-class FakeBus:
-    """Records what would have been published: for unit tests of handlers."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.commands: list[Command] = []
-
-    def publish(self, event: Event) -> None:
-        self.events.append(event)
-
-    def send(self, command: Command) -> None:
-        self.commands.append(command)
-
-    def of_type(self, cls: type) -> list[Any]:
-        return [m for m in [*self.events, *self.commands] if isinstance(m, cls)]
-
-
-class IntakeJournal:
-    """A copy of every accepted command, kept in Redis until its handler has run.
-
-    Why: kombu's Redis transport takes a message off the queue (BRPOP) and only then records it as
-    unacknowledged; a worker killed between the two loses that message, and nothing would ever redeliver
-    it. So the sender writes the task message into this journal in the same atomic step as the queue push
-    (one Lua script call), the worker removes it once the handler has committed (`done`), and a periodic
-    sweep re-sends whatever has waited longer than a grace period (`overdue`). Handlers are idempotent on
-    the message id, so a re-sent command that had in fact been handled is recognised and only costs a lookup.
-
-    One hash: message id -> "<unix time>|<task message>". It holds only what is in flight, so the sweep
-    scans it whole.
-    """
-
-    def __init__(self, redis_url: str, name: str) -> None:
-        self.redis_url = redis_url
-        self.hash_key = f"journal:{name}"
-        self._sync: Any = None
-
-    def _client(self) -> Any:
-        if self._sync is None:
-            import redis
-
-            self._sync = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=2)
-        return self._sync
-
-    def done(self, message_id: uuid.UUID | str) -> None:
-        self._client().hdel(self.hash_key, str(message_id))
-
-    def done_many(self, message_ids: Iterable[uuid.UUID | str]) -> None:
-        ids = [str(m) for m in message_ids]
-        if ids:
-            self._client().hdel(self.hash_key, *ids)
-
-    def overdue(self, older_than_s: float, *, limit: int = 1000, on_unreadable: Any = None) -> list[dict[str, Any]]:
-        """Payloads of commands journalled more than `older_than_s` ago whose handler has not run; each is
-        re-armed for another grace period, so one sweep re-sends it once.
-
-        An entry that cannot be read (a broken stamp or task message) does not stop the sweep: it is handed to
-        `on_unreadable(message_id, raw_value, error)` (which dead-letters it) and removed from the journal;
-        without a callback it is logged and left where it is."""
-        import time
-
-        now = time.time()
-        client = self._client()
-        found: list[tuple[bytes, bytes, dict[str, Any]]] = []
-        unreadable: list[bytes] = []
-        for mid, value in client.hscan_iter(self.hash_key, count=500):
-            try:
-                stamp, _, raw = value.partition(b"|")
-                if float(stamp) > now - older_than_s:
-                    continue
-                payload = task_payload(raw)
-                if not isinstance(payload, dict):
-                    raise ValueError("the task message's payload is not an object")
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"[:500]
-                if on_unreadable is None:
-                    log.error("intake journal entry %r cannot be read (%s); skipped", mid, error)
-                    continue
-                on_unreadable(mid.decode(errors="replace"), value.decode(errors="replace"), error)
-                unreadable.append(mid)
-                continue
-            found.append((mid, raw, payload))
-            if len(found) >= limit:
-                break
-        if unreadable:
-            client.hdel(self.hash_key, *unreadable)
-        if found:
-            client.hset(self.hash_key, mapping={mid: f"{now!r}|".encode() + raw for mid, raw, _ in found})
-        return [payload for _, _, payload in found]
-
-    def pending(self) -> int:
-        return int(self._client().hlen(self.hash_key))
-
-    def forget_session(self, session_keys: Iterable[str], erased_at: Any, queue: str | None = None) -> int:
-        """Remove an erased session's commands from the journal (and the same task messages still waiting on
-        `queue`): those with one of its keys submitted at or before `erased_at`, which the worker would drop
-        anyway. A later vote of the same session stays. Returns how many entries were removed."""
-        from datetime import UTC, datetime
-
-        keys = set(session_keys)
-        cutoff = erased_at if erased_at.tzinfo else erased_at.replace(tzinfo=UTC)
-        client = self._client()
-        gone: list[tuple[bytes, bytes]] = []
-        for mid, value in client.hscan_iter(self.hash_key, count=500):
-            try:
-                raw = value.partition(b"|")[2]
-                payload = task_payload(raw)
-                if payload.get("session_key") not in keys:
-                    continue
-                submitted = datetime.fromisoformat(str(payload.get("submitted_at")))
-                if (submitted if submitted.tzinfo else submitted.replace(tzinfo=UTC)) > cutoff:
-                    continue
-            except Exception:  # unreadable: the sweep dead-letters it
-                continue
-            gone.append((mid, raw))
-        if gone:
-            pipe = client.pipeline(transaction=False)
-            pipe.hdel(self.hash_key, *[mid for mid, _ in gone])
-            if queue:
-                for _, raw in gone:
-                    pipe.lrem(queue, 0, raw)
-            pipe.execute()
-        return len(gone)
-
-    def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
-
-
-def task_payload(raw: bytes) -> dict[str, Any]:
-    """The contract payload inside a task message written by `TaskMessageEncoder`."""
-    envelope = json.loads(raw)
-    _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-    return kwargs["payload"]
-
-
-# Queue push and journal entry in one atomic step: KEYS = queue, journal hash; ARGV = now, then
-# (task message, message id) for each command, in order. The journal keeps "<time>|<task message>".
-_JOURNAL_PUSH_LUA = """
-local stamp = ARGV[1] .. '|'
-for i = 2, #ARGV, 2 do
-  redis.call('LPUSH', KEYS[1], ARGV[i])
-  redis.call('HSET', KEYS[2], ARGV[i + 1], stamp .. ARGV[i])
-end
-return (#ARGV - 1) / 2
-"""
-
-
-class GroupCommitSender:
-    """Puts commands on the queue from an async hot path, with group commit.
-
-    Each caller awaits until its message is in Redis (so a 202 still means "durably queued"), but the
-    messages of all requests that arrive while one write is in flight go to Redis together in the next
-    write: one round trip for many requests instead of one each, and no thread hop. The messages are the
-    same Celery (protocol 2) messages `send_task` writes (see `TaskMessageEncoder`). With a journal, each
-    command is also written to it in the same atomic step, a Lua script (see `IntakeJournal`).
-    """
-
-    def __init__(self, app: Celery, journal: IntakeJournal | None = None) -> None:
-        import redis.asyncio as aioredis
-
-        self.app = app
-        self.journal = journal
-        # A frozen broker fails the request within about a second (503, "please retry") instead of holding it.
-        self._redis = aioredis.from_url(app.conf.broker_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        self._encoder = TaskMessageEncoder(app)
-        self._pending: list[tuple[str, bytes, Command, Any]] = []
-        self._flushing = False
-        self._journal_push: Any = None
-
-    async def send(self, command: Command) -> None:
-        import asyncio
-
-        key, raw = self._encoder.encode(command.type, command)
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((key, raw, command, future))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
-        await future
-
-    async def _write(self, batch: list[tuple[str, bytes, Command, Any]]) -> None:
-        import time
-
-        by_queue = _group_by_queue((key, raw) for key, raw, _, _ in batch)
-        if self.journal is None:
-            if len(by_queue) == 1:
-                ((key, raws),) = by_queue.items()
-                await self._redis.lpush(key, *raws)
-                return
-            pipe = self._redis.pipeline(transaction=False)
-            for key, raws in by_queue.items():
-                pipe.lpush(key, *raws)
-            await pipe.execute()
-            return
-        if self._journal_push is None:
-            self._journal_push = self._redis.register_script(_JOURNAL_PUSH_LUA)
-        now = time.time()
-        for key in by_queue:  # one atomic script call per queue (one in practice: a sender serves one service)
-            args: list[Any] = [repr(now)]
-            for k, raw, cmd, _ in batch:
-                if k == key:
-                    args += [raw, str(cmd.message_id)]
-            await self._journal_push(keys=[key, self.journal.hash_key], args=args)
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await self._write(batch)
-                except Exception as exc:  # every waiter of this batch learns it was not queued
-                    for *_, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                else:
-                    for *_, fut in batch:
-                        if not fut.done():
-                            fut.set_result(None)
-        finally:
-            self._flushing = False
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()

@@ -11,12 +11,17 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.clock import utcnow
+
 Signal = Literal["BUY", "SELL", "HOLD"]
+
+#: The services of the system. Each has a queue of its own, named after it, and its task names start with it.
+SERVICES: tuple[str, ...] = ("router", "feedback", "optimizer", "finetune", "dashboard")
 
 #: A model is named "<provider>/<name>": the router knows how to call each provider; the optimizer refuses
 #: an experiment arm whose model no provider could serve.
@@ -29,10 +34,6 @@ def model_name_problem(model: str) -> str | None:
     if not sep or not name.strip() or provider not in MODEL_PROVIDERS:
         return f"model {model!r} must be '<provider>/<name>' with provider one of {', '.join(MODEL_PROVIDERS)}"
     return None
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class _UrandomIds:

@@ -103,10 +103,13 @@ R = TypeVar("R")
 
 class UnitOfWork(Generic[RepoT]):
     """One transaction over one service's store, with that service's repository as `repo`. Events added
-    with `add_events` are staged in the outbox in the same transaction and published after the commit.
+    with `add_events` are staged in the outbox in the same transaction and published after the commit (a store
+    without an outbox, one whose service publishes nothing, refuses them).
     Leaving the block without `commit()` rolls back."""
 
-    def __init__(self, factory: sessionmaker[Session], make_repo: Callable[[Session], RepoT], outbox: Table) -> None:
+    def __init__(
+        self, factory: sessionmaker[Session], make_repo: Callable[[Session], RepoT], outbox: Table | None
+    ) -> None:
         self.factory = factory
         self.make_repo = make_repo
         self.outbox = outbox
@@ -124,13 +127,19 @@ class UnitOfWork(Generic[RepoT]):
         self.session.close()
 
     def add_events(self, *events: Event) -> None:
-        from shared.outbox import stage
-
-        stage(self.session, self.outbox, list(events))
+        stage_events(self.session, self.outbox, events)
 
     def commit(self) -> None:
         self.session.commit()
         self.committed = True
+
+
+def stage_events(session: Session, outbox: Table | None, events: Sequence[Event]) -> None:
+    from shared.outbox import stage
+
+    if outbox is None:
+        raise RuntimeError("this store has no outbox: its service publishes no events")
+    stage(session, outbox, list(events))
 
 
 class SavepointUnitOfWork:
@@ -166,14 +175,26 @@ class SavepointUnitOfWork:
             self.discarded = True
 
     def add_events(self, *events: Event) -> None:
-        from shared.outbox import stage
-
-        stage(self.session, self.outbox, list(events))
+        stage_events(self.session, self.outbox, events)
 
     def commit(self) -> None:
         if self._nested is not None:
             self._nested.commit()
         self.committed = True
+
+
+def handle_once(uow: Any, message_id: object, apply: Callable[[Any], R], *, duplicate: Any = "duplicate") -> Any:
+    """Handle a message at most once per store: in one unit of work, a message id already seen returns
+    `duplicate` (the queue delivers at least once: a redelivery is acknowledged and ignored); otherwise it is
+    marked seen, `apply(uow)` runs, and the unit of work commits with both. Returns what `apply` returned.
+    If `apply` raises, nothing is committed, the mark included, so the retry handles the message again."""
+    with uow:
+        if uow.repo.seen(message_id):
+            return duplicate
+        uow.repo.mark_seen(message_id)
+        result = apply(uow)
+        uow.commit()
+    return result
 
 
 def run_in_one_transaction(
@@ -228,7 +249,7 @@ class SqlStore(Generic[RepoT]):
         url: str,
         metadata: MetaData,
         make_repo: Callable[[Session], RepoT],
-        outbox: Table,
+        outbox: Table | None,
         *,
         seed: Callable[[Session], None] | None = None,
         service: str | None = None,

@@ -214,7 +214,7 @@ def _service_url(service: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`python -m shared.deadletter list|replay <service> [--id N ...]`: list a service's dead letters, or send
     them again (the same REDIS_URL, DATA_DIR and <SERVICE>_DATABASE_URL as the service)."""
-    from shared.bus import SERVICES
+    from shared.contracts import SERVICES
 
     parser = argparse.ArgumentParser(prog="python -m shared.deadletter", description=main.__doc__)
     parser.add_argument("action", choices=("list", "replay"))

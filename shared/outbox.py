@@ -6,16 +6,22 @@ harmless. This is how "publish after the unit of work commits" survives a crash.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, Text, cast, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.bus import Publisher
-from shared.contracts import EVENT_TYPES, Event, utcnow
+from shared.contracts import EVENT_TYPES, Command, Event, utcnow
 
 log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    """What publishes events and sends commands: `shared.bus.CeleryBus` (a fake in tests)."""
+
+    def publish(self, event: Event) -> None: ...
+    def send(self, command: Command) -> None: ...
 
 
 def outbox_table(metadata: MetaData) -> Table:
@@ -103,12 +109,30 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
     return len(published)
 
 
-def relay_after_commit(factory: sessionmaker[Session], table: Table, bus: Publisher) -> int:
-    """`relay` for a request that has already committed: a broker outage must not turn a done change into
-    a 500 (the client would retry a change that happened). What is not published stays in the outbox for
-    the periodic relay (`<service>.relay_outbox`)."""
+def publish_staged(factory: sessionmaker[Session], table: Table, bus: Publisher, events: Sequence[Event]) -> int:
+    """Publish events this process has just committed to the outbox, and mark them published. It touches only
+    its own rows, so concurrent requests on a hot path do not each republish everyone's pending events."""
+    for event in events:
+        bus.publish(event)
+    if events:
+        with factory() as session, session.begin():
+            session.execute(
+                update(table)
+                .where(table.c.event_id.in_([str(e.message_id) for e in events]))
+                .values(published_at=utcnow())
+            )
+    return len(events)
+
+
+def relay_after_commit(
+    factory: sessionmaker[Session], table: Table, bus: Publisher, events: Sequence[Event] | None = None
+) -> int:
+    """Publish after the commit, for a request: what is pending in the outbox (`relay`), or only `events`
+    (`publish_staged`). A broker outage must not turn a done change into a 500 (the client would retry a
+    change that happened): what is not published stays in the outbox for the periodic relay
+    (`<service>.relay_outbox`). Returns how many were published."""
     try:
-        return relay(factory, table, bus)
+        return relay(factory, table, bus) if events is None else publish_staged(factory, table, bus, events)
     except Exception as exc:
         log.warning("outbox relay failed (%s); left for the periodic relay", type(exc).__name__)
         return 0

@@ -23,6 +23,17 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 
 
+def from_state(name: str) -> Any:
+    """A FastAPI dependency on what the app's lifespan put in `app.state.<name>` (its store, bus, settings),
+    for a readable alias: `StoreDep = Annotated[Store, from_state("store")]`."""
+
+    async def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    dependency.__name__ = f"get_{name}"
+    return Depends(dependency)
+
+
 def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"status": status, "message": message, **extra}}
 
@@ -79,7 +90,7 @@ class BodyLimit:
             return
         declared = next((v for k, v in scope.get("headers") or () if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_json(send, 413, error_body(413, f"request body is larger than {self.limit} bytes"))
+            await send_json(send, 413, error_body(413, f"request body is larger than {self.limit} bytes"))
             return
         seen = 0
 
@@ -95,14 +106,15 @@ class BodyLimit:
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await _send_json(send, 413, error_body(413, f"request body is larger than {self.limit} bytes"))
+            await send_json(send, 413, error_body(413, f"request body is larger than {self.limit} bytes"))
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+async def send_json(send: Send, status: int, body: dict) -> None:
+    """Answer a request from ASGI middleware or a mounted ASGI app: `body` as JSON with `status`."""
     import json
 
     raw = json.dumps(body).encode()
@@ -314,7 +326,7 @@ class BrowserDoors:
             allowed = settings.allowed_origin_list() if settings is not None else []
             if origin not in allowed and "*" not in allowed:
                 self.metrics.refused.labels(self.service, "origin", "origin_not_allowed").inc()
-                await _send_json(
+                await send_json(
                     send,
                     403,
                     error_body(
@@ -329,7 +341,7 @@ class BrowserDoors:
             if (content_type is not None or has_body) and not _is_json((content_type or b"").decode("latin-1")):
                 self.metrics.refused.labels(self.service, "content_type", "not_json").inc()
                 shown = (content_type or b"none").decode("latin-1")[:60]
-                await _send_json(
+                await send_json(
                     send,
                     415,
                     error_body(415, f"the request body must be JSON (Content-Type: application/json), not {shown}"),

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from celery import Celery, signals
@@ -30,6 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from shared.clock import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,7 @@ def oldest_age_s(raw: bytes | str | None, now: float | None = None) -> float | N
         occurred = datetime.fromisoformat(str(payload["occurred_at"]).replace("Z", "+00:00"))
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
-    if occurred.tzinfo is None:
-        occurred = occurred.replace(tzinfo=UTC)
-    return max(0.0, (now if now is not None else time.time()) - occurred.timestamp())
+    return max(0.0, (now if now is not None else time.time()) - as_utc(occurred).timestamp())
 
 
 def queue_lag(client: Any, queue: str) -> tuple[int, float | None]:

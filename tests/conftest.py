@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.redis_server import RedisServer, free_port
 from gateway.run import Stack
-from shared.redis_server import RedisServer, free_port
 from tests.support import POSTGRES_ENV, PgSchemas, backends, resolve_postgres, skip_without_postgres
 
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from services.dashboard import handlers
 from services.dashboard.config import DashboardSettings
 from services.dashboard.store import Store
-from shared.web import AdminDep
+from shared.web import AdminDep, from_state
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 log = logging.getLogger(__name__)
@@ -29,16 +29,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-async def get_store(request: Request) -> Store:
-    return request.app.state.store
-
-
-async def get_settings_dep(request: Request) -> DashboardSettings:
-    return request.app.state.settings
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-SettingsDep = Annotated[DashboardSettings, Depends(get_settings_dep)]
+StoreDep = Annotated[Store, from_state("store")]
+SettingsDep = Annotated[DashboardSettings, from_state("settings")]
 DaysQuery = Annotated[int | None, Query(description="window: the last N days, today included")]
 
 

@@ -14,7 +14,7 @@ explanation was created, so a vote counts on its explanation's day (the quality 
 
 Vote rules: one row per `feedback_id` (stable per session and explanation), the newer `submitted_at` wins,
 so a replaced vote is counted once; an erased vote is removed, and a vote submitted before its erasure that
-arrives afterwards is dropped.
+arrives afterwards is dropped (`shared.votes`, the rules every service that keeps votes applies).
 """
 
 from __future__ import annotations
@@ -25,35 +25,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from shared.clock import as_utc
+
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Vote rules
+# Days
 # ---------------------------------------------------------------------------------------------------------
 
 
-def aware(ts: datetime) -> datetime:
-    """Datetimes are stored as UTC; SQLite hands them back naive."""
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
-def vote_outcome(existing_submitted_at: datetime | None, submitted_at: datetime) -> str:
-    """'insert', 'replace' (same or newer) or 'stale' (older than what is stored: a late redelivery)."""
-    if existing_submitted_at is None:
-        return "insert"
-    if aware(submitted_at) < aware(existing_submitted_at):
-        return "stale"
-    return "replace"
-
-
-def erased_before(erased_at: datetime | None, submitted_at: datetime) -> bool:
-    """True when the vote was cast before its session asked to be forgotten (so it must not come back)."""
-    return erased_at is not None and aware(submitted_at) <= aware(erased_at)
-
-
 def day_of(ts: datetime) -> str:
-    return aware(ts).date().isoformat()
+    return as_utc(ts).date().isoformat()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +239,7 @@ def curve_width(first: datetime | None, now: datetime, max_points: int = CURVE_M
     `now` at `max_points` points or fewer: minutes on a first hour, hours on a first day, days later on.
     Points are aligned to multiples of the width since the epoch, so a span of s seconds touches at most
     floor(s / width) + 2 of them."""
-    span = 0.0 if first is None else max(0.0, (aware(now) - aware(first)).total_seconds())
+    span = 0.0 if first is None else max(0.0, (as_utc(now) - as_utc(first)).total_seconds())
     for width in CURVE_WIDTHS_S:
         if span / width + 2 <= max_points:
             return width
@@ -284,7 +267,7 @@ def learning_curve(buckets: Iterable[tuple[int, int, int, int]], width_s: int | 
                 "positive_rate_ci": list(ci) if ci else None,
             }
         )
-    return {"bucket_s": width_s, "until": aware(now).isoformat(), "points": points}
+    return {"bucket_s": width_s, "until": as_utc(now).isoformat(), "points": points}
 
 
 def ticker_league(cells: list[Cell], *, min_votes: int, n: int) -> dict[str, Any]:
@@ -446,4 +429,4 @@ def check_anomaly(
 
 def window_bucket(now: datetime, window_s: float) -> int:
     """Which window `now` falls in: alerts are raised at most once per scope and window."""
-    return int(aware(now).timestamp() // window_s)
+    return int(as_utc(now).timestamp() // window_s)

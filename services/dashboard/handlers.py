@@ -10,7 +10,9 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from services.dashboard import domain, forecast
-from services.dashboard.store import BY_ARM, BY_TICKER, BY_TIME, ExplanationExportRow, SqlUnitOfWork, utc
+from services.dashboard.store import BY_ARM, BY_TICKER, BY_TIME, ExplanationExportRow, SqlUnitOfWork
+from shared import votes
+from shared.clock import as_utc
 from shared.contracts import (
     ChampionChanged,
     Event,
@@ -25,21 +27,20 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import run_in_one_transaction
+from shared.db import handle_once
 
 log = logging.getLogger(__name__)
 
 
 def _once(event: Event, uow: SqlUnitOfWork, apply: Callable[[SqlUnitOfWork], Any]) -> Any:
-    """Apply an event exactly once: a redelivered event id is acknowledged and ignored ("duplicate")."""
-    with uow:
-        if uow.repo.seen(event.message_id):
-            return "duplicate"
-        uow.repo.mark_seen(event.message_id)
+    """Apply an event exactly once (`shared.db.handle_once`), moving the read model's revision on."""
+
+    def apply_and_bump(uow: SqlUnitOfWork) -> Any:
         result = apply(uow)
         uow.repo.bump_revision()
-        uow.commit()
-    return result
+        return result
+
+    return handle_once(uow, event.message_id, apply_and_bump)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> str
             {
                 "explanation_id": str(event.explanation_id),
                 "day": domain.day_of(event.created_at),
-                "created_at": utc(event.created_at),
+                "created_at": as_utc(event.created_at),
                 "ticker": event.ticker,
                 "signal": event.signal,
                 "prompt_name": event.prompt_name,
@@ -80,28 +81,10 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
 
     def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if domain.erased_before(repo.erased_at(event.feedback_id), event.submitted_at):
+        if votes.erased_before(repo.erased_at(event.feedback_id), event.submitted_at):
             return "erased"
-        outcome = domain.vote_outcome(repo.vote_submitted_at(event.feedback_id), event.submitted_at)
-        if outcome == "stale":
-            return "stale"
-        repo.upsert_vote(
-            {
-                "feedback_id": str(event.feedback_id),
-                "explanation_id": str(event.explanation_id),
-                "rating": event.rating,
-                "stars": event.stars,
-                "has_comment": event.has_comment,
-                "submitted_at": utc(event.submitted_at),
-                "prompt_name": event.prompt_name,
-                "prompt_version": event.prompt_version,
-                "model": event.model,
-                "signal": event.signal,
-                "ticker": event.ticker,
-            },
-            replace=outcome == "replace",
-        )
-        return "replaced" if outcome == "replace" else "stored"
+        row = votes.vote_row(event, "has_comment", "prompt_name", "prompt_version", "model", "signal", "ticker")
+        return votes.keep_newest(repo, row)
 
     return _once(event, uow, apply)
 
@@ -126,7 +109,7 @@ def on_champion_changed(event: ChampionChanged, uow: SqlUnitOfWork) -> str:
                 "model": event.model,
                 "previous_version": event.previous_version,
                 "reason": event.reason,
-                "changed_at": utc(event.occurred_at),
+                "changed_at": as_utc(event.occurred_at),
             }
         )
         return "stored"
@@ -150,7 +133,7 @@ def on_experiment_started(event: ExperimentStarted, uow: SqlUnitOfWork) -> str:
                 }
                 for a in event.arms
             ],
-            "started_at": utc(event.occurred_at),
+            "started_at": as_utc(event.occurred_at),
         }
         if existing is None or existing["status"] != "concluded":  # the conclusion may have arrived first
             values["status"] = "running"
@@ -169,7 +152,7 @@ def on_experiment_concluded(event: ExperimentConcluded, uow: SqlUnitOfWork) -> s
                 "decision": event.decision,
                 "winner_arm_id": event.winner_arm_id,
                 "reason": event.reason,
-                "concluded_at": utc(event.occurred_at),
+                "concluded_at": as_utc(event.occurred_at),
             },
         )
         return "stored"
@@ -187,7 +170,7 @@ def on_model_registered(event: ModelRegistered, uow: SqlUnitOfWork) -> str:
                 "serving_base_url": event.serving_base_url,
                 "metrics": dict(event.metrics),
                 "cost_per_1k_tokens_usd": event.cost_per_1k_tokens_usd,
-                "registered_at": utc(event.occurred_at),
+                "registered_at": as_utc(event.occurred_at),
             }
         )
         return "stored"
@@ -203,7 +186,7 @@ def on_finetune_progress(event: FineTuneProgress, uow: SqlUnitOfWork) -> str:
                 "state": event.state,
                 "progress": event.progress,
                 "detail": event.detail,
-                "updated_at": utc(event.occurred_at),
+                "updated_at": as_utc(event.occurred_at),
             }
         )
         return "stored" if newer else "stale"
@@ -219,7 +202,7 @@ def on_search_exhausted(event: SearchExhausted, uow: SqlUnitOfWork) -> str:
         added = uow.repo.add_alert(
             {
                 "alert_id": str(derived_id("dashboard.alert", event.message_id)),
-                "created_at": utc(event.occurred_at),
+                "created_at": as_utc(event.occurred_at),
                 "scope": f"prompt {event.prompt_name}",
                 "kind": "search_exhausted",
                 "message": (
@@ -295,7 +278,7 @@ def check_anomalies(uow: SqlUnitOfWork, policy: AnomalyPolicy, now: datetime | N
     """Judge the last window's positive rate, overall and per prompt version: against the forecast from trend and
     cycle (weekday) where there is history enough, else against the windows before it. Store an alert for each
     material, significant drop (at most one per scope and window). Returns the checks."""
-    now = utc(now or utcnow())
+    now = as_utc(now or utcnow())
     window = timedelta(seconds=policy.window_s)
     recent_start = now - window
     bucket = domain.window_bucket(now, policy.window_s)
@@ -375,7 +358,7 @@ def since_day(days: int, today: date) -> str:
 
 def stats(uow: SqlUnitOfWork, days: int, policy: ReadPolicy, now: datetime | None = None) -> dict[str, Any]:
     """Every figure of the dashboard over the last `days` days."""
-    now = utc(now or utcnow())
+    now = as_utc(now or utcnow())
     today = now.date()
     since = since_day(days, today)
     with uow:
@@ -427,8 +410,8 @@ def stats(uow: SqlUnitOfWork, days: int, policy: ReadPolicy, now: datetime | Non
 
 def _floor(ts: datetime, width_s: int) -> datetime:
     """The start of the `width_s`-second window (aligned to the epoch) that holds `ts`."""
-    epoch = int(utc(ts).timestamp())
-    return datetime.fromtimestamp(epoch - epoch % width_s, utc(ts).tzinfo)
+    epoch = int(as_utc(ts).timestamp())
+    return datetime.fromtimestamp(epoch - epoch % width_s, as_utc(ts).tzinfo)
 
 
 def revision(uow: SqlUnitOfWork) -> int:
@@ -449,7 +432,7 @@ def export_rows(
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Flat rows (one dict per row, the same keys in every row) of one dashboard table, for CSV / JSON."""
-    now = utc(now or utcnow())
+    now = as_utc(now or utcnow())
     if table == "explanations":
         with uow:
             return [_public(r) for r in uow.repo.explanation_rows(since_day(days, now.date()), limit)]
@@ -483,7 +466,7 @@ def explanation_pages(
 ) -> Iterator[list[dict[str, Any]]]:
     """The explanations export in pages of `page_size` rows, each read in its own short read transaction
     (keyset paging): a long export never holds one read open for its whole length, nor all rows in memory."""
-    since = since_day(days, utc(now or utcnow()).date())
+    since = since_day(days, as_utc(now or utcnow()).date())
     after = None
     while True:
         with reader() as uow:
@@ -541,14 +524,3 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_feedback_recorded` for many events in one transaction, each in its own savepoint: in order, (True,
-    outcome) or (False, the exception) per event (shared.db.run_in_one_transaction)."""
-    return run_in_one_transaction(uow, events, on_feedback_recorded)
-
-
-def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_explanation_created` for many events in one transaction (see `on_feedback_recorded_batch`)."""
-    return run_in_one_transaction(uow, events, on_explanation_created)

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from services.dashboard import api, handlers
 from services.dashboard.config import DashboardSettings, get_settings
 from services.dashboard.store import Store
-from shared.bus import CeleryBus, declare_topology, make_celery
+from shared.bus import api_bus
 from shared.logging import configure_logging
 from shared.web import install_common
 
@@ -110,9 +110,9 @@ def create_app(settings: DashboardSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging("dashboard", settings.log_level)
         app.state.store = Store(settings.db_url)
-        celery = make_celery("dashboard", settings)
-        declare_topology(celery)
-        app.state.bus = CeleryBus(celery)
+        app.state.bus = api_bus(
+            "dashboard", settings
+        )  # reads the queues' lag for the figures; the dashboard publishes nothing
         yield
         app.state.store.dispose()
 

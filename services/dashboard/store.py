@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypedDict
 from typing import cast as typed
 
@@ -33,10 +33,10 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.orm import Session
 
 from services.dashboard.domain import Cell, ExperimentInfo
+from shared.clock import as_utc
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
-from shared.outbox import forget_session, outbox_table
 
 metadata = MetaData()
 
@@ -247,7 +247,6 @@ meta = Table(
 
 processed = processed_table(metadata)
 
-outbox = outbox_table(metadata)  # the dashboard publishes nothing yet; kept for the common shape
 
 DIMENSIONS = ("day", "signal", "ticker", "prompt_name", "prompt_version", "model", "experiment_id", "arm_id")
 #: The groupings the dashboard reads. One cube over every dimension would have about one cell per
@@ -260,13 +259,8 @@ BY_ARM = ("experiment_id", "arm_id", "prompt_name", "prompt_version", "model")
 _BLANK: dict[str, str | None] = {d: "" for d in DIMENSIONS} | {"experiment_id": None, "arm_id": None}
 
 
-def utc(ts: datetime) -> datetime:
-    """Store every timestamp as UTC (SQLite keeps no zone, so they must agree to compare)."""
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
 def _iso(ts: datetime | None) -> str | None:
-    return None if ts is None else utc(ts).isoformat()
+    return None if ts is None else as_utc(ts).isoformat()
 
 
 class DashboardRepository(MessageLog):
@@ -338,15 +332,16 @@ class DashboardRepository(MessageLog):
                 self.refresh_vote_totals(owner.explanation_id)
             previous = self.s.execute(select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == fid)).first()
             if previous is None:
-                self.s.execute(erased_votes.insert().values(feedback_id=fid, erased_at=utc(at)))
-            elif utc(at) > utc(previous.erased_at):
-                self.s.execute(erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=utc(at)))
+                self.s.execute(erased_votes.insert().values(feedback_id=fid, erased_at=as_utc(at)))
+            elif as_utc(at) > as_utc(previous.erased_at):
+                self.s.execute(
+                    erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=as_utc(at))
+                )
         return removed
 
     def forget_session_messages(self, session_key: str) -> None:
-        """An erased session's key out of this store's dead letters and outbox (the dashboard keeps no key
-        elsewhere: its votes are by feedback id)."""
-        forget_session(self.s, outbox, [session_key])
+        """An erased session's key out of this store's dead letters (the dashboard keeps no key elsewhere: its
+        votes are by feedback id)."""
         forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
 
     # -- experiments, champions, models, fine-tune jobs -------------------------------------------------
@@ -381,7 +376,7 @@ class DashboardRepository(MessageLog):
         if row is None:
             self.s.execute(finetune_jobs.insert().values(**values))
             return True
-        if utc(values["updated_at"]) < utc(row.updated_at):
+        if as_utc(values["updated_at"]) < as_utc(row.updated_at):
             return False  # an older progress report arrived late
         self.s.execute(finetune_jobs.update().where(finetune_jobs.c.job_id == values["job_id"]).values(**values))
         return True
@@ -441,7 +436,7 @@ class DashboardRepository(MessageLog):
         e = explanations
         q = select(func.min(e.c.created_at)).where(e.c.day >= since_day, e.c.votes > 0)
         first = self.s.execute(q).scalar_one_or_none()
-        return None if first is None else utc(first)
+        return None if first is None else as_utc(first)
 
     def curve_buckets(self, since_day: str, start: datetime, width_s: int) -> list[tuple[int, int, int, int]]:
         """(window index since the epoch, explanations, votes, positives) per `width_s`-second window of
@@ -456,7 +451,7 @@ class DashboardRepository(MessageLog):
             select(
                 bucket, func.count(), func.coalesce(func.sum(e.c.votes), 0), func.coalesce(func.sum(e.c.positives), 0)
             )
-            .where(e.c.day >= since_day, e.c.created_at >= utc(start))
+            .where(e.c.day >= since_day, e.c.created_at >= as_utc(start))
             .group_by(bucket)
         )
         return [(int(b), int(n), int(v), int(p)) for b, n, v, p in self.s.execute(q).all()]
@@ -475,7 +470,7 @@ class DashboardRepository(MessageLog):
                 func.count(),
                 func.sum(case((votes.c.rating == 1, 1), else_=0)),
             )
-            .where(votes.c.submitted_at > utc(start), votes.c.submitted_at <= utc(end))
+            .where(votes.c.submitted_at > as_utc(start), votes.c.submitted_at <= as_utc(end))
             .group_by(votes.c.prompt_name, votes.c.prompt_version)
         )
         return [(n, v, int(c), int(p or 0)) for n, v, c, p in self.s.execute(q).all()]
@@ -571,7 +566,8 @@ def _seed(session: Session) -> None:
 
 
 class Store(SqlStore[DashboardRepository]):
-    """This service's database: its tables, repository and outbox on the shared store plumbing."""
+    """This service's database: its tables and repository on the shared store plumbing. No outbox: the
+    dashboard only reads the other services' events and publishes none."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url, metadata, DashboardRepository, outbox, seed=_seed)
+        super().__init__(url, metadata, DashboardRepository, None, seed=_seed)

@@ -1,15 +1,14 @@
 """Celery entry points of the dashboard service (queue "dashboard"). Each turns a payload into an event and
-calls the handler that updates the read model; the outbox is relayed after the commit."""
+calls the handler that updates the read model. The dashboard publishes nothing, so there is no outbox to relay."""
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
 
 from services.dashboard import handlers
 from services.dashboard.config import get_settings
-from services.dashboard.store import Store, outbox
-from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
+from services.dashboard.store import Store
+from shared.bus import event_tasks, worker_app
 from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
@@ -21,12 +20,8 @@ from shared.contracts import (
     ModelRegistered,
     SearchExhausted,
 )
-from shared.logging import configure_logging
-from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("dashboard", settings, batches=True)
-configure_logging("dashboard-worker", settings.log_level)
 
 
 @lru_cache
@@ -35,78 +30,26 @@ def _store() -> Store:
 
 
 # What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters)
+app = worker_app("dashboard", settings, lambda: _store().dead_letters, batches=True)
 
 
-def _relay() -> None:
-    relay(_store().factory, outbox, bus_for(app))
-
-
-on_explanation_created = batch_task(
+#: task -> (the event it takes, the handler that applies it to the read model); the busiest two in batches
+EVENT_TASKS = event_tasks(
     app,
-    name="dashboard.on_explanation_created",
-    parse=ExplanationCreated.from_payload,
-    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
-    after=lambda _: _relay(),
+    {
+        "dashboard.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created),
+        "dashboard.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
+        "dashboard.on_feedback_erased": (FeedbackErased, handlers.on_feedback_erased),
+        "dashboard.on_champion_changed": (ChampionChanged, handlers.on_champion_changed),
+        "dashboard.on_experiment_started": (ExperimentStarted, handlers.on_experiment_started),
+        "dashboard.on_experiment_concluded": (ExperimentConcluded, handlers.on_experiment_concluded),
+        "dashboard.on_model_registered": (ModelRegistered, handlers.on_model_registered),
+        "dashboard.on_search_exhausted": (SearchExhausted, handlers.on_search_exhausted),
+        "dashboard.on_finetune_progress": (FineTuneProgress, handlers.on_finetune_progress),
+    },
+    lambda: _store().uow(),
+    batched=("dashboard.on_explanation_created", "dashboard.on_feedback_recorded"),
 )
-
-
-on_feedback_recorded = batch_task(
-    app,
-    name="dashboard.on_feedback_recorded",
-    parse=FeedbackRecorded.from_payload,
-    handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
-    after=lambda _: _relay(),
-)
-
-
-@app.task(name="dashboard.on_feedback_erased")
-def on_feedback_erased(payload: dict) -> Any:
-    result = handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
-    _relay()
-    return result
-
-
-@app.task(name="dashboard.on_champion_changed")
-def on_champion_changed(payload: dict) -> Any:
-    result = handlers.on_champion_changed(ChampionChanged.from_payload(payload), _store().uow())
-    _relay()
-    return result
-
-
-@app.task(name="dashboard.on_experiment_started")
-def on_experiment_started(payload: dict) -> Any:
-    result = handlers.on_experiment_started(ExperimentStarted.from_payload(payload), _store().uow())
-    _relay()
-    return result
-
-
-@app.task(name="dashboard.on_experiment_concluded")
-def on_experiment_concluded(payload: dict) -> Any:
-    result = handlers.on_experiment_concluded(ExperimentConcluded.from_payload(payload), _store().uow())
-    _relay()
-    return result
-
-
-@app.task(name="dashboard.on_model_registered")
-def on_model_registered(payload: dict) -> Any:
-    result = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow())
-    _relay()
-    return result
-
-
-@app.task(name="dashboard.on_search_exhausted")
-def on_search_exhausted(payload: dict) -> Any:
-    result = handlers.on_search_exhausted(SearchExhausted.from_payload(payload), _store().uow())
-    _relay()
-    return result
-
-
-@app.task(name="dashboard.on_finetune_progress")
-def on_finetune_progress(payload: dict) -> Any:
-    result = handlers.on_finetune_progress(FineTuneProgress.from_payload(payload), _store().uow())
-    _relay()
-    return result
 
 
 @app.task(name="dashboard.check_anomalies")
@@ -121,11 +64,4 @@ def check_anomalies() -> list[dict]:
         history_windows=s.anomaly_history_windows,
         season_windows=s.anomaly_season_windows,
     )
-    checks = handlers.check_anomalies(_store().uow(), policy)
-    _relay()
-    return checks
-
-
-@app.task(name="dashboard.relay_outbox")
-def relay_outbox() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+    return handlers.check_anomalies(_store().uow(), policy)

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from typing import Annotated, Any, Literal
 
 import httpx
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,7 +23,7 @@ from shared.bus import CeleryBus, queue_for
 from shared.outbox import relay_after_commit
 from shared.privacy import session_keys
 from shared.text import check_text
-from shared.web import AdminDep
+from shared.web import AdminDep, from_state
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -61,21 +61,9 @@ class FeedbackAccepted(BaseModel):
     feedback_id: uuid.UUID
 
 
-async def get_store(request: Request) -> Store:
-    return request.app.state.store
-
-
-async def get_bus(request: Request) -> CeleryBus:
-    return request.app.state.bus
-
-
-async def get_settings_dep(request: Request) -> FeedbackSettings:
-    return request.app.state.settings
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-BusDep = Annotated[CeleryBus, Depends(get_bus)]
-SettingsDep = Annotated[FeedbackSettings, Depends(get_settings_dep)]
+StoreDep = Annotated[Store, from_state("store")]
+BusDep = Annotated[CeleryBus, from_state("bus")]
+SettingsDep = Annotated[FeedbackSettings, from_state("settings")]
 
 
 class KnownIds:

@@ -5,6 +5,7 @@
 - Feedback on an explanation the service has not seen is quarantined, never counted; it is released when
   the explanation's `ExplanationCreated` arrives (the two can race), and stays quarantined otherwise.
 - A vote submitted before its session was erased is dropped when it arrives after the erasure.
+  (These two are `shared.votes`, the rules every service that keeps votes applies.)
 - A vote counts only from the session the explanation was served to (`ExplanationCreated.session_key`). The
   API refuses any other session's vote (403) when the replica already knows the explanation; a vote that was
   quarantined because the explanation had not arrived yet is checked when it is released, and dropped (only
@@ -50,23 +51,3 @@ def vote_refusal(served_session_key: str | None, voter_session_key: str) -> str 
     if not hmac.compare_digest(served_session_key.encode(), voter_session_key.encode()):
         return OTHER_SESSION
     return None
-
-
-def vote_outcome(existing: StoredVote | None, submitted_at: datetime) -> str:
-    """'insert', 'replace' or 'stale' (an older vote that arrived after a newer one)."""
-    if existing is None:
-        return "insert"
-    if _aware(submitted_at) < _aware(existing.submitted_at):
-        return "stale"
-    return "replace"
-
-
-def erased_before(erased_at: datetime | None, submitted_at: datetime) -> bool:
-    """True when the vote was cast before its session asked to be forgotten."""
-    return erased_at is not None and _aware(submitted_at) <= _aware(erased_at)
-
-
-def _aware(ts: datetime) -> datetime:
-    from datetime import UTC
-
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)

@@ -10,6 +10,7 @@ from typing import Literal
 
 from services.feedback import domain
 from services.feedback.store import SqlUnitOfWork
+from shared import votes
 from shared.contracts import (
     ExplanationCreated,
     FeedbackErased,
@@ -18,7 +19,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import run_in_one_transaction
+from shared.db import handle_once
 from shared.privacy import erasure_tag
 
 log = logging.getLogger(__name__)
@@ -27,30 +28,18 @@ log = logging.getLogger(__name__)
 def record_feedback(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
     """Store a vote. Returns what happened: stored, replaced, stale, duplicate, quarantined, erased, or the
     reason it does not count (other_session, unbound_explanation)."""
-    with uow:
-        repo = uow.repo
-        if repo.seen(cmd.message_id):
-            return "duplicate"
-        repo.mark_seen(cmd.message_id)
+
+    def apply(uow: SqlUnitOfWork) -> str:
         outcome = _apply_vote(cmd, uow)
-        uow.commit()
-    log.info("feedback %s", outcome, extra={"feedback_id": str(cmd.feedback_id)})
-    return outcome
+        log.info("feedback %s", outcome, extra={"feedback_id": str(cmd.feedback_id)})
+        return outcome
 
-
-def record_feedback_batch(cmds: list[RecordFeedback], uow: SqlUnitOfWork) -> list[tuple[bool, object]]:
-    """`record_feedback` for many votes in one transaction, each in its own savepoint: in order, (True,
-    outcome) or (False, the exception) per vote (shared.db.run_in_one_transaction)."""
-    return run_in_one_transaction(uow, cmds, record_feedback)
-
-
-def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[tuple[bool, object]]:
-    return run_in_one_transaction(uow, events, on_explanation_created)
+    return handle_once(uow, cmd.message_id, apply)
 
 
 def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
     repo = uow.repo
-    if domain.erased_before(repo.erased_at(cmd.session_key), cmd.submitted_at):
+    if votes.erased_before(repo.erased_at(cmd.session_key), cmd.submitted_at):
         repo.audit("worker", "drop_vote_of_erased_session", erasure_tag(cmd.session_key)[:12], {})
         return "erased"
     explanation = repo.explanation(cmd.explanation_id)
@@ -61,23 +50,10 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
     if refusal is not None:  # counted, never stored: nothing of the vote is kept
         repo.count_dropped(refusal)
         return refusal
-    existing = repo.vote(cmd.feedback_id)
-    outcome = domain.vote_outcome(existing, cmd.submitted_at)
+    row = votes.vote_row(cmd, "session_key", "comment") | {"stored_at": utcnow()}
+    outcome = votes.keep_newest(repo, row)
     if outcome == "stale":
         return "stale"
-    repo.upsert_vote(
-        {
-            "feedback_id": str(cmd.feedback_id),
-            "explanation_id": str(cmd.explanation_id),
-            "session_key": cmd.session_key,
-            "rating": cmd.rating,
-            "stars": cmd.stars,
-            "comment": cmd.comment,
-            "submitted_at": cmd.submitted_at,
-            "stored_at": utcnow(),
-        },
-        replace=outcome == "replace",
-    )
     uow.add_events(
         FeedbackRecorded(
             message_id=derived_id("feedback.recorded", cmd.message_id),
@@ -87,7 +63,7 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
             rating=cmd.rating,
             stars=cmd.stars,
             has_comment=bool(cmd.comment),
-            replaced=outcome == "replace",
+            replaced=outcome == "replaced",
             submitted_at=cmd.submitted_at,
             prompt_name=explanation["prompt_name"],
             prompt_version=explanation["prompt_version"],
@@ -98,7 +74,7 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
             arm_id=explanation["arm_id"],
         )
     )
-    return "replaced" if outcome == "replace" else "stored"
+    return outcome
 
 
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int:
@@ -106,14 +82,12 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int
     quarantined votes were released. An explanation served before its session was erased (the event was still
     on its way) is kept without the session: no vote on it counts, the key is not stored, and the erasure is
     announced again for it, so the services that hold it (the router first) forget the session there too."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> int:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return 0
-        repo.mark_seen(event.message_id)
         served_key = event.session_key
         erased_at = repo.erased_at(served_key) if served_key else None
-        if served_key and erased_at is not None and domain.erased_before(erased_at, event.created_at):
+        if served_key and erased_at is not None and votes.erased_before(erased_at, event.created_at):
             # Served while its session was being erased (the router wrote it after handling the erasure, or its
             # event was on its way): erase it again everywhere, this explanation included.
             uow.add_events(
@@ -143,8 +117,9 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int
         released = repo.take_quarantined(event.explanation_id)
         for payload in released:
             _apply_vote(RecordFeedback.from_payload(payload), uow)
-        uow.commit()
-    return len(released)
+        return len(released)
+
+    return handle_once(uow, event.message_id, apply, duplicate=0)
 
 
 def erase_session(

@@ -11,8 +11,9 @@ from prometheus_client.core import CounterMetricFamily
 
 from services.feedback import api, handlers
 from services.feedback.config import FeedbackSettings, get_settings
+from services.feedback.intake import GroupCommitSender, IntakeJournal
 from services.feedback.store import Store
-from shared.bus import CeleryBus, GroupCommitSender, IntakeJournal, declare_topology, make_celery
+from shared.bus import api_bus
 from shared.logging import configure_logging
 from shared.ratelimit import AsyncRateLimiter, RateLimiter
 from shared.web import install_common
@@ -44,11 +45,9 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging("feedback", settings.log_level)
         app.state.store = Store(settings.db_url)
-        celery = make_celery("feedback", settings)
-        declare_topology(celery)
-        app.state.bus = CeleryBus(celery)
+        app.state.bus = api_bus("feedback", settings)
         journal = IntakeJournal(settings.redis_url, "feedback")
-        app.state.sender = GroupCommitSender(celery, journal=journal)
+        app.state.sender = GroupCommitSender(app.state.bus.app, journal=journal)
         app.state.known_ids = api.KnownIds()
         app.state.http = httpx.AsyncClient()
         app.state.backlog = api.Backlog(settings.redis_url, "feedback", journal.hash_key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypedDict, cast
 
 from sqlalchemy import (
@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from services.feedback.domain import StoredVote
+from shared.clock import as_utc
 from shared.contracts import Signal, utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table
@@ -187,6 +188,10 @@ class FeedbackRepository(MessageLog):
         return True
 
     # -- votes ------------------------------------------------------------------------------------------
+    def vote_submitted_at(self, feedback_id: uuid.UUID | str) -> datetime | None:
+        row = self.s.execute(select(feedback.c.submitted_at).where(feedback.c.feedback_id == str(feedback_id))).first()
+        return row.submitted_at if row else None
+
     def vote(self, feedback_id: uuid.UUID) -> StoredVote | None:
         row = self.s.execute(
             select(feedback.c.rating, feedback.c.stars, feedback.c.submitted_at).where(
@@ -269,7 +274,7 @@ class FeedbackRepository(MessageLog):
             for table in (erasures, erasure_tombstones)
             if (row := self.s.execute(select(table.c.erased_at).where(table.c.session_key == tag)).first())
         ]
-        return max(times, key=_aware) if times else None
+        return max(times, key=as_utc) if times else None
 
     def holds_session(self, session_key: str) -> bool:
         """Whether anything of this session is kept here: votes, quarantined votes, explanations served to it."""
@@ -315,10 +320,6 @@ class FeedbackRepository(MessageLog):
     def audit_log(self, limit: int = 100) -> list[AuditRow]:
         rows = self.s.execute(select(audit).order_by(audit.c.id.desc()).limit(limit)).mappings()
         return [cast(AuditRow, dict(r)) for r in rows]
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.

@@ -10,16 +10,13 @@ from pydantic import ValidationError
 
 from services.feedback import handlers
 from services.feedback.config import get_settings
-from services.feedback.store import Store, outbox
-from shared.bus import IntakeJournal, batch_task, bus_for, make_celery, use_dead_letters
+from services.feedback.intake import IntakeJournal
+from services.feedback.store import Store
+from shared.bus import batch_task, bus_for, event_tasks, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, RecordFeedback, ResendExplanations, utcnow
 from shared.deadletter import INVALID, UNREADABLE, describe_error
-from shared.logging import configure_logging
-from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("feedback", settings, batches=True)
-configure_logging("feedback-worker", settings.log_level)
 
 
 @lru_cache
@@ -27,8 +24,14 @@ def _store() -> Store:
     return Store(get_settings().db_url)
 
 
-def _relay() -> None:
-    relay(_store().factory, outbox, bus_for(app))
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask), and leaves the
+# intake journal.
+app = worker_app(
+    "feedback", settings, lambda: _store().dead_letters, batches=True, after=lambda *a: _forget_journal_entry(*a)
+)
+
+
+_relay = outbox_relay(app, "feedback", _store)
 
 
 @lru_cache
@@ -42,10 +45,6 @@ def _forget_journal_entry(task: str, payload: object) -> None:
         _journal().done(str(payload["message_id"]))
 
 
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters, after=_forget_journal_entry)
-
-
 def _recorded(cmds: list[RecordFeedback]) -> None:
     _journal().done_many(cmd.message_id for cmd in cmds)  # committed (or recognised as handled): not again
     _relay()
@@ -56,7 +55,8 @@ record = batch_task(
     app,
     name="feedback.record",
     parse=RecordFeedback.from_payload,
-    handle=lambda cmds: handlers.record_feedback_batch(cmds, _store().uow()),
+    each=handlers.record_feedback,
+    uow=lambda: _store().uow(),
     after=_recorded,
 )
 
@@ -107,15 +107,10 @@ def _sweep_journal() -> int:
     return sent
 
 
-on_explanation_created = batch_task(
+EVENT_TASKS = event_tasks(
     app,
-    name="feedback.on_explanation_created",
-    parse=ExplanationCreated.from_payload,
-    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
-    after=lambda _: _relay(),
+    {"feedback.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created)},
+    lambda: _store().uow(),
+    after=_relay,
+    batched=("feedback.on_explanation_created",),
 )
-
-
-@app.task(name="feedback.relay_outbox")
-def relay_outbox() -> int:
-    return relay(_store().factory, outbox, bus_for(app))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,7 +18,7 @@ from services.finetune.store import JobRow, Store, outbox
 from shared.bus import CeleryBus
 from shared.contracts import StartFineTune
 from shared.outbox import relay_after_commit
-from shared.web import AdminDep
+from shared.web import AdminDep, from_state
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/finetune")
@@ -34,21 +35,20 @@ class JobIn(BaseModel):
     min_examples: int | None = Field(default=None, ge=0, description="overrides FINETUNE_MIN_EXAMPLES")
 
 
-async def get_store(request: Request) -> Store:
-    return request.app.state.store
+StoreDep = Annotated[Store, from_state("store")]
+BusDep = Annotated[CeleryBus, from_state("bus")]
+SettingsDep = Annotated[FinetuneSettings, from_state("settings")]
 
 
-async def get_bus(request: Request) -> CeleryBus:
-    return request.app.state.bus
-
-
-async def get_settings_dep(request: Request) -> FinetuneSettings:
-    return request.app.state.settings
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-BusDep = Annotated[CeleryBus, Depends(get_bus)]
-SettingsDep = Annotated[FinetuneSettings, Depends(get_settings_dep)]
+@contextmanager
+def _as_http() -> Iterator[None]:
+    """What the handlers refuse, as the HTTP answer that says why: 404 unknown, else the refusal's status."""
+    try:
+        yield
+    except handlers.NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except handlers.Rejected as exc:
+        raise HTTPException(exc.status, exc.message) from exc
 
 
 def _job_out(job: JobRow) -> dict[str, Any]:
@@ -124,10 +124,8 @@ def start_job(body: JobIn, _: AdminDep, store: StoreDep, bus: BusDep, settings: 
 
 
 def _queue_job(cmd: StartFineTune, store: Store, bus: CeleryBus, settings: FinetuneSettings) -> dict[str, Any]:
-    try:
+    with _as_http():
         job, queued = handlers.create_job(cmd, store, settings)
-    except handlers.Rejected as exc:
-        raise HTTPException(exc.status, exc.message) from exc
     relay_after_commit(store.factory, outbox, bus)
     try:
         bus.send(queued)
@@ -146,20 +144,14 @@ def list_jobs(store: StoreDep, limit: Annotated[int, Query(ge=1, le=500)] = 100)
 
 @router.get("/jobs/{job_id}")
 def get_job(job_id: str, store: StoreDep) -> dict[str, Any]:
-    try:
+    with _as_http():
         return _job_out(handlers.get_job(store.uow(), job_id))
-    except handlers.NotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202)
 def cancel_job(job_id: str, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
-    try:
+    with _as_http():
         job = handlers.cancel_job(store.uow(), job_id)
-    except handlers.NotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except handlers.Rejected as exc:
-        raise HTTPException(exc.status, exc.message) from exc
     relay_after_commit(store.factory, outbox, bus)
     return _job_out(job)
 
@@ -174,12 +166,8 @@ def list_models(_: AdminDep, store: StoreDep) -> dict[str, Any]:
 @router.post("/models/{model_id}/release")
 def release_model(model_id: str, body: ReleaseIn, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Send a model that did not beat its base into serving and a live experiment anyway (force=true)."""
-    try:
+    with _as_http():
         model = handlers.release_model(store.uow(), model_id, body.force)
-    except handlers.NotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except handlers.Rejected as exc:
-        raise HTTPException(exc.status, exc.message) from exc
     relay_after_commit(store.factory, outbox, bus)
     return dict(model)
 
@@ -187,12 +175,8 @@ def release_model(model_id: str, body: ReleaseIn, _: AdminDep, store: StoreDep, 
 @router.post("/models/{model_id}/withdraw")
 def withdraw_model(model_id: str, body: WithdrawIn, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Take a model out of serving and of every experiment for good (ModelWithdrawn)."""
-    try:
+    with _as_http():
         model = handlers.withdraw_model(store.uow(), model_id, body.reason)
-    except handlers.NotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except handlers.Rejected as exc:
-        raise HTTPException(exc.status, exc.message) from exc
     relay_after_commit(store.factory, outbox, bus)
     return dict(model)
 
@@ -201,8 +185,6 @@ def withdraw_model(model_id: str, body: WithdrawIn, _: AdminDep, store: StoreDep
 def retrain_model(model_id: str, _: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep) -> dict[str, Any]:
     """Train the model again (same base, method, recipe) from today's data: erased sessions are not in it. The
     same as the queue message `finetune.retrain` {"model_id": ...}."""
-    try:
+    with _as_http():
         cmd = handlers.retrain_command(store.uow(), model_id)
-    except handlers.NotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
     return _queue_job(cmd, store, bus, settings)

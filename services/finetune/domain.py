@@ -35,9 +35,10 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
+from shared.clock import as_utc
 from shared.contracts import derived_id
 from shared.serving import SYSTEM_MESSAGE
 
@@ -289,7 +290,7 @@ def enough_data_problem(method: str, train_rows: int, heldout_rows: int, min_exa
 def heartbeat_stale(heartbeat_at: datetime | None, now: datetime, timeout_s: float) -> bool:
     if heartbeat_at is None:
         return True
-    return (aware(now) - aware(heartbeat_at)).total_seconds() > timeout_s
+    return (as_utc(now) - as_utc(heartbeat_at)).total_seconds() > timeout_s
 
 
 def model_id_for(job_id: str) -> str:
@@ -327,10 +328,6 @@ def cost_per_explanation(cost_per_1k_tokens_usd: float, mean_tokens: float) -> f
 def float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numeric metrics (bools and None dropped) for the ModelRegistered event."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from services.finetune import domain, pii
 from services.finetune.config import FinetuneSettings
 from services.finetune.store import JobRow, ModelRow, SqlUnitOfWork, Store
+from shared import votes
 from shared.contracts import (
     ExplanationCreated,
     FeedbackErased,
@@ -26,7 +27,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import run_in_one_transaction
+from shared.db import handle_once
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,10 @@ def rules_from(settings: FinetuneSettings) -> domain.ExportRules:
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> bool:
     """Keep the explanation as training material. One served to a session erased after it was created (its
     event was still on its way) is kept without its prompt and text."""
-    with uow:
-        if uow.repo.seen(event.message_id):
-            return False
-        uow.repo.mark_seen(event.message_id)
+
+    def apply(uow: SqlUnitOfWork) -> bool:
         erased_at = uow.repo.erased_at(event.session_key) if event.session_key else None
-        erased = erased_at is not None and domain.aware(event.created_at) <= domain.aware(erased_at)
+        erased = votes.erased_before(erased_at, event.created_at)
         added = uow.repo.add_explanation(
             {
                 "explanation_id": str(event.explanation_id),
@@ -111,37 +110,24 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
                 "fallback_used": event.fallback_used,
             }
         )
-        uow.commit()
-    return added
+        return added
+
+    return handle_once(uow, event.message_id, apply, duplicate=False)
 
 
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
     """Keep one vote per feedback id (the newest wins). Returns stored, replaced, stale, erased or duplicate."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
+        # Stricter than `shared.votes.erased_before`, on purpose: a session that asked to be forgotten gives no
+        # training data again, not even votes cast after its erasure. What is trained on outlives the request
+        # (a model keeps what it learnt until it is withdrawn), so this store never takes that session back.
         if repo.is_erased(event.session_key):
-            uow.commit()
             return "erased"
-        previous = repo.vote_submitted_at(str(event.feedback_id))
-        if previous is not None and domain.aware(event.submitted_at) < domain.aware(previous):
-            uow.commit()
-            return "stale"
-        repo.upsert_vote(
-            {
-                "feedback_id": str(event.feedback_id),
-                "explanation_id": str(event.explanation_id),
-                "session_key": event.session_key,
-                "rating": event.rating,
-                "stars": event.stars,
-                "submitted_at": event.submitted_at,
-            },
-            exists=previous is not None,
-        )
-        uow.commit()
-    return "replaced" if previous is not None else "stored"
+        return votes.keep_newest(repo, votes.vote_row(event, "session_key"))
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> dict[str, Any] | None:
@@ -149,10 +135,8 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> dict[str, A
     and withdraw every model whose training or held-out data held its feedback (ModelWithdrawn, in the same
     transaction). A job still training on it is withdrawn when it registers (jobs.JobRunner._register).
     Returns the trace (which exports and models had used its feedback, which were withdrawn)."""
-    with uow:
-        if uow.repo.seen(event.message_id):
-            return None
-        uow.repo.mark_seen(event.message_id)
+
+    def apply(uow: SqlUnitOfWork) -> dict[str, Any] | None:
         record = uow.repo.erase(
             event.session_key,
             [str(f) for f in event.feedback_ids],
@@ -164,15 +148,16 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> dict[str, A
             for model_id in record["model_ids"]
             if withdraw_in(uow, model_id, "its training data held a session that was erased")
         ]
-        uow.commit()
-    if record["model_ids"]:
-        log.warning(
-            "an erased session's feedback was used by %d model(s); withdrawn now: %d",
-            len(record["model_ids"]),
-            len(withdrawn),
-            extra={"model_ids": record["model_ids"], "export_ids": record["export_ids"]},
-        )
-    return {**record, "withdrawn": withdrawn}
+        if record["model_ids"]:
+            log.warning(
+                "an erased session's feedback was used by %d model(s); withdrawn now: %d",
+                len(record["model_ids"]),
+                len(withdrawn),
+                extra={"model_ids": record["model_ids"], "export_ids": record["export_ids"]},
+            )
+        return {**record, "withdrawn": withdrawn}
+
+    return handle_once(uow, event.message_id, apply, duplicate=None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -483,14 +468,3 @@ def reject_payload(store: Store, payload: Any, reason: str) -> str | None:
         uow.add_events(progress_event(job_id, domain.FAILED, 0.0, reason))
         uow.commit()
     return job_id
-
-
-def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_feedback_recorded` for many events in one transaction, each in its own savepoint: in order, (True,
-    outcome) or (False, the exception) per event (shared.db.run_in_one_transaction)."""
-    return run_in_one_transaction(uow, events, on_feedback_recorded)
-
-
-def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_explanation_created` for many events in one transaction (see `on_feedback_recorded_batch`)."""
-    return run_in_one_transaction(uow, events, on_explanation_created)

@@ -18,7 +18,7 @@ from services.finetune import api, jobs
 from services.finetune.config import FinetuneSettings, get_settings
 from services.finetune.serving_mount import PREFIX, ServingMount
 from services.finetune.store import Store
-from shared.bus import CeleryBus, declare_topology, make_celery
+from shared.bus import api_bus
 from shared.logging import configure_logging
 from shared.web import install_common
 
@@ -50,9 +50,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging("finetune", settings.log_level)
         app.state.store = Store(settings.db_url)
-        celery = make_celery("finetune", settings)
-        declare_topology(celery)
-        app.state.bus = CeleryBus(celery)
+        app.state.bus = api_bus("finetune", settings)
         sync = None
         if settings.serving_base_url:
             sync = asyncio.create_task(keep_engine_in_sync(app.state.store, settings))

@@ -23,6 +23,7 @@ from services.finetune.config import FinetuneSettings
 from services.finetune.serving import bearer_ok
 from services.finetune.store import ModelRow, Store
 from shared.serving import served_name
+from shared.web import send_json
 
 PREFIX = "/api/finetune/v1"
 
@@ -30,18 +31,6 @@ PREFIX = "/api/finetune/v1"
 def _openai_error(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    raw = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": raw})
 
 
 class ServingMount:
@@ -87,26 +76,26 @@ class ServingMount:
         headers = dict(scope.get("headers") or [])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         if not bearer_ok(authorization, self.settings.serving_key() or "unset"):
-            await _send_json(
+            await send_json(
                 send,
                 401,
                 _openai_error(401, "a serving key is required: Authorization: Bearer <key>", "invalid_api_key"),
             )
             return
         if self.settings.serving_base_url:
-            await _send_json(
+            await send_json(
                 send,
                 404,
                 _openai_error(404, f"local models are served at {self.settings.serving_base_url}", "not_served_here"),
             )
             return
         if rest == "/models" and scope["method"] == "GET":
-            await _send_json(send, 200, self._list_models())
+            await send_json(send, 200, self._list_models())
             return
         if rest == "/chat/completions" and scope["method"] == "POST":
             await self._chat(scope, receive, send)
             return
-        await _send_json(send, 404, _openai_error(404, f"no route {scope['method']} {PREFIX}{rest}", "not_found"))
+        await send_json(send, 404, _openai_error(404, f"no route {scope['method']} {PREFIX}{rest}", "not_found"))
 
     def _list_models(self) -> dict[str, Any]:
         """Each model once, by its full name (no paths)."""
@@ -135,15 +124,15 @@ class ServingMount:
         try:
             payload = json.loads(body or b"null")
         except ValueError:
-            await _send_json(send, 400, _openai_error(400, "the request body is not valid JSON"))
+            await send_json(send, 400, _openai_error(400, "the request body is not valid JSON"))
             return
         name = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(name, str) or not name:
-            await _send_json(send, 400, _openai_error(400, "model is required", param="model"))
+            await send_json(send, 400, _openai_error(400, "model is required", param="model"))
             return
         model = self._models().get(name)
         if model is None:
-            await _send_json(
+            await send_json(
                 send, 404, _openai_error(404, f"The model `{name}` does not exist.", "model_not_found", "model")
             )
             return
@@ -152,9 +141,7 @@ class ServingMount:
             if app.state.adapters.get(name) != model["adapter_path"]:
                 app.state.register_adapter(name, model["adapter_path"])
         except ValueError as exc:
-            await _send_json(
-                send, 503, _openai_error(503, f"model {name} cannot be served: {exc}", "model_unavailable")
-            )
+            await send_json(send, 503, _openai_error(503, f"model {name} cannot be served: {exc}", "model_unavailable"))
             return
         sent = False
 

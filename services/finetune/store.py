@@ -229,8 +229,8 @@ class FinetuneRepository(MessageLog):
         row = self.s.execute(select(votes.c.submitted_at).where(votes.c.feedback_id == feedback_id)).first()
         return row.submitted_at if row else None
 
-    def upsert_vote(self, values: dict[str, Any], *, exists: bool) -> None:
-        if exists:
+    def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
+        if replace:
             self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
         else:
             self.s.execute(votes.insert().values(**values))

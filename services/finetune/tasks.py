@@ -15,11 +15,9 @@ from pydantic import ValidationError
 
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
-from services.finetune.store import ModelRow, Store, outbox
-from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
+from services.finetune.store import ModelRow, Store
+from shared.bus import event_tasks, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
-from shared.logging import configure_logging
-from shared.outbox import relay
 
 settings = get_settings()
 # torch reads these when it is first imported (inside the training edge, on the first job): one thread per
@@ -29,9 +27,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-app = make_celery("finetune", settings, batches=True)
-configure_logging("finetune-worker", settings.log_level)
-
 
 @lru_cache
 def _store() -> Store:
@@ -39,26 +34,21 @@ def _store() -> Store:
 
 
 # What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters)
+app = worker_app("finetune", settings, lambda: _store().dead_letters, batches=True)
 
 
-def _relay() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+_relay = outbox_relay(app, "finetune", _store)
 
 
-on_explanation_created = batch_task(
+#: task -> (the event it takes, the handler that keeps it as training material), in batches
+EVENT_TASKS = event_tasks(
     app,
-    name="finetune.on_explanation_created",
-    parse=ExplanationCreated.from_payload,
-    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
-)
-
-
-on_feedback_recorded = batch_task(
-    app,
-    name="finetune.on_feedback_recorded",
-    parse=FeedbackRecorded.from_payload,
-    handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
+    {
+        "finetune.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created),
+        "finetune.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
+    },
+    lambda: _store().uow(),
+    batched=("finetune.on_explanation_created", "finetune.on_feedback_recorded"),
 )
 
 
@@ -138,8 +128,3 @@ def retrain(payload: dict) -> str:
     cmd = cmd.model_copy(update={"job_id": jobs.JobRunner.job_id_of(cmd)})
     start_job.apply_async(kwargs={"payload": cmd.to_payload()})
     return cmd.job_id or ""
-
-
-@app.task(name="finetune.relay_outbox")
-def relay_outbox() -> int:
-    return _relay()

@@ -7,7 +7,7 @@ import logging
 import math
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.optimizer import domain, experiments, registry, search, views
@@ -15,34 +15,18 @@ from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import GenerationFailed, VariantGenerator
 from services.optimizer.store import Store, outbox
 from shared.bus import CeleryBus
-from shared.outbox import relay
+from shared.outbox import relay_after_commit
 from shared.prompts import PROMPT_NAME
-from shared.web import AdminDep
+from shared.web import AdminDep, from_state
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-async def get_store(request: Request) -> Store:
-    return request.app.state.store
-
-
-async def get_bus(request: Request) -> CeleryBus:
-    return request.app.state.bus
-
-
-async def get_settings_dep(request: Request) -> OptimizerSettings:
-    return request.app.state.settings
-
-
-async def get_generator(request: Request) -> VariantGenerator:
-    return request.app.state.generator
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-BusDep = Annotated[CeleryBus, Depends(get_bus)]
-SettingsDep = Annotated[OptimizerSettings, Depends(get_settings_dep)]
-GeneratorDep = Annotated[VariantGenerator, Depends(get_generator)]
+StoreDep = Annotated[Store, from_state("store")]
+BusDep = Annotated[CeleryBus, from_state("bus")]
+SettingsDep = Annotated[OptimizerSettings, from_state("settings")]
+GeneratorDep = Annotated[VariantGenerator, from_state("generator")]
 
 Name = Annotated[str, Field(min_length=1, max_length=100)]
 
@@ -111,14 +95,6 @@ def _http(exc: domain.OptimizerError) -> HTTPException:
     return HTTPException(exc.status, str(exc))
 
 
-def _relay(store: Store, bus: CeleryBus) -> None:
-    """Publish what the handler staged; if the broker is down the beat's relay publishes it later."""
-    try:
-        relay(store.factory, outbox, bus)
-    except Exception as exc:
-        log.warning("outbox relay failed, left for the periodic relay: %s", type(exc).__name__)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Experiments
 # --------------------------------------------------------------------------------------------------------
@@ -162,7 +138,7 @@ def create_experiment(
         created = experiments.create_experiment(spec, store.uow())
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
-    _relay(store, bus)
+    relay_after_commit(store.factory, outbox, bus)
     return views.experiment_view(created["experiment_id"], store.uow())
 
 
@@ -170,7 +146,7 @@ def create_experiment(
 def run_decisions(_: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep) -> dict[str, Any]:
     """Run the decision round now (beat runs it every OPTIMIZER_DECISION_INTERVAL_S)."""
     results = experiments.run_decisions(store.uow, settings)
-    _relay(store, bus)
+    relay_after_commit(store.factory, outbox, bus)
     return {"results": results}
 
 
@@ -191,7 +167,7 @@ def promote(
         result = experiments.promote_experiment(experiment_id, store.uow(), arm_id=body.arm_id if body else None)
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
-    _relay(store, bus)
+    relay_after_commit(store.factory, outbox, bus)
     return result
 
 
@@ -201,7 +177,7 @@ def stop(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: St
         result = experiments.stop_experiment(experiment_id, store.uow(), reason=body.reason if body else "")
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
-    _relay(store, bus)
+    relay_after_commit(store.factory, outbox, bus)
     return result
 
 
@@ -212,7 +188,7 @@ def rollback_experiment(experiment_id: str, _: AdminDep, store: StoreDep, bus: B
         result = experiments.rollback_experiment(experiment_id, store.uow())
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
-    _relay(store, bus)
+    relay_after_commit(store.factory, outbox, bus)
     return result
 
 
@@ -285,5 +261,5 @@ def rollback_prompt(
         )
     except domain.OptimizerError as exc:
         raise _http(exc) from exc
-    _relay(store, bus)
+    relay_after_commit(store.factory, outbox, bus)
     return result

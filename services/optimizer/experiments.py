@@ -18,7 +18,7 @@ from typing import Any
 
 from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
-from services.optimizer.registry import UowFactory, aware, require_prompt, set_champion
+from services.optimizer.registry import UowFactory, require_prompt, set_champion
 from services.optimizer.stats.analysis import analyze
 from services.optimizer.stats.bayesian import many_to_one_control_share, thompson_weights
 from services.optimizer.stats.decision import (
@@ -33,6 +33,7 @@ from services.optimizer.stats.decision import (
 )
 from services.optimizer.stats.results import Analysis, ArmData
 from services.optimizer.store import ArmRow, ExperimentRow, SqlUnitOfWork
+from shared.clock import as_utc
 from shared.contracts import (
     AllocationChanged,
     ArmSpec,
@@ -189,7 +190,7 @@ def evaluate(
     segment per signal; the SRM check counts sessions against the weights each was assigned with."""
     started = exp["started_at"]
     end = exp["ended_at"] or now
-    elapsed_s = max(0.0, (aware(end) - aware(started)).total_seconds()) if started else 0.0
+    elapsed_s = max(0.0, (as_utc(end) - as_utc(started)).total_seconds()) if started else 0.0
     arm_ids = [a["arm_id"] for a in arms]
     rows = uow.repo.session_rows(exp["experiment_id"], started)
     snapshot = domain.arm_snapshot(rows, arm_ids, recent_since=elapsed_s / 2 if elapsed_s > 0 else None)
@@ -396,7 +397,7 @@ def start_queued(uow: SqlUnitOfWork, now: datetime | None = None) -> list[str]:
     started = []
     with uow:
         repo = uow.repo
-        queued = sorted(repo.experiments(status=domain.QUEUED), key=lambda e: aware(e["created_at"]))
+        queued = sorted(repo.experiments(status=domain.QUEUED), key=lambda e: as_utc(e["created_at"]))
         for exp in queued:
             name = exp["prompt_name"]
             if repo.active_experiment(name) is not None:

@@ -28,10 +28,10 @@ from services.optimizer.config import OptimizerSettings
 from services.optimizer.experiments import create_experiment, spec_defaults
 from services.optimizer.generation import GenerationFailed, VariantGenerator
 from services.optimizer.registry import SearchExhausted, UowFactory
-from services.optimizer.registry import aware as _aware
 from services.optimizer.store import SqlUnitOfWork
+from shared import votes
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered, utcnow
-from shared.db import run_in_one_transaction
+from shared.db import handle_once
 from shared.prompts import PROMPT_NAME
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,11 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
     to (the unit of analysis; an event without a session key is its own session) and its signal (the segment).
     An explanation a fallback model wrote is recorded as such: it and the votes on it do not count for the
     arm's quality, only for its fallback rate, cost and latency."""
-    with uow:
-        if uow.repo.seen(event.message_id):
-            return False
-        uow.repo.mark_seen(event.message_id)
+
+    def apply(uow: SqlUnitOfWork) -> bool:
         unit = event.session_key
         erased = uow.repo.erased_session(unit) if unit else None
-        if erased is not None and _aware(event.created_at) <= _aware(erased[0]):
+        if erased is not None and votes.erased_before(erased[0], event.created_at):
             unit = erased[1]  # served before its session was erased, arriving after: the anonymous unit
         added = uow.repo.add_exposure(
             {
@@ -71,40 +69,22 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
             session_key=unit,
             signal=str(event.signal),
         )
-        uow.commit()
-    return added
+        return added
+
+    return handle_once(uow, event.message_id, apply, duplicate=False)
 
 
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
     """Count a vote for its arm; a replacing vote (same feedback_id) overwrites the earlier one, so it counts
     once. Returns stored, replaced, stale, erased or duplicate."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
-        erased_at = repo.vote_erased_at(event.feedback_id)
-        if erased_at is not None and _aware(event.submitted_at) <= _aware(erased_at):
-            uow.commit()  # the session asked to be forgotten after this vote: it stays forgotten
-            return "erased"
-        existing = repo.vote_submitted_at(event.feedback_id)
-        if existing is not None and _aware(event.submitted_at) < _aware(existing):
-            uow.commit()
-            return "stale"
-        repo.upsert_vote(
-            {
-                "feedback_id": str(event.feedback_id),
-                "explanation_id": str(event.explanation_id),
-                "experiment_id": event.experiment_id,
-                "arm_id": event.arm_id,
-                "rating": event.rating,
-                "stars": event.stars,
-                "submitted_at": event.submitted_at,
-            },
-            exists=existing is not None,
-        )
-        uow.commit()
-    return "replaced" if existing is not None else "stored"
+        if votes.erased_before(repo.vote_erased_at(event.feedback_id), event.submitted_at):
+            return "erased"  # the session asked to be forgotten after this vote: it stays forgotten
+        return votes.keep_newest(repo, votes.vote_row(event, "experiment_id", "arm_id"))
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
@@ -115,18 +95,17 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
     rate and interval are recomputed without them at the next decision and in every view), while its
     exposures, cost and latency, and so the traffic split and the sample-ratio check, stay as served. A
     decision already taken is not revisited: it was right on the data it had."""
-    with uow:
-        if uow.repo.seen(event.message_id):
-            return 0
-        uow.repo.mark_seen(event.message_id)
+
+    def apply(uow: SqlUnitOfWork) -> int:
         removed = uow.repo.erase_session(
             event.session_key,
             [str(f) for f in event.feedback_ids],
             [str(e) for e in event.explanation_ids],
             event.erased_at,
         )
-        uow.commit()
-    return removed
+        return removed
+
+    return handle_once(uow, event.message_id, apply, duplicate=0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -304,14 +283,3 @@ def on_model_withdrawn(event: Any, uow_factory: UowFactory, now: datetime | None
                 uow.repo.mark_seen(message_id)
         uow.commit()
     return {"outcome": "withdrawn", "stopped": stopped, "rolled_back": restored}
-
-
-def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_feedback_recorded` for many events in one transaction, each in its own savepoint: in order, (True,
-    outcome) or (False, the exception) per event (shared.db.run_in_one_transaction)."""
-    return run_in_one_transaction(uow, events, on_feedback_recorded)
-
-
-def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[tuple[bool, Any]]:
-    """`on_explanation_created` for many events in one transaction (see `on_feedback_recorded_batch`)."""
-    return run_in_one_transaction(uow, events, on_explanation_created)

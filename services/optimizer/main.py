@@ -12,7 +12,7 @@ from services.optimizer import api, registry
 from services.optimizer.config import OptimizerSettings, get_settings
 from services.optimizer.generation import make_generator
 from services.optimizer.store import Store, outbox
-from shared.bus import CeleryBus, declare_topology, make_celery
+from shared.bus import api_bus
 from shared.logging import configure_logging
 from shared.outbox import relay
 from shared.web import install_common
@@ -29,9 +29,7 @@ def create_app(settings: OptimizerSettings | None = None) -> FastAPI:
         configure_logging("optimizer", settings.log_level)
         store = Store(settings.db_url)
         app.state.store = store
-        celery = make_celery("optimizer", settings)
-        declare_topology(celery)
-        app.state.bus = CeleryBus(celery)
+        app.state.bus = api_bus("optimizer", settings)
         app.state.generator = make_generator(settings)
         registry.ensure_seeded(store.uow(), settings.seed_model())
         relay(store.factory, outbox, app.state.bus)

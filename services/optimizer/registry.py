@@ -1,7 +1,7 @@
 """Prompt registry use cases: the versions of each prompt (seeded, hand-written, generated) with their lineage
 and status, and the champion with its history. It is the bottom of the optimizer's use-case modules (it
 imports none of them): experiments.py, views.py and handlers.py use its champion helpers (`set_champion`,
-`require_prompt`) and small shared helpers (`UowFactory`, `aware`, `iso`, `version_view`).
+`require_prompt`) and small shared helpers (`UowFactory`, `iso`, `version_view`).
 
 Commands: `ensure_seeded`, `add_version`, `archive_version`.
 Variants: `generate_variants` (ask the generator, with the prompt's search history when the caller has it, and
@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import SearchHistory, VariantGenerator, fingerprint
 from services.optimizer.store import ChampionRow, PromptVersionRow, SqlUnitOfWork
+from shared.clock import as_utc
 from shared.contracts import ChampionChanged, PromptTemplate, derived_id, utcnow
 from shared.prompts import SEED_PROMPT, TemplateError, check_template
 
@@ -38,12 +39,8 @@ class SearchExhausted(domain.Conflict):
 UowFactory = Callable[[], SqlUnitOfWork]
 
 
-def aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
 def iso(ts: datetime | None) -> str | None:
-    return aware(ts).isoformat() if ts else None
+    return as_utc(ts).isoformat() if ts else None
 
 
 def version_view(row: PromptVersionRow) -> dict[str, Any]:
@@ -211,10 +208,10 @@ def _rate_limit(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings, now:
     last = uow.repo.last_generation(name)
     if last is None:
         return
-    wait = settings.generation_min_interval_s - (now - aware(last["at"])).total_seconds()
+    wait = settings.generation_min_interval_s - (now - as_utc(last["at"])).total_seconds()
     if wait > 0:
         raise domain.RateLimited(
-            f"variants of {name!r} were generated at {aware(last['at']).isoformat()}; the next generation is "
+            f"variants of {name!r} were generated at {as_utc(last['at']).isoformat()}; the next generation is "
             f"allowed in {math.ceil(wait)} s (at most one per {settings.generation_min_interval_s:g} s)",
             retry_after_s=wait,
         )

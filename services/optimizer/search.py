@@ -37,11 +37,12 @@ from services.optimizer.generation import (
     TriedVersion,
     VariantGenerator,
 )
-from services.optimizer.registry import SearchExhausted, UowFactory, aware, iso, require_prompt
+from services.optimizer.registry import SearchExhausted, UowFactory, iso, require_prompt
 from services.optimizer.registry import generate_variants as _generate
 from services.optimizer.stats.decision import DECISION_INCONCLUSIVE, DECISION_SHIP
 from services.optimizer.stats.results import ArmResult
 from services.optimizer.store import SqlUnitOfWork
+from shared.clock import as_utc
 from shared.contracts import SearchExhausted as SearchExhaustedEvent
 from shared.contracts import derived_id, utcnow
 
@@ -75,7 +76,7 @@ def _survey(
     versions = repo.versions(name)
     facts: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, Any]] = []
-    experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: aware(e["created_at"]))
+    experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: as_utc(e["created_at"]))
     first_analyzed = 0 if analyze_last is None else max(0, len(experiments) - analyze_last)
     for index, exp in enumerate(experiments):
         arms = repo.arms(exp["experiment_id"])
@@ -198,7 +199,7 @@ def retest_candidate(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings,
     with uow:
         repo = uow.repo
         champion = require_prompt(uow, name)
-        experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: aware(e["created_at"]))
+        experiments = sorted(repo.experiments(prompt_name=name), key=lambda e: as_utc(e["created_at"]))
         if not experiments:
             return None
         last = experiments[-1]

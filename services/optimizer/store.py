@@ -4,7 +4,7 @@ and votes each arm collected, variant generations. No other service opens it."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, TypedDict, cast
 
 from sqlalchemy import (
@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from services.optimizer import domain
 from services.optimizer.stats.results import ArmData
+from shared.clock import as_utc
 from shared.contracts import utcnow
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table
@@ -193,10 +194,6 @@ generations = Table(
 processed = processed_table(metadata)
 
 outbox = outbox_table(metadata)
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 # -- the rows the repository hands to the handlers (one key per column) -----------------------------------
@@ -421,8 +418,8 @@ class OptimizerRepository(MessageLog):
         row = self.s.execute(q).first()
         return row.submitted_at if row else None
 
-    def upsert_vote(self, values: dict[str, Any], *, exists: bool) -> None:
-        if exists:
+    def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
+        if replace:
             self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
         else:
             self.s.execute(votes.insert().values(**values))
@@ -468,7 +465,7 @@ class OptimizerRepository(MessageLog):
         ).first()
         unit = known.unit if known else f"erased-{uuid.uuid4().hex}"
         if known:
-            if _aware(at) > _aware(known.erased_at):  # an older erasure arriving late does not move it back
+            if as_utc(at) > as_utc(known.erased_at):  # an older erasure arriving late does not move it back
                 self.s.execute(erased_sessions.update().where(erased_sessions.c.tag == tag).values(erased_at=at))
         else:
             self.s.execute(erased_sessions.insert().values(tag=tag, unit=unit, erased_at=at))
@@ -552,7 +549,7 @@ class OptimizerRepository(MessageLog):
         def _secs(at: datetime | None) -> float | None:
             if at is None or started_at is None:
                 return None
-            return (_aware(at) - _aware(started_at)).total_seconds()
+            return (as_utc(at) - as_utc(started_at)).total_seconds()
 
         rows: dict[tuple[str, str, str], dict[str, Any]] = {}
         for r in self.s.execute(exp_q):

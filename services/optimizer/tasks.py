@@ -10,15 +10,11 @@ from typing import Any
 from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
-from services.optimizer.store import Store, outbox
-from shared.bus import batch_task, bus_for, make_celery, use_dead_letters
+from services.optimizer.store import Store
+from shared.bus import event_tasks, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
-from shared.logging import configure_logging
-from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("optimizer", settings, batches=True)
-configure_logging("optimizer-worker", settings.log_level)
 
 
 @lru_cache
@@ -29,7 +25,7 @@ def _store() -> Store:
 
 
 # What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters)
+app = worker_app("optimizer", settings, lambda: _store().dead_letters, batches=True)
 
 
 @lru_cache
@@ -37,29 +33,20 @@ def _generator() -> VariantGenerator:
     return make_generator(get_settings())
 
 
-def _relay() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+_relay = outbox_relay(app, "optimizer", _store)
 
 
-on_explanation_created = batch_task(
+#: task -> (the event it takes, the handler); the two busiest digest their messages in batches
+EVENT_TASKS = event_tasks(
     app,
-    name="optimizer.on_explanation_created",
-    parse=ExplanationCreated.from_payload,
-    handle=lambda events: handlers.on_explanation_created_batch(events, _store().uow()),
+    {
+        "optimizer.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created),
+        "optimizer.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
+        "optimizer.on_feedback_erased": (FeedbackErased, handlers.on_feedback_erased),
+    },
+    lambda: _store().uow(),
+    batched=("optimizer.on_explanation_created", "optimizer.on_feedback_recorded"),
 )
-
-
-on_feedback_recorded = batch_task(
-    app,
-    name="optimizer.on_feedback_recorded",
-    parse=FeedbackRecorded.from_payload,
-    handle=lambda events: handlers.on_feedback_recorded_batch(events, _store().uow()),
-)
-
-
-@app.task(name="optimizer.on_feedback_erased")
-def on_feedback_erased(payload: dict) -> int:
-    return handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
 
 
 @app.task(name="optimizer.on_model_registered")
@@ -91,8 +78,3 @@ def generate_variants(payload: dict | None = None) -> list[dict[str, Any]]:
     results = handlers.auto_cycle(_store().uow, _generator(), get_settings())
     _relay()
     return results
-
-
-@app.task(name="optimizer.relay_outbox")
-def relay_outbox(payload: dict | None = None) -> int:
-    return _relay()

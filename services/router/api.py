@@ -8,20 +8,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Request
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from services.router import domain, handlers
 from services.router.config import RouterSettings
 from services.router.providers import AllProvidersFailed, NoProviderConfigured, ProviderSet
-from services.router.store import ExplanationRow, Store
+from services.router.store import ExplanationRow, Store, outbox
 from shared.bus import CeleryBus
 from shared.contracts import ExplanationCreated
+from shared.outbox import relay_after_commit
 from shared.privacy import session_key
 from shared.ratelimit import RateLimiter
 from shared.text import check_text
-from shared.web import AdminDep, Metrics
+from shared.web import AdminDep, Metrics, from_state
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -112,47 +113,19 @@ class RouterMetrics:
         )
 
 
-async def get_store(request: Request) -> Store:
-    return request.app.state.store
-
-
-async def get_bus(request: Request) -> CeleryBus:
-    return request.app.state.bus
-
-
-async def get_providers(request: Request) -> ProviderSet:
-    return request.app.state.providers
-
-
-async def get_settings_dep(request: Request) -> RouterSettings:
-    return request.app.state.settings
-
-
-async def get_metrics(request: Request) -> RouterMetrics:
-    return request.app.state.router_metrics
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-BusDep = Annotated[CeleryBus, Depends(get_bus)]
-ProvidersDep = Annotated[ProviderSet, Depends(get_providers)]
-SettingsDep = Annotated[RouterSettings, Depends(get_settings_dep)]
-MetricsDep = Annotated[RouterMetrics, Depends(get_metrics)]
+StoreDep = Annotated[Store, from_state("store")]
+BusDep = Annotated[CeleryBus, from_state("bus")]
+ProvidersDep = Annotated[ProviderSet, from_state("providers")]
+SettingsDep = Annotated[RouterSettings, from_state("settings")]
+MetricsDep = Annotated[RouterMetrics, from_state("router_metrics")]
 
 
 def _out(row: ExplanationRow) -> ExplanationOut:
     return ExplanationOut.model_validate(row, from_attributes=False)
 
 
-async def get_limiter(request: Request) -> RateLimiter:
-    return request.app.state.limiter
-
-
-async def get_budget(request: Request) -> handlers.Budget:
-    return request.app.state.budget
-
-
-LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
-BudgetDep = Annotated[handlers.Budget, Depends(get_budget)]
+LimiterDep = Annotated[RateLimiter, from_state("limiter")]
+BudgetDep = Annotated[handlers.Budget, from_state("budget")]
 
 
 @router.post(
@@ -213,10 +186,7 @@ def create_explanation(
 def _publish(store: Store, bus: CeleryBus, event: ExplanationCreated) -> None:
     """Publish right after the response. A broker outage does not fail the request: the explanation is stored
     and its event waits in the outbox for the periodic relay (`router.relay_outbox`)."""
-    try:
-        store.publish_staged(bus, [event])
-    except Exception as exc:
-        log.warning("publishing after the request failed (%s); the periodic relay will retry", type(exc).__name__)
+    relay_after_commit(store.factory, outbox, bus, [event])
 
 
 @router.get(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from services.router import domain
+from shared.clock import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class SpendLedger:
         return f"router:spend:{domain.budget_day(now)}"
 
     def spent(self, now: datetime | None = None) -> float:
-        now = now or datetime.now(UTC)
+        now = now or utcnow()
         try:
             raw = self._redis.get(self._key(now))
             return float(raw) if raw is not None else 0.0
@@ -50,7 +51,7 @@ class SpendLedger:
     def add(self, cost_usd: float, now: datetime | None = None) -> None:
         if cost_usd <= 0:
             return
-        key = self._key(now or datetime.now(UTC))
+        key = self._key(now or utcnow())
         try:
             pipe = self._redis.pipeline(transaction=True)
             pipe.incrbyfloat(key, cost_usd)

@@ -32,6 +32,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
+from shared.db import handle_once
 from shared.prompts import SEED_PROMPT, TemplateError, check_template, render
 
 log = logging.getLogger(__name__)
@@ -252,11 +253,9 @@ def _usable(template: str, model: str) -> str | None:
 
 def on_champion_changed(event: ChampionChanged, uow: SqlUnitOfWork) -> str:
     """Returns: changed, stale (older than the current champion), rejected (unusable template) or duplicate."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
         current = repo.champion()
         problem = _usable(event.prompt.template, event.model)
         if problem:
@@ -276,18 +275,17 @@ def on_champion_changed(event: ChampionChanged, uow: SqlUnitOfWork) -> str:
                 }
             )
             outcome = "changed"
-        uow.commit()
-    log.info("champion %s -> %s/%s: %s", event.message_id, event.prompt.version, event.model, outcome)
-    return outcome
+        log.info("champion %s -> %s/%s: %s", event.message_id, event.prompt.version, event.model, outcome)
+        return outcome
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def on_experiment_started(event: ExperimentStarted, uow: SqlUnitOfWork) -> str:
     """Returns: started, already_known (a redelivery or it concluded before this arrived), rejected, duplicate."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
         problems = [p for arm in event.arms if (p := _usable(arm.prompt.template, arm.model))]
         if repo.experiment(event.experiment_id) is not None:
             outcome = "already_known"
@@ -315,9 +313,10 @@ def on_experiment_started(event: ExperimentStarted, uow: SqlUnitOfWork) -> str:
                 ],
             )
             outcome = "started"
-        uow.commit()
-    log.info("experiment %s: %s", event.experiment_id, outcome)
-    return outcome
+        log.info("experiment %s: %s", event.experiment_id, outcome)
+        return outcome
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def _experiment_row(event: ExperimentStarted, *, status: str) -> dict[str, Any]:
@@ -333,11 +332,9 @@ def _experiment_row(event: ExperimentStarted, *, status: str) -> dict[str, Any]:
 
 def on_allocation_changed(event: AllocationChanged, uow: SqlUnitOfWork) -> str:
     """Returns: changed, stale, unknown (no such running experiment) or duplicate."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
         exp = repo.experiment(event.experiment_id)
         if exp is None or exp["status"] != "running":
             outcome = "unknown"
@@ -349,18 +346,17 @@ def on_allocation_changed(event: AllocationChanged, uow: SqlUnitOfWork) -> str:
                     log.warning("allocation for unknown arm %s of %s ignored", arm_id, event.experiment_id)
             repo.update_experiment(event.experiment_id, weights_at=event.occurred_at)
             outcome = "changed"
-        uow.commit()
-    return outcome
+        return outcome
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def on_experiment_concluded(event: ExperimentConcluded, uow: SqlUnitOfWork) -> str:
     """Stops routing traffic to the experiment; the champion (changed by its own event) serves everyone.
     A conclusion that overtakes its start is remembered, so the late start does not revive it."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
         values = {
             "status": "concluded",
             "concluded_at": event.occurred_at,
@@ -375,22 +371,19 @@ def on_experiment_concluded(event: ExperimentConcluded, uow: SqlUnitOfWork) -> s
         else:
             repo.update_experiment(event.experiment_id, **values)
             outcome = "concluded"
-        uow.commit()
-    log.info("experiment %s: %s (%s)", event.experiment_id, outcome, event.decision)
-    return outcome
+        log.info("experiment %s: %s (%s)", event.experiment_id, outcome, event.decision)
+        return outcome
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def on_model_registered(event: ModelRegistered, uow: SqlUnitOfWork) -> str:
-    with uow:
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
         try:
             domain.split_model(event.model)
         except ValueError as exc:
             log.error("ignoring registered model: %s", exc)
-            uow.commit()
             return "rejected"
         repo.upsert_model(
             {
@@ -402,19 +395,18 @@ def on_model_registered(event: ModelRegistered, uow: SqlUnitOfWork) -> str:
                 "registered_at": event.occurred_at,
             }
         )
-        uow.commit()
-    return "registered"
+        return "registered"
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def on_model_withdrawn(event: ModelWithdrawn, uow: SqlUnitOfWork) -> str:
     """A model trained on erased data (or withdrawn by an operator): forget where it is served (so no request
     reaches it through its engine) and stop routing to every running experiment that has it in an arm (the
     champion serves everyone; the optimizer ends the experiment too). Returns withdrawn or duplicate."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> str:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return "duplicate"
-        repo.mark_seen(event.message_id)
         repo.delete_model(event.model)
         exp_id = repo.running_experiment_id()
         while exp_id is not None and any(a["model"] == event.model for a in repo.arms_of(exp_id)):
@@ -426,23 +418,23 @@ def on_model_withdrawn(event: ModelWithdrawn, uow: SqlUnitOfWork) -> str:
                 winner_arm_id=None,
             )
             exp_id = repo.running_experiment_id()
-        uow.commit()
-    log.warning("model %s withdrawn: %s", event.model, event.reason)
-    return "withdrawn"
+        log.warning("model %s withdrawn: %s", event.model, event.reason)
+        return "withdrawn"
+
+    return handle_once(uow, event.message_id, apply)
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
     """A session was erased: its explanations keep their cost and variant (the figures) but lose the session's
     key, context, prompt and text (`RouterRepository.erase_session`), here and in the outbox. Returns how many
     explanations were erased (0 for a duplicate)."""
-    with uow:
+
+    def apply(uow: SqlUnitOfWork) -> int:
         repo = uow.repo
-        if repo.seen(event.message_id):
-            return 0
-        repo.mark_seen(event.message_id)
         erased = repo.erase_session(event.session_key, [str(e) for e in event.explanation_ids])
-        uow.commit()
-    return erased
+        return erased
+
+    return handle_once(uow, event.message_id, apply, duplicate=0)
 
 
 def explanation_erased(row: ExplanationRow) -> bool:

@@ -12,7 +12,7 @@ from services.router.budget import SpendLedger
 from services.router.config import RouterSettings, get_settings
 from services.router.providers import ProviderSet
 from services.router.store import Store
-from shared.bus import CeleryBus, declare_topology, make_celery
+from shared.bus import api_bus
 from shared.logging import configure_logging
 from shared.ratelimit import RateLimiter
 from shared.web import install_common
@@ -43,9 +43,7 @@ def create_app(settings: RouterSettings | None = None) -> FastAPI:
             settings.daily_budget_usd,
             from_store=lambda since: handlers.cost_since(store.uow(), since),
         )
-        celery = make_celery("router", settings)
-        declare_topology(celery)
-        app.state.bus = CeleryBus(celery)
+        app.state.bus = api_bus("router", settings)
         yield
         app.state.providers.close()
         app.state.budget.close()

@@ -4,7 +4,7 @@ experiment, known models), kept up to date by events. No other service opens it.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypedDict, cast
 
 from sqlalchemy import (
@@ -20,13 +20,12 @@ from sqlalchemy import (
     Text,
     func,
     select,
-    update,
 )
 from sqlalchemy.orm import Session
 
 from services.router.domain import Arm, Experiment, Routing, Template
-from shared.bus import Publisher
-from shared.contracts import Event, Signal, utcnow
+from shared.clock import as_utc
+from shared.contracts import Signal
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
@@ -190,12 +189,8 @@ ERASED_SESSION = ""
 outbox = outbox_table(metadata)
 
 
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
-def _aware_or_none(ts: datetime | None) -> datetime | None:
-    return None if ts is None else _aware(ts)
+def _as_utc_or_none(ts: datetime | None) -> datetime | None:
+    return None if ts is None else as_utc(ts)
 
 
 class RouterRepository(MessageLog):
@@ -224,13 +219,13 @@ class RouterRepository(MessageLog):
         if row is None:
             return None
         out = cast(ExplanationRow, dict(row))
-        out["created_at"] = _aware(out["created_at"])
+        out["created_at"] = as_utc(out["created_at"])
         return out
 
     def explanations(self, explanation_ids: list[uuid.UUID]) -> list[ExplanationRow]:
         ids = [str(e) for e in explanation_ids]
         rows = self.s.execute(select(explanations).where(explanations.c.explanation_id.in_(ids))).mappings().all()
-        return [cast(ExplanationRow, dict(r) | {"created_at": _aware(r["created_at"])}) for r in rows]
+        return [cast(ExplanationRow, dict(r) | {"created_at": as_utc(r["created_at"])}) for r in rows]
 
     def erase_session(self, session_key: str, explanation_ids: list[str]) -> int:
         """Keep what the cost and quality figures need of the session's explanations (ids, variant, model,
@@ -258,7 +253,7 @@ class RouterRepository(MessageLog):
         if row is None:
             return None
         out = cast(ChampionRow, dict(row))
-        out["changed_at"] = _aware(out["changed_at"])
+        out["changed_at"] = as_utc(out["changed_at"])
         return out
 
     def set_champion(self, values: ChampionRow) -> None:
@@ -273,9 +268,9 @@ class RouterRepository(MessageLog):
         if row is None:
             return None
         out = cast(ExperimentRow, dict(row))
-        out["started_at"] = _aware_or_none(out["started_at"])
-        out["weights_at"] = _aware_or_none(out["weights_at"])
-        out["concluded_at"] = _aware_or_none(out["concluded_at"])
+        out["started_at"] = _as_utc_or_none(out["started_at"])
+        out["weights_at"] = _as_utc_or_none(out["weights_at"])
+        out["concluded_at"] = _as_utc_or_none(out["concluded_at"])
         return out
 
     def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:
@@ -362,19 +357,3 @@ class Store(SqlStore[RouterRepository]):
 
     def __init__(self, url: str) -> None:
         super().__init__(url, metadata, RouterRepository, outbox)
-
-    def publish_staged(self, bus: Publisher, events: list[Event]) -> None:
-        """Publish events this process just committed to the outbox, and mark them published.
-
-        The request path uses this instead of a full relay: it touches only its own rows, so concurrent
-        requests do not each republish everyone's pending events. Anything left unpublished (a crash, a
-        broker outage) is picked up by the periodic `router.relay_outbox`.
-        """
-        for event in events:
-            bus.publish(event)
-        with self.factory() as session, session.begin():
-            session.execute(
-                update(outbox)
-                .where(outbox.c.event_id.in_([str(e.message_id) for e in events]))
-                .values(published_at=utcnow())
-            )

@@ -7,8 +7,8 @@ from functools import lru_cache
 
 from services.router import handlers
 from services.router.config import get_settings
-from services.router.store import Store, outbox
-from shared.bus import bus_for, make_celery, use_dead_letters
+from services.router.store import Store
+from shared.bus import bus_for, event_tasks, outbox_relay, worker_app
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -19,12 +19,8 @@ from shared.contracts import (
     ModelWithdrawn,
     ResendExplanations,
 )
-from shared.logging import configure_logging
-from shared.outbox import relay
 
 settings = get_settings()
-app = make_celery("router", settings)
-configure_logging("router-worker", settings.log_level)
 
 
 @lru_cache
@@ -36,65 +32,27 @@ def _store() -> Store:
 
 
 # What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-use_dead_letters(app, lambda: _store().dead_letters)
+app = worker_app("router", settings, lambda: _store().dead_letters)
 
 
-def _relay() -> int:
-    return relay(_store().factory, outbox, bus_for(app))
+_relay = outbox_relay(app, "router", _store)
 
 
-@app.task(name="router.on_champion_changed")
-def on_champion_changed(payload: dict) -> str:
-    outcome = handlers.on_champion_changed(ChampionChanged.from_payload(payload), _store().uow())
-    _relay()
-    return outcome
-
-
-@app.task(name="router.on_experiment_started")
-def on_experiment_started(payload: dict) -> str:
-    outcome = handlers.on_experiment_started(ExperimentStarted.from_payload(payload), _store().uow())
-    _relay()
-    return outcome
-
-
-@app.task(name="router.on_allocation_changed")
-def on_allocation_changed(payload: dict) -> str:
-    outcome = handlers.on_allocation_changed(AllocationChanged.from_payload(payload), _store().uow())
-    _relay()
-    return outcome
-
-
-@app.task(name="router.on_experiment_concluded")
-def on_experiment_concluded(payload: dict) -> str:
-    outcome = handlers.on_experiment_concluded(ExperimentConcluded.from_payload(payload), _store().uow())
-    _relay()
-    return outcome
-
-
-@app.task(name="router.on_model_registered")
-def on_model_registered(payload: dict) -> str:
-    outcome = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow())
-    _relay()
-    return outcome
-
-
-@app.task(name="router.on_model_withdrawn")
-def on_model_withdrawn(payload: dict) -> str:
-    outcome = handlers.on_model_withdrawn(ModelWithdrawn.from_payload(payload), _store().uow())
-    _relay()
-    return outcome
-
-
-@app.task(name="router.on_feedback_erased")
-def on_feedback_erased(payload: dict) -> int:
-    erased = handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
-    _relay()
-    return erased
-
-
-@app.task(name="router.relay_outbox")
-def relay_outbox() -> int:
-    return _relay()
+#: task -> (the event it takes, the handler that applies it to the routing replica)
+EVENT_TASKS = event_tasks(
+    app,
+    {
+        "router.on_champion_changed": (ChampionChanged, handlers.on_champion_changed),
+        "router.on_experiment_started": (ExperimentStarted, handlers.on_experiment_started),
+        "router.on_allocation_changed": (AllocationChanged, handlers.on_allocation_changed),
+        "router.on_experiment_concluded": (ExperimentConcluded, handlers.on_experiment_concluded),
+        "router.on_model_registered": (ModelRegistered, handlers.on_model_registered),
+        "router.on_model_withdrawn": (ModelWithdrawn, handlers.on_model_withdrawn),
+        "router.on_feedback_erased": (FeedbackErased, handlers.on_feedback_erased),
+    },
+    lambda: _store().uow(),
+    after=_relay,
+)
 
 
 @app.task(name="router.resend_explanations")

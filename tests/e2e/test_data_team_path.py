@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.redis_server import RedisServer
 from gateway.run import ROOT
-from shared.redis_server import RedisServer
 from tests.conftest import start_stack
 
 pytestmark = pytest.mark.slow

@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.redis_server import free_port
 from gateway.run import Stack
 from services.dashboard.domain import wilson_interval
-from shared.redis_server import free_port
 from tests.conftest import FAST_ENV
 from tests.e2e.test_page import CHROMIUM, CHROMIUM_ARGS, HAS_EMOJI, OVERLAPPING_LABELS, require_chromium
 

@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from shared.redis_server import free_port
+from gateway.redis_server import free_port
 
 
 @dataclass

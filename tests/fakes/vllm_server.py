@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from shared.redis_server import free_port
+from gateway.redis_server import free_port
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:

@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer, free_port
 from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
@@ -24,7 +25,6 @@ from services.feedback.store import Store
 from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.db import run_in_one_transaction
 from shared.privacy import session_key
-from shared.redis_server import RedisServer, free_port
 from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def test_a_batch_commits_once_and_a_failing_message_is_rolled_back_alone(tmp_pat
     assert _count(db, "select count(*) from processed_messages") == 5 + 4  # explanations + stored votes
     assert _count(db, "select count(*) from outbox where event_type = 'feedback.recorded'") == 4
     # the batch helper of the service: the vote that failed is handled on its own later
-    again = handlers.record_feedback_batch([votes[2], votes[3]], store.uow())
+    again = run_in_one_transaction(store.uow(), [votes[2], votes[3]], handlers.record_feedback)
     assert again == [(True, "stored"), (True, "duplicate")]
     store.dispose()
 
@@ -88,7 +88,7 @@ def test_a_batch_that_cannot_begin_reports_every_message_failed(tmp_path: Path) 
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock
     try:
-        results = handlers.record_feedback_batch([_vote(eid, "s")], quick.uow())
+        results = run_in_one_transaction(quick.uow(), [_vote(eid, "s")], handlers.record_feedback)
     finally:
         holder.execute("ROLLBACK")
         holder.close()

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from gateway.redis_server import RedisServer
 from services.feedback import handlers
-from shared.bus import SUBSCRIPTIONS, CeleryBus, GroupCommitSender, declare_topology, make_celery
+from services.feedback.intake import GroupCommitSender
+from shared.bus import SUBSCRIPTIONS, CeleryBus, declare_topology, make_celery
 from shared.contracts import ExplanationCreated
-from shared.redis_server import RedisServer
 from shared.settings import ServiceSettings
 from tests.support import celery_worker, wait_for
 

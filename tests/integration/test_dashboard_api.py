@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer
 from services.dashboard import handlers
 from services.dashboard.config import DashboardSettings
 from services.dashboard.main import create_app
 from shared.contracts import ExplanationCreated, FeedbackRecorded
-from shared.redis_server import RedisServer
 
 TOKEN = "dash-test-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

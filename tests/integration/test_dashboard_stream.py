@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.redis_server import RedisServer, free_port
 from services.dashboard import handlers
 from services.dashboard.store import Store
 from shared.contracts import ExplanationCreated, FeedbackRecorded
-from shared.redis_server import RedisServer, free_port
 from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from gateway.redis_server import RedisServer
 from services.dashboard import handlers
 from services.dashboard.store import Store
 from shared.bus import SUBSCRIPTIONS, declare_topology, make_celery
@@ -24,7 +25,6 @@ from shared.contracts import (
     ModelRegistered,
     SearchExhausted,
 )
-from shared.redis_server import RedisServer
 from shared.settings import ServiceSettings
 from tests.support import celery_worker, wait_for
 
@@ -111,7 +111,6 @@ def test_beat_tasks_run_on_the_worker(worker: tuple[Celery, Store]) -> None:
     app, store = worker
     before = handlers.revision(store.uow())
     app.send_task("dashboard.check_anomalies", queue="dashboard")
-    app.send_task("dashboard.relay_outbox", queue="dashboard")
     ex = ExplanationCreated(
         explanation_id=uuid.uuid4(), request_key="k", ticker="X", signal="BUY", prompt_name="explain",
         prompt_version="v1.0", model="offline", provider="offline", prompt_text="p", text="t", tokens_in=1,

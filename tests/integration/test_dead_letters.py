@@ -22,12 +22,12 @@ import pytest
 import redis
 from celery import Celery
 
+from gateway.redis_server import RedisServer
 from services.feedback.handlers import new_vote
-from shared.bus import SERVICES, TaskMessageEncoder, declare_topology
-from shared.contracts import ExplanationCreated, ModelRegistered
+from shared.bus import TaskMessageEncoder, declare_topology
+from shared.contracts import SERVICES, ExplanationCreated, ModelRegistered
 from shared.db import make_engine
 from shared.deadletter import for_engine
-from shared.redis_server import RedisServer
 from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

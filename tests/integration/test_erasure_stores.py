@@ -26,10 +26,10 @@ from services.router.config import RouterSettings
 from services.router.providers import ProviderSet
 from services.router.store import Store as RouterStore
 from services.router.store import outbox as router_outbox
-from shared.bus import FakeBus
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, utcnow
-from shared.outbox import pending, relay
+from shared.outbox import pending, publish_staged, relay
 from shared.privacy import erasure_tag
+from tests.fakes.bus import FakeBus
 from tests.support import found_in_sqlite
 
 KEY = "a1" * 32  # a session's keyed hash
@@ -175,10 +175,12 @@ def test_router_keeps_the_cost_of_an_erased_sessions_explanations_and_nothing_of
     router_store: RouterStore, tmp_path: Path
 ) -> None:
     sent = _explain(router_store, tmp_path, KEY)
-    router_store.publish_staged(FakeBus(), [sent.event])  # published: the row stays in the outbox
+    publish_staged(
+        router_store.factory, router_outbox, FakeBus(), [sent.event]
+    )  # published: the row stays in the outbox
     unsent = _explain(router_store, tmp_path, KEY)  # still waiting in the outbox (a broker outage)
     other = _explain(router_store, tmp_path, OTHER)
-    router_store.publish_staged(FakeBus(), [other.event])
+    publish_staged(router_store.factory, router_outbox, FakeBus(), [other.event])
     db = tmp_path / "router.db"
     assert found_in_sqlite([db], [KEY, "my secret note"])
 

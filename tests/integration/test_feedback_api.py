@@ -15,12 +15,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer, free_port
 from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
 from shared.privacy import session_key
-from shared.redis_server import RedisServer, free_port
 from tests.support import found_in_redis, wait_for
 
 ADMIN = "admin-secret"
@@ -191,8 +191,9 @@ def test_broker_down_means_503_not_a_silent_accept(tmp_path: Path) -> None:
     import httpx
 
     from services.feedback.api import Backlog, KnownIds
+    from services.feedback.intake import GroupCommitSender
     from services.feedback.store import Store
-    from shared.bus import GroupCommitSender, make_celery
+    from shared.bus import make_celery
     from shared.ratelimit import AsyncRateLimiter
 
     app.state.store = Store(settings.db_url)
@@ -438,7 +439,7 @@ def test_erasing_an_unknown_session_with_the_broker_down_is_503_not_a_silent_suc
 
 
 def _journalled_sessions(r: redis.Redis) -> list[str]:
-    from shared.bus import task_payload
+    from services.feedback.intake import task_payload
 
     return sorted(task_payload(v.partition(b"|")[2])["session_key"] for v in r.hvals("journal:feedback"))
 

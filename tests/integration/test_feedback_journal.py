@@ -15,12 +15,12 @@ import redis
 from celery import Celery
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer, free_port
 from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
 from shared.privacy import session_key
-from shared.redis_server import RedisServer, free_port
 from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

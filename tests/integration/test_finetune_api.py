@@ -13,11 +13,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer
 from services.finetune import domain, jobs
 from services.finetune.config import FinetuneSettings
 from services.finetune.main import create_app
 from services.finetune.store import Store, outbox
-from shared.redis_server import RedisServer
 from shared.serving import served_name, serving_api_key
 from tests.unit.test_finetune_handlers import fake_base_model, seed
 
@@ -221,12 +221,12 @@ def test_registered_adapter_is_loaded_on_an_external_openai_compatible_server(tm
 
     import uvicorn
 
+    from gateway.redis_server import free_port
     from services.finetune import handlers
     from services.finetune.serving import create_serving_app
-    from shared.bus import FakeBus
     from shared.contracts import StartFineTune
     from shared.outbox import relay
-    from shared.redis_server import free_port
+    from tests.fakes.bus import FakeBus
     from tests.support import wait_for
     from tests.unit.test_finetune_handlers import FakeTrainer
 

@@ -28,13 +28,13 @@ import redis
 from celery import Celery
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer, free_port
 from gateway.run import worker_command
 from services.finetune import domain, handlers, jobs
 from services.finetune.config import FinetuneSettings
 from services.finetune.main import create_app
 from services.finetune.store import Store
 from shared.contracts import FeedbackErased
-from shared.redis_server import RedisServer, free_port
 from tests.support import wait_for
 from tests.unit.test_finetune_handlers import T0, explanation_event, vote_event
 

@@ -14,7 +14,7 @@ import pytest
 from alembic import command
 from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, MetaData, String, Text, select
 
-from shared.bus import SERVICES
+from shared.contracts import SERVICES
 from shared.db import make_engine
 from shared.migrations import BASELINE, _config, current_revision, schema_drift, version_table
 from shared.privacy import erasure_tag
@@ -61,6 +61,10 @@ def _previous_release_store(service: str, path: Path) -> dict[str, tuple[list[st
     engine.dispose()
     return rows
 
+
+#: Tables a revision deliberately drops: (service, table). The dashboard's outbox (revision 0003): it
+#: publishes nothing, so the table was always empty.
+DROPPED = {("dashboard", "outbox")}
 
 #: Values a revision deliberately rewrites: (service, table, column) -> what the value becomes.
 #: Erasure records keep a one-way tag of the session key instead of the key (revision 0004).
@@ -116,6 +120,7 @@ def test_a_previous_release_store_is_upgraded_and_keeps_every_row(service: str, 
     path = tmp_path / f"{service}.db"
     before = _previous_release_store(service, path)
     assert before and all(len(r) == 2 for _, r in before.values())
+    before = {name: rows for name, rows in before.items() if (service, name) not in DROPPED}
     store_module = importlib.import_module(f"services.{service}.store")
     store = store_module.Store(f"sqlite:///{path}")  # what every process does at start-up
     try:

@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.redis_server import RedisServer, free_port
 from services.finetune import domain
 from services.finetune.config import FinetuneSettings
 from services.finetune.main import create_app
 from services.finetune.tinymodel import build_tiny_model
 from shared.contracts import utcnow
-from shared.redis_server import RedisServer, free_port
 from shared.serving import served_name, serving_api_key
 from tests.support import wait_for
 

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import render_with_traits
 from services.optimizer.main import create_app
 from shared.prompts import SEED_TEMPLATE
-from shared.redis_server import RedisServer
 
 TOKEN = "api-test-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer
 from services.optimizer import handlers, search
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import price_usd
 from services.optimizer.main import create_app
 from shared.contracts import ExplanationCreated, FeedbackRecorded, utcnow
 from shared.prompts import SEED_TEMPLATE
-from shared.redis_server import RedisServer
 from tests.fakes.openai_server import FakeOpenAIServer
 
 TOKEN = "openai-test-token"

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import redis
 
+from gateway.redis_server import RedisServer
 from services.optimizer import domain, experiments, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.store import Store
 from shared.bus import make_celery
 from shared.contracts import ExplanationCreated, FeedbackRecorded, ModelRegistered, utcnow
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
-from shared.redis_server import RedisServer
 from shared.settings import ServiceSettings
 from tests.support import celery_worker, wait_for
 

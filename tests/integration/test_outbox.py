@@ -165,6 +165,16 @@ def test_relay_after_commit_swallows_a_broker_outage_and_leaves_the_events_for_t
     assert db.unpublished() == set()
 
 
+def test_publishing_a_requests_own_events_leaves_the_other_pending_rows_alone(db: Db) -> None:
+    mine, *others = _staged_in_order(db, 3)
+    bus = RecordingBus()
+    assert relay_after_commit(db.factory, db.table, bus, [mine]) == 1
+    assert [e.message_id for e in bus.events] == [mine.message_id]
+    assert db.unpublished() == {str(e.message_id) for e in others}
+    assert relay_after_commit(db.factory, db.table, RecordingBus(fail_at=1), [others[0]]) == 0  # broker down
+    assert db.unpublished() == {str(e.message_id) for e in others}
+
+
 def test_an_unreadable_row_becomes_a_dead_letter_with_its_payload_and_the_rest_are_published(db: Db) -> None:
     good = _staged_in_order(db, 2)
     db.stage_raw("not-a-dict", "no.such.event", [1, 2, 3], age_s=10)

@@ -15,6 +15,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer, free_port
 from gateway.routes import service_for
 from services.router import handlers
 from services.router.config import RouterSettings
@@ -24,7 +25,6 @@ from shared.bus import CeleryBus, make_celery
 from shared.contracts import derived_id
 from shared.outbox import pending, relay
 from shared.privacy import session_key
-from shared.redis_server import RedisServer, free_port
 from tests.fakes.openai_server import FakeOpenAIServer
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}

@@ -15,6 +15,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from gateway.redis_server import RedisServer, free_port
 from services.router import handlers
 from services.router.config import RouterSettings
 from services.router.main import create_app
@@ -29,7 +30,6 @@ from shared.contracts import (
     ModelRegistered,
     PromptTemplate,
 )
-from shared.redis_server import RedisServer, free_port
 from tests.support import celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

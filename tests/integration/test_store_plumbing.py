@@ -13,9 +13,9 @@ from sqlalchemy import select, text
 
 from services.router.store import Store as RouterStore
 from services.router.store import outbox as router_outbox
-from shared.bus import FakeBus
 from shared.contracts import FeedbackErased, utcnow
 from shared.outbox import relay
+from tests.fakes.bus import FakeBus
 
 
 @pytest.fixture

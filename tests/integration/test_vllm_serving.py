@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.redis_server import RedisServer
 from services.finetune import domain, handlers, jobs
 from services.finetune.config import FinetuneSettings
 from services.finetune.store import Store as FinetuneStore
@@ -20,7 +21,6 @@ from services.router.providers import ProviderSet
 from services.router.store import Store as RouterStore
 from shared.contracts import ArmSpec, ExperimentStarted, ExplanationCreated, ModelWithdrawn, PromptTemplate, utcnow
 from shared.prompts import SEED_TEMPLATE
-from shared.redis_server import RedisServer
 from shared.serving import served_name, serving_api_key
 from tests.fakes.vllm_server import FakeVLLM
 

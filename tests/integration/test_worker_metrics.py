@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.redis_server import RedisServer, free_port
 from services.dashboard.store import Store
 from shared.bus import declare_topology, make_celery
 from shared.contracts import FeedbackErased, utcnow
-from shared.redis_server import RedisServer, free_port
 from shared.settings import ServiceSettings
 from shared.worker_metrics import oldest_age_s, queue_lag
 from tests.support import celery_worker, wait_for

@@ -89,23 +89,7 @@ def test_daily_series_fills_days_without_data_with_zeros() -> None:
     assert domain.daily([], until=date(2026, 1, 4)) == []
 
 
-# -- vote rules -----------------------------------------------------------------------------------------
-
-
-def test_newer_vote_replaces_and_older_redelivery_is_stale() -> None:
-    t0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
-    assert domain.vote_outcome(None, t0) == "insert"
-    assert domain.vote_outcome(t0, t0 + timedelta(seconds=1)) == "replace"
-    assert domain.vote_outcome(t0, t0 - timedelta(seconds=1)) == "stale"
-    # SQLite hands timestamps back without a zone: they are UTC
-    assert domain.vote_outcome(t0.replace(tzinfo=None), t0 + timedelta(seconds=1)) == "replace"
-
-
-def test_vote_cast_before_erasure_is_dropped_but_a_later_one_is_not() -> None:
-    erased = datetime(2026, 1, 1, 12, tzinfo=UTC)
-    assert domain.erased_before(erased, erased - timedelta(minutes=1))
-    assert not domain.erased_before(erased, erased + timedelta(minutes=1))
-    assert not domain.erased_before(None, erased)
+# -- (the vote rules: tests/unit/test_vote_rules.py) --------------------------------------------------
 
 
 # -- statistics: golden numbers from statsmodels 0.14 (proportion_confint method="wilson", proportions_ztest) --

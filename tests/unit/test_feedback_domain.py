@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from services.feedback import domain
 from shared.privacy import scrub_pii, session_key
@@ -14,28 +14,6 @@ def test_vote_id_is_the_same_for_the_same_session_and_explanation() -> None:
     assert domain.feedback_id_for("k1", exp) == domain.feedback_id_for("k1", exp)
     assert domain.feedback_id_for("k1", exp) != domain.feedback_id_for("k2", exp)
     assert domain.feedback_id_for("k1", exp) != domain.feedback_id_for("k1", uuid.uuid4())
-
-
-def test_first_vote_is_inserted_and_a_newer_one_replaces_it() -> None:
-    assert domain.vote_outcome(None, T0) == "insert"
-    old = domain.StoredVote(rating=1, stars=None, submitted_at=T0)
-    assert domain.vote_outcome(old, T0 + timedelta(seconds=1)) == "replace"
-
-
-def test_an_older_vote_arriving_late_does_not_overwrite_a_newer_one() -> None:
-    newer = domain.StoredVote(rating=-1, stars=None, submitted_at=T0)
-    assert domain.vote_outcome(newer, T0 - timedelta(seconds=1)) == "stale"
-
-
-def test_naive_timestamps_from_sqlite_compare_as_utc() -> None:
-    stored = domain.StoredVote(rating=1, stars=None, submitted_at=T0.replace(tzinfo=None))
-    assert domain.vote_outcome(stored, T0 + timedelta(seconds=1)) == "replace"
-
-
-def test_votes_cast_before_an_erasure_are_dropped_and_later_ones_are_not() -> None:
-    assert domain.erased_before(T0, T0 - timedelta(seconds=1))
-    assert not domain.erased_before(T0, T0 + timedelta(seconds=1))
-    assert not domain.erased_before(None, T0)
 
 
 def test_session_key_is_keyed_and_not_the_raw_id() -> None:

@@ -5,7 +5,7 @@ explanation was not served to."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from services.feedback import domain
 
@@ -19,20 +19,6 @@ def test_the_vote_id_is_the_same_in_every_release() -> None:
     expected = uuid.UUID("5ae4e332-6f3c-5f23-aee6-3cb282e70fd0")
     assert domain.feedback_id_for("session-key-1", EXPLANATION) == expected
     assert expected == uuid.uuid5(uuid.NAMESPACE_URL, f"selflearn:feedback:session-key-1:{EXPLANATION}")
-
-
-def test_a_second_vote_with_the_same_timestamp_replaces_the_first() -> None:
-    # the same message twice is caught by its message id before this rule; two votes stamped alike are two
-    # changes of mind, and the one that arrives last wins
-    stored = domain.StoredVote(rating=1, stars=None, submitted_at=T0)
-    assert domain.vote_outcome(stored, T0) == "replace"
-    assert domain.vote_outcome(stored, T0.replace(tzinfo=None)) == "replace"
-
-
-def test_a_vote_cast_at_the_instant_of_the_erasure_is_dropped() -> None:
-    assert domain.erased_before(T0, T0)
-    assert domain.erased_before(T0.replace(tzinfo=None), T0)
-    assert not domain.erased_before(T0, T0 + timedelta(microseconds=1))
 
 
 def test_only_the_session_an_explanation_was_served_to_may_vote_on_it() -> None:

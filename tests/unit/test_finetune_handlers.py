@@ -15,7 +15,6 @@ import pytest
 from services.finetune import domain, handlers, jobs, training
 from services.finetune.config import FinetuneSettings
 from services.finetune.store import Store, outbox
-from shared.bus import FakeBus
 from shared.contracts import (
     ExplanationCreated,
     FeedbackErased,
@@ -26,6 +25,7 @@ from shared.contracts import (
     derived_id,
 )
 from shared.outbox import relay
+from tests.fakes.bus import FakeBus
 
 TICKERS = ("AAPL", "MSFT", "NVDA", "TSLA")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -12,9 +12,9 @@ from fastapi.routing import APIRoute
 
 from gateway.openapi import SERVICE_OWN_PATHS, merged_openapi
 from gateway.routes import service_for
+from shared.contracts import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("router", "feedback", "optimizer", "finetune", "dashboard")
 
 
 @pytest.fixture(scope="module")

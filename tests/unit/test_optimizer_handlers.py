@@ -14,7 +14,6 @@ from services.optimizer import domain, experiments, handlers, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator, SearchHistory
 from services.optimizer.store import Store, champions, outbox
-from shared.bus import FakeBus
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -28,6 +27,7 @@ from shared.contracts import (
 )
 from shared.outbox import relay
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
+from tests.fakes.bus import FakeBus
 
 MODEL = "offline/template-v1"
 

@@ -28,10 +28,10 @@ from services.optimizer.generation import (
     traits_of,
 )
 from services.optimizer.store import Store, outbox
-from shared.bus import FakeBus
 from shared.contracts import ExperimentStarted, ExplanationCreated, FeedbackRecorded, SearchExhausted, utcnow
 from shared.outbox import relay
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
+from tests.fakes.bus import FakeBus
 
 MODEL = "offline/template-v1"
 

@@ -11,10 +11,10 @@ import pytest
 from services.optimizer import domain, experiments, handlers, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.store import Store, outbox
-from shared.bus import FakeBus
 from shared.contracts import ExperimentConcluded, ModelRegistered, ModelWithdrawn, derived_id
 from shared.outbox import relay
 from shared.prompts import PROMPT_NAME
+from tests.fakes.bus import FakeBus
 
 MODEL = "offline/template-v1"
 

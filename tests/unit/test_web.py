@@ -5,15 +5,15 @@ from __future__ import annotations
 import importlib
 import inspect
 from types import SimpleNamespace
+from typing import Annotated, get_args, get_origin
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from shared.contracts import SERVICES
 from shared.web import AdminDep, install_error_handlers, require_admin
-
-SERVICES = ("router", "feedback", "optimizer", "finetune", "dashboard")
 
 
 def _admin_app(token: str | None) -> FastAPI:
@@ -47,11 +47,13 @@ def test_require_admin_is_async_so_it_takes_no_threadpool_hop() -> None:
 def test_app_state_dependencies_of_every_service_are_async(service: str) -> None:
     api = importlib.import_module(f"services.{service}.api")
     deps = [
-        fn
-        for name, fn in vars(api).items()
-        if name.startswith("get_") and inspect.isfunction(fn) and list(inspect.signature(fn).parameters) == ["request"]
+        meta.dependency
+        for name, alias in vars(api).items()
+        if name.endswith("Dep") and get_origin(alias) is Annotated
+        for meta in get_args(alias)[1:]
+        if getattr(meta, "dependency", None) is not None
     ]
-    assert deps, f"{service} has no app-state dependencies to check"
+    assert len(deps) >= 2, f"{service} has no app-state dependencies to check"
     sync = [fn.__name__ for fn in deps if not inspect.iscoroutinefunction(fn)]
     assert sync == []
 

@@ -1,0 +1,40 @@
+"""`shared.bus.event_tasks`: one table per service from task name to (message, handler) registers its consumers."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from shared.bus import BatchTask, event_tasks, make_celery
+from shared.contracts import ChampionChanged, FeedbackErased, utcnow
+from shared.settings import ServiceSettings
+
+
+def _app() -> Any:
+    return make_celery("router", ServiceSettings(redis_url="redis://127.0.0.1:1/0"))
+
+
+def test_a_task_parses_its_payload_calls_the_handler_with_a_fresh_unit_of_work_then_after() -> None:
+    calls: list[Any] = []
+    uows = iter(["uow-1", "uow-2"])
+    tasks = event_tasks(
+        _app(),
+        {"router.on_feedback_erased": (FeedbackErased, lambda event, uow: calls.append((event, uow)) or "erased")},
+        lambda: next(uows),
+        after=lambda: calls.append("after"),
+    )
+    event = FeedbackErased(session_key="k", feedback_ids=[uuid.uuid4()], explanation_ids=[], erased_at=utcnow())
+    task = tasks["router.on_feedback_erased"]
+    assert task.name == "router.on_feedback_erased" and not isinstance(task, BatchTask)
+    assert task(payload=event.to_payload()) == "erased"
+    assert calls == [(event, "uow-1"), "after"]
+
+
+def test_batched_tasks_are_batch_consumers_and_a_batched_name_must_have_a_handler() -> None:
+    handlers = {"router.on_champion_changed": (ChampionChanged, lambda event, uow: "changed")}
+    tasks = event_tasks(_app(), handlers, lambda: None, batched=["router.on_champion_changed"])
+    assert isinstance(tasks["router.on_champion_changed"], BatchTask)
+    with pytest.raises(ValueError, match="router.on_model_withdrawn"):
+        event_tasks(_app(), handlers, lambda: None, batched=["router.on_model_withdrawn"])
