@@ -11,7 +11,17 @@ import pytest
 
 from gateway.redis_server import RedisServer, free_port
 from gateway.run import Stack
-from tests.support import POSTGRES_ENV, PgSchemas, backends, resolve_postgres, skip_without_postgres
+from tests.support import (
+    POSTGRES_ENV,
+    ContainerRedis,
+    PgSchemas,
+    backends,
+    docker_answers,
+    redis_container,
+    resolve_postgres,
+    skip_without_postgres,
+    stop_containers,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,6 +30,10 @@ def pytest_configure(config: pytest.Config) -> None:
         resolve_postgres()
     except RuntimeError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_containers()
 
 
 # Timings shrunk for tests: a killed worker's message comes back within seconds; experiments decide in
@@ -44,7 +58,14 @@ FAST_ENV = {
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | ContainerRedis]:
+    """A Redis for the tests that need only its URL: a container (testcontainers) where a Docker engine answers,
+    else a local redis-server on a free port. Tests that stop, freeze or restart Redis start their own
+    `RedisServer`."""
+    if docker_answers():
+        with redis_container() as container:
+            yield container
+        return
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,11 +56,76 @@ def _answers(url: str) -> bool:
         return False
 
 
+@lru_cache(maxsize=1)
+def docker_answers() -> bool:
+    """Whether a Docker engine answers here (testcontainers needs one): `GET /_ping` on DOCKER_HOST (a unix or
+    tcp address; the default socket otherwise). `TEST_CONTAINERS=0` says no without asking. A machine with only
+    the Docker client (this project's development machine, CI) answers no."""
+    if os.environ.get("TEST_CONTAINERS", "1") == "0":
+        return False
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        if host.startswith("unix://"):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: str | tuple[str, int] = host.removeprefix("unix://")
+        elif host.startswith("tcp://"):
+            name, _, port = host.removeprefix("tcp://").rpartition(":")
+            conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            address = (name, int(port))
+        else:
+            return False
+        with conn:
+            conn.settimeout(3)
+            conn.connect(address)
+            conn.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in conn.recv(64)
+    except (OSError, ValueError):
+        return False
+
+
+#: Containers this run started (testcontainers), stopped when the run ends (`stop_containers`).
+_CONTAINERS: list = []
+
+
+def postgres_container_url() -> str:
+    """A throwaway PostgreSQL in Docker (testcontainers) for this run; its URL in the form the stores take."""
+    from testcontainers.community.postgres import PostgresContainer
+
+    container = PostgresContainer("postgres:16-alpine", driver="psycopg").start()
+    _CONTAINERS.append(container)
+    return container.get_connection_url()
+
+
+@dataclass(frozen=True)
+class ContainerRedis:
+    """A throwaway Redis in Docker (testcontainers), standing where a local `RedisServer` would: tests read
+    only its `url`."""
+
+    url: str
+
+
+@contextmanager
+def redis_container() -> Iterator[ContainerRedis]:
+    from testcontainers.community.redis import RedisContainer
+
+    with RedisContainer("redis:7-alpine") as container:
+        host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+        yield ContainerRedis(url=f"redis://{host}:{port}/0")
+
+
+def stop_containers() -> None:
+    while _CONTAINERS:
+        _CONTAINERS.pop().stop()
+
+
 def resolve_postgres() -> str | None:
-    """The PostgreSQL URL the store tests use this run: TEST_POSTGRES_URL, else a local server that answers.
-    Sets TEST_POSTGRES_URL for the rest of the run (and the processes it starts). With TEST_POSTGRES_REQUIRED set,
-    a URL that does not answer (or none at all) is an error, not a skip."""
+    """The PostgreSQL URL the store tests use this run: TEST_POSTGRES_URL, else a local server that answers,
+    else a container (testcontainers) where a Docker engine answers. Sets TEST_POSTGRES_URL for the rest of the
+    run (and the processes it starts). With TEST_POSTGRES_REQUIRED set, a URL that does not answer (or none at
+    all) is an error, not a skip."""
     url = os.environ.get(POSTGRES_ENV) or (LOCAL_POSTGRES_URL if _answers(LOCAL_POSTGRES_URL) else None)
+    if not url and docker_answers():
+        url = postgres_container_url()
     if url:
         os.environ[POSTGRES_ENV] = url
     if os.environ.get(POSTGRES_REQUIRED_ENV) and not (url and _answers(url)):
