@@ -28,3 +28,15 @@ def test_pii_is_scrubbed_from_user_text() -> None:
     scrubbed = scrub_pii(text)
     assert "jane.doe" not in scrubbed and "4111" not in scrubbed and "7946" not in scrubbed
     assert "[email]" in scrubbed
+
+
+def test_refusals_tell_a_frontend_what_happened_and_the_quarantine_says_what_it_waits_for() -> None:
+    """The 403 messages are what a frontend shows or logs: each says why the vote does not count."""
+    from services.feedback import domain as d
+
+    assert d.REFUSAL_MESSAGES[d.OTHER_SESSION].startswith("this explanation was not served to this session")
+    assert d.REFUSAL_MESSAGES[d.UNBOUND].startswith("votes on this explanation cannot be verified")
+    assert d.REFUSAL_MESSAGES[d.UNBOUND].endswith("are not accepted") and "erased" in d.REFUSAL_MESSAGES[d.UNBOUND]
+    assert d.vote_refusal(None, "k") == d.UNBOUND and d.vote_refusal("a", "b") == d.OTHER_SESSION
+    assert d.OTHER_SESSION == "other_session" and d.UNBOUND == "unbound_explanation"  # metric label values
+    assert d.QUARANTINE_UNKNOWN.startswith("explanation id not") and d.QUARANTINE_UNKNOWN.endswith("by the router")
