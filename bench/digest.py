@@ -26,8 +26,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -68,7 +70,7 @@ def _stop(*procs: subprocess.Popen) -> None:
             p.wait()
 
 
-def _wait(check: callable, timeout_s: float, interval_s: float = 0.05) -> float | None:
+def _wait(check: Callable[..., Any], timeout_s: float, interval_s: float = 0.05) -> float | None:
     """Seconds until check() is true (polled), or None at the timeout."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout_s:

@@ -15,8 +15,10 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,7 +34,7 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-def _timed(client: httpx.Client, n: int, call: callable) -> list[float]:
+def _timed(client: httpx.Client, n: int, call: Callable[..., Any]) -> list[float]:
     out = []
     for i in range(n):
         t = time.perf_counter()

@@ -18,8 +18,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -85,7 +87,7 @@ def _seed_explanations(env: dict[str, str], n: int) -> list[uuid.UUID]:
     return [uuid.UUID(line) for line in out.stdout.split()][-n:]
 
 
-def _measure(port: int, path_for: callable, seconds: float, rate: float) -> tuple[Result, Result]:
+def _measure(port: int, path_for: Callable[..., Any], seconds: float, rate: float) -> tuple[Result, Result]:
     def make(i: int) -> tuple[str, dict]:
         return path_for(i), {"rating": 1 if i % 3 else -1, "session_id": f"bench-{i % SESSIONS}"}
 

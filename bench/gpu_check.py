@@ -259,8 +259,10 @@ def plain_loop(base: Path, rows: list[dict], batch: int, steps: int, r: int, lr:
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa").to(device)
+    # Any: transformers types these as unions (of models, of encodings) this loop does not narrow
+    tok: Any = AutoTokenizer.from_pretrained(base)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device)
     model = get_peft_model(
         model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     )

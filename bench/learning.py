@@ -42,8 +42,9 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -224,7 +225,7 @@ def _may_decide(agg: NDArray[np.float64], sc: Scenario) -> NDArray[np.bool_]:
 
 def _may_be_futile(agg: NDArray[np.float64], sc: Scenario) -> NDArray[np.bool_]:
     d, h, c = _intervals(agg, sc)
-    return (d + 0.9 * h < (sc.target_lift * c)[:, None] + 1e-9).any(axis=1)
+    return np.asarray((d + 0.9 * h < (sc.target_lift * c)[:, None] + 1e-9).any(axis=1), dtype=np.bool_)
 
 
 def _may_be_srm(sessions: NDArray[np.float64], intended: NDArray[np.float64]) -> NDArray[np.bool_]:
@@ -329,7 +330,8 @@ def simulate(
                     control_id="control",
                     min_feedback_per_arm=MIN_FEEDBACK_PER_ARM,
                     excluded=futile,
-                    **ADAPTIVE,
+                    floor=ADAPTIVE["floor"],
+                    control_share=ADAPTIVE["control_share"],
                 )
                 weights[s] = [new_w[a] for a in ARMS[:k]]
         floors_ok = np.array([elapsed_s >= c.min_duration_s for _, c in configs])[:, None]
@@ -352,7 +354,7 @@ def simulate(
                 seed=batch,
                 recent=_arm_data(recent_all[s], k),
             )
-            for r in np.flatnonzero(need[:, j]):
+            for r in np.flatnonzero(need[:, j]).tolist():
                 decision = decide(analysis, configs[r][1], elapsed_s=elapsed_s)
                 if decision.status == DECISION_COLLECTING:
                     continue
@@ -528,12 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ok is not None:
             verdicts[key or label] = ok
 
-    def both(fmt, res: dict) -> str:  # type: ignore[no-untyped-def]
+    def both(fmt: Callable[[Any], str], res: dict) -> str:
         return f"{fmt(res[H])} [{fmt(res[A])}]"
 
     timings: dict[str, float] = {}
 
-    def timed(name: str, fn, *a, **kw):  # type: ignore[no-untyped-def]
+    def timed(name: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
         out = fn(*a, **kw)
         timings[name] = time.perf_counter() - t

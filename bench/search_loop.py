@@ -58,7 +58,7 @@ from bench.tastes import PROFILES, SEED_RATE, Profile
 from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import OfflineGenerator, traits_of
-from services.optimizer.store import SqlUnitOfWork, Store
+from services.optimizer.store import ArmRow, ExperimentRow, SqlUnitOfWork, Store
 from shared.contracts import ExplanationCreated, FeedbackRecorded, utcnow
 from shared.db import UnitOfWork
 from shared.prompts import PROMPT_NAME
@@ -77,8 +77,10 @@ GENERATION_CHECK_S = float(FAST_CLOCK["OPTIMIZER_GENERATION_CHECK_INTERVAL_S"])
 
 def demo_settings() -> OptimizerSettings:
     """The optimizer's settings in `make demo` (FAST_CLOCK), promotion automatic."""
-    values = {k.removeprefix("OPTIMIZER_").lower(): v for k, v in FAST_CLOCK.items() if k.startswith("OPTIMIZER_")}
-    return OptimizerSettings(**values, auto_allocation="fixed", promotion_mode="auto", OPENAI_API_KEY=None)
+    values: dict[str, Any] = {
+        k.removeprefix("OPTIMIZER_").lower(): v for k, v in FAST_CLOCK.items() if k.startswith("OPTIMIZER_")
+    }
+    return OptimizerSettings(**values, auto_allocation="fixed", promotion_mode="auto", openai_api_key=None)
 
 
 class BatchUnitOfWork(UnitOfWork[Any]):
@@ -156,7 +158,7 @@ def run_loop(profile: Profile, remember: bool, seed: int, max_votes: int, workdi
             rates[version] = profile.rate(traits_of(row["template"]))
         return rates[version]
 
-    def serving() -> tuple[dict[str, Any] | None, list[dict[str, Any]], str]:
+    def serving() -> tuple[ExperimentRow | None, list[ArmRow], str]:
         with store.uow() as uow:
             champion = uow.repo.champion(PROMPT_NAME)
             assert champion is not None
@@ -262,11 +264,11 @@ def run_loop(profile: Profile, remember: bool, seed: int, max_votes: int, workdi
         if exp is None and stalled_checks >= 3:
             res.stalled_at_votes = res.votes  # nothing will change any more: the rest is the champion's
             break
-    for r in rounds.values():
+    for done in rounds.values():
         with store.uow() as uow:
-            row = uow.repo.experiment(r.experiment_id)
+            row = uow.repo.experiment(done.experiment_id)
         assert row is not None
-        r.decision = row["decision"] or row["status"]
+        done.decision = row["decision"] or row["status"]
     res.rounds = list(rounds.values())
     res.final_rate = rates[champion]
     store.dispose()

@@ -27,8 +27,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -61,7 +63,7 @@ ENV = {
 }
 
 
-def _wait(check, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+def _wait(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     value = None
     while time.monotonic() < deadline:
@@ -128,12 +130,13 @@ def run(stack: Stack, honest: int, attackers: int, seed: int) -> int:
                 target = out
                 break
         assert target is not None, "the router never served the treatment arm"
+        target_id = target["explanation_id"]
 
         def stuff(wave: str) -> Counter[int]:
             def vote(k: int) -> int:
                 with httpx.Client(base_url=stack.url, timeout=30) as c:
                     r = c.post(
-                        f"/api/feedback/{target['explanation_id']}",
+                        f"/api/feedback/{target_id}",
                         json={"rating": 1, "stars": 5, "session_id": f"stuffer-{wave}-{k}"},
                     )
                     return r.status_code

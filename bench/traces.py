@@ -42,8 +42,9 @@ def found_in_sqlite(
     return hits
 
 
-def _readable(value: bytes) -> str:
+def _readable(item: object) -> str:
     """The value, and inside a Celery task message (as queued, or journalled after "<time>|") its body."""
+    value = item if isinstance(item, bytes) else str(item).encode()  # bytes from a client without decode_responses
     text = value.decode(errors="replace")
     raw = value.partition(b"|")[2] if value[:1].isdigit() else value
     try:
@@ -65,6 +66,7 @@ def found_in_redis(url: str, needles: Iterable[str], *, token: re.Pattern[str] |
     try:
         for name in client.scan_iter(count=1000):
             kind = client.type(name)
+            values: list[Any]
             if kind == b"string":
                 values = [client.get(name) or b""]
             elif kind == b"list":

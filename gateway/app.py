@@ -13,7 +13,7 @@ document for every service's routes, see `openapi.py`) and `/docs` (Swagger UI o
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -41,7 +41,7 @@ def load_service_apps(names: tuple[str, ...] | None = None) -> dict[str, FastAPI
 
 
 class Gateway:
-    def __init__(self, apps: dict[str, ASGIApp]) -> None:
+    def __init__(self, apps: Mapping[str, ASGIApp]) -> None:
         self.apps = apps
         self.own = self._own_app()
         self._openapi: dict[str, Any] | None = None
@@ -68,7 +68,7 @@ class Gateway:
             """Every service's own health, asked side by side (each answers within about a second)."""
             import asyncio
 
-            transport = httpx.ASGITransport(app=self)  # type: ignore[arg-type]
+            transport = httpx.ASGITransport(app=self)
 
             async def ask(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
                 try:
@@ -121,4 +121,4 @@ class Gateway:
 
 
 def create_app(names: tuple[str, ...] | None = None) -> Gateway:
-    return Gateway(load_service_apps(names))  # type: ignore[arg-type]
+    return Gateway(load_service_apps(names))

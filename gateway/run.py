@@ -13,6 +13,7 @@ private to the owner (umask 077): stores, secrets, logs, Redis' append-only file
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import signal
@@ -235,7 +236,7 @@ class Stack:
             said += self._restart("redis-server", self.redis.process, now, self._restart_redis)
         for name, proc in list(self.procs.items()):
             if proc.poll() is not None:
-                said += self._restart(name, proc, now, lambda n=name: self.start_process(n))
+                said += self._restart(name, proc, now, functools.partial(self.start_process, name))
         return said
 
     def _restart(self, name: str, proc: subprocess.Popen | None, now: float, start: Callable[[], object]) -> list[str]:

@@ -218,7 +218,7 @@ def batch_wait_s() -> float:
     return max(0.001, float(os.environ.get("TASK_BATCH_WAIT_MS", "50")) / 1000)
 
 
-class BatchTask(_Batches, ReliableTask):  # type: ignore[misc]
+class BatchTask(_Batches, ReliableTask):
     """A consumer that digests its messages in batches: up to `TASK_BATCH_SIZE` messages, or what arrived within
     `TASK_BATCH_WAIT_MS`, in one transaction (celery-batches buffers the worker's prefetched messages and
     flushes them as a list). The guarantees of one message hold for each message of a batch:
@@ -342,7 +342,7 @@ def batch_task(
         return self.digest(requests, parse, handle, after)
 
     run.__name__ = name.rsplit(".", 1)[-1]
-    return app.task(  # type: ignore[no-any-return]
+    return app.task(
         name=name,
         base=BatchTask,
         bind=True,
@@ -400,7 +400,7 @@ def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> No
         if after is not None:
             after(task, payload)
 
-    app.dead_letter_sink = sink  # type: ignore[attr-defined]
+    app.dead_letter_sink = sink
 
 
 def worker_app(service: str, settings: Any, dead_letters: Any, *, batches: bool = False, after: Any = None) -> Celery:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, event
+from sqlalchemy import CursorResult, Engine, MetaData, Result, Table, create_engine, event
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,7 +57,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         )
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: object) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={timeout_ms}")
@@ -69,7 +69,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+        def _sqlite_begin(conn: Any) -> None:
             # A write takes the lock at BEGIN: two writers then queue on the busy timeout instead of failing
             # with "database is locked" when a read transaction tries to upgrade. A read takes none.
             if conn.get_execution_options().get(READ_ONLY):
@@ -79,7 +79,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
         # pysqlite's own transaction handling must be off for the BEGIN above to take effect.
         @event.listens_for(engine, "connect", insert=True)
-        def _no_pysqlite_begin(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _no_pysqlite_begin(dbapi_conn: Any, _record: object) -> None:
             dbapi_conn.isolation_level = None
 
         return engine
@@ -88,6 +88,12 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """How many rows an INSERT, UPDATE or DELETE matched. `Session.execute` is typed as returning a `Result`;
+    for those statements it is a `CursorResult`, which has the count."""
+    return int(cast(CursorResult[Any], result).rowcount or 0)
 
 
 RepoT = TypeVar("RepoT")

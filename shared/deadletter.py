@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -156,7 +157,7 @@ class DeadLetters:
             ).all()
         return {reason: int(n) for reason, n in rows}
 
-    def mark_replayed(self, ids: list[int]) -> None:
+    def mark_replayed(self, ids: Sequence[int]) -> None:  # (`list` here would name the method above)
         if ids:
             with self.factory() as session, session.begin():
                 session.execute(update(self.table).where(self.table.c.id.in_(ids)).values(replayed_at=utcnow()))

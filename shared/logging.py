@@ -62,12 +62,11 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_selflearn", False):
-            root.removeHandler(handler)
+    for old in list(root.handlers):
+        if isinstance(old.formatter, JsonFormatter):  # installed by an earlier call: replaced, not doubled
+            root.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
-    handler._selflearn = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
     # uvicorn's access log prints request paths, which carry session ids on DELETE: keep it quiet.

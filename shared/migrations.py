@@ -23,8 +23,12 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, MetaData, inspect
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def has_migrations(service: str) -> bool:
     return (script_location(service) / "env.py").is_file()
 
 
-def _config(service: str, connection: Connection | None, metadata: MetaData | None):  # type: ignore[no-untyped-def]
+def _config(service: str, connection: Connection | None, metadata: MetaData | None) -> Config:
     from alembic.config import Config
 
     cfg = Config()

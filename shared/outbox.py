@@ -81,7 +81,7 @@ def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit
                 published.append(event_id)
             else:
                 ready.append((event_id, event))
-        if ready:
+        if ready and publish_many is not None:  # ready holds events only when the bus publishes batches
             publish_many([event for _, event in ready])
             published.extend(event_id for event_id, _ in ready)
     finally:  # mark what went out, in one transaction; anything else is published again next time

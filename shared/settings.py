@@ -5,40 +5,43 @@ shares them (one Redis, one admin token, one session-hash key)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def _common(name: str, default: object = ..., **kw: object) -> object:
-    return Field(default, validation_alias=AliasChoices(name), **kw)  # type: ignore[arg-type]
+def _common(name: str, default: Any = ..., **kw: Any) -> Any:
+    """A field read from the environment variable `name`, with no prefix. Typed `Any`, as `Field` is, so the
+    annotation of the field it is assigned to is its type."""
+    return Field(default, validation_alias=AliasChoices(name), **kw)
 
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
-    redis_url: str = _common("REDIS_URL", "redis://127.0.0.1:6379/0")  # type: ignore[assignment]
+    redis_url: str = _common("REDIS_URL", "redis://127.0.0.1:6379/0")
     # Secrets have no default: a service refuses to start without them (`make run` generates them).
-    admin_token: SecretStr | None = _common("ADMIN_TOKEN", None)  # type: ignore[assignment]
-    session_hash_key: SecretStr | None = _common("SESSION_HASH_KEY", None)  # type: ignore[assignment]
+    admin_token: SecretStr | None = _common("ADMIN_TOKEN", None)
+    session_hash_key: SecretStr | None = _common("SESSION_HASH_KEY", None)
     # Versioned keys for rotation, newest first: "v2:newsecret,v1:oldsecret". New sessions are hashed with the
     # first; lookups and erasure try every version (SESSION_HASH_KEY, if set and not listed, is the oldest).
-    session_hash_keys: SecretStr | None = _common("SESSION_HASH_KEYS", None)  # type: ignore[assignment]
-    data_dir: Path = _common("DATA_DIR", Path("data"))  # type: ignore[assignment]
-    visibility_timeout_s: float = _common("BROKER_VISIBILITY_TIMEOUT", 3600.0)  # type: ignore[assignment]
-    broker_pool_limit: int = _common("BROKER_POOL_LIMIT", 16)  # type: ignore[assignment]
-    log_level: str = _common("LOG_LEVEL", "INFO")  # type: ignore[assignment]
-    gateway_url: str = _common("GATEWAY_URL", "http://127.0.0.1:8000")  # type: ignore[assignment]
+    session_hash_keys: SecretStr | None = _common("SESSION_HASH_KEYS", None)
+    data_dir: Path = _common("DATA_DIR", Path("data"))
+    visibility_timeout_s: float = _common("BROKER_VISIBILITY_TIMEOUT", 3600.0)
+    broker_pool_limit: int = _common("BROKER_POOL_LIMIT", 16)
+    log_level: str = _common("LOG_LEVEL", "INFO")
+    gateway_url: str = _common("GATEWAY_URL", "http://127.0.0.1:8000")
     # A task's transient failure is retried this many times, after 1, 2, 4 ... seconds (with jitter, capped),
     # then its message goes to the dead-letter store (see shared.bus.ReliableTask).
-    task_max_retries: int = _common("TASK_MAX_RETRIES", 6)  # type: ignore[assignment]
-    task_retry_backoff_s: float = _common("TASK_RETRY_BACKOFF_S", 1.0)  # type: ignore[assignment]
-    task_retry_backoff_max_s: float = _common("TASK_RETRY_BACKOFF_MAX_S", 60.0)  # type: ignore[assignment]
+    task_max_retries: int = _common("TASK_MAX_RETRIES", 6)
+    task_retry_backoff_s: float = _common("TASK_RETRY_BACKOFF_S", 1.0)
+    task_retry_backoff_max_s: float = _common("TASK_RETRY_BACKOFF_MAX_S", 60.0)
     # Doors of the public routes (shared/web.py, shared/ratelimit.py). Origins allowed to call the API from a
     # browser besides the page's own (comma-separated, e.g. "https://app.example.com"); "*" allows any.
-    allowed_origins: str = _common("ALLOWED_ORIGINS", "")  # type: ignore[assignment]
+    allowed_origins: str = _common("ALLOWED_ORIGINS", "")
     # Per-client and per-session rate limits (each service's own settings say how many); off only for tests.
-    rate_limits_enabled: bool = _common("RATE_LIMITS_ENABLED", True)  # type: ignore[assignment]
+    rate_limits_enabled: bool = _common("RATE_LIMITS_ENABLED", True)
 
     def allowed_origin_list(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip()]

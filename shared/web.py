@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
-        extra = exc.detail if isinstance(exc.detail, dict) else {}
-        if isinstance(extra, dict) and "message" in extra:
+        extra: dict[str, Any] = exc.detail if isinstance(exc.detail, dict) else {}
+        if "message" in extra:
             detail = str(extra.pop("message"))
         return JSONResponse(
             status_code=exc.status_code,
@@ -94,7 +94,7 @@ class BodyLimit:
             return
         seen = 0
 
-        async def limited_receive() -> dict:
+        async def limited_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -260,7 +260,7 @@ class _Observe:
         start = time.perf_counter()
         status = [500]
 
-        async def observed_send(message: dict) -> None:
+        async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)

@@ -27,6 +27,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -239,7 +240,7 @@ class _Mutator(ast.NodeTransformer):
         return new_body or [ast.Pass()]
 
     # -- structure: what is walked and what is not
-    def visit_Module(self, node: ast.Module) -> ast.AST:
+    def visit_Module(self, node: ast.Module) -> ast.AST | None:
         node.body = self._body(node.body)
         return node
 
@@ -260,7 +261,7 @@ class _Mutator(ast.NodeTransformer):
     visit_FunctionDef = _visit_function
     visit_AsyncFunctionDef = _visit_function
 
-    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST | None:
         self.scope.append(node.name)
         try:
             node.body = self._body(node.body)
@@ -268,7 +269,7 @@ class _Mutator(ast.NodeTransformer):
             self.scope.pop()
         return node
 
-    def visit_If(self, node: ast.If) -> ast.AST:
+    def visit_If(self, node: ast.If) -> ast.AST | None:
         if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
             return node
         node.test = self.visit(node.test)
@@ -294,21 +295,21 @@ class _Mutator(ast.NodeTransformer):
     visit_Try = _visit_block
     visit_ExceptHandler = _visit_block
 
-    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST | None:
         if node.value is not None:
             node.value = self.visit(node.value)
         return node
 
-    def visit_Import(self, node: ast.Import) -> ast.AST:
+    def visit_Import(self, node: ast.Import) -> ast.AST | None:
         return node
 
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST | None:
         return node
 
-    def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.AST:
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.AST | None:
         return node  # f-strings: messages, not behaviour
 
-    def visit_Call(self, node: ast.Call) -> ast.AST:
+    def visit_Call(self, node: ast.Call) -> ast.AST | None:
         func = node.func
         if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
             if func.value.id in _LOGGERS:
@@ -320,11 +321,11 @@ class _Mutator(ast.NodeTransformer):
         self.generic_visit(node)
         if isinstance(func, ast.Attribute) and not node.args and not node.keywords:
             # `x.strip()`, `x.lower()`: the normalising call dropped
-            return self._point(node, f".{func.attr}() dropped", lambda: func.value)  # type: ignore[return-value]
+            return self._point(node, f".{func.attr}() dropped", lambda: func.value)
         return node
 
     # -- the operators
-    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+    def visit_Compare(self, node: ast.Compare) -> ast.AST | None:
         self.generic_visit(node)
         for i, op in enumerate(node.ops):
             swap = _CMP_SWAP.get(type(op))
@@ -339,70 +340,70 @@ class _Mutator(ast.NodeTransformer):
 
             result = self._point(node, f"{_SYMBOL[type(op)]} -> {_SYMBOL[swap]}", make)
             if result is not node:
-                return result  # type: ignore[return-value]
+                return result
         return node
 
-    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST | None:
         self.generic_visit(node)
         swap = _BIN_SWAP.get(type(node.op))
         if swap is None:
             return node
         if isinstance(node.op, ast.Mod) and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str):
             return node  # "%s" % x formatting
-        return self._point(  # type: ignore[return-value]
+        return self._point(
             node,
             f"{_SYMBOL[type(node.op)]} -> {_SYMBOL[swap]}",
             lambda: ast.BinOp(left=node.left, op=swap(), right=node.right),
         )
 
-    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST | None:
         self.generic_visit(node)
         swap = _BIN_SWAP.get(type(node.op))
         if swap is None:
             return node
-        return self._point(  # type: ignore[return-value]
+        return self._point(
             node,
             f"{_SYMBOL[type(node.op)]}= -> {_SYMBOL[swap]}=",
             lambda: ast.AugAssign(target=node.target, op=swap(), value=node.value),
         )
 
-    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST | None:
         self.generic_visit(node)
         is_and = isinstance(node.op, ast.And)
-        return self._point(  # type: ignore[return-value]
+        return self._point(
             node,
             "and -> or" if is_and else "or -> and",
             lambda: ast.BoolOp(op=ast.Or() if is_and else ast.And(), values=node.values),
         )
 
-    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST | None:
         self.generic_visit(node)
         if isinstance(node.op, ast.Not):
-            return self._point(node, "not x -> x", lambda: node.operand)  # type: ignore[return-value]
+            return self._point(node, "not x -> x", lambda: node.operand)
         if isinstance(node.op, ast.USub):
-            return self._point(node, "-x -> x", lambda: node.operand)  # type: ignore[return-value]
+            return self._point(node, "-x -> x", lambda: node.operand)
         return node
 
-    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+    def visit_Constant(self, node: ast.Constant) -> ast.AST | None:
         value = node.value
         if isinstance(value, bool):
-            return self._point(node, f"{value} -> {not value}", lambda: ast.Constant(not value))  # type: ignore
+            return self._point(node, f"{value} -> {not value}", lambda: ast.Constant(not value))
         if isinstance(value, int | float) and not isinstance(value, complex):
-            return self._point(node, f"{value!r} -> {value + 1!r}", lambda: ast.Constant(value + 1))  # type: ignore
+            return self._point(node, f"{value!r} -> {value + 1!r}", lambda: ast.Constant(value + 1))
         if isinstance(value, str):
             if id(node) in self.regex_constants:
                 for new, what in regex_variants(value):
-                    result = self._point(node, what, lambda new=new: ast.Constant(new))
+                    result = self._point(node, what, functools.partial(ast.Constant, new))
                     if result is not node:
-                        return result  # type: ignore[return-value]
-            return self._point(node, f"{value[:30]!r} -> 'XX..XX'", lambda: ast.Constant(f"XX{value}XX"))  # type: ignore
+                        return result
+            return self._point(node, f"{value[:30]!r} -> 'XX..XX'", lambda: ast.Constant(f"XX{value}XX"))
         return node
 
-    def visit_Return(self, node: ast.Return) -> ast.AST:
+    def visit_Return(self, node: ast.Return) -> ast.AST | None:
         self.generic_visit(node)
         if node.value is None or (isinstance(node.value, ast.Constant) and node.value.value is None):
             return node
-        return self._point(node, "return x -> return None", lambda: ast.Return(value=ast.Constant(None)))  # type: ignore
+        return self._point(node, "return x -> return None", lambda: ast.Return(value=ast.Constant(None)))
 
     def visit_Expr(self, node: ast.Expr) -> ast.AST | None:
         if not isinstance(node.value, ast.Call):
@@ -414,11 +415,11 @@ class _Mutator(ast.NodeTransformer):
         self.generic_visit(node)
         return self._point(node, "call statement removed", lambda: ast.Pass())
 
-    def visit_Break(self, node: ast.Break) -> ast.AST:
-        return self._point(node, "break -> continue", lambda: ast.Continue())  # type: ignore[return-value]
+    def visit_Break(self, node: ast.Break) -> ast.AST | None:
+        return self._point(node, "break -> continue", lambda: ast.Continue())
 
-    def visit_Continue(self, node: ast.Continue) -> ast.AST:
-        return self._point(node, "continue -> break", lambda: ast.Break())  # type: ignore[return-value]
+    def visit_Continue(self, node: ast.Continue) -> ast.AST | None:
+        return self._point(node, "continue -> break", lambda: ast.Break())
 
 
 def find_mutants(source: str, functions: Sequence[str] = ()) -> list[Mutant]:
@@ -661,7 +662,7 @@ def baseline(target: Target, work: Path) -> Baseline:
         cov.start()
         code = pytest.main(_pytest_args(target.tests, work / "baseline-tmp", first_failure=False), plugins=[cov])
         sys.settrace(None)
-        threading.settrace(None)  # type: ignore[arg-type]
+        threading.settrace(None)
         out.write_text(json.dumps({"lines": {k: sorted(v) for k, v in cov.lines.items()}, "durations": cov.durations}))
         return int(code)
 

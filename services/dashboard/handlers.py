@@ -10,7 +10,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from services.dashboard import domain, forecast
-from services.dashboard.store import BY_ARM, BY_TICKER, BY_TIME, SqlUnitOfWork
+from services.dashboard.store import BY_ARM, BY_TICKER, BY_TIME, ExplanationExportRow, SqlUnitOfWork
 from shared import votes
 from shared.clock import as_utc
 from shared.contracts import (
@@ -299,18 +299,25 @@ def check_anomalies(uow: SqlUnitOfWork, policy: AnomalyPolicy, now: datetime | N
             check = _judge(scope, key, recent, history, policy)
             checks.append(check)
             if check.status == "ANOMALY":
-                forecasted = isinstance(check, forecast.ForecastCheck)
+                if isinstance(check, forecast.ForecastCheck):
+                    kind, baseline_rate, baseline_votes = "positive_rate_below_forecast", check.forecast_rate, 0
+                else:
+                    kind, baseline_rate, baseline_votes = (
+                        "positive_rate_drop",
+                        check.baseline_rate,
+                        check.baseline_votes,
+                    )
                 added = uow.repo.add_alert(
                     {
                         "alert_id": str(derived_id("dashboard.alert", scope, bucket)),
                         "created_at": now,
                         "scope": scope,
-                        "kind": "positive_rate_below_forecast" if forecasted else "positive_rate_drop",
+                        "kind": kind,
                         "message": check.message(),
                         "recent_rate": check.recent_rate,
-                        "baseline_rate": check.forecast_rate if forecasted else check.baseline_rate,
+                        "baseline_rate": baseline_rate,
                         "recent_votes": check.recent_votes,
-                        "baseline_votes": 0 if forecasted else check.baseline_votes,
+                        "baseline_votes": baseline_votes,
                         "p_value": check.p_value,
                     }
                 )
@@ -472,7 +479,7 @@ def explanation_pages(
             return
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
+def _public(row: ExplanationExportRow) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "_cursor"}
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
+from typing import cast as typed
 
 from sqlalchemy import (
     JSON,
@@ -28,11 +29,12 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.orm import Session
 
 from services.dashboard.domain import Cell, ExperimentInfo
 from shared.clock import as_utc
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 
@@ -154,6 +156,87 @@ alerts = Table(
     Column("p_value", Float),
 )
 
+
+# -- the rows the repository hands to the handlers; times as ISO 8601 text where the figures show them ----
+
+
+class ExperimentRow(TypedDict):
+    experiment_id: str
+    prompt_name: str | None  # None until its start arrives (a conclusion can come first)
+    allocation: str | None
+    arms: list[dict[str, Any]]
+    status: str
+    decision: str | None
+    winner_arm_id: str | None
+    reason: str
+    started_at: datetime | None
+    concluded_at: datetime | None
+
+
+class AlertRow(TypedDict):
+    alert_id: str
+    created_at: str | None
+    scope: str
+    kind: str
+    message: str
+    recent_rate: float | None
+    baseline_rate: float | None
+    recent_votes: int
+    baseline_votes: int
+    p_value: float | None
+
+
+class ChampionChangeRow(TypedDict):
+    prompt_name: str
+    version: str
+    model: str
+    previous_version: str | None
+    reason: str
+    changed_at: str | None
+
+
+class ModelRow(TypedDict):
+    model_id: str
+    model: str
+    base_model: str
+    serving_base_url: str | None
+    metrics: dict[str, Any]
+    cost_per_1k_tokens_usd: float
+    registered_at: str | None
+
+
+class FinetuneJobRow(TypedDict):
+    job_id: str
+    state: str
+    progress: float
+    detail: str
+    updated_at: str | None
+
+
+class ExplanationExportRow(TypedDict):
+    """One explanation with its vote counts, as the export writes it (`_cursor`: where the next page starts)."""
+
+    explanation_id: str
+    created_at: str | None
+    ticker: str
+    signal: str
+    prompt_name: str
+    prompt_version: str
+    model: str
+    provider: str
+    experiment_id: str | None
+    arm_id: str | None
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    latency_ms: float
+    fallback_used: bool
+    votes: int
+    positives: int
+    avg_stars: float | None
+    _cursor: tuple[datetime, str]
+
+
 # A counter bumped by every change, so the live stream can tell cheaply whether anything changed.
 meta = Table(
     "meta",
@@ -244,7 +327,7 @@ class DashboardRepository(MessageLog):
         removed = 0
         for fid in feedback_ids:
             owner = self.s.execute(select(votes.c.explanation_id).where(votes.c.feedback_id == fid)).first()
-            removed += self.s.execute(delete(votes).where(votes.c.feedback_id == fid)).rowcount or 0
+            removed += rowcount(self.s.execute(delete(votes).where(votes.c.feedback_id == fid)))
             if owner is not None:
                 self.refresh_vote_totals(owner.explanation_id)
             previous = self.s.execute(select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == fid)).first()
@@ -262,9 +345,9 @@ class DashboardRepository(MessageLog):
         forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
 
     # -- experiments, champions, models, fine-tune jobs -------------------------------------------------
-    def experiment(self, experiment_id: str) -> dict[str, Any] | None:
+    def experiment(self, experiment_id: str) -> ExperimentRow | None:
         row = self.s.execute(select(experiments).where(experiments.c.experiment_id == experiment_id)).mappings().first()
-        return dict(row) if row else None
+        return typed(ExperimentRow, dict(row)) if row else None
 
     def upsert_experiment(self, experiment_id: str, values: dict[str, Any]) -> None:
         if self.experiment(experiment_id) is None:
@@ -329,9 +412,13 @@ class DashboardRepository(MessageLog):
             q = q.where(e.c.day >= since_day)
         if experiments_only:
             q = q.where(e.c.experiment_id.is_not(None))
+
+        def dimensions(r: RowMapping) -> dict[str, Any]:  # the grouped ones from the row, the others blank
+            return {d: r[d] if d in by else _BLANK[d] for d in DIMENSIONS}
+
         return [
             Cell(
-                **{d: r[d] if d in by else _BLANK[d] for d in DIMENSIONS},
+                **dimensions(r),
                 explanations=int(r["explanations"]),
                 with_feedback=int(r["with_feedback"]),
                 votes=int(r["votes"]),
@@ -407,30 +494,30 @@ class DashboardRepository(MessageLog):
             )
         return out
 
-    def recent_alerts(self, limit: int = 50) -> list[dict[str, Any]]:
+    def recent_alerts(self, limit: int = 50) -> list[AlertRow]:
         rows = self.s.execute(select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)).mappings()
-        return [{**dict(r), "created_at": _iso(r["created_at"])} for r in rows]
+        return [typed(AlertRow, {**dict(r), "created_at": _iso(r["created_at"])}) for r in rows]
 
-    def champion_history(self, limit: int = 50) -> list[dict[str, Any]]:
+    def champion_history(self, limit: int = 50) -> list[ChampionChangeRow]:
         rows = self.s.execute(
             select(champions.c.prompt_name, champions.c.version, champions.c.model, champions.c.previous_version)
             .add_columns(champions.c.reason, champions.c.changed_at)
             .order_by(champions.c.changed_at.desc())
             .limit(limit)
         ).mappings()
-        return [{**dict(r), "changed_at": _iso(r["changed_at"])} for r in rows]
+        return [typed(ChampionChangeRow, {**dict(r), "changed_at": _iso(r["changed_at"])}) for r in rows]
 
-    def model_list(self) -> list[dict[str, Any]]:
+    def model_list(self) -> list[ModelRow]:
         rows = self.s.execute(select(models).order_by(models.c.registered_at.desc())).mappings()
-        return [{**dict(r), "registered_at": _iso(r["registered_at"])} for r in rows]
+        return [typed(ModelRow, {**dict(r), "registered_at": _iso(r["registered_at"])}) for r in rows]
 
-    def finetune_job_list(self, limit: int = 20) -> list[dict[str, Any]]:
+    def finetune_job_list(self, limit: int = 20) -> list[FinetuneJobRow]:
         rows = self.s.execute(select(finetune_jobs).order_by(finetune_jobs.c.updated_at.desc()).limit(limit)).mappings()
-        return [{**dict(r), "updated_at": _iso(r["updated_at"])} for r in rows]
+        return [typed(FinetuneJobRow, {**dict(r), "updated_at": _iso(r["updated_at"])}) for r in rows]
 
     def explanation_rows(
         self, since_day: str | None, limit: int, after: tuple[Any, str] | None = None
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[ExplanationExportRow]:
         """One row per explanation with its vote counts (for the export), in (created_at, id) order; `after`
         (the last row's created_at and id) starts the next page there (keyset paging)."""
         e = explanations
@@ -465,7 +552,8 @@ class DashboardRepository(MessageLog):
             at, eid = after
             q = q.where(or_(e.c.created_at > at, and_(e.c.created_at == at, e.c.explanation_id > eid)))
         for r in self.s.execute(q).mappings():
-            yield {**dict(r), "created_at": _iso(r["created_at"]), "_cursor": (r["created_at"], r["explanation_id"])}
+            cursor = (r["created_at"], r["explanation_id"])
+            yield typed(ExplanationExportRow, {**dict(r), "created_at": _iso(r["created_at"]), "_cursor": cursor})
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.

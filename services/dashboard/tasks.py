@@ -22,13 +22,15 @@ from shared.contracts import (
 )
 
 settings = get_settings()
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-app = worker_app("dashboard", settings, lambda: _store().dead_letters, batches=True)
 
 
 @lru_cache
 def _store() -> Store:
     return Store(get_settings().db_url)
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+app = worker_app("dashboard", settings, lambda: _store().dead_letters, batches=True)
 
 
 #: task -> (the event it takes, the handler that applies it to the read model); the busiest two in batches

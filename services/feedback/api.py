@@ -116,7 +116,9 @@ class Backlog:
             self._reading = True
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    queued, journalled = await pipe.llen(self.queue).hlen(self.journal_key).execute()
+                    pipe.llen(self.queue)
+                    pipe.hlen(self.journal_key)
+                    queued, journalled = await pipe.execute()
                 self.value = max(int(queued), int(journalled))
             except Exception as exc:  # queueing will fail too and say so (503)
                 log.warning("could not read the feedback backlog (%s)", type(exc).__name__)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime, timedelta
+from typing import Literal
 
 from services.feedback import domain
 from services.feedback.store import SqlUnitOfWork
@@ -86,7 +87,7 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int
         repo = uow.repo
         served_key = event.session_key
         erased_at = repo.erased_at(served_key) if served_key else None
-        if served_key and votes.erased_before(erased_at, event.created_at):
+        if served_key and erased_at is not None and votes.erased_before(erased_at, event.created_at):
             # Served while its session was being erased (the router wrote it after handling the erasure, or its
             # event was on its way): erase it again everywhere, this explanation included.
             uow.add_events(
@@ -178,7 +179,7 @@ def dropped_counts(uow: SqlUnitOfWork) -> dict[str, int]:
 def new_vote(
     explanation_id: uuid.UUID,
     session_key: str,
-    rating: int,
+    rating: Literal[1, -1],
     stars: int | None,
     comment: str | None,
     submitted_at: datetime | None = None,
@@ -187,7 +188,7 @@ def new_vote(
         feedback_id=domain.feedback_id_for(session_key, explanation_id),
         explanation_id=explanation_id,
         session_key=session_key,
-        rating=rating,  # type: ignore[arg-type]
+        rating=rating,
         stars=stars,
         comment=comment,
         submitted_at=submitted_at or utcnow(),

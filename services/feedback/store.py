@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from sqlalchemy import (
     JSON,
@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 
 from services.feedback.domain import StoredVote
 from shared.clock import as_utc
-from shared.contracts import utcnow
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.contracts import Signal, utcnow
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
@@ -128,6 +128,37 @@ processed = processed_table(metadata)
 outbox = outbox_table(metadata)
 
 
+class ExplanationRow(TypedDict):
+    """The replica of an issued explanation, with the session it was served to (None: not bound)."""
+
+    explanation_id: str
+    prompt_name: str
+    prompt_version: str
+    model: str
+    signal: Signal
+    ticker: str
+    experiment_id: str | None
+    arm_id: str | None
+    created_at: datetime
+    session_key: str | None
+
+
+class QuarantinedRow(TypedDict):
+    feedback_id: str
+    explanation_id: str
+    reason: str
+    received_at: datetime
+
+
+class AuditRow(TypedDict):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+
+
 class FeedbackRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
 
@@ -135,7 +166,7 @@ class FeedbackRepository(MessageLog):
         self.s = session
 
     # -- explanation replica ----------------------------------------------------------------------------
-    def explanation(self, explanation_id: uuid.UUID) -> dict[str, Any] | None:
+    def explanation(self, explanation_id: uuid.UUID) -> ExplanationRow | None:
         """The replica's row with `session_key`, the session it was served to (None: not bound)."""
         row = (
             self.s.execute(
@@ -146,7 +177,7 @@ class FeedbackRepository(MessageLog):
             .mappings()
             .first()
         )
-        return dict(row) if row else None
+        return cast(ExplanationRow, dict(row)) if row else None
 
     def add_explanation(self, values: dict[str, Any], session_key: str | None = None) -> bool:
         if self.explanation(uuid.UUID(values["explanation_id"])) is not None:
@@ -213,23 +244,26 @@ class FeedbackRepository(MessageLog):
         )
         return [uuid.UUID(r.explanation_id) for r in self.s.execute(q)]
 
-    def list_quarantine(self, limit: int = 100) -> list[dict[str, Any]]:
+    def list_quarantine(self, limit: int = 100) -> list[QuarantinedRow]:
         rows = self.s.execute(
             select(quarantine.c.feedback_id, quarantine.c.explanation_id, quarantine.c.reason, quarantine.c.received_at)
             .order_by(quarantine.c.received_at.desc())
             .limit(limit)
         ).mappings()
-        return [dict(r) for r in rows]
+        return [cast(QuarantinedRow, dict(r)) for r in rows]
 
     def count_dropped(self, reason: str) -> None:
-        updated = self.s.execute(
-            dropped_votes.update().where(dropped_votes.c.reason == reason).values(count=dropped_votes.c.count + 1)
-        ).rowcount
+        updated = rowcount(
+            self.s.execute(
+                dropped_votes.update().where(dropped_votes.c.reason == reason).values(count=dropped_votes.c.count + 1)
+            )
+        )
         if not updated:
             self.s.execute(dropped_votes.insert().values(reason=reason, count=1))
 
     def dropped_counts(self) -> dict[str, int]:
-        return {r.reason: int(r.count) for r in self.s.execute(select(dropped_votes)).all()}
+        rows = self.s.execute(select(dropped_votes.c.reason, dropped_votes.c.count)).all()
+        return {reason: int(count) for reason, count in rows}
 
     # -- erasure ----------------------------------------------------------------------------------------
     def erased_at(self, session_key: str) -> datetime | None:
@@ -255,7 +289,7 @@ class FeedbackRepository(MessageLog):
         self.s.execute(erasure_tombstones.insert().values(session_key=tag, erased_at=at, expires_at=expires_at))
 
     def purge_tombstones(self, now: datetime) -> int:
-        return self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.expires_at < now)).rowcount
+        return rowcount(self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.expires_at < now)))
 
     def erase_session(self, session_key: str, at: datetime) -> tuple[list[str], list[str]]:
         """Delete everything of the session (votes, quarantined votes, which explanations were served to it, its
@@ -283,9 +317,9 @@ class FeedbackRepository(MessageLog):
     def audit(self, actor: str, action: str, subject: str, detail: dict[str, Any]) -> None:
         self.s.execute(audit.insert().values(at=utcnow(), actor=actor, action=action, subject=subject, detail=detail))
 
-    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+    def audit_log(self, limit: int = 100) -> list[AuditRow]:
         rows = self.s.execute(select(audit).order_by(audit.c.id.desc()).limit(limit)).mappings()
-        return [dict(r) for r in rows]
+        return [cast(AuditRow, dict(r)) for r in rows]
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.

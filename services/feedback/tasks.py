@@ -17,16 +17,18 @@ from shared.contracts import ExplanationCreated, RecordFeedback, ResendExplanati
 from shared.deadletter import INVALID, UNREADABLE, describe_error
 
 settings = get_settings()
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask), and leaves the
-# intake journal.
-app = worker_app(
-    "feedback", settings, lambda: _store().dead_letters, batches=True, after=lambda *a: _forget_journal_entry(*a)
-)
 
 
 @lru_cache
 def _store() -> Store:
     return Store(get_settings().db_url)
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask), and leaves the
+# intake journal.
+app = worker_app(
+    "feedback", settings, lambda: _store().dead_letters, batches=True, after=lambda *a: _forget_journal_entry(*a)
+)
 
 
 _relay = outbox_relay(app, "feedback", _store)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.finetune import handlers
 from services.finetune.config import FinetuneSettings
-from services.finetune.store import Store, outbox
+from services.finetune.store import JobRow, Store, outbox
 from shared.bus import CeleryBus
 from shared.contracts import StartFineTune
 from shared.outbox import relay_after_commit
@@ -51,7 +51,7 @@ def _as_http() -> Iterator[None]:
         raise HTTPException(exc.status, exc.message) from exc
 
 
-def _job_out(job: dict[str, Any]) -> dict[str, Any]:
+def _job_out(job: JobRow) -> dict[str, Any]:
     return {k: v for k, v in job.items() if k != "heartbeat_at"} | {"heartbeat_at": job.get("heartbeat_at")}
 
 
@@ -94,7 +94,7 @@ def get_export(export_id: str, _: AdminDep, store: StoreDep) -> dict[str, Any]:
         export = uow.repo.export(export_id)
     if export is None:
         raise HTTPException(404, f"export {export_id} not found")
-    return export
+    return dict(export)
 
 
 @router.get("/erasures")
@@ -169,7 +169,7 @@ def release_model(model_id: str, body: ReleaseIn, _: AdminDep, store: StoreDep, 
     with _as_http():
         model = handlers.release_model(store.uow(), model_id, body.force)
     relay_after_commit(store.factory, outbox, bus)
-    return model
+    return dict(model)
 
 
 @router.post("/models/{model_id}/withdraw")
@@ -178,7 +178,7 @@ def withdraw_model(model_id: str, body: WithdrawIn, _: AdminDep, store: StoreDep
     with _as_http():
         model = handlers.withdraw_model(store.uow(), model_id, body.reason)
     relay_after_commit(store.factory, outbox, bus)
-    return model
+    return dict(model)
 
 
 @router.post("/models/{model_id}/retrain", status_code=202)

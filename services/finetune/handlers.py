@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from services.finetune import domain, pii
 from services.finetune.config import FinetuneSettings
-from services.finetune.store import SqlUnitOfWork, Store
+from services.finetune.store import JobRow, ModelRow, SqlUnitOfWork, Store
 from shared import votes
 from shared.contracts import (
     ExplanationCreated,
@@ -182,7 +182,7 @@ def withdraw_in(uow: SqlUnitOfWork, model_id: str, reason: str) -> bool:
     return True
 
 
-def withdraw_model(uow: SqlUnitOfWork, model_id: str, reason: str) -> dict[str, Any]:
+def withdraw_model(uow: SqlUnitOfWork, model_id: str, reason: str) -> ModelRow:
     with uow:
         if uow.repo.model(model_id) is None:
             raise NotFound(f"model {model_id} not found")
@@ -194,7 +194,7 @@ def withdraw_model(uow: SqlUnitOfWork, model_id: str, reason: str) -> dict[str, 
     return model
 
 
-def registered_event(model: dict[str, Any]) -> ModelRegistered:
+def registered_event(model: ModelRow) -> ModelRegistered:
     return ModelRegistered(
         message_id=derived_id("model.registered", model["model_id"]),
         model_id=model["model_id"],
@@ -206,7 +206,7 @@ def registered_event(model: dict[str, Any]) -> ModelRegistered:
     )
 
 
-def release_model(uow: SqlUnitOfWork, model_id: str, force: bool) -> dict[str, Any]:
+def release_model(uow: SqlUnitOfWork, model_id: str, force: bool) -> ModelRow:
     """An operator sends a model that did not beat its base into live testing anyway (force must be true).
     A withdrawn model can never be released."""
     with uow:
@@ -357,7 +357,7 @@ def check_data(uow: SqlUnitOfWork, spec: JobSpec, rules: domain.ExportRules) -> 
         raise Rejected(409, problem)
 
 
-def create_job(cmd: StartFineTune, store: Store, settings: FinetuneSettings) -> tuple[dict[str, Any], StartFineTune]:
+def create_job(cmd: StartFineTune, store: Store, settings: FinetuneSettings) -> tuple[JobRow, StartFineTune]:
     """Validate a job request (before anything is queued) and record the job as queued. Returns the job and
     the command to send to the worker (with the job id filled in)."""
     spec = job_spec(cmd, settings)
@@ -388,7 +388,7 @@ def create_job(cmd: StartFineTune, store: Store, settings: FinetuneSettings) -> 
     return job, cmd.model_copy(update={"job_id": job_id, "base_model": spec.base_model, "recipe": spec.recipe})
 
 
-def get_job(uow: SqlUnitOfWork, job_id: str) -> dict[str, Any]:
+def get_job(uow: SqlUnitOfWork, job_id: str) -> JobRow:
     with uow:
         job = uow.repo.job(job_id)
     if job is None:
@@ -396,7 +396,7 @@ def get_job(uow: SqlUnitOfWork, job_id: str) -> dict[str, Any]:
     return job
 
 
-def cancel_job(uow: SqlUnitOfWork, job_id: str) -> dict[str, Any]:
+def cancel_job(uow: SqlUnitOfWork, job_id: str) -> JobRow:
     """A queued job is cancelled at once; a running one is flagged and stops at its next step."""
     with uow:
         job = uow.repo.job(job_id)
@@ -431,7 +431,7 @@ def progress_event(job_id: str, state: str, progress: float, detail: str, step: 
     )
 
 
-def registered_adapters(uow: SqlUnitOfWork) -> list[dict[str, Any]]:
+def registered_adapters(uow: SqlUnitOfWork) -> list[ModelRow]:
     with uow:
         return [m for m in uow.repo.list_models() if m["status"] == domain.MODEL_REGISTERED]
 

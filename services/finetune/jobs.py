@@ -22,7 +22,7 @@ from typing import Any
 
 from services.finetune import domain, handlers
 from services.finetune.config import FinetuneSettings
-from services.finetune.store import Store
+from services.finetune.store import ModelRow, Store
 from shared.contracts import ModelWithdrawn, StartFineTune, derived_id, utcnow
 from shared.serving import served_name
 
@@ -91,13 +91,14 @@ class JobRunner:
         relay: Relay,
         trainer: Any = None,
         clock: Callable[[], datetime] = utcnow,
-        on_registered: Callable[[dict[str, Any]], Any] | None = None,
+        on_registered: Callable[[ModelRow], Any] | None = None,
     ) -> None:
         self.store, self.settings, self.relay = store, settings, relay
         self.trainer = trainer or handlers.load_training()
         self.clock = clock
         self.on_registered = on_registered  # e.g. tell an external server (vLLM) to load the new adapter
         self.rules = handlers.rules_from(settings)
+        self._beat: _Heartbeat | None = None  # while a job runs
 
     # -- entry ------------------------------------------------------------------------------------------
     def start(self, cmd: StartFineTune) -> str:
@@ -113,7 +114,7 @@ class JobRunner:
             self.relay()
             if claimed is None:
                 return self._state(job_id)
-            if claimed == BUSY:
+            if isinstance(claimed, str):  # BUSY: another worker runs a job
                 return BUSY
             self._started = time.monotonic()
             self._timed_out = False
@@ -162,9 +163,8 @@ class JobRunner:
             uow.commit()
 
     def _touch(self) -> None:
-        beat = getattr(self, "_beat", None)
-        if beat is not None:
-            beat.touch()
+        if self._beat is not None:
+            self._beat.touch()
 
     def _cancel_or_timeout(self, job_id: str) -> bool:
         if time.monotonic() - getattr(self, "_started", time.monotonic()) > self.settings.job_time_limit_s:
@@ -398,7 +398,7 @@ class JobRunner:
         metrics: dict[str, Any],
         train_id: str,
         heldout_id: str,
-    ) -> dict[str, Any]:
+    ) -> ModelRow:
         """The one transaction that makes a model exist: the job becomes registered, the registry gets the
         model, all or nothing, and only while the job is still running. Its status:
         - withdrawn when its exports hold feedback of a session erased at any time up to now (also while it
@@ -418,9 +418,14 @@ class JobRunner:
                 raise self.trainer.TrainingCancelled("cancelled")
             now = self.clock()
             erased = uow.repo.erased_in_exports([train_id, heldout_id])
+            withdrawal = None
+            reason: str | None = None
             if erased:
                 status = domain.MODEL_WITHDRAWN
                 reason = f"its training data held {len(erased)} vote(s) of an erased session"
+                withdrawal = ModelWithdrawn(
+                    message_id=derived_id("model.withdrawn", model_id), model_id=model_id, model=name, reason=reason
+                )
             elif metrics.get("beats_base") is True:
                 status, reason = domain.MODEL_REGISTERED, None
             else:
@@ -459,12 +464,8 @@ class JobRunner:
             assert model is not None
             if status == domain.MODEL_REGISTERED:
                 uow.add_events(handlers.registered_event(model))
-            elif status == domain.MODEL_WITHDRAWN:
-                uow.add_events(
-                    ModelWithdrawn(
-                        message_id=derived_id("model.withdrawn", model_id), model_id=model_id, model=name, reason=reason
-                    )
-                )
+            elif withdrawal is not None:
+                uow.add_events(withdrawal)
             uow.commit()
         log.info("job %s registered %s (%s)", job_id, name, status)
         assert model is not None
@@ -516,9 +517,7 @@ def _engine_headers(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def load_adapter_on_server(
-    base_url: str, model: dict[str, Any], timeout_s: float = 30.0, key: str | None = None
-) -> str:
+def load_adapter_on_server(base_url: str, model: ModelRow, timeout_s: float = 30.0, key: str | None = None) -> str:
     """Ask an OpenAI-compatible server with runtime LoRA loading (vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING, or
     the fallback server) to serve a registered adapter under its served name (shared.serving.served_name, the
     name the router asks for). vLLM answers 400 "... has already been loaded." for a name it has: that counts as

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -180,10 +180,14 @@ class ModelPool:
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
         dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-        self._model = AutoModelForCausalLM.from_pretrained(self.base_model_path, dtype=dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(self.base_model_path, dtype=dtype)
+        # transformers types `to` through a decorator mypy reads as taking the model first
+        self._model = model.to(self.device).eval()  # type: ignore[arg-type]
         config = self._model.config
         self.context_length = int(
-            getattr(config, "max_position_embeddings", None) or getattr(self._tokenizer, "model_max_length", 2048)
+            getattr(config, "max_position_embeddings", None)
+            or getattr(self._tokenizer, "model_max_length", None)
+            or 2048
         )
 
     def _ensure_adapter(self, name: str, path: str) -> None:
@@ -269,7 +273,7 @@ class ModelPool:
             "completion_tokens": completion_tokens,
         }
 
-    def stream(self, adapter: tuple[str, str] | None, req: ChatCompletionRequest) -> Iterator[dict[str, Any]]:
+    def stream(self, adapter: tuple[str, str] | None, req: ChatCompletionRequest) -> Generator[dict[str, Any]]:
         """Runs on the pool's thread: yields {"text": piece} as tokens are decoded, then {"finish_reason", usage}.
         The caller iterates it from another thread (the generation itself runs here, under the lock)."""
         import torch

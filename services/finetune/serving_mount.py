@@ -16,12 +16,12 @@ import json
 import threading
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from services.finetune import handlers
 from services.finetune.config import FinetuneSettings
 from services.finetune.serving import bearer_ok
-from services.finetune.store import Store
+from services.finetune.store import ModelRow, Store
 from shared.serving import served_name
 from shared.web import send_json
 
@@ -44,9 +44,9 @@ class ServingMount:
     def store(self) -> Store:
         return self._store_of()
 
-    def _models(self) -> dict[str, dict[str, Any]]:
+    def _models(self) -> dict[str, ModelRow]:
         """Name -> model row: both the served name ("<id>") and the full name ("local/<id>") name a model."""
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, ModelRow] = {}
         for m in handlers.registered_adapters(self.store.uow()):
             out[m["name"]] = m
             out[served_name(m["name"])] = m
@@ -145,7 +145,7 @@ class ServingMount:
             return
         sent = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Message:
             nonlocal sent
             if not sent:
                 sent = True

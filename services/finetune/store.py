@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 from sqlalchemy import (
     JSON,
@@ -148,6 +148,67 @@ outbox = outbox_table(metadata)
 JOB_FIELDS = tuple(c.name for c in jobs.columns)
 
 
+# -- the rows the repository hands to the handlers (one key per column) -----------------------------------
+
+
+class ErasureRow(TypedDict):
+    session_key: str  # the erasure tag (`erasures()` shows a 12-character prefix of it)
+    erased_at: datetime
+    feedback_ids: list[str]
+    export_ids: list[str]
+    model_ids: list[str]
+
+
+class ExportRow(TypedDict):
+    export_id: str
+    format: str
+    split: str
+    rows: int
+    job_id: str | None
+    created_at: datetime
+    feedback_ids: list[str]  # the votes it used (from `export_feedback`)
+
+
+class JobRow(TypedDict):
+    job_id: str
+    state: str
+    method: Literal["sft", "kto", "dpo"]
+    base_model: str
+    recipe: dict[str, Any]
+    min_examples: int
+    progress: float
+    detail: str
+    reason: str | None
+    cancel_requested: bool
+    heartbeat_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    train_export_id: str | None
+    heldout_export_id: str | None
+    model_id: str | None
+    metrics: dict[str, Any]
+
+
+class ModelRow(TypedDict):
+    model_id: str
+    name: str
+    job_id: str
+    method: Literal["sft", "kto", "dpo"]
+    base_model: str
+    adapter_path: str
+    recipe: dict[str, Any]
+    train_export_id: str
+    heldout_export_id: str
+    metrics: dict[str, Any]
+    status: str  # domain.MODEL_STATUSES
+    status_reason: str | None
+    serving_base_url: str | None
+    cost_per_1k_tokens_usd: float
+    registered_at: datetime
+
+
 class FinetuneRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
 
@@ -194,7 +255,7 @@ class FinetuneRepository(MessageLog):
 
     def erase(
         self, session_key: str, feedback_ids: Iterable[str], at: datetime, explanation_ids: Iterable[str] = ()
-    ) -> dict[str, Any]:
+    ) -> ErasureRow:
         """Delete the session's votes (by key and by the ids the event names), blank the prompts and texts of
         the explanations served to it, remember its erasure tag, and record which exports and models had used
         its votes."""
@@ -229,7 +290,7 @@ class FinetuneRepository(MessageLog):
             }
         )
         tag = erasure_tag(session_key)
-        record = {
+        record: ErasureRow = {
             "session_key": tag,
             "erased_at": at,
             "feedback_ids": sorted(ids),
@@ -242,10 +303,11 @@ class FinetuneRepository(MessageLog):
             self.s.execute(erased_sessions.insert().values(**record))
         return record
 
-    def erasures(self, limit: int = 100) -> list[dict[str, Any]]:
+    def erasures(self, limit: int = 100) -> list[ErasureRow]:
         rows = self.s.execute(select(erased_sessions).order_by(erased_sessions.c.erased_at.desc()).limit(limit))
         return [
-            {**dict(r._mapping), "session_key": r.session_key[:12]}  # a prefix is enough to trace; never the whole key
+            # a prefix of the tag is enough to trace; never the whole of it
+            cast(ErasureRow, {**dict(r._mapping), "session_key": r.session_key[:12]})
             for r in rows
         ]
 
@@ -326,7 +388,7 @@ class FinetuneRepository(MessageLog):
                 [{"export_id": export_id, "feedback_id": f} for f in sorted(export.feedback_ids)],
             )
 
-    def export(self, export_id: str) -> dict[str, Any] | None:
+    def export(self, export_id: str) -> ExportRow | None:
         row = self.s.execute(select(exports).where(exports.c.export_id == export_id)).mappings().first()
         if row is None:
             return None
@@ -336,12 +398,12 @@ class FinetuneRepository(MessageLog):
                 select(export_feedback.c.feedback_id).where(export_feedback.c.export_id == export_id)
             )
         ]
-        return {**dict(row), "feedback_ids": sorted(ids)}
+        return cast(ExportRow, {**dict(row), "feedback_ids": sorted(ids)})
 
     # -- jobs -------------------------------------------------------------------------------------------
-    def job(self, job_id: str) -> dict[str, Any] | None:
+    def job(self, job_id: str) -> JobRow | None:
         row = self.s.execute(select(jobs).where(jobs.c.job_id == job_id)).mappings().first()
-        return dict(row) if row else None
+        return cast(JobRow, dict(row)) if row else None
 
     def add_job(self, values: dict[str, Any]) -> None:
         now = utcnow()
@@ -357,28 +419,28 @@ class FinetuneRepository(MessageLog):
     def update_job(self, job_id: str, **values: Any) -> None:
         self.s.execute(jobs.update().where(jobs.c.job_id == job_id).values(updated_at=utcnow(), **values))
 
-    def list_jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+    def list_jobs(self, limit: int = 100) -> list[JobRow]:
         rows = self.s.execute(select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)).mappings()
-        return [dict(r) for r in rows]
+        return [cast(JobRow, dict(r)) for r in rows]
 
-    def active_jobs(self) -> list[dict[str, Any]]:
+    def active_jobs(self) -> list[JobRow]:
         rows = self.s.execute(select(jobs).where(jobs.c.state.in_(sorted(domain.ACTIVE_STATES)))).mappings()
-        return [dict(r) for r in rows]
+        return [cast(JobRow, dict(r)) for r in rows]
 
     # -- models -----------------------------------------------------------------------------------------
     def add_model(self, values: dict[str, Any]) -> None:
         self.s.execute(models.insert().values(**values))
 
-    def model(self, model_id: str) -> dict[str, Any] | None:
+    def model(self, model_id: str) -> ModelRow | None:
         row = self.s.execute(select(models).where(models.c.model_id == model_id)).mappings().first()
-        return dict(row) if row else None
+        return cast(ModelRow, dict(row)) if row else None
 
     def update_model(self, model_id: str, **values: Any) -> None:
         self.s.execute(models.update().where(models.c.model_id == model_id).values(**values))
 
-    def list_models(self) -> list[dict[str, Any]]:
+    def list_models(self) -> list[ModelRow]:
         rows = self.s.execute(select(models).order_by(models.c.registered_at.desc())).mappings()
-        return [dict(r) for r in rows]
+        return [cast(ModelRow, dict(r)) for r in rows]
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.

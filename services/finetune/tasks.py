@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
-from services.finetune.store import Store
+from services.finetune.store import ModelRow, Store
 from shared.bus import event_tasks, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
 
@@ -27,13 +27,14 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-app = worker_app("finetune", settings, lambda: _store().dead_letters, batches=True)
-
 
 @lru_cache
 def _store() -> Store:
     return Store(get_settings().db_url)
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+app = worker_app("finetune", settings, lambda: _store().dead_letters, batches=True)
 
 
 _relay = outbox_relay(app, "finetune", _store)
@@ -83,7 +84,7 @@ def start_job(self: Any, payload: dict) -> str:
     if settings.serving_base_url:  # an external server (vLLM): load the adapter there once it is registered
         url, key = settings.serving_base_url, settings.serving_key()
 
-        def announce(model: dict) -> None:
+        def announce(model: ModelRow) -> None:
             jobs.load_adapter_on_server(url, model, key=key)
 
     try:

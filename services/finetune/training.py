@@ -39,7 +39,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 from services.finetune.domain import Recipe
 
@@ -386,14 +389,14 @@ def train(
         )
         callback = _make_callback(recipe, best_dir, on_progress, should_cancel)
         common = _trainer_args(recipe, device, dtype, work_dir, max_length)
+        trainer: Trainer  # SFT, DPO or KTO: trl's trainers share transformers' Trainer
         if recipe.method == "sft":
             from trl import SFTConfig, SFTTrainer
 
             common |= _checkpointing_arg(SFTConfig, device == "cuda" and recipe.gradient_checkpointing)
-            args = SFTConfig(**common, packing=recipe.packing, completion_only_loss=True, shuffle_dataset=True)
             trainer = SFTTrainer(
                 model=model,
-                args=args,
+                args=SFTConfig(**common, packing=recipe.packing, completion_only_loss=True, shuffle_dataset=True),
                 train_dataset=_sft_dataset(train_rows),
                 eval_dataset=_sft_dataset(eval_rows),
                 processing_class=tokenizer,
@@ -404,10 +407,9 @@ def train(
             from trl import DPOConfig, DPOTrainer
 
             common |= _checkpointing_arg(DPOConfig, device == "cuda" and recipe.gradient_checkpointing)
-            args = DPOConfig(**common, beta=recipe.dpo_beta)
             trainer = DPOTrainer(
                 model=model,
-                args=args,
+                args=DPOConfig(**common, beta=recipe.dpo_beta),
                 train_dataset=_dpo_dataset(train_rows),
                 eval_dataset=_dpo_dataset(eval_rows),
                 processing_class=tokenizer,
@@ -418,10 +420,9 @@ def train(
             from trl import KTOConfig, KTOTrainer
 
             common |= _checkpointing_arg(KTOConfig, device == "cuda" and recipe.gradient_checkpointing)
-            args = KTOConfig(**common, beta=recipe.kto_beta)
             trainer = KTOTrainer(
                 model=model,
-                args=args,
+                args=KTOConfig(**common, beta=recipe.kto_beta),
                 train_dataset=_kto_dataset(train_rows),
                 eval_dataset=_kto_dataset(eval_rows),
                 processing_class=tokenizer,
@@ -538,7 +539,8 @@ def evaluate_likelihood(
 
     device, dtype = _device_and_dtype()
     tokenizer = _load_tokenizer(base_model_path)
-    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    # Any: with an adapter the model is a PeftModel; transformers types `to` through a decorator mypy misreads
+    model: Any = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
     if adapter_path is not None:
         from peft import PeftModel
 

@@ -18,6 +18,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from services.optimizer.stats.decision import DecisionConfig
 from services.optimizer.stats.results import METRIC_POSITIVE_RATE, METRICS, ArmData
@@ -225,7 +226,7 @@ def plan_arms(spec: ExperimentSpec, versions: Mapping[str, str]) -> list[Planned
     elif any(w is None for w in weights):
         raise InvalidRequest("give a weight for every arm, or for none (equal split)")
     else:
-        ws = [float(w) for w in weights]  # type: ignore[arg-type]
+        ws = [float(w) for w in weights if w is not None]  # none is None here
         if any(not math.isfinite(w) or w <= 0 or w > 1 for w in ws):
             raise InvalidRequest("every weight must be in (0, 1]")
         if abs(sum(ws) - 1.0) > WEIGHT_TOLERANCE:
@@ -239,24 +240,39 @@ def plan_arms(spec: ExperimentSpec, versions: Mapping[str, str]) -> list[Planned
     ]
 
 
-def decision_config(row: Mapping[str, object]) -> DecisionConfig:
+class StoredDecisionRule(TypedDict):
+    """The decision rule as an experiment's row stores it (the store's `ExperimentRow` has these columns)."""
+
+    alpha: float
+    metric: str
+    min_duration_s: float
+    min_feedback_per_arm: int
+    max_feedback_per_arm: int
+    target_lift: float
+    min_lift_to_ship: float
+    max_cost_ratio: float | None
+    max_latency_ratio: float | None
+    min_feedback_rate_ratio: float | None
+
+
+def decision_config(row: StoredDecisionRule) -> DecisionConfig:
     """The stats engine's decision rule from an experiment's stored configuration."""
     return DecisionConfig(
-        alpha=float(row["alpha"]),  # type: ignore[arg-type]
+        alpha=float(row["alpha"]),
         metric=str(row["metric"]),
-        min_duration_s=float(row["min_duration_s"]),  # type: ignore[arg-type]
-        min_feedback_per_arm=int(row["min_feedback_per_arm"]),  # type: ignore[call-overload]
-        max_feedback_per_arm=int(row["max_feedback_per_arm"]),  # type: ignore[call-overload]
-        target_lift=float(row["target_lift"]),  # type: ignore[arg-type]
-        min_lift_to_ship=float(row["min_lift_to_ship"]),  # type: ignore[arg-type]
-        max_cost_ratio=_opt_float(row.get("max_cost_ratio")),
-        max_latency_ratio=_opt_float(row.get("max_latency_ratio")),
-        min_feedback_rate_ratio=_opt_float(row.get("min_feedback_rate_ratio")),
+        min_duration_s=float(row["min_duration_s"]),
+        min_feedback_per_arm=int(row["min_feedback_per_arm"]),
+        max_feedback_per_arm=int(row["max_feedback_per_arm"]),
+        target_lift=float(row["target_lift"]),
+        min_lift_to_ship=float(row["min_lift_to_ship"]),
+        max_cost_ratio=_opt_float(row["max_cost_ratio"]),
+        max_latency_ratio=_opt_float(row["max_latency_ratio"]),
+        min_feedback_rate_ratio=_opt_float(row["min_feedback_rate_ratio"]),
     )
 
 
-def _opt_float(value: object) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]
+def _opt_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass
@@ -280,8 +296,8 @@ class AllocationHistory:
             span = max(0, min(end, total) - min(start, total))
             for arm, w in weights.items():
                 acc[arm] = acc.get(arm, 0.0) + w * span
-        total = sum(acc.values())
-        return {a: w / total for a, w in acc.items()} if total > 0 else dict(self.periods[-1][1])
+        mass = sum(acc.values())
+        return {a: w / mass for a, w in acc.items()} if mass > 0 else dict(self.periods[-1][1])
 
 
 def weights_changed(old: Mapping[str, float], new: Mapping[str, float], tolerance: float = 0.005) -> bool:

@@ -32,7 +32,7 @@ from services.optimizer.stats.decision import (
     guardrail_failures,
 )
 from services.optimizer.stats.results import Analysis, ArmData
-from services.optimizer.store import SqlUnitOfWork
+from services.optimizer.store import ArmRow, ExperimentRow, SqlUnitOfWork
 from shared.clock import as_utc
 from shared.contracts import (
     AllocationChanged,
@@ -170,7 +170,7 @@ def _start(uow: SqlUnitOfWork, experiment_id: str, now: datetime) -> None:
     )
 
 
-def require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> dict[str, Any]:
+def require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> ExperimentRow:
     exp = uow.repo.experiment(experiment_id)
     if exp is None:
         raise domain.NotFound(f"unknown experiment {experiment_id}")
@@ -183,7 +183,7 @@ def require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> dict[str, Any]
 
 
 def evaluate(
-    uow: SqlUnitOfWork, exp: dict[str, Any], arms: list[dict[str, Any]], now: datetime
+    uow: SqlUnitOfWork, exp: ExperimentRow, arms: list[ArmRow], now: datetime
 ) -> tuple[list[ArmData], Analysis, Decision]:
     """Analyze an experiment with the session as the unit: per-session aggregates of every arm (explanations
     a fallback wrote excluded from quality), the sessions of the recent half for the novelty check, and one
@@ -221,7 +221,7 @@ def evaluate(
 
 def _end(
     uow: SqlUnitOfWork,
-    exp: dict[str, Any],
+    exp: ExperimentRow,
     status: str,
     decision: str,
     winner_arm_id: str | None,
@@ -262,7 +262,7 @@ def _end(
         )
 
 
-def _promote(uow: SqlUnitOfWork, exp: dict[str, Any], arm_id: str, reason: str, now: datetime) -> int | None:
+def _promote(uow: SqlUnitOfWork, exp: ExperimentRow, arm_id: str, reason: str, now: datetime) -> int | None:
     """Make the arm champion, archive the losers, conclude. Returns the champion row id (None when the arm
     already is the champion)."""
     repo = uow.repo
@@ -344,8 +344,8 @@ def decide_experiment(
 
 def _reweight(
     uow: SqlUnitOfWork,
-    exp: dict[str, Any],
-    arms: list[dict[str, Any]],
+    exp: ExperimentRow,
+    arms: list[ArmRow],
     data: list[ArmData],
     analysis: Analysis,
     settings: OptimizerSettings,
@@ -504,7 +504,8 @@ def rollback_experiment(experiment_id: str, uow: SqlUnitOfWork, now: datetime | 
             raise domain.Conflict(f"experiment {experiment_id} has already been rolled back")
         promoted = repo.champion_by_id(int(exp["promoted_champion_id"]))
         assert promoted is not None
-        if not promoted["previous_version"]:
+        previous_version, previous_model = promoted["previous_version"], promoted["previous_model"]
+        if not previous_version or not previous_model:  # both are set together (registry.set_champion)
             raise domain.Conflict("there is no earlier champion to restore")
         name = exp["prompt_name"]
         current = repo.champion(name)
@@ -514,9 +515,7 @@ def rollback_experiment(experiment_id: str, uow: SqlUnitOfWork, now: datetime | 
             f"({promoted['previous_model']}) in place of {current['version']}"
         )
         stopped = _stop_active_for(uow, name, "stopped by a rollback of the champion", now)
-        cid = set_champion(
-            uow, name, promoted["previous_version"], promoted["previous_model"], kind="rollback", reason=reason
-        )
+        cid = set_champion(uow, name, previous_version, previous_model, kind="rollback", reason=reason)
         repo.update_experiment(experiment_id, rolled_back=True)
         uow.commit()
     return {

@@ -270,16 +270,16 @@ class OfflineGenerator:
                 options.append((size, -score, order, frozenset(combo), candidate))
         options.sort(key=lambda o: o[:3])
         out = []
-        for size, _, _, combo, candidate in options:
+        for size, _, _, added, candidate in options:
             measured = [
-                f"{_TRAIT_LABEL[t]} {evidence.score[t]:+.1%}" for t in TRAIT_NAMES if t in evidence.score and t in combo
+                f"{_TRAIT_LABEL[t]} {evidence.score[t]:+.1%}" for t in TRAIT_NAMES if t in evidence.score and t in added
             ]
             if size == 1 and not measured:
-                why = f"add {_label(combo)} (not tried yet)"
+                why = f"add {_label(added)} (not tried yet)"
             elif size == 1:
-                why = f"add {_label(combo)} to the new champion (measured before: {', '.join(measured)})"
+                why = f"add {_label(added)} to the new champion (measured before: {', '.join(measured)})"
             else:
-                why = f"combine {_label(combo)}" + (f" (measured alone: {', '.join(measured)})" if measured else "")
+                why = f"combine {_label(added)}" + (f" (measured alone: {', '.join(measured)})" if measured else "")
             out.append(Candidate(candidate, why))
         return out
 

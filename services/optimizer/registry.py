@@ -23,7 +23,7 @@ from typing import Any
 from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import SearchHistory, VariantGenerator, fingerprint
-from services.optimizer.store import SqlUnitOfWork
+from services.optimizer.store import ChampionRow, PromptVersionRow, SqlUnitOfWork
 from shared.clock import as_utc
 from shared.contracts import ChampionChanged, PromptTemplate, derived_id, utcnow
 from shared.prompts import SEED_PROMPT, TemplateError, check_template
@@ -43,7 +43,7 @@ def iso(ts: datetime | None) -> str | None:
     return as_utc(ts).isoformat() if ts else None
 
 
-def version_view(row: dict[str, Any]) -> dict[str, Any]:
+def version_view(row: PromptVersionRow) -> dict[str, Any]:
     return {
         "version": row["version"],
         "template": row["template"],
@@ -100,7 +100,7 @@ def ensure_seeded(uow: SqlUnitOfWork, model: str) -> bool:
     return True
 
 
-def require_prompt(uow: SqlUnitOfWork, name: str) -> dict[str, Any]:
+def require_prompt(uow: SqlUnitOfWork, name: str) -> ChampionRow:
     champion = uow.repo.champion(name)
     if champion is None:
         raise domain.NotFound(f"unknown prompt {name!r}")

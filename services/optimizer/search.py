@@ -101,7 +101,7 @@ def _survey(
             else:
                 outcome = OUTCOME_LOST
             ci = r.lift_ci_sequential if r is not None else None
-            fact = {
+            fact: dict[str, Any] = {
                 "outcome": outcome,
                 "experiment_id": exp["experiment_id"],
                 "control_version": control["prompt_version"],
@@ -160,17 +160,17 @@ def _survey(
                 empty += 1
         else:
             counting = False
-        for r in g["rejected"] or []:
-            key = r.get("fingerprint") or r.get("preview", "")
+        for proposal in g["rejected"] or []:
+            key = proposal.get("fingerprint") or proposal.get("preview", "")
             if key in seen or len(rejected) >= REJECTED_KEPT:
                 continue
             seen.add(key)
             rejected.append(
                 RejectedProposal(
-                    reason=str(r.get("reason", "")),
-                    rationale=str(r.get("rationale", "")),
-                    preview=str(r.get("preview", "")),
-                    fingerprint=r.get("fingerprint"),
+                    reason=str(proposal.get("reason", "")),
+                    rationale=str(proposal.get("rationale", "")),
+                    preview=str(proposal.get("preview", "")),
+                    fingerprint=proposal.get("fingerprint"),
                 )
             )
     history = SearchHistory(

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 from sqlalchemy import (
     JSON,
     Boolean,
     Column,
+    CursorResult,
     DateTime,
     Float,
+    Insert,
     Integer,
     MetaData,
     SmallInteger,
@@ -30,7 +32,7 @@ from services.optimizer import domain
 from services.optimizer.stats.results import ArmData
 from shared.clock import as_utc
 from shared.contracts import utcnow
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
@@ -194,8 +196,82 @@ processed = processed_table(metadata)
 outbox = outbox_table(metadata)
 
 
-def _row(r: Any) -> dict[str, Any] | None:
-    return dict(r) if r is not None else None
+# -- the rows the repository hands to the handlers (one key per column) -----------------------------------
+
+
+class PromptVersionRow(TypedDict):
+    name: str
+    version: str
+    template: str
+    parent_version: str | None
+    reason: str  # why it was made (lineage)
+    source: str  # seed | offline | openai | manual
+    status: str  # active | candidate | archived
+    generation_id: int | None
+    created_at: datetime
+
+
+class ChampionRow(TypedDict):
+    id: int
+    name: str
+    version: str
+    model: str
+    kind: str  # seed | promotion | rollback
+    reason: str
+    experiment_id: str | None
+    previous_version: str | None
+    previous_model: str | None
+    since: datetime
+
+
+class ExperimentRow(domain.StoredDecisionRule):
+    """An experiment: its decision rule's columns (`domain.StoredDecisionRule`) and these."""
+
+    experiment_id: str
+    prompt_name: str
+    status: str
+    allocation: Literal["fixed", "adaptive"]
+    source: str
+    note: str
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    weights: dict[str, float]  # in force now
+    allocation_history: list[Any]  # [[exposures when it took effect, weights], ...]
+    reweighted_at_feedback: int
+    decision: str | None  # the final decision once ended
+    winner_arm_id: str | None
+    reason: str
+    last_status: str | None  # the latest decision while running
+    last_reason: str | None
+    last_decided_at: datetime | None
+    promoted_champion_id: int | None
+    rolled_back: bool
+
+
+class ArmRow(TypedDict):
+    experiment_id: str
+    arm_id: str
+    position: int
+    prompt_version: str
+    model: str
+    initial_weight: float
+    is_control: bool
+
+
+class GenerationRow(TypedDict):
+    id: int
+    prompt_name: str
+    at: datetime
+    source: str  # offline | openai
+    model: str
+    parent_version: str
+    requested: int
+    accepted: list[str]  # versions added
+    rejected: list[dict[str, str]]  # [{reason, preview}]
+    cost_usd: float
+    tokens_in: int
+    tokens_out: int
 
 
 class OptimizerRepository(MessageLog):
@@ -210,15 +286,16 @@ class OptimizerRepository(MessageLog):
             self.s.execute(select(prompt_versions.c.name).distinct().order_by(prompt_versions.c.name)).scalars()
         )
 
-    def versions(self, name: str) -> list[dict[str, Any]]:
+    def versions(self, name: str) -> list[PromptVersionRow]:
         rows = self.s.execute(
             select(prompt_versions).where(prompt_versions.c.name == name).order_by(prompt_versions.c.created_at)
         ).mappings()
-        return [dict(r) for r in rows]
+        return [cast(PromptVersionRow, dict(r)) for r in rows]
 
-    def version(self, name: str, version: str) -> dict[str, Any] | None:
+    def version(self, name: str, version: str) -> PromptVersionRow | None:
         q = select(prompt_versions).where(prompt_versions.c.name == name, prompt_versions.c.version == version)
-        return _row(self.s.execute(q).mappings().first())
+        row = self.s.execute(q).mappings().first()
+        return cast(PromptVersionRow, dict(row)) if row else None
 
     def add_version(self, values: dict[str, Any]) -> None:
         self.s.execute(prompt_versions.insert().values(created_at=utcnow(), **values))
@@ -231,20 +308,27 @@ class OptimizerRepository(MessageLog):
         )
 
     # -- champions --------------------------------------------------------------------------------------
-    def champion(self, name: str) -> dict[str, Any] | None:
+    def champion(self, name: str) -> ChampionRow | None:
         q = select(champions).where(champions.c.name == name).order_by(champions.c.id.desc()).limit(1)
-        return _row(self.s.execute(q).mappings().first())
+        row = self.s.execute(q).mappings().first()
+        return cast(ChampionRow, dict(row)) if row else None
 
-    def champion_by_id(self, champion_id: int) -> dict[str, Any] | None:
-        return _row(self.s.execute(select(champions).where(champions.c.id == champion_id)).mappings().first())
+    def champion_by_id(self, champion_id: int) -> ChampionRow | None:
+        row = self.s.execute(select(champions).where(champions.c.id == champion_id)).mappings().first()
+        return cast(ChampionRow, dict(row)) if row else None
 
-    def champion_history(self, name: str) -> list[dict[str, Any]]:
+    def champion_history(self, name: str) -> list[ChampionRow]:
         q = select(champions).where(champions.c.name == name).order_by(champions.c.id)
-        return [dict(r) for r in self.s.execute(q).mappings()]
+        return [cast(ChampionRow, dict(r)) for r in self.s.execute(q).mappings()]
 
     def add_champion(self, values: dict[str, Any]) -> int:
-        result = self.s.execute(champions.insert().values(since=utcnow(), **values))
-        return int(result.inserted_primary_key[0])  # type: ignore[index]
+        return self._insert(champions.insert().values(since=utcnow(), **values))
+
+    def _insert(self, statement: Insert) -> int:
+        """Run an INSERT into a table with an autoincrement key; the key it got."""
+        result = cast(CursorResult[Any], self.s.execute(statement))
+        assert result.inserted_primary_key is not None  # a single-row INSERT always has one
+        return int(result.inserted_primary_key[0])
 
     # -- experiments ------------------------------------------------------------------------------------
     def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:
@@ -252,30 +336,32 @@ class OptimizerRepository(MessageLog):
         for position, arm in enumerate(arm_rows):
             self.s.execute(arms.insert().values(experiment_id=values["experiment_id"], position=position, **arm))
 
-    def experiment(self, experiment_id: str) -> dict[str, Any] | None:
+    def experiment(self, experiment_id: str) -> ExperimentRow | None:
         q = select(experiments).where(experiments.c.experiment_id == experiment_id)
-        return _row(self.s.execute(q).mappings().first())
+        row = self.s.execute(q).mappings().first()
+        return cast(ExperimentRow, dict(row)) if row else None
 
-    def experiments(self, status: str | None = None, prompt_name: str | None = None) -> list[dict[str, Any]]:
+    def experiments(self, status: str | None = None, prompt_name: str | None = None) -> list[ExperimentRow]:
         q = select(experiments).order_by(experiments.c.created_at.desc())
         if status is not None:
             q = q.where(experiments.c.status == status)
         if prompt_name is not None:
             q = q.where(experiments.c.prompt_name == prompt_name)
-        return [dict(r) for r in self.s.execute(q).mappings()]
+        return [cast(ExperimentRow, dict(r)) for r in self.s.execute(q).mappings()]
 
-    def active_experiment(self, prompt_name: str) -> dict[str, Any] | None:
+    def active_experiment(self, prompt_name: str) -> ExperimentRow | None:
         q = select(experiments).where(
             experiments.c.prompt_name == prompt_name, experiments.c.status.in_(sorted(domain.ACTIVE_STATES))
         )
-        return _row(self.s.execute(q).mappings().first())
+        row = self.s.execute(q).mappings().first()
+        return cast(ExperimentRow, dict(row)) if row else None
 
     def update_experiment(self, experiment_id: str, **values: Any) -> None:
         self.s.execute(experiments.update().where(experiments.c.experiment_id == experiment_id).values(**values))
 
-    def arms(self, experiment_id: str) -> list[dict[str, Any]]:
+    def arms(self, experiment_id: str) -> list[ArmRow]:
         q = select(arms).where(arms.c.experiment_id == experiment_id).order_by(arms.c.position)
-        return [dict(r) for r in self.s.execute(q).mappings()]
+        return [cast(ArmRow, dict(r)) for r in self.s.execute(q).mappings()]
 
     def rebase_arms(self, experiment_id: str, champion_version: str, champion_model: str) -> None:
         """Point a queued experiment at the champion of the moment: the control becomes the champion and
@@ -341,7 +427,7 @@ class OptimizerRepository(MessageLog):
     def delete_votes(self, feedback_ids: list[str]) -> int:
         if not feedback_ids:
             return 0
-        return int(self.s.execute(delete(votes).where(votes.c.feedback_id.in_(feedback_ids))).rowcount or 0)
+        return rowcount(self.s.execute(delete(votes).where(votes.c.feedback_id.in_(feedback_ids))))
 
     def remember_erased(self, feedback_ids: list[str], erased_at: datetime) -> None:
         for fid in feedback_ids:
@@ -538,24 +624,24 @@ class OptimizerRepository(MessageLog):
         return out
 
     # -- generations ------------------------------------------------------------------------------------
-    def last_generation(self, name: str) -> dict[str, Any] | None:
+    def last_generation(self, name: str) -> GenerationRow | None:
         q = select(generations).where(generations.c.prompt_name == name).order_by(generations.c.id.desc()).limit(1)
-        return _row(self.s.execute(q).mappings().first())
+        row = self.s.execute(q).mappings().first()
+        return cast(GenerationRow, dict(row)) if row else None
 
     def add_generation(self, values: dict[str, Any]) -> int:
-        result = self.s.execute(generations.insert().values(**values))
-        return int(result.inserted_primary_key[0])  # type: ignore[index]
+        return self._insert(generations.insert().values(**values))
 
     def finish_generation(self, generation_id: int, accepted: list[str], rejected: list[dict[str, str]]) -> None:
         self.s.execute(
             generations.update().where(generations.c.id == generation_id).values(accepted=accepted, rejected=rejected)
         )
 
-    def generations(self, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def generations(self, name: str | None = None, limit: int = 50) -> list[GenerationRow]:
         q = select(generations).order_by(generations.c.id.desc()).limit(limit)
         if name is not None:
             q = q.where(generations.c.prompt_name == name)
-        return [dict(r) for r in self.s.execute(q).mappings()]
+        return [cast(GenerationRow, dict(r)) for r in self.s.execute(q).mappings()]
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.

@@ -15,8 +15,6 @@ from shared.bus import event_tasks, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
 
 settings = get_settings()
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-app = worker_app("optimizer", settings, lambda: _store().dead_letters, batches=True)
 
 
 @lru_cache
@@ -24,6 +22,10 @@ def _store() -> Store:
     store = Store(get_settings().db_url)
     registry.ensure_seeded(store.uow(), get_settings().seed_model())
     return store
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+app = worker_app("optimizer", settings, lambda: _store().dead_letters, batches=True)
 
 
 @lru_cache

@@ -15,7 +15,7 @@ from typing import Any
 from services.optimizer import domain
 from services.optimizer.experiments import evaluate, require_experiment
 from services.optimizer.registry import iso, version_view
-from services.optimizer.store import SqlUnitOfWork
+from services.optimizer.store import ArmRow, ExperimentRow, SqlUnitOfWork
 from shared.contracts import utcnow
 
 
@@ -30,7 +30,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _experiment_summary(exp: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, Any]:
+def _experiment_summary(exp: ExperimentRow, arms: list[ArmRow]) -> dict[str, Any]:
     return {
         "experiment_id": exp["experiment_id"],
         "prompt_name": exp["prompt_name"],

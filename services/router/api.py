@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 from services.router import domain, handlers
 from services.router.config import RouterSettings
 from services.router.providers import AllProvidersFailed, NoProviderConfigured, ProviderSet
-from services.router.store import Store, outbox
+from services.router.store import ExplanationRow, Store, outbox
 from shared.bus import CeleryBus
 from shared.contracts import ExplanationCreated
 from shared.outbox import relay_after_commit
@@ -120,7 +120,7 @@ SettingsDep = Annotated[RouterSettings, from_state("settings")]
 MetricsDep = Annotated[RouterMetrics, from_state("router_metrics")]
 
 
-def _out(row: dict[str, Any]) -> ExplanationOut:
+def _out(row: ExplanationRow) -> ExplanationOut:
     return ExplanationOut.model_validate(row, from_attributes=False)
 
 
@@ -172,30 +172,15 @@ def create_explanation(
         raise HTTPException(503, str(exc)) from None
     for e in result.errors:
         metrics.provider_errors.labels(e.model, e.kind).inc()
-    if result.fallback_used:
-        metrics.fallbacks.labels(result.requested_model, result.model).inc()
-    metrics.explanations.labels(result.model, result.prompt_version, cmd.signal).inc()
-    metrics.latency.labels(result.model).observe(result.latency_ms / 1000)
+    event = result.event
+    if event.fallback_used:
+        metrics.fallbacks.labels(result.requested_model, event.model).inc()
+    metrics.explanations.labels(event.model, event.prompt_version, cmd.signal).inc()
+    metrics.latency.labels(event.model).observe(event.latency_ms / 1000)
     # Recorded, with its event in the outbox, in the commit above: the event goes to the broker after the
     # response is sent (the periodic relay publishes it if this process dies first), so no request waits on it.
-    background.add_task(_publish, store, bus, result.event)
-    return ExplanationOut(
-        explanation_id=result.explanation_id,
-        text=result.text,
-        prompt_version=result.prompt_version,
-        model=result.model,
-        experiment_id=result.experiment_id,
-        latency_ms=result.latency_ms,
-        cost_usd=result.cost_usd,
-        prompt_name=result.prompt_name,
-        arm_id=result.arm_id,
-        ticker=cmd.ticker,
-        signal=cmd.signal,
-        fallback_used=result.fallback_used,
-        tokens_in=result.tokens_in,
-        tokens_out=result.tokens_out,
-        created_at=result.created_at,
-    )
+    background.add_task(_publish, store, bus, event)
+    return ExplanationOut.model_validate(event, from_attributes=True)
 
 
 def _publish(store: Store, bus: CeleryBus, event: ExplanationCreated) -> None:

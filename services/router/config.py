@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -24,7 +25,7 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 }
 
 
-def _plain(name: str, default: object = None) -> object:
+def _plain(name: str, default: Any = None) -> Any:
     return Field(default, validation_alias=AliasChoices(name))
 
 
@@ -34,10 +35,10 @@ class RouterSettings(ServiceSettings):
     database_url: str | None = None
 
     # Providers. Keys are read under their usual names (OPENAI_API_KEY ...), as every SDK user expects.
-    openai_api_key: SecretStr | None = _plain("OPENAI_API_KEY")  # type: ignore[assignment]
-    openai_base_url: str | None = _plain("OPENAI_BASE_URL")  # type: ignore[assignment]
-    groq_api_key: SecretStr | None = _plain("GROQ_API_KEY")  # type: ignore[assignment]
-    groq_base_url: str | None = _plain("GROQ_BASE_URL")  # type: ignore[assignment]
+    openai_api_key: SecretStr | None = _plain("OPENAI_API_KEY")
+    openai_base_url: str | None = _plain("OPENAI_BASE_URL")
+    groq_api_key: SecretStr | None = _plain("GROQ_API_KEY")
+    groq_base_url: str | None = _plain("GROQ_BASE_URL")
     # Any OpenAI-compatible server (vLLM, the finetune service's server) for "vllm/<name>" and "local/<name>".
     compatible_base_url: str | None = None
     compatible_api_key: SecretStr | None = None

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from services.router import domain
 from services.router.config import DEFAULT_PRICES
 from services.router.providers import AttemptError, ProviderRequest, ProviderSet
-from services.router.store import ERASED_SESSION, SqlUnitOfWork
+from services.router.store import ERASED_SESSION, ExplanationRow, SqlUnitOfWork
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -28,6 +28,7 @@ from shared.contracts import (
     FeedbackErased,
     ModelRegistered,
     ModelWithdrawn,
+    Signal,
     derived_id,
     utcnow,
 )
@@ -43,29 +44,19 @@ SEED_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 @dataclass(frozen=True)
 class Explain:
     ticker: str
-    signal: str
+    signal: Signal
     context: Mapping[str, domain.ContextValue]
     session_key: str
 
 
 @dataclass(frozen=True)
 class Explained:
-    explanation_id: uuid.UUID
-    text: str
-    prompt_name: str
-    prompt_version: str
-    model: str
-    requested_model: str
-    provider: str
-    experiment_id: str | None
-    arm_id: str | None
-    tokens_in: int
-    tokens_out: int
-    latency_ms: float
-    cost_usd: float
-    fallback_used: bool
-    created_at: datetime
+    """A served explanation: its event (what was recorded and is published: the text, variant, model, tokens,
+    cost and latency), the model the variant assigned (`event.model` answered: a fallback when they differ)
+    and the provider attempts that failed on the way."""
+
     event: ExplanationCreated
+    requested_model: str
     errors: tuple[AttemptError, ...] = ()
 
 
@@ -168,11 +159,9 @@ def create_explanation(
     if budget is not None:
         budget.add(cost)
     explanation_id = uuid.uuid4()
-    created_at = utcnow()
-    key = domain.request_key(cmd.ticker, cmd.signal, cmd.context)
-    row = {
+    row: ExplanationRow = {
         "explanation_id": str(explanation_id),
-        "request_key": key,
+        "request_key": domain.request_key(cmd.ticker, cmd.signal, cmd.context),
         "session_key": cmd.session_key,
         "ticker": cmd.ticker,
         "signal": cmd.signal,
@@ -191,35 +180,17 @@ def create_explanation(
         "cost_usd": cost,
         "latency_ms": latency_ms,
         "fallback_used": result.fallback_used,
-        "created_at": created_at,
+        "created_at": utcnow(),
     }
     event = explanation_event(row)
     with uow:
         uow.repo.add_explanation(row)
         uow.add_events(event)
         uow.commit()
-    return Explained(
-        explanation_id=explanation_id,
-        text=c.text,
-        prompt_name=variant.prompt.name,
-        prompt_version=variant.prompt.version,
-        model=result.model,
-        requested_model=variant.model,
-        provider=result.provider,
-        experiment_id=variant.experiment_id,
-        arm_id=variant.arm_id,
-        tokens_in=c.tokens_in,
-        tokens_out=c.tokens_out,
-        latency_ms=latency_ms,
-        cost_usd=cost,
-        fallback_used=result.fallback_used,
-        created_at=created_at,
-        event=event,
-        errors=tuple(result.errors),
-    )
+    return Explained(event=event, requested_model=variant.model, errors=tuple(result.errors))
 
 
-def explanation_event(row: Mapping[str, Any]) -> ExplanationCreated:
+def explanation_event(row: ExplanationRow) -> ExplanationCreated:
     """The `ExplanationCreated` of a stored explanation, with the message id it was first published with. An
     erased session's explanation gives the event as its erasure left it: no session, prompt or text."""
     explanation_id = uuid.UUID(str(row["explanation_id"]))
@@ -260,7 +231,7 @@ def cost_since(uow: SqlUnitOfWork, since: datetime) -> float:
         return uow.repo.cost_since(since)
 
 
-def get_explanation(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> dict[str, Any] | None:
+def get_explanation(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> ExplanationRow | None:
     with uow:
         return uow.repo.explanation(explanation_id)
 
@@ -466,7 +437,7 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:
     return handle_once(uow, event.message_id, apply, duplicate=0)
 
 
-def explanation_erased(row: dict[str, Any]) -> bool:
+def explanation_erased(row: ExplanationRow) -> bool:
     return row["session_key"] == ERASED_SESSION
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from sqlalchemy import (
     JSON,
@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 
 from services.router.domain import Arm, Experiment, Routing, Template
 from shared.clock import as_utc
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.contracts import Signal
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
@@ -112,10 +113,84 @@ models = Table(
 
 processed = processed_table(metadata)
 
+
+# -- the rows the repository hands to the handlers (one key per column) -----------------------------------
+
+
+class ExplanationRow(TypedDict):
+    explanation_id: str
+    request_key: str
+    session_key: str  # ERASED_SESSION once its session was erased
+    ticker: str
+    signal: Signal
+    context: dict[str, Any]
+    prompt_name: str
+    prompt_version: str
+    prompt_text: str
+    requested_model: str  # the model the variant assigned; `model` answered (a fallback when they differ)
+    model: str
+    provider: str
+    experiment_id: str | None
+    arm_id: str | None
+    text: str
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    latency_ms: float
+    fallback_used: bool
+    created_at: datetime
+
+
+class ChampionRow(TypedDict):
+    prompt_name: str
+    prompt_version: str
+    template: str
+    model: str
+    changed_at: datetime
+    reason: str
+
+
+class ExperimentRow(TypedDict):
+    experiment_id: str
+    prompt_name: str
+    allocation: str
+    status: str
+    started_at: datetime | None
+    weights_at: datetime | None
+    concluded_at: datetime | None
+    decision: str | None
+    winner_arm_id: str | None
+
+
+class ArmRow(TypedDict):
+    experiment_id: str
+    arm_id: str
+    position: int
+    prompt_name: str
+    prompt_version: str
+    template: str
+    model: str
+    weight: float
+    is_control: bool
+
+
+class ModelRow(TypedDict):
+    model: str
+    model_id: str
+    base_model: str
+    serving_base_url: str | None
+    cost_per_1k_tokens_usd: float
+    registered_at: datetime
+
+
 #: `explanations.session_key` of an explanation whose session was erased (its context and texts are blanked).
 ERASED_SESSION = ""
 
 outbox = outbox_table(metadata)
+
+
+def _as_utc_or_none(ts: datetime | None) -> datetime | None:
+    return None if ts is None else as_utc(ts)
 
 
 class RouterRepository(MessageLog):
@@ -125,8 +200,8 @@ class RouterRepository(MessageLog):
         self.s = session
 
     # -- explanations -----------------------------------------------------------------------------------
-    def add_explanation(self, values: dict[str, Any]) -> None:
-        self.s.execute(explanations.insert().values(**values))
+    def add_explanation(self, row: ExplanationRow) -> None:
+        self.s.execute(explanations.insert().values(**row))
 
     def cost_since(self, since: datetime) -> float:
         """USD spent on explanations created at or after `since` (the budget's fallback when Redis is away)."""
@@ -135,7 +210,7 @@ class RouterRepository(MessageLog):
         ).scalar_one()
         return float(total)
 
-    def explanation(self, explanation_id: uuid.UUID) -> dict[str, Any] | None:
+    def explanation(self, explanation_id: uuid.UUID) -> ExplanationRow | None:
         row = (
             self.s.execute(select(explanations).where(explanations.c.explanation_id == str(explanation_id)))
             .mappings()
@@ -143,14 +218,14 @@ class RouterRepository(MessageLog):
         )
         if row is None:
             return None
-        out = dict(row)
+        out = cast(ExplanationRow, dict(row))
         out["created_at"] = as_utc(out["created_at"])
         return out
 
-    def explanations(self, explanation_ids: list[uuid.UUID]) -> list[dict[str, Any]]:
+    def explanations(self, explanation_ids: list[uuid.UUID]) -> list[ExplanationRow]:
         ids = [str(e) for e in explanation_ids]
         rows = self.s.execute(select(explanations).where(explanations.c.explanation_id.in_(ids))).mappings().all()
-        return [dict(r) | {"created_at": as_utc(r["created_at"])} for r in rows]
+        return [cast(ExplanationRow, dict(r) | {"created_at": as_utc(r["created_at"])}) for r in rows]
 
     def erase_session(self, session_key: str, explanation_ids: list[str]) -> int:
         """Keep what the cost and quality figures need of the session's explanations (ids, variant, model,
@@ -160,38 +235,42 @@ class RouterRepository(MessageLog):
         condition = explanations.c.session_key == session_key
         if explanation_ids:
             condition = condition | explanations.c.explanation_id.in_(explanation_ids)
-        erased = self.s.execute(
-            explanations.update()
-            .where(condition, explanations.c.session_key != ERASED_SESSION)
-            .values(session_key=ERASED_SESSION, context={}, prompt_text="", text="")
-        ).rowcount
+        erased = rowcount(
+            self.s.execute(
+                explanations.update()
+                .where(condition, explanations.c.session_key != ERASED_SESSION)
+                .values(session_key=ERASED_SESSION, context={}, prompt_text="", text="")
+            )
+        )
         forget_session(self.s, outbox, [session_key])
         forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
-        return int(erased or 0)
+        return erased
 
     # -- champion ---------------------------------------------------------------------------------------
-    def champion(self) -> dict[str, Any] | None:
-        row = self.s.execute(select(champion).where(champion.c.id == 1)).mappings().first()
+    def champion(self) -> ChampionRow | None:
+        columns = [c for c in champion.c if c.name != "id"]
+        row = self.s.execute(select(*columns).where(champion.c.id == 1)).mappings().first()
         if row is None:
             return None
-        out = dict(row)
+        out = cast(ChampionRow, dict(row))
         out["changed_at"] = as_utc(out["changed_at"])
         return out
 
-    def set_champion(self, values: dict[str, Any]) -> None:
+    def set_champion(self, values: ChampionRow) -> None:
         if self.champion() is None:
             self.s.execute(champion.insert().values(id=1, **values))
         else:
             self.s.execute(champion.update().where(champion.c.id == 1).values(**values))
 
     # -- experiments ------------------------------------------------------------------------------------
-    def experiment(self, experiment_id: str) -> dict[str, Any] | None:
+    def experiment(self, experiment_id: str) -> ExperimentRow | None:
         row = self.s.execute(select(experiments).where(experiments.c.experiment_id == experiment_id)).mappings().first()
         if row is None:
             return None
-        out = dict(row)
-        for key in ("started_at", "weights_at", "concluded_at"):
-            out[key] = None if out[key] is None else as_utc(out[key])
+        out = cast(ExperimentRow, dict(row))
+        out["started_at"] = _as_utc_or_none(out["started_at"])
+        out["weights_at"] = _as_utc_or_none(out["weights_at"])
+        out["concluded_at"] = _as_utc_or_none(out["concluded_at"])
         return out
 
     def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:
@@ -206,13 +285,13 @@ class RouterRepository(MessageLog):
         result = self.s.execute(
             arms.update().where(arms.c.experiment_id == experiment_id, arms.c.arm_id == arm_id).values(weight=weight)
         )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return bool(rowcount(result))
 
-    def arms_of(self, experiment_id: str) -> list[dict[str, Any]]:
+    def arms_of(self, experiment_id: str) -> list[ArmRow]:
         rows = self.s.execute(
             select(arms).where(arms.c.experiment_id == experiment_id).order_by(arms.c.position)
         ).mappings()
-        return [dict(r) for r in rows]
+        return [cast(ArmRow, dict(r)) for r in rows]
 
     def running_experiment_id(self) -> str | None:
         row = self.s.execute(
@@ -224,7 +303,7 @@ class RouterRepository(MessageLog):
         return row.experiment_id if row else None
 
     # -- models -----------------------------------------------------------------------------------------
-    def upsert_model(self, values: dict[str, Any]) -> None:
+    def upsert_model(self, values: ModelRow) -> None:
         exists = self.s.execute(select(models.c.model).where(models.c.model == values["model"])).first()
         if exists is None:
             self.s.execute(models.insert().values(**values))
@@ -234,8 +313,10 @@ class RouterRepository(MessageLog):
     def delete_model(self, model: str) -> None:
         self.s.execute(models.delete().where(models.c.model == model))
 
-    def models(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.s.execute(select(models).order_by(models.c.registered_at)).mappings()]
+    def models(self) -> list[ModelRow]:
+        return [
+            cast(ModelRow, dict(r)) for r in self.s.execute(select(models).order_by(models.c.registered_at)).mappings()
+        ]
 
     # -- the whole routing state ------------------------------------------------------------------------
     def routing(self) -> Routing | None:

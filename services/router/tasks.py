@@ -21,8 +21,6 @@ from shared.contracts import (
 )
 
 settings = get_settings()
-# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
-app = worker_app("router", settings, lambda: _store().dead_letters)
 
 
 @lru_cache
@@ -31,6 +29,10 @@ def _store() -> Store:
     store = Store(s.db_url)
     handlers.ensure_seeded(store.uow(), s.resolved_default_model())
     return store
+
+
+# What a task cannot handle goes to this service's dead-letter store (shared.bus.ReliableTask).
+app = worker_app("router", settings, lambda: _store().dead_letters)
 
 
 _relay = outbox_relay(app, "router", _store)

@@ -184,26 +184,26 @@ def test_router_keeps_the_cost_of_an_erased_sessions_explanations_and_nothing_of
     db = tmp_path / "router.db"
     assert found_in_sqlite([db], [KEY, "my secret note"])
 
-    erasure = _erased([], [sent.explanation_id])
+    erasure = _erased([], [sent.event.explanation_id])
     erased = router_handlers.on_feedback_erased(erasure, router_store.uow())
 
     assert erased == 2
     assert found_in_sqlite([db], [KEY]) == []
-    for eid in (sent.explanation_id, unsent.explanation_id):
+    for eid in (sent.event.explanation_id, unsent.event.explanation_id):
         row = router_handlers.get_explanation(router_store.uow(), eid)
         assert row is not None and router_handlers.explanation_erased(row)
         assert row["context"] == {} and row["prompt_text"] == row["text"] == ""
-        assert row["cost_usd"] == sent.cost_usd and row["tokens_in"] > 0  # what the figures need stays
-    assert router_handlers.get_explanation(router_store.uow(), other.explanation_id)["session_key"] == OTHER
+        assert row["cost_usd"] == sent.event.cost_usd and row["tokens_in"] > 0  # what the figures need stays
+    assert router_handlers.get_explanation(router_store.uow(), other.event.explanation_id)["session_key"] == OTHER
     # the unpublished event is still published, without the session
     bus = FakeBus()
     relay(router_store.factory, router_outbox, bus)
     [event] = bus.events
-    assert isinstance(event, ExplanationCreated) and event.explanation_id == unsent.explanation_id
+    assert isinstance(event, ExplanationCreated) and event.explanation_id == unsent.event.explanation_id
     assert event.session_key is None and event.prompt_text == event.text == ""
-    assert event.cost_usd == unsent.cost_usd
+    assert event.cost_usd == unsent.event.cost_usd
     assert found_in_sqlite([db], [KEY]) == []
-    other_row = router_handlers.get_explanation(router_store.uow(), other.explanation_id)
+    other_row = router_handlers.get_explanation(router_store.uow(), other.event.explanation_id)
     assert other_row["context"]["note"] == "my secret note"  # the other session's data stays
     assert pending(router_store.factory, router_outbox) == []
     # a redelivery is recognised; a second erasure finds nothing left to erase

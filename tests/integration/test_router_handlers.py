@@ -48,14 +48,14 @@ def providers(tmp_path: Path) -> ProviderSet:
     return ProviderSet(RouterSettings(data_dir=tmp_path, openai_api_key=None, groq_api_key=None))
 
 
-def explain(store: Store, providers: ProviderSet, session: str = "session-key-1", **kw: object) -> handlers.Explained:
+def explain(store: Store, providers: ProviderSet, session: str = "session-key-1", **kw: object) -> ExplanationCreated:
     cmd = handlers.Explain(
         ticker=str(kw.get("ticker", "AAPL")),
         signal=str(kw.get("signal", "BUY")),
         context=kw.get("context", {"rsi": 28}),  # type: ignore[arg-type]
         session_key=session,
     )
-    return handlers.create_explanation(cmd, store.uow(), providers, price_overrides={})
+    return handlers.create_explanation(cmd, store.uow(), providers, price_overrides={}).event
 
 
 def start_experiment(store: Store, weights: tuple[float, float] = (0.5, 0.5), exp_id: str = "exp-1") -> None:

@@ -19,7 +19,7 @@ from services.router import handlers as router
 from services.router.config import RouterSettings
 from services.router.providers import ProviderSet
 from services.router.store import Store as RouterStore
-from shared.contracts import ArmSpec, ExperimentStarted, ModelWithdrawn, PromptTemplate, utcnow
+from shared.contracts import ArmSpec, ExperimentStarted, ExplanationCreated, ModelWithdrawn, PromptTemplate, utcnow
 from shared.prompts import SEED_TEMPLATE
 from shared.serving import served_name, serving_api_key
 from tests.fakes.vllm_server import FakeVLLM
@@ -87,9 +87,9 @@ def routing(tmp_path: Path, store_url: Callable[[str], str]) -> Iterator[tuple[R
     store.dispose()
 
 
-def explain(store: RouterStore, providers: ProviderSet, session: str = "s-1") -> router.Explained:
+def explain(store: RouterStore, providers: ProviderSet, session: str = "s-1") -> ExplanationCreated:
     cmd = router.Explain(ticker="AAPL", signal="BUY", context={"rsi": 28}, session_key=session)
-    return router.create_explanation(cmd, store.uow(), providers, price_overrides={})
+    return router.create_explanation(cmd, store.uow(), providers, price_overrides={}).event
 
 
 def test_router_reaches_the_tuned_model_on_a_vllm_like_engine_without_fallback(

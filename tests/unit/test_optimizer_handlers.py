@@ -8,11 +8,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from services.optimizer import domain, experiments, handlers, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator, SearchHistory
-from services.optimizer.store import Store, outbox
+from services.optimizer.store import Store, champions, outbox
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -340,6 +341,19 @@ def test_rollback_restores_the_champion_an_experiment_replaced(store: Store, set
     assert "rollback" in events[-1].reason
     with pytest.raises(domain.Conflict, match="already been rolled back"):
         experiments.rollback_experiment(exp, store.uow())
+
+
+def test_rollback_of_a_promotion_that_kept_no_previous_model_is_refused(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    v = add_variant(store, settings)
+    exp = start(store, settings, v)
+    experiments.promote_experiment(exp, store.uow(), arm_id="t1")
+    with store.factory() as session, session.begin():  # the column is nullable: a row may lack it
+        session.execute(update(champions).where(champions.c.version == v).values(previous_model=None))
+    with pytest.raises(domain.Conflict, match="no earlier champion"):
+        experiments.rollback_experiment(exp, store.uow())
+    assert champion(store)["version"] == v
 
 
 def test_prompt_rollback_to_any_earlier_champion(store: Store, settings: OptimizerSettings) -> None:

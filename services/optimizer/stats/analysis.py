@@ -129,8 +129,8 @@ def _segment_results(
     tested = [r for r in rows if r["diff"] is not None]
     alpha_each = alpha / max(len(tested), 1)
     adjusted = holm_adjust([float(msprt_p_value(r["diff"], r["var"], tau2)) for r in tested])
-    for r, p in zip(tested, adjusted, strict=True):
-        r["p"] = p
+    for r, p_holm in zip(tested, adjusted, strict=True):
+        r["p"] = p_holm
     out = []
     for r in rows:
         d = r["diff"]
@@ -335,6 +335,7 @@ def analyze(
         ci_seq = ci_fixed = ci_rel = None
         futile = False
         if i in diff:
+            assert tau2 is not None  # a difference is computed only with a prior scale
             c_mean = prim_m[control_idx].mean  # type: ignore[index]
             lift = diff[i] / c_mean if c_mean else None
             h = float(msprt_half_width(var[i], tau2, alpha_each))

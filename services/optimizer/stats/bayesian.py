@@ -62,10 +62,10 @@ def posterior_draws(
         pos = np.array([a.positives for a in arms], dtype=float) / deff
         n = np.array([a.n for a in arms], dtype=float) / deff
         return beta_draws(pos, n, draws, rng)
-    if any(m.mean is None or m.n < 2 for m in moments):
+    if any(m.mean is None or m.var is None or m.n < 2 for m in moments):
         return None
     means = np.array([m.mean for m in moments], dtype=float)
-    sds = np.sqrt(np.array([m.var / m.n for m in moments], dtype=float))  # type: ignore[operator]
+    sds = np.sqrt(np.array([m.var / m.n for m in moments if m.var is not None], dtype=float))  # every one
     return rng.normal(means, sds, size=(draws, len(arms)))
 
 
