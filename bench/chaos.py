@@ -39,6 +39,8 @@ FAST = {
     "FEEDBACK_JOURNAL_SWEEP_INTERVAL_S": "2",
     "FEEDBACK_JOURNAL_GRACE_S": "15",
     "FEEDBACK_QUARANTINE_RESEND_AFTER_S": "15",
+    "MISSING_EVENT_AFTER_S": "15",
+    "MISSING_EVENT_CHECK_INTERVAL_S": "5",
     "OPTIMIZER_DECISION_INTERVAL_S": "30",
     "LOG_LEVEL": "WARNING",
     "REDIS_URL": "",  # always the private one: this run kills it
@@ -199,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         count = _rows(feedback_db, "select count(*) from feedback")
         n = count[0][0] if count else -1
         held = _rows(feedback_db, "select count(*) from quarantine")  # votes waiting for their explanation
+        for replica, known in (("dashboard", "explanations"), ("optimizer", "exposures")):  # same, in replicas
+            orphans = _rows(
+                data_dir / f"{replica}.db",
+                f"select count(*) from votes v where not exists (select 1 from {known} e "
+                "where e.explanation_id = v.explanation_id)",
+            )
+            held = [(held[0][0] + orphans[0][0],)] if held and orphans else held
         busy = r.hlen("journal:feedback") + sum(r.llen(q) for q in SERVICES) + (held[0][0] if held else 0)
         if n != last or busy:
             last, stable_since = n, time.monotonic()

@@ -25,6 +25,9 @@ def schedule() -> dict[str, dict]:
         "finetune.watchdog": _every("FINETUNE_WATCHDOG_INTERVAL_S", 30),
         "dashboard.check_anomalies": _every("DASHBOARD_ANOMALY_INTERVAL_S", 300),
         "feedback.sweep_journal": _every("FEEDBACK_JOURNAL_SWEEP_INTERVAL_S", 60),
+        # votes whose explanation's event was lost on its way here: ask the router for it again
+        "optimizer.ask_for_missing_explanations": _every("MISSING_EVENT_CHECK_INTERVAL_S", 60),
+        "dashboard.ask_for_missing_explanations": _every("MISSING_EVENT_CHECK_INTERVAL_S", 60),
     }
     for service in OUTBOX_SERVICES:
         entries[f"{service}.relay_outbox"] = _every("OUTBOX_RELAY_INTERVAL_S", 10)

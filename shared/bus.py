@@ -641,6 +641,23 @@ def api_bus(service: str, settings: Any) -> CeleryBus:
 _BUSES: dict[int, CeleryBus] = {}
 
 
+#: A vote whose explanation's event has not arrived after this long (the event was lost on its way: kombu's Redis
+#: transport loses a message taken by a worker killed before it was recorded as unacknowledged) makes its
+#: service ask the router for the event again, at every check, for up to MISSING_EVENT_WINDOW_S.
+MISSING_EVENT_AFTER_S = float(os.environ.get("MISSING_EVENT_AFTER_S", "30"))
+MISSING_EVENT_WINDOW_S = float(os.environ.get("MISSING_EVENT_WINDOW_S", "3600"))
+
+
+def ask_for_explanations(app: Celery, explanation_ids: list[Any]) -> int:
+    """Ask the router to publish these explanations' `ExplanationCreated` again (`ResendExplanations`; every
+    subscriber ignores an event id it has). Returns how many were asked for."""
+    from shared.contracts import ResendExplanations
+
+    if explanation_ids:
+        bus_for(app).send(ResendExplanations(explanation_ids=explanation_ids[:500]))
+    return len(explanation_ids[:500])
+
+
 def bus_for(app: Celery) -> CeleryBus:
     """The bus of a worker process: one per Celery app, so every task reuses its Redis connections instead
     of opening new ones per message."""

@@ -289,6 +289,18 @@ class DashboardRepository(MessageLog):
         return True
 
     # -- votes ------------------------------------------------------------------------------------------
+    def votes_without_explanation(self, since: datetime, until: datetime, limit: int = 500) -> list[uuid.UUID]:
+        """Explanations with votes submitted between `since` and `until` whose `ExplanationCreated` never
+        arrived here (the router is asked for it again)."""
+        known = select(explanations.c.explanation_id).where(explanations.c.explanation_id == votes.c.explanation_id)
+        q = (
+            select(votes.c.explanation_id)
+            .where(votes.c.submitted_at >= since, votes.c.submitted_at <= until, ~known.exists())
+            .distinct()
+            .limit(limit)
+        )
+        return [uuid.UUID(r) for r in self.s.execute(q).scalars()]
+
     def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
         row = self.s.execute(select(votes.c.submitted_at).where(votes.c.feedback_id == str(feedback_id))).first()
         return row.submitted_at if row else None

@@ -396,6 +396,18 @@ class OptimizerRepository(MessageLog):
         return set(self.s.execute(q).scalars())
 
     # -- exposures and votes ----------------------------------------------------------------------------
+    def votes_without_explanation(self, since: datetime, until: datetime, limit: int = 500) -> list[uuid.UUID]:
+        """Explanations with votes submitted between `since` and `until` whose `ExplanationCreated` never
+        arrived here (the router is asked for it again)."""
+        known = select(exposures.c.explanation_id).where(exposures.c.explanation_id == votes.c.explanation_id)
+        q = (
+            select(votes.c.explanation_id)
+            .where(votes.c.submitted_at >= since, votes.c.submitted_at <= until, ~known.exists())
+            .distinct()
+            .limit(limit)
+        )
+        return [uuid.UUID(r) for r in self.s.execute(q).scalars()]
+
     def add_exposure(self, values: dict[str, Any], *, session_key: str | None = None, signal: str = "unknown") -> bool:
         """Record an explanation an arm served, with the session it was served to (its own id when the event
         carried none: an old message is its own session). False when already recorded."""

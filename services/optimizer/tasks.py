@@ -4,6 +4,7 @@ relay_outbox) are sent by beat without a payload."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -11,7 +12,15 @@ from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store
-from shared.bus import event_tasks, outbox_relay, worker_app
+from shared.bus import (
+    MISSING_EVENT_AFTER_S,
+    MISSING_EVENT_WINDOW_S,
+    ask_for_explanations,
+    event_tasks,
+    outbox_relay,
+    worker_app,
+)
+from shared.clock import utcnow
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
 
 settings = get_settings()
@@ -78,3 +87,15 @@ def generate_variants(payload: dict | None = None) -> list[dict[str, Any]]:
     results = handlers.auto_cycle(_store().uow, _generator(), get_settings())
     _relay()
     return results
+
+
+@app.task(name="optimizer.ask_for_missing_explanations")
+def ask_for_missing_explanations(payload: dict | None = None) -> int:
+    """Beat: votes whose explanation's event never reached this service make it ask the router for the event
+    again (`shared.bus.ask_for_explanations`); the event, when it comes, completes the replica."""
+    now = utcnow()
+    with _store().uow() as uow:
+        missing = uow.repo.votes_without_explanation(
+            now - timedelta(seconds=MISSING_EVENT_WINDOW_S), now - timedelta(seconds=MISSING_EVENT_AFTER_S)
+        )
+    return ask_for_explanations(app, missing)
