@@ -263,6 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"duplicates (two rows for one session and explanation): {duplicates} (goal 0); "
           f"feedback rows {last}, dashboard votes {dash_votes[0][0] if dash_votes else '?'}")  # fmt: skip
     print(f"dead letters: {dict(dead) or 'none'}")
+    copies = {
+        "router": "select count(*) from explanations",
+        "feedback": "select count(*) from explanations",
+        "optimizer": "select count(*) from exposures",
+        "dashboard": "select count(*) from explanations",
+    }
+    counts = {name: (_rows(data_dir / f"{name}.db", sql) or [("?",)])[0][0] for name, sql in copies.items()}
+    vote_sql = {"feedback": "feedback", "optimizer": "votes", "dashboard": "votes", "finetune": "votes"}
+    voted = {name: (_rows(data_dir / f"{name}.db", f"select count(*) from {t}") or [("?",)])[0][0] for name, t in vote_sql.items()}  # fmt: skip
+    print(f"explanations per store (router is the source): {counts}; votes per store: {voted}")
     print(
         f"erased sessions: {len(tally.erased)}; still found anywhere (stores, outboxes, dead letters, journal, "
         f"queues): {sorted(found) or 'nowhere'} (goal: nowhere); rate-limit counters naming them (expire): {len(limits)}"
