@@ -14,7 +14,8 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, Task
@@ -24,6 +25,7 @@ from celery_batches import Batches as _Batches
 from kombu import Exchange, Queue
 
 from shared import worker_metrics
+from shared.clock import utcnow
 from shared.contracts import SERVICES, Command, Event, Message, new_id
 
 log = logging.getLogger(__name__)
@@ -648,14 +650,25 @@ MISSING_EVENT_AFTER_S = float(os.environ.get("MISSING_EVENT_AFTER_S", "30"))
 MISSING_EVENT_WINDOW_S = float(os.environ.get("MISSING_EVENT_WINDOW_S", "3600"))
 
 
-def ask_for_explanations(app: Celery, explanation_ids: list[Any]) -> int:
-    """Ask the router to publish these explanations' `ExplanationCreated` again (`ResendExplanations`; every
-    subscriber ignores an event id it has). Returns how many were asked for."""
+def ask_for_missing_explanations(
+    app: Celery,
+    uow_factory: Callable[[], Any],
+    find: Callable[[Any, datetime, datetime], list[Any]],
+    *,
+    after_s: float = MISSING_EVENT_AFTER_S,
+    window_s: float = MISSING_EVENT_WINDOW_S,
+) -> int:
+    """Ask the router to publish again (`ResendExplanations`) the `ExplanationCreated` of explanations this
+    service holds votes on but never got: `find(repo, since, until)` lists those whose votes arrived between
+    `window_s` and `after_s` ago. Every subscriber ignores an event id it has. Returns how many were asked for."""
     from shared.contracts import ResendExplanations
 
-    if explanation_ids:
-        bus_for(app).send(ResendExplanations(explanation_ids=explanation_ids[:500]))
-    return len(explanation_ids[:500])
+    now = utcnow()
+    with uow_factory() as uow:
+        missing = find(uow.repo, now - timedelta(seconds=window_s), now - timedelta(seconds=after_s))[:500]
+    if missing:
+        bus_for(app).send(ResendExplanations(explanation_ids=missing))
+    return len(missing)
 
 
 def bus_for(app: Celery) -> CeleryBus:

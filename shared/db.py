@@ -11,11 +11,13 @@ A store file is created readable by its owner only (0600); its folder 0700.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, MetaData, Result, Table, create_engine, event
+from sqlalchemy import CursorResult, Engine, MetaData, Result, Table, create_engine, event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -321,3 +323,18 @@ class MessageLog:
         from shared.contracts import utcnow
 
         self.s.execute(self.processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
+
+
+def explanations_voted_but_unknown(
+    s: Session, votes: Table, known: Table, since: datetime, until: datetime, limit: int = 500
+) -> list[uuid.UUID]:
+    """Explanations with votes (`votes`, submitted between `since` and `until`) that have no row in `known`:
+    their `ExplanationCreated` never reached this store (the service asks the router for it again)."""
+    present = select(known.c.explanation_id).where(known.c.explanation_id == votes.c.explanation_id)
+    q = (
+        select(votes.c.explanation_id)
+        .where(votes.c.submitted_at >= since, votes.c.submitted_at <= until, ~present.exists())
+        .distinct()
+        .limit(limit)
+    )
+    return [uuid.UUID(r) for r in s.execute(q).scalars()]

@@ -6,9 +6,11 @@ import os
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +21,7 @@ from sqlalchemy.pool import NullPool
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
 from gateway.run import ROOT, worker_command
+from shared.contracts import ExplanationCreated
 
 T = TypeVar("T")
 
@@ -245,3 +248,43 @@ def celery_worker(
                 proc.kill()
                 proc.wait()
         print(f"{service} worker log:", log_path.read_text(errors="replace")[-3000:])
+
+
+def explanation_created(
+    explanation_id: uuid.UUID | None = None, session_key: str | None = "s" * 64, **fields: object
+) -> ExplanationCreated:
+    """An `ExplanationCreated` as the router publishes it (offline model, no experiment); `fields` override."""
+    values: dict[str, object] = {
+        "explanation_id": explanation_id or uuid.uuid4(),
+        "request_key": "rk",
+        "ticker": "IBM",
+        "signal": "HOLD",
+        "prompt_name": "explain_signal",
+        "prompt_version": "v1.0",
+        "model": "offline/template-v1",
+        "provider": "offline",
+        "prompt_text": "p",
+        "text": "t",
+        "tokens_in": 1,
+        "tokens_out": 1,
+        "cost_usd": 0.0,
+        "latency_ms": 1.0,
+        "created_at": datetime.now(UTC),
+        "session_key": session_key,
+    }
+    return ExplanationCreated.model_validate(values | fields)
+
+
+def store_in_router(data_dir: Path, event: ExplanationCreated) -> None:
+    """The router's row of this explanation in `data_dir/router.db`, with its event never published: what the
+    router holds when the event was lost on its way to a consumer."""
+    from services.router.store import Store
+
+    store = Store(f"sqlite:///{data_dir / 'router.db'}")
+    row = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
+    with store.uow() as uow:
+        uow.repo.add_explanation(
+            row | {"explanation_id": str(event.explanation_id), "context": {}, "requested_model": event.model}
+        )
+        uow.commit()
+    store.dispose()

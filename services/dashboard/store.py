@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from services.dashboard.domain import Cell, ExperimentInfo
 from shared.clock import as_utc
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
+from shared.db import MessageLog, SqlStore, UnitOfWork, explanations_voted_but_unknown, processed_table, rowcount
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 
@@ -289,17 +289,8 @@ class DashboardRepository(MessageLog):
         return True
 
     # -- votes ------------------------------------------------------------------------------------------
-    def votes_without_explanation(self, since: datetime, until: datetime, limit: int = 500) -> list[uuid.UUID]:
-        """Explanations with votes submitted between `since` and `until` whose `ExplanationCreated` never
-        arrived here (the router is asked for it again)."""
-        known = select(explanations.c.explanation_id).where(explanations.c.explanation_id == votes.c.explanation_id)
-        q = (
-            select(votes.c.explanation_id)
-            .where(votes.c.submitted_at >= since, votes.c.submitted_at <= until, ~known.exists())
-            .distinct()
-            .limit(limit)
-        )
-        return [uuid.UUID(r) for r in self.s.execute(q).scalars()]
+    def votes_without_explanation(self, since: datetime, until: datetime) -> list[uuid.UUID]:
+        return explanations_voted_but_unknown(self.s, votes, explanations, since, until)
 
     def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
         row = self.s.execute(select(votes.c.submitted_at).where(votes.c.feedback_id == str(feedback_id))).first()

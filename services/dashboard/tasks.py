@@ -3,20 +3,18 @@ calls the handler that updates the read model. The dashboard publishes nothing, 
 
 from __future__ import annotations
 
-from datetime import timedelta
 from functools import lru_cache
 
 from services.dashboard import handlers
 from services.dashboard.config import get_settings
 from services.dashboard.store import Store
 from shared.bus import (
-    MISSING_EVENT_AFTER_S,
-    MISSING_EVENT_WINDOW_S,
-    ask_for_explanations,
+    ask_for_missing_explanations as ask_for_missing,
+)
+from shared.bus import (
     event_tasks,
     worker_app,
 )
-from shared.clock import utcnow
 from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
@@ -78,10 +76,7 @@ def check_anomalies() -> list[dict]:
 @app.task(name="dashboard.ask_for_missing_explanations")
 def ask_for_missing_explanations(payload: dict | None = None) -> int:
     """Beat: votes whose explanation's event never reached this service make it ask the router for the event
-    again (`shared.bus.ask_for_explanations`); the event, when it comes, completes the replica."""
-    now = utcnow()
-    with _store().uow() as uow:
-        missing = uow.repo.votes_without_explanation(
-            now - timedelta(seconds=MISSING_EVENT_WINDOW_S), now - timedelta(seconds=MISSING_EVENT_AFTER_S)
-        )
-    return ask_for_explanations(app, missing)
+    again; the event, when it comes, completes the replica."""
+    return ask_for_missing(
+        app, lambda: _store().uow(), lambda repo, since, until: repo.votes_without_explanation(since, until)
+    )

@@ -3,7 +3,6 @@ calls the handler; the outbox is relayed after the commit."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from functools import lru_cache
 
 from pydantic import ValidationError
@@ -12,8 +11,8 @@ from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.intake import IntakeJournal
 from services.feedback.store import Store
-from shared.bus import batch_task, bus_for, event_tasks, outbox_relay, worker_app
-from shared.contracts import ExplanationCreated, RecordFeedback, ResendExplanations, utcnow
+from shared.bus import ask_for_missing_explanations, batch_task, bus_for, event_tasks, outbox_relay, worker_app
+from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.deadletter import INVALID, UNREADABLE, describe_error
 
 settings = get_settings()
@@ -77,14 +76,13 @@ def ask_for_missing() -> int:
     queue and recording it), the router is asked to publish it again; at every sweep, for as long as
     `quarantine_resend_window_s`. Returns how many explanations were asked for."""
     s = get_settings()
-    now = utcnow()
-    with _store().uow() as uow:
-        missing = uow.repo.quarantined_explanations(
-            now - timedelta(seconds=s.quarantine_resend_window_s), now - timedelta(seconds=s.quarantine_resend_after_s)
-        )
-    if missing:
-        bus_for(app).send(ResendExplanations(explanation_ids=missing))
-    return len(missing)
+    return ask_for_missing_explanations(
+        app,
+        lambda: _store().uow(),
+        lambda repo, since, until: repo.quarantined_explanations(since, until),
+        after_s=s.quarantine_resend_after_s,
+        window_s=s.quarantine_resend_window_s,
+    )
 
 
 def _sweep_journal() -> int:

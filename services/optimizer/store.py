@@ -32,7 +32,7 @@ from services.optimizer import domain
 from services.optimizer.stats.results import ArmData
 from shared.clock import as_utc
 from shared.contracts import utcnow
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
+from shared.db import MessageLog, SqlStore, UnitOfWork, explanations_voted_but_unknown, processed_table, rowcount
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
@@ -396,17 +396,8 @@ class OptimizerRepository(MessageLog):
         return set(self.s.execute(q).scalars())
 
     # -- exposures and votes ----------------------------------------------------------------------------
-    def votes_without_explanation(self, since: datetime, until: datetime, limit: int = 500) -> list[uuid.UUID]:
-        """Explanations with votes submitted between `since` and `until` whose `ExplanationCreated` never
-        arrived here (the router is asked for it again)."""
-        known = select(exposures.c.explanation_id).where(exposures.c.explanation_id == votes.c.explanation_id)
-        q = (
-            select(votes.c.explanation_id)
-            .where(votes.c.submitted_at >= since, votes.c.submitted_at <= until, ~known.exists())
-            .distinct()
-            .limit(limit)
-        )
-        return [uuid.UUID(r) for r in self.s.execute(q).scalars()]
+    def votes_without_explanation(self, since: datetime, until: datetime) -> list[uuid.UUID]:
+        return explanations_voted_but_unknown(self.s, votes, exposures, since, until)
 
     def add_exposure(self, values: dict[str, Any], *, session_key: str | None = None, signal: str = "unknown") -> bool:
         """Record an explanation an arm served, with the session it was served to (its own id when the event

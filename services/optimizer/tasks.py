@@ -4,7 +4,6 @@ relay_outbox) are sent by beat without a payload."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -13,14 +12,13 @@ from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store
 from shared.bus import (
-    MISSING_EVENT_AFTER_S,
-    MISSING_EVENT_WINDOW_S,
-    ask_for_explanations,
+    ask_for_missing_explanations as ask_for_missing,
+)
+from shared.bus import (
     event_tasks,
     outbox_relay,
     worker_app,
 )
-from shared.clock import utcnow
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
 
 settings = get_settings()
@@ -92,10 +90,7 @@ def generate_variants(payload: dict | None = None) -> list[dict[str, Any]]:
 @app.task(name="optimizer.ask_for_missing_explanations")
 def ask_for_missing_explanations(payload: dict | None = None) -> int:
     """Beat: votes whose explanation's event never reached this service make it ask the router for the event
-    again (`shared.bus.ask_for_explanations`); the event, when it comes, completes the replica."""
-    now = utcnow()
-    with _store().uow() as uow:
-        missing = uow.repo.votes_without_explanation(
-            now - timedelta(seconds=MISSING_EVENT_WINDOW_S), now - timedelta(seconds=MISSING_EVENT_AFTER_S)
-        )
-    return ask_for_explanations(app, missing)
+    again; the event, when it comes, completes the replica."""
+    return ask_for_missing(
+        app, lambda: _store().uow(), lambda repo, since, until: repo.votes_without_explanation(since, until)
+    )

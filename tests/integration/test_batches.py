@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -25,18 +24,13 @@ from services.feedback.store import Store
 from shared.contracts import ExplanationCreated, RecordFeedback
 from shared.db import run_in_one_transaction
 from shared.privacy import session_key
-from tests.support import celery_worker, wait_for
+from tests.support import celery_worker, explanation_created, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _explanation(eid: uuid.UUID, session: str) -> ExplanationCreated:
-    return ExplanationCreated(
-        explanation_id=eid, request_key="rk", ticker="IBM", signal="HOLD", prompt_name="explain_signal",
-        prompt_version="v1.0", model="offline/template-v1", provider="offline", prompt_text="p", text="t",
-        tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0, created_at=datetime.now(UTC),
-        session_key=session_key(session, b"k"),
-    )  # fmt: skip
+    return explanation_created(eid, session_key(session, b"k"))
 
 
 def _vote(eid: uuid.UUID, session: str) -> RecordFeedback:

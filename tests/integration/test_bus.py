@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,30 +17,13 @@ from services.feedback.intake import GroupCommitSender
 from shared.bus import SUBSCRIPTIONS, CeleryBus, declare_topology, make_celery
 from shared.contracts import ExplanationCreated
 from shared.settings import ServiceSettings
-from tests.support import celery_worker, wait_for
+from tests.support import celery_worker, explanation_created, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _event(session_key: str | None = None) -> ExplanationCreated:
-    return ExplanationCreated(
-        session_key=session_key,
-        explanation_id=uuid.uuid4(),
-        request_key="rk",
-        ticker="AMD",
-        signal="HOLD",
-        prompt_name="explain_signal",
-        prompt_version="v1.0",
-        model="offline/template-v1",
-        provider="offline",
-        prompt_text="p",
-        text="t",
-        tokens_in=1,
-        tokens_out=1,
-        cost_usd=0.0,
-        latency_ms=1.0,
-        created_at=datetime.now(UTC),
-    )
+    return explanation_created(session_key=session_key, ticker="AMD")
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,32 +18,15 @@ from gateway.redis_server import RedisServer, free_port
 from services.feedback import handlers
 from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
-from shared.contracts import ExplanationCreated
+from shared.contracts import ExplanationCreated, derived_id
 from shared.privacy import session_key
-from tests.support import celery_worker, wait_for
+from tests.support import celery_worker, explanation_created, store_in_router, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _explanation(eid: uuid.UUID, session: str) -> ExplanationCreated:
-    return ExplanationCreated(
-        explanation_id=eid,
-        request_key="rk",
-        ticker="IBM",
-        signal="HOLD",
-        prompt_name="explain_signal",
-        prompt_version="v1.0",
-        model="offline/template-v1",
-        provider="offline",
-        prompt_text="p",
-        text="t",
-        tokens_in=1,
-        tokens_out=1,
-        cost_usd=0.0,
-        latency_ms=1.0,
-        created_at=datetime.now(UTC),
-        session_key=session_key(session, b"k"),
-    )
+    return explanation_created(eid, session_key(session, b"k"))
 
 
 def test_accepted_vote_is_journalled_with_its_queue_message_and_cleared_once_stored(tmp_path: Path) -> None:
@@ -137,17 +119,16 @@ def test_a_vote_whose_explanation_event_was_lost_is_stored_once_the_router_sends
             data_dir=tmp_path,
             gateway_url=f"http://127.0.0.1:{free_port()}",
         )
-        eid = uuid.uuid4()
-        event = _explanation(eid, "s")
+        event = _explanation(uuid.uuid4(), "s")
+        eid = event.explanation_id
+        store_in_router(tmp_path, event)  # the router has it; its event never reached the feedback service
         router_store = RouterStore(f"sqlite:///{tmp_path / 'router.db'}")
-        with router_store.uow() as uow:  # the router has it; its event never reached the feedback service
-            row = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
-            uow.repo.add_explanation(row | {"explanation_id": str(eid), "context": {}, "requested_model": event.model})
-            uow.commit()
-        assert router_handlers.explanation_events(router_store.uow(), [eid, uuid.uuid4()])[0].message_id == (
-            router_handlers.explanation_event(row | {"explanation_id": str(eid)}).message_id
-        )
+        again = router_handlers.explanation_events(router_store.uow(), [eid, uuid.uuid4()])  # an unknown id: skipped
         router_store.dispose()
+        assert [e.message_id for e in again] == [
+            derived_id("explanation.created", eid)
+        ]  # the id it was first sent with
+        assert again[0].session_key == event.session_key and again[0].text == event.text
 
         app = create_app(settings)
         with TestClient(app) as client:

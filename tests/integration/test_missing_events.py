@@ -15,11 +15,10 @@ import pytest
 from celery import Celery
 
 from gateway.redis_server import RedisServer
-from services.router.store import Store as RouterStore
 from shared.bus import declare_topology, make_celery
-from shared.contracts import ExplanationCreated, FeedbackRecorded
+from shared.contracts import FeedbackRecorded
 from shared.settings import ServiceSettings
-from tests.support import celery_worker, wait_for
+from tests.support import celery_worker, explanation_created, store_in_router, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,31 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_dashboard_and_optimizer_get_a_lost_explanation_event_again_and_count_its_vote(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as server:
-        eid = uuid.uuid4()
-        event = ExplanationCreated(
-            explanation_id=eid,
-            request_key="rk",
-            ticker="IBM",
-            signal="HOLD",
-            prompt_name="explain_signal",
-            prompt_version="v1.0",
-            model="offline/template-v1",
-            provider="offline",
-            prompt_text="p",
-            text="t",
-            tokens_in=1,
-            tokens_out=1,
-            cost_usd=0.0,
-            latency_ms=1.0,
-            created_at=datetime.now(UTC),
-            session_key="s" * 64,
-        )
-        router = RouterStore(f"sqlite:///{tmp_path / 'router.db'}")
-        with router.uow() as uow:  # the router has the explanation; its event reached neither replica
-            row = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
-            uow.repo.add_explanation(row | {"explanation_id": str(eid), "context": {}, "requested_model": event.model})
-            uow.commit()
-        router.dispose()
+        event = explanation_created()
+        eid = event.explanation_id
+        store_in_router(tmp_path, event)  # the router has the explanation; its event reached neither replica
 
         sender = make_celery("missing-events-test", ServiceSettings(redis_url=server.url))
         declare_topology(sender)

@@ -412,3 +412,22 @@ def test_learning_curve_widens_its_windows_as_the_data_ages(store: Store) -> Non
     curve = handlers.stats(store.uow(), 30, POLICY, now=NOW)["learning_curve"]
     assert curve["bucket_s"] == 86400
     assert [p["start"][:10] for p in curve["points"]] == ["2026-02-11", "2026-03-07", "2026-03-10"]
+
+
+def test_votes_on_an_explanation_never_received_are_found_within_their_window_only(store: Store) -> None:
+    """What `dashboard.ask_for_missing_explanations` asks the router for: explanations with votes but no row,
+    once the votes are older than the grace period and younger than the window."""
+    lost, received = explanation(), explanation()
+    handlers.on_explanation_created(received, store.uow())
+    for ex in (lost, received):
+        handlers.on_feedback_recorded(vote(ex, 1, at=NOW), store.uow())
+
+    def missing(since: datetime, until: datetime) -> list[uuid.UUID]:
+        with store.uow() as uow:
+            return uow.repo.votes_without_explanation(since, until)
+
+    assert missing(NOW - timedelta(hours=1), NOW + timedelta(seconds=1)) == [lost.explanation_id]
+    assert missing(NOW - timedelta(hours=1), NOW - timedelta(seconds=30)) == []  # too recent: may still arrive
+    assert missing(NOW + timedelta(seconds=1), NOW + timedelta(hours=1)) == []  # outside the window: given up
+    handlers.on_explanation_created(lost, store.uow())  # the event sent again
+    assert missing(NOW - timedelta(hours=1), NOW + timedelta(seconds=1)) == []

@@ -26,7 +26,7 @@ def test_restarts_back_off_and_reset_after_a_long_run() -> None:
 
 
 def test_the_banner_never_prints_the_redis_password() -> None:
-    assert _without_password("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert _without_password("redis://:s3cret@127.0.0.1:46001/0") == "redis://:***@127.0.0.1:46001/0"
 
 
 def test_secrets_are_created_private_even_with_a_permissive_umask(tmp_path) -> None:  # type: ignore[no-untyped-def]
