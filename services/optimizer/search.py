@@ -186,13 +186,13 @@ def _survey(
 def retest_candidate(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings, now: datetime) -> str | None:
     """The version that deserves another round before it counts as lost, or None.
 
-    It is the leader of the prompt's latest round when that round ended inconclusive at its sample cap (not
-    for futility), was run against today's champion, it measured at least half the target lift, and its
-    always-valid interval of the relative lift still reaches the target lift: a real winner that measured low by
-    chance. One look is noisy at a capped sample,
-    and a version that lost is never proposed again, so without this a +12-point variant that measured +6 in
-    its round is gone for good. It gets `settings.retest_rounds` more rounds; each round keeps its own
-    always-valid error bound, so a version that is no better ships in a re-test with at most that error again.
+    It is the leader of the prompt's latest round when that round ended inconclusive against today's champion,
+    measured at least half the target lift, and its always-valid interval of the relative lift still reaches
+    the target (so not a round stopped for futility, where every interval lies below it): a real winner may
+    have measured low by chance. One capped look is noisy and a version that lost is never proposed again, so
+    without this a +12-point variant that measured +6 in its round is gone for good. It gets
+    `settings.retest_rounds` more rounds; each round keeps its own always-valid error bound, so a version that
+    is no better ships in a re-test with at most that error again.
     """
     if settings.retest_rounds <= 0:
         return None
@@ -205,7 +205,7 @@ def retest_candidate(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings,
         last = experiments[-1]
         if last["status"] != domain.CONCLUDED or last["decision"] != DECISION_INCONCLUSIVE:
             return None
-        if "futility" in (last["reason"] or "") or last["started_at"] is None:
+        if last["started_at"] is None:
             return None
         arms = repo.arms(last["experiment_id"])
         control = next((a for a in arms if a["is_control"]), None)
