@@ -35,6 +35,9 @@ class OptimizerSettings(ServiceSettings):
     adaptive_floor: float = Field(0.01, ge=0, le=0.5)
     adaptive_min_feedback_per_arm: int = Field(100, ge=1)  # no reweighting before every arm has this much
     adaptive_batch: int = Field(50, ge=1)  # new feedback events (all arms) between two reweightings
+    # a fixed split stops serving an arm whose always-valid interval lies below the target lift (it cannot
+    # win); the other arms keep their proportions. False: a fixed split stays as it was created
+    drop_futile_arms: bool = True
 
     # -- the automatic loop: generate variants, start the next experiment ---------------------------------
     auto_experiment: bool = True

@@ -336,6 +336,8 @@ def decide_experiment(
                 action = "paused"
             elif exp["allocation"] == "adaptive" and _reweight(uow, exp, arms, data, analysis, settings):
                 action = "reweighted"
+            elif exp["allocation"] == "fixed" and settings.drop_futile_arms and _drop_futile(uow, exp, data, analysis):
+                action = "reweighted"
         uow.commit()
     if action != "none":
         log.info("experiment %s: %s (%s)", experiment_id, action, decision.reason)
@@ -361,24 +363,49 @@ def _reweight(
     if total_feedback - int(exp["reweighted_at_feedback"] or 0) < settings.adaptive_batch and not dropped_now:
         return False
     control = next((a["arm_id"] for a in arms if a["is_control"]), None)
-    history = list(exp["allocation_history"] or [])
     new = thompson_weights(
         data,
         floor=settings.adaptive_floor,
         min_feedback_per_arm=settings.adaptive_min_feedback_per_arm,
         current=exp["weights"],
-        seed=_seed_of(f"{exp['experiment_id']}:{len(history)}"),
+        seed=_seed_of(f"{exp['experiment_id']}:{len(exp['allocation_history'] or [])}"),
         metric=exp["metric"],
         control_id=control,
         # square-root rule: the control keeps just enough traffic for the many-to-one comparison
         control_share=many_to_one_control_share(len(data) - 1) if control else None,
         excluded=futile,
     )
+    return _set_weights(uow, exp, data, new, {"reweighted_at_feedback": total_feedback})
+
+
+def _drop_futile(uow: SqlUnitOfWork, exp: ExperimentRow, data: list[ArmData], analysis: Analysis) -> bool:
+    """A fixed split stops serving an arm that can no longer win: once its always-valid interval lies below
+    the target lift (the same `futile_arms` rule adaptive allocation applies), its weight goes to 0 and the
+    arms still in the race keep their proportions among themselves. The decision never reads a futile arm
+    (it cannot ship), so its users would be spent for nothing; the always-valid intervals of the other arms
+    stay valid under the change, and the SRM check tests each session against the weights it was assigned
+    with (`allocation_history`)."""
+    weights = {arm: float(w) for arm, w in exp["weights"].items()}
+    dropped = {a for a in futile_arms(analysis) if weights.get(a, 0.0) > 0}
+    if not dropped:
+        return False
+    live = sum(w for arm, w in weights.items() if arm not in dropped)
+    if live <= 0:
+        return False
+    new = {arm: (0.0 if arm in dropped else w / live) for arm, w in weights.items()}
+    return _set_weights(uow, exp, data, new, {})
+
+
+def _set_weights(
+    uow: SqlUnitOfWork, exp: ExperimentRow, data: list[ArmData], new: dict[str, float], values: dict[str, Any]
+) -> bool:
+    """Record new weights (with the number of sessions at that moment in the history) and publish
+    AllocationChanged, when they moved; `values` are stored either way."""
     changed = domain.weights_changed(exp["weights"], new)
-    values: dict[str, Any] = {"reweighted_at_feedback": total_feedback}
     if changed:
+        history = list(exp["allocation_history"] or [])
         history.append([sum(d.sessions or 0 for d in data), new])
-        values |= {"weights": new, "allocation_history": history}
+        values = values | {"weights": new, "allocation_history": history}
         uow.add_events(
             AllocationChanged(
                 message_id=derived_id("optimizer.allocation_changed", exp["experiment_id"], len(history)),
@@ -386,7 +413,8 @@ def _reweight(
                 weights=new,
             )
         )
-    uow.repo.update_experiment(exp["experiment_id"], **values)
+    if values:
+        uow.repo.update_experiment(exp["experiment_id"], **values)
     return changed
 
 

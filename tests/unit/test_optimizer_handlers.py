@@ -662,3 +662,42 @@ def test_adaptive_allocation_stops_traffic_to_an_arm_clearly_behind(store: Store
     assert sum(changes[-1].weights.values()) == pytest.approx(1.0)
     view = views.experiment_view(exp, store.uow())
     assert next(a for a in view["analysis"]["arms"] if a["arm_id"] == "t2")["futile"] is True
+
+
+def _three_arm_fixed(store: Store, settings: OptimizerSettings) -> tuple[str, str, str]:
+    v1 = add_variant(store, settings, "bullet points")
+    v2 = registry.add_version(
+        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
+    )["version"]
+    spec = domain.ExperimentSpec(
+        prompt_name=PROMPT_NAME,
+        arms=(domain.ArmIn("v1.0", MODEL, 0.5, True), domain.ArmIn(v1, MODEL, 0.3), domain.ArmIn(v2, MODEL, 0.2)),
+        allocation="fixed",
+        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
+    )
+    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
+    published(store)
+    feed(store, exp, "control", n=250, positives=175)  # sessions in the proportions of the split
+    feed(store, exp, "t1", n=150, positives=110, version=v1)
+    feed(store, exp, "t2", n=100, positives=20, version=v2)  # 20% against 70%: it cannot reach the target lift
+    return exp, v1, v2
+
+
+def test_a_fixed_split_stops_serving_an_arm_that_cannot_win(store: Store, settings: OptimizerSettings) -> None:
+    exp, _, _ = _three_arm_fixed(store, settings)
+    assert experiments.decide_experiment(exp, store.uow(), settings)["action"] == "reweighted"
+    changes = [e for e in published(store) if isinstance(e, AllocationChanged)]
+    # the futile arm gets nothing; the others keep their proportions (0.5 : 0.3)
+    assert changes[-1].weights == pytest.approx({"control": 0.5 / 0.8, "t1": 0.3 / 0.8, "t2": 0.0})
+    view = views.experiment_view(exp, store.uow())
+    assert view["status"] == "running"
+    # the SRM check reads the sessions against the weights each was assigned with: no false alarm
+    assert view["analysis"]["srm"]["flagged"] is False
+    assert experiments.decide_experiment(exp, store.uow(), settings)["action"] == "none"  # dropped once
+
+
+def test_a_fixed_split_stays_as_created_when_dropping_is_off(store: Store, settings: OptimizerSettings) -> None:
+    exp, _, _ = _three_arm_fixed(store, settings)
+    keep = settings.model_copy(update={"drop_futile_arms": False})
+    assert experiments.decide_experiment(exp, store.uow(), keep)["action"] == "none"
+    assert not [e for e in published(store) if isinstance(e, AllocationChanged)]
