@@ -13,6 +13,7 @@ route cannot queue anything without Redis anyway) and counts it in `http_refused
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -21,8 +22,6 @@ from typing import Any
 
 from fastapi import HTTPException
 from limits import RateLimitItem, parse
-from limits.aio.storage import RedisStorage as AsyncRedisStorage
-from limits.aio.strategies import FixedWindowRateLimiter as AsyncFixedWindow
 from limits.storage import RedisStorage
 from limits.strategies import FixedWindowRateLimiter
 
@@ -110,8 +109,34 @@ class RateLimiter(_Door):
             raise self._too_many(scope, item, reset_at)
 
 
+# One fixed-window hit per key: KEYS = the counters, ARGV = each counter's window in seconds. Returns, per
+# key, the count after this hit and the seconds until its window resets.
+_HIT_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('INCR', key)
+  local ttl = redis.call('TTL', key)
+  if n == 1 or ttl < 0 then
+    redis.call('EXPIRE', key, ARGV[i])
+    ttl = tonumber(ARGV[i])
+  end
+  out[#out + 1] = n
+  out[#out + 1] = ttl
+end
+return out
+"""
+
+
+_Counts = list[tuple[int, int]] | None  # per scope: (count, seconds to reset); None when Redis failed
+
+
 class AsyncRateLimiter(_Door):
-    """For async routes."""
+    """For async routes (the vote route), with group commit: the checks of every request that arrives while
+    one round trip is in flight go to Redis together in the next one, a single script call that counts each
+    request against each of its scopes (fixed windows, as the `limits` strategy of `RateLimiter` keeps them:
+    a window starts at its first hit). Under load that is one round trip for many requests instead of one per
+    scope per request, and CPU is what limits the vote route. Every scope of a request is counted, also when
+    another of its scopes refuses it."""
 
     def __init__(
         self,
@@ -124,34 +149,60 @@ class AsyncRateLimiter(_Door):
         metrics: Any = None,
         timeout_s: float = 0.3,
     ) -> None:
-        super().__init__(service, door, limits_by_scope, enabled=enabled, metrics=metrics)
-        self.storage = AsyncRedisStorage(
-            "async+" + redis_url,
-            implementation="redispy",
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-        )
-        self.strategy = AsyncFixedWindow(self.storage)
+        import redis.asyncio as aioredis
 
-    async def _hit(self, scope: str, item: RateLimitItem, identity: str) -> float | None:
-        """None when allowed (or Redis failed), else the time the window resets."""
-        try:
-            if await self.strategy.hit(item, self.service, self.door, scope, identity):
-                return None
-            stats = await self.strategy.get_window_stats(item, self.service, self.door, scope, identity)
-        except Exception as exc:
-            self._storage_failed(exc)
-            return None
-        return stats.reset_time
+        super().__init__(service, door, limits_by_scope, enabled=enabled, metrics=metrics)
+        self._redis = aioredis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._script = self._redis.register_script(_HIT_LUA)
+        self._pending: list[tuple[list[tuple[str, RateLimitItem, str]], asyncio.Future[_Counts]]] = []
+        self._flushing = False
+
+    def _key(self, scope: str, item: RateLimitItem, identity: str) -> str:
+        return f"ratelimit:{self.service}:{self.door}:{scope}:{item.amount}/{item.get_expiry()}:{identity}"
 
     async def check(self, **who: str | None) -> None:
-        """Count one request against each scope's limit; 429 if over. The scopes are checked one after the
-        other: under load that costs less CPU than running them as concurrent tasks (measured: 0.55 vs 0.88 ms
-        per request at 32 concurrent requests), and CPU is what limits the vote route."""
-        for scope, identity in who.items():
-            item = self.rules.get(scope)
-            if item is None or not identity:
-                continue
-            reset_at = await self._hit(scope, item, identity)
-            if reset_at is not None:
-                raise self._too_many(scope, item, reset_at)
+        """Count one request against each scope's limit (`client=..., session=...`); 429 if over any."""
+        wanted = [
+            (scope, item, self._key(scope, item, identity))
+            for scope, identity in who.items()
+            if identity and (item := self.rules.get(scope)) is not None
+        ]
+        if not wanted:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Counts] = loop.create_future()
+        self._pending.append((wanted, future))
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
+        counts = await future
+        if counts is None:  # Redis did not answer: fail open (counted in rate_limit_errors_total)
+            return
+        for (scope, item, _), (count, ttl) in zip(wanted, counts, strict=True):
+            if count > item.amount:
+                raise self._too_many(scope, item, time.time() + max(ttl, 0))
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                keys = [key for wanted, _ in batch for _, _, key in wanted]
+                windows = [item.get_expiry() for wanted, _ in batch for _, item, _ in wanted]
+                try:
+                    flat = [int(x) for x in await self._script(keys=keys, args=windows)]
+                except Exception as exc:
+                    self._storage_failed(exc)
+                    flat = None
+                at = 0
+                for wanted, future in batch:
+                    counts = None
+                    if flat is not None:
+                        counts = [(flat[at + 2 * j], flat[at + 2 * j + 1]) for j in range(len(wanted))]
+                        at += 2 * len(wanted)
+                    if not future.done():  # a request whose client went away
+                        future.set_result(counts)
+        finally:
+            self._flushing = False
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()

@@ -71,6 +71,7 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
         await app.state.backlog.aclose()
         await app.state.http.aclose()
         await app.state.sender.aclose()
+        await app.state.vote_limiter.aclose()
         app.state.store.dispose()
 
     app = FastAPI(title="feedback", lifespan=lifespan)
