@@ -51,11 +51,27 @@ def _describe(item: RateLimitItem) -> str:
 
 
 class _Door:
-    def __init__(self, service: str, door: str, limits_by_scope: Mapping[str, str], *, enabled: bool, metrics: Any):
+    """One route's limits on one Redis; the subclasses count with the sync or the async `limits` client."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        service: str,
+        door: str,
+        limits_by_scope: Mapping[str, str],
+        *,
+        enabled: bool = True,
+        metrics: Any = None,
+        timeout_s: float = 0.3,
+    ) -> None:
         self.service = service
         self.door = door
         self.rules = _rules(limits_by_scope, enabled)
         self.metrics = metrics
+        self._connect(redis_url, timeout_s)
+
+    def _connect(self, redis_url: str, timeout_s: float) -> None:
+        raise NotImplementedError
 
     def _too_many(self, scope: str, item: RateLimitItem, reset_at: float) -> HTTPException:
         retry_after = max(1, math.ceil(reset_at - time.time()))
@@ -79,18 +95,7 @@ class _Door:
 class RateLimiter(_Door):
     """For sync routes (they run in the threadpool)."""
 
-    def __init__(
-        self,
-        redis_url: str,
-        service: str,
-        door: str,
-        limits_by_scope: Mapping[str, str],
-        *,
-        enabled: bool = True,
-        metrics: Any = None,
-        timeout_s: float = 0.3,
-    ) -> None:
-        super().__init__(service, door, limits_by_scope, enabled=enabled, metrics=metrics)
+    def _connect(self, redis_url: str, timeout_s: float) -> None:
         self.storage = RedisStorage(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.strategy = FixedWindowRateLimiter(self.storage)
 
@@ -113,18 +118,7 @@ class RateLimiter(_Door):
 class AsyncRateLimiter(_Door):
     """For async routes."""
 
-    def __init__(
-        self,
-        redis_url: str,
-        service: str,
-        door: str,
-        limits_by_scope: Mapping[str, str],
-        *,
-        enabled: bool = True,
-        metrics: Any = None,
-        timeout_s: float = 0.3,
-    ) -> None:
-        super().__init__(service, door, limits_by_scope, enabled=enabled, metrics=metrics)
+    def _connect(self, redis_url: str, timeout_s: float) -> None:
         self.storage = AsyncRedisStorage(
             "async+" + redis_url,
             implementation="redispy",
