@@ -50,11 +50,28 @@ def _describe(item: RateLimitItem) -> str:
 
 
 class _Door:
-    def __init__(self, service: str, door: str, limits_by_scope: Mapping[str, str], *, enabled: bool, metrics: Any):
+    """One route's limits on one Redis; the subclasses count with the `limits` library (sync) or one script
+    call per group of requests (async)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        service: str,
+        door: str,
+        limits_by_scope: Mapping[str, str],
+        *,
+        enabled: bool = True,
+        metrics: Any = None,
+        timeout_s: float = 0.3,
+    ) -> None:
         self.service = service
         self.door = door
         self.rules = _rules(limits_by_scope, enabled)
         self.metrics = metrics
+        self._connect(redis_url, timeout_s)
+
+    def _connect(self, redis_url: str, timeout_s: float) -> None:
+        raise NotImplementedError
 
     def _too_many(self, scope: str, item: RateLimitItem, reset_at: float) -> HTTPException:
         retry_after = max(1, math.ceil(reset_at - time.time()))
@@ -78,18 +95,7 @@ class _Door:
 class RateLimiter(_Door):
     """For sync routes (they run in the threadpool)."""
 
-    def __init__(
-        self,
-        redis_url: str,
-        service: str,
-        door: str,
-        limits_by_scope: Mapping[str, str],
-        *,
-        enabled: bool = True,
-        metrics: Any = None,
-        timeout_s: float = 0.3,
-    ) -> None:
-        super().__init__(service, door, limits_by_scope, enabled=enabled, metrics=metrics)
+    def _connect(self, redis_url: str, timeout_s: float) -> None:
         self.storage = RedisStorage(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.strategy = FixedWindowRateLimiter(self.storage)
 
@@ -138,20 +144,9 @@ class AsyncRateLimiter(_Door):
     scope per request, and CPU is what limits the vote route. Every scope of a request is counted, also when
     another of its scopes refuses it."""
 
-    def __init__(
-        self,
-        redis_url: str,
-        service: str,
-        door: str,
-        limits_by_scope: Mapping[str, str],
-        *,
-        enabled: bool = True,
-        metrics: Any = None,
-        timeout_s: float = 0.3,
-    ) -> None:
+    def _connect(self, redis_url: str, timeout_s: float) -> None:
         import redis.asyncio as aioredis
 
-        super().__init__(service, door, limits_by_scope, enabled=enabled, metrics=metrics)
         self._redis = aioredis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._script = self._redis.register_script(_HIT_LUA)
         self._pending: list[tuple[list[tuple[str, RateLimitItem, str]], asyncio.Future[_Counts]]] = []

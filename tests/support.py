@@ -13,15 +13,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TypeVar
 
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
 from gateway.run import ROOT, worker_command
 from shared.contracts import ExplanationCreated
+from shared.web import AdminDep, install_error_handlers
 
 T = TypeVar("T")
 
@@ -288,3 +291,23 @@ def store_in_router(data_dir: Path, event: ExplanationCreated) -> None:
         )
         uow.commit()
     store.dispose()
+
+
+def admin_app(token: str | None, path: str) -> FastAPI:
+    """An app with one admin route at `path` (answers {"data": "secret"}) behind `shared.web.AdminDep`, its
+    settings holding `token` (None: no admin token configured)."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    def require_admin_token() -> str:
+        if not token:
+            raise RuntimeError("ADMIN_TOKEN is not set")
+        return token
+
+    app.state.settings = SimpleNamespace(require_admin_token=require_admin_token)
+
+    @app.get(path)
+    async def secret(_: AdminDep) -> dict[str, str]:
+        return {"data": "secret"}
+
+    return app

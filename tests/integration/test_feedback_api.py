@@ -21,7 +21,7 @@ from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
 from shared.privacy import session_key
-from tests.support import found_in_redis, wait_for
+from tests.support import explanation_created, found_in_redis, wait_for
 
 ADMIN = "admin-secret"
 
@@ -31,24 +31,8 @@ SERVED = "s1"  # the session the known explanation was served to
 
 def _explanation(session: str | None) -> tuple[uuid.UUID, ExplanationCreated]:
     eid = uuid.uuid4()
-    return eid, ExplanationCreated(
-        explanation_id=eid,
-        request_key="rk",
-        ticker="MSFT",
-        signal="SELL",
-        prompt_name="explain_signal",
-        prompt_version="v1.0",
-        model="offline/template-v1",
-        provider="offline",
-        prompt_text="p",
-        text="t",
-        tokens_in=1,
-        tokens_out=1,
-        cost_usd=0.0,
-        latency_ms=1.0,
-        created_at=datetime.now(UTC),
-        session_key=None if session is None else session_key(session, b"k"),
-    )
+    key = None if session is None else session_key(session, b"k")
+    return eid, explanation_created(eid, key, ticker="MSFT", signal="SELL")
 
 
 @pytest.fixture
@@ -391,7 +375,6 @@ def test_erasing_an_unknown_session_writes_no_permanent_row_but_tells_the_other_
 
 
 def test_expired_tombstones_are_purged_by_the_next_erasure(make_env) -> None:
-    from datetime import UTC, datetime
 
     from sqlalchemy import select
 

@@ -12,6 +12,7 @@ from sqlalchemy import select, text
 from services.feedback import handlers
 from services.feedback.store import Store, feedback, outbox, quarantine
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded
+from tests.support import explanation_created
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -25,24 +26,7 @@ def store(store_url: Callable[[str], str]) -> Iterator[Store]:
 
 def _explanation(eid: uuid.UUID | None = None, session: str | None = "k") -> ExplanationCreated:
     """An explanation served to the session whose key is `session` (None: an event from before the binding)."""
-    return ExplanationCreated(
-        explanation_id=eid or uuid.uuid4(),
-        request_key="rk",
-        ticker="AAPL",
-        signal="BUY",
-        prompt_name="explain_signal",
-        prompt_version="v1.0",
-        model="offline/template-v1",
-        provider="offline",
-        prompt_text="p",
-        text="t",
-        tokens_in=10,
-        tokens_out=20,
-        cost_usd=0.0,
-        latency_ms=1.0,
-        created_at=T0,
-        session_key=session,
-    )
+    return explanation_created(eid, session, ticker="AAPL", signal="BUY", tokens_in=10, tokens_out=20, created_at=T0)
 
 
 def _staged(store: Store) -> list[dict]:

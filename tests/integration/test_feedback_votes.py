@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from services.feedback import handlers
 from services.feedback.store import Store, erasure_tombstones, feedback, quarantine, served_to
-from shared.contracts import ExplanationCreated
 from shared.privacy import erasure_tag
+from tests.support import explanation_created
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -29,24 +29,7 @@ def store(store_url: Callable[[str], str]) -> Iterator[Store]:
 def _served(store: Store, session: str | None, ticker: str = "AAPL") -> uuid.UUID:
     eid = uuid.uuid4()
     handlers.on_explanation_created(
-        ExplanationCreated(
-            explanation_id=eid,
-            request_key="rk",
-            ticker=ticker,
-            signal="BUY",
-            prompt_name="explain_signal",
-            prompt_version="v1.0",
-            model="offline/template-v1",
-            provider="offline",
-            prompt_text="p",
-            text="t",
-            tokens_in=10,
-            tokens_out=20,
-            cost_usd=0.0,
-            latency_ms=1.0,
-            created_at=T0,
-            session_key=session,
-        ),
+        explanation_created(eid, session, ticker=ticker, signal="BUY", tokens_in=10, tokens_out=20, created_at=T0),
         store.uow(),
     )
     return eid

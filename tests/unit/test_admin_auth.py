@@ -4,39 +4,18 @@ case; and what a refused client is told (status, message, the WWW-Authenticate c
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from shared.web import AdminDep, install_error_handlers
+from tests.support import admin_app
 
 TOKEN = "s3cret-admin-token"
 
 
-def _app(token: str | None = TOKEN) -> FastAPI:
-    app = FastAPI()
-    install_error_handlers(app)
-
-    def require_admin_token() -> str:
-        if not token:
-            raise RuntimeError("ADMIN_TOKEN is not set")
-        return token
-
-    app.state.settings = SimpleNamespace(require_admin_token=require_admin_token)
-
-    @app.get("/admin/thing")
-    async def thing(_: AdminDep) -> dict[str, str]:
-        return {"data": "secret"}
-
-    return app
-
-
 def _get(authorization: str | None, token: str | None = TOKEN) -> httpx.Response:
     headers = {} if authorization is None else {"Authorization": authorization}
-    with TestClient(_app(token)) as client:
+    with TestClient(admin_app(token, "/admin/thing")) as client:
         return client.get("/admin/thing", headers=headers)
 
 

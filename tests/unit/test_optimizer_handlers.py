@@ -19,7 +19,6 @@ from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
     ExperimentStarted,
-    ExplanationCreated,
     FeedbackErased,
     FeedbackRecorded,
     ModelRegistered,
@@ -28,6 +27,7 @@ from shared.contracts import (
 from shared.outbox import relay
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
 from tests.fakes.bus import FakeBus
+from tests.support import explanation_created
 
 MODEL = "offline/template-v1"
 
@@ -96,21 +96,7 @@ def feed(
             "arm_id": arm_id,
         }
         handlers.on_explanation_created(
-            ExplanationCreated(
-                explanation_id=eid,
-                request_key="k",
-                ticker="AAPL",
-                signal="BUY",
-                provider="offline",
-                prompt_text="p",
-                text="t",
-                tokens_in=10,
-                tokens_out=20,
-                cost_usd=cost,
-                latency_ms=5.0,
-                created_at=now,
-                **common,
-            ),
+            explanation_created(eid, None, signal="BUY", cost_usd=cost, latency_ms=5.0, created_at=now, **common),
             store.uow(),
         )
         handlers.on_feedback_recorded(
@@ -563,22 +549,8 @@ def feed_sessions(
         for k in range(per_session):
             eid = uuid.uuid4()
             handlers.on_explanation_created(
-                ExplanationCreated(
-                    explanation_id=eid,
-                    request_key="k",
-                    ticker="AAPL",
-                    signal=signal,  # type: ignore[arg-type]
-                    provider="offline",
-                    prompt_text="p",
-                    text="t",
-                    tokens_in=10,
-                    tokens_out=20,
-                    cost_usd=0.0,
-                    latency_ms=5.0,
-                    created_at=now,
-                    fallback_used=fallback,
-                    session_key=key,
-                    **common,
+                explanation_created(
+                    eid, key, signal=signal, latency_ms=5.0, created_at=now, fallback_used=fallback, **common
                 ),
                 store.uow(),
             )

@@ -28,10 +28,11 @@ from services.optimizer.generation import (
     traits_of,
 )
 from services.optimizer.store import Store, outbox
-from shared.contracts import ExperimentStarted, ExplanationCreated, FeedbackRecorded, SearchExhausted, utcnow
+from shared.contracts import ExperimentStarted, FeedbackRecorded, SearchExhausted, utcnow
 from shared.outbox import relay
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
 from tests.fakes.bus import FakeBus
+from tests.support import explanation_created
 
 MODEL = "offline/template-v1"
 
@@ -213,21 +214,8 @@ def feed_round(store: Store, experiment_id: str, ups: dict[str, int] | None = No
                 "arm_id": arm["arm_id"],
             }
             handlers.on_explanation_created(
-                ExplanationCreated(
-                    explanation_id=eid,
-                    request_key="k",
-                    ticker="AAPL",
-                    signal="BUY",
-                    provider="offline",
-                    prompt_text="p",
-                    text="t",
-                    tokens_in=10,
-                    tokens_out=20,
-                    cost_usd=0.0,
-                    latency_ms=5.0,
-                    created_at=utcnow(),
-                    session_key=f"{arm['arm_id']}-{i}",
-                    **common,
+                explanation_created(
+                    eid, f"{arm['arm_id']}-{i}", signal="BUY", latency_ms=5.0, created_at=utcnow(), **common
                 ),
                 store.uow(),
             )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from types import SimpleNamespace
 from typing import Annotated, get_args, get_origin
 
 import httpx
@@ -13,25 +12,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from shared.contracts import SERVICES
-from shared.web import AdminDep, install_error_handlers, require_admin
-
-
-def _admin_app(token: str | None) -> FastAPI:
-    app = FastAPI()
-    install_error_handlers(app)
-
-    def require_admin_token() -> str:
-        if not token:
-            raise RuntimeError("ADMIN_TOKEN is not set")
-        return token
-
-    app.state.settings = SimpleNamespace(require_admin_token=require_admin_token)
-
-    @app.get("/secret")
-    async def secret(_: AdminDep) -> dict[str, str]:
-        return {"data": "secret"}
-
-    return app
+from shared.web import require_admin
+from tests.support import admin_app
 
 
 def _get(app: FastAPI, headers: dict[str, str]) -> httpx.Response:
@@ -69,7 +51,7 @@ def test_app_state_dependencies_of_every_service_are_async(service: str) -> None
     ],
 )
 def test_admin_route_lets_through_only_the_right_bearer_token(headers: dict[str, str], status: int) -> None:
-    r = _get(_admin_app("right"), headers)
+    r = _get(admin_app("right", "/secret"), headers)
     assert r.status_code == status
     if status == 401:
         assert set(r.json()["error"]) >= {"status", "message"}
@@ -77,7 +59,7 @@ def test_admin_route_lets_through_only_the_right_bearer_token(headers: dict[str,
 
 
 def test_admin_route_without_a_configured_token_answers_503_json_not_500() -> None:
-    r = _get(_admin_app(None), {"Authorization": "Bearer anything"})
+    r = _get(admin_app(None, "/secret"), {"Authorization": "Bearer anything"})
     assert r.status_code == 503
     assert "ADMIN_TOKEN" in r.json()["error"]["message"]
 

@@ -1,7 +1,5 @@
 """erasure records keep a one-way tag of the session key, not the key; published erasure events keep no key
 
-Revision ID: 0004
-Revises: 0003
 Create Date: 2026-12-02 00:25:00
 
 Data only, no schema change. The tag is computed here as shared.privacy.erasure_tag computes it today (frozen
@@ -17,8 +15,6 @@ from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 ERASED_PAYLOAD = json.dumps({"erased": True})
 

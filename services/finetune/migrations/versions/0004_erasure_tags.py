@@ -1,7 +1,5 @@
 """erased sessions are kept by a one-way tag of the session key, not the key
 
-Revision ID: 0004
-Revises: 0003
 Create Date: 2026-12-02 00:25:00
 
 Data only, no schema change. The tag is computed as shared.privacy.erasure_tag computes it today (frozen here).
@@ -14,8 +12,6 @@ from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 
 def _tag(session_key: str) -> str:

@@ -1,7 +1,5 @@
 """erased sessions by tag, with the anonymous unit their exposures were given
 
-Revision ID: 0004
-Revises: 0003
 Create Date: 2026-12-02 00:25:00
 """
 
@@ -10,8 +8,6 @@ from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
