@@ -41,10 +41,14 @@ def stage(session: Session, table: Table, events: list[Event]) -> None:
     for ev in events:
         exists = session.execute(select(table.c.event_id).where(table.c.event_id == str(ev.message_id))).first()
         if exists is None:
-            session.execute(
-                table.insert().values(
-                    event_id=str(ev.message_id), event_type=ev.type, payload=ev.to_payload(), created_at=utcnow()
-                )
+            session.execute(  # one statement for every row (compiled once), the values as its parameters
+                table.insert(),
+                {
+                    "event_id": str(ev.message_id),
+                    "event_type": ev.type,
+                    "payload": ev.to_payload(),
+                    "created_at": utcnow(),
+                },
             )
 
 

@@ -1,5 +1,6 @@
 """Rate limits on the public write routes, per client (IP) and per session, shared by every replica of a
-service through Redis, with the `limits` library (fixed windows: one INCR+EXPIRE script per check).
+service through Redis, in fixed windows (a window starts at its first hit; limits are parsed by the `limits`
+library): one script call counts every scope of a request (sync routes) or of a group of requests (async).
 
 A door is one route's limits: e.g. "votes" with {"client": "1200/minute", "session": "120/minute"}. Over a
 limit the route answers 429 JSON with `Retry-After` (seconds until the window resets). Limits are written as
@@ -22,8 +23,6 @@ from typing import Any
 
 from fastapi import HTTPException
 from limits import RateLimitItem, parse
-from limits.storage import RedisStorage
-from limits.strategies import FixedWindowRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,8 @@ def _describe(item: RateLimitItem) -> str:
 
 
 class _Door:
-    """One route's limits on one Redis; the subclasses count with the `limits` library (sync) or one script
-    call per group of requests (async)."""
+    """One route's limits on one Redis; the subclasses count with one script call per request (sync) or per
+    group of requests (async)."""
 
     def __init__(
         self,
@@ -86,33 +85,27 @@ class _Door:
             headers={"Retry-After": str(retry_after)},
         )
 
+    def _key(self, scope: str, item: RateLimitItem, identity: str) -> str:
+        return f"ratelimit:{self.service}:{self.door}:{scope}:{item.amount}/{item.get_expiry()}:{identity}"
+
+    def _wanted(self, who: Mapping[str, str | None]) -> list[tuple[str, RateLimitItem, str]]:
+        """(scope, its limit, its counter's key) for each scope of `who` that has a limit and an identity."""
+        return [
+            (scope, item, self._key(scope, item, identity))
+            for scope, identity in who.items()
+            if identity and (item := self.rules.get(scope)) is not None
+        ]
+
+    def _refuse_over(self, wanted: list[tuple[str, RateLimitItem, str]], counts: list[tuple[int, int]]) -> None:
+        """429 for the first scope whose count (after this hit) is over its limit."""
+        for (scope, item, _), (count, ttl) in zip(wanted, counts, strict=True):
+            if count > item.amount:
+                raise self._too_many(scope, item, time.time() + max(ttl, 0))
+
     def _storage_failed(self, exc: Exception) -> None:
         log.warning("rate limit check for %s failed (%s); letting the request through", self.door, type(exc).__name__)
         if self.metrics is not None:
             self.metrics.rate_limit_errors.labels(self.service, self.door).inc()
-
-
-class RateLimiter(_Door):
-    """For sync routes (they run in the threadpool)."""
-
-    def _connect(self, redis_url: str, timeout_s: float) -> None:
-        self.storage = RedisStorage(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self.strategy = FixedWindowRateLimiter(self.storage)
-
-    def check(self, **who: str | None) -> None:
-        """Count one request against each scope's limit (`client="1.2.3.4", session="<key>"`); 429 if over."""
-        for scope, identity in who.items():
-            item = self.rules.get(scope)
-            if item is None or not identity:
-                continue
-            try:
-                if self.strategy.hit(item, self.service, self.door, scope, identity):
-                    continue
-                reset_at = self.strategy.get_window_stats(item, self.service, self.door, scope, identity).reset_time
-            except Exception as exc:
-                self._storage_failed(exc)
-                continue
-            raise self._too_many(scope, item, reset_at)
 
 
 # One fixed-window hit per key: KEYS = the counters, ARGV = each counter's window in seconds. Returns, per
@@ -131,6 +124,35 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
+
+
+class RateLimiter(_Door):
+    """For sync routes (they run in the threadpool): a request's scopes are counted in one round trip, one call
+    of the same script (every scope counted, also when another refuses the request)."""
+
+    def _connect(self, redis_url: str, timeout_s: float) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._script = self._redis.register_script(_HIT_LUA)
+
+    def check(self, **who: str | None) -> None:
+        """Count one request against each scope's limit (`client="1.2.3.4", session="<key>"`); 429 if over."""
+        wanted = self._wanted(who)
+        if not wanted:
+            return
+        try:
+            flat = [
+                int(x)
+                for x in self._script(keys=[k for _, _, k in wanted], args=[i.get_expiry() for _, i, _ in wanted])
+            ]
+        except Exception as exc:
+            self._storage_failed(exc)
+            return
+        self._refuse_over(wanted, [(flat[2 * j], flat[2 * j + 1]) for j in range(len(wanted))])
+
+    def close(self) -> None:
+        self._redis.close()
 
 
 _Counts = list[tuple[int, int]] | None  # per scope: (count, seconds to reset); None when Redis failed
@@ -152,16 +174,9 @@ class AsyncRateLimiter(_Door):
         self._pending: list[tuple[list[tuple[str, RateLimitItem, str]], asyncio.Future[_Counts]]] = []
         self._flushing = False
 
-    def _key(self, scope: str, item: RateLimitItem, identity: str) -> str:
-        return f"ratelimit:{self.service}:{self.door}:{scope}:{item.amount}/{item.get_expiry()}:{identity}"
-
     async def check(self, **who: str | None) -> None:
         """Count one request against each scope's limit (`client=..., session=...`); 429 if over any."""
-        wanted = [
-            (scope, item, self._key(scope, item, identity))
-            for scope, identity in who.items()
-            if identity and (item := self.rules.get(scope)) is not None
-        ]
+        wanted = self._wanted(who)
         if not wanted:
             return
         loop = asyncio.get_running_loop()
@@ -171,11 +186,8 @@ class AsyncRateLimiter(_Door):
             self._flushing = True
             loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
         counts = await future
-        if counts is None:  # Redis did not answer: fail open (counted in rate_limit_errors_total)
-            return
-        for (scope, item, _), (count, ttl) in zip(wanted, counts, strict=True):
-            if count > item.amount:
-                raise self._too_many(scope, item, time.time() + max(ttl, 0))
+        if counts is not None:  # None: Redis did not answer; fail open (counted in rate_limit_errors_total)
+            self._refuse_over(wanted, counts)
 
     async def _flush(self) -> None:
         try:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 from services.router import domain, handlers
 from services.router.config import RouterSettings
 from services.router.providers import AllProvidersFailed, NoProviderConfigured, ProviderSet
-from services.router.store import ExplanationRow, Store, outbox
+from services.router.store import ExplanationRow, RoutingCache, Store, outbox
 from shared.bus import CeleryBus
 from shared.contracts import ExplanationCreated
 from shared.outbox import relay_after_commit
@@ -126,6 +126,7 @@ def _out(row: ExplanationRow) -> ExplanationOut:
 
 LimiterDep = Annotated[RateLimiter, from_state("limiter")]
 BudgetDep = Annotated[handlers.Budget, from_state("budget")]
+RoutingDep = Annotated[RoutingCache, from_state("routing")]
 
 
 @router.post(
@@ -146,6 +147,7 @@ def create_explanation(
     limiter: LimiterDep,
     budget: BudgetDep,
     store: StoreDep,
+    routing: RoutingDep,
     bus: BusDep,
     providers: ProvidersDep,
     settings: SettingsDep,
@@ -157,7 +159,7 @@ def create_explanation(
     cmd = handlers.Explain(ticker=body.ticker, signal=body.signal, context=body.context, session_key=key)
     try:
         result = handlers.create_explanation(
-            cmd, store.uow(), providers, price_overrides=settings.prices, budget=budget, reader=store.reader()
+            cmd, store.uow(), providers, price_overrides=settings.prices, budget=budget, routing_source=routing
         )
     except handlers.BudgetSpent as exc:
         metrics.budget_refusals.inc()
@@ -179,13 +181,15 @@ def create_explanation(
     metrics.latency.labels(event.model).observe(event.latency_ms / 1000)
     # Recorded, with its event in the outbox, in the commit above: the event goes to the broker after the
     # response is sent (the periodic relay publishes it if this process dies first), so no request waits on it.
-    background.add_task(_publish, store, bus, event)
+    background.add_task(_after_response, store, bus, budget, event)
     return ExplanationOut.model_validate(event, from_attributes=True)
 
 
-def _publish(store: Store, bus: CeleryBus, event: ExplanationCreated) -> None:
-    """Publish right after the response. A broker outage does not fail the request: the explanation is stored
-    and its event waits in the outbox for the periodic relay (`router.relay_outbox`)."""
+def _after_response(store: Store, bus: CeleryBus, budget: handlers.Budget, event: ExplanationCreated) -> None:
+    """Right after the response: add the cost to today's spend, then publish. A broker outage does not fail the
+    request: the explanation is stored and its event waits in the outbox for the periodic relay
+    (`router.relay_outbox`). The cost is in the explanation's row whatever happens here."""
+    budget.add(event.cost_usd)
     relay_after_commit(store.factory, outbox, bus, [event])
 
 

@@ -1,8 +1,10 @@
 """The daily provider budget's ledger: today's spend, shared by every router replica through Redis.
 
-One key per UTC day (`router:spend:<day>`, INCRBYFLOAT, expires after two days). Requests running at the same
-moment may each pass the check before the others add their cost, so a budget can be overshot by the cost of
-the requests in flight when it runs out (a few cents at most), never by more. When Redis does not answer
+One key per UTC day (`router:spend:<day>`, INCRBYFLOAT, expires after two days). A request's cost is added right
+after its response (not on the request path). Requests running at the same moment may each pass the check
+before the others add their cost, so a budget can be overshot by the cost of the requests in flight when it
+runs out (a few cents at most), never by more; a process killed between a response and that addition leaves
+its cost out of the ledger (it is in the explanation's row). When Redis does not answer
 within `timeout_s`, the spend is summed from the router's own store instead (slower, same figure)."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from services.router import domain
 from services.router.config import DEFAULT_PRICES
 from services.router.providers import AttemptError, ProviderRequest, ProviderSet
-from services.router.store import ERASED_SESSION, ExplanationRow, SqlUnitOfWork
+from services.router.store import ERASED_SESSION, ExplanationRow, RoutingSnapshot, SqlUnitOfWork
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
@@ -74,6 +74,12 @@ class Budget(Protocol):
     def add(self, cost_usd: float) -> None: ...
 
 
+class RoutingSource(Protocol):
+    """The routing state as of now (`store.RoutingCache`: in memory, reloaded when it changed)."""
+
+    def current(self) -> RoutingSnapshot: ...
+
+
 class BudgetSpent(Exception):
     """The daily provider budget is spent and the assigned model is a paid one (503; it was not called)."""
 
@@ -115,18 +121,22 @@ def create_explanation(
     *,
     price_overrides: Mapping[str, Mapping[str, float]],
     budget: Budget | None = None,
-    reader: SqlUnitOfWork | None = None,
+    routing_source: RoutingSource | None = None,
 ) -> Explained:
     """Pick the variant, render, call the providers (with fallback), record, stage the event.
 
     Raises NoProviderConfigured / AllProvidersFailed from the provider layer, RoutingUnavailable when unseeded,
     BudgetSpent when the daily budget is spent and the assigned model is paid (no provider is called then;
-    with a free assigned model, only the free models of the fallback chain are tried). `reader`: a read
-    transaction for the routing state (the request path passes one; the write goes through `uow`).
+    with a free assigned model, only the free models of the fallback chain are tried). The explanation's cost
+    is the caller's to add to the budget (`budget.add(event.cost_usd)`: the API does it after the response). `routing_source`: where
+    the routing state comes from (the request path passes its `RoutingCache`); without one it is read in `uow`.
     """
-    with reader or uow:  # a read transaction where given: no write lock while choosing the variant
-        routing = (reader or uow).repo.routing()
-        registered = {m["model"]: m for m in (reader or uow).repo.models()}
+    if routing_source is None:
+        with uow:
+            snapshot = uow.repo.snapshot()
+    else:
+        snapshot = routing_source.current()
+    routing, registered = snapshot.routing, snapshot.models
     if routing is None:
         raise RoutingUnavailable("the router has no champion yet")
     variant = domain.choose_variant(routing, cmd.session_key)
@@ -155,9 +165,7 @@ def create_explanation(
     latency_ms = round((time.perf_counter() - started) * 1000, 3)
 
     c = result.completion
-    cost = domain.cost_usd(c.tokens_in, c.tokens_out, price(result.model))
-    if budget is not None:
-        budget.add(cost)
+    cost = domain.cost_usd(c.tokens_in, c.tokens_out, price(result.model))  # the caller adds it to the budget
     explanation_id = uuid.uuid4()
     row: ExplanationRow = {
         "explanation_id": str(explanation_id),

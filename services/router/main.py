@@ -11,7 +11,7 @@ from services.router import api, handlers
 from services.router.budget import SpendLedger
 from services.router.config import RouterSettings, get_settings
 from services.router.providers import ProviderSet
-from services.router.store import Store
+from services.router.store import RoutingCache, Store
 from shared.bus import api_bus
 from shared.logging import configure_logging
 from shared.ratelimit import RateLimiter
@@ -29,6 +29,7 @@ def create_app(settings: RouterSettings | None = None) -> FastAPI:
         store = Store(settings.db_url)
         handlers.ensure_seeded(store.uow(), settings.resolved_default_model())
         app.state.store = store
+        app.state.routing = RoutingCache(store)
         app.state.providers = ProviderSet(settings)
         app.state.limiter = RateLimiter(
             settings.redis_url,
@@ -46,6 +47,7 @@ def create_app(settings: RouterSettings | None = None) -> FastAPI:
         app.state.bus = api_bus("router", settings)
         yield
         app.state.providers.close()
+        app.state.limiter.close()
         app.state.budget.close()
         store.dispose()
 

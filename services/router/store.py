@@ -3,7 +3,9 @@ experiment, known models), kept up to date by events. No other service opens it.
 
 from __future__ import annotations
 
+import threading
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypedDict, cast
 
@@ -111,6 +113,16 @@ models = Table(
     Column("registered_at", DateTime(timezone=True), nullable=False),
 )
 
+#: One row (id=1): a counter that every change of the routing state (champion, experiments, arms, models) raises
+#: in the change's own transaction. The request path keeps the routing state in memory and reloads it only when
+#: this number moved (`RoutingCache`): one small read instead of the whole state on every request.
+routing_version = Table(
+    "routing_version",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
 processed = processed_table(metadata)
 
 
@@ -201,7 +213,7 @@ class RouterRepository(MessageLog):
 
     # -- explanations -----------------------------------------------------------------------------------
     def add_explanation(self, row: ExplanationRow) -> None:
-        self.s.execute(explanations.insert().values(**row))
+        self.s.execute(explanations.insert(), dict(row))  # one statement, compiled once; the row as parameters
 
     def cost_since(self, since: datetime) -> float:
         """USD spent on explanations created at or after `since` (the budget's fallback when Redis is away)."""
@@ -257,6 +269,7 @@ class RouterRepository(MessageLog):
         return out
 
     def set_champion(self, values: ChampionRow) -> None:
+        self.routing_changed()
         if self.champion() is None:
             self.s.execute(champion.insert().values(id=1, **values))
         else:
@@ -274,14 +287,17 @@ class RouterRepository(MessageLog):
         return out
 
     def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:
+        self.routing_changed()
         self.s.execute(experiments.insert().values(**values))
         for position, arm in enumerate(arm_rows):
             self.s.execute(arms.insert().values(experiment_id=values["experiment_id"], position=position, **arm))
 
     def update_experiment(self, experiment_id: str, **values: Any) -> None:
+        self.routing_changed()
         self.s.execute(experiments.update().where(experiments.c.experiment_id == experiment_id).values(**values))
 
     def set_weight(self, experiment_id: str, arm_id: str, weight: float) -> bool:
+        self.routing_changed()
         result = self.s.execute(
             arms.update().where(arms.c.experiment_id == experiment_id, arms.c.arm_id == arm_id).values(weight=weight)
         )
@@ -304,6 +320,7 @@ class RouterRepository(MessageLog):
 
     # -- models -----------------------------------------------------------------------------------------
     def upsert_model(self, values: ModelRow) -> None:
+        self.routing_changed()
         exists = self.s.execute(select(models.c.model).where(models.c.model == values["model"])).first()
         if exists is None:
             self.s.execute(models.insert().values(**values))
@@ -311,6 +328,7 @@ class RouterRepository(MessageLog):
             self.s.execute(models.update().where(models.c.model == values["model"]).values(**values))
 
     def delete_model(self, model: str) -> None:
+        self.routing_changed()
         self.s.execute(models.delete().where(models.c.model == model))
 
     def models(self) -> list[ModelRow]:
@@ -319,6 +337,20 @@ class RouterRepository(MessageLog):
         ]
 
     # -- the whole routing state ------------------------------------------------------------------------
+    def routing_changed(self) -> None:
+        """Raise the routing version, in this transaction: every process that caches the state reloads it."""
+        bumped = self.s.execute(
+            routing_version.update().where(routing_version.c.id == 1).values(version=routing_version.c.version + 1)
+        )
+        if not rowcount(bumped):
+            self.s.execute(routing_version.insert().values(id=1, version=1))
+
+    def routing_version(self) -> int:
+        return int(self.s.execute(select(routing_version.c.version).where(routing_version.c.id == 1)).scalar() or 0)
+
+    def snapshot(self) -> RoutingSnapshot:
+        return RoutingSnapshot(self.routing(), {m["model"]: m for m in self.models()})
+
     def routing(self) -> Routing | None:
         champ = self.champion()
         if champ is None:
@@ -348,6 +380,15 @@ class RouterRepository(MessageLog):
         )
 
 
+@dataclass(frozen=True)
+class RoutingSnapshot:
+    """What serving an explanation reads: the routing state (None before the store is seeded) and the
+    registered models by name (their prices and serving addresses)."""
+
+    routing: Routing | None
+    models: dict[str, ModelRow]
+
+
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.
 SqlUnitOfWork = UnitOfWork[RouterRepository]
 
@@ -357,3 +398,35 @@ class Store(SqlStore[RouterRepository]):
 
     def __init__(self, url: str) -> None:
         super().__init__(url, metadata, RouterRepository, outbox)
+
+
+class RoutingCache:
+    """The routing state for the request path, held in memory. Each `current()` reads only the routing version
+    (one indexed row, in a read transaction that takes no lock); the whole state is read again only when the
+    version moved, that is when an event handler (in any process: the worker applies them) changed the champion,
+    an experiment, its weights or the models. A request therefore never serves a state older than the last one
+    committed before it began: the same promise as reading the state on every request."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._cached: tuple[int, RoutingSnapshot] | None = None
+        self._version_query = select(routing_version.c.version).where(routing_version.c.id == 1)
+
+    def version(self) -> int:
+        with self.store.read_engine.connect() as conn:
+            return int(conn.execute(self._version_query).scalar() or 0)
+
+    def current(self) -> RoutingSnapshot:
+        cached = self._cached
+        if cached is not None and cached[0] == self.version():
+            return cached[1]
+        with self._lock:  # one reload at a time; the others then find it done
+            cached = self._cached
+            if cached is not None and cached[0] == self.version():
+                return cached[1]
+            reader = self.store.reader()
+            with reader:  # the version and the state from the same read transaction: never a mismatched pair
+                loaded = (reader.repo.routing_version(), reader.repo.snapshot())
+            self._cached = loaded
+            return loaded[1]

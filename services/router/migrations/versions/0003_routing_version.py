@@ -1,0 +1,28 @@
+"""routing version
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-02 05:30:00.000000
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    table = op.create_table(
+        "routing_version",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.bulk_insert(table, [{"id": 1, "version": 1}])
+
+
+def downgrade() -> None:
+    op.drop_table("routing_version")
