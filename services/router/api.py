@@ -8,17 +8,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from services.router import domain, handlers
 from services.router.config import RouterSettings
 from services.router.providers import AllProvidersFailed, NoProviderConfigured, ProviderSet
-from services.router.store import ExplanationRow, RoutingCache, Store, outbox
+from services.router.store import ExplanationRow, RoutingCache, Store
 from shared.bus import CeleryBus
-from shared.contracts import ExplanationCreated
-from shared.outbox import relay_after_commit
+from shared.outbox import BatchedRelay
 from shared.privacy import session_key
 from shared.ratelimit import RateLimiter
 from shared.text import check_text
@@ -127,6 +126,7 @@ def _out(row: ExplanationRow) -> ExplanationOut:
 LimiterDep = Annotated[RateLimiter, from_state("limiter")]
 BudgetDep = Annotated[handlers.Budget, from_state("budget")]
 RoutingDep = Annotated[RoutingCache, from_state("routing")]
+RelayDep = Annotated[BatchedRelay, from_state("relay")]
 
 
 @router.post(
@@ -143,7 +143,7 @@ RoutingDep = Annotated[RoutingCache, from_state("routing")]
 def create_explanation(
     body: ExplanationIn,
     request: Request,
-    background: BackgroundTasks,
+    relay: RelayDep,
     limiter: LimiterDep,
     budget: BudgetDep,
     store: StoreDep,
@@ -179,18 +179,11 @@ def create_explanation(
         metrics.fallbacks.labels(result.requested_model, event.model).inc()
     metrics.explanations.labels(event.model, event.prompt_version, cmd.signal).inc()
     metrics.latency.labels(event.model).observe(event.latency_ms / 1000)
-    # Recorded, with its event in the outbox, in the commit above: the event goes to the broker after the
-    # response is sent (the periodic relay publishes it if this process dies first), so no request waits on it.
-    background.add_task(_after_response, store, bus, budget, event)
+    # Recorded, with its event in the outbox, in the commit above. The relay thread publishes it after the
+    # response, batched with other requests' events, and adds its cost to the day's spend; the periodic relay
+    # publishes it if this process dies first. No request waits on the broker.
+    relay.submit(bus, [event])
     return ExplanationOut.model_validate(event, from_attributes=True)
-
-
-def _after_response(store: Store, bus: CeleryBus, budget: handlers.Budget, event: ExplanationCreated) -> None:
-    """Right after the response: add the cost to today's spend, then publish. A broker outage does not fail the
-    request: the explanation is stored and its event waits in the outbox for the periodic relay
-    (`router.relay_outbox`). The cost is in the explanation's row whatever happens here."""
-    budget.add(event.cost_usd)
-    relay_after_commit(store.factory, outbox, bus, [event])
 
 
 @router.get(

@@ -1,20 +1,22 @@
 """The daily provider budget's ledger: today's spend, shared by every router replica through Redis.
 
-One key per UTC day (`router:spend:<day>`, INCRBYFLOAT, expires after two days). A request's cost is added right
-after its response (not on the request path). Requests running at the same moment may each pass the check
-before the others add their cost, so a budget can be overshot by the cost of the requests in flight when it
-runs out (a few cents at most), never by more; a process killed between a response and that addition leaves
-its cost out of the ledger (it is in the explanation's row). When Redis does not answer
-within `timeout_s`, the spend is summed from the router's own store instead (slower, same figure)."""
+One key per UTC day (`router:spend:<day>`, INCRBYFLOAT, expires after two days). A request's cost is added
+after its response, with its event's batch (`shared.outbox.BatchedRelay`), not on the request path. Requests
+running at the same moment may each pass the check before the others add their cost, so a budget can be
+overshot by the cost of the requests in flight or in the relay's batch when it runs out (a few cents at most),
+never by more; a process killed before its batch left leaves those costs out of the ledger (they are in the
+explanations' rows). When Redis does not answer within `timeout_s`, the spend is summed from the router's own
+store instead (slower, same figure)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from services.router import domain
 from shared.clock import utcnow
+from shared.contracts import Event, ExplanationCreated
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ class SpendLedger:
             pipe.execute()
         except Exception as exc:  # the explanation row holds the cost: the store fallback still sees it
             log.warning("could not add %.6f USD to the spend ledger (%s)", cost_usd, type(exc).__name__)
+
+    def add_costs(self, events: Sequence[Event]) -> None:
+        """Add what the explanations of a batch of events cost (the relay calls it after publishing them)."""
+        self.add(sum(e.cost_usd for e in events if isinstance(e, ExplanationCreated)))
 
     def close(self) -> None:
         self._redis.close()

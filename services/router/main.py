@@ -11,9 +11,10 @@ from services.router import api, handlers
 from services.router.budget import SpendLedger
 from services.router.config import RouterSettings, get_settings
 from services.router.providers import ProviderSet
-from services.router.store import RoutingCache, Store
+from services.router.store import RoutingCache, Store, outbox
 from shared.bus import api_bus
 from shared.logging import configure_logging
+from shared.outbox import BatchedRelay
 from shared.ratelimit import RateLimiter
 from shared.web import install_common
 
@@ -45,7 +46,9 @@ def create_app(settings: RouterSettings | None = None) -> FastAPI:
             from_store=lambda since: handlers.cost_since(store.uow(), since),
         )
         app.state.bus = api_bus("router", settings)
+        app.state.relay = BatchedRelay(store.factory, outbox, after_batch=app.state.budget.add_costs)
         yield
+        app.state.relay.close()  # what is queued is published (or left in the outbox) before the store closes
         app.state.providers.close()
         app.state.limiter.close()
         app.state.budget.close()

@@ -26,6 +26,7 @@ from shared.contracts import derived_id
 from shared.outbox import pending, relay
 from shared.privacy import session_key
 from tests.fakes.openai_server import FakeOpenAIServer
+from tests.support import wait_for
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 BODY = {
@@ -152,9 +153,13 @@ def test_missing_fields_and_broken_json_are_422(client: TestClient) -> None:
 
 def test_explanation_created_is_published_after_the_commit(client: TestClient, redis_server: RedisServer) -> None:
     created = client.post("/api/explanations", json=BODY).json()
-    for queue in ("feedback", "optimizer", "finetune", "dashboard"):
-        events = [p for p in queued_payloads(redis_server, queue) if p["task"] == f"{queue}.on_explanation_created"]
-        assert [e["explanation_id"] for e in events] == [created["explanation_id"]], queue
+    for queue in ("feedback", "optimizer", "finetune", "dashboard"):  # published by the relay thread, after the 201
+
+        def events(queue: str = queue) -> list[Any]:
+            tasks = queued_payloads(redis_server, queue)
+            return [p["explanation_id"] for p in tasks if p["task"] == f"{queue}.on_explanation_created"]
+
+        assert wait_for(lambda: events(), what=f"the event on {queue}") == [created["explanation_id"]], queue
     event = queued_payloads(redis_server, "feedback")[0]
     assert event["prompt_text"].startswith("You are a financial analyst")
     assert event["text"] == created["text"] and event["fallback_used"] is False
@@ -245,7 +250,7 @@ def test_session_is_stored_only_as_its_keyed_hash(client: TestClient) -> None:
 
 def test_published_event_leaves_nothing_pending_in_the_outbox(client: TestClient) -> None:
     client.post("/api/explanations", json=BODY)
-    assert pending(client.app.state.store.factory, outbox) == []
+    wait_for(lambda: pending(client.app.state.store.factory, outbox) == [], what="the relay thread to publish")
 
 
 def test_broker_outage_still_serves_and_the_relay_publishes_later(
