@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contracts import Command, Event, FeedbackErased, utcnow
 from shared.deadletter import UNREADABLE, DeadLetters, dead_letter_table
-from shared.outbox import outbox_table, pending, relay, relay_after_commit, stage
+from shared.outbox import BatchedRelay, outbox_table, pending, relay, relay_after_commit, stage
 
 
 class BrokerDown(ConnectionError):
@@ -201,3 +201,40 @@ def test_pending_lists_only_unpublished_rows(db: Db) -> None:
     assert [r["event_id"] for r in pending(db.factory, db.table)] == [str(second.message_id)]
     assert uuid.UUID(pending(db.factory, db.table)[0]["event_id"]) == second.message_id
     assert first.message_id != second.message_id
+
+
+class BatchRecordingBus(RecordingBus):
+    """Also publishes batches (like `CeleryBus.publish_many`), recording each batch's size."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__(fail_at)
+        self.batches: list[int] = []
+
+    def publish_many(self, events: list[Event]) -> None:
+        for event in events:
+            self.publish(event)
+        self.batches.append(len(events))
+
+
+def test_the_relay_thread_publishes_what_requests_submit_in_batches_and_marks_them(db: Db) -> None:
+    events = _staged_in_order(db, 5)
+    bus = BatchRecordingBus()
+    after: list[list[Event]] = []
+    batched = BatchedRelay(db.factory, db.table, linger_s=30.0, after_batch=after.append)
+    for event in events:
+        batched.submit(bus, [event])
+    batched.close()  # publishes what is queued: within one linger, one batch
+    assert bus.batches == [5] and [e.message_id for e in bus.events] == [e.message_id for e in events]
+    assert after == [events]
+    assert db.unpublished() == set()
+
+
+def test_the_relay_thread_leaves_what_it_could_not_publish_for_the_periodic_relay(db: Db) -> None:
+    down, up = _staged_in_order(db, 2)
+    batched = BatchedRelay(db.factory, db.table, linger_s=0.0)
+    batched.submit(BatchRecordingBus(fail_at=1), [down])  # each event goes out on the bus it came with
+    batched.submit(bus := BatchRecordingBus(), [up])
+    batched.close()
+    assert [e.message_id for e in bus.events] == [up.message_id]
+    assert db.unpublished() == {str(down.message_id)}
+    assert relay(db.factory, db.table, RecordingBus()) == 1

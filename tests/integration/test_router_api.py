@@ -303,6 +303,29 @@ def test_explanations_over_the_session_limit_get_429_with_retry_after(
         )
 
 
+def test_each_scope_refuses_at_its_own_limit_and_a_refused_request_counts_no_further_scope(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis.Redis.from_url(broker_url(redis_server)).flushdb()
+    limits = {"explanations_per_client": "3/minute", "explanations_per_session": "2/minute"}
+    with TestClient(create_app(settings(tmp_path, redis_server, **limits))) as c:
+        answers = [c.post("/api/explanations", json={**BODY, "session_id": s}) for s in ("a", "a", "a", "b")]
+        assert [r.status_code for r in answers] == [201, 201, 429, 429]
+        assert "from this session: at most 2 per minute" in answers[2].json()["error"]["message"]
+        assert "from this client: at most 3 per minute" in answers[3].json()["error"]["message"]
+        assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in answers[2:])
+        metrics = c.get("/metrics").text
+        assert 'http_refused_total{door="explanations",reason="rate_limit_session",service="router"} 1.0' in metrics
+        assert 'http_refused_total{door="explanations",reason="rate_limit_client",service="router"} 1.0' in metrics
+    # the refused request of session "b" was refused before its session was counted: it has its two left
+    with TestClient(create_app(settings(tmp_path, redis_server, explanations_per_session="2/minute"))) as c:
+        assert [c.post("/api/explanations", json={**BODY, "session_id": "b"}).status_code for _ in range(3)] == [
+            201,
+            201,
+            429,
+        ]
+
+
 def test_a_spent_daily_budget_is_503_and_the_provider_is_not_called(
     tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer
 ) -> None:

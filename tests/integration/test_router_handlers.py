@@ -13,7 +13,7 @@ import pytest
 from services.router import handlers
 from services.router.config import RouterSettings
 from services.router.providers import ProviderSet
-from services.router.store import Store, outbox
+from services.router.store import RoutingCache, Store, outbox
 from shared.contracts import (
     AllocationChanged,
     ArmSpec,
@@ -22,6 +22,7 @@ from shared.contracts import (
     ExperimentStarted,
     ExplanationCreated,
     ModelRegistered,
+    ModelWithdrawn,
     PromptTemplate,
     utcnow,
 )
@@ -193,3 +194,47 @@ def test_registered_model_is_known_with_its_price(store: Store) -> None:
 
 def test_unknown_explanation_id_is_none(store: Store) -> None:
     assert handlers.get_explanation(store.uow(), uuid.uuid4()) is None
+
+
+def test_the_cached_routing_state_is_reloaded_after_every_routing_event_applied_anywhere(
+    store: Store, providers: ProviderSet
+) -> None:
+    cache = RoutingCache(store)
+    first = cache.current()
+    assert cache.current() is first  # nothing changed: not read again
+    served = explain_with(cache, store, providers)
+    assert served.prompt_version == SEED_PROMPT.version
+
+    worker = Store(store.engine.url.render_as_string(hide_password=False))  # another process's store: the worker
+    try:
+        handlers.on_champion_changed(ChampionChanged(prompt=V11, model=OFFLINE), worker.uow())
+        assert cache.current().routing.champion_prompt.version == "v1.1"  # type: ignore[union-attr]
+        assert explain_with(cache, store, providers).prompt_version == "v1.1"
+
+        start_experiment(worker, weights=(0.0, 1.0))
+        assert explain_with(cache, store, providers).arm_id == "bullets"
+        handlers.on_allocation_changed(
+            AllocationChanged(experiment_id="exp-1", weights={"control": 1.0, "bullets": 0.0}), worker.uow()
+        )
+        assert explain_with(cache, store, providers).arm_id == "control"
+        handlers.on_model_registered(
+            ModelRegistered(model_id="m1", model="local/ft-1", base_model="tiny", cost_per_1k_tokens_usd=0.5),
+            worker.uow(),
+        )
+        assert set(cache.current().models) == {"local/ft-1"}
+        handlers.on_model_withdrawn(ModelWithdrawn(model_id="m1", model="local/ft-1", reason="erased"), worker.uow())
+        assert cache.current().models == {}
+        handlers.on_experiment_concluded(
+            ExperimentConcluded(experiment_id="exp-1", decision="keep", winner_arm_id=None), worker.uow()
+        )
+        assert cache.current().routing.experiment is None  # type: ignore[union-attr]
+        assert explain_with(cache, store, providers).experiment_id is None
+    finally:
+        worker.dispose()
+    unchanged = cache.current()
+    assert cache.current() is unchanged
+
+
+def explain_with(cache: RoutingCache, store: Store, providers: ProviderSet) -> ExplanationCreated:
+    cmd = handlers.Explain(ticker="AAPL", signal="BUY", context={"rsi": 28}, session_key="session-key-1")
+    return handlers.create_explanation(cmd, store.uow(), providers, price_overrides={}, routing_source=cache).event
