@@ -261,8 +261,7 @@ class SqlStore(Generic[RepoT]):
 
         self.engine = make_engine(url)
         self.factory = make_session_factory(self.engine)
-        self.read_engine = self.engine.execution_options(**{READ_ONLY: True})
-        self.read_factory = make_session_factory(self.read_engine)
+        self.read_factory = make_session_factory(self.engine.execution_options(**{READ_ONLY: True}))
         self.make_repo = make_repo
         self.outbox = outbox
         self.service = service or _service_of(make_repo)

@@ -165,7 +165,7 @@ class BatchedRelay:
         factory: sessionmaker[Session],
         table: Table,
         *,
-        linger_s: float = 0.02,
+        linger_s: float = 0.05,
         after_batch: Callable[[list[Event]], None] | None = None,
     ) -> None:
         self.factory = factory

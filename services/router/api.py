@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
@@ -183,7 +183,10 @@ def create_explanation(
     # response, batched with other requests' events, and adds its cost to the day's spend; the periodic relay
     # publishes it if this process dies first. No request waits on the broker.
     relay.submit(bus, [event])
-    return ExplanationOut.model_validate(event, from_attributes=True)
+    # Serialised here, by pydantic, into the response: FastAPI would otherwise validate and encode the returned
+    # model again in a second trip through the threadpool (the body is the same, `response_model` documents it).
+    out = ExplanationOut.model_validate(event, from_attributes=True)
+    return Response(out.model_dump_json(), status_code=201, media_type="application/json")
 
 
 @router.get(

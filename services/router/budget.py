@@ -1,22 +1,23 @@
 """The daily provider budget's ledger: today's spend, shared by every router replica through Redis.
 
-One key per UTC day (`router:spend:<day>`, INCRBYFLOAT, expires after two days). A request's cost is added
-after its response, with its event's batch (`shared.outbox.BatchedRelay`), not on the request path. Requests
-running at the same moment may each pass the check before the others add their cost, so a budget can be
-overshot by the cost of the requests in flight or in the relay's batch when it runs out (a few cents at most),
-never by more; a process killed before its batch left leaves those costs out of the ledger (they are in the
-explanations' rows). When Redis does not answer within `timeout_s`, the spend is summed from the router's own
-store instead (slower, same figure)."""
+One key per UTC day (`router:spend:<day>`, INCRBYFLOAT, expires after two days). A request's cost counts at
+once in its own process (the next request there sees it) and reaches the shared key after the response, with
+its event's batch (`SpendLedger.settle`, called by the relay thread), not on the request path. Requests
+running at the same moment may each pass the check before the others add their cost, and another replica
+sees a cost only once it is settled, so a budget can be overshot by the cost of the requests in flight (a
+few cents at most), never by more; a process killed before settling leaves those costs out of the ledger
+(they are in the explanations' rows). When Redis does not answer within `timeout_s`, the spend is summed
+from the router's own store instead (slower, same figure)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from services.router import domain
 from shared.clock import utcnow
-from shared.contracts import Event, ExplanationCreated
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ KEY_TTL_S = 2 * 86_400
 
 
 class SpendLedger:
+    """`add` counts a cost at once in this process (its own `spent` includes it) without a round trip; `settle`
+    (the relay thread, after each batch) moves what was added to the shared key, keeping it if Redis is away."""
+
     def __init__(
         self,
         redis_url: str,
@@ -37,6 +41,8 @@ class SpendLedger:
         self.limit_usd = limit_usd
         self.from_store = from_store
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._lock = threading.Lock()
+        self._unsettled = 0.0
 
     @staticmethod
     def _key(now: datetime) -> str:
@@ -46,27 +52,37 @@ class SpendLedger:
         now = now or utcnow()
         try:
             raw = self._redis.get(self._key(now))
-            return float(raw) if raw is not None else 0.0
+            # Until settled, this process's own costs are counted here (once settled, possibly for a moment
+            # twice: the budget is then refused early, never late).
+            return (float(raw) if raw is not None else 0.0) + self._unsettled
         except Exception as exc:  # Redis away: the store has the same figure, summed
             log.warning("spend ledger unavailable (%s); summing today's cost from the store", type(exc).__name__)
             day_start = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
             return self.from_store(day_start)
 
-    def add(self, cost_usd: float, now: datetime | None = None) -> None:
-        if cost_usd <= 0:
+    def add(self, cost_usd: float) -> None:
+        if cost_usd > 0:
+            with self._lock:
+                self._unsettled += cost_usd
+
+    def settle(self, now: datetime | None = None) -> None:
+        """Add what this process spent since the last call to the shared ledger (every replica sees it then)."""
+        with self._lock:
+            amount = self._unsettled
+        if amount <= 0:
             return
         key = self._key(now or utcnow())
         try:
             pipe = self._redis.pipeline(transaction=True)
-            pipe.incrbyfloat(key, cost_usd)
+            pipe.incrbyfloat(key, amount)
             pipe.expire(key, KEY_TTL_S)
             pipe.execute()
-        except Exception as exc:  # the explanation row holds the cost: the store fallback still sees it
-            log.warning("could not add %.6f USD to the spend ledger (%s)", cost_usd, type(exc).__name__)
-
-    def add_costs(self, events: Sequence[Event]) -> None:
-        """Add what the explanations of a batch of events cost (the relay calls it after publishing them)."""
-        self.add(sum(e.cost_usd for e in events if isinstance(e, ExplanationCreated)))
+        except Exception as exc:  # kept for the next settle; the explanation rows hold the costs in any case
+            log.warning("could not add %.6f USD to the spend ledger (%s)", amount, type(exc).__name__)
+            return
+        with self._lock:
+            self._unsettled -= amount
 
     def close(self) -> None:
+        self.settle()
         self._redis.close()

@@ -127,8 +127,7 @@ def create_explanation(
 
     Raises NoProviderConfigured / AllProvidersFailed from the provider layer, RoutingUnavailable when unseeded,
     BudgetSpent when the daily budget is spent and the assigned model is paid (no provider is called then;
-    with a free assigned model, only the free models of the fallback chain are tried). The explanation's cost
-    is the caller's to add to the budget (`budget.add(event.cost_usd)`: the API does it after the response). `routing_source`: where
+    with a free assigned model, only the free models of the fallback chain are tried). `routing_source`: where
     the routing state comes from (the request path passes its `RoutingCache`); without one it is read in `uow`.
     """
     if routing_source is None:
@@ -165,7 +164,9 @@ def create_explanation(
     latency_ms = round((time.perf_counter() - started) * 1000, 3)
 
     c = result.completion
-    cost = domain.cost_usd(c.tokens_in, c.tokens_out, price(result.model))  # the caller adds it to the budget
+    cost = domain.cost_usd(c.tokens_in, c.tokens_out, price(result.model))
+    if budget is not None:
+        budget.add(cost)
     explanation_id = uuid.uuid4()
     row: ExplanationRow = {
         "explanation_id": str(explanation_id),

@@ -46,7 +46,7 @@ def create_app(settings: RouterSettings | None = None) -> FastAPI:
             from_store=lambda since: handlers.cost_since(store.uow(), since),
         )
         app.state.bus = api_bus("router", settings)
-        app.state.relay = BatchedRelay(store.factory, outbox, after_batch=app.state.budget.add_costs)
+        app.state.relay = BatchedRelay(store.factory, outbox, after_batch=lambda _: app.state.budget.settle())
         yield
         app.state.relay.close()  # what is queued is published (or left in the outbox) before the store closes
         app.state.providers.close()
