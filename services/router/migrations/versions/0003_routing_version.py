@@ -1,8 +1,6 @@
-"""routing version
+"""routing version: one counter row that every change of the routing state raises.
 
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-12-02 05:30:00.000000
+Create Date: 2026-12-02 05:30:00
 """
 
 import sqlalchemy as sa
@@ -10,8 +8,6 @@ from alembic import op
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
