@@ -4,9 +4,10 @@ A fake OpenAI-compatible server (tests/fakes/openai_server.py: answers every cha
 called directly, then through the router (`POST /api/explanations`, one uvicorn process, the router using that
 fake as its `openai/` provider), each `--requests` times, sequentially, over one keep-alive connection. The
 router's overhead is the difference of the two latency distributions at p50 and p99 (goal: p50 <= 1 ms,
-p99 <= 5 ms added). What the router does on the request path: rate-limit checks (Redis), the routing state
-(a read transaction), the provider call, one write transaction (the explanation and its outbox row); the
-event is published after the response (the periodic relay covers a crash).
+p99 <= 5 ms added). What the router does on the request path: one rate-limit script call and the budget read
+(Redis), the routing version (one row; the state itself is held in memory), the provider call, one write
+transaction (the explanation and its outbox row); the relay thread publishes the event after the response, in
+a batch (the periodic relay covers a crash).
 """
 
 from __future__ import annotations
