@@ -153,7 +153,7 @@ class BatchedRelay:
     """Publishes what requests have just committed, after their responses, from one thread and in batches: the
     events of every request that committed within `linger_s` of the first go to the broker in one round trip
     and are marked published in one transaction (`publish_staged`), then `after_batch(events)` runs (the router
-    adds their cost to the day's spend). A request only queues its events (`submit`), so neither its response
+    settles the day's spend there). A request only queues its events (`submit`), so neither its response
     nor the next request waits on the broker, a second transaction or a thread of its own.
 
     Each event is published on the bus it was submitted with. What fails to publish, and what a process killed
@@ -200,7 +200,10 @@ class BatchedRelay:
                     stop = True
                     break
                 batch.append(item)
-            self._publish(batch)
+            try:
+                self._publish(batch)
+            except Exception:  # the thread must live on: what this batch left is in the outbox for the relay
+                log.exception("publishing a batch of %d submissions failed", len(batch))
 
     def _publish(self, batch: list[tuple[Publisher, list[Event]]]) -> None:
         by_bus: dict[int, tuple[Publisher, list[Event]]] = {}
