@@ -334,14 +334,26 @@ def decide_experiment(
             elif decision.status == DECISION_UNHEALTHY:
                 _end(uow, exp, domain.PAUSED, decision.status, None, decision.reason, now, archive_treatments=False)
                 action = "paused"
-            elif exp["allocation"] == "adaptive" and _reweight(uow, exp, arms, data, analysis, settings):
-                action = "reweighted"
-            elif exp["allocation"] == "fixed" and settings.drop_futile_arms and _drop_futile(uow, exp, data, analysis):
+            elif _reallocate(uow, exp, arms, data, analysis, settings):
                 action = "reweighted"
         uow.commit()
     if action != "none":
         log.info("experiment %s: %s (%s)", experiment_id, action, decision.reason)
     return {"experiment_id": experiment_id, "decision": decision.status, "reason": decision.reason, "action": action}
+
+
+def _reallocate(
+    uow: SqlUnitOfWork,
+    exp: ExperimentRow,
+    arms: list[ArmRow],
+    data: list[ArmData],
+    analysis: Analysis,
+    settings: OptimizerSettings,
+) -> bool:
+    """Adaptive: Thompson weights in batches. Fixed: only arms that can no longer win leave the split."""
+    if exp["allocation"] == "adaptive":
+        return _reweight(uow, exp, arms, data, analysis, settings)
+    return settings.drop_futile_arms and _drop_futile(uow, exp, data, analysis)
 
 
 def _reweight(
