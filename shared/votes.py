@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -89,14 +89,24 @@ class NewestInBatch:
         return new, replacing
 
 
-def keep_newest_of_batch(
-    messages: list[Any], stored: dict[str, datetime], erased: Callable[[Any], bool], *fields: str
-) -> tuple[list[str], NewestInBatch]:
-    """`keep_newest` for a batch of vote events (`FeedbackRecorded`) in order: 'erased' where `erased(message)`,
-    else the vote's outcome after the ones before it. `stored`: the `submitted_at` stored before the batch, by
-    feedback id. Returns the outcomes and the rows to write (`NewestInBatch.writes`)."""
-    newest = NewestInBatch(stored)
-    outcomes = ["erased" if erased(m) else newest.keep(vote_row(m, *fields)) for m in messages]
+class BatchVoteRows(Protocol):
+    """Where a service keeps its votes and the ids of erased votes, read for a whole batch at once."""
+
+    def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]: ...
+    def votes_erased_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]: ...
+
+
+def keep_newest_of_batch(rows: BatchVoteRows, messages: list[Any], *fields: str) -> tuple[list[str], NewestInBatch]:
+    """`keep_newest` for a batch of vote events (`FeedbackRecorded`) in order, with the stored and the erased
+    votes read once for the batch: 'erased' for a vote cast before its erasure (`erased_before`), else the
+    vote's outcome after the ones before it. Returns the outcomes and the rows to write (`NewestInBatch`)."""
+    fids = [str(m.feedback_id) for m in messages]
+    erased = rows.votes_erased_at(fids)
+    newest = NewestInBatch(rows.votes_submitted_at(fids))
+    outcomes = [
+        "erased" if erased_before(erased.get(str(m.feedback_id)), m.submitted_at) else newest.keep(vote_row(m, *fields))
+        for m in messages
+    ]
     return outcomes, newest
 
 

@@ -99,17 +99,9 @@ def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWor
     each for the votes and the totals of the explanations they are on; the revision moved on once."""
 
     def apply(uow: SqlUnitOfWork, fresh: list[FeedbackRecorded]) -> list[str]:
-        repo = uow.repo
-        fids = [str(e.feedback_id) for e in fresh]
-        erased = repo.votes_erased_at(fids)
-        outcomes, newest = votes.keep_newest_of_batch(
-            fresh,
-            repo.votes_submitted_at(fids),
-            lambda e: votes.erased_before(erased.get(str(e.feedback_id)), e.submitted_at),
-            *VOTE_COLUMNS,
-        )
-        repo.write_votes(newest)
-        repo.bump_revision(len(fresh))
+        outcomes, newest = votes.keep_newest_of_batch(uow.repo, fresh, *VOTE_COLUMNS)
+        uow.repo.write_votes(newest)
+        uow.repo.bump_revision(len(fresh))
         return outcomes
 
     return handle_many_once(uow, events, apply)

@@ -92,17 +92,8 @@ def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWor
     query each for the handled ids, the erased votes and the stored votes, one write of many rows each."""
 
     def apply(uow: SqlUnitOfWork, fresh: list[FeedbackRecorded]) -> list[str]:
-        repo = uow.repo
-        fids = [str(e.feedback_id) for e in fresh]
-        erased = repo.votes_erased_at(fids)
-        outcomes, newest = votes.keep_newest_of_batch(
-            fresh,
-            repo.votes_submitted_at(fids),
-            lambda e: votes.erased_before(erased.get(str(e.feedback_id)), e.submitted_at),
-            "experiment_id",
-            "arm_id",
-        )
-        repo.write_votes(newest)
+        outcomes, newest = votes.keep_newest_of_batch(uow.repo, fresh, "experiment_id", "arm_id")
+        uow.repo.write_votes(newest)
         return outcomes
 
     return handle_many_once(uow, events, apply)

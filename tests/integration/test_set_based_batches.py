@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from services.dashboard import handlers as dashboard
 from services.dashboard.store import Store as DashboardStore
 from services.feedback import handlers as feedback
@@ -186,50 +188,31 @@ def recorded_batch() -> tuple[list[FeedbackRecorded], list[uuid.UUID], FeedbackR
     return batch, eids, earlier, erased
 
 
-def test_a_mixed_batch_of_recorded_votes_gives_the_optimizer_what_one_by_one_gives(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("make_store", "handlers"),
+    [(OptimizerStore, optimizer), (DashboardStore, dashboard)],
+    ids=["optimizer", "dashboard"],
+)
+def test_a_mixed_batch_of_recorded_votes_gives_what_one_by_one_gives(
+    tmp_path: Path, make_store: Callable[[str], Any], handlers: Any
+) -> None:
+    """For the optimizer's votes and the dashboard's read model (its explanations' vote totals and its
+    revision included)."""
     batch, eids, earlier, erased = recorded_batch()
 
-    def prepare(store: OptimizerStore) -> None:
+    def prepare(store: Any) -> None:
         for eid in eids[:2]:
-            optimizer.on_explanation_created(explanation_created(eid, key("s")), store.uow())
-        optimizer.on_feedback_recorded(earlier, store.uow())
-        optimizer.on_feedback_erased(erased, store.uow())
+            handlers.on_explanation_created(explanation_created(eid, key("s")), store.uow())
+        handlers.on_feedback_recorded(earlier, store.uow())
+        handlers.on_feedback_erased(erased, store.uow())
 
     one_by_one, set_based, before, after = both_ways(
-        tmp_path,
-        OptimizerStore,
-        prepare,
-        batch,
-        optimizer.on_feedback_recorded,
-        optimizer.on_feedback_recorded_batch,
+        tmp_path, make_store, prepare, batch, handlers.on_feedback_recorded, handlers.on_feedback_recorded_batch
     )
     expected = ["stored", "duplicate", "replaced", "stale", "stored", "stored", "duplicate", "stale", "replaced"]
     assert one_by_one == [*expected, "erased", "stored", "stored"]
     assert set_based == one_by_one
     assert after == before
-
-
-def test_a_mixed_batch_of_recorded_votes_gives_the_dashboard_what_one_by_one_gives(tmp_path: Path) -> None:
-    batch, eids, earlier, erased = recorded_batch()
-
-    def prepare(store: DashboardStore) -> None:
-        for eid in eids[:2]:
-            dashboard.on_explanation_created(explanation_created(eid, key("s")), store.uow())
-        dashboard.on_feedback_recorded(earlier, store.uow())
-        dashboard.on_feedback_erased(erased, store.uow())
-
-    one_by_one, set_based, before, after = both_ways(
-        tmp_path,
-        DashboardStore,
-        prepare,
-        batch,
-        dashboard.on_feedback_recorded,
-        dashboard.on_feedback_recorded_batch,
-    )
-    expected = ["stored", "duplicate", "replaced", "stale", "stored", "stored", "duplicate", "stale", "replaced"]
-    assert one_by_one == [*expected, "erased", "stored", "stored"]
-    assert set_based == one_by_one
-    assert after == before  # the explanations' vote totals and the read model's revision included
 
 
 def test_a_set_based_handler_that_fails_falls_back_to_one_message_at_a_time(tmp_path: Path) -> None:
