@@ -19,6 +19,8 @@ from services.dashboard import handlers as dashboard
 from services.dashboard.store import Store as DashboardStore
 from services.feedback import handlers as feedback
 from services.feedback.store import Store as FeedbackStore
+from services.finetune import handlers as finetune
+from services.finetune.store import Store as FinetuneStore
 from services.optimizer import handlers as optimizer
 from services.optimizer.store import Store as OptimizerStore
 from shared.contracts import FeedbackErased, FeedbackRecorded, RecordFeedback
@@ -181,23 +183,27 @@ def recorded_batch() -> tuple[list[FeedbackRecorded], list[uuid.UUID], FeedbackR
         earlier,  # handled before the batch
         recorded(f[3], eids[1], 4),  # older than the stored vote: stale
         recorded(f[3], eids[1], 11, rating=-1, replaced=True),
-        recorded(f[4], eids[1], 20),  # cast before its erasure
-        recorded(f[4], eids[1], 40),  # cast after it: counts
+        recorded(f[4], eids[1], 20, session_key=key("gone")),  # cast before its erasure
+        recorded(f[4], eids[1], 40, session_key=key("gone")),  # after it: counts, but not for training
         recorded(f[5], eids[0], 1),
     ]
     return batch, eids, earlier, erased
 
 
 @pytest.mark.parametrize(
-    ("make_store", "handlers"),
-    [(OptimizerStore, optimizer), (DashboardStore, dashboard)],
-    ids=["optimizer", "dashboard"],
+    ("make_store", "handlers", "erased_session"),
+    [
+        (OptimizerStore, optimizer, ["erased", "stored"]),
+        (DashboardStore, dashboard, ["erased", "stored"]),
+        (FinetuneStore, finetune, ["erased", "erased"]),  # an erased session gives no training data again
+    ],
+    ids=["optimizer", "dashboard", "finetune"],
 )
 def test_a_mixed_batch_of_recorded_votes_gives_what_one_by_one_gives(
-    tmp_path: Path, make_store: Callable[[str], Any], handlers: Any
+    tmp_path: Path, make_store: Callable[[str], Any], handlers: Any, erased_session: list[str]
 ) -> None:
-    """For the optimizer's votes and the dashboard's read model (its explanations' vote totals and its
-    revision included)."""
+    """For the optimizer's votes, the dashboard's read model (its explanations' vote totals and its revision
+    included) and the fine-tuning material."""
     batch, eids, earlier, erased = recorded_batch()
 
     def prepare(store: Any) -> None:
@@ -210,7 +216,7 @@ def test_a_mixed_batch_of_recorded_votes_gives_what_one_by_one_gives(
         tmp_path, make_store, prepare, batch, handlers.on_feedback_recorded, handlers.on_feedback_recorded_batch
     )
     expected = ["stored", "duplicate", "replaced", "stale", "stored", "stored", "duplicate", "stale", "replaced"]
-    assert one_by_one == [*expected, "erased", "stored", "stored"]
+    assert one_by_one == [*expected, *erased_session, "stored"]
     assert set_based == one_by_one
     assert after == before
 
