@@ -13,6 +13,9 @@ per service, as `make run` starts them). Printed as ratios:
 3. drain: a backlog of `--backlog` votes queued with no worker, then drained by one feedback worker digesting
    one message per transaction (TASK_BATCH_SIZE=1, the way every consumer worked before batches), by one
    batching worker, and by two batching workers (ratios to the one batching worker).
+4. store: `--store-votes` votes digested in batches of 100 straight into each store (no queue), by the
+   one-message handlers each in its savepoint (`run_in_one_transaction`) and by the set-based batch handlers
+   (`run_batch`), on fresh copies of the same stores: time per vote and the ratio, per service.
 """
 
 from __future__ import annotations
@@ -115,6 +118,62 @@ def _seed(env: dict[str, str], n: int) -> list[uuid.UUID]:
     return [uuid.UUID(line) for line in out.stdout.split()][-n:]
 
 
+def store_phase(tmp: Path, n: int) -> dict[str, tuple[float, float]]:
+    """Milliseconds per vote, (one message per savepoint, set-based), per store (phase 4)."""
+    from services.dashboard import handlers as dh
+    from services.dashboard.store import Store as DashboardStore
+    from services.feedback import handlers as fh
+    from services.feedback.store import Store as FeedbackStore
+    from services.optimizer import handlers as oh
+    from services.optimizer.store import Store as OptimizerStore
+    from shared.contracts import ExplanationCreated, FeedbackRecorded
+    from shared.db import run_batch, run_in_one_transaction
+    from shared.privacy import session_key
+
+    keys = [session_key(f"store-{i}", b"bench") for i in range(n)]
+    created = [
+        ExplanationCreated(
+            explanation_id=uuid.uuid4(), request_key="r", ticker="AAPL", signal="BUY", prompt_name="explain_signal",
+            prompt_version="v1.0", model="offline/template-v1", provider="offline", prompt_text="p", text="t",
+            tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0, created_at=datetime.now(UTC), session_key=k,
+        )
+        for k in keys
+    ]  # fmt: skip
+    cast = [fh.new_vote(e.explanation_id, k, 1, None, None) for e, k in zip(created, keys, strict=True)]
+    recorded = [
+        FeedbackRecorded(
+            feedback_id=v.feedback_id, explanation_id=v.explanation_id, session_key=v.session_key, rating=1,
+            stars=None, has_comment=False, replaced=False, submitted_at=v.submitted_at,
+            prompt_name="explain_signal", prompt_version="v1.0", model="offline/template-v1", signal="BUY",
+            ticker="AAPL",
+        )
+        for v in cast
+    ]  # fmt: skip
+    services: list[tuple[str, Any, Any, Any, Any, list[Any]]] = [
+        ("feedback", FeedbackStore, fh, fh.record_feedback, fh.record_feedback_batch, cast),
+        ("optimizer", OptimizerStore, oh, oh.on_feedback_recorded, oh.on_feedback_recorded_batch, recorded),
+        ("dashboard", DashboardStore, dh, dh.on_feedback_recorded, dh.on_feedback_recorded_batch, recorded),
+    ]
+    out: dict[str, tuple[float, float]] = {}
+    for name, make, module, each, many, messages in services:
+        times = []
+        for way in ("each", "many"):
+            store = make(f"sqlite:///{tmp / f'store-{name}-{way}.db'}")
+            run_in_one_transaction(store.uow(), created, module.on_explanation_created)
+            started = time.perf_counter()
+            for k in range(0, n, 100):
+                part = messages[k : k + 100]
+                if way == "each":
+                    results = run_in_one_transaction(store.uow(), part, each)
+                else:
+                    results = run_batch(store.uow(), part, many, each)
+                assert all(ok for ok, _ in results)
+            times.append((time.perf_counter() - started) / n * 1000)
+            store.dispose()
+        out[name] = (times[0], times[1])
+    return out
+
+
 class Stores:
     def __init__(self, data_dir: Path, seeded: int) -> None:
         self.feedback = data_dir / "feedback.db"
@@ -145,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--backlog", type=int, default=3000)
+    parser.add_argument("--store-votes", type=int, default=2000)
     args = parser.parse_args(argv)
     lag_votes = int(args.rate * args.seconds)
     loop_sessions = 1000
     seeded = loop_sessions + lag_votes
 
+    with tempfile.TemporaryDirectory() as tmp:
+        per_store = store_phase(Path(tmp), args.store_votes)
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
         env = {
             **os.environ,
@@ -277,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     one = drains.get("1 worker, batches") or float("nan")
     for label, rate in drains.items():
         print(f"{'drain, ' + label + ' (votes/s)':46}{rate:>10.0f}   ratio {rate / one:.2f}")
+    for name, (each_ms, many_ms) in per_store.items():
+        print(f"{'store ' + name + ', ms/vote: savepoints / set-based':46}{each_ms:>5.2f} / {many_ms:.2f}"
+              f"   ratio {each_ms / many_ms:.1f}x")  # fmt: skip
     return 0
 
 

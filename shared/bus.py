@@ -256,11 +256,13 @@ class BatchTask(_Batches, ReliableTask):
         def on_return(result: Any) -> None:
             # a list: the positions to put back on the queue; anything else: the batch raised, put back all
             put_back = set(result) if isinstance(result, list) else None
+            done = []
             for i, req in enumerate(requests):
                 if put_back is None or i in put_back:
                     req.reject(requeue=True)
                 else:
-                    req.acknowledge()
+                    done.append(req)
+            acknowledge_all(done)
 
         return self._pool.apply_async(apply_batches_task, (self, simple, 0, None), callback=on_return)
 
@@ -318,6 +320,39 @@ class BatchTask(_Batches, ReliableTask):
         return True
 
 
+def acknowledge_all(requests: list[Any]) -> None:
+    """Acknowledge a batch's messages (Celery requests) in one round trip to Redis instead of one each. kombu's
+    Redis transport keeps every delivered, unacknowledged message in a hash and a sorted set (restored to the
+    queue after the visibility timeout); an acknowledgement removes it from both. Here the removals of all the
+    messages go in one pipeline, then each message is marked acknowledged in this worker as `Message.ack`
+    would. Another transport, messages of several channels, or a failure before anything was removed: each is
+    acknowledged on its own, as Celery would (a failure is logged; the message comes back after the timeout)."""
+    from kombu.transport.virtual import QoS
+
+    pending = [r for r in requests if not r.acknowledged]
+    if not pending:
+        return
+    try:
+        messages = [r.message for r in pending]
+        channel = messages[0].channel
+        qos = channel.qos
+        remove = qos._remove_from_indices  # kombu.transport.redis.QoS
+        if any(m.channel is not channel for m in messages):
+            raise ValueError("messages of several channels")
+        with qos.pipe_or_acquire() as pipe:
+            for m in messages:
+                remove(m.delivery_tag, pipe)
+            pipe.execute()
+    except Exception:
+        for r in pending:
+            r.acknowledge()
+        return
+    for r, m in zip(pending, messages, strict=True):
+        QoS.ack(qos, m.delivery_tag)  # forgotten by this worker (the Redis QoS's own ack did the removal above)
+        m._state = "ACK"
+        r.acknowledged = True
+
+
 def batch_task(
     app: Celery,
     name: str,
@@ -325,6 +360,7 @@ def batch_task(
     parse: Any,
     handle: Any = None,
     each: Any = None,
+    many: Any = None,
     uow: Any = None,
     after: Any = None,
     size: int | None = None,
@@ -332,12 +368,15 @@ def batch_task(
     """Register the batch consumer `name` (see `BatchTask`): `parse(payload) -> message`,
     `handle(messages) -> [(ok, outcome or exception), ...]`, or, the usual case, the one-message handler
     `each(message, uow)` run for every message in its own savepoint of one transaction on `uow()`
-    (`shared.db.run_in_one_transaction`); `after(handled messages)` once they are committed (relay the
-    outbox, clear a journal)."""
+    (`shared.db.run_in_one_transaction`); with a set-based handler `many(messages, uow)` as well, the batch
+    is digested by `many` and only falls back to `each` if it raises (`shared.db.run_batch`);
+    `after(handled messages)` once they are committed (relay the outbox, clear a journal)."""
     if handle is None:
-        from shared.db import run_in_one_transaction
+        from shared.db import run_batch, run_in_one_transaction
 
         def handle(messages: list[Any]) -> list[tuple[bool, Any]]:
+            if many is not None:
+                return run_batch(uow(), messages, many, each)
             return run_in_one_transaction(uow(), messages, each)
 
     def run(self: BatchTask, requests: list[Any]) -> list[int]:
@@ -360,15 +399,20 @@ def event_tasks(
     *,
     after: Any = None,
     batched: Iterable[str] = (),
+    many: Mapping[str, Any] | None = None,
 ) -> dict[str, Task]:
     """Register a consumer for each entry of `handlers`, task name -> (message class, one-message handler):
     the task turns its payload into the message and calls `handler(message, uow())`, then `after()` (relay
     the outbox) once the handler has returned; the task's result is the handler's. Failures are
     `ReliableTask`'s (retried, dead-lettered). The tasks named in `batched` digest their messages in batches
-    instead (`batch_task`, the same handler per message). Returns the tasks by name."""
+    instead (`batch_task`: the same handler per message, or the set-based handler `many[name]` where there is
+    one). Returns the tasks by name."""
     batched = set(batched)
+    many = dict(many or {})
     if batched - set(handlers):
         raise ValueError(f"batched tasks without a handler: {sorted(batched - set(handlers))}")
+    if set(many) - batched:
+        raise ValueError(f"set-based handlers of tasks that are not batched: {sorted(set(many) - batched)}")
 
     def consumer(name: str, cls: Any, handler: Any) -> Any:
         def run(payload: dict) -> Any:
@@ -385,7 +429,13 @@ def event_tasks(
 
     return {
         name: batch_task(
-            app, name, parse=cls.from_payload, each=handler, uow=uow, after=None if after is None else after_batch
+            app,
+            name,
+            parse=cls.from_payload,
+            each=handler,
+            many=many.get(name),
+            uow=uow,
+            after=None if after is None else after_batch,
         )
         if name in batched
         else app.task(name=name)(consumer(name, cls, handler))

@@ -10,19 +10,22 @@ A store file is created readable by its owner only (0600); its folder 0700.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, MetaData, Result, Table, create_engine, event, select
+from sqlalchemy import CursorResult, Engine, MetaData, Result, Select, Table, create_engine, event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
     from shared.contracts import Event
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 #: An execution option: a connection with it begins a deferred (read) transaction instead of an immediate one.
@@ -199,6 +202,73 @@ def handle_once(uow: Any, message_id: object, apply: Callable[[Any], R], *, dupl
     return result
 
 
+def handle_many_once(
+    uow: Any, messages: Sequence[T], apply: Callable[[Any, list[T]], list[R]], *, duplicate: Any = "duplicate"
+) -> list[Any]:
+    """`handle_once` for a batch, set-based: in one unit of work, one query finds which message ids were
+    already handled (a message repeated within the batch is a duplicate after its first), the others are
+    marked seen in one statement, and `apply(uow, fresh messages in order)` returns their outcomes. Returns,
+    in the batch's order, each message's outcome or `duplicate`. If `apply` raises, nothing is committed."""
+    with uow:
+        seen = uow.repo.seen_many([m.message_id for m in messages])  # type: ignore[attr-defined]
+        fresh: list[T] = []
+        is_fresh: list[bool] = []
+        for m in messages:
+            mid = str(m.message_id)  # type: ignore[attr-defined]
+            is_fresh.append(mid not in seen)
+            if mid not in seen:
+                seen.add(mid)
+                fresh.append(m)
+        uow.repo.mark_seen_many([m.message_id for m in fresh])  # type: ignore[attr-defined]
+        outcomes = iter(apply(uow, fresh) if fresh else [])
+        results = [next(outcomes) if f else duplicate for f in is_fresh]
+        uow.commit()
+    return results
+
+
+def run_batch(
+    uow: UnitOfWork[Any],
+    items: Sequence[T],
+    many: Callable[[list[T], Any], list[R]],
+    each: Callable[[T, Any], R],
+) -> list[tuple[bool, R | Exception]]:
+    """Digest a batch in one transaction with the set-based handler `many(items, uow)` (a few statements for
+    the whole batch; it returns one outcome per item, in order). If it raises, its work is rolled back (to a
+    savepoint: the lock is kept) and the batch is run again message by message with `each`, each in its own
+    savepoint (`run_in_one_transaction`): a bad message is then rolled back alone and the others commit, as
+    they would have without the set-based path. Returns what `run_in_one_transaction` returns."""
+    if not items:
+        return []
+    try:
+        with uow:
+            uow.session.connection()  # BEGIN (IMMEDIATE on SQLite): wait for the lock once
+            whole = uow.session.begin_nested()
+            member = SavepointUnitOfWork(uow)
+            results: list[tuple[bool, R | Exception]]
+            try:
+                outcomes = many(list(items), member)
+                if member.discarded or len(outcomes) != len(items):
+                    raise RuntimeError("the batch handler did not commit an outcome for every message")
+            except Exception as exc:
+                if whole.is_active:
+                    whole.rollback()
+                log.warning("a batch of %d fell back to one message at a time: %s", len(items), _describe(exc))
+                results = _each_in_savepoint(uow, items, each)
+            else:
+                whole.commit()
+                results = [(True, outcome) for outcome in outcomes]
+            uow.commit()
+    except Exception as exc:
+        return [(False, exc)] * len(items)
+    return results
+
+
+def _describe(exc: Exception) -> str:
+    from shared.deadletter import describe_error
+
+    return describe_error(exc)
+
+
 def run_in_one_transaction(
     uow: UnitOfWork[Any], items: Sequence[T], handle: Callable[[T, Any], R]
 ) -> list[tuple[bool, R | Exception]]:
@@ -211,24 +281,31 @@ def run_in_one_transaction(
     try:
         with uow:
             uow.session.connection()  # BEGIN (IMMEDIATE on SQLite): wait for the lock once, not per item
-            results: list[tuple[bool, R | Exception]] = []
-            for item in items:
-                own = uow.session.begin_nested()  # everything this item writes, whatever the handler does
-                member = SavepointUnitOfWork(uow)
-                try:
-                    outcome = handle(item, member)
-                except Exception as exc:
-                    own.rollback()
-                    results.append((False, exc))
-                else:
-                    if member.discarded:
-                        own.rollback()
-                    else:
-                        own.commit()
-                    results.append((True, outcome))
+            results = _each_in_savepoint(uow, items, handle)
             uow.commit()
     except Exception as exc:
         return [(False, exc)] * len(items)
+    return results
+
+
+def _each_in_savepoint(
+    uow: UnitOfWork[Any], items: Sequence[T], handle: Callable[[T, Any], R]
+) -> list[tuple[bool, R | Exception]]:
+    results: list[tuple[bool, R | Exception]] = []
+    for item in items:
+        own = uow.session.begin_nested()  # everything this item writes, whatever the handler does
+        member = SavepointUnitOfWork(uow)
+        try:
+            outcome = handle(item, member)
+        except Exception as exc:
+            own.rollback()
+            results.append((False, exc))
+        else:
+            if member.discarded:
+                own.rollback()
+            else:
+                own.commit()
+            results.append((True, outcome))
     return results
 
 
@@ -324,6 +401,35 @@ class MessageLog:
 
         self.s.execute(self.processed.insert().values(message_id=str(message_id), handled_at=utcnow()))
 
+    def seen_many(self, message_ids: Iterable[object]) -> set[str]:
+        """Which of these message ids were handled already (one query per `IN_CHUNK` ids)."""
+        table = self.processed
+        return set(select_in(self.s, select(table.c.message_id), table.c.message_id, [str(m) for m in message_ids]))
+
+    def mark_seen_many(self, message_ids: Iterable[object]) -> None:
+        from shared.contracts import utcnow
+
+        now = utcnow()
+        rows = [{"message_id": str(m), "handled_at": now} for m in message_ids]
+        if rows:
+            self.s.execute(self.processed.insert(), rows)
+
+
+#: How many values one `IN (...)` of `select_in` binds at most (SQLite allows 32766 bound values per statement
+#: since 3.32, 999 before).
+IN_CHUNK = 900
+
+
+def select_in(s: Session, query: Select[Any], column: Any, values: Sequence[Any]) -> list[Any]:
+    """The rows of `query` whose `column` is one of `values`, in as few statements as `IN_CHUNK` allows. A
+    query of one column gives its values, of several its rows."""
+    out: list[Any] = []
+    single = len(query.selected_columns) == 1
+    for k in range(0, len(values), IN_CHUNK):
+        result = s.execute(query.where(column.in_(values[k : k + IN_CHUNK])))
+        out.extend(result.scalars() if single else result.all())
+    return out
+
 
 def explanations_voted_but_unknown(
     s: Session, votes: Table, known: Table, since: datetime, until: datetime, limit: int = 500
@@ -338,3 +444,40 @@ def explanations_voted_but_unknown(
         .limit(limit)
     )
     return [uuid.UUID(r) for r in s.execute(q).scalars()]
+
+
+def write_rows(
+    s: Session,
+    table: Table,
+    key: str,
+    new: Sequence[tuple[dict[str, Any], int]],
+    replacing: Sequence[tuple[dict[str, Any], int]],
+    *,
+    counter: str | None = None,
+) -> None:
+    """Write a batch's rows (`shared.votes.NewestInBatch.writes`): `new` inserted, `replacing` updated by the
+    column `key`, one executemany each. Each row comes with how many times the batch wrote it; a `counter`
+    column counts the writes (set to that number on insert, increased by it on update)."""
+    from sqlalchemy import bindparam
+
+    if new:
+        s.execute(table.insert(), [row | ({counter: n} if counter else {}) for row, n in new])
+    if replacing:
+        columns = [c for c in replacing[0][0] if c != key]
+        values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in columns}
+        if counter:
+            values[counter] = table.c[counter] + bindparam("v_times")
+        stmt = table.update().where(table.c[key] == bindparam("k_key")).values(values)
+        s.execute(
+            stmt,
+            [
+                {"k_key": row[key]} | ({"v_times": n} if counter else {}) | {f"v_{c}": row[c] for c in columns}
+                for row, n in replacing
+            ],
+        )
+
+
+def values_by_key(s: Session, table: Table, key: str, column: str, keys: Iterable[str]) -> dict[str, Any]:
+    """`column` of the rows of `table` whose `key` column is one of `keys`, by key (one query per `IN_CHUNK`)."""
+    q = select(table.c[key], table.c[column])
+    return dict(select_in(s, q, table.c[key], sorted(set(keys))))

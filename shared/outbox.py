@@ -40,19 +40,27 @@ def outbox_table(metadata: MetaData) -> Table:
 
 
 def stage(session: Session, table: Table, events: list[Event]) -> None:
-    """Add events to the outbox inside the caller's transaction (idempotent on event id)."""
+    """Add events to the outbox inside the caller's transaction (idempotent on event id: one already staged,
+    or twice in `events`, is added once). One query and one insert for all of them."""
+    from shared.db import select_in
+
+    if not events:
+        return
+    staged = set(select_in(session, select(table.c.event_id), table.c.event_id, [str(ev.message_id) for ev in events]))
+    rows = []
     for ev in events:
-        exists = session.execute(select(table.c.event_id).where(table.c.event_id == str(ev.message_id))).first()
-        if exists is None:
-            session.execute(  # one statement for every row (compiled once), the values as its parameters
-                table.insert(),
+        if str(ev.message_id) not in staged:
+            staged.add(str(ev.message_id))
+            rows.append(
                 {
                     "event_id": str(ev.message_id),
                     "event_type": ev.type,
                     "payload": ev.to_payload(),
-                    "created_at": utcnow(),
-                },
+                    "created_at": utcnow(),  # in staging order: the relay publishes oldest first
+                }
             )
+    if rows:
+        session.execute(table.insert(), rows)
 
 
 def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit: int = 500) -> int:

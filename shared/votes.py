@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -57,6 +58,56 @@ def keep_newest(rows: VoteRows, row: dict[str, Any]) -> Literal["stored", "repla
         return "stale"
     rows.upsert_vote(row, replace=outcome == "replace")
     return "replaced" if outcome == "replace" else "stored"
+
+
+class NewestInBatch:
+    """`keep_newest` for a batch of votes applied in order, in memory: `keep(row)` gives each vote the outcome
+    it would have had alone (after the ones before it in the batch), and the store then writes only each
+    feedback id's last kept row (`writes`), with how many times it was written (a store that counts its
+    revisions adds them). `stored` maps the batch's feedback ids to the `submitted_at` stored before it."""
+
+    def __init__(self, stored: dict[str, datetime]) -> None:
+        self._latest = dict(stored)
+        self._existed = set(stored)
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._times: dict[str, int] = {}
+
+    def keep(self, row: dict[str, Any]) -> Literal["stored", "replaced", "stale"]:
+        fid = row["feedback_id"]
+        outcome = vote_outcome(self._latest.get(fid), row["submitted_at"])
+        if outcome == "stale":
+            return "stale"
+        self._latest[fid] = row["submitted_at"]
+        self._rows[fid] = row
+        self._times[fid] = self._times.get(fid, 0) + 1
+        return "replaced" if outcome == "replace" else "stored"
+
+    def writes(self) -> tuple[list[tuple[dict[str, Any], int]], list[tuple[dict[str, Any], int]]]:
+        """(new rows, rows replacing a stored one), each with the number of times the batch wrote it."""
+        new = [(row, self._times[fid]) for fid, row in self._rows.items() if fid not in self._existed]
+        replacing = [(row, self._times[fid]) for fid, row in self._rows.items() if fid in self._existed]
+        return new, replacing
+
+
+class BatchVoteRows(Protocol):
+    """Where a service keeps its votes and the ids of erased votes, read for a whole batch at once."""
+
+    def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]: ...
+    def votes_erased_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]: ...
+
+
+def keep_newest_of_batch(rows: BatchVoteRows, messages: list[Any], *fields: str) -> tuple[list[str], NewestInBatch]:
+    """`keep_newest` for a batch of vote events (`FeedbackRecorded`) in order, with the stored and the erased
+    votes read once for the batch: 'erased' for a vote cast before its erasure (`erased_before`), else the
+    vote's outcome after the ones before it. Returns the outcomes and the rows to write (`NewestInBatch`)."""
+    fids = [str(m.feedback_id) for m in messages]
+    erased = rows.votes_erased_at(fids)
+    newest = NewestInBatch(rows.votes_submitted_at(fids))
+    outcomes = [
+        "erased" if erased_before(erased.get(str(m.feedback_id)), m.submitted_at) else newest.keep(vote_row(m, *fields))
+        for m in messages
+    ]
+    return outcomes, newest
 
 
 def erased_before(erased_at: datetime | None, submitted_at: datetime) -> bool:

@@ -27,7 +27,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import handle_once
+from shared.db import handle_many_once, handle_once
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> str
     return _once(event, uow, apply)
 
 
+#: What the read model keeps of a vote besides `shared.votes.VOTE_FIELDS`.
+VOTE_COLUMNS = ("has_comment", "prompt_name", "prompt_version", "model", "signal", "ticker")
+
+
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
     """Upsert the vote by feedback_id: the newer `submitted_at` wins, so a replaced vote counts once.
     Returns stored, replaced, stale, erased or duplicate."""
@@ -83,10 +87,24 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         repo = uow.repo
         if votes.erased_before(repo.erased_at(event.feedback_id), event.submitted_at):
             return "erased"
-        row = votes.vote_row(event, "has_comment", "prompt_name", "prompt_version", "model", "signal", "ticker")
+        row = votes.vote_row(event, *VOTE_COLUMNS)
         return votes.keep_newest(repo, row)
 
     return _once(event, uow, apply)
+
+
+def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWork) -> list[str]:
+    """`on_feedback_recorded` for a batch, set-based (the same outcomes, votes, vote totals and revision as one
+    by one): one query each for the handled ids, the erased votes and the stored votes; one write of many rows
+    each for the votes and the totals of the explanations they are on; the revision moved on once."""
+
+    def apply(uow: SqlUnitOfWork, fresh: list[FeedbackRecorded]) -> list[str]:
+        outcomes, newest = votes.keep_newest_of_batch(uow.repo, fresh, *VOTE_COLUMNS)
+        uow.repo.write_votes(newest)
+        uow.repo.bump_revision(len(fresh))
+        return outcomes
+
+    return handle_many_once(uow, events, apply)
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int | str:

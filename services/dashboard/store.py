@@ -4,7 +4,7 @@ opens it, and it opens no other service's store."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any, TypedDict
 from typing import cast as typed
@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     case,
     cast,
     delete,
@@ -34,9 +35,20 @@ from sqlalchemy.orm import Session
 
 from services.dashboard.domain import Cell, ExperimentInfo
 from shared.clock import as_utc
-from shared.db import MessageLog, SqlStore, UnitOfWork, explanations_voted_but_unknown, processed_table, rowcount
+from shared.db import (
+    MessageLog,
+    SqlStore,
+    UnitOfWork,
+    explanations_voted_but_unknown,
+    processed_table,
+    rowcount,
+    select_in,
+    values_by_key,
+    write_rows,
+)
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
+from shared.votes import NewestInBatch
 
 metadata = MetaData()
 
@@ -66,6 +78,9 @@ explanations = Table(
     Column("stars_sum", Integer, nullable=False, default=0),
     Column("stars_n", Integer, nullable=False, default=0),
 )
+
+#: The parameters of the update that sets an explanation's vote totals (`refresh_vote_totals_of`).
+TOTALS = ("k_id", "v_votes", "v_positives", "v_stars_sum", "v_stars_n")
 
 # One row per feedback_id (one per session and explanation): a replacing vote overwrites it.
 votes = Table(
@@ -270,8 +285,8 @@ class DashboardRepository(MessageLog):
         self.s = session
 
     # -- idempotency and change counter -----------------------------------------------------------------
-    def bump_revision(self) -> None:
-        self.s.execute(meta.update().where(meta.c.key == "revision").values(value=meta.c.value + 1))
+    def bump_revision(self, changes: int = 1) -> None:
+        self.s.execute(meta.update().where(meta.c.key == "revision").values(value=meta.c.value + changes))
 
     def revision(self) -> int:
         row = self.s.execute(select(meta.c.value).where(meta.c.key == "revision")).first()
@@ -309,22 +324,50 @@ class DashboardRepository(MessageLog):
             self.s.execute(votes.insert().values(**values))
         self.refresh_vote_totals(values["explanation_id"])
 
+    def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
+        """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
+        return values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
+
+    def votes_erased_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
+        """`erased_at` for many ids in one query: the erased ones, by feedback id."""
+        return values_by_key(self.s, erased_votes, "feedback_id", "erased_at", feedback_ids)
+
+    def write_votes(self, batch: NewestInBatch) -> None:
+        """A batch's votes (`shared.votes.NewestInBatch`): each feedback id's newest row, then the vote totals
+        of the explanations they are on, recounted once each (`refresh_vote_totals_of`)."""
+        new, replacing = batch.writes()
+        write_rows(self.s, votes, "feedback_id", new, replacing)
+        self.refresh_vote_totals_of({row["explanation_id"] for row, _ in (*new, *replacing)})
+
+    def refresh_vote_totals_of(self, explanation_ids: Iterable[str]) -> None:
+        """`refresh_vote_totals` for many explanations: one grouped recount, one update of many rows."""
+        ids = sorted(set(explanation_ids))
+        if not ids:
+            return
+        q = select(
+            votes.c.explanation_id,
+            func.count(),
+            func.coalesce(func.sum(case((votes.c.rating == 1, 1), else_=0)), 0),
+            func.coalesce(func.sum(votes.c.stars), 0),
+            func.count(votes.c.stars),
+        ).group_by(votes.c.explanation_id)
+        totals = {r[0]: r[1:] for r in select_in(self.s, q, votes.c.explanation_id, ids)}
+        self.s.execute(
+            explanations.update()
+            .where(explanations.c.explanation_id == bindparam("k_id"))
+            .values(
+                votes=bindparam("v_votes"),
+                positives=bindparam("v_positives"),
+                stars_sum=bindparam("v_stars_sum"),
+                stars_n=bindparam("v_stars_n"),
+            ),
+            [dict(zip(TOTALS, (e, *totals.get(e, (0, 0, 0, 0))), strict=True)) for e in ids],
+        )
+
     def refresh_vote_totals(self, explanation_id: str) -> None:
         """Recount one explanation's votes from the vote rows (a recount, not an increment: a replaced,
         duplicated or erased vote can never be counted twice)."""
-        row = self.s.execute(
-            select(
-                func.count(),
-                func.coalesce(func.sum(case((votes.c.rating == 1, 1), else_=0)), 0),
-                func.coalesce(func.sum(votes.c.stars), 0),
-                func.count(votes.c.stars),
-            ).where(votes.c.explanation_id == explanation_id)
-        ).one()
-        self.s.execute(
-            explanations.update()
-            .where(explanations.c.explanation_id == explanation_id)
-            .values(votes=row[0], positives=row[1], stars_sum=row[2], stars_n=row[3])
-        )
+        self.refresh_vote_totals_of([explanation_id])
 
     def erase_votes(self, feedback_ids: list[str], at: datetime) -> int:
         removed = 0

@@ -55,6 +55,7 @@ EVENT_TASKS = event_tasks(
     },
     lambda: _store().uow(),
     batched=("dashboard.on_explanation_created", "dashboard.on_feedback_recorded"),
+    many={"dashboard.on_feedback_recorded": handlers.on_feedback_recorded_batch},
 )
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Literal
 
 from services.feedback import domain
-from services.feedback.store import SqlUnitOfWork
+from services.feedback.store import ExplanationRow, SqlUnitOfWork
 from shared import votes
 from shared.contracts import (
     ExplanationCreated,
@@ -19,7 +20,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import handle_once
+from shared.db import handle_many_once, handle_once
 from shared.privacy import erasure_tag
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,46 @@ def record_feedback(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
         return outcome
 
     return handle_once(uow, cmd.message_id, apply)
+
+
+def record_feedback_batch(cmds: list[RecordFeedback], uow: SqlUnitOfWork) -> list[str]:
+    """`record_feedback` for a batch, set-based: the same outcomes, in order, and the same stored state as the
+    votes one after the other, in one unit of work of a few statements whatever the batch's size (one query
+    each for the handled message ids, the sessions' erasures, the replica's explanations and the stored votes;
+    one insert or update of many rows for each kind of write)."""
+
+    def apply(uow: SqlUnitOfWork, fresh: list[RecordFeedback]) -> list[str]:
+        repo = uow.repo
+        erased = repo.erased_at_many(c.session_key for c in fresh)
+        replica = repo.explanations_by_id(c.explanation_id for c in fresh)
+        newest = votes.NewestInBatch(repo.votes_submitted_at(str(c.feedback_id) for c in fresh))
+        dropped: list[str] = []
+        quarantined: list[tuple[uuid.UUID, dict]] = []
+        refused: Counter[str] = Counter()
+        events: list[FeedbackRecorded] = []
+        outcomes: list[str] = []
+        for cmd in fresh:
+            erased_at, explanation = erased.get(cmd.session_key), replica.get(str(cmd.explanation_id))
+            outcome, event = _batch_outcome(cmd, erased_at, explanation, newest)
+            if outcome == "erased":
+                dropped.append(erasure_tag(cmd.session_key)[:12])
+            elif outcome == "quarantined":
+                quarantined.append((cmd.message_id, cmd.to_payload()))
+            elif outcome in domain.REFUSAL_MESSAGES:
+                refused[outcome] += 1
+            if event is not None:
+                events.append(event)
+            outcomes.append(outcome)
+            log.info("feedback %s", outcome, extra={"feedback_id": str(cmd.feedback_id)})
+        repo.audit_many("worker", "drop_vote_of_erased_session", dropped, {})
+        repo.quarantine_many(quarantined, domain.QUARANTINE_UNKNOWN)
+        for reason, n in sorted(refused.items()):
+            repo.count_dropped(reason, n)
+        repo.write_votes(newest)
+        uow.add_events(*events)
+        return outcomes
+
+    return handle_many_once(uow, cmds, apply)
 
 
 def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
@@ -54,27 +95,51 @@ def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
     outcome = votes.keep_newest(repo, row)
     if outcome == "stale":
         return "stale"
-    uow.add_events(
-        FeedbackRecorded(
-            message_id=derived_id("feedback.recorded", cmd.message_id),
-            feedback_id=cmd.feedback_id,
-            explanation_id=cmd.explanation_id,
-            session_key=cmd.session_key,
-            rating=cmd.rating,
-            stars=cmd.stars,
-            has_comment=bool(cmd.comment),
-            replaced=outcome == "replaced",
-            submitted_at=cmd.submitted_at,
-            prompt_name=explanation["prompt_name"],
-            prompt_version=explanation["prompt_version"],
-            model=explanation["model"],
-            signal=explanation["signal"],
-            ticker=explanation["ticker"],
-            experiment_id=explanation["experiment_id"],
-            arm_id=explanation["arm_id"],
-        )
-    )
+    uow.add_events(_recorded(cmd, explanation, replaced=outcome == "replaced"))
     return outcome
+
+
+def _batch_outcome(
+    cmd: RecordFeedback,
+    erased_at: datetime | None,
+    explanation: ExplanationRow | None,
+    newest: votes.NewestInBatch,
+) -> tuple[str, FeedbackRecorded | None]:
+    """`_apply_vote`'s decision for a vote of a batch, given its session's erasure, the replica's row of its
+    explanation and the votes the batch kept before it (`newest`, which keeps this one if it counts). Returns
+    the outcome and, for a stored or replacing vote, the FeedbackRecorded to publish."""
+    if votes.erased_before(erased_at, cmd.submitted_at):
+        return "erased", None
+    if explanation is None:
+        return "quarantined", None
+    refusal = domain.vote_refusal(explanation["session_key"], cmd.session_key)
+    if refusal is not None:
+        return refusal, None
+    outcome = newest.keep(votes.vote_row(cmd, "session_key", "comment") | {"stored_at": utcnow()})
+    if outcome == "stale":
+        return "stale", None
+    return outcome, _recorded(cmd, explanation, replaced=outcome == "replaced")
+
+
+def _recorded(cmd: RecordFeedback, explanation: ExplanationRow, *, replaced: bool) -> FeedbackRecorded:
+    return FeedbackRecorded(
+        message_id=derived_id("feedback.recorded", cmd.message_id),
+        feedback_id=cmd.feedback_id,
+        explanation_id=cmd.explanation_id,
+        session_key=cmd.session_key,
+        rating=cmd.rating,
+        stars=cmd.stars,
+        has_comment=bool(cmd.comment),
+        replaced=replaced,
+        submitted_at=cmd.submitted_at,
+        prompt_name=explanation["prompt_name"],
+        prompt_version=explanation["prompt_version"],
+        model=explanation["model"],
+        signal=explanation["signal"],
+        ticker=explanation["ticker"],
+        experiment_id=explanation["experiment_id"],
+        arm_id=explanation["arm_id"],
+    )
 
 
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, TypedDict, cast
 
@@ -19,17 +20,19 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    union_all,
 )
 from sqlalchemy.orm import Session
 
 from services.feedback.domain import StoredVote
 from shared.clock import as_utc
 from shared.contracts import Signal, utcnow
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount, select_in, write_rows
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 from shared.privacy import erasure_tag
+from shared.votes import NewestInBatch
 
 metadata = MetaData()
 
@@ -179,6 +182,14 @@ class FeedbackRepository(MessageLog):
         )
         return cast(ExplanationRow, dict(row)) if row else None
 
+    def explanations_by_id(self, explanation_ids: Iterable[uuid.UUID]) -> dict[str, ExplanationRow]:
+        """`explanation` for many ids in one query: the rows the replica has, by explanation id."""
+        q = select(explanations, served_to.c.session_key).outerjoin(
+            served_to, served_to.c.explanation_id == explanations.c.explanation_id
+        )
+        rows = select_in(self.s, q, explanations.c.explanation_id, sorted({str(e) for e in explanation_ids}))
+        return {r.explanation_id: cast(ExplanationRow, dict(r._mapping)) for r in rows}
+
     def add_explanation(self, values: dict[str, Any], session_key: str | None = None) -> bool:
         if self.explanation(uuid.UUID(values["explanation_id"])) is not None:
             return False
@@ -199,6 +210,18 @@ class FeedbackRepository(MessageLog):
             )
         ).first()
         return StoredVote(row.rating, row.stars, row.submitted_at) if row else None
+
+    def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
+        """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
+        q = select(feedback.c.feedback_id, feedback.c.submitted_at)
+        return {
+            r.feedback_id: r.submitted_at
+            for r in select_in(self.s, q, feedback.c.feedback_id, sorted(set(feedback_ids)))
+        }
+
+    def write_votes(self, batch: NewestInBatch) -> None:
+        """A batch's votes (`NewestInBatch`): each feedback id's newest row, `revisions` counting every write."""
+        write_rows(self.s, feedback, "feedback_id", *batch.writes(), counter="revisions")
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
         if replace:
@@ -223,6 +246,25 @@ class FeedbackRepository(MessageLog):
                 received_at=utcnow(),
             )
         )
+
+    def quarantine_many(self, commands: list[tuple[uuid.UUID, dict[str, Any]]], reason: str) -> None:
+        """`quarantine` for many (message id, command payload) in one statement."""
+        if commands:
+            self.s.execute(
+                quarantine.insert(),
+                [
+                    {
+                        "message_id": str(message_id),
+                        "feedback_id": command["feedback_id"],
+                        "explanation_id": command["explanation_id"],
+                        "session_key": command["session_key"],
+                        "command": command,
+                        "reason": reason,
+                        "received_at": utcnow(),  # in the batch's order: they are released in this order
+                    }
+                    for message_id, command in commands
+                ],
+            )
 
     def take_quarantined(self, explanation_id: uuid.UUID) -> list[dict[str, Any]]:
         rows = self.s.execute(
@@ -252,14 +294,14 @@ class FeedbackRepository(MessageLog):
         ).mappings()
         return [cast(QuarantinedRow, dict(r)) for r in rows]
 
-    def count_dropped(self, reason: str) -> None:
+    def count_dropped(self, reason: str, n: int = 1) -> None:
         updated = rowcount(
             self.s.execute(
-                dropped_votes.update().where(dropped_votes.c.reason == reason).values(count=dropped_votes.c.count + 1)
+                dropped_votes.update().where(dropped_votes.c.reason == reason).values(count=dropped_votes.c.count + n)
             )
         )
         if not updated:
-            self.s.execute(dropped_votes.insert().values(reason=reason, count=1))
+            self.s.execute(dropped_votes.insert().values(reason=reason, count=n))
 
     def dropped_counts(self) -> dict[str, int]:
         rows = self.s.execute(select(dropped_votes.c.reason, dropped_votes.c.count)).all()
@@ -275,6 +317,20 @@ class FeedbackRepository(MessageLog):
             if (row := self.s.execute(select(table.c.erased_at).where(table.c.session_key == tag)).first())
         ]
         return max(times, key=as_utc) if times else None
+
+    def erased_at_many(self, session_keys: Iterable[str]) -> dict[str, datetime]:
+        """`erased_at` for many sessions in one query (erasures and tombstones): the erased ones, by key."""
+        by_tag = {erasure_tag(k): k for k in set(session_keys)}
+        q = union_all(
+            select(erasures.c.session_key, erasures.c.erased_at),
+            select(erasure_tombstones.c.session_key, erasure_tombstones.c.erased_at),
+        ).subquery()
+        found: dict[str, datetime] = {}
+        for tag, at in select_in(self.s, select(q.c.session_key, q.c.erased_at), q.c.session_key, sorted(by_tag)):
+            key = by_tag[tag]
+            if key not in found or as_utc(at) > as_utc(found[key]):
+                found[key] = at
+        return found
 
     def holds_session(self, session_key: str) -> bool:
         """Whether anything of this session is kept here: votes, quarantined votes, explanations served to it."""
@@ -316,6 +372,14 @@ class FeedbackRepository(MessageLog):
     # -- audit ------------------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, subject: str, detail: dict[str, Any]) -> None:
         self.s.execute(audit.insert().values(at=utcnow(), actor=actor, action=action, subject=subject, detail=detail))
+
+    def audit_many(self, actor: str, action: str, subjects: list[str], detail: dict[str, Any]) -> None:
+        """`audit` of one action on many subjects in one statement."""
+        if subjects:
+            self.s.execute(
+                audit.insert(),
+                [{"at": utcnow(), "actor": actor, "action": action, "subject": s, "detail": detail} for s in subjects],
+            )
 
     def audit_log(self, limit: int = 100) -> list[AuditRow]:
         rows = self.s.execute(select(audit).order_by(audit.c.id.desc()).limit(limit)).mappings()

@@ -49,12 +49,14 @@ def _recorded(cmds: list[RecordFeedback]) -> None:
     _relay()
 
 
-# Votes are digested in batches: one transaction for up to TASK_BATCH_SIZE of them (shared.bus.BatchTask).
+# Votes are digested in batches: one transaction of a few set-based statements for up to TASK_BATCH_SIZE of them
+# (shared.bus.BatchTask, shared.db.run_batch).
 record = batch_task(
     app,
     name="feedback.record",
     parse=RecordFeedback.from_payload,
     each=handlers.record_feedback,
+    many=handlers.record_feedback_batch,
     uow=lambda: _store().uow(),
     after=_recorded,
 )

@@ -27,7 +27,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import handle_once
+from shared.db import handle_many_once, handle_once
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,22 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         return votes.keep_newest(repo, votes.vote_row(event, "session_key"))
 
     return handle_once(uow, event.message_id, apply)
+
+
+def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWork) -> list[str]:
+    """`on_feedback_recorded` for a batch, set-based (the same outcomes and stored votes as one by one): one
+    query each for the handled ids, the erased sessions and the stored votes, one write of many rows each."""
+
+    def apply(uow: SqlUnitOfWork, fresh: list[FeedbackRecorded]) -> list[str]:
+        erased = uow.repo.erased_among(e.session_key for e in fresh)  # the same stricter rule as one by one
+        newest = votes.NewestInBatch(uow.repo.votes_submitted_at(str(e.feedback_id) for e in fresh))
+        outcomes = [
+            "erased" if e.session_key in erased else newest.keep(votes.vote_row(e, "session_key")) for e in fresh
+        ]
+        uow.repo.write_votes(newest)
+        return outcomes
+
+    return handle_many_once(uow, events, apply)
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> dict[str, Any] | None:

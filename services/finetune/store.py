@@ -29,11 +29,12 @@ from sqlalchemy.orm import Session
 
 from services.finetune import domain
 from shared.contracts import utcnow
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, select_in, values_by_key, write_rows
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 from shared.privacy import erasure_tag
+from shared.votes import NewestInBatch
 
 metadata = MetaData()
 
@@ -234,6 +235,20 @@ class FinetuneRepository(MessageLog):
             self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
         else:
             self.s.execute(votes.insert().values(**values))
+
+    def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
+        """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
+        return values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
+
+    def write_votes(self, batch: NewestInBatch) -> None:
+        """A batch's votes (`shared.votes.NewestInBatch`): each feedback id's newest row."""
+        write_rows(self.s, votes, "feedback_id", *batch.writes())
+
+    def erased_among(self, session_keys: Iterable[str]) -> set[str]:
+        """`is_erased` for many sessions in one query: the erased ones."""
+        by_tag = {erasure_tag(k): k for k in set(session_keys)}
+        tags = select_in(self.s, select(erased_sessions.c.session_key), erased_sessions.c.session_key, sorted(by_tag))
+        return {by_tag[t] for t in tags}
 
     def is_erased(self, session_key: str) -> bool:
         return self.erased_at(session_key) is not None

@@ -31,7 +31,7 @@ from services.optimizer.registry import SearchExhausted, UowFactory
 from services.optimizer.store import SqlUnitOfWork
 from shared import votes
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered, utcnow
-from shared.db import handle_once
+from shared.db import handle_many_once, handle_once
 from shared.prompts import PROMPT_NAME
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,18 @@ def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:
         return votes.keep_newest(repo, votes.vote_row(event, "experiment_id", "arm_id"))
 
     return handle_once(uow, event.message_id, apply)
+
+
+def on_feedback_recorded_batch(events: list[FeedbackRecorded], uow: SqlUnitOfWork) -> list[str]:
+    """`on_feedback_recorded` for a batch, set-based (the same outcomes and stored votes as one by one): one
+    query each for the handled ids, the erased votes and the stored votes, one write of many rows each."""
+
+    def apply(uow: SqlUnitOfWork, fresh: list[FeedbackRecorded]) -> list[str]:
+        outcomes, newest = votes.keep_newest_of_batch(uow.repo, fresh, "experiment_id", "arm_id")
+        uow.repo.write_votes(newest)
+        return outcomes
+
+    return handle_many_once(uow, events, apply)
 
 
 def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int:

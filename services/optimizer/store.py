@@ -4,6 +4,7 @@ and votes each arm collected, variant generations. No other service opens it."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, TypedDict, cast
 
@@ -32,11 +33,21 @@ from services.optimizer import domain
 from services.optimizer.stats.results import ArmData
 from shared.clock import as_utc
 from shared.contracts import utcnow
-from shared.db import MessageLog, SqlStore, UnitOfWork, explanations_voted_but_unknown, processed_table, rowcount
+from shared.db import (
+    MessageLog,
+    SqlStore,
+    UnitOfWork,
+    explanations_voted_but_unknown,
+    processed_table,
+    rowcount,
+    values_by_key,
+    write_rows,
+)
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 from shared.privacy import erasure_tag
+from shared.votes import NewestInBatch
 
 metadata = MetaData()
 
@@ -420,6 +431,18 @@ class OptimizerRepository(MessageLog):
         q = select(votes.c.submitted_at).where(votes.c.feedback_id == str(feedback_id))
         row = self.s.execute(q).first()
         return row.submitted_at if row else None
+
+    def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
+        """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
+        return values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
+
+    def votes_erased_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
+        """`vote_erased_at` for many ids in one query: the erased ones, by feedback id."""
+        return values_by_key(self.s, erased_votes, "feedback_id", "erased_at", feedback_ids)
+
+    def write_votes(self, batch: NewestInBatch) -> None:
+        """A batch's votes (`shared.votes.NewestInBatch`): each feedback id's newest row."""
+        write_rows(self.s, votes, "feedback_id", *batch.writes())
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
         if replace:

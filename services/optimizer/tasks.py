@@ -53,6 +53,7 @@ EVENT_TASKS = event_tasks(
     },
     lambda: _store().uow(),
     batched=("optimizer.on_explanation_created", "optimizer.on_feedback_recorded"),
+    many={"optimizer.on_feedback_recorded": handlers.on_feedback_recorded_batch},
 )
 
 

@@ -123,7 +123,10 @@ def test_a_poison_message_in_a_batch_is_dead_lettered_alone(tmp_path: Path) -> N
             wait_for(lambda: _count(db, "select count(*) from feedback") == 20, timeout_s=30, what="the good votes")
             letters = wait_for(lambda: store.dead_letters.list() or None, timeout_s=10, what="the dead letter")
         assert len(letters) == 1 and letters[0]["task"] == "feedback.record" and letters[0]["reason"] == "invalid"
-        assert redis.Redis.from_url(server.url).llen("feedback") == 0
+        r = redis.Redis.from_url(server.url)
+        assert r.llen("feedback") == 0
+        # the batch's messages were acknowledged together: none is left to come back after the visibility timeout
+        wait_for(lambda: r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0, timeout_s=10, what="the acks")
         store.dispose()
 
 

@@ -95,3 +95,20 @@ def test_a_vote_row_has_the_common_fields_ids_as_text_the_time_in_utc_and_what_t
         "comment": "ok",
     }
     assert row["submitted_at"].utcoffset() == timedelta(0)
+
+
+def test_a_batch_keeps_each_votes_newest_row_and_counts_its_writes() -> None:
+    """`NewestInBatch` decides each vote of a batch after the ones before it, and writes each id once."""
+    batch = votes.NewestInBatch({"stored": T0})  # "stored" has a row from before the batch
+    row = lambda fid, s, rating=1: {"feedback_id": fid, "submitted_at": T0 + timedelta(seconds=s), "rating": rating}  # noqa: E731
+    outcomes = [
+        batch.keep(row("new", 1)),
+        batch.keep(row("new", 3, rating=-1)),
+        batch.keep(row("new", 2)),  # older than the one the batch already kept
+        batch.keep(row("stored", -1)),  # older than the stored row
+        batch.keep(row("stored", 5)),
+    ]
+    assert outcomes == ["stored", "replaced", "stale", "stale", "replaced"]
+    new, replacing = batch.writes()
+    assert new == [(row("new", 3, rating=-1), 2)]  # the newest row, written twice by the batch
+    assert replacing == [(row("stored", 5), 1)]
