@@ -23,7 +23,7 @@ from sqlalchemy.pool import NullPool
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
 from gateway.run import ROOT, worker_command
-from shared.contracts import ExplanationCreated
+from shared.contracts import ExplanationCreated, FeedbackRecorded
 from shared.web import AdminDep, install_error_handlers
 
 T = TypeVar("T")
@@ -276,6 +276,24 @@ def explanation_created(
         "session_key": session_key,
     }
     return ExplanationCreated.model_validate(values | fields)
+
+
+#: What a vote carries from the explanation it is on (the feedback service copies it from its replica).
+_COPIED_TO_VOTES = {"prompt_name", "prompt_version", "model", "signal", "ticker", "experiment_id", "arm_id"}
+
+
+def feedback_recorded(explanation: ExplanationCreated, rating: int = 1, **fields: object) -> FeedbackRecorded:
+    """A `FeedbackRecorded` as the feedback service publishes it for a vote on `explanation`, from the session
+    it was served to (else "s" * 64), submitted now; `fields` override (session_key, submitted_at, stars ...)."""
+    values: dict[str, object] = {
+        "feedback_id": uuid.uuid4(),
+        "explanation_id": explanation.explanation_id,
+        "session_key": explanation.session_key or "s" * 64,
+        "rating": rating,
+        "submitted_at": datetime.now(UTC),
+        **explanation.model_dump(include=_COPIED_TO_VOTES),
+    }
+    return FeedbackRecorded.model_validate(values | fields)
 
 
 def store_in_router(data_dir: Path, event: ExplanationCreated) -> None:

@@ -13,51 +13,34 @@ from sqlalchemy import update
 from services.optimizer import domain, experiments, handlers, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator, SearchHistory
-from services.optimizer.store import Store, champions, outbox
+from services.optimizer.store import Store, champions
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
     ExperimentConcluded,
     ExperimentStarted,
     FeedbackErased,
-    FeedbackRecorded,
     ModelRegistered,
     utcnow,
 )
-from shared.outbox import relay
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
-from tests.fakes.bus import FakeBus
-from tests.support import explanation_created
-
-MODEL = "offline/template-v1"
+from tests.support import explanation_created, feedback_recorded
+from tests.unit.optimizer_support import MODEL, arm_fields, explain_and_vote, offline_settings, published, seeded_store
 
 
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    s = Store(store_url("optimizer"))
-    registry.ensure_seeded(s.uow(), MODEL)
-    yield s
-    s.dispose()
+    yield from seeded_store(store_url)
 
 
 @pytest.fixture
 def settings() -> OptimizerSettings:
-    return OptimizerSettings(
-        min_duration_s=0,
+    return offline_settings(
         min_feedback_per_arm=30,
         max_feedback_per_arm=400,
         generation_min_interval_s=3600,
-        promotion_mode="auto",
         auto_experiment=True,
-        OPENAI_API_KEY=None,
-        GROQ_API_KEY=None,
     )
-
-
-def published(store: Store) -> list[Any]:
-    bus = FakeBus()
-    relay(store.factory, outbox, bus)
-    return bus.events
 
 
 def add_variant(store: Store, settings: OptimizerSettings, text: str = "bullet points") -> str:
@@ -85,33 +68,9 @@ def feed(
     version: str = "v1.0",
 ) -> None:
     """n exposures on the arm, each with one vote; the first `positives` are thumbs up."""
-    now = utcnow()
+    arm = arm_fields(experiment_id, arm_id, version)
     for i in range(n):
-        eid = uuid.uuid4()
-        common = {
-            "prompt_name": PROMPT_NAME,
-            "prompt_version": version,
-            "model": MODEL,
-            "experiment_id": experiment_id,
-            "arm_id": arm_id,
-        }
-        handlers.on_explanation_created(
-            explanation_created(eid, None, signal="BUY", cost_usd=cost, latency_ms=5.0, created_at=now, **common),
-            store.uow(),
-        )
-        handlers.on_feedback_recorded(
-            FeedbackRecorded(
-                feedback_id=uuid.uuid4(),
-                explanation_id=eid,
-                session_key=f"s{i}",
-                rating=1 if i < positives else -1,
-                submitted_at=now,
-                signal="BUY",
-                ticker="AAPL",
-                **common,
-            ),
-            store.uow(),
-        )
+        explain_and_vote(store, arm, f"s{i}", i < positives, cost=cost)
 
 
 def champion(store: Store) -> dict[str, Any]:
@@ -155,26 +114,15 @@ def test_champion_cannot_be_archived(store: Store) -> None:
 
 def test_replaced_vote_counts_once_and_erasure_removes_it(store: Store, settings: OptimizerSettings) -> None:
     exp = start(store, settings, add_variant(store, settings))
-    eid, fid = uuid.uuid4(), uuid.uuid4()
+    ex = explanation_created(None, "s", signal="BUY", **arm_fields(exp, "control"))
+    eid, fid = ex.explanation_id, uuid.uuid4()
     t0 = utcnow()
-    base = {
-        "feedback_id": fid,
-        "explanation_id": eid,
-        "session_key": "s",
-        "signal": "BUY",
-        "ticker": "AAPL",
-        "prompt_name": PROMPT_NAME,
-        "prompt_version": "v1.0",
-        "model": MODEL,
-        "experiment_id": exp,
-        "arm_id": "control",
-    }
-    up = FeedbackRecorded(rating=1, submitted_at=t0, **base)
+    up = feedback_recorded(ex, 1, feedback_id=fid, submitted_at=t0)
     assert handlers.on_feedback_recorded(up, store.uow()) == "stored"
     assert handlers.on_feedback_recorded(up, store.uow()) == "duplicate"
-    down = FeedbackRecorded(rating=-1, submitted_at=t0 + timedelta(seconds=1), replaced=True, **base)
+    down = feedback_recorded(ex, -1, feedback_id=fid, submitted_at=t0 + timedelta(seconds=1), replaced=True)
     assert handlers.on_feedback_recorded(down, store.uow()) == "replaced"
-    old = FeedbackRecorded(rating=1, submitted_at=t0 - timedelta(seconds=5), **base)
+    old = feedback_recorded(ex, 1, feedback_id=fid, submitted_at=t0 - timedelta(seconds=5))
     assert handlers.on_feedback_recorded(old, store.uow()) == "stale"
     arm = views.experiment_view(exp, store.uow())["analysis"]["arms"][0]
     assert (arm["n"], arm["positives"]) == (1, 0)
@@ -185,28 +133,17 @@ def test_replaced_vote_counts_once_and_erasure_removes_it(store: Store, settings
 
 def test_vote_delivered_after_its_erasure_stays_erased(store: Store, settings: OptimizerSettings) -> None:
     exp = start(store, settings, add_variant(store, settings))
-    eid, fid = uuid.uuid4(), uuid.uuid4()
+    ex = explanation_created(None, "s", signal="BUY", **arm_fields(exp, "control"))
+    eid, fid = ex.explanation_id, uuid.uuid4()
     t0 = utcnow()
-    base = {
-        "feedback_id": fid,
-        "explanation_id": eid,
-        "session_key": "s",
-        "signal": "BUY",
-        "ticker": "AAPL",
-        "prompt_name": PROMPT_NAME,
-        "prompt_version": "v1.0",
-        "model": MODEL,
-        "experiment_id": exp,
-        "arm_id": "control",
-    }
     erased = FeedbackErased(
         session_key="s", feedback_ids=[fid], explanation_ids=[eid], erased_at=t0 + timedelta(seconds=1)
     )
     assert handlers.on_feedback_erased(erased, store.uow()) == 0  # the erasure overtook the vote on the queue
-    late = FeedbackRecorded(rating=1, submitted_at=t0, **base)
+    late = feedback_recorded(ex, 1, feedback_id=fid, submitted_at=t0)
     assert handlers.on_feedback_recorded(late, store.uow()) == "erased"
     assert views.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
-    again = FeedbackRecorded(rating=1, submitted_at=t0 + timedelta(seconds=5), **base)  # voted again afterwards
+    again = feedback_recorded(ex, 1, feedback_id=fid, submitted_at=t0 + timedelta(seconds=5))  # voted again afterwards
     assert handlers.on_feedback_recorded(again, store.uow()) == "stored"
     assert views.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 1
 
@@ -536,37 +473,11 @@ def feed_sessions(
     prefix: str = "s",
 ) -> None:
     """`sessions` sessions of `per_session` voted explanations each; up(session, k) says thumbs up."""
-    now = utcnow()
-    common = {
-        "prompt_name": PROMPT_NAME,
-        "prompt_version": version,
-        "model": MODEL,
-        "experiment_id": experiment_id,
-        "arm_id": arm_id,
-    }
+    arm = arm_fields(experiment_id, arm_id, version)
     for s in range(sessions):
         key = f"{prefix}{arm_id}{s}"
         for k in range(per_session):
-            eid = uuid.uuid4()
-            handlers.on_explanation_created(
-                explanation_created(
-                    eid, key, signal=signal, latency_ms=5.0, created_at=now, fallback_used=fallback, **common
-                ),
-                store.uow(),
-            )
-            handlers.on_feedback_recorded(
-                FeedbackRecorded(
-                    feedback_id=uuid.uuid4(),
-                    explanation_id=eid,
-                    session_key=key,
-                    rating=1 if up(s, k) else -1,
-                    submitted_at=now,
-                    signal=signal,  # type: ignore[arg-type]
-                    ticker="AAPL",
-                    **common,
-                ),
-                store.uow(),
-            )
+            explain_and_vote(store, arm, key, up(s, k), served_to=key, signal=signal, fallback=fallback)
 
 
 def test_sessions_are_the_unit_and_fallback_explanations_do_not_count_for_the_arm(
