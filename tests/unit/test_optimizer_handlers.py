@@ -35,12 +35,7 @@ def store(store_url: Callable[[str], str]) -> Iterator[Store]:
 
 @pytest.fixture
 def settings() -> OptimizerSettings:
-    return offline_settings(
-        min_feedback_per_arm=30,
-        max_feedback_per_arm=400,
-        generation_min_interval_s=3600,
-        auto_experiment=True,
-    )
+    return offline_settings(min_feedback_per_arm=30, max_feedback_per_arm=400, generation_min_interval_s=3600)
 
 
 def add_variant(store: Store, settings: OptimizerSettings, text: str = "bullet points") -> str:
@@ -55,6 +50,27 @@ def start(store: Store, settings: OptimizerSettings, version: str, **kw: Any) ->
         **experiments.spec_defaults(settings, **kw),
     )
     return experiments.create_experiment(spec, store.uow())["experiment_id"]
+
+
+def start_three_arms(
+    store: Store, settings: OptimizerSettings, allocation: str, weights: tuple[float | None, ...]
+) -> tuple[str, str, str]:
+    """(experiment, v1, v2): the seed (control) against a bullet-point variant and a one-sentence one, with these
+    weights (None: adaptive); its start already relayed. Ends on the sample cap only after 5000 votes an arm."""
+    v1 = add_variant(store, settings, "bullet points")
+    v2 = registry.add_version(
+        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
+    )["version"]
+    control, w1, w2 = weights
+    spec = domain.ExperimentSpec(
+        prompt_name=PROMPT_NAME,
+        arms=(domain.ArmIn("v1.0", MODEL, control, True), domain.ArmIn(v1, MODEL, w1), domain.ArmIn(v2, MODEL, w2)),
+        allocation=allocation,
+        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
+    )
+    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
+    published(store)
+    return exp, v1, v2
 
 
 def feed(
@@ -319,18 +335,7 @@ def test_stop_ends_an_experiment_without_promotion(store: Store, settings: Optim
 
 def test_adaptive_allocation_reweights_in_batches(store: Store, settings: OptimizerSettings) -> None:
     tuned = settings.model_copy(update={"adaptive_min_feedback_per_arm": 20, "adaptive_batch": 10})
-    v1 = add_variant(store, settings, "bullet points")
-    v2 = registry.add_version(
-        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
-    )["version"]
-    spec = domain.ExperimentSpec(
-        prompt_name=PROMPT_NAME,
-        arms=(domain.ArmIn("v1.0", MODEL, None, True), domain.ArmIn(v1, MODEL, None), domain.ArmIn(v2, MODEL, None)),
-        allocation="adaptive",
-        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
-    )
-    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
-    published(store)
+    exp, _, _ = start_three_arms(store, settings, "adaptive", (None, None, None))
     for arm, pos in (("control", 5), ("t1", 9), ("t2", 4)):
         feed(store, exp, arm, n=10, positives=pos)
     assert experiments.decide_experiment(exp, store.uow(), tuned)["action"] == "none"  # under 20 per arm
@@ -524,18 +529,7 @@ def test_approve_mode_withdraws_a_waiting_winner_when_its_guardrail_fails(
 
 def test_adaptive_allocation_stops_traffic_to_an_arm_clearly_behind(store: Store, settings: OptimizerSettings) -> None:
     tuned = settings.model_copy(update={"adaptive_min_feedback_per_arm": 20, "adaptive_batch": 10})
-    v1 = add_variant(store, settings, "bullet points")
-    v2 = registry.add_version(
-        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
-    )["version"]
-    spec = domain.ExperimentSpec(
-        prompt_name=PROMPT_NAME,
-        arms=(domain.ArmIn("v1.0", MODEL, None, True), domain.ArmIn(v1, MODEL, None), domain.ArmIn(v2, MODEL, None)),
-        allocation="adaptive",
-        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
-    )
-    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
-    published(store)
+    exp, v1, v2 = start_three_arms(store, settings, "adaptive", (None, None, None))
     feed(store, exp, "control", n=150, positives=105)
     feed(store, exp, "t1", n=150, positives=110, version=v1)
     feed(store, exp, "t2", n=150, positives=30, version=v2)  # 20% against 70%: clearly behind
@@ -548,18 +542,7 @@ def test_adaptive_allocation_stops_traffic_to_an_arm_clearly_behind(store: Store
 
 
 def _three_arm_fixed(store: Store, settings: OptimizerSettings) -> tuple[str, str, str]:
-    v1 = add_variant(store, settings, "bullet points")
-    v2 = registry.add_version(
-        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
-    )["version"]
-    spec = domain.ExperimentSpec(
-        prompt_name=PROMPT_NAME,
-        arms=(domain.ArmIn("v1.0", MODEL, 0.5, True), domain.ArmIn(v1, MODEL, 0.3), domain.ArmIn(v2, MODEL, 0.2)),
-        allocation="fixed",
-        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
-    )
-    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
-    published(store)
+    exp, v1, v2 = start_three_arms(store, settings, "fixed", (0.5, 0.3, 0.2))
     feed(store, exp, "control", n=250, positives=175)  # sessions in the proportions of the split
     feed(store, exp, "t1", n=150, positives=110, version=v1)
     feed(store, exp, "t2", n=100, positives=20, version=v2)  # 20% against 70%: it cannot reach the target lift

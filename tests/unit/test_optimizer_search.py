@@ -171,12 +171,7 @@ def store(store_url: Callable[[str], str]) -> Iterator[Store]:
 
 @pytest.fixture
 def settings() -> OptimizerSettings:
-    return offline_settings(
-        min_feedback_per_arm=20,
-        max_feedback_per_arm=40,
-        generation_min_interval_s=0,
-        auto_experiment=True,
-    )
+    return offline_settings(min_feedback_per_arm=20, max_feedback_per_arm=40, generation_min_interval_s=0)
 
 
 def feed_round(store: Store, experiment_id: str, ups: dict[str, int] | None = None) -> None:
