@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import pytest
 from fastapi import FastAPI
@@ -27,6 +27,19 @@ from shared.contracts import ExplanationCreated, FeedbackRecorded
 from shared.web import AdminDep, install_error_handlers
 
 T = TypeVar("T")
+S = TypeVar("S", bound="Disposable")
+
+
+class Disposable(Protocol):
+    def dispose(self) -> None: ...
+
+
+def disposed_after(store: S) -> Iterator[S]:
+    """For a store fixture (`yield from`): the store for the test, its engine disposed of after it."""
+    try:
+        yield store
+    finally:
+        store.dispose()
 
 
 def wait_for(check: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition") -> T:

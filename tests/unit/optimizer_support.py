@@ -13,7 +13,7 @@ from shared.contracts import utcnow
 from shared.outbox import relay
 from shared.prompts import PROMPT_NAME
 from tests.fakes.bus import FakeBus
-from tests.support import explanation_created, feedback_recorded
+from tests.support import disposed_after, explanation_created, feedback_recorded
 
 MODEL = "offline/template-v1"
 
@@ -22,8 +22,7 @@ def seeded_store(store_url: Callable[[str], str]) -> Iterator[Store]:
     """For a `store` fixture: the optimizer's store with the seed prompt champion on MODEL, disposed after."""
     s = Store(store_url("optimizer"))
     registry.ensure_seeded(s.uow(), MODEL)
-    yield s
-    s.dispose()
+    yield from disposed_after(s)
 
 
 def published(store: Store) -> list[Any]:

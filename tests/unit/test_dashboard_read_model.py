@@ -23,7 +23,7 @@ from shared.contracts import (
     PromptTemplate,
     SearchExhausted,
 )
-from tests.support import explanation_created, feedback_recorded
+from tests.support import disposed_after, explanation_created, feedback_recorded
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 POLICY = handlers.ReadPolicy(ticker_min_votes=2, ticker_top_n=10, heatmap_max_tickers=20)
@@ -31,9 +31,7 @@ POLICY = handlers.ReadPolicy(ticker_min_votes=2, ticker_top_n=10, heatmap_max_ti
 
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    s = Store(store_url("dashboard"))
-    yield s
-    s.dispose()
+    yield from disposed_after(Store(store_url("dashboard")))
 
 
 def explanation(
