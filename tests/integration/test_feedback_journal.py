@@ -29,15 +29,31 @@ def _explanation(eid: uuid.UUID, session: str) -> ExplanationCreated:
     return explanation_created(eid, session_key(session, b"k"))
 
 
+def _settings(redis_url: str, data_dir: Path) -> FeedbackSettings:
+    return FeedbackSettings(
+        redis_url=redis_url,
+        admin_token="a",
+        session_hash_key="k",
+        data_dir=data_dir,
+        gateway_url=f"http://127.0.0.1:{free_port()}",
+    )
+
+
+def _worker_env(redis_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a worker on this Redis and data folder, with the same secrets as `_settings`."""
+    env = {"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "ADMIN_TOKEN": "a", "SESSION_HASH_KEY": "k"}
+    return {**os.environ, **env, "PYTHONPATH": str(ROOT), **overrides}
+
+
+def _rows(data_dir: Path, table: str) -> int:
+    """Rows in a table of the feedback service's SQLite file."""
+    with sqlite3.connect(data_dir / "feedback.db") as conn:
+        return int(conn.execute(f"select count(*) from {table}").fetchone()[0])
+
+
 def test_accepted_vote_is_journalled_with_its_queue_message_and_cleared_once_stored(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as server:
-        settings = FeedbackSettings(
-            redis_url=server.url,
-            admin_token="a",
-            session_hash_key="k",
-            data_dir=tmp_path,
-            gateway_url=f"http://127.0.0.1:{free_port()}",
-        )
+        settings = _settings(server.url, tmp_path)
         app = create_app(settings)
         r = redis.Redis.from_url(server.url)
         with TestClient(app) as client:
@@ -51,13 +67,7 @@ def test_accepted_vote_is_journalled_with_its_queue_message_and_cleared_once_sto
 @pytest.mark.slow
 def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_stored_once(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as server:
-        settings = FeedbackSettings(
-            redis_url=server.url,
-            admin_token="a",
-            session_hash_key="k",
-            data_dir=tmp_path,
-            gateway_url=f"http://127.0.0.1:{free_port()}",
-        )
+        settings = _settings(server.url, tmp_path)
         app = create_app(settings)
         r = redis.Redis.from_url(server.url)
         with TestClient(app) as client:
@@ -69,20 +79,11 @@ def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_store
         assert r.rpop("feedback") is not None
         assert r.llen("feedback") == 2 and r.hlen("journal:feedback") == 3
 
-        env = {
-            **os.environ,
-            "REDIS_URL": server.url,
-            "DATA_DIR": str(tmp_path),
-            "ADMIN_TOKEN": "a",
-            "SESSION_HASH_KEY": "k",
-            "FEEDBACK_JOURNAL_GRACE_S": "1",
-            "PYTHONPATH": str(ROOT),
-        }
+        env = _worker_env(server.url, tmp_path, FEEDBACK_JOURNAL_GRACE_S="1")
         with celery_worker("feedback", env, tmp_path / "worker.log"):
 
             def stored() -> int:
-                with sqlite3.connect(tmp_path / "feedback.db") as conn:
-                    return int(conn.execute("select count(*) from feedback").fetchone()[0])
+                return _rows(tmp_path, "feedback")
 
             wait_for(
                 lambda: stored() == 2 and r.hlen("journal:feedback") == 1, timeout_s=30, what="the two queued votes"
@@ -112,13 +113,7 @@ def test_a_vote_whose_explanation_event_was_lost_is_stored_once_the_router_sends
     from services.router.store import Store as RouterStore
 
     with RedisServer(tmp_path / "redis") as server:
-        settings = FeedbackSettings(
-            redis_url=server.url,
-            admin_token="a",
-            session_hash_key="k",
-            data_dir=tmp_path,
-            gateway_url=f"http://127.0.0.1:{free_port()}",
-        )
+        settings = _settings(server.url, tmp_path)
         event = _explanation(uuid.uuid4(), "s")
         eid = event.explanation_id
         store_in_router(tmp_path, event)  # the router has it; its event never reached the feedback service
@@ -134,30 +129,20 @@ def test_a_vote_whose_explanation_event_was_lost_is_stored_once_the_router_sends
         with TestClient(app) as client:
             assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": "s"}).status_code == 202
 
-        env = {
-            **os.environ,
-            "REDIS_URL": server.url,
-            "DATA_DIR": str(tmp_path),
-            "ADMIN_TOKEN": "a",
-            "SESSION_HASH_KEY": "k",
-            "FEEDBACK_QUARANTINE_RESEND_AFTER_S": "0",
-            "PYTHONPATH": str(ROOT),
-        }
-
-        def count(table: str) -> int:
-            with sqlite3.connect(tmp_path / "feedback.db") as conn:
-                return int(conn.execute(f"select count(*) from {table}").fetchone()[0])
+        env = _worker_env(server.url, tmp_path, FEEDBACK_QUARANTINE_RESEND_AFTER_S="0")
 
         with (
             celery_worker("feedback", env, tmp_path / "feedback-worker.log"),
             celery_worker("router", env, tmp_path / "router-worker.log"),
         ):
-            wait_for(lambda: count("quarantine") == 1, timeout_s=30, what="the vote held in the quarantine")
+            wait_for(lambda: _rows(tmp_path, "quarantine") == 1, timeout_s=30, what="the vote held in the quarantine")
             sender = Celery(broker=server.url)
             wait_for(
-                lambda: sender.send_task("feedback.sweep_journal", queue="feedback") and count("feedback") == 1,
+                lambda: (
+                    sender.send_task("feedback.sweep_journal", queue="feedback") and _rows(tmp_path, "feedback") == 1
+                ),
                 timeout_s=45,
                 interval_s=2.0,
                 what="the explanation's event sent again and the vote released and stored",
             )
-            assert count("quarantine") == 0
+            assert _rows(tmp_path, "quarantine") == 0
