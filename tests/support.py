@@ -243,6 +243,13 @@ class PgSchemas:
         self.engine.dispose()
 
 
+def worker_env(redis_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment a service's worker (or server) process starts with in a test: this Redis and data folder,
+    test secrets, this checkout importable; `overrides` add or replace variables."""
+    env = {"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "ADMIN_TOKEN": "t", "SESSION_HASH_KEY": "k"}
+    return {**os.environ, **env, "PYTHONPATH": str(ROOT), **overrides}
+
+
 @contextmanager
 def celery_worker(
     service: str, env: Mapping[str, str], log_path: Path, *, loglevel: str = "WARNING"

@@ -4,7 +4,6 @@ intake journal keeps a copy until the worker has stored the vote, and the sweep 
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated, derived_id
 from shared.privacy import session_key
-from tests.support import celery_worker, explanation_created, store_in_router, wait_for
+from tests.support import celery_worker, explanation_created, store_in_router, wait_for, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,12 +36,6 @@ def _settings(redis_url: str, data_dir: Path) -> FeedbackSettings:
         data_dir=data_dir,
         gateway_url=f"http://127.0.0.1:{free_port()}",
     )
-
-
-def _worker_env(redis_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
-    """The environment of a worker on this Redis and data folder, with the same secrets as `_settings`."""
-    env = {"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "ADMIN_TOKEN": "a", "SESSION_HASH_KEY": "k"}
-    return {**os.environ, **env, "PYTHONPATH": str(ROOT), **overrides}
 
 
 def _rows(data_dir: Path, table: str) -> int:
@@ -79,7 +72,7 @@ def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_store
         assert r.rpop("feedback") is not None
         assert r.llen("feedback") == 2 and r.hlen("journal:feedback") == 3
 
-        env = _worker_env(server.url, tmp_path, FEEDBACK_JOURNAL_GRACE_S="1")
+        env = worker_env(server.url, tmp_path, FEEDBACK_JOURNAL_GRACE_S="1")
         with celery_worker("feedback", env, tmp_path / "worker.log"):
 
             def stored() -> int:
@@ -129,7 +122,7 @@ def test_a_vote_whose_explanation_event_was_lost_is_stored_once_the_router_sends
         with TestClient(app) as client:
             assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": "s"}).status_code == 202
 
-        env = _worker_env(server.url, tmp_path, FEEDBACK_QUARANTINE_RESEND_AFTER_S="0")
+        env = worker_env(server.url, tmp_path, FEEDBACK_QUARANTINE_RESEND_AFTER_S="0")
 
         with (
             celery_worker("feedback", env, tmp_path / "feedback-worker.log"),
