@@ -22,7 +22,7 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
-from gateway.run import ROOT, worker_command
+from gateway.run import ROOT, process_env, worker_command
 from shared.contracts import ExplanationCreated, FeedbackRecorded
 from shared.web import AdminDep, install_error_handlers
 
@@ -244,10 +244,9 @@ class PgSchemas:
 
 
 def worker_env(redis_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
-    """The environment a service's worker (or server) process starts with in a test: this Redis and data folder,
-    test secrets, this checkout importable; `overrides` add or replace variables."""
-    env = {"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "ADMIN_TOKEN": "t", "SESSION_HASH_KEY": "k"}
-    return {**os.environ, **env, "PYTHONPATH": str(ROOT), **overrides}
+    """The environment a service's worker (or server) starts with in a test: `gateway.run.process_env` with the
+    tests' secrets."""
+    return process_env(redis_url, data_dir, admin_token="t", session_hash_key="k", **overrides)
 
 
 @contextmanager
