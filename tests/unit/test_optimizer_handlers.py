@@ -52,6 +52,25 @@ def start(store: Store, settings: OptimizerSettings, version: str, **kw: Any) ->
     return experiments.create_experiment(spec, store.uow())["experiment_id"]
 
 
+def voted_experiment(
+    store: Store,
+    settings: OptimizerSettings,
+    control: tuple[int, int],
+    treatment: tuple[int, int],
+    *,
+    costs: tuple[float, float] = (0.0, 0.0),
+    **kw: Any,
+) -> tuple[str, str]:
+    """(experiment, variant): a hand-written variant (arm t1) against the seed, its start relayed, then each arm
+    fed (votes, thumbs up) at its cost per explanation; `kw` are the experiment's options."""
+    v = add_variant(store, settings)
+    exp = start(store, settings, v, **kw)
+    published(store)
+    feed(store, exp, "control", n=control[0], positives=control[1], cost=costs[0])
+    feed(store, exp, "t1", n=treatment[0], positives=treatment[1], cost=costs[1], version=v)
+    return exp, v
+
+
 def start_three_arms(
     store: Store, settings: OptimizerSettings, allocation: str, weights: tuple[float | None, ...]
 ) -> tuple[str, str, str]:
@@ -175,11 +194,7 @@ def test_only_one_experiment_runs_per_prompt(store: Store, settings: OptimizerSe
 
 
 def test_clear_winner_is_promoted_losers_archived_and_router_told(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    published(store)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55))
     results = experiments.run_decisions(store.uow, settings)
     assert results[0]["action"] == "promoted" and results[0]["decision"] == "ship"
     assert champion(store)["version"] == v
@@ -195,10 +210,7 @@ def test_clear_winner_is_promoted_losers_archived_and_router_told(store: Store, 
 
 
 def test_decision_waits_for_minimum_duration(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v, min_duration_s=3600)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55), min_duration_s=3600)
     result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "collecting" and "minimum duration" in result["reason"]
     later = utcnow() + timedelta(hours=2)
@@ -207,10 +219,7 @@ def test_decision_waits_for_minimum_duration(store: Store, settings: OptimizerSe
 
 def test_approve_mode_waits_for_an_operator(store: Store, settings: OptimizerSettings) -> None:
     approve = settings.model_copy(update={"promotion_mode": "approve"})
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55))
     assert experiments.decide_experiment(exp, store.uow(), approve)["action"] == "awaiting_approval"
     assert champion(store)["version"] == "v1.0"
     result = experiments.promote_experiment(exp, store.uow())
@@ -224,10 +233,7 @@ def test_promote_without_a_winner_is_a_conflict(store: Store, settings: Optimize
 
 
 def test_no_difference_concludes_inconclusive_without_promotion(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=400, positives=240)
-    feed(store, exp, "t1", n=400, positives=240, version=v)
+    exp, v = voted_experiment(store, settings, (400, 240), (400, 240))
     result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "inconclusive" and result["action"] == "concluded"
     assert champion(store)["version"] == "v1.0"
@@ -235,20 +241,13 @@ def test_no_difference_concludes_inconclusive_without_promotion(store: Store, se
 
 
 def test_worse_treatment_keeps_control(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=80, positives=70)
-    feed(store, exp, "t1", n=80, positives=20, version=v)
+    exp, v = voted_experiment(store, settings, (80, 70), (80, 20))
     assert experiments.decide_experiment(exp, store.uow(), settings)["decision"] == "keep_control"
     assert champion(store)["version"] == "v1.0"
 
 
 def test_sample_ratio_mismatch_pauses_the_experiment(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    published(store)
-    feed(store, exp, "control", n=300, positives=180)
-    feed(store, exp, "t1", n=100, positives=60, version=v)
+    exp, v = voted_experiment(store, settings, (300, 180), (100, 60))
     result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "unhealthy" and result["action"] == "paused"
     assert "sample ratio mismatch" in result["reason"]
@@ -258,19 +257,13 @@ def test_sample_ratio_mismatch_pauses_the_experiment(store: Store, settings: Opt
 
 
 def test_cost_guardrail_blocks_an_expensive_winner(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=80, positives=40, cost=0.001)
-    feed(store, exp, "t1", n=80, positives=75, cost=0.01, version=v)
+    exp, v = voted_experiment(store, settings, (80, 40), (80, 75), costs=(0.001, 0.01))
     result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "keep_control" and "cost" in result["reason"]
 
 
 def test_rollback_restores_the_champion_an_experiment_replaced(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55))
     experiments.run_decisions(store.uow, settings)
     published(store)
     result = experiments.rollback_experiment(exp, store.uow())
@@ -512,10 +505,7 @@ def test_approve_mode_withdraws_a_waiting_winner_when_its_guardrail_fails(
     store: Store, settings: OptimizerSettings
 ) -> None:
     approve = settings.model_copy(update={"promotion_mode": "approve"})
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55))
     assert experiments.decide_experiment(exp, store.uow(), approve)["action"] == "awaiting_approval"
     # while it waits, its own model stops answering: most of its explanations now come from a fallback
     feed_sessions(store, exp, "t1", 40, 1, up=lambda s, k: True, fallback=True, version=v, prefix="late")
