@@ -38,6 +38,16 @@ def _settings(redis_url: str, data_dir: Path) -> FeedbackSettings:
     )
 
 
+def _votes_accepted(redis_url: str, data_dir: Path, sessions: list[str]) -> None:
+    """Each session votes on an explanation of its own through a feedback app on this Redis: accepted (202)."""
+    app = create_app(_settings(redis_url, data_dir))
+    with TestClient(app) as client:
+        for session in sessions:
+            eid = uuid.uuid4()
+            handlers.on_explanation_created(_explanation(eid, session), app.state.store.uow())
+            assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": session}).status_code == 202
+
+
 def _rows(data_dir: Path, table: str) -> int:
     """Rows in a table of the feedback service's SQLite file."""
     with sqlite3.connect(data_dir / "feedback.db") as conn:
@@ -46,13 +56,8 @@ def _rows(data_dir: Path, table: str) -> int:
 
 def test_accepted_vote_is_journalled_with_its_queue_message_and_cleared_once_stored(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as server:
-        settings = _settings(server.url, tmp_path)
-        app = create_app(settings)
+        _votes_accepted(server.url, tmp_path, ["s"])
         r = redis.Redis.from_url(server.url)
-        with TestClient(app) as client:
-            eid = uuid.uuid4()
-            handlers.on_explanation_created(_explanation(eid, "s"), app.state.store.uow())
-            assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": "s"}).status_code == 202
         assert r.llen("feedback") == 1 and r.hlen("journal:feedback") == 1
         r.close()
 
@@ -60,14 +65,8 @@ def test_accepted_vote_is_journalled_with_its_queue_message_and_cleared_once_sto
 @pytest.mark.slow
 def test_vote_lost_between_the_queue_and_a_killed_worker_is_sent_again_and_stored_once(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as server:
-        settings = _settings(server.url, tmp_path)
-        app = create_app(settings)
+        _votes_accepted(server.url, tmp_path, ["s0", "s1", "s2"])
         r = redis.Redis.from_url(server.url)
-        with TestClient(app) as client:
-            for i in range(3):
-                eid = uuid.uuid4()
-                handlers.on_explanation_created(_explanation(eid, f"s{i}"), app.state.store.uow())
-                assert client.post(f"/api/feedback/{eid}", json={"rating": 1, "session_id": f"s{i}"}).status_code == 202
         # A worker took one message off the queue and was killed before kombu recorded it as unacked.
         assert r.rpop("feedback") is not None
         assert r.llen("feedback") == 2 and r.hlen("journal:feedback") == 3
