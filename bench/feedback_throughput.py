@@ -27,7 +27,7 @@ import httpx
 
 from bench.loadgen import Result, closed_loop, open_loop
 from gateway.redis_server import RedisServer, free_port
-from gateway.run import worker_command
+from gateway.run import process_env, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,6 +97,19 @@ def _measure(port: int, path_for: Callable[..., Any], seconds: float, rate: floa
     return tp, lat
 
 
+def _serve_and_measure(
+    factory: str, prefix: str, eids: list[uuid.UUID], env: dict[str, str], args: argparse.Namespace
+) -> tuple[Result, Result]:
+    """Serve `factory` on a free port and measure votes on `prefix`/<explanation id>; stopped after."""
+    port = free_port()
+    server = _serve(factory, port, env)
+    try:
+        return _measure(port, lambda i: f"{prefix}/{eids[i % SESSIONS]}", args.seconds, args.rate)
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -104,36 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_server.url,
-            "DATA_DIR": tmp,
-            "ADMIN_TOKEN": "bench",
-            "SESSION_HASH_KEY": "bench",
-            "LOG_LEVEL": "WARNING",
-            "FEEDBACK_VERIFY_UNKNOWN_WITH_ROUTER": "false",
+        env = process_env(
+            redis_server.url,
+            tmp,
+            admin_token="bench",
+            session_hash_key="bench",
+            LOG_LEVEL="WARNING",
+            FEEDBACK_VERIFY_UNKNOWN_WITH_ROUTER="false",
             # One load generator is one client: its limit is raised so the doors are measured, not hit. The
             # per-session limit stays at its default (about 10 votes per session in a default run).
-            "FEEDBACK_VOTES_PER_CLIENT": "100000000/minute",
-            "PYTHONPATH": str(ROOT),
-        }
+            FEEDBACK_VOTES_PER_CLIENT="100000000/minute",
+        )
         eids = _seed_explanations(env, SESSIONS)
 
-        bare_port = free_port()
-        bare = _serve("bench.bare_app:create_app", bare_port, env)
-        try:
-            bare_tp, bare_lat = _measure(bare_port, lambda i: f"/bare/{eids[i % SESSIONS]}", args.seconds, args.rate)
-        finally:
-            bare.terminate()
-            bare.wait()
-
-        fb_port = free_port()
-        fb = _serve("services.feedback.main:create_app", fb_port, env)
-        try:
-            fb_tp, fb_lat = _measure(fb_port, lambda i: f"/api/feedback/{eids[i % SESSIONS]}", args.seconds, args.rate)
-        finally:
-            fb.terminate()
-            fb.wait()
+        bare_tp, bare_lat = _serve_and_measure("bench.bare_app:create_app", "/bare", eids, env, args)
+        fb_tp, fb_lat = _serve_and_measure("services.feedback.main:create_app", "/api/feedback", eids, env, args)
 
         accepted = fb_tp.ok + fb_lat.ok + 0
         worker = subprocess.Popen(worker_command("feedback"), env=env, cwd=ROOT)

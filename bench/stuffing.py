@@ -122,14 +122,16 @@ def run(stack: Stack, honest: int, attackers: int, seed: int) -> int:
             r.raise_for_status()
             sent_per_arm[out["arm_id"]] += 1
 
+        def served_on_treatment(prefix: str) -> dict[str, Any]:
+            """An explanation served on the treatment arm: new sessions ask until the router picks that arm."""
+            for i in range(200):
+                out = explain(f"{prefix}-{i}")
+                if out["prompt_version"] == version:
+                    return out
+            raise AssertionError("the router never served the treatment arm")
+
         # The target: an explanation served on the treatment arm.
-        target = None
-        for i in range(200):
-            out = explain(f"victim-{i}")
-            if out["prompt_version"] == version:
-                target = out
-                break
-        assert target is not None, "the router never served the treatment arm"
+        target = served_on_treatment("victim")
         target_id = target["explanation_id"]
 
         def stuff(wave: str) -> Counter[int]:
@@ -157,14 +159,7 @@ def run(stack: Stack, honest: int, attackers: int, seed: int) -> int:
         # votes (a kill in the middle of one would only delay it until the broker hands it out again).
         _wait(drained, 120, "the honest votes to be stored")
         stack.kill("worker-feedback")
-        race_target = None
-        for i in range(200):
-            out = explain(f"victim-race-{i}")
-            if out["prompt_version"] == version:
-                race_target = out
-                break
-        assert race_target is not None
-        target, first_target = race_target, target
+        target, first_target = served_on_treatment("victim-race"), target
         race = stuff("race")
         stack.start_process("worker-feedback")
 

@@ -44,6 +44,15 @@ def worker_command(service: str, *, loglevel: str = "WARNING") -> list[str]:
     ]  # fmt: skip
 
 
+def process_env(
+    redis_url: str, data_dir: Path | str, *, admin_token: str, session_hash_key: str, **overrides: str
+) -> dict[str, str]:
+    """The environment of one service process started on its own (a test's worker, a benchmark's server): this
+    Redis and data folder, these secrets, this checkout importable; `overrides` add or replace variables."""
+    env = {"REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "ADMIN_TOKEN": admin_token}
+    return {**os.environ, **env, "SESSION_HASH_KEY": session_hash_key, "PYTHONPATH": str(ROOT), **overrides}
+
+
 def make_private_dir(path: Path) -> None:
     """A folder only the owner can enter (created so; an existing one is tightened)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)

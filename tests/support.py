@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import pytest
 from fastapi import FastAPI
@@ -22,11 +22,24 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
-from gateway.run import ROOT, worker_command
-from shared.contracts import ExplanationCreated
+from gateway.run import ROOT, process_env, worker_command
+from shared.contracts import ExplanationCreated, FeedbackRecorded
 from shared.web import AdminDep, install_error_handlers
 
 T = TypeVar("T")
+S = TypeVar("S", bound="Disposable")
+
+
+class Disposable(Protocol):
+    def dispose(self) -> None: ...
+
+
+def disposed_after(store: S) -> Iterator[S]:
+    """For a store fixture (`yield from`): the store for the test, its engine disposed of after it."""
+    try:
+        yield store
+    finally:
+        store.dispose()
 
 
 def wait_for(check: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition") -> T:
@@ -230,6 +243,12 @@ class PgSchemas:
         self.engine.dispose()
 
 
+def worker_env(redis_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment a service's worker (or server) starts with in a test: `gateway.run.process_env` with the
+    tests' secrets."""
+    return process_env(redis_url, data_dir, admin_token="t", session_hash_key="k", **overrides)
+
+
 @contextmanager
 def celery_worker(
     service: str, env: Mapping[str, str], log_path: Path, *, loglevel: str = "WARNING"
@@ -276,6 +295,24 @@ def explanation_created(
         "session_key": session_key,
     }
     return ExplanationCreated.model_validate(values | fields)
+
+
+#: What a vote carries from the explanation it is on (the feedback service copies it from its replica).
+_COPIED_TO_VOTES = {"prompt_name", "prompt_version", "model", "signal", "ticker", "experiment_id", "arm_id"}
+
+
+def feedback_recorded(explanation: ExplanationCreated, rating: int = 1, **fields: object) -> FeedbackRecorded:
+    """A `FeedbackRecorded` as the feedback service publishes it for a vote on `explanation`, from the session
+    it was served to (else "s" * 64), submitted now; `fields` override (session_key, submitted_at, stars ...)."""
+    values: dict[str, object] = {
+        "feedback_id": uuid.uuid4(),
+        "explanation_id": explanation.explanation_id,
+        "session_key": explanation.session_key or "s" * 64,
+        "rating": rating,
+        "submitted_at": datetime.now(UTC),
+        **explanation.model_dump(include=_COPIED_TO_VOTES),
+    }
+    return FeedbackRecorded.model_validate(values | fields)
 
 
 def store_in_router(data_dir: Path, event: ExplanationCreated) -> None:

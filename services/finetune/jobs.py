@@ -9,6 +9,7 @@ running, so a failed, cancelled or killed job leaves no half-registered model (a
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import shutil
@@ -146,21 +147,23 @@ class JobRunner:
         """A job sent by name while the worker is busy: make it visible as queued (validated when it runs)."""
         with self.store.uow() as uow:
             if uow.repo.job(job_id) is None:
-                uow.repo.add_job(
-                    {
-                        "job_id": job_id,
-                        "state": domain.QUEUED,
-                        "method": cmd.method,
-                        "base_model": cmd.base_model or self.settings.base_model or "",
-                        "recipe": dict(cmd.recipe),
-                        "min_examples": cmd.min_examples
-                        if cmd.min_examples is not None
-                        else self.settings.min_examples,
-                        "detail": f"waiting: {why}",
-                    }
-                )
+                uow.repo.add_job(self._row_as_sent(job_id, cmd, domain.QUEUED, detail=f"waiting: {why}"))
                 uow.add_events(handlers.progress_event(job_id, domain.QUEUED, 0.0, f"waiting: {why}"))
             uow.commit()
+
+    def _row_as_sent(self, job_id: str, cmd: StartFineTune, state: str, **fields: Any) -> dict[str, Any]:
+        """The row of a job known only by its command (waiting, or rejected by validation): what it asked for,
+        the settings' defaults where it asked for nothing; `fields` add to it."""
+        min_examples = self.settings.min_examples if cmd.min_examples is None else cmd.min_examples
+        return {
+            "job_id": job_id,
+            "state": state,
+            "method": cmd.method,
+            "base_model": cmd.base_model or self.settings.base_model or "",
+            "recipe": dict(cmd.recipe),
+            "min_examples": min_examples,
+            **fields,
+        }
 
     def _touch(self) -> None:
         if self._beat is not None:
@@ -182,34 +185,13 @@ class JobRunner:
                 try:
                     spec = handlers.job_spec(cmd, self.settings, self.trainer)
                 except handlers.Rejected as exc:
-                    uow.repo.add_job(
-                        {
-                            "job_id": job_id,
-                            "state": domain.FAILED,
-                            "method": cmd.method,
-                            "base_model": cmd.base_model or self.settings.base_model or "",
-                            "recipe": dict(cmd.recipe),
-                            "min_examples": cmd.min_examples
-                            if cmd.min_examples is not None
-                            else self.settings.min_examples,
-                            "reason": exc.message,
-                            "finished_at": self.clock(),
-                        }
-                    )
+                    failed = self._row_as_sent(job_id, cmd, domain.FAILED, reason=exc.message, finished_at=self.clock())
+                    uow.repo.add_job(failed)
                     uow.add_events(handlers.progress_event(job_id, domain.FAILED, 0.0, exc.message))
                     uow.commit()
                     log.warning("job %s rejected: %s", job_id, exc.message)
                     return None
-                uow.repo.add_job(
-                    {
-                        "job_id": job_id,
-                        "state": domain.QUEUED,
-                        "method": spec.method,
-                        "base_model": spec.base_model,
-                        "recipe": spec.recipe,
-                        "min_examples": spec.min_examples,
-                    }
-                )
+                uow.repo.add_job({"job_id": job_id, "state": domain.QUEUED, **dataclasses.asdict(spec)})
                 job = uow.repo.job(job_id)
                 assert job is not None
             if job["state"] != domain.QUEUED:  # a redelivery, or cancelled while queued

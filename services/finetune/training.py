@@ -317,6 +317,23 @@ def _kto_dataset(rows: list[dict]):
     )
 
 
+def _trl_method(recipe: Recipe) -> tuple[Any, Any, Callable[[list[dict]], Any], dict[str, Any]]:
+    """What differs between the recipe's methods: trl's config and trainer classes, the dataset builder, and the
+    config arguments of that method alone."""
+    if recipe.method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        sft_args = {"packing": recipe.packing, "completion_only_loss": True, "shuffle_dataset": True}
+        return SFTConfig, SFTTrainer, _sft_dataset, sft_args
+    if recipe.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOConfig, DPOTrainer, _dpo_dataset, {"beta": recipe.dpo_beta}
+    from trl import KTOConfig, KTOTrainer
+
+    return KTOConfig, KTOTrainer, _kto_dataset, {"beta": recipe.kto_beta}
+
+
 def _load_tokenizer(base_model_path: str):
     from transformers import AutoTokenizer
 
@@ -390,45 +407,17 @@ def train(
         callback = _make_callback(recipe, best_dir, on_progress, should_cancel)
         common = _trainer_args(recipe, device, dtype, work_dir, max_length)
         trainer: Trainer  # SFT, DPO or KTO: trl's trainers share transformers' Trainer
-        if recipe.method == "sft":
-            from trl import SFTConfig, SFTTrainer
-
-            common |= _checkpointing_arg(SFTConfig, device == "cuda" and recipe.gradient_checkpointing)
-            trainer = SFTTrainer(
-                model=model,
-                args=SFTConfig(**common, packing=recipe.packing, completion_only_loss=True, shuffle_dataset=True),
-                train_dataset=_sft_dataset(train_rows),
-                eval_dataset=_sft_dataset(eval_rows),
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=[callback],
-            )
-        elif recipe.method == "dpo":
-            from trl import DPOConfig, DPOTrainer
-
-            common |= _checkpointing_arg(DPOConfig, device == "cuda" and recipe.gradient_checkpointing)
-            trainer = DPOTrainer(
-                model=model,
-                args=DPOConfig(**common, beta=recipe.dpo_beta),
-                train_dataset=_dpo_dataset(train_rows),
-                eval_dataset=_dpo_dataset(eval_rows),
-                processing_class=tokenizer,
-                peft_config=peft_config,  # the reference model is the base: the adapter disabled
-                callbacks=[callback],
-            )
-        else:
-            from trl import KTOConfig, KTOTrainer
-
-            common |= _checkpointing_arg(KTOConfig, device == "cuda" and recipe.gradient_checkpointing)
-            trainer = KTOTrainer(
-                model=model,
-                args=KTOConfig(**common, beta=recipe.kto_beta),
-                train_dataset=_kto_dataset(train_rows),
-                eval_dataset=_kto_dataset(eval_rows),
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=[callback],
-            )
+        config_cls, trainer_cls, dataset, method_args = _trl_method(recipe)
+        common |= _checkpointing_arg(config_cls, device == "cuda" and recipe.gradient_checkpointing)
+        trainer = trainer_cls(
+            model=model,
+            args=config_cls(**common, **method_args),
+            train_dataset=dataset(train_rows),
+            eval_dataset=dataset(eval_rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,  # DPO's reference model is the base: the adapter disabled
+            callbacks=[callback],
+        )
 
         trainer.remove_callback(PrinterCallback)  # tqdm is off; don't print every log dict to stdout
         started = time.perf_counter()

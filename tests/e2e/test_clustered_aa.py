@@ -5,8 +5,6 @@ one computed here from what was served and voted (statsmodels' cluster-robust OL
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +13,7 @@ import pytest
 import statsmodels.api as sm
 
 from gateway.run import Stack
-from tests.conftest import FAST_ENV, start_stack
+from tests.conftest import FAST_ENV
 from tests.e2e.test_learning_loop import PLAIN, champion, start_experiment
 from tests.support import wait_for
 
@@ -25,25 +23,6 @@ ADMIN = {"Authorization": f"Bearer {FAST_ENV['ADMIN_TOKEN']}"}
 TICKERS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "AMD", "INTC", "ORCL", "IBM", "SAP")
 SIGNALS = ("BUY", "SELL", "HOLD")
 PER_SESSION = 10
-
-
-@pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(
-        Path(tmp_path_factory.mktemp("clustered")),
-        OPTIMIZER_DECISION_INTERVAL_S="1",
-        OPTIMIZER_AUTO_EXPERIMENT="false",
-    )
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture(scope="module")
-def http(system: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=system.url, timeout=30) as client:
-        yield client
 
 
 def _likes(session: int) -> float:

@@ -22,7 +22,7 @@ from gateway.redis_server import free_port
 from gateway.run import Stack
 from services.dashboard.domain import wilson_interval
 from tests.conftest import FAST_ENV
-from tests.e2e.test_page import CHROMIUM, CHROMIUM_ARGS, HAS_EMOJI, OVERLAPPING_LABELS, require_chromium
+from tests.e2e.test_page import HAS_EMOJI, OVERLAPPING_LABELS, chromium_page, require_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -82,57 +82,50 @@ def embed_stack(host: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 def test_card_on_another_origin_completes_the_loop(embed_stack: Stack, host: tuple[str, Path], tmp_path: Path) -> None:
     require_chromium()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     origin, _ = host
     token = embed_stack.env["ADMIN_TOKEN"]
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 1300})
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.goto(f"{origin}/host.html#token={token}")
+    with chromium_page({"width": 1000, "height": 1300}, errors=errors) as page:
+        page.goto(f"{origin}/host.html#token={token}")
 
-            card = page.locator("explanation-card")
-            expect(card.locator("#card-text")).not_to_be_empty(timeout=30_000)
-            expect(card.locator("#card-model")).not_to_be_empty()
-            expect(card.locator("#card-signal")).to_have_text("BUY")
-            # The thumbs are drawn (inline SVG), with no character that needs an emoji font.
-            expect(card.locator("#thumb-up svg")).to_be_visible()
-            expect(card.locator("#thumb-down svg")).to_be_visible()
-            assert not card.evaluate(HAS_EMOJI)
+        card = page.locator("explanation-card")
+        expect(card.locator("#card-text")).not_to_be_empty(timeout=30_000)
+        expect(card.locator("#card-model")).not_to_be_empty()
+        expect(card.locator("#card-signal")).to_have_text("BUY")
+        # The thumbs are drawn (inline SVG), with no character that needs an emoji font.
+        expect(card.locator("#thumb-up svg")).to_be_visible()
+        expect(card.locator("#thumb-down svg")).to_be_visible()
+        assert not card.evaluate(HAS_EMOJI)
 
-            stats = page.locator("feedback-stats")
-            expect(stats.locator("#stat-explanations")).to_have_text("1", timeout=60_000)
-            expect(stats.locator("#stat-votes")).to_have_text("0")
+        stats = page.locator("feedback-stats")
+        expect(stats.locator("#stat-explanations")).to_have_text("1", timeout=60_000)
+        expect(stats.locator("#stat-votes")).to_have_text("0")
 
-            card.get_by_role("radio", name="5 stars").click()
-            card.get_by_role("button", name="Thumbs up: helpful").click()
-            expect(card.locator("#thanks")).to_have_text("Thanks — recorded", timeout=15_000)
-            expect(card.locator("#thumb-up")).to_have_attribute("aria-pressed", "true")
+        card.get_by_role("radio", name="5 stars").click()
+        card.get_by_role("button", name="Thumbs up: helpful").click()
+        expect(card.locator("#thanks")).to_have_text("Thanks — recorded", timeout=15_000)
+        expect(card.locator("#thumb-up")).to_have_attribute("aria-pressed", "true")
 
-            # browser -> feedback API -> queue -> worker -> outbox -> dashboard -> stream -> the widget
-            expect(stats.locator("#stat-votes")).to_have_text("1", timeout=60_000)
-            expect(stats.locator("#stat-positive-rate")).to_have_text("100%")
-            expect(stats.locator("#stat-avg-rating")).to_have_text("5.00 / 5")
-            # A first hour's curve: one point per 5 minutes, with its interval, and a time axis in minutes.
-            expect(stats.locator("figcaption").first).to_contain_text("per 5 minutes, with its 95% interval")
-            expect(stats.locator("#curve svg circle")).to_have_count(1)
-            expect(stats.locator("#curve svg")).to_contain_text("UTC")
-            assert stats.evaluate(OVERLAPPING_LABELS) == []
+        # browser -> feedback API -> queue -> worker -> outbox -> dashboard -> stream -> the widget
+        expect(stats.locator("#stat-votes")).to_have_text("1", timeout=60_000)
+        expect(stats.locator("#stat-positive-rate")).to_have_text("100%")
+        expect(stats.locator("#stat-avg-rating")).to_have_text("5.00 / 5")
+        # A first hour's curve: one point per 5 minutes, with its interval, and a time axis in minutes.
+        expect(stats.locator("figcaption").first).to_contain_text("per 5 minutes, with its 95% interval")
+        expect(stats.locator("#curve svg circle")).to_have_count(1)
+        expect(stats.locator("#curve svg")).to_contain_text("UTC")
+        assert stats.evaluate(OVERLAPPING_LABELS) == []
 
-            shot = tmp_path / "embedded.png"
-            page.screenshot(path=str(shot), full_page=True)
-            print(f"screenshot: {shot}")
+        shot = tmp_path / "embedded.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot: {shot}")
 
-            # The vote went in as this browser's session, which the explanation was served to.
-            headers = {"Authorization": f"Bearer {token}"}
-            r = httpx.get(embed_stack.url + "/api/admin/llm-learning?days=1", headers=headers, timeout=10)
-            assert r.json()["totals"]["positives"] == 1
-        finally:
-            browser.close()
+        # The vote went in as this browser's session, which the explanation was served to.
+        headers = {"Authorization": f"Bearer {token}"}
+        r = httpx.get(embed_stack.url + "/api/admin/llm-learning?days=1", headers=headers, timeout=10)
+        assert r.json()["totals"]["positives"] == 1
     assert not errors, errors
 
 
@@ -140,21 +133,16 @@ def test_a_page_of_an_origin_not_allowed_gets_no_explanation(embed_stack: Stack,
     """The same page from http://localhost:PORT (another origin: not in ALLOWED_ORIGINS): the preflight is
     refused, so the browser sends nothing and the card says why."""
     require_chromium()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     origin, _ = host
     other = origin.replace("127.0.0.1", "localhost")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.goto(f"{other}/host.html")
-            alert = page.locator("explanation-card [role=alert]")
-            expect(alert).to_contain_text("Could not get an explanation", timeout=30_000)
-            expect(alert).to_contain_text("ALLOWED_ORIGINS")
-            expect(page.locator("explanation-card #card-text")).to_be_hidden()
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(f"{other}/host.html")
+        alert = page.locator("explanation-card [role=alert]")
+        expect(alert).to_contain_text("Could not get an explanation", timeout=30_000)
+        expect(alert).to_contain_text("ALLOWED_ORIGINS")
+        expect(page.locator("explanation-card #card-text")).to_be_hidden()
     # The server refuses it too (a client that skips the preflight still meets the Origin check).
     r = httpx.post(
         embed_stack.url + "/api/explanations",
@@ -223,22 +211,15 @@ def test_charts_keep_their_labels_apart_on_crowded_data(tmp_path: Path) -> None:
     """No system needed: the widget renders a crowded snapshot; no two labels of a chart overlap (a label
     with no free spot is left to its point's tooltip), and every point is still drawn."""
     require_chromium()
-    from playwright.sync_api import sync_playwright
-
     script = (Path(__file__).resolve().parents[2] / "services/dashboard/static/components.js").read_text()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 800, "height": 700})
-            page.set_content("<!doctype html><body><feedback-stats></feedback-stats></body>")
-            page.add_script_tag(content=script)
-            stats = page.locator("feedback-stats")
-            stats.evaluate("(el, s) => el._render(s)", crowded_snapshot())
-            assert stats.locator("#curve svg circle").count() == 21
-            assert stats.locator("#cost-quality svg circle").count() == 8
-            assert stats.locator("#cost-quality svg text").count() >= 5  # axis labels and some point labels
-            assert stats.evaluate(OVERLAPPING_LABELS) == []
-            page.screenshot(path=str(tmp_path / "crowded.png"), full_page=True)
-            print(f"screenshot: {tmp_path / 'crowded.png'}")
-        finally:
-            browser.close()
+    with chromium_page({"width": 800, "height": 700}) as page:
+        page.set_content("<!doctype html><body><feedback-stats></feedback-stats></body>")
+        page.add_script_tag(content=script)
+        stats = page.locator("feedback-stats")
+        stats.evaluate("(el, s) => el._render(s)", crowded_snapshot())
+        assert stats.locator("#curve svg circle").count() == 21
+        assert stats.locator("#cost-quality svg circle").count() == 8
+        assert stats.locator("#cost-quality svg text").count() >= 5  # axis labels and some point labels
+        assert stats.evaluate(OVERLAPPING_LABELS) == []
+        page.screenshot(path=str(tmp_path / "crowded.png"), full_page=True)
+        print(f"screenshot: {tmp_path / 'crowded.png'}")

@@ -4,16 +4,13 @@ serving the promoted prompt afterwards. And the negative case: no real differenc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from gateway.run import Stack
 from shared.prompts import SEED_TEMPLATE
-from tests.conftest import FAST_ENV, start_stack
+from tests.conftest import FAST_ENV
 from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
@@ -31,26 +28,6 @@ PLAIN = BULLETS.replace(
     "strongest first, on why {ticker} is a {signal}. Use plain language a beginner understands, with no jargon.",
 )
 CONTEXT = {"rsi": 28, "macd": "bullish crossover", "volume": "2x average"}
-
-
-@pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # Its own system: these experiments change the champion, which other end-to-end tests must not see.
-    s = start_stack(
-        Path(tmp_path_factory.mktemp("learning")),
-        OPTIMIZER_DECISION_INTERVAL_S="1",
-        OPTIMIZER_AUTO_EXPERIMENT="false",
-    )
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture(scope="module")
-def http(system: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=system.url, timeout=30) as client:
-        yield client
 
 
 def add_version(http: httpx.Client, template: str) -> str:

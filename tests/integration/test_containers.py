@@ -5,6 +5,8 @@ the local binaries."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import redis
 from sqlalchemy import create_engine, text
@@ -14,22 +16,25 @@ from tests.support import docker_answers, postgres_container_url, redis_containe
 needs_docker = pytest.mark.skipif(not docker_answers(), reason="no Docker engine answers here (only a client)")
 
 
+@pytest.fixture
+def asked_again() -> Iterator[None]:
+    """`docker_answers` asks afresh in this test (its answer is cached for the run), and the run's answer is asked
+    again after it."""
+    docker_answers.cache_clear()
+    yield
+    docker_answers.cache_clear()
+
+
+@pytest.mark.usefixtures("asked_again")
 def test_containers_can_be_switched_off_without_asking_docker(monkeypatch: pytest.MonkeyPatch) -> None:
-    docker_answers.cache_clear()
     monkeypatch.setenv("TEST_CONTAINERS", "0")
-    try:
-        assert docker_answers() is False
-    finally:
-        docker_answers.cache_clear()
+    assert docker_answers() is False
 
 
+@pytest.mark.usefixtures("asked_again")
 def test_an_address_where_nothing_answers_is_no_docker(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    docker_answers.cache_clear()
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-docker.sock'}")
-    try:
-        assert docker_answers() is False
-    finally:
-        docker_answers.cache_clear()
+    assert docker_answers() is False
 
 
 @needs_docker
@@ -54,6 +59,7 @@ def test_postgres_container_takes_a_store_url() -> None:
         stop_containers()
 
 
+@pytest.mark.usefixtures("asked_again")
 def test_an_engine_that_answers_its_ping_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A stand-in for the engine's socket that answers `GET /_ping` as Docker does."""
     import socket
@@ -72,11 +78,9 @@ def test_an_engine_that_answers_its_ping_is_found(monkeypatch: pytest.MonkeyPatc
 
     thread = threading.Thread(target=answer)
     thread.start()
-    docker_answers.cache_clear()
     monkeypatch.setenv("DOCKER_HOST", f"unix://{path}")
     try:
         assert docker_answers() is True
     finally:
-        docker_answers.cache_clear()
         thread.join(timeout=5)
         server.close()

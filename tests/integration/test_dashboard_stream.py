@@ -4,13 +4,10 @@ changes, heartbeat comments in between, and the server stays responsive while st
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -19,8 +16,7 @@ import pytest
 from gateway.redis_server import RedisServer, free_port
 from services.dashboard import handlers
 from services.dashboard.store import Store
-from shared.contracts import ExplanationCreated, FeedbackRecorded
-from tests.support import wait_for
+from tests.support import explanation_created, feedback_recorded, wait_for, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "stream-token"
@@ -29,15 +25,9 @@ TOKEN = "stream-token"
 @pytest.fixture
 def server(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[str, Store]]:
     port = free_port()
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_server.url,
-        "DATA_DIR": str(tmp_path),
-        "ADMIN_TOKEN": TOKEN,
-        "DASHBOARD_STREAM_POLL_S": "0.1",
-        "DASHBOARD_STREAM_HEARTBEAT_S": "0.3",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = worker_env(
+        redis_server.url, tmp_path, ADMIN_TOKEN=TOKEN, DASHBOARD_STREAM_POLL_S="0.1", DASHBOARD_STREAM_HEARTBEAT_S="0.3"
+    )
     log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "services.dashboard.main:create_app", "--factory", "--port", str(port),
@@ -64,28 +54,9 @@ def server(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[str, Sto
 
 
 def add_vote(store: Store) -> None:
-    now = datetime.now(UTC)
-    ex = ExplanationCreated(
-        explanation_id=uuid.uuid4(), request_key="k", ticker="AMD", signal="SELL", prompt_name="explain",
-        prompt_version="v2.0", model="offline", provider="offline", prompt_text="p", text="t", tokens_in=1,
-        tokens_out=1, cost_usd=0.0, latency_ms=1.0, created_at=now,
-    )  # fmt: skip
+    ex = explanation_created(None, "s", ticker="AMD", signal="SELL", prompt_name="explain", prompt_version="v2.0")
     handlers.on_explanation_created(ex, store.uow())
-    handlers.on_feedback_recorded(
-        FeedbackRecorded(
-            feedback_id=uuid.uuid4(),
-            explanation_id=ex.explanation_id,
-            session_key="s",
-            rating=1,
-            submitted_at=now,
-            prompt_name="explain",
-            prompt_version="v2.0",
-            model="offline",
-            signal="SELL",
-            ticker="AMD",
-        ),  # fmt: skip
-        store.uow(),
-    )
+    handlers.on_feedback_recorded(feedback_recorded(ex, 1, submitted_at=ex.created_at), store.uow())
 
 
 def test_stream_sends_snapshots_on_change_and_heartbeats_between(server: tuple[str, Store]) -> None:

@@ -3,7 +3,6 @@ replaced and erased, end as the right figures; the beat tasks run."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,7 +16,6 @@ from services.dashboard import handlers
 from services.dashboard.store import Store
 from shared.bus import SUBSCRIPTIONS, declare_topology, make_celery
 from shared.contracts import (
-    ExplanationCreated,
     FeedbackErased,
     FeedbackRecorded,
     FineTuneProgress,
@@ -26,7 +24,7 @@ from shared.contracts import (
     SearchExhausted,
 )
 from shared.settings import ServiceSettings
-from tests.support import celery_worker, wait_for
+from tests.support import celery_worker, explanation_created, feedback_recorded, wait_for, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = handlers.ReadPolicy()
@@ -34,14 +32,7 @@ POLICY = handlers.ReadPolicy()
 
 @pytest.fixture
 def worker(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Celery, Store]]:
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_server.url,
-        "DATA_DIR": str(tmp_path),
-        "ADMIN_TOKEN": "t",
-        "SESSION_HASH_KEY": "k",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = worker_env(redis_server.url, tmp_path)
     sender = make_celery("dashboard-test", ServiceSettings(redis_url=redis_server.url))
     declare_topology(sender)
     sender.connection_for_write().default_channel.client.delete("dashboard")  # nothing left from other tests
@@ -67,17 +58,12 @@ def test_every_subscribed_dashboard_task_is_registered() -> None:
 def test_worker_builds_the_figures_from_events_in_any_order(worker: tuple[Celery, Store]) -> None:
     app, store = worker
     now = datetime.now(UTC)
-    ex = ExplanationCreated(
-        explanation_id=uuid.uuid4(), request_key="k", ticker="NVDA", signal="HOLD", prompt_name="explain",
-        prompt_version="v1.0", model="offline", provider="offline", prompt_text="p", text="t", tokens_in=3,
-        tokens_out=4, cost_usd=0.003, latency_ms=30.0, created_at=now,
-    )  # fmt: skip
+    ex = explanation_created(
+        None, "s", ticker="NVDA", prompt_name="explain", tokens_in=3, tokens_out=4, cost_usd=0.003, latency_ms=30.0
+    )
 
     def vote(rating: int, fid: uuid.UUID, at: datetime) -> FeedbackRecorded:
-        return FeedbackRecorded(
-            feedback_id=fid, explanation_id=ex.explanation_id, session_key="s", rating=rating, stars=3,
-            submitted_at=at, prompt_name="explain", prompt_version="v1.0", model="offline", signal="HOLD", ticker="NVDA",
-        )  # fmt: skip
+        return feedback_recorded(ex, rating, feedback_id=fid, stars=3, submitted_at=at)
 
     kept, erased = uuid.uuid4(), uuid.uuid4()
     first, replacement = vote(-1, kept, now), vote(1, kept, now + timedelta(seconds=1))
@@ -111,11 +97,7 @@ def test_beat_tasks_run_on_the_worker(worker: tuple[Celery, Store]) -> None:
     app, store = worker
     before = handlers.revision(store.uow())
     app.send_task("dashboard.check_anomalies", queue="dashboard")
-    ex = ExplanationCreated(
-        explanation_id=uuid.uuid4(), request_key="k", ticker="X", signal="BUY", prompt_name="explain",
-        prompt_version="v1.0", model="offline", provider="offline", prompt_text="p", text="t", tokens_in=1,
-        tokens_out=1, cost_usd=0.0, latency_ms=1.0, created_at=datetime.now(UTC),
-    )  # fmt: skip
+    ex = explanation_created(None, "s", ticker="X", signal="BUY", prompt_name="explain")
     send(app, "dashboard.on_explanation_created", ex)  # queued after the beat tasks: proves they were consumed
     wait_for(lambda: handlers.revision(store.uow()) > before, timeout_s=30, what="the worker to get past beat tasks")
 

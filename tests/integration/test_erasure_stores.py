@@ -30,7 +30,7 @@ from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorde
 from shared.outbox import pending, publish_staged, relay
 from shared.privacy import erasure_tag
 from tests.fakes.bus import FakeBus
-from tests.support import found_in_sqlite
+from tests.support import disposed_after, explanation_created, feedback_recorded, found_in_sqlite
 
 KEY = "a1" * 32  # a session's keyed hash
 OTHER = "b2" * 32
@@ -39,43 +39,22 @@ MODEL = "offline/template-v1"
 
 
 def _explanation(session: str | None, *, at: datetime = T0, experiment: str | None = None) -> ExplanationCreated:
-    return ExplanationCreated(
-        explanation_id=uuid.uuid4(),
-        request_key="rk",
+    return explanation_created(
+        None,
+        session,
         ticker="AAPL",
         signal="BUY",
-        prompt_name="explain_signal",
-        prompt_version="v1.0",
-        model=MODEL,
-        provider="offline",
         experiment_id=experiment,
         arm_id="a" if experiment else None,
         prompt_text="AAPL BUY <context>my secret note</context>",
         text="because of my secret note",
-        tokens_in=10,
-        tokens_out=20,
         cost_usd=0.002,
-        latency_ms=5.0,
         created_at=at,
-        session_key=session,
     )
 
 
 def _vote(exp: ExplanationCreated, session: str, rating: int = 1) -> FeedbackRecorded:
-    return FeedbackRecorded(
-        feedback_id=uuid.uuid4(),
-        explanation_id=exp.explanation_id,
-        session_key=session,
-        rating=rating,  # type: ignore[arg-type]
-        submitted_at=T0 + timedelta(seconds=1),
-        prompt_name=exp.prompt_name,
-        prompt_version=exp.prompt_version,
-        model=exp.model,
-        signal=exp.signal,
-        ticker=exp.ticker,
-        experiment_id=exp.experiment_id,
-        arm_id=exp.arm_id,
-    )
+    return feedback_recorded(exp, rating, session_key=session, submitted_at=T0 + timedelta(seconds=1))
 
 
 def _erased(
@@ -91,9 +70,7 @@ def _erased(
 
 @pytest.fixture
 def feedback_store(tmp_path: Path) -> Iterator[FeedbackStore]:
-    s = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
-    yield s
-    s.dispose()
+    yield from disposed_after(FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}"))
 
 
 def test_feedback_erasure_leaves_no_key_and_never_publishes_the_erased_votes(
@@ -159,8 +136,7 @@ def test_an_explanation_event_arriving_after_its_session_was_erased_is_not_bound
 def router_store(tmp_path: Path) -> Iterator[RouterStore]:
     s = RouterStore(f"sqlite:///{tmp_path / 'router.db'}")
     router_handlers.ensure_seeded(s.uow(), MODEL)
-    yield s
-    s.dispose()
+    yield from disposed_after(s)
 
 
 def _explain(store: RouterStore, tmp_path: Path, session: str) -> router_handlers.Explained:
@@ -218,8 +194,7 @@ def test_router_keeps_the_cost_of_an_erased_sessions_explanations_and_nothing_of
 def optimizer_store(tmp_path: Path) -> Iterator[OptimizerStore]:
     s = OptimizerStore(f"sqlite:///{tmp_path / 'optimizer.db'}")
     registry.ensure_seeded(s.uow(), MODEL)
-    yield s
-    s.dispose()
+    yield from disposed_after(s)
 
 
 def test_optimizer_drops_the_sessions_votes_and_keeps_its_exposures_as_one_anonymous_unit(
@@ -273,9 +248,7 @@ def test_optimizer_drops_the_sessions_votes_and_keeps_its_exposures_as_one_anony
 
 @pytest.fixture
 def finetune_store(tmp_path: Path) -> Iterator[FinetuneStore]:
-    s = FinetuneStore(f"sqlite:///{tmp_path / 'finetune.db'}")
-    yield s
-    s.dispose()
+    yield from disposed_after(FinetuneStore(f"sqlite:///{tmp_path / 'finetune.db'}"))
 
 
 def test_finetune_keeps_no_key_and_no_prompt_of_an_erased_session(

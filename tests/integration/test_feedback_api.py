@@ -190,15 +190,22 @@ def test_broker_down_means_503_not_a_silent_accept(tmp_path: Path) -> None:
     assert res.status_code == 503 and "retry" in res.json()["error"]["message"]
 
 
+def _bus_to_a_dead_broker(client: TestClient, deadline_s: float) -> None:
+    """The app's bus publishes to an address where no broker answers, giving up after `deadline_s`."""
+    from shared.bus import CeleryBus, make_celery
+
+    app = client.app
+    dead = app.state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    app.state.bus = CeleryBus(make_celery("feedback", dead), deadline_s=deadline_s)
+
+
 def test_erasure_with_the_broker_down_still_answers_200_and_keeps_the_event_for_the_relay(env) -> None:
     from services.feedback.store import outbox
-    from shared.bus import CeleryBus, make_celery
     from shared.outbox import pending
 
     client, _, _ = env
     app = client.app
-    dead = app.state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    app.state.bus = CeleryBus(make_celery("feedback", dead), deadline_s=0)
+    _bus_to_a_dead_broker(client, deadline_s=0)
     res = client.delete("/api/feedback/sessions/s1")
     assert res.status_code == 200 and res.json()["erased"] is True
     events = pending(app.state.store.factory, outbox)
@@ -408,12 +415,8 @@ def test_erasures_over_the_session_limit_get_429(make_env) -> None:
 
 
 def test_erasing_an_unknown_session_with_the_broker_down_is_503_not_a_silent_success(env) -> None:
-    from shared.bus import CeleryBus, make_celery
-
     client, _, _ = env
-    app = client.app
-    dead = app.state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    app.state.bus = CeleryBus(make_celery("feedback", dead), deadline_s=0.5)
+    _bus_to_a_dead_broker(client, deadline_s=0.5)
     res = client.delete("/api/feedback/sessions/never-seen")
     assert res.status_code == 503 and "retry" in res.json()["error"]["message"]
 

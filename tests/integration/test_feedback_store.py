@@ -12,16 +12,14 @@ from sqlalchemy import select, text
 from services.feedback import handlers
 from services.feedback.store import Store, feedback, outbox, quarantine
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded
-from tests.support import explanation_created
+from tests.support import disposed_after, explanation_created
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    s = Store(store_url("feedback"))
-    yield s
-    s.dispose()
+    yield from disposed_after(Store(store_url("feedback")))
 
 
 def _explanation(eid: uuid.UUID | None = None, session: str | None = "k") -> ExplanationCreated:

@@ -14,16 +14,14 @@ from sqlalchemy import select
 from services.feedback import handlers
 from services.feedback.store import Store, erasure_tombstones, feedback, quarantine, served_to
 from shared.privacy import erasure_tag
-from tests.support import explanation_created
+from tests.support import disposed_after, explanation_created
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    s = Store(store_url("feedback"))
-    yield s
-    s.dispose()
+    yield from disposed_after(Store(store_url("feedback")))
 
 
 def _served(store: Store, session: str | None, ticker: str = "AAPL") -> uuid.UUID:

@@ -3,7 +3,6 @@ durations by outcome and dead letters, from a real worker on a real Redis."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ from shared.bus import declare_topology, make_celery
 from shared.contracts import FeedbackErased, utcnow
 from shared.settings import ServiceSettings
 from shared.worker_metrics import oldest_age_s, queue_lag
-from tests.support import celery_worker, wait_for
+from tests.support import celery_worker, wait_for, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,15 +51,7 @@ def test_queue_depth_and_lag_are_read_from_the_waiting_messages(redis_server: Re
 @pytest.mark.slow
 def test_a_worker_serves_task_durations_failures_and_its_queue_lag(tmp_path: Path, redis_server: RedisServer) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_server.url,
-        "DATA_DIR": str(tmp_path),
-        "ADMIN_TOKEN": "t",
-        "SESSION_HASH_KEY": "k",
-        "PYTHONPATH": str(ROOT),
-        "WORKER_METRICS_PORT": str(port),
-    }
+    env = worker_env(redis_server.url, tmp_path, WORKER_METRICS_PORT=str(port))
     sender = make_celery("metrics-test", ServiceSettings(redis_url=redis_server.url))
     declare_topology(sender)
     sender.connection_for_write().default_channel.client.delete("dashboard")

@@ -1,11 +1,27 @@
-"""An `ArmResult` for the decision tests, with every figure the guardrails read set like the control's (500 votes at
-rate 0.5, $0.002 and 1 s per explanation, no fallbacks) and the rest empty; tests change what they look at."""
+"""Arms for the decision tests: `arm`, the counts an analysis starts from, and `arm_result`, an `ArmResult` with every
+figure the guardrails read set like the control's (500 votes at rate 0.5, $0.002 and 1 s per explanation, no
+fallbacks) and the rest empty; tests change what they look at."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from services.optimizer.stats.results import ArmResult
+from services.optimizer.stats.results import ArmData, ArmResult
+
+
+def arm(arm_id: str, n: int, positives: int, *, cost: float = 0.001, latency: float = 500.0, **kw: float) -> ArmData:
+    """n votes, `positives` of them up, over twice as many exposures at `cost` and `latency` each; `kw` sets
+    other counts (stars, sessions)."""
+    exposures = 2 * n
+    return ArmData(
+        arm_id=arm_id,
+        exposures=exposures,
+        n=n,
+        positives=positives,
+        cost_usd_sum=cost * exposures,
+        latency_ms_sum=latency * exposures,
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def arm_result(arm_id: str, **changes: object) -> ArmResult:

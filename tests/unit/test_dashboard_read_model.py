@@ -23,6 +23,7 @@ from shared.contracts import (
     PromptTemplate,
     SearchExhausted,
 )
+from tests.support import disposed_after, explanation_created, feedback_recorded
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 POLICY = handlers.ReadPolicy(ticker_min_votes=2, ticker_top_n=10, heatmap_max_tickers=20)
@@ -30,9 +31,7 @@ POLICY = handlers.ReadPolicy(ticker_min_votes=2, ticker_top_n=10, heatmap_max_ti
 
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    s = Store(store_url("dashboard"))
-    yield s
-    s.dispose()
+    yield from disposed_after(Store(store_url("dashboard")))
 
 
 def explanation(
@@ -47,19 +46,16 @@ def explanation(
     experiment_id: str | None = None,
     arm_id: str | None = None,
 ) -> ExplanationCreated:
-    return ExplanationCreated(
-        explanation_id=uuid.uuid4(),
-        request_key="k",
+    return explanation_created(
+        None,
+        None,
         ticker=ticker,
-        signal=signal,  # type: ignore[arg-type]
+        signal=signal,
         prompt_name="explain",
         prompt_version=version,
         model=model,
-        provider="offline",
         experiment_id=experiment_id,
         arm_id=arm_id,
-        prompt_text="p",
-        text="t",
         tokens_in=10,
         tokens_out=20,
         cost_usd=cost,
@@ -76,21 +72,7 @@ def vote(
     feedback_id: uuid.UUID | None = None,
     at: datetime = NOW,
 ) -> FeedbackRecorded:
-    return FeedbackRecorded(
-        feedback_id=feedback_id or uuid.uuid4(),
-        explanation_id=ex.explanation_id,
-        session_key="s" * 64,
-        rating=rating,  # type: ignore[arg-type]
-        stars=stars,
-        submitted_at=at,
-        prompt_name=ex.prompt_name,
-        prompt_version=ex.prompt_version,
-        model=ex.model,
-        signal=ex.signal,
-        ticker=ex.ticker,
-        experiment_id=ex.experiment_id,
-        arm_id=ex.arm_id,
-    )
+    return feedback_recorded(ex, rating, stars=stars, feedback_id=feedback_id or uuid.uuid4(), submitted_at=at)
 
 
 def totals(store: Store, days: int = 30) -> dict:

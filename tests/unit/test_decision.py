@@ -11,22 +11,10 @@ from services.optimizer.stats.analysis import analyze
 from services.optimizer.stats.bayesian import many_to_one_control_share, thompson_weights
 from services.optimizer.stats.decision import Decision, DecisionConfig
 from services.optimizer.stats.results import ArmData
+from tests.unit.arm_results import arm
 
 DAY = 86400.0
 LATE = 30 * DAY
-
-
-def arm(arm_id: str, n: int, positives: int, *, cost: float = 0.001, latency: float = 500.0, **kw: float) -> ArmData:
-    exposures = 2 * n
-    return ArmData(
-        arm_id=arm_id,
-        exposures=exposures,
-        n=n,
-        positives=positives,
-        cost_usd_sum=cost * exposures,
-        latency_ms_sum=latency * exposures,
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def decide(arms: list[ArmData], config: DecisionConfig | None = None, elapsed_s: float = LATE) -> Decision:

@@ -8,21 +8,10 @@ from dataclasses import replace
 from services.optimizer.stats.analysis import analyze
 from services.optimizer.stats.decision import DecisionConfig, decide
 from services.optimizer.stats.results import Analysis, ArmData
+from tests.unit.arm_results import arm
 
 DAY = 86400.0
 LATE = 30 * DAY
-
-
-def arm(arm_id: str, n: int, positives: int, *, cost: float = 0.001, latency: float = 500.0) -> ArmData:
-    exposures = 2 * n
-    return ArmData(
-        arm_id=arm_id,
-        exposures=exposures,
-        n=n,
-        positives=positives,
-        cost_usd_sum=cost * exposures,
-        latency_ms_sum=latency * exposures,
-    )
 
 
 def analysis(arms: list[ArmData]) -> Analysis:

@@ -26,6 +26,7 @@ from shared.contracts import (
 )
 from shared.outbox import relay
 from tests.fakes.bus import FakeBus
+from tests.support import explanation_created
 
 TICKERS = ("AAPL", "MSFT", "NVDA", "TSLA")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -42,22 +43,18 @@ def explanation_event(i: int, *, good: bool = True, request_key: str | None = No
         if good
         else f"SELL everything now, {ticker} is doomed!! Case {i}."
     )
-    eid = derived_id("test-explanation", i)
-    return ExplanationCreated(
+    return explanation_created(
+        derived_id("test-explanation", i),
+        None,
         message_id=derived_id("test-explanation-event", i),
-        explanation_id=eid,
         request_key=request_key or f"req-{i}",
         ticker=ticker,
         signal="BUY",
-        prompt_name="explain_signal",
-        prompt_version="v1.0",
         model="offline",
-        provider="offline",
         prompt_text=prompt,
         text=text,
         tokens_in=40,
         tokens_out=20,
-        cost_usd=0.0,
         latency_ms=5.0,
         created_at=T0,
     )

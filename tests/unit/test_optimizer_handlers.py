@@ -13,51 +13,29 @@ from sqlalchemy import update
 from services.optimizer import domain, experiments, handlers, registry, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator, SearchHistory
-from services.optimizer.store import Store, champions, outbox
+from services.optimizer.store import Store, champions
 from shared.contracts import (
     AllocationChanged,
     ChampionChanged,
     ExperimentConcluded,
     ExperimentStarted,
     FeedbackErased,
-    FeedbackRecorded,
     ModelRegistered,
     utcnow,
 )
-from shared.outbox import relay
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
-from tests.fakes.bus import FakeBus
-from tests.support import explanation_created
-
-MODEL = "offline/template-v1"
+from tests.support import explanation_created, feedback_recorded
+from tests.unit.optimizer_support import MODEL, arm_fields, explain_and_vote, offline_settings, published, seeded_store
 
 
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    s = Store(store_url("optimizer"))
-    registry.ensure_seeded(s.uow(), MODEL)
-    yield s
-    s.dispose()
+    yield from seeded_store(store_url)
 
 
 @pytest.fixture
 def settings() -> OptimizerSettings:
-    return OptimizerSettings(
-        min_duration_s=0,
-        min_feedback_per_arm=30,
-        max_feedback_per_arm=400,
-        generation_min_interval_s=3600,
-        promotion_mode="auto",
-        auto_experiment=True,
-        OPENAI_API_KEY=None,
-        GROQ_API_KEY=None,
-    )
-
-
-def published(store: Store) -> list[Any]:
-    bus = FakeBus()
-    relay(store.factory, outbox, bus)
-    return bus.events
+    return offline_settings(min_feedback_per_arm=30, max_feedback_per_arm=400, generation_min_interval_s=3600)
 
 
 def add_variant(store: Store, settings: OptimizerSettings, text: str = "bullet points") -> str:
@@ -74,6 +52,46 @@ def start(store: Store, settings: OptimizerSettings, version: str, **kw: Any) ->
     return experiments.create_experiment(spec, store.uow())["experiment_id"]
 
 
+def voted_experiment(
+    store: Store,
+    settings: OptimizerSettings,
+    control: tuple[int, int],
+    treatment: tuple[int, int],
+    *,
+    costs: tuple[float, float] = (0.0, 0.0),
+    **kw: Any,
+) -> tuple[str, str]:
+    """(experiment, variant): a hand-written variant (arm t1) against the seed, its start relayed, then each arm
+    fed (votes, thumbs up) at its cost per explanation; `kw` are the experiment's options."""
+    v = add_variant(store, settings)
+    exp = start(store, settings, v, **kw)
+    published(store)
+    feed(store, exp, "control", n=control[0], positives=control[1], cost=costs[0])
+    feed(store, exp, "t1", n=treatment[0], positives=treatment[1], cost=costs[1], version=v)
+    return exp, v
+
+
+def start_three_arms(
+    store: Store, settings: OptimizerSettings, allocation: str, weights: tuple[float | None, ...]
+) -> tuple[str, str, str]:
+    """(experiment, v1, v2): the seed (control) against a bullet-point variant and a one-sentence one, with these
+    weights (None: adaptive); its start already relayed. Ends on the sample cap only after 5000 votes an arm."""
+    v1 = add_variant(store, settings, "bullet points")
+    v2 = registry.add_version(
+        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
+    )["version"]
+    control, w1, w2 = weights
+    spec = domain.ExperimentSpec(
+        prompt_name=PROMPT_NAME,
+        arms=(domain.ArmIn("v1.0", MODEL, control, True), domain.ArmIn(v1, MODEL, w1), domain.ArmIn(v2, MODEL, w2)),
+        allocation=allocation,
+        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
+    )
+    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
+    published(store)
+    return exp, v1, v2
+
+
 def feed(
     store: Store,
     experiment_id: str,
@@ -85,33 +103,9 @@ def feed(
     version: str = "v1.0",
 ) -> None:
     """n exposures on the arm, each with one vote; the first `positives` are thumbs up."""
-    now = utcnow()
+    arm = arm_fields(experiment_id, arm_id, version)
     for i in range(n):
-        eid = uuid.uuid4()
-        common = {
-            "prompt_name": PROMPT_NAME,
-            "prompt_version": version,
-            "model": MODEL,
-            "experiment_id": experiment_id,
-            "arm_id": arm_id,
-        }
-        handlers.on_explanation_created(
-            explanation_created(eid, None, signal="BUY", cost_usd=cost, latency_ms=5.0, created_at=now, **common),
-            store.uow(),
-        )
-        handlers.on_feedback_recorded(
-            FeedbackRecorded(
-                feedback_id=uuid.uuid4(),
-                explanation_id=eid,
-                session_key=f"s{i}",
-                rating=1 if i < positives else -1,
-                submitted_at=now,
-                signal="BUY",
-                ticker="AAPL",
-                **common,
-            ),
-            store.uow(),
-        )
+        explain_and_vote(store, arm, f"s{i}", i < positives, cost=cost)
 
 
 def champion(store: Store) -> dict[str, Any]:
@@ -155,26 +149,15 @@ def test_champion_cannot_be_archived(store: Store) -> None:
 
 def test_replaced_vote_counts_once_and_erasure_removes_it(store: Store, settings: OptimizerSettings) -> None:
     exp = start(store, settings, add_variant(store, settings))
-    eid, fid = uuid.uuid4(), uuid.uuid4()
+    ex = explanation_created(None, "s", signal="BUY", **arm_fields(exp, "control"))
+    eid, fid = ex.explanation_id, uuid.uuid4()
     t0 = utcnow()
-    base = {
-        "feedback_id": fid,
-        "explanation_id": eid,
-        "session_key": "s",
-        "signal": "BUY",
-        "ticker": "AAPL",
-        "prompt_name": PROMPT_NAME,
-        "prompt_version": "v1.0",
-        "model": MODEL,
-        "experiment_id": exp,
-        "arm_id": "control",
-    }
-    up = FeedbackRecorded(rating=1, submitted_at=t0, **base)
+    up = feedback_recorded(ex, 1, feedback_id=fid, submitted_at=t0)
     assert handlers.on_feedback_recorded(up, store.uow()) == "stored"
     assert handlers.on_feedback_recorded(up, store.uow()) == "duplicate"
-    down = FeedbackRecorded(rating=-1, submitted_at=t0 + timedelta(seconds=1), replaced=True, **base)
+    down = feedback_recorded(ex, -1, feedback_id=fid, submitted_at=t0 + timedelta(seconds=1), replaced=True)
     assert handlers.on_feedback_recorded(down, store.uow()) == "replaced"
-    old = FeedbackRecorded(rating=1, submitted_at=t0 - timedelta(seconds=5), **base)
+    old = feedback_recorded(ex, 1, feedback_id=fid, submitted_at=t0 - timedelta(seconds=5))
     assert handlers.on_feedback_recorded(old, store.uow()) == "stale"
     arm = views.experiment_view(exp, store.uow())["analysis"]["arms"][0]
     assert (arm["n"], arm["positives"]) == (1, 0)
@@ -185,28 +168,17 @@ def test_replaced_vote_counts_once_and_erasure_removes_it(store: Store, settings
 
 def test_vote_delivered_after_its_erasure_stays_erased(store: Store, settings: OptimizerSettings) -> None:
     exp = start(store, settings, add_variant(store, settings))
-    eid, fid = uuid.uuid4(), uuid.uuid4()
+    ex = explanation_created(None, "s", signal="BUY", **arm_fields(exp, "control"))
+    eid, fid = ex.explanation_id, uuid.uuid4()
     t0 = utcnow()
-    base = {
-        "feedback_id": fid,
-        "explanation_id": eid,
-        "session_key": "s",
-        "signal": "BUY",
-        "ticker": "AAPL",
-        "prompt_name": PROMPT_NAME,
-        "prompt_version": "v1.0",
-        "model": MODEL,
-        "experiment_id": exp,
-        "arm_id": "control",
-    }
     erased = FeedbackErased(
         session_key="s", feedback_ids=[fid], explanation_ids=[eid], erased_at=t0 + timedelta(seconds=1)
     )
     assert handlers.on_feedback_erased(erased, store.uow()) == 0  # the erasure overtook the vote on the queue
-    late = FeedbackRecorded(rating=1, submitted_at=t0, **base)
+    late = feedback_recorded(ex, 1, feedback_id=fid, submitted_at=t0)
     assert handlers.on_feedback_recorded(late, store.uow()) == "erased"
     assert views.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 0
-    again = FeedbackRecorded(rating=1, submitted_at=t0 + timedelta(seconds=5), **base)  # voted again afterwards
+    again = feedback_recorded(ex, 1, feedback_id=fid, submitted_at=t0 + timedelta(seconds=5))  # voted again afterwards
     assert handlers.on_feedback_recorded(again, store.uow()) == "stored"
     assert views.experiment_view(exp, store.uow())["analysis"]["arms"][0]["n"] == 1
 
@@ -222,11 +194,7 @@ def test_only_one_experiment_runs_per_prompt(store: Store, settings: OptimizerSe
 
 
 def test_clear_winner_is_promoted_losers_archived_and_router_told(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    published(store)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55))
     results = experiments.run_decisions(store.uow, settings)
     assert results[0]["action"] == "promoted" and results[0]["decision"] == "ship"
     assert champion(store)["version"] == v
@@ -242,10 +210,7 @@ def test_clear_winner_is_promoted_losers_archived_and_router_told(store: Store, 
 
 
 def test_decision_waits_for_minimum_duration(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v, min_duration_s=3600)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55), min_duration_s=3600)
     result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "collecting" and "minimum duration" in result["reason"]
     later = utcnow() + timedelta(hours=2)
@@ -254,10 +219,7 @@ def test_decision_waits_for_minimum_duration(store: Store, settings: OptimizerSe
 
 def test_approve_mode_waits_for_an_operator(store: Store, settings: OptimizerSettings) -> None:
     approve = settings.model_copy(update={"promotion_mode": "approve"})
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55))
     assert experiments.decide_experiment(exp, store.uow(), approve)["action"] == "awaiting_approval"
     assert champion(store)["version"] == "v1.0"
     result = experiments.promote_experiment(exp, store.uow())
@@ -271,10 +233,7 @@ def test_promote_without_a_winner_is_a_conflict(store: Store, settings: Optimize
 
 
 def test_no_difference_concludes_inconclusive_without_promotion(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=400, positives=240)
-    feed(store, exp, "t1", n=400, positives=240, version=v)
+    exp, v = voted_experiment(store, settings, (400, 240), (400, 240))
     result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "inconclusive" and result["action"] == "concluded"
     assert champion(store)["version"] == "v1.0"
@@ -282,20 +241,13 @@ def test_no_difference_concludes_inconclusive_without_promotion(store: Store, se
 
 
 def test_worse_treatment_keeps_control(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=80, positives=70)
-    feed(store, exp, "t1", n=80, positives=20, version=v)
+    exp, v = voted_experiment(store, settings, (80, 70), (80, 20))
     assert experiments.decide_experiment(exp, store.uow(), settings)["decision"] == "keep_control"
     assert champion(store)["version"] == "v1.0"
 
 
 def test_sample_ratio_mismatch_pauses_the_experiment(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    published(store)
-    feed(store, exp, "control", n=300, positives=180)
-    feed(store, exp, "t1", n=100, positives=60, version=v)
+    exp, v = voted_experiment(store, settings, (300, 180), (100, 60))
     result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "unhealthy" and result["action"] == "paused"
     assert "sample ratio mismatch" in result["reason"]
@@ -305,19 +257,13 @@ def test_sample_ratio_mismatch_pauses_the_experiment(store: Store, settings: Opt
 
 
 def test_cost_guardrail_blocks_an_expensive_winner(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=80, positives=40, cost=0.001)
-    feed(store, exp, "t1", n=80, positives=75, cost=0.01, version=v)
+    exp, v = voted_experiment(store, settings, (80, 40), (80, 75), costs=(0.001, 0.01))
     result = experiments.decide_experiment(exp, store.uow(), settings)
     assert result["decision"] == "keep_control" and "cost" in result["reason"]
 
 
 def test_rollback_restores_the_champion_an_experiment_replaced(store: Store, settings: OptimizerSettings) -> None:
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55))
     experiments.run_decisions(store.uow, settings)
     published(store)
     result = experiments.rollback_experiment(exp, store.uow())
@@ -382,18 +328,7 @@ def test_stop_ends_an_experiment_without_promotion(store: Store, settings: Optim
 
 def test_adaptive_allocation_reweights_in_batches(store: Store, settings: OptimizerSettings) -> None:
     tuned = settings.model_copy(update={"adaptive_min_feedback_per_arm": 20, "adaptive_batch": 10})
-    v1 = add_variant(store, settings, "bullet points")
-    v2 = registry.add_version(
-        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
-    )["version"]
-    spec = domain.ExperimentSpec(
-        prompt_name=PROMPT_NAME,
-        arms=(domain.ArmIn("v1.0", MODEL, None, True), domain.ArmIn(v1, MODEL, None), domain.ArmIn(v2, MODEL, None)),
-        allocation="adaptive",
-        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
-    )
-    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
-    published(store)
+    exp, _, _ = start_three_arms(store, settings, "adaptive", (None, None, None))
     for arm, pos in (("control", 5), ("t1", 9), ("t2", 4)):
         feed(store, exp, arm, n=10, positives=pos)
     assert experiments.decide_experiment(exp, store.uow(), tuned)["action"] == "none"  # under 20 per arm
@@ -536,37 +471,11 @@ def feed_sessions(
     prefix: str = "s",
 ) -> None:
     """`sessions` sessions of `per_session` voted explanations each; up(session, k) says thumbs up."""
-    now = utcnow()
-    common = {
-        "prompt_name": PROMPT_NAME,
-        "prompt_version": version,
-        "model": MODEL,
-        "experiment_id": experiment_id,
-        "arm_id": arm_id,
-    }
+    arm = arm_fields(experiment_id, arm_id, version)
     for s in range(sessions):
         key = f"{prefix}{arm_id}{s}"
         for k in range(per_session):
-            eid = uuid.uuid4()
-            handlers.on_explanation_created(
-                explanation_created(
-                    eid, key, signal=signal, latency_ms=5.0, created_at=now, fallback_used=fallback, **common
-                ),
-                store.uow(),
-            )
-            handlers.on_feedback_recorded(
-                FeedbackRecorded(
-                    feedback_id=uuid.uuid4(),
-                    explanation_id=eid,
-                    session_key=key,
-                    rating=1 if up(s, k) else -1,
-                    submitted_at=now,
-                    signal=signal,  # type: ignore[arg-type]
-                    ticker="AAPL",
-                    **common,
-                ),
-                store.uow(),
-            )
+            explain_and_vote(store, arm, key, up(s, k), served_to=key, signal=signal, fallback=fallback)
 
 
 def test_sessions_are_the_unit_and_fallback_explanations_do_not_count_for_the_arm(
@@ -596,10 +505,7 @@ def test_approve_mode_withdraws_a_waiting_winner_when_its_guardrail_fails(
     store: Store, settings: OptimizerSettings
 ) -> None:
     approve = settings.model_copy(update={"promotion_mode": "approve"})
-    v = add_variant(store, settings)
-    exp = start(store, settings, v)
-    feed(store, exp, "control", n=60, positives=30)
-    feed(store, exp, "t1", n=60, positives=55, version=v)
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55))
     assert experiments.decide_experiment(exp, store.uow(), approve)["action"] == "awaiting_approval"
     # while it waits, its own model stops answering: most of its explanations now come from a fallback
     feed_sessions(store, exp, "t1", 40, 1, up=lambda s, k: True, fallback=True, version=v, prefix="late")
@@ -613,18 +519,7 @@ def test_approve_mode_withdraws_a_waiting_winner_when_its_guardrail_fails(
 
 def test_adaptive_allocation_stops_traffic_to_an_arm_clearly_behind(store: Store, settings: OptimizerSettings) -> None:
     tuned = settings.model_copy(update={"adaptive_min_feedback_per_arm": 20, "adaptive_batch": 10})
-    v1 = add_variant(store, settings, "bullet points")
-    v2 = registry.add_version(
-        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
-    )["version"]
-    spec = domain.ExperimentSpec(
-        prompt_name=PROMPT_NAME,
-        arms=(domain.ArmIn("v1.0", MODEL, None, True), domain.ArmIn(v1, MODEL, None), domain.ArmIn(v2, MODEL, None)),
-        allocation="adaptive",
-        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
-    )
-    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
-    published(store)
+    exp, v1, v2 = start_three_arms(store, settings, "adaptive", (None, None, None))
     feed(store, exp, "control", n=150, positives=105)
     feed(store, exp, "t1", n=150, positives=110, version=v1)
     feed(store, exp, "t2", n=150, positives=30, version=v2)  # 20% against 70%: clearly behind
@@ -637,18 +532,7 @@ def test_adaptive_allocation_stops_traffic_to_an_arm_clearly_behind(store: Store
 
 
 def _three_arm_fixed(store: Store, settings: OptimizerSettings) -> tuple[str, str, str]:
-    v1 = add_variant(store, settings, "bullet points")
-    v2 = registry.add_version(
-        PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
-    )["version"]
-    spec = domain.ExperimentSpec(
-        prompt_name=PROMPT_NAME,
-        arms=(domain.ArmIn("v1.0", MODEL, 0.5, True), domain.ArmIn(v1, MODEL, 0.3), domain.ArmIn(v2, MODEL, 0.2)),
-        allocation="fixed",
-        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
-    )
-    exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
-    published(store)
+    exp, v1, v2 = start_three_arms(store, settings, "fixed", (0.5, 0.3, 0.2))
     feed(store, exp, "control", n=250, positives=175)  # sessions in the proportions of the split
     feed(store, exp, "t1", n=150, positives=110, version=v1)
     feed(store, exp, "t2", n=100, positives=20, version=v2)  # 20% against 70%: it cannot reach the target lift

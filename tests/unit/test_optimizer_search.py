@@ -4,7 +4,6 @@ generators see, and an exhausted search that stops with one announcement (real S
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,14 +26,10 @@ from services.optimizer.generation import (
     render_with_traits,
     traits_of,
 )
-from services.optimizer.store import Store, outbox
-from shared.contracts import ExperimentStarted, FeedbackRecorded, SearchExhausted, utcnow
-from shared.outbox import relay
+from services.optimizer.store import Store
+from shared.contracts import ExperimentStarted, SearchExhausted, utcnow
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
-from tests.fakes.bus import FakeBus
-from tests.support import explanation_created
-
-MODEL = "offline/template-v1"
+from tests.unit.optimizer_support import arm_fields, explain_and_vote, offline_settings, published, seeded_store
 
 
 def tried(version: str, traits: set[str], outcome: str = OUTCOME_LOST, **kw: Any) -> TriedVersion:
@@ -171,30 +166,12 @@ def test_history_text_shows_the_best_versions_with_scores_what_lost_and_what_was
 
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    s = Store(store_url("optimizer"))
-    registry.ensure_seeded(s.uow(), MODEL)
-    yield s
-    s.dispose()
+    yield from seeded_store(store_url)
 
 
 @pytest.fixture
 def settings() -> OptimizerSettings:
-    return OptimizerSettings(
-        min_duration_s=0,
-        min_feedback_per_arm=20,
-        max_feedback_per_arm=40,
-        generation_min_interval_s=0,
-        promotion_mode="auto",
-        auto_experiment=True,
-        OPENAI_API_KEY=None,
-        GROQ_API_KEY=None,
-    )
-
-
-def published(store: Store) -> list[Any]:
-    bus = FakeBus()
-    relay(store.factory, outbox, bus)
-    return bus.events
+    return offline_settings(min_feedback_per_arm=20, max_feedback_per_arm=40, generation_min_interval_s=0)
 
 
 def feed_round(store: Store, experiment_id: str, ups: dict[str, int] | None = None) -> None:
@@ -204,34 +181,10 @@ def feed_round(store: Store, experiment_id: str, ups: dict[str, int] | None = No
         rows = uow.repo.arms(experiment_id)
     for arm in rows:
         up = (ups or {}).get(arm["prompt_version"], 20)
+        fields = arm_fields(experiment_id, arm["arm_id"], arm["prompt_version"])
         for i in range(40):
-            eid = uuid.uuid4()
-            common = {
-                "prompt_name": PROMPT_NAME,
-                "prompt_version": arm["prompt_version"],
-                "model": MODEL,
-                "experiment_id": experiment_id,
-                "arm_id": arm["arm_id"],
-            }
-            handlers.on_explanation_created(
-                explanation_created(
-                    eid, f"{arm['arm_id']}-{i}", signal="BUY", latency_ms=5.0, created_at=utcnow(), **common
-                ),
-                store.uow(),
-            )
-            handlers.on_feedback_recorded(
-                FeedbackRecorded(
-                    feedback_id=uuid.uuid4(),
-                    explanation_id=eid,
-                    session_key=f"{arm['arm_id']}-{i}",
-                    rating=1 if i < up else -1,
-                    submitted_at=utcnow(),
-                    signal="BUY",
-                    ticker="AAPL",
-                    **common,
-                ),
-                store.uow(),
-            )
+            session = f"{arm['arm_id']}-{i}"
+            explain_and_vote(store, fields, session, i < up, served_to=session)
 
 
 class CountingGenerator(OfflineGenerator):

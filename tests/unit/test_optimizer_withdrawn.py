@@ -4,38 +4,25 @@ control serves, it is never champion, and a late ModelRegistered for it starts n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
-from services.optimizer import domain, experiments, handlers, registry, views
+from services.optimizer import domain, experiments, handlers, views
 from services.optimizer.config import OptimizerSettings
-from services.optimizer.store import Store, outbox
+from services.optimizer.store import Store
 from shared.contracts import ExperimentConcluded, ModelRegistered, ModelWithdrawn, derived_id
-from shared.outbox import relay
 from shared.prompts import PROMPT_NAME
-from tests.fakes.bus import FakeBus
-
-MODEL = "offline/template-v1"
+from tests.unit.optimizer_support import MODEL, offline_settings, published, seeded_store
 
 
 @pytest.fixture
 def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    s = Store(store_url("optimizer"))
-    registry.ensure_seeded(s.uow(), MODEL)
-    yield s
-    s.dispose()
+    yield from seeded_store(store_url)
 
 
 @pytest.fixture
 def settings() -> OptimizerSettings:
-    return OptimizerSettings(min_duration_s=0, promotion_mode="auto", OPENAI_API_KEY=None, GROQ_API_KEY=None)
-
-
-def published(store: Store) -> list[Any]:
-    bus = FakeBus()
-    relay(store.factory, outbox, bus)
-    return bus.events
+    return offline_settings()
 
 
 def registered(model_id: str) -> ModelRegistered:

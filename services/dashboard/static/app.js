@@ -17,10 +17,7 @@ function el(tag, attrs = {}, ...children) {
   for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return node;
 }
-const pct = (x) => (x === null || x === undefined ? "—" : `${(100 * x).toFixed(x === 1 || x === 0 ? 0 : 1)}%`);
-const num = (x, d = 2) => (x === null || x === undefined ? "—" : Number(x).toFixed(d));
-const ms = (x) => (x === null || x === undefined ? "—" : `${x < 10 ? Number(x).toFixed(1) : Math.round(x)} ms`);
-const usd = (x) => (x === null || x === undefined ? "—" : x === 0 ? "$0" : `$${Number(x).toFixed(x < 0.01 ? 5 : 3)}`);
+const { pct, num, ms, usd } = window.SelfLearn.format;
 
 function showError(message) {
   const box = $("error");
@@ -32,30 +29,9 @@ function clearError() {
   $("error").textContent = "";
 }
 
-// Calls the API; a non-2xx answer becomes an Error with the API's own message ({"error": {status, message}}).
-async function api(method, path, body, headers = {}) {
-  const init = { method, headers: { ...headers } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let res;
-  try {
-    res = await fetch(path, init);
-  } catch (e) {
-    throw new Error(`Network error: ${e.message}`);
-  }
-  const text = await res.text();
-  let data = null;
-  try { data = text ? JSON.parse(text) : null; } catch { data = null; }
-  if (!res.ok) {
-    const msg = data && data.error ? data.error.message : text || res.statusText;
-    const err = new Error(`${res.status}: ${msg}`);
-    err.status = res.status;
-    throw err;
-  }
-  return data;
-}
+// Calls the API (the components' call, on this page's origin); a non-2xx answer becomes an Error with the API's own
+// message ({"error": {status, message}}).
+const api = window.SelfLearn.api;
 
 // ---- the anonymous session (shared with the card: the vote must carry the id the explanation was asked with)
 const sessionId = () => window.SelfLearn.sessionId();

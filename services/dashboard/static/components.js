@@ -625,5 +625,11 @@
 
   customElements.define("explanation-card", ExplanationCard);
   customElements.define("feedback-stats", FeedbackStats);
-  window.SelfLearn = Object.freeze({ sessionId, apiBase: () => SCRIPT_ORIGIN });
+  // What the dashboard page (app.js) shares with the components: the session, the API call and the formats.
+  window.SelfLearn = Object.freeze({
+    sessionId,
+    apiBase: () => SCRIPT_ORIGIN,
+    api: (method, path, body, headers = {}) => call(SCRIPT_ORIGIN, method, path, body, headers),
+    format: Object.freeze({ pct, num, ms, usd }),
+  });
 })();

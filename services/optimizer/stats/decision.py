@@ -6,6 +6,7 @@ approve mode and adaptive allocation."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.optimizer.stats.results import (
@@ -74,29 +75,23 @@ def _guardrail_failures(arm: ArmResult, control: ArmResult, config: DecisionConf
     ):
         ratio = arm.feedback_rate / control.feedback_rate
         fails.append(f"feedback rate {ratio:.2f}x control (< {config.min_feedback_rate_ratio:g}x)")
-    if arm.cost_per_explanation is not None and control.cost_per_explanation is not None:
-        if control.cost_per_explanation > 0:
-            ratio = arm.cost_per_explanation / control.cost_per_explanation
-            if config.max_cost_ratio is not None and ratio > config.max_cost_ratio:
-                fails.append(f"cost {ratio:.2f}x control (> {config.max_cost_ratio:g}x)")
-        elif config.max_cost_increase_usd is not None:
-            extra = arm.cost_per_explanation - control.cost_per_explanation
-            if extra > config.max_cost_increase_usd:
-                fails.append(
-                    f"cost ${arm.cost_per_explanation:.4g} per explanation against a $0 control "
-                    f"(> +${config.max_cost_increase_usd:g})"
-                )
-    if arm.latency_ms_mean is not None and control.latency_ms_mean is not None:
-        if control.latency_ms_mean > 0:
-            ratio = arm.latency_ms_mean / control.latency_ms_mean
-            if config.max_latency_ratio is not None and ratio > config.max_latency_ratio:
-                fails.append(f"latency {ratio:.2f}x control (> {config.max_latency_ratio:g}x)")
-        elif config.max_latency_increase_ms is not None:
-            extra = arm.latency_ms_mean - control.latency_ms_mean
-            if extra > config.max_latency_increase_ms:
-                fails.append(
-                    f"latency {arm.latency_ms_mean:.0f} ms against a 0 ms control (> +{config.max_latency_increase_ms:g} ms)"
-                )
+    cost = _against_control(
+        "cost",
+        arm.cost_per_explanation,
+        control.cost_per_explanation,
+        config.max_cost_ratio,
+        config.max_cost_increase_usd,
+        lambda value, limit: f"cost ${value:.4g} per explanation against a $0 control (> +${limit:g})",
+    )
+    latency = _against_control(
+        "latency",
+        arm.latency_ms_mean,
+        control.latency_ms_mean,
+        config.max_latency_ratio,
+        config.max_latency_increase_ms,
+        lambda value, limit: f"latency {value:.0f} ms against a 0 ms control (> +{limit:g} ms)",
+    )
+    fails += [f for f in (cost, latency) if f]
     if config.max_fallback_rate_increase is not None and arm.fallback_rate is not None:
         extra = arm.fallback_rate - (control.fallback_rate or 0.0)
         if extra > config.max_fallback_rate_increase:
@@ -105,6 +100,28 @@ def _guardrail_failures(arm: ArmResult, control: ArmResult, config: DecisionConf
                 f"(> +{config.max_fallback_rate_increase:.0%}): its own model often did not answer"
             )
     return fails
+
+
+def _against_control(
+    name: str,
+    value: float | None,
+    control: float | None,
+    max_ratio: float | None,
+    max_increase: float | None,
+    over_zero: Callable[[float, float], str],
+) -> str | None:
+    """Why a treatment's cost or latency (`value`) fails against the control's: as a ratio (at most `max_ratio`),
+    or, when the control's figure is 0, as an absolute increase (at most `max_increase`, told by `over_zero`).
+    None when it passes, when either figure is missing, or when the limit that applies is off (None)."""
+    if value is None or control is None:
+        return None
+    if control > 0:
+        ratio = value / control
+        if max_ratio is not None and ratio > max_ratio:
+            return f"{name} {ratio:.2f}x control (> {max_ratio:g}x)"
+    elif max_increase is not None and value - control > max_increase:
+        return over_zero(value, max_increase)
+    return None
 
 
 def guardrail_failures(analysis: Analysis, arm_id: str, config: DecisionConfig) -> list[str]:
