@@ -4,6 +4,9 @@ Both servers run the same way (one uvicorn process each, same flags) on this mac
 same load generator drives them. Printed as ratios to the bare endpoint:
 - accepted feedback per second (closed loop, 32 connections),
 - p50 / p99 latency at a fixed 1,000 requests/s (open loop, measured from the scheduled send time),
+- the server process's CPU per request in the closed loop (the ratio is bare / feedback: what throughput the
+  route could reach against the bare endpoint if its process had a core to itself; it moves least with the
+  other load on the machine),
 - and how fast one worker drains the queue into SQLite (stored votes per second).
 The issue's goal: throughput >= 0.5x the bare endpoint, p99 < 20 ms at 1,000 req/s.
 """
@@ -87,24 +90,42 @@ def _seed_explanations(env: dict[str, str], n: int) -> list[uuid.UUID]:
     return [uuid.UUID(line) for line in out.stdout.split()][-n:]
 
 
-def _measure(port: int, path_for: Callable[..., Any], seconds: float, rate: float) -> tuple[Result, Result]:
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far; None where /proc is not there."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(
+    port: int, path_for: Callable[..., Any], seconds: float, rate: float, pid: int
+) -> tuple[Result, Result, float | None]:
+    """Throughput (closed loop), latency (open loop), and the server's CPU milliseconds per request in the
+    closed loop: the figure that depends least on what else runs on the machine."""
+
     def make(i: int) -> tuple[str, dict]:
         return path_for(i), {"rating": 1 if i % 3 else -1, "session_id": f"bench-{i % SESSIONS}"}
 
     closed_loop("127.0.0.1", port, make, conns=8, seconds=1.0)  # warm-up
+    before = cpu_seconds(pid)
     tp = closed_loop("127.0.0.1", port, make, conns=32, seconds=seconds)
+    after = cpu_seconds(pid)
     lat = open_loop("127.0.0.1", port, make, rate=rate, seconds=seconds, conns=64)
-    return tp, lat
+    requests = tp.ok + tp.errors
+    cpu_ms = 1000 * (after - before) / requests if before is not None and after is not None and requests else None
+    return tp, lat, cpu_ms
 
 
 def _serve_and_measure(
     factory: str, prefix: str, eids: list[uuid.UUID], env: dict[str, str], args: argparse.Namespace
-) -> tuple[Result, Result]:
+) -> tuple[Result, Result, float | None]:
     """Serve `factory` on a free port and measure votes on `prefix`/<explanation id>; stopped after."""
     port = free_port()
     server = _serve(factory, port, env)
     try:
-        return _measure(port, lambda i: f"{prefix}/{eids[i % SESSIONS]}", args.seconds, args.rate)
+        return _measure(port, lambda i: f"{prefix}/{eids[i % SESSIONS]}", args.seconds, args.rate, server.pid)
     finally:
         server.terminate()
         server.wait()
@@ -130,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         eids = _seed_explanations(env, SESSIONS)
 
-        bare_tp, bare_lat = _serve_and_measure("bench.bare_app:create_app", "/bare", eids, env, args)
-        fb_tp, fb_lat = _serve_and_measure("services.feedback.main:create_app", "/api/feedback", eids, env, args)
+        bare_tp, bare_lat, bare_cpu = _serve_and_measure("bench.bare_app:create_app", "/bare", eids, env, args)
+        fb_tp, fb_lat, fb_cpu = _serve_and_measure(
+            "services.feedback.main:create_app", "/api/feedback", eids, env, args
+        )
 
         accepted = fb_tp.ok + fb_lat.ok + 0
         worker = subprocess.Popen(worker_command("feedback"), env=env, cwd=ROOT)
@@ -161,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     for q in (50, 99):
         b, f = bare_lat.percentile(q), fb_lat.percentile(q)
         print(f"{f'p{q} latency at {args.rate:.0f} req/s (ms)':34}{b:>16.2f}{f:>20.2f}{f / b:>8.2f}")
+    if bare_cpu is not None and fb_cpu is not None:
+        print(f"{'server CPU per request (ms)':34}{bare_cpu:>16.3f}{fb_cpu:>20.3f}{bare_cpu / fb_cpu:>8.2f}")
     print(f"{'errors (non-2xx)':34}{bare_tp.errors + bare_lat.errors:>16}{fb_tp.errors + fb_lat.errors:>20}")
     print(
         f"worker drain: {stored} votes stored ({processed} messages) in {drain_s:.1f}s = {processed / drain_s:.0f} msg/s"
