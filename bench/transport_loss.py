@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 from celery import Celery
 
+from gateway.redis_server import terminate
 from services.feedback.intake import GroupCommitSender, IntakeJournal
 from shared.bus import CeleryBus, declare_topology, make_celery
 from shared.contracts import Command
@@ -156,13 +157,7 @@ class Worker:
 
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)  # warm shutdown
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-            self.proc.wait()
+            terminate(self.proc, 15)  # SIGTERM: Celery's warm shutdown
             self.proc = None
 
 

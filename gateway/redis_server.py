@@ -42,6 +42,22 @@ def find_redis_server() -> str:
     )
 
 
+def wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait up to `timeout_s` for a process to exit; past that, kill it (SIGKILL) and reap it."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float) -> None:
+    """Stop a process: SIGTERM (its graceful shutdown) if it still runs, then `wait_or_kill`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    wait_or_kill(proc, timeout_s)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -122,13 +138,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 10)
         self.process = None
 
     def __enter__(self) -> RedisServer:

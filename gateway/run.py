@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.redis_server import RedisServer, free_port
+from gateway.redis_server import RedisServer, free_port, wait_or_kill
 from shared.contracts import SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,11 +275,7 @@ class Stack:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
         for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            wait_or_kill(proc, max(0.1, deadline - time.monotonic()))
         self.procs.clear()
         self.run_env_path.unlink(missing_ok=True)
         if self.redis is not None:

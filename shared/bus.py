@@ -721,6 +721,20 @@ def ask_for_missing_explanations(
     return len(missing)
 
 
+def missing_explanations_task(app: Celery, service: str, uow_factory: Callable[[], Any]) -> Any:
+    """The periodic task `<service>.ask_for_missing_explanations` (beat) of a service that keeps votes beside
+    its replica of the explanations: votes whose explanation's event never reached it (its repository's
+    `votes_without_explanation`) make it ask the router for the event again; the event, when it comes,
+    completes the replica. Returns the task."""
+
+    def ask(payload: dict | None = None) -> int:  # beat sends no payload
+        return ask_for_missing_explanations(
+            app, uow_factory, lambda repo, since, until: repo.votes_without_explanation(since, until)
+        )
+
+    return app.task(name=f"{service}.ask_for_missing_explanations")(ask)
+
+
 def bus_for(app: Celery) -> CeleryBus:
     """The bus of a worker process: one per Celery app, so every task reuses its Redis connections instead
     of opening new ones per message."""

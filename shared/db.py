@@ -383,10 +383,13 @@ def processed_table(metadata: MetaData) -> Table:
 
 
 class MessageLog:
-    """Idempotency for a repository: `self.s` is its session, `processed` its `processed_table`."""
+    """The base of a service's repository: `self.s` is the session it is made with, `processed` its
+    `processed_table` (idempotency: the message ids its handlers have applied)."""
 
-    s: Session
     processed: Table
+
+    def __init__(self, session: Session) -> None:
+        self.s = session
 
     def seen(self, message_id: object) -> bool:
         from sqlalchemy import select

@@ -281,9 +281,6 @@ def _iso(ts: datetime | None) -> str | None:
 class DashboardRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
 
-    def __init__(self, session: Session) -> None:
-        self.s = session
-
     # -- idempotency and change counter -----------------------------------------------------------------
     def bump_revision(self, changes: int = 1) -> None:
         self.s.execute(meta.update().where(meta.c.key == "revision").values(value=meta.c.value + changes))

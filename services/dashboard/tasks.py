@@ -8,13 +8,7 @@ from functools import lru_cache
 from services.dashboard import handlers
 from services.dashboard.config import get_settings
 from services.dashboard.store import Store
-from shared.bus import (
-    ask_for_missing_explanations as ask_for_missing,
-)
-from shared.bus import (
-    event_tasks,
-    worker_app,
-)
+from shared.bus import event_tasks, missing_explanations_task, worker_app
 from shared.contracts import (
     ChampionChanged,
     ExperimentConcluded,
@@ -74,10 +68,5 @@ def check_anomalies() -> list[dict]:
     return handlers.check_anomalies(_store().uow(), policy)
 
 
-@app.task(name="dashboard.ask_for_missing_explanations")
-def ask_for_missing_explanations(payload: dict | None = None) -> int:
-    """Beat: votes whose explanation's event never reached this service make it ask the router for the event
-    again; the event, when it comes, completes the replica."""
-    return ask_for_missing(
-        app, lambda: _store().uow(), lambda repo, since, until: repo.votes_without_explanation(since, until)
-    )
+# Beat: ask the router again for the events of explanations this service holds votes on but never got
+ask_for_missing_explanations = missing_explanations_task(app, "dashboard", lambda: _store().uow())

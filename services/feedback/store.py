@@ -22,7 +22,6 @@ from sqlalchemy import (
     select,
     union_all,
 )
-from sqlalchemy.orm import Session
 
 from services.feedback.domain import StoredVote
 from shared.clock import as_utc
@@ -164,9 +163,6 @@ class AuditRow(TypedDict):
 
 class FeedbackRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
-
-    def __init__(self, session: Session) -> None:
-        self.s = session
 
     # -- explanation replica ----------------------------------------------------------------------------
     def explanation(self, explanation_id: uuid.UUID) -> ExplanationRow | None:

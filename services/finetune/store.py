@@ -25,7 +25,6 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.orm import Session
 
 from services.finetune import domain
 from shared.contracts import utcnow
@@ -212,9 +211,6 @@ class ModelRow(TypedDict):
 
 class FinetuneRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
-
-    def __init__(self, session: Session) -> None:
-        self.s = session
 
     # -- training data ----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> bool:

@@ -27,7 +27,6 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.orm import Session
 
 from services.optimizer import domain
 from services.optimizer.stats.results import ArmData
@@ -287,9 +286,6 @@ class GenerationRow(TypedDict):
 
 class OptimizerRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
-
-    def __init__(self, session: Session) -> None:
-        self.s = session
 
     # -- prompt versions --------------------------------------------------------------------------------
     def prompt_names(self) -> list[str]:

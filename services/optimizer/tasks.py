@@ -11,14 +11,7 @@ from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store
-from shared.bus import (
-    ask_for_missing_explanations as ask_for_missing,
-)
-from shared.bus import (
-    event_tasks,
-    outbox_relay,
-    worker_app,
-)
+from shared.bus import event_tasks, missing_explanations_task, outbox_relay, worker_app
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
 
 settings = get_settings()
@@ -88,10 +81,5 @@ def generate_variants(payload: dict | None = None) -> list[dict[str, Any]]:
     return results
 
 
-@app.task(name="optimizer.ask_for_missing_explanations")
-def ask_for_missing_explanations(payload: dict | None = None) -> int:
-    """Beat: votes whose explanation's event never reached this service make it ask the router for the event
-    again; the event, when it comes, completes the replica."""
-    return ask_for_missing(
-        app, lambda: _store().uow(), lambda repo, since, until: repo.votes_without_explanation(since, until)
-    )
+# Beat: ask the router again for the events of explanations this service holds votes on but never got
+ask_for_missing_explanations = missing_explanations_task(app, "optimizer", lambda: _store().uow())

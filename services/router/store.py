@@ -23,7 +23,6 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.orm import Session
 
 from services.router.domain import Arm, Experiment, Routing, Template
 from shared.clock import as_utc
@@ -207,9 +206,6 @@ def _as_utc_or_none(ts: datetime | None) -> datetime | None:
 
 class RouterRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
-
-    def __init__(self, session: Session) -> None:
-        self.s = session
 
     # -- explanations -----------------------------------------------------------------------------------
     def add_explanation(self, row: ExplanationRow) -> None:
