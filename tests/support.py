@@ -14,17 +14,22 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
+from starlette.datastructures import State
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
 from gateway.run import ROOT, process_env, worker_command
 from shared.contracts import ExplanationCreated, FeedbackRecorded
 from shared.web import AdminDep, install_error_handlers
+
+if TYPE_CHECKING:
+    from services.router.store import ExplanationRow
 
 T = TypeVar("T")
 S = TypeVar("S", bound="Disposable")
@@ -324,7 +329,10 @@ def store_in_router(data_dir: Path, event: ExplanationCreated) -> None:
     row = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
     with store.uow() as uow:
         uow.repo.add_explanation(
-            row | {"explanation_id": str(event.explanation_id), "context": {}, "requested_model": event.model}
+            cast(
+                "ExplanationRow",
+                row | {"explanation_id": str(event.explanation_id), "context": {}, "requested_model": event.model},
+            )
         )
         uow.commit()
     store.dispose()
@@ -348,3 +356,8 @@ def admin_app(token: str | None, path: str) -> FastAPI:
         return {"data": "secret"}
 
     return app
+
+
+def app_state(client: TestClient) -> State:
+    """The state (settings, store, bus) of the FastAPI app behind `client`, which types its app as any ASGI app."""
+    return cast(FastAPI, client.app).state

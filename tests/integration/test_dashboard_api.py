@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer
 from services.dashboard import handlers
@@ -32,7 +33,7 @@ ADMIN_ROUTES = (
 
 @pytest.fixture
 def client(tmp_path: Path, redis_server: RedisServer) -> Iterator[TestClient]:
-    settings = DashboardSettings(admin_token=TOKEN, data_dir=tmp_path, redis_url=redis_server.url)
+    settings = DashboardSettings(admin_token=SecretStr(TOKEN), data_dir=tmp_path, redis_url=redis_server.url)
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -253,7 +254,10 @@ def test_an_allowed_origin_may_load_the_components_and_read_the_stats_with_the_t
     """What <feedback-stats> on a host page of another origin needs: a preflight for a GET with Authorization,
     then the answer with CORS headers; another origin gets no CORS answer, so its browser shows nothing."""
     settings = DashboardSettings(
-        admin_token=TOKEN, data_dir=tmp_path, redis_url=redis_server.url, allowed_origins="https://app.example"
+        admin_token=SecretStr(TOKEN),
+        data_dir=tmp_path,
+        redis_url=redis_server.url,
+        allowed_origins="https://app.example",
     )
     with TestClient(create_app(settings)) as client:
         pre = client.options(

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer, free_port
 from services.finetune import domain
@@ -43,8 +44,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
     peft_model.save_pretrained(adapter)
     settings = FinetuneSettings(
         redis_url=redis_server.url,
-        admin_token=ADMIN_TOKEN,
-        session_hash_key="k",
+        admin_token=SecretStr(ADMIN_TOKEN),
+        session_hash_key=SecretStr("k"),
         data_dir=root,
         serving_max_tokens=CEILING,
     )

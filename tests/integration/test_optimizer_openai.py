@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer
 from services.optimizer import handlers, search
@@ -37,10 +38,10 @@ def client(tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer) ->
     fake.reset()
     settings = OptimizerSettings(
         redis_url=redis_server.url.rsplit("/", 1)[0] + "/8",  # own database: our events reach no other test
-        ADMIN_TOKEN=TOKEN,
-        DATA_DIR=tmp_path,
-        OPENAI_API_KEY="sk-test",
-        OPENAI_BASE_URL=fake.openai_base_url,
+        admin_token=SecretStr(TOKEN),
+        data_dir=tmp_path,
+        openai_api_key=SecretStr("sk-test"),
+        openai_base_url=fake.openai_base_url,
         generation_min_interval_s=3600,
         generation_timeout_s=5,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from services.finetune import domain, handlers, jobs, training
 from services.finetune.config import FinetuneSettings
@@ -134,7 +135,7 @@ def settings(tmp_path: Path, store_url: Callable[[str], str]) -> FinetuneSetting
     return FinetuneSettings(
         data_dir=tmp_path,
         database_url=store_url("finetune"),
-        admin_token="t",
+        admin_token=SecretStr("t"),
         min_examples=20,
         base_model=fake_base_model(tmp_path / "base"),
         gateway_url="http://gw.test",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from pydantic import SecretStr
 
 from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
@@ -83,10 +84,15 @@ def test_generation_cost_uses_the_models_token_prices() -> None:
 
 def test_generator_is_openai_only_with_a_key() -> None:
     assert isinstance(make_generator(OptimizerSettings(openai_api_key=None)), OfflineGenerator)
-    assert isinstance(make_generator(OptimizerSettings(OPENAI_API_KEY="sk-test")), OpenAIGenerator)
+    assert isinstance(make_generator(OptimizerSettings(openai_api_key=SecretStr("sk-test"))), OpenAIGenerator)
 
 
 def test_seed_model_follows_the_routers_default_rule() -> None:
-    assert OptimizerSettings(OPENAI_API_KEY=None, GROQ_API_KEY=None).seed_model() == "offline/template-v1"
-    assert OptimizerSettings(OPENAI_API_KEY=None, GROQ_API_KEY="g").seed_model() == "groq/llama-3.1-8b-instant"
-    assert OptimizerSettings(OPENAI_API_KEY="o", GROQ_API_KEY="g").seed_model() == "openai/gpt-4o-mini"
+    assert OptimizerSettings(openai_api_key=None, groq_api_key=None).seed_model() == "offline/template-v1"
+    assert (
+        OptimizerSettings(openai_api_key=None, groq_api_key=SecretStr("g")).seed_model() == "groq/llama-3.1-8b-instant"
+    )
+    assert (
+        OptimizerSettings(openai_api_key=SecretStr("o"), groq_api_key=SecretStr("g")).seed_model()
+        == "openai/gpt-4o-mini"
+    )
