@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, cast
 
 import pytest
 from fastapi import FastAPI
@@ -47,10 +47,16 @@ def disposed_after(store: S) -> Iterator[S]:
         store.dispose()
 
 
-def wait_for(check: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition") -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after the timeout."""
+def wait_for(
+    check: Callable[[], T | Literal[False] | None],
+    timeout_s: float = 20.0,
+    interval_s: float = 0.1,
+    what: str = "condition",
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after the timeout. The value returned is
+    never None nor False, so `wait_for(lambda: row_or_none())` is typed as the row."""
     deadline = time.monotonic() + timeout_s
-    last: T | None = None
+    last: T | Literal[False] | None = None
     while time.monotonic() < deadline:
         last = check()
         if last:

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -97,7 +98,11 @@ def test_answer_that_is_not_json_is_a_502(client: TestClient, fake: FakeOpenAISe
 def vote(client: TestClient, experiment_id: str, arm_id: str, version: str, i: int, up: bool) -> None:
     store = client.app.state.store  # type: ignore[attr-defined]
     eid, session = uuid.uuid4(), f"{arm_id}-{i}"
-    common = {"prompt_name": "explain_signal", "prompt_version": version, "model": "offline/template-v1"}
+    common: dict[str, Any] = {
+        "prompt_name": "explain_signal",
+        "prompt_version": version,
+        "model": "offline/template-v1",
+    }
     common |= {"experiment_id": experiment_id, "arm_id": arm_id, "ticker": "AAPL", "signal": "BUY"}
     handlers.on_explanation_created(
         ExplanationCreated(

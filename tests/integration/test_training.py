@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def kto_rows(n: int, offset: int = 0) -> list[dict]:
     ]
 
 
-FAST = {"max_steps": 24, "eval_every_steps": 6, "learning_rate": 5e-3, "per_device_batch_size": 4}
+FAST: dict[str, Any] = {"max_steps": 24, "eval_every_steps": 6, "learning_rate": 5e-3, "per_device_batch_size": 4}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -190,7 +191,7 @@ def test_experiment_seen_only_through_explanations_is_still_listed() -> None:
 
 
 def test_anomaly_needs_a_significant_and_material_drop_with_enough_votes() -> None:
-    kw = {"alpha": 0.01, "min_votes": 20, "min_drop": 0.10}
+    kw: dict[str, Any] = {"alpha": 0.01, "min_votes": 20, "min_drop": 0.10}
     assert domain.check_anomaly("overall", (12, 40), (90, 150), **kw).status == "ANOMALY"
     assert domain.check_anomaly("overall", (28, 40), (105, 150), **kw).status == "OK"  # same rate
     assert domain.check_anomaly("overall", (2, 10), (90, 150), **kw).status == "INSUFFICIENT_SAMPLES"

@@ -17,7 +17,7 @@ DEPLOY = ROOT / "deploy"
 
 
 def _exported_names() -> set[str]:
-    names = set()
+    names: set[str] = set()
     for metric in (
         worker_metrics.TASK_SECONDS,
         worker_metrics.TASK_FAILURES,

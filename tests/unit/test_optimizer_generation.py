@@ -40,7 +40,7 @@ def test_offline_generator_is_deterministic_and_builds_on_the_champion() -> None
 
 
 def test_every_offline_rewrite_keeps_the_template_contract_and_is_no_near_duplicate() -> None:
-    seen = {frozenset(): SEED_TEMPLATE}
+    seen: dict[frozenset[str], str] = {frozenset(): SEED_TEMPLATE}
     frontier = [SEED_TEMPLATE]
     while frontier:
         template = frontier.pop()
