@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 from starlette.datastructures import State
+from starlette.testclient import httpx as _testclient_httpx
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
 from gateway.run import ROOT, process_env, worker_command
@@ -362,6 +363,10 @@ def admin_app(token: str | None, path: str) -> FastAPI:
         return {"data": "secret"}
 
     return app
+
+
+#: What a TestClient request returns: starlette's client is built on httpx2 where installed, else on httpx.
+ClientResponse = _testclient_httpx.Response
 
 
 def app_state(client: TestClient) -> State:

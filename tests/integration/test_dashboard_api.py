@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from fastapi.testclient import TestClient
@@ -38,7 +39,7 @@ def client(tmp_path: Path, redis_server: RedisServer) -> Iterator[TestClient]:
         yield c
 
 
-def feed(client: TestClient, ticker: str = "AAPL", rating: int = 1, stars: int | None = 4) -> None:
+def feed(client: TestClient, ticker: str = "AAPL", rating: Literal[1, -1] = 1, stars: int | None = 4) -> None:
     """Apply an explanation and a vote to the app's own read model, as its worker would."""
     store = client.app.state.store  # type: ignore[attr-defined]
     now = datetime.now(UTC)

@@ -41,7 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
     peft_model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
     )
-    peft_model.save_pretrained(adapter)
+    peft_model.save_pretrained(str(adapter))
     settings = FinetuneSettings(
         redis_url=redis_server.url,
         admin_token=SecretStr(ADMIN_TOKEN),

@@ -348,6 +348,7 @@ def test_openai_sdk_gets_a_completion_from_the_adapter_by_name(server: tuple[str
         assert reply.id and reply.model == "explainer-sft"
         assert reply.choices[0].message.role == "assistant" and isinstance(reply.choices[0].message.content, str)
         assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage is not None
         assert 0 < reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
         assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
         # Greedy decoding is deterministic, and the base model answers under its own name differently.

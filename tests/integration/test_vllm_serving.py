@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from gateway.redis_server import RedisServer
 from services.finetune import domain, handlers, jobs
 from services.finetune.config import FinetuneSettings
+from services.finetune.store import ModelRow
 from services.finetune.store import Store as FinetuneStore
 from services.router import handlers as router
 from services.router.config import RouterSettings
@@ -48,7 +49,7 @@ def finetune(tmp_path: Path, engine: FakeVLLM, store_url: Callable[[str], str]) 
     store.dispose()
 
 
-def register(store: FinetuneStore, settings: FinetuneSettings, tmp_path: Path, job_id: str = "job-v") -> dict:
+def register(store: FinetuneStore, settings: FinetuneSettings, tmp_path: Path, job_id: str = "job-v") -> ModelRow:
     model_id = domain.model_id_for(job_id)
     adapter = tmp_path / "adapters" / model_id / "adapter"
     adapter.mkdir(parents=True)

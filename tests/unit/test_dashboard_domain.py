@@ -226,5 +226,7 @@ def test_learning_curve_points_carry_their_window_and_wilson_interval() -> None:
     (point,) = curve["points"]
     assert point["start"] == "2026-03-10T11:00:00+00:00" and point["end"] == "2026-03-10T12:00:00+00:00"
     assert point["positive_rate"] == pytest.approx(0.75)
-    assert point["positive_rate_ci"] == pytest.approx(list(domain.wilson_interval(3, 4)))
+    interval = domain.wilson_interval(3, 4)
+    assert interval is not None
+    assert point["positive_rate_ci"] == pytest.approx(list(interval))
     assert domain.learning_curve([], None, now)["points"] == []

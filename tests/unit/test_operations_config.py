@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-import yaml
+import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML is not a dependency)
 
 from shared import worker_metrics
 
