@@ -14,17 +14,23 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, cast
 
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
+from starlette.datastructures import State
+from starlette.testclient import httpx as _testclient_httpx
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
 from gateway.run import ROOT, process_env, worker_command
 from shared.contracts import ExplanationCreated, FeedbackRecorded
 from shared.web import AdminDep, install_error_handlers
+
+if TYPE_CHECKING:
+    from services.router.store import ExplanationRow
 
 T = TypeVar("T")
 S = TypeVar("S", bound="Disposable")
@@ -42,10 +48,16 @@ def disposed_after(store: S) -> Iterator[S]:
         store.dispose()
 
 
-def wait_for(check: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition") -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after the timeout."""
+def wait_for(
+    check: Callable[[], T | Literal[False] | None],
+    timeout_s: float = 20.0,
+    interval_s: float = 0.1,
+    what: str = "condition",
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after the timeout. The value returned is
+    never None nor False, so `wait_for(lambda: row_or_none())` is typed as the row."""
     deadline = time.monotonic() + timeout_s
-    last: T | None = None
+    last: T | Literal[False] | None = None
     while time.monotonic() < deadline:
         last = check()
         if last:
@@ -324,7 +336,10 @@ def store_in_router(data_dir: Path, event: ExplanationCreated) -> None:
     row = event.model_dump(exclude={"message_id", "occurred_at", "schema_version"})
     with store.uow() as uow:
         uow.repo.add_explanation(
-            row | {"explanation_id": str(event.explanation_id), "context": {}, "requested_model": event.model}
+            cast(
+                "ExplanationRow",
+                row | {"explanation_id": str(event.explanation_id), "context": {}, "requested_model": event.model},
+            )
         )
         uow.commit()
     store.dispose()
@@ -348,3 +363,12 @@ def admin_app(token: str | None, path: str) -> FastAPI:
         return {"data": "secret"}
 
     return app
+
+
+#: What a TestClient request returns: starlette's client is built on httpx2 where installed, else on httpx.
+ClientResponse = _testclient_httpx.Response
+
+
+def app_state(client: TestClient) -> State:
+    """The state (settings, store, bus) of the FastAPI app behind `client`, which types its app as any ASGI app."""
+    return cast(FastAPI, client.app).state

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import httpx
 import pytest
@@ -193,8 +194,12 @@ def test_killed_feedback_worker_loses_no_acknowledged_vote(tmp_path, admin_heade
             for kill in range(4):
                 stack.start_process("worker-feedback")
                 floor = stored()
+
+                def progressed(f: int = floor) -> bool:
+                    return stored() > f + 15
+
                 wait_for(
-                    lambda f=floor: stored() > f + 15,
+                    progressed,
                     timeout_s=30,
                     interval_s=0.01,
                     what=f"progress before kill {kill + 1}",
@@ -243,7 +248,7 @@ def test_with_redis_url_set_the_system_uses_that_redis(tmp_path, redis_server, a
                 lambda: _stats(client, admin_headers)["totals"]["votes"] == 1,
                 what="the vote through the external Redis",
             )
-        assert any(k.startswith(b"_kombu.binding.") for k in client_redis.keys("_kombu.binding.*"))
+        assert any(k.startswith(b"_kombu.binding.") for k in cast("list[bytes]", client_redis.keys("_kombu.binding.*")))
     finally:
         stack.stop()
         client_redis.close()

@@ -15,7 +15,7 @@ import pytest
 from gateway.run import Stack
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import Page, ViewportSize
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -57,7 +57,7 @@ def require_chromium() -> None:
 
 
 @contextmanager
-def chromium_page(viewport: dict[str, int] | None = None, errors: list[str] | None = None) -> Iterator[Page]:
+def chromium_page(viewport: ViewportSize | None = None, errors: list[str] | None = None) -> Iterator[Page]:
     """A page in headless Chromium (the system's, `require_chromium`), the browser closed after; with `errors`,
     the page's uncaught exceptions and console errors are added to that list."""
     from playwright.sync_api import sync_playwright

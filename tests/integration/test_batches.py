@@ -15,6 +15,7 @@ import pytest
 import redis
 from celery import Celery
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer, free_port
 from services.feedback import handlers
@@ -94,7 +95,7 @@ def test_a_batch_that_cannot_begin_reports_every_message_failed(tmp_path: Path) 
 
 def _settings(server: RedisServer, tmp_path: Path) -> FeedbackSettings:
     return FeedbackSettings(
-        redis_url=server.url, admin_token="a", session_hash_key="k", data_dir=tmp_path,
+        redis_url=server.url, admin_token=SecretStr("a"), session_hash_key=SecretStr("k"), data_dir=tmp_path,
         gateway_url=f"http://127.0.0.1:{free_port()}",
     )  # fmt: skip
 

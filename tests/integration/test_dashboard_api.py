@@ -10,9 +10,11 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer
 from services.dashboard import handlers
@@ -32,12 +34,12 @@ ADMIN_ROUTES = (
 
 @pytest.fixture
 def client(tmp_path: Path, redis_server: RedisServer) -> Iterator[TestClient]:
-    settings = DashboardSettings(admin_token=TOKEN, data_dir=tmp_path, redis_url=redis_server.url)
+    settings = DashboardSettings(admin_token=SecretStr(TOKEN), data_dir=tmp_path, redis_url=redis_server.url)
     with TestClient(create_app(settings)) as c:
         yield c
 
 
-def feed(client: TestClient, ticker: str = "AAPL", rating: int = 1, stars: int | None = 4) -> None:
+def feed(client: TestClient, ticker: str = "AAPL", rating: Literal[1, -1] = 1, stars: int | None = 4) -> None:
     """Apply an explanation and a vote to the app's own read model, as its worker would."""
     store = client.app.state.store  # type: ignore[attr-defined]
     now = datetime.now(UTC)
@@ -253,7 +255,10 @@ def test_an_allowed_origin_may_load_the_components_and_read_the_stats_with_the_t
     """What <feedback-stats> on a host page of another origin needs: a preflight for a GET with Authorization,
     then the answer with CORS headers; another origin gets no CORS answer, so its browser shows nothing."""
     settings = DashboardSettings(
-        admin_token=TOKEN, data_dir=tmp_path, redis_url=redis_server.url, allowed_origins="https://app.example"
+        admin_token=SecretStr(TOKEN),
+        data_dir=tmp_path,
+        redis_url=redis_server.url,
+        allowed_origins="https://app.example",
     )
     with TestClient(create_app(settings)) as client:
         pre = client.options(

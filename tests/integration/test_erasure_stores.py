@@ -170,7 +170,8 @@ def test_router_keeps_the_cost_of_an_erased_sessions_explanations_and_nothing_of
         assert row is not None and router_handlers.explanation_erased(row)
         assert row["context"] == {} and row["prompt_text"] == row["text"] == ""
         assert row["cost_usd"] == sent.event.cost_usd and row["tokens_in"] > 0  # what the figures need stays
-    assert router_handlers.get_explanation(router_store.uow(), other.event.explanation_id)["session_key"] == OTHER
+    other_row = router_handlers.get_explanation(router_store.uow(), other.event.explanation_id)
+    assert other_row is not None and other_row["session_key"] == OTHER
     # the unpublished event is still published, without the session
     bus = FakeBus()
     relay(router_store.factory, router_outbox, bus)
@@ -180,7 +181,7 @@ def test_router_keeps_the_cost_of_an_erased_sessions_explanations_and_nothing_of
     assert event.cost_usd == unsent.event.cost_usd
     assert found_in_sqlite([db], [KEY]) == []
     other_row = router_handlers.get_explanation(router_store.uow(), other.event.explanation_id)
-    assert other_row["context"]["note"] == "my secret note"  # the other session's data stays
+    assert other_row is not None and other_row["context"]["note"] == "my secret note"  # the other session's data stays
     assert pending(router_store.factory, router_outbox) == []
     # a redelivery is recognised; a second erasure finds nothing left to erase
     assert router_handlers.on_feedback_erased(erasure, router_store.uow()) == 0

@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer, free_port
 from services.feedback import handlers
@@ -21,7 +22,7 @@ from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
 from shared.privacy import session_key
-from tests.support import explanation_created, found_in_redis, wait_for
+from tests.support import app_state, explanation_created, found_in_redis, wait_for
 
 ADMIN = "admin-secret"
 
@@ -48,8 +49,8 @@ def make_env(
     def make(**overrides: Any) -> tuple[TestClient, redis.Redis, uuid.UUID]:
         settings = FeedbackSettings(
             redis_url=redis_server.url,
-            admin_token=ADMIN,
-            session_hash_key="k",
+            admin_token=SecretStr(ADMIN),
+            session_hash_key=SecretStr("k"),
             data_dir=tmp_path,
             gateway_url=f"http://127.0.0.1:{free_port()}",  # no router there: unknown ids are accepted and left to the worker
             **overrides,
@@ -165,8 +166,8 @@ def test_erasing_a_session_is_audited(env) -> None:
 def test_broker_down_means_503_not_a_silent_accept(tmp_path: Path) -> None:
     settings = FeedbackSettings(
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
-        admin_token=ADMIN,
-        session_hash_key="k",
+        admin_token=SecretStr(ADMIN),
+        session_hash_key=SecretStr("k"),
         data_dir=tmp_path,
         gateway_url=f"http://127.0.0.1:{free_port()}",
     )
@@ -194,9 +195,9 @@ def _bus_to_a_dead_broker(client: TestClient, deadline_s: float) -> None:
     """The app's bus publishes to an address where no broker answers, giving up after `deadline_s`."""
     from shared.bus import CeleryBus, make_celery
 
-    app = client.app
-    dead = app.state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    app.state.bus = CeleryBus(make_celery("feedback", dead), deadline_s=deadline_s)
+    state = app_state(client)
+    dead = state.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    state.bus = CeleryBus(make_celery("feedback", dead), deadline_s=deadline_s)
 
 
 def test_erasure_with_the_broker_down_still_answers_200_and_keeps_the_event_for_the_relay(env) -> None:
@@ -235,7 +236,7 @@ def test_vote_from_a_session_the_explanation_was_not_served_to_is_403_and_not_qu
 def test_vote_on_an_explanation_that_carries_no_session_is_403(env) -> None:
     client, r, _ = env
     legacy, event = _explanation(None)
-    handlers.on_explanation_created(event, client.app.state.store.uow())
+    handlers.on_explanation_created(event, app_state(client).store.uow())
     res = client.post(f"/api/feedback/{legacy}", json={"rating": 1, "session_id": SERVED})
     assert res.status_code == 403 and "cannot be verified" in res.json()["error"]["message"]
     assert _queued(r) == 0
@@ -325,7 +326,7 @@ def test_rate_limits_can_be_switched_off(make_env) -> None:
 
 def test_a_backlog_above_the_bound_gets_503_with_retry_after(make_env) -> None:
     client, r, known = make_env(max_backlog=5, backlog_retry_after_s=7)
-    client.app.state.backlog.refresh_s = 0  # read Redis on every request in this test
+    app_state(client).backlog.refresh_s = 0  # read Redis on every request in this test
     body = {"rating": 1, "session_id": SERVED}
     r.rpush("feedback", *[b"x"] * 5)
     assert client.post(f"/api/feedback/{known}", json=body).status_code == 202  # 5 waiting: at the bound
@@ -366,7 +367,7 @@ def test_a_lone_surrogate_in_a_comment_is_422(env) -> None:
 def _rows(client: TestClient, table: str) -> int:
     from sqlalchemy import text
 
-    with client.app.state.store.engine.connect() as conn:
+    with app_state(client).store.engine.connect() as conn:
         return int(conn.execute(text(f"select count(*) from {table}")).scalar_one())
 
 
@@ -389,7 +390,7 @@ def test_expired_tombstones_are_purged_by_the_next_erasure(make_env) -> None:
 
     client, _, _ = make_env(erasure_tombstone_s=0.01)
     client.delete("/api/feedback/sessions/ghost-1")
-    with client.app.state.store.engine.connect() as conn:
+    with app_state(client).store.engine.connect() as conn:
         expires = conn.execute(select(erasure_tombstones.c.expires_at)).scalar_one()
     expires = expires if expires.tzinfo else expires.replace(tzinfo=UTC)
     wait_for(lambda: datetime.now(UTC) > expires, timeout_s=5, interval_s=0.01, what="the tombstone to expire")
@@ -399,7 +400,7 @@ def test_expired_tombstones_are_purged_by_the_next_erasure(make_env) -> None:
 
 def test_a_vote_cast_before_an_unknown_sessions_erasure_is_still_dropped(env) -> None:
     client, _, _ = env
-    store = client.app.state.store
+    store = app_state(client).store
     late, event = _explanation("late-session")
     vote = handlers.new_vote(late, session_key("late-session", b"k"), 1, None, None)
     client.delete("/api/feedback/sessions/late-session")  # nothing of it here yet: a tombstone
@@ -427,13 +428,15 @@ def test_erasing_an_unknown_session_with_the_broker_down_is_503_not_a_silent_suc
 def _journalled_sessions(r: redis.Redis) -> list[str]:
     from services.feedback.intake import task_payload
 
-    return sorted(task_payload(v.partition(b"|")[2])["session_key"] for v in r.hvals("journal:feedback"))
+    return sorted(
+        task_payload(v.partition(b"|")[2])["session_key"] for v in cast("list[bytes]", r.hvals("journal:feedback"))
+    )
 
 
 def test_erasure_removes_the_sessions_votes_from_the_intake_journal_and_the_queue(env) -> None:
     client, r, known = env
     other, event = _explanation("s2")
-    handlers.on_explanation_created(event, client.app.state.store.uow())
+    handlers.on_explanation_created(event, app_state(client).store.uow())
     assert (
         client.post(f"/api/feedback/{known}", json={"rating": 1, "comment": "mine", "session_id": SERVED}).status_code
         == 202
@@ -441,7 +444,7 @@ def test_erasure_removes_the_sessions_votes_from_the_intake_journal_and_the_queu
     assert client.post(f"/api/feedback/{other}", json={"rating": -1, "session_id": "s2"}).status_code == 202
     mine, theirs = session_key(SERVED, b"k"), session_key("s2", b"k")
     assert _journalled_sessions(r) == sorted([mine, theirs]) and _queued(r) == 2
-    url = client.app.state.settings.redis_url
+    url = app_state(client).settings.redis_url
     assert {h.split(" ")[0] for h in found_in_redis(url, [mine])} >= {"journal:feedback", "feedback"}
 
     assert client.delete(f"/api/feedback/sessions/{SERVED}").status_code == 200
@@ -462,7 +465,7 @@ def test_after_rotation_votes_under_the_old_key_are_found_replaced_and_erased(ma
 
     old_key, new_key = session_key(SERVED, b"k"), session_key(SERVED, b"k2")
     client, r, known = make_env(session_hash_keys="v2:k2")  # SESSION_HASH_KEY "k" stays as the oldest version
-    store = client.app.state.store
+    store = app_state(client).store
     first = handlers.new_vote(known, old_key, 1, 5, "before the rotation")  # stored under the old key
     assert handlers.record_feedback(first, store.uow()) == "stored"
 

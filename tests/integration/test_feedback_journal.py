@@ -12,6 +12,7 @@ import pytest
 import redis
 from celery import Celery
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer, free_port
 from services.feedback import handlers
@@ -31,8 +32,8 @@ def _explanation(eid: uuid.UUID, session: str) -> ExplanationCreated:
 def _settings(redis_url: str, data_dir: Path) -> FeedbackSettings:
     return FeedbackSettings(
         redis_url=redis_url,
-        admin_token="a",
-        session_hash_key="k",
+        admin_token=SecretStr("a"),
+        session_hash_key=SecretStr("k"),
         data_dir=data_dir,
         gateway_url=f"http://127.0.0.1:{free_port()}",
     )

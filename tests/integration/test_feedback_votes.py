@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import pytest
 from sqlalchemy import select
@@ -33,8 +34,14 @@ def _served(store: Store, session: str | None, ticker: str = "AAPL") -> uuid.UUI
     return eid
 
 
-def _vote(store: Store, eid: uuid.UUID, session: str, rating: int, stars: int | None, at: datetime) -> str:
+def _vote(store: Store, eid: uuid.UUID, session: str, rating: Literal[1, -1], stars: int | None, at: datetime) -> str:
     return handlers.record_feedback(handlers.new_vote(eid, session, rating, stars, None, at), store.uow())
+
+
+def _utc(at: datetime | None) -> datetime:
+    """A time read back from the store (naive on SQLite) as UTC; None fails the test."""
+    assert at is not None
+    return at.replace(tzinfo=UTC)
 
 
 def _votes(store: Store) -> dict[tuple[str, str], dict]:
@@ -64,8 +71,9 @@ def test_a_session_changing_one_of_its_two_votes_leaves_the_other_alone(store: S
 def test_the_replica_knows_each_explanation_with_its_own_session(store: Store) -> None:
     a, b, unbound = _served(store, "sa"), _served(store, "sb"), _served(store, None)
     with store.uow() as uow:
-        assert uow.repo.explanation(a)["session_key"] == "sa"
-        assert uow.repo.explanation(b)["session_key"] == "sb"
+        row_a, row_b = uow.repo.explanation(a), uow.repo.explanation(b)
+        assert row_a is not None and row_a["session_key"] == "sa"
+        assert row_b is not None and row_b["session_key"] == "sb"
         row = uow.repo.explanation(unbound)
         assert row is not None and row["session_key"] is None and row["ticker"] == "AAPL"
         assert uow.repo.explanation(uuid.uuid4()) is None
@@ -131,7 +139,7 @@ def test_a_second_erasure_moves_the_erasure_time_forward(store: Store) -> None:
             uow.repo.erase_session("k", at)
             uow.commit()
     with store.uow() as uow:
-        assert uow.repo.erased_at("k").replace(tzinfo=UTC) == later
+        assert _utc(uow.repo.erased_at("k")) == later
 
 
 def test_erased_at_is_the_later_of_an_erasure_and_a_tombstone(store: Store) -> None:
@@ -142,13 +150,13 @@ def test_erased_at_is_the_later_of_an_erasure_and_a_tombstone(store: Store) -> N
         uow.repo.add_tombstone("early", T0, T0 + timedelta(days=1))
         uow.commit()
     with store.uow() as uow:
-        assert uow.repo.erased_at("k").replace(tzinfo=UTC) == tombstoned
-        assert uow.repo.erased_at("early").replace(tzinfo=UTC) == T0
+        assert _utc(uow.repo.erased_at("k")) == tombstoned
+        assert _utc(uow.repo.erased_at("early")) == T0
     with store.uow() as uow:  # and the other way round
         uow.repo.erase_session("early", T0 + timedelta(hours=5))
         uow.commit()
     with store.uow() as uow:
-        assert uow.repo.erased_at("early").replace(tzinfo=UTC) == T0 + timedelta(hours=5)
+        assert _utc(uow.repo.erased_at("early")) == T0 + timedelta(hours=5)
 
 
 def test_a_tombstone_is_replaced_by_a_newer_one_and_purged_only_after_it_expires(store: Store) -> None:
@@ -164,7 +172,7 @@ def test_a_tombstone_is_replaced_by_a_newer_one_and_purged_only_after_it_expires
         uow.commit()
     with store.uow() as uow:
         assert uow.repo.erased_at("old") is None
-        assert uow.repo.erased_at("k").replace(tzinfo=UTC) == T0 + timedelta(hours=1)
+        assert _utc(uow.repo.erased_at("k")) == T0 + timedelta(hours=1)
         assert uow.repo.erased_at("edge") is not None
 
 

@@ -8,10 +8,12 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer
 from services.finetune import domain, jobs
@@ -25,11 +27,11 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 SERVING = {"Authorization": f"Bearer {serving_api_key(None, 'admin-secret')}"}
 
 
-def _settings(tmp_path: Path, redis_server: RedisServer, **extra: object) -> FinetuneSettings:
+def _settings(tmp_path: Path, redis_server: RedisServer, **extra: Any) -> FinetuneSettings:
     return FinetuneSettings(
         redis_url=redis_server.url,
-        admin_token="admin-secret",
-        session_hash_key="k",
+        admin_token=SecretStr("admin-secret"),
+        session_hash_key=SecretStr("k"),
         data_dir=tmp_path,
         gateway_url="http://gw.test",
         min_examples=20,
@@ -240,7 +242,7 @@ def test_registered_adapter_is_loaded_on_an_external_openai_compatible_server(tm
     try:
         url = f"http://127.0.0.1:{port}/v1"
         settings = FinetuneSettings(
-            data_dir=tmp_path, admin_token="t", min_examples=20, base_model=base, serving_base_url=url
+            data_dir=tmp_path, admin_token=SecretStr("t"), min_examples=20, base_model=base, serving_base_url=url
         )
         store = Store(settings.db_url)
         seed(store, 30)

@@ -27,6 +27,7 @@ import pytest
 import redis
 from celery import Celery
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer, free_port
 from gateway.run import worker_command
@@ -104,8 +105,8 @@ def system(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
     settings = FinetuneSettings(
         redis_url=redis_server.url,
         data_dir=data_dir,
-        admin_token=ADMIN_TOKEN,
-        session_hash_key="k",
+        admin_token=SecretStr(ADMIN_TOKEN),
+        session_hash_key=SecretStr("k"),
         gateway_url=env["GATEWAY_URL"],
         min_examples=20,
         heartbeat_timeout_s=3,

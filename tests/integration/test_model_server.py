@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer, free_port
 from services.finetune import domain
@@ -40,11 +41,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
     peft_model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
     )
-    peft_model.save_pretrained(adapter)
+    peft_model.save_pretrained(str(adapter))
     settings = FinetuneSettings(
         redis_url=redis_server.url,
-        admin_token=ADMIN_TOKEN,
-        session_hash_key="k",
+        admin_token=SecretStr(ADMIN_TOKEN),
+        session_hash_key=SecretStr("k"),
         data_dir=root,
         serving_max_tokens=CEILING,
     )

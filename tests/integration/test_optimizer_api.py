@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer
 from services.optimizer.config import OptimizerSettings
@@ -30,11 +31,11 @@ BULLETS = SEED_TEMPLATE.replace(
 def client(tmp_path: Path, redis_server: RedisServer) -> Iterator[TestClient]:
     settings = OptimizerSettings(
         redis_url=redis_server.url.rsplit("/", 1)[0] + "/8",  # own database: our events reach no other test
-        ADMIN_TOKEN=TOKEN,
-        DATA_DIR=tmp_path,
+        admin_token=SecretStr(TOKEN),
+        data_dir=tmp_path,
         generation_min_interval_s=3600,
-        OPENAI_API_KEY=None,
-        GROQ_API_KEY=None,
+        openai_api_key=None,
+        groq_api_key=None,
     )
     with TestClient(create_app(settings)) as c:
         yield c

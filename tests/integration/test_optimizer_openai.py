@@ -7,9 +7,11 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer
 from services.optimizer import handlers, search
@@ -37,10 +39,10 @@ def client(tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer) ->
     fake.reset()
     settings = OptimizerSettings(
         redis_url=redis_server.url.rsplit("/", 1)[0] + "/8",  # own database: our events reach no other test
-        ADMIN_TOKEN=TOKEN,
-        DATA_DIR=tmp_path,
-        OPENAI_API_KEY="sk-test",
-        OPENAI_BASE_URL=fake.openai_base_url,
+        admin_token=SecretStr(TOKEN),
+        data_dir=tmp_path,
+        openai_api_key=SecretStr("sk-test"),
+        openai_base_url=fake.openai_base_url,
         generation_min_interval_s=3600,
         generation_timeout_s=5,
     )
@@ -96,7 +98,11 @@ def test_answer_that_is_not_json_is_a_502(client: TestClient, fake: FakeOpenAISe
 def vote(client: TestClient, experiment_id: str, arm_id: str, version: str, i: int, up: bool) -> None:
     store = client.app.state.store  # type: ignore[attr-defined]
     eid, session = uuid.uuid4(), f"{arm_id}-{i}"
-    common = {"prompt_name": "explain_signal", "prompt_version": version, "model": "offline/template-v1"}
+    common: dict[str, Any] = {
+        "prompt_name": "explain_signal",
+        "prompt_version": version,
+        "model": "offline/template-v1",
+    }
     common |= {"experiment_id": experiment_id, "arm_id": arm_id, "ticker": "AAPL", "signal": "BUY"}
     handlers.on_explanation_created(
         ExplanationCreated(

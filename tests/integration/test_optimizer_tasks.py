@@ -66,7 +66,12 @@ def queued_tasks(env: dict[str, str], queue: str) -> list[str]:
 
 def traffic(experiment_id: str, arm_id: str, version: str, rating: int) -> tuple[dict, dict]:
     eid = uuid.uuid4()
-    common = {"prompt_name": PROMPT_NAME, "prompt_version": version, "model": MODEL, "experiment_id": experiment_id}
+    common: dict[str, Any] = {
+        "prompt_name": PROMPT_NAME,
+        "prompt_version": version,
+        "model": MODEL,
+        "experiment_id": experiment_id,
+    }
     created = ExplanationCreated(
         explanation_id=eid, request_key="k", ticker="MSFT", signal="SELL", provider="offline", prompt_text="p",
         text="t", tokens_in=5, tokens_out=9, cost_usd=0.0, latency_ms=3.0, created_at=utcnow(), arm_id=arm_id,

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import cast
 
 import pytest
 from fastapi import HTTPException
+from redis.commands.core import AsyncScript
 
 from gateway.redis_server import free_port
 from shared.ratelimit import AsyncRateLimiter
@@ -57,7 +59,7 @@ def test_concurrent_checks_share_round_trips_and_each_scope_counts(redis_server)
             calls += 1
             return await script(*args, **kwargs)
 
-        limiter._script = counted
+        limiter._script = cast(AsyncScript, counted)
         try:
             # 40 requests from one client at once: sessions s0..s9, four requests each
             results = await asyncio.gather(
@@ -76,7 +78,7 @@ def test_concurrent_checks_share_round_trips_and_each_scope_counts(redis_server)
     per_session = {f"s{i}": [o for j, o in enumerate(outcomes) if j % 10 == i] for i in range(10)}
     assert all(v.count(202) <= 3 for v in per_session.values())
     refused = [r for r in results if isinstance(r, HTTPException)]
-    assert all(r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 for r in refused)
+    assert all(r.status_code == 429 and r.headers is not None and int(r.headers["Retry-After"]) >= 1 for r in refused)
     assert all("retry in" in r.detail["message"] for r in refused)  # type: ignore[index]
     assert metrics.refused.values == {
         ("feedback", limiter_door, "rate_limit_client"): 5,

@@ -26,10 +26,10 @@ from shared.contracts import derived_id
 from shared.outbox import pending, relay
 from shared.privacy import session_key
 from tests.fakes.openai_server import FakeOpenAIServer
-from tests.support import wait_for
+from tests.support import app_state, wait_for
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
-BODY = {
+BODY: dict[str, Any] = {
     "ticker": "AAPL",
     "signal": "BUY",
     "context": {"rsi": 28.5, "macd": "bullish_crossover", "volume": "high"},
@@ -242,7 +242,7 @@ def test_no_configured_provider_is_503_json(tmp_path: Path, redis_server: RedisS
 
 def test_session_is_stored_only_as_its_keyed_hash(client: TestClient) -> None:
     created = client.post("/api/explanations", json=BODY).json()
-    row = handlers.get_explanation(client.app.state.store.uow(), uuid.UUID(created["explanation_id"]))
+    row = handlers.get_explanation(app_state(client).store.uow(), uuid.UUID(created["explanation_id"]))
     assert row is not None
     assert row["session_key"] == session_key(BODY["session_id"], b"test-session-key")
     assert BODY["session_id"] not in json.dumps(row, default=str)
@@ -250,21 +250,21 @@ def test_session_is_stored_only_as_its_keyed_hash(client: TestClient) -> None:
 
 def test_published_event_leaves_nothing_pending_in_the_outbox(client: TestClient) -> None:
     client.post("/api/explanations", json=BODY)
-    wait_for(lambda: pending(client.app.state.store.factory, outbox) == [], what="the relay thread to publish")
+    wait_for(lambda: pending(app_state(client).store.factory, outbox) == [], what="the relay thread to publish")
 
 
 def test_broker_outage_still_serves_and_the_relay_publishes_later(
     client: TestClient, redis_server: RedisServer
 ) -> None:
-    working_bus = client.app.state.bus
+    working_bus = app_state(client).bus
     dead = RouterSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", data_dir=Path("."))
-    client.app.state.bus = CeleryBus(make_celery("router", dead))
+    app_state(client).bus = CeleryBus(make_celery("router", dead))
     try:
         r = client.post("/api/explanations", json=BODY)
     finally:
-        client.app.state.bus = working_bus
+        app_state(client).bus = working_bus
     assert r.status_code == 201
-    store = client.app.state.store
+    store = app_state(client).store
     assert [row["event_id"] for row in pending(store.factory, outbox)] == [
         str(derived_id("explanation.created", r.json()["explanation_id"]))
     ]

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -24,6 +25,7 @@ from shared.contracts import (
     ModelRegistered,
     ModelWithdrawn,
     PromptTemplate,
+    Signal,
     utcnow,
 )
 from shared.outbox import pending
@@ -52,7 +54,7 @@ def providers(tmp_path: Path) -> ProviderSet:
 def explain(store: Store, providers: ProviderSet, session: str = "session-key-1", **kw: object) -> ExplanationCreated:
     cmd = handlers.Explain(
         ticker=str(kw.get("ticker", "AAPL")),
-        signal=str(kw.get("signal", "BUY")),
+        signal=cast(Signal, str(kw.get("signal", "BUY"))),
         context=kw.get("context", {"rsi": 28}),  # type: ignore[arg-type]
         session_key=session,
     )

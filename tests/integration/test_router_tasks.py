@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer, free_port
 from services.router import handlers
@@ -30,7 +31,7 @@ from shared.contracts import (
     ModelRegistered,
     PromptTemplate,
 )
-from tests.support import celery_worker, wait_for
+from tests.support import app_state, celery_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE = "offline/template-v1"
@@ -62,8 +63,8 @@ def settings(env: dict[str, str]) -> RouterSettings:
     return RouterSettings(
         redis_url=env["REDIS_URL"],
         data_dir=Path(env["DATA_DIR"]),
-        admin_token=env["ADMIN_TOKEN"],
-        session_hash_key=env["SESSION_HASH_KEY"],
+        admin_token=SecretStr(env["ADMIN_TOKEN"]),
+        session_hash_key=SecretStr(env["SESSION_HASH_KEY"]),
         openai_api_key=None,
         groq_api_key=None,
     )
@@ -137,12 +138,12 @@ def test_relay_outbox_task_publishes_what_a_broker_outage_left_behind(
 ) -> None:
     dead = RouterSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", data_dir=Path(env["DATA_DIR"]))
     with TestClient(create_app(settings)) as c:
-        working_bus = c.app.state.bus
-        c.app.state.bus = CeleryBus(make_celery("router", dead))
+        working_bus = app_state(c).bus
+        app_state(c).bus = CeleryBus(make_celery("router", dead))
         try:
             created = c.post("/api/explanations", json=BODY).json()
         finally:
-            c.app.state.bus = working_bus
+            app_state(c).bus = working_bus
     r = redis.Redis.from_url(env["REDIS_URL"])
     r.delete("dashboard")
     make_celery("router-test", settings).send_task("router.relay_outbox", queue="router")
@@ -153,6 +154,6 @@ def test_relay_outbox_task_publishes_what_a_broker_outage_left_behind(
     wait_for(published, timeout_s=30, what="router.relay_outbox to publish the stranded event")
 
 
-def _decoded(raw: bytes, created: dict[str, Any]) -> bool:
+def _decoded(raw: bytes | str, created: dict[str, Any]) -> bool:
     body = json.loads(base64.b64decode(json.loads(raw)["body"]))
     return body[1]["payload"]["explanation_id"] == created["explanation_id"]

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def kto_rows(n: int, offset: int = 0) -> list[dict]:
     ]
 
 
-FAST = {"max_steps": 24, "eval_every_steps": 6, "learning_rate": 5e-3, "per_device_batch_size": 4}
+FAST: dict[str, Any] = {"max_steps": 24, "eval_every_steps": 6, "learning_rate": 5e-3, "per_device_batch_size": 4}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -347,6 +348,7 @@ def test_openai_sdk_gets_a_completion_from_the_adapter_by_name(server: tuple[str
         assert reply.id and reply.model == "explainer-sft"
         assert reply.choices[0].message.role == "assistant" and isinstance(reply.choices[0].message.content, str)
         assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage is not None
         assert 0 < reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
         assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
         # Greedy decoding is deterministic, and the base model answers under its own name differently.

@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from gateway.redis_server import RedisServer
 from services.finetune import domain, handlers, jobs
 from services.finetune.config import FinetuneSettings
+from services.finetune.store import ModelRow
 from services.finetune.store import Store as FinetuneStore
 from services.router import handlers as router
 from services.router.config import RouterSettings
@@ -37,14 +39,17 @@ def engine() -> Iterator[FakeVLLM]:
 @pytest.fixture
 def finetune(tmp_path: Path, engine: FakeVLLM, store_url: Callable[[str], str]) -> Iterator[tuple]:
     settings = FinetuneSettings(
-        data_dir=tmp_path, database_url=store_url("finetune"), admin_token=ADMIN, serving_base_url=engine.base_url
+        data_dir=tmp_path,
+        database_url=store_url("finetune"),
+        admin_token=SecretStr(ADMIN),
+        serving_base_url=engine.base_url,
     )
     store = FinetuneStore(settings.db_url)
     yield settings, store
     store.dispose()
 
 
-def register(store: FinetuneStore, settings: FinetuneSettings, tmp_path: Path, job_id: str = "job-v") -> dict:
+def register(store: FinetuneStore, settings: FinetuneSettings, tmp_path: Path, job_id: str = "job-v") -> ModelRow:
     model_id = domain.model_id_for(job_id)
     adapter = tmp_path / "adapters" / model_id / "adapter"
     adapter.mkdir(parents=True)
@@ -79,7 +84,7 @@ def routing(tmp_path: Path, store_url: Callable[[str], str]) -> Iterator[tuple[R
     store = RouterStore(store_url("router"))
     router.ensure_seeded(store.uow(), OFFLINE)
     providers = ProviderSet(
-        RouterSettings(data_dir=tmp_path, admin_token=ADMIN, openai_api_key=None, groq_api_key=None),
+        RouterSettings(data_dir=tmp_path, admin_token=SecretStr(ADMIN), openai_api_key=None, groq_api_key=None),
         sleep=lambda s: None,
     )
     yield store, providers
@@ -165,7 +170,10 @@ def test_without_runtime_lora_updating_the_load_route_is_missing_and_sync_report
 ) -> None:
     with FakeVLLM(api_key=serving_api_key(None, ADMIN), allow_runtime_lora_updating=False) as fake:
         settings = FinetuneSettings(
-            data_dir=tmp_path, database_url=store_url("finetune"), admin_token=ADMIN, serving_base_url=fake.base_url
+            data_dir=tmp_path,
+            database_url=store_url("finetune"),
+            admin_token=SecretStr(ADMIN),
+            serving_base_url=fake.base_url,
         )
         store = FinetuneStore(settings.db_url)
         try:
@@ -187,8 +195,8 @@ def test_the_service_loads_adapters_at_start_and_again_when_the_engine_comes_bac
     settings = FinetuneSettings(
         data_dir=tmp_path,
         database_url=store_url("finetune"),
-        admin_token=ADMIN,
-        session_hash_key="k",
+        admin_token=SecretStr(ADMIN),
+        session_hash_key=SecretStr("k"),
         redis_url=redis_server.url,
         serving_base_url=engine.base_url,
         serving_sync_interval_s=0.2,

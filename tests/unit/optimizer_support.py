@@ -35,7 +35,7 @@ def published(store: Store) -> list[Any]:
 def offline_settings(**fields: Any) -> OptimizerSettings:
     """Settings with no paid provider, no minimum duration and automatic promotion; `fields` add or override."""
     values: dict[str, Any] = {"min_duration_s": 0, "promotion_mode": "auto"}
-    return OptimizerSettings(**(values | fields), OPENAI_API_KEY=None, GROQ_API_KEY=None)
+    return OptimizerSettings(**(values | fields), openai_api_key=None, groq_api_key=None)
 
 
 def arm_fields(experiment_id: str, arm_id: str, version: str = "v1.0") -> dict[str, Any]:

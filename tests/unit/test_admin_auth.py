@@ -4,16 +4,15 @@ case; and what a refused client is told (status, message, the WWW-Authenticate c
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import admin_app
+from tests.support import ClientResponse, admin_app
 
 TOKEN = "s3cret-admin-token"
 
 
-def _get(authorization: str | None, token: str | None = TOKEN) -> httpx.Response:
+def _get(authorization: str | None, token: str | None = TOKEN) -> ClientResponse:
     headers = {} if authorization is None else {"Authorization": authorization}
     with TestClient(admin_app(token, "/admin/thing")) as client:
         return client.get("/admin/thing", headers=headers)

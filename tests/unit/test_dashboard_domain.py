@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -190,7 +191,7 @@ def test_experiment_seen_only_through_explanations_is_still_listed() -> None:
 
 
 def test_anomaly_needs_a_significant_and_material_drop_with_enough_votes() -> None:
-    kw = {"alpha": 0.01, "min_votes": 20, "min_drop": 0.10}
+    kw: dict[str, Any] = {"alpha": 0.01, "min_votes": 20, "min_drop": 0.10}
     assert domain.check_anomaly("overall", (12, 40), (90, 150), **kw).status == "ANOMALY"
     assert domain.check_anomaly("overall", (28, 40), (105, 150), **kw).status == "OK"  # same rate
     assert domain.check_anomaly("overall", (2, 10), (90, 150), **kw).status == "INSUFFICIENT_SAMPLES"
@@ -225,5 +226,7 @@ def test_learning_curve_points_carry_their_window_and_wilson_interval() -> None:
     (point,) = curve["points"]
     assert point["start"] == "2026-03-10T11:00:00+00:00" and point["end"] == "2026-03-10T12:00:00+00:00"
     assert point["positive_rate"] == pytest.approx(0.75)
-    assert point["positive_rate_ci"] == pytest.approx(list(domain.wilson_interval(3, 4)))
+    interval = domain.wilson_interval(3, 4)
+    assert interval is not None
+    assert point["positive_rate_ci"] == pytest.approx(list(interval))
     assert domain.learning_curve([], None, now)["points"] == []

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML is not a dependency)
 
 from services.finetune.domain import MAX_SERVED_LORA_RANK
 from shared.serving import serving_api_key

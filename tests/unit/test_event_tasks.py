@@ -19,9 +19,14 @@ def _app() -> Any:
 def test_a_task_parses_its_payload_calls_the_handler_with_a_fresh_unit_of_work_then_after() -> None:
     calls: list[Any] = []
     uows = iter(["uow-1", "uow-2"])
+
+    def erase(event: FeedbackErased, uow: str) -> str:
+        calls.append((event, uow))
+        return "erased"
+
     tasks = event_tasks(
         _app(),
-        {"router.on_feedback_erased": (FeedbackErased, lambda event, uow: calls.append((event, uow)) or "erased")},
+        {"router.on_feedback_erased": (FeedbackErased, erase)},
         lambda: next(uows),
         after=lambda: calls.append("after"),
     )

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from services.finetune import domain, handlers, jobs, training
 from services.finetune.config import FinetuneSettings
-from services.finetune.store import Store, outbox
+from services.finetune.store import JobRow, Store, outbox
 from shared.contracts import (
     ExplanationCreated,
     FeedbackErased,
@@ -134,7 +135,7 @@ def settings(tmp_path: Path, store_url: Callable[[str], str]) -> FinetuneSetting
     return FinetuneSettings(
         data_dir=tmp_path,
         database_url=store_url("finetune"),
-        admin_token="t",
+        admin_token=SecretStr("t"),
         min_examples=20,
         base_model=fake_base_model(tmp_path / "base"),
         gateway_url="http://gw.test",
@@ -151,11 +152,11 @@ def store(settings: FinetuneSettings) -> Iterator[Store]:
     s.dispose()
 
 
-def _runner(store: Store, settings: FinetuneSettings, bus: FakeBus, trainer: Any) -> handlers.JobRunner:
+def _runner(store: Store, settings: FinetuneSettings, bus: FakeBus, trainer: Any) -> jobs.JobRunner:
     return jobs.JobRunner(store, settings, lambda: relay(store.factory, outbox, bus), trainer)
 
 
-def _job(store: Store, job_id: str) -> dict[str, Any]:
+def _job(store: Store, job_id: str) -> JobRow:
     return handlers.get_job(store.uow(), job_id)
 
 
@@ -284,6 +285,7 @@ def test_job_runs_export_train_evaluate_register_and_publishes_model_registered(
         [model] = uow.repo.list_models()
         train_export = uow.repo.export(model["train_export_id"])
         heldout_export = uow.repo.export(model["heldout_export_id"])
+    assert train_export is not None and heldout_export is not None
     assert model["adapter_path"] == str(settings.adapters_dir / model_id / "adapter")
     assert (Path(model["adapter_path"]) / "adapter_config.json").is_file()
     assert train_export["rows"] == len(trainer.calls[0]["train"]) and heldout_export["rows"] == len(
@@ -303,7 +305,7 @@ def test_job_sent_without_a_job_id_is_created_by_the_worker_and_fails_at_once_on
     assert _runner(store, settings, bus, trainer).start(cmd) == "failed"
     with store.uow() as uow:
         [job] = uow.repo.list_jobs()
-    assert job["reason"].startswith("too little data:") and trainer.calls == []
+    assert job["reason"] is not None and job["reason"].startswith("too little data:") and trainer.calls == []
     assert _runner(store, settings, bus, trainer).start(cmd) == "failed"  # a redelivery changes nothing
 
 
@@ -315,7 +317,8 @@ def test_job_sent_by_name_with_an_unknown_base_model_fails_before_training(
     assert (
         _runner(store, settings, FakeBus(), trainer).start(StartFineTune(job_id="j1", base_model="/nope")) == "failed"
     )
-    assert "does not exist" in _job(store, "j1")["reason"] and trainer.calls == []
+    reason = _job(store, "j1")["reason"]
+    assert reason is not None and "does not exist" in reason and trainer.calls == []
 
 
 def test_cancelled_running_job_stops_and_registers_nothing(store: Store, settings: FinetuneSettings) -> None:
@@ -426,7 +429,8 @@ def test_a_model_that_does_not_beat_its_base_is_kept_below_base_and_not_announce
     with store.uow() as uow:
         model = uow.repo.model(model_id)
     assert model is not None and model["status"] == domain.MODEL_BELOW_BASE
-    assert model["metrics"]["beats_base"] is False and "did not beat its base" in model["status_reason"]
+    assert model["metrics"]["beats_base"] is False
+    assert model["status_reason"] is not None and "did not beat its base" in model["status_reason"]
     assert _published(bus, ModelRegistered) == []  # no live experiment, not served
     assert handlers.registered_adapters(store.uow()) == []
     with pytest.raises(handlers.Rejected) as info:
@@ -526,4 +530,5 @@ def test_a_job_past_its_time_limit_fails_with_that_reason(store: Store, settings
 
     trainer = FakeTrainer(on_step=lambda step: _time.sleep(0.02))
     assert _runner(store, slow, bus, trainer).start(StartFineTune(job_id="job-t", min_examples=10)) == "failed"
-    assert "time limit" in _job(store, "job-t")["reason"]
+    reason = _job(store, "job-t")["reason"]
+    assert reason is not None and "time limit" in reason

@@ -57,6 +57,7 @@ def test_every_public_route_of_every_service_is_in_the_one_document(apps: dict[s
                 path = route.path
             else:
                 continue
+            assert route.methods is not None
             for method in route.methods:
                 assert method.lower() in doc["paths"][path], f"{name}: {method} {path}"
 

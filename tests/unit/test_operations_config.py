@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-import yaml
+import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML is not a dependency)
 
 from shared import worker_metrics
 
@@ -17,7 +17,7 @@ DEPLOY = ROOT / "deploy"
 
 
 def _exported_names() -> set[str]:
-    names = set()
+    names: set[str] = set()
     for metric in (
         worker_metrics.TASK_SECONDS,
         worker_metrics.TASK_FAILURES,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from pydantic import SecretStr
 
 from services.optimizer import domain
 from services.optimizer.config import OptimizerSettings
@@ -39,7 +40,7 @@ def test_offline_generator_is_deterministic_and_builds_on_the_champion() -> None
 
 
 def test_every_offline_rewrite_keeps_the_template_contract_and_is_no_near_duplicate() -> None:
-    seen = {frozenset(): SEED_TEMPLATE}
+    seen: dict[frozenset[str], str] = {frozenset(): SEED_TEMPLATE}
     frontier = [SEED_TEMPLATE]
     while frontier:
         template = frontier.pop()
@@ -83,10 +84,15 @@ def test_generation_cost_uses_the_models_token_prices() -> None:
 
 def test_generator_is_openai_only_with_a_key() -> None:
     assert isinstance(make_generator(OptimizerSettings(openai_api_key=None)), OfflineGenerator)
-    assert isinstance(make_generator(OptimizerSettings(OPENAI_API_KEY="sk-test")), OpenAIGenerator)
+    assert isinstance(make_generator(OptimizerSettings(openai_api_key=SecretStr("sk-test"))), OpenAIGenerator)
 
 
 def test_seed_model_follows_the_routers_default_rule() -> None:
-    assert OptimizerSettings(OPENAI_API_KEY=None, GROQ_API_KEY=None).seed_model() == "offline/template-v1"
-    assert OptimizerSettings(OPENAI_API_KEY=None, GROQ_API_KEY="g").seed_model() == "groq/llama-3.1-8b-instant"
-    assert OptimizerSettings(OPENAI_API_KEY="o", GROQ_API_KEY="g").seed_model() == "openai/gpt-4o-mini"
+    assert OptimizerSettings(openai_api_key=None, groq_api_key=None).seed_model() == "offline/template-v1"
+    assert (
+        OptimizerSettings(openai_api_key=None, groq_api_key=SecretStr("g")).seed_model() == "groq/llama-3.1-8b-instant"
+    )
+    assert (
+        OptimizerSettings(openai_api_key=SecretStr("o"), groq_api_key=SecretStr("g")).seed_model()
+        == "openai/gpt-4o-mini"
+    )

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import re
 
+from services.router.domain import ContextValue
 from services.router.providers import OfflineProvider, ProviderRequest, offline_explanation, style_cues
 from shared.prompts import SEED_TEMPLATE, render
 
-CTX = {"rsi": 27.5, "macd": "bullish_crossover", "volume": "high", "sma_50": 182.1}
+CTX: dict[str, ContextValue] = {"rsi": 27.5, "macd": "bullish_crossover", "volume": "high", "sma_50": 182.1}
 
 
 def request(
-    template: str, *, ticker: str = "AAPL", signal: str = "BUY", context: dict | None = None
+    template: str, *, ticker: str = "AAPL", signal: str = "BUY", context: dict[str, ContextValue] | None = None
 ) -> ProviderRequest:
     ctx = CTX if context is None else context
     return ProviderRequest(render(template, ticker=ticker, signal=signal, context=ctx), ticker, signal, ctx)
@@ -56,7 +57,7 @@ def test_plain_language_cue_avoids_jargon() -> None:
 
 
 def test_cues_inside_indicators_or_ticker_do_not_change_the_style() -> None:
-    ctx = {"risk_score": 3, "short_interest": "simple"}
+    ctx: dict[str, ContextValue] = {"risk_score": 3, "short_interest": "simple"}
     req = request(SEED_TEMPLATE, ticker="SHORT", context=ctx)
     assert style_cues(req.prompt, req.ticker, ctx) == {
         "bullets": False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import SecretStr
 
 from shared.privacy import erasure_tag, parse_hash_keys, session_key, session_keys
 from shared.settings import ServiceSettings
@@ -28,14 +29,14 @@ def test_a_session_has_one_key_per_version_newest_first() -> None:
 
 
 def test_settings_hash_new_sessions_with_the_newest_secret_and_keep_the_old_one() -> None:
-    rotated = ServiceSettings(SESSION_HASH_KEY="old", SESSION_HASH_KEYS="v2:new")
+    rotated = ServiceSettings(session_hash_key=SecretStr("old"), session_hash_keys=SecretStr("v2:new"))
     assert rotated.session_hash_secrets() == (b"new", b"old")
     assert rotated.require_session_hash_key() == b"new"
-    assert ServiceSettings(SESSION_HASH_KEY="old").session_hash_secrets() == (b"old",)
+    assert ServiceSettings(session_hash_key=SecretStr("old")).session_hash_secrets() == (b"old",)
     with pytest.raises(RuntimeError, match="SESSION_HASH_KEY"):
-        ServiceSettings(SESSION_HASH_KEY=None).require_session_hash_key()
+        ServiceSettings(session_hash_key=None).require_session_hash_key()
     with pytest.raises(RuntimeError, match="<version>:<secret>"):
-        ServiceSettings(SESSION_HASH_KEYS="broken").session_hash_secrets()
+        ServiceSettings(session_hash_keys=SecretStr("broken")).session_hash_secrets()
 
 
 def test_an_erasure_tag_is_stable_and_is_not_the_key() -> None:

@@ -285,7 +285,8 @@ def test_analysis_reports_srm_status() -> None:
     result = analyze(arms, "control", {"control": 0.5, "t1": 0.5})
     assert result.status == STATUS_SRM and result.srm_flag
     assert result.srm_sequential
-    assert result.srm_p_value == pytest.approx(math.exp(-result.srm_log_bayes_factor), rel=1e-9)  # type: ignore[arg-type]
+    assert result.srm_log_bayes_factor is not None
+    assert result.srm_p_value == pytest.approx(math.exp(-result.srm_log_bayes_factor), rel=1e-9)
     assert result.srm_p_value_fixed == pytest.approx(sps.chisquare([5000, 5600]).pvalue, abs=TOL)
     d = decide(result, DecisionConfig(), elapsed_s=0)
     assert d.status == DECISION_UNHEALTHY and "anytime-valid" in d.reason and "chi-square" in d.reason
@@ -406,10 +407,10 @@ def test_sequential_p_values_and_intervals_share_the_bonferroni_correction_of_th
     ref = multipletests(raw, method="bonferroni")[1]
     got = [result.arm(f"t{i}").p_value_sequential for i in (1, 2, 3)]  # type: ignore[union-attr]
     assert got == pytest.approx(list(ref), abs=TOL)
-    for a in result.arms[1:]:  # p < alpha exactly when the displayed interval excludes 0
-        assert a.lift_ci_sequential is not None and a.p_value_sequential is not None
-        excludes = a.lift_ci_sequential[0] > 0 or a.lift_ci_sequential[1] < 0
-        assert excludes == (a.p_value_sequential < 0.05)
+    for r in result.arms[1:]:  # p < alpha exactly when the displayed interval excludes 0
+        assert r.lift_ci_sequential is not None and r.p_value_sequential is not None
+        excludes = r.lift_ci_sequential[0] > 0 or r.lift_ci_sequential[1] < 0
+        assert excludes == (r.p_value_sequential < 0.05)
 
 
 def test_probability_to_beat_control_matches_beta_closed_form() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
+from typing import cast
 
 import numpy as np
 import pytest
@@ -180,10 +181,10 @@ def test_one_vote_per_session_gives_exactly_the_per_vote_analysis() -> None:
         )
     weights = {"control": 1 / 3, "t1": 1 / 3, "t2": 1 / 3}
     for metric in METRICS:
-        a = analyze(arms_sessions, "control", weights, metric=metric, feedback_per_day=500, seed=7)
-        b = analyze(arms_flat, "control", weights, metric=metric, feedback_per_day=500, seed=7)
-        assert a == b
-        assert all(r.design_effect == 1.0 for r in a.arms)
+        with_sessions = analyze(arms_sessions, "control", weights, metric=metric, feedback_per_day=500, seed=7)
+        flat = analyze(arms_flat, "control", weights, metric=metric, feedback_per_day=500, seed=7)
+        assert with_sessions == flat
+        assert all(r.design_effect == 1.0 for r in with_sessions.arms)
 
 
 def test_srm_counts_sessions_not_explanations() -> None:
@@ -306,7 +307,7 @@ def test_a_fading_novelty_effect_blocks_shipping() -> None:
     c_early, c_recent = _flat("control", 3000, 1800), _flat("control", 3000, 1800)
     t_early, t_recent = _flat("t1", 3000, 2250), _flat("t1", 3000, 1800)
     total = [merge(c_early, c_recent), merge(t_early, t_recent)]
-    d = _two(*total, recent=[c_recent, t_recent])
+    d = _two(total[0], total[1], recent=[c_recent, t_recent])
     assert d.status == "collecting" and "novelty" in d.reason
     t1 = analyze(total, "control", {"control": 0.5, "t1": 0.5}, recent=[c_recent, t_recent]).arm("t1")
     assert t1 is not None and t1.novelty_flag
@@ -316,7 +317,7 @@ def test_a_fading_novelty_effect_blocks_shipping() -> None:
     d = _two(merge(c_early, c_recent), merge(t_early, t_steady), recent=[c_recent, t_steady])
     assert d.status == "ship"
     # the check can be turned off
-    d = _two(*total, DecisionConfig(novelty_check=False), recent=[c_recent, t_recent])
+    d = _two(total[0], total[1], DecisionConfig(novelty_check=False), recent=[c_recent, t_recent])
     assert d.status == "ship"
 
 
@@ -340,7 +341,7 @@ def test_segments_are_holm_corrected_and_a_disagreeing_segment_is_flagged() -> N
     by = {s.segment: s for s in analysis.segments}
     assert set(by) == {"BUY", "SELL", "HOLD"}
     assert by["HOLD"].disagrees and not by["BUY"].disagrees
-    raw = [float(msprt_p_value(s.diff, _seg_var(segs[s.segment]), 0.05**2)) for s in analysis.segments]
+    raw = [float(msprt_p_value(cast(float, s.diff), _seg_var(segs[s.segment]), 0.05**2)) for s in analysis.segments]
     from statsmodels.stats.multitest import multipletests
 
     assert [s.p_value for s in analysis.segments] == pytest.approx(list(multipletests(raw, method="holm")[1]))

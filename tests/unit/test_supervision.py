@@ -3,6 +3,8 @@ starts from a short delay again."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gateway.run import _Backoff, _without_password
 
 
@@ -29,7 +31,7 @@ def test_the_banner_never_prints_the_redis_password() -> None:
     assert _without_password("redis://:s3cret@127.0.0.1:46001/0") == "redis://:***@127.0.0.1:46001/0"
 
 
-def test_secrets_are_created_private_even_with_a_permissive_umask(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_secrets_are_created_private_even_with_a_permissive_umask(tmp_path: Path) -> None:
     import os
     import stat
 

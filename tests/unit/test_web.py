@@ -6,17 +6,16 @@ import importlib
 import inspect
 from typing import Annotated, get_args, get_origin
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from shared.contracts import SERVICES
 from shared.web import require_admin
-from tests.support import admin_app
+from tests.support import ClientResponse, admin_app
 
 
-def _get(app: FastAPI, headers: dict[str, str]) -> httpx.Response:
+def _get(app: FastAPI, headers: dict[str, str]) -> ClientResponse:
     with TestClient(app) as client:
         return client.get("/secret", headers=headers)
 
