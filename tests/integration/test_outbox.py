@@ -238,3 +238,39 @@ def test_the_relay_thread_leaves_what_it_could_not_publish_for_the_periodic_rela
     assert [e.message_id for e in bus.events] == [up.message_id]
     assert db.unpublished() == {str(down.message_id)}
     assert relay(db.factory, db.table, RecordingBus()) == 1
+
+
+def test_staging_one_event_twice_in_the_same_call_keeps_one_row(db: Db) -> None:
+    ev = _event()
+    db.stage(ev, ev)
+    assert [r["event_id"] for r in db.rows()] == [str(ev.message_id)]
+
+
+def test_relay_on_a_batching_bus_publishes_one_batch_dead_letters_the_unreadable_and_marks_all(db: Db) -> None:
+    events = _staged_in_order(db, 3)
+    db.stage_raw("bad-row", "no.such.event", {"x": 1})
+    bus = BatchRecordingBus()
+    assert relay(db.factory, db.table, bus) == 3
+    assert bus.batches == [3] and [e.message_id for e in bus.events] == [e.message_id for e in events]
+    assert db.unpublished() == set()
+    assert [d["message_id"] for d in db.dead.list()] == ["bad-row"]
+
+
+def test_a_relayed_erasure_event_keeps_no_session_key_once_published(db: Db) -> None:
+    from shared.outbox import ERASED_PAYLOAD
+
+    (erased,) = _staged_in_order(db, 1)
+    assert relay(db.factory, db.table, RecordingBus()) == 1
+    (row,) = db.rows()
+    assert row["published_at"] is not None and row["payload"] == ERASED_PAYLOAD
+    assert erased.session_key not in str(row["payload"])
+
+
+def test_closing_the_relay_thread_while_it_lingers_publishes_the_batch_and_ends_the_thread(db: Db) -> None:
+    (event,) = _staged_in_order(db, 1)
+    bus = BatchRecordingBus()
+    batched = BatchedRelay(db.factory, db.table, linger_s=30.0)
+    batched.submit(bus, [event])
+    batched.close(timeout_s=5.0)
+    assert bus.batches == [1] and db.unpublished() == set()
+    assert not batched._thread.is_alive()
