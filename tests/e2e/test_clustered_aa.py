@@ -136,8 +136,17 @@ def test_the_page_shows_what_the_optimizer_decides_on(system: Stack, http: httpx
             page.get_by_role("button", name="Show the learning statistics").click()
             view = page.locator(".decision-view").first
             expect(view).to_contain_text("Decision:", timeout=60_000)
-            for heading in ("Sessions", "Design effect", "Lift, always-valid interval", "Fallback rate"):
+            for heading in (
+                "Traffic share",
+                "Sessions",
+                "Design effect",
+                "Lift, always-valid interval",
+                "Fallback rate",
+            ):
                 expect(view.locator("th", has_text=heading)).to_be_visible()
             expect(view).to_contain_text("Sample-ratio check on sessions")
+            shares = view.locator("tbody tr td:nth-child(2)").all_inner_texts()  # the traffic share of each arm
+            assert shares and all(s.endswith("%") for s in shares), shares
+            assert abs(sum(float(s.rstrip("%")) for s in shares) - 100) < 1, shares
         finally:
             browser.close()

@@ -177,7 +177,8 @@ function experiments(list) {
 
 // The figures the optimizer decides on (GET /api/experiments/{id}): sessions as the unit, the session-clustered
 // design effect, the always-valid interval for the lift (the one the decision reads), fallbacks excluded and
-// their rate, futility and novelty, and per-signal segments that disagree with the overall result.
+// their rate, futility and novelty, and per-signal segments that disagree with the overall result; the traffic
+// share is each arm's weight now (0 for an arm that can no longer win).
 async function loadDecisionView(id, into) {
   let x;
   try { x = await api("GET", `/api/experiments/${encodeURIComponent(id)}`); } catch (err) {
@@ -186,7 +187,8 @@ async function loadDecisionView(id, into) {
   const a = x.analysis || {};
   const rel = (ci) => (ci ? `${ci[0] >= 0 ? "+" : ""}${(100 * ci[0]).toFixed(1)}% … ${ci[1] >= 0 ? "+" : ""}${(100 * ci[1]).toFixed(1)}%` : "—");
   const cols = [
-    ["Arm", (r) => `${r.arm_id}${r.is_control ? " (control)" : ""}`], ["Sessions", (r) => r.sessions], ["Votes", (r) => r.n],
+    ["Arm", (r) => `${r.arm_id}${r.is_control ? " (control)" : ""}`], ["Traffic share", (r) => pct(r.weight)],
+    ["Sessions", (r) => r.sessions], ["Votes", (r) => r.n],
     ["Positive", (r) => pct(r.rate)], ["Design effect", (r) => num(r.design_effect)],
     ["Lift, always-valid interval", (r) => (r.is_control ? "—" : rel(r.lift_ci_relative))],
     ["Fallback rate", (r) => pct(r.fallback_rate)],
