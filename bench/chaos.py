@@ -32,6 +32,7 @@ from gateway.redis_server import free_port
 from gateway.run import Stack
 from shared.contracts import SERVICES
 from shared.privacy import parse_hash_keys, session_key, session_keys
+from shared.ratelimit import COUNTER_PREFIX
 
 FAST = {
     "BROKER_VISIBILITY_TIMEOUT": "10",
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = re.compile(r"[0-9a-f]{64}|chaos-\d+-erase-\d+")
     found = Counter(found_in_sqlite(sorted(data_dir.glob("*.db")), erased_needles, token=shape))
     in_redis = found_in_redis(stack.env["REDIS_URL"], erased_needles, token=shape)
-    limits = [h for h in in_redis if h.startswith("LIMITS:")]
-    found.update(f"redis {h}" for h in in_redis if not h.startswith("LIMITS:"))
+    limits = [h for h in in_redis if h.startswith(COUNTER_PREFIX)]
+    found.update(f"redis {h}" for h in in_redis if not h.startswith(COUNTER_PREFIX))
     dead: Counter = Counter()
     for db in sorted(data_dir.glob("*.db")):
         for task, reason, n in _rows(db, "select task, reason, count(*) from dead_letters group by 1, 2"):

@@ -26,6 +26,10 @@ from limits import RateLimitItem, parse
 
 log = logging.getLogger(__name__)
 
+#: The Redis keys of the counters start with this. A session's counter names its key until the window ends (an
+#: erasure leaves it to expire): the erasure checks read such keys apart.
+COUNTER_PREFIX = "ratelimit:"
+
 
 def check_rate(value: str) -> str:
     """A settings validator: "" (no limit) or a rate the `limits` library can parse."""
@@ -86,7 +90,7 @@ class _Door:
         )
 
     def _key(self, scope: str, item: RateLimitItem, identity: str) -> str:
-        return f"ratelimit:{self.service}:{self.door}:{scope}:{item.amount}/{item.get_expiry()}:{identity}"
+        return f"{COUNTER_PREFIX}{self.service}:{self.door}:{scope}:{item.amount}/{item.get_expiry()}:{identity}"
 
     def _wanted(self, who: Mapping[str, str | None]) -> list[tuple[str, RateLimitItem, str]]:
         """(scope, its limit, its counter's key) for each scope of `who` that has a limit and an identity."""
@@ -106,6 +110,11 @@ class _Door:
         log.warning("rate limit check for %s failed (%s); letting the request through", self.door, type(exc).__name__)
         if self.metrics is not None:
             self.metrics.rate_limit_errors.labels(self.service, self.door).inc()
+
+
+def _pairs(flat: list[Any]) -> list[tuple[int, int]]:
+    """The script's answer as (count, seconds to reset) per key."""
+    return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 # One fixed-window hit per key: KEYS = the counters, ARGV = each counter's window in seconds. Returns, per
@@ -142,14 +151,11 @@ class RateLimiter(_Door):
         if not wanted:
             return
         try:
-            flat = [
-                int(x)
-                for x in self._script(keys=[k for _, _, k in wanted], args=[i.get_expiry() for _, i, _ in wanted])
-            ]
+            flat = self._script(keys=[k for _, _, k in wanted], args=[i.get_expiry() for _, i, _ in wanted])
         except Exception as exc:
             self._storage_failed(exc)
             return
-        self._refuse_over(wanted, [(flat[2 * j], flat[2 * j + 1]) for j in range(len(wanted))])
+        self._refuse_over(wanted, _pairs(flat))
 
     def close(self) -> None:
         self._redis.close()
@@ -161,8 +167,7 @@ _Counts = list[tuple[int, int]] | None  # per scope: (count, seconds to reset); 
 class AsyncRateLimiter(_Door):
     """For async routes (the vote route), with group commit: the checks of every request that arrives while
     one round trip is in flight go to Redis together in the next one, a single script call that counts each
-    request against each of its scopes (fixed windows, as the `limits` strategy of `RateLimiter` keeps them:
-    a window starts at its first hit). Under load that is one round trip for many requests instead of one per
+    request against each of its scopes (the same script and fixed windows as `RateLimiter`). Under load that is one round trip for many requests instead of one per
     scope per request, and CPU is what limits the vote route. Every scope of a request is counted, also when
     another of its scopes refuses it."""
 
@@ -195,17 +200,16 @@ class AsyncRateLimiter(_Door):
                 batch, self._pending = self._pending, []
                 keys = [key for wanted, _ in batch for _, _, key in wanted]
                 windows = [item.get_expiry() for wanted, _ in batch for _, item, _ in wanted]
+                pairs: list[tuple[int, int]] | None
                 try:
-                    flat = [int(x) for x in await self._script(keys=keys, args=windows)]
+                    pairs = _pairs(await self._script(keys=keys, args=windows))
                 except Exception as exc:
                     self._storage_failed(exc)
-                    flat = None
+                    pairs = None
                 at = 0
                 for wanted, future in batch:
-                    counts = None
-                    if flat is not None:
-                        counts = [(flat[at + 2 * j], flat[at + 2 * j + 1]) for j in range(len(wanted))]
-                        at += 2 * len(wanted)
+                    counts = None if pairs is None else pairs[at : at + len(wanted)]
+                    at += len(wanted)
                     if not future.done():  # a request whose client went away
                         future.set_result(counts)
         finally:

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.run import Stack
 from shared.privacy import session_key
+from shared.ratelimit import COUNTER_PREFIX
 from tests.conftest import FAST_ENV
 from tests.support import found_in_redis, found_in_sqlite, wait_for
 
@@ -77,6 +78,6 @@ def test_an_erased_sessions_key_is_found_in_no_store_outbox_journal_or_queue(sta
     # Redis: nothing in the intake journal or on any queue; only the rate-limit counters name the key, and
     # they expire with their window.
     hits = found_in_redis(stack.env["REDIS_URL"], needles)
-    assert [h for h in hits if not h.startswith(("LIMITS:", "ratelimit:"))] == []
+    assert [h for h in hits if not h.startswith(COUNTER_PREFIX)] == []
     assert all(int(h.rsplit("ttl=", 1)[1]) > 0 for h in hits)
     assert found_in_sqlite(_stores(stack), needles) == []

@@ -22,6 +22,7 @@ from services.feedback.config import FeedbackSettings
 from services.feedback.main import create_app
 from shared.contracts import ExplanationCreated
 from shared.privacy import session_key
+from shared.ratelimit import COUNTER_PREFIX
 from tests.support import app_state, explanation_created, found_in_redis, wait_for
 
 ADMIN = "admin-secret"
@@ -452,7 +453,7 @@ def test_erasure_removes_the_sessions_votes_from_the_intake_journal_and_the_queu
     assert _journalled_sessions(r) == [theirs]
     # left: the erasure itself on its way to the other services (no workers here), and the rate-limit counters
     # (they expire with their window)
-    left = {h.split(" ")[0] for h in found_in_redis(url, [mine, "mine"]) if not h.startswith(("LIMITS:", "ratelimit:"))}
+    left = {h.split(" ")[0] for h in found_in_redis(url, [mine, "mine"]) if not h.startswith(COUNTER_PREFIX)}
     assert left == {"router", "optimizer", "finetune", "dashboard"}
     queued = [m for m in r.lrange("feedback", 0, -1)]
     assert len(queued) == 1 and mine.encode() not in b"".join(queued) and b"mine" not in b"".join(queued)
