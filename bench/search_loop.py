@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-votes", type=int, default=None, help="horizon per loop (default 12,000 votes)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--loops", default="today,memory", help="which loops to run: today, memory or both")
     args = parser.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     max_votes = args.max_votes or (8000 if args.quick else 12000)
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{profile.name}: {profile.description}", flush=True)
             results: dict[str, list[LoopResult]] = {}
             for loop, remember in (("today", False), ("memory", True)):
+                if loop not in args.loops.split(","):
+                    continue
                 results[loop] = [
                     run_loop(profile, remember, args.seed + 1000 * k + 100 * index, max_votes, Path(tmp))
                     for k in range(runs)
@@ -339,11 +342,13 @@ def main(argv: list[str] | None = None) -> int:
                 row = summarise(profile, loop, results[loop], settings.target_lift)
                 rows.append(row)
                 print("  " + "  ".join(f"{k}: {v}" for k, v in row.items() if k not in ("profile",)), flush=True)
+            if "memory" not in results:
+                continue
             mem = results["memory"]
             if profile.reachable(TARGET_POINTS):
                 ok = all(r.votes_to_target is not None and r.votes_to_target <= GOAL_VOTES for r in mem)
                 verdicts.append(f"{profile.name} memory within {GOAL_VOTES}: {'PASS' if ok else 'MISS'}")
-                if profile.name in ("last-trait", "pair"):
+                if profile.name in ("last-trait", "pair") and "today" in results:
                     never = all(r.votes_to_target is None for r in results["today"])
                     verdicts.append(f"{profile.name} today never: {'PASS' if never else 'MISS'}")
             else:

@@ -216,7 +216,8 @@ def evaluate(
         recent=snapshot.recent,
         segments=snapshot.segments,
     )
-    return data, analysis, decide(analysis, config, elapsed_s=elapsed_s)
+    served = {arm for arm, w in (exp["weights"] or {}).items() if float(w) > 0}
+    return data, analysis, decide(analysis, config, elapsed_s=elapsed_s, served=served or None)
 
 
 def _end(

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from services.optimizer.stats.decision import DecisionConfig, decide, futile_arms, guardrail_failures
+from services.optimizer.stats.decision import DecisionConfig, arm_cap, decide, futile_arms, guardrail_failures
 from services.optimizer.stats.results import Analysis, ArmResult
 from tests.unit.arm_results import arm_result
 
@@ -258,3 +258,39 @@ def test_the_fallback_guardrail_switched_off_ignores_any_fallback_rate() -> None
     analysis = _analysis(_arm("t1", WINNER, fallback_rate=0.9))
     assert guardrail_failures(analysis, "t1", replace(CONFIG, max_fallback_rate_increase=None)) == []
     assert len(guardrail_failures(analysis, "t1", CONFIG)) == 1
+
+
+# -- the round's sample budget: what a dropped arm did not spend goes to the arms still served ------------------
+
+
+def test_with_every_arm_served_the_cap_is_per_arm() -> None:
+    arms = [_arm("control"), _arm("t1"), _arm("t2")]
+    assert arm_cap(arms, 700) == 700
+    assert arm_cap(arms, 700, {"control", "t1", "t2"}) == 700
+    assert arm_cap(arms, 700, set()) == 700  # nothing known to be served: the plain cap
+
+
+def test_a_dropped_arm_leaves_its_unspent_votes_to_the_arms_still_served_in_equal_shares() -> None:
+    arms = [_arm("control", metric_n=600), _arm("t1", metric_n=600), _arm("t2", metric_n=300), _arm("t3")]
+    # t2 dropped at 300 and t3 at 500 leave 400 + 200 of their 700 each: 300 more for each of the two served
+    assert arm_cap(arms, 700, {"control", "t1"}) == 1000
+    # an arm dropped past the cap leaves nothing (and takes nothing away)
+    over = [_arm("control", metric_n=600), _arm("t1", metric_n=900)]
+    assert arm_cap(over, 700, {"control"}) == 700
+
+
+def test_a_round_that_dropped_an_arm_collects_past_the_per_arm_cap_until_its_budget_is_spent() -> None:
+    served = {"control", "t1"}
+    dropped = _arm("t2", FUTILE, metric_n=200)
+    running = _analysis(_arm("t1", OPEN, metric_n=800), dropped, control=_arm("control", metric_n=800))
+    d = decide(running, replace(CONFIG, max_feedback_per_arm=700), elapsed_s=LATE, served=served)
+    assert d.status == "collecting"
+    # without the served arms known, the per-arm cap ends it as before
+    assert _decide(running, max_feedback_per_arm=700)[0] == "inconclusive"
+    spent = _analysis(_arm("t1", OPEN, metric_n=950), dropped, control=_arm("control", metric_n=900))
+    d = decide(spent, replace(CONFIG, max_feedback_per_arm=700), elapsed_s=LATE, served=served)
+    assert (d.status, d.reason) == (
+        "inconclusive",
+        "sample cap of 700 per arm (950 for each arm still served, with what the dropped arms left) reached "
+        "without a winner",
+    )

@@ -72,10 +72,17 @@ def voted_experiment(
 
 
 def start_three_arms(
-    store: Store, settings: OptimizerSettings, allocation: str, weights: tuple[float | None, ...]
+    store: Store,
+    settings: OptimizerSettings,
+    allocation: str,
+    weights: tuple[float | None, ...],
+    *,
+    min_feedback_per_arm: int = 1000,
+    max_feedback_per_arm: int = 5000,
 ) -> tuple[str, str, str]:
     """(experiment, v1, v2): the seed (control) against a bullet-point variant and a one-sentence one, with these
-    weights (None: adaptive); its start already relayed. Ends on the sample cap only after 5000 votes an arm."""
+    weights (None: adaptive); its start already relayed. By default no decision before 1000 votes an arm, and
+    the sample cap only after 5000."""
     v1 = add_variant(store, settings, "bullet points")
     v2 = registry.add_version(
         PROMPT_NAME, "{ticker}: {signal}.\n{indicators}\nOne sentence, for a beginner.", store.uow(), settings
@@ -85,7 +92,9 @@ def start_three_arms(
         prompt_name=PROMPT_NAME,
         arms=(domain.ArmIn("v1.0", MODEL, control, True), domain.ArmIn(v1, MODEL, w1), domain.ArmIn(v2, MODEL, w2)),
         allocation=allocation,
-        **experiments.spec_defaults(settings, min_feedback_per_arm=1000, max_feedback_per_arm=5000),
+        **experiments.spec_defaults(
+            settings, min_feedback_per_arm=min_feedback_per_arm, max_feedback_per_arm=max_feedback_per_arm
+        ),
     )
     exp = experiments.create_experiment(spec, store.uow())["experiment_id"]
     published(store)
@@ -557,3 +566,24 @@ def test_a_fixed_split_stays_as_created_when_dropping_is_off(store: Store, setti
     keep = settings.model_copy(update={"drop_futile_arms": False})
     assert experiments.decide_experiment(exp, store.uow(), keep)["action"] == "none"
     assert not [e for e in published(store) if isinstance(e, AllocationChanged)]
+
+
+def test_a_fixed_split_gives_the_votes_a_dropped_arm_did_not_spend_to_the_arms_still_in_it(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    exp, v1, v2 = start_three_arms(
+        store, settings, "fixed", (0.5, 0.3, 0.2), min_feedback_per_arm=30, max_feedback_per_arm=300
+    )
+    feed_sessions(store, exp, "control", 250, 1, up=lambda s, k: s % 10 < 7)
+    feed_sessions(store, exp, "t1", 150, 1, up=lambda s, k: s % 10 < 7, version=v1)
+    feed_sessions(store, exp, "t2", 100, 1, up=lambda s, k: s % 10 < 2, version=v2)  # cannot win: dropped
+    assert experiments.decide_experiment(exp, store.uow(), settings)["action"] == "reweighted"
+    # t2 left 200 of its 300: 100 more for each arm still served, so the control may go to 400
+    feed_sessions(store, exp, "control", 100, 1, up=lambda s, k: s % 10 < 7, prefix="late")
+    feed_sessions(store, exp, "t1", 60, 1, up=lambda s, k: s % 10 < 7, version=v1, prefix="late")
+    assert experiments.decide_experiment(exp, store.uow(), settings)["action"] == "none"
+    assert views.experiment_view(exp, store.uow())["status"] == "running"
+    feed_sessions(store, exp, "control", 50, 1, up=lambda s, k: s % 10 < 7, prefix="last")
+    result = experiments.decide_experiment(exp, store.uow(), settings)
+    assert result["decision"] == "inconclusive"
+    assert "sample cap of 300 per arm (400 for each arm still served" in result["reason"]

@@ -6,7 +6,7 @@ approve mode and adaptive allocation."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from services.optimizer.stats.results import (
@@ -141,12 +141,33 @@ def _fmt_ci(ci: tuple[float, float] | None) -> str:
     return f"[{ci[0]:+.1%}, {ci[1]:+.1%}]" if ci else "n/a"
 
 
-def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> Decision:
+def arm_cap(arms: Sequence[ArmResult], per_arm: int, served: Collection[str] | None = None) -> float:
+    """The votes an arm still in the split may collect before the round ends at its sample cap.
+
+    A round's budget is `per_arm` votes for each of its arms. An arm the split no longer serves (dropped
+    because it can no longer win) leaves what it did not spend to the arms still served, in equal shares, so
+    a round that drops its hopeless arms spends the same budget on the arms that can still win (more power
+    where it matters) instead of ending as early as if they were all still running. With every arm served
+    (or `served` unknown) this is `per_arm`. The always-valid intervals hold at any stopping time, so a later
+    end keeps their error guarantee."""
+    if served is None:
+        return float(per_arm)
+    live = [a for a in arms if a.arm_id in served]
+    if not live or len(live) == len(arms):
+        return float(per_arm)
+    unspent = sum(max(0, per_arm - a.metric_n) for a in arms if a.arm_id not in served)
+    return per_arm + unspent / len(live)
+
+
+def decide(
+    analysis: Analysis, config: DecisionConfig, *, elapsed_s: float, served: Collection[str] | None = None
+) -> Decision:
     """Turn an Analysis into collecting / unhealthy / ship / keep_control / inconclusive with a reason.
 
     Order: a sample-ratio mismatch is reported at once (unhealthy). Otherwise nothing is decided before the
-    minimum duration. At the sample cap (an arm with `max_feedback_per_arm` votes) the experiment ends even if
-    another arm has no votes. Before it, every arm needs the minimum feedback. Then, with L = the always-valid
+    minimum duration. At the sample cap (an arm with `max_feedback_per_arm` votes; with `served`, the arms the
+    split still serves, an arm of those with its share of the round's budget: `arm_cap`) the experiment ends
+    even if another arm has no votes. Before it, every arm needs the minimum feedback. Then, with L = the always-valid
     interval of a treatment's difference to the control (Bonferroni over the treatments, the interval shown):
     - a treatment can ship when L lies wholly above the minimum lift (`min_lift_to_ship` x the control's mean),
       its guardrails hold, and its recent lift is not significantly below its early lift (novelty check);
@@ -182,7 +203,12 @@ def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> D
             None,
             f"minimum duration not reached ({elapsed_s / 86400:.1f} of {config.min_duration_s / 86400:.1f} days)",
         )
-    at_cap = max(a.metric_n for a in analysis.arms) >= config.max_feedback_per_arm
+    live = [a for a in analysis.arms if served is None or a.arm_id in served] or list(analysis.arms)
+    cap = arm_cap(analysis.arms, config.max_feedback_per_arm, served)
+    at_cap = max(a.metric_n for a in live) >= cap
+    cap_txt = f"sample cap of {config.max_feedback_per_arm} per arm"
+    if cap > config.max_feedback_per_arm:
+        cap_txt += f" ({cap:.0f} for each arm still served, with what the dropped arms left)"
     short = [a for a in analysis.arms if a.metric_n < config.min_feedback_per_arm]
     if short:
         worst = min(short, key=lambda a: a.metric_n)
@@ -190,7 +216,7 @@ def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> D
             return Decision(
                 DECISION_INCONCLUSIVE,
                 None,
-                f"sample cap of {config.max_feedback_per_arm} per arm reached while {worst.arm_id} has only "
+                f"{cap_txt} reached while {worst.arm_id} has only "
                 f"{worst.metric_n} of {config.min_feedback_per_arm} votes (feedback guardrail: an arm people do "
                 "not vote on cannot be judged)",
             )
@@ -269,7 +295,7 @@ def decide(analysis: Analysis, config: DecisionConfig, *, elapsed_s: float) -> D
         return Decision(
             DECISION_INCONCLUSIVE,
             None,
-            f"sample cap of {config.max_feedback_per_arm} per arm reached without a winner{extra}",
+            f"{cap_txt} reached without a winner{extra}",
         )
     best_p = min((t.p_value_sequential for t in treatments if t.p_value_sequential is not None), default=None)
     p_txt = f"; smallest corrected always-valid p={best_p:.3g}" if best_p is not None else ""
