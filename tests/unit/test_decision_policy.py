@@ -294,3 +294,10 @@ def test_a_round_that_dropped_an_arm_collects_past_the_per_arm_cap_until_its_bud
         "sample cap of 700 per arm (950 for each arm still served, with what the dropped arms left) reached "
         "without a winner",
     )
+
+
+def test_an_arm_dropped_before_its_minimum_feedback_does_not_hold_the_round_back() -> None:
+    analysis = _analysis(_arm("t1", WINNER, prob_best=0.9), _arm("t2", FUTILE, metric_n=50))
+    assert _decide(analysis)[:2] == ("collecting", None)  # served unknown: every arm needs its minimum
+    d = decide(analysis, CONFIG, elapsed_s=LATE, served={"control", "t1"})
+    assert (d.status, d.arm_id) == ("ship", "t1")

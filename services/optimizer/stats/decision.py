@@ -209,7 +209,8 @@ def decide(
     cap_txt = f"sample cap of {config.max_feedback_per_arm} per arm"
     if cap > config.max_feedback_per_arm:
         cap_txt += f" ({cap:.0f} for each arm still served, with what the dropped arms left)"
-    short = [a for a in analysis.arms if a.metric_n < config.min_feedback_per_arm]
+    # an arm the split no longer serves cannot gather more votes: its verdict (it cannot win) is in already
+    short = [a for a in live if a.metric_n < config.min_feedback_per_arm]
     if short:
         worst = min(short, key=lambda a: a.metric_n)
         if at_cap:
