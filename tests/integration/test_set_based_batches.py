@@ -311,6 +311,51 @@ def test_a_mixed_batch_of_explanations_gives_what_one_by_one_gives(
         assert conn.execute(f"select {probe}").fetchone() == probed  # noqa: S608 - the test's own SQL
 
 
+def test_a_mixed_batch_of_explanations_at_the_feedback_service_gives_what_one_by_one_gives(tmp_path: Path) -> None:
+    """The replica, with the votes that waited in the quarantine released in the order they came (stored,
+    replaced, stale, refused, dropped for an erased session), and the erasure announced again for an explanation
+    served before its session's erasure (a permanent one and a tombstone)."""
+    batch, eids, earlier = created_batch()
+    k, n1, n2, n3, n4, n5 = eids
+    waiting = [
+        vote(n1, "s1", 5, stars=4),
+        vote(n1, "s1", 7, rating=-1),  # replaces the one before
+        vote(n1, "s1", 6),  # older than the one before it: stale
+        vote(n1, "s2", 8),  # another session's: refused
+        vote(n2, "s3", 4),  # n2 was served before its session's erasure: bound to none, refused
+        vote(n3, "gone", 125),  # after the erasure: the session counts again
+        vote(n4, "s1", 3),  # served to no session: refused
+        vote(n5, "ghost", 90),  # after the tombstone, on an explanation served before it: refused
+        vote(uuid.uuid4(), "s1", 2),  # its explanation is not in the batch: stays
+    ]
+
+    def prepare(store: FeedbackStore) -> None:
+        feedback.on_explanation_created(earlier, store.uow())
+        feedback.on_explanation_created(created(uuid.uuid4(), "gone", 5), store.uow())
+        feedback.erase_session(key("gone"), store.uow())  # held an explanation: a permanent erasure
+        feedback.erase_session(key("ghost"), store.uow())  # held nothing: a tombstone
+        assert [feedback.record_feedback(v, store.uow()) for v in waiting] == ["quarantined"] * len(waiting)
+        # Cast before its session's erasure and still in the quarantine: not reachable through the handlers (an
+        # erasure takes the session's quarantined votes), the rule is kept all the same.
+        early = vote(n5, "ghost", 25)
+        with store.uow() as uow:
+            uow.repo.quarantine(early.message_id, early.to_payload(), "explanation not yet known")
+            uow.commit()
+
+    one_by_one, set_based, before, after = both_ways(
+        tmp_path, FeedbackStore, prepare, batch, feedback.on_explanation_created, feedback.on_explanation_created_batch
+    )
+    assert one_by_one == [4, 0, 0, 0, 0, 1, 1, 1, 2]
+    assert set_based == one_by_one
+    assert after == before
+    assert len(after["quarantine"]) == 1 and len(after["feedback"]) == 2
+    assert sorted(after["dropped_votes"]) == [("other_session", 1), ("unbound_explanation", 3)]
+    assert [row[2] for row in after["audit"]].count("drop_vote_of_erased_session") == 1
+    staged = sorted(row[1] for row in after["outbox"])
+    assert staged == ["feedback.erased"] * 3 + ["feedback.recorded"] * 3  # one erasure staged before the batch
+    assert len(after["served_to"]) == 3  # k, n1, n3: not n2 nor n5 (erased), nor n4 (no session)
+
+
 def test_a_set_based_handler_that_fails_falls_back_to_one_message_at_a_time(tmp_path: Path) -> None:
     """The set-based handler raises (here: because of one bad message); its work is rolled back and the batch
     is digested one message at a time, where the bad message fails alone and the others are stored."""
