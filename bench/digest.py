@@ -13,9 +13,10 @@ per service, as `make run` starts them). Printed as ratios:
 3. drain: a backlog of `--backlog` votes queued with no worker, then drained by one feedback worker digesting
    one message per transaction (TASK_BATCH_SIZE=1, the way every consumer worked before batches), by one
    batching worker, and by two batching workers (ratios to the one batching worker).
-4. store: `--store-votes` votes digested in batches of 100 straight into each store (no queue), by the
-   one-message handlers each in its savepoint (`run_in_one_transaction`) and by the set-based batch handlers
-   (`run_batch`), on fresh copies of the same stores: time per vote and the ratio, per service.
+4. store: `--store-votes` explanations, then a vote on each, digested in batches of 100 straight into each
+   store (no queue), by the one-message handlers each in its savepoint (`run_in_one_transaction`) and by the
+   set-based batch handlers (`run_batch`), on fresh stores: time per message and the ratio, per service and
+   kind of message (`--store-only`: this phase alone).
 """
 
 from __future__ import annotations
@@ -119,15 +120,18 @@ def _seed(env: dict[str, str], n: int) -> list[uuid.UUID]:
 
 
 def store_phase(tmp: Path, n: int) -> dict[str, tuple[float, float]]:
-    """Milliseconds per vote, (one message per savepoint, set-based), per store (phase 4)."""
+    """Milliseconds per message, (one message per savepoint, set-based), per store and kind of message
+    (phase 4): n ExplanationCreated, then a vote on each explanation (the feedback service's RecordFeedback, the
+    others' FeedbackRecorded)."""
     from services.dashboard import handlers as dh
     from services.dashboard.store import Store as DashboardStore
     from services.feedback import handlers as fh
     from services.feedback.store import Store as FeedbackStore
+    from services.finetune import handlers as th
+    from services.finetune.store import Store as FinetuneStore
     from services.optimizer import handlers as oh
     from services.optimizer.store import Store as OptimizerStore
     from shared.contracts import ExplanationCreated, FeedbackRecorded
-    from shared.db import run_batch, run_in_one_transaction
     from shared.privacy import session_key
 
     keys = [session_key(f"store-{i}", b"bench") for i in range(n)]
@@ -153,25 +157,34 @@ def store_phase(tmp: Path, n: int) -> dict[str, tuple[float, float]]:
         ("feedback", FeedbackStore, fh, fh.record_feedback, fh.record_feedback_batch, cast),
         ("optimizer", OptimizerStore, oh, oh.on_feedback_recorded, oh.on_feedback_recorded_batch, recorded),
         ("dashboard", DashboardStore, dh, dh.on_feedback_recorded, dh.on_feedback_recorded_batch, recorded),
+        ("finetune", FinetuneStore, th, th.on_feedback_recorded, th.on_feedback_recorded_batch, recorded),
     ]
     out: dict[str, tuple[float, float]] = {}
     for name, make, module, each, many, messages in services:
-        times = []
+        explanations, votes = [], []
         for way in ("each", "many"):
             store = make(f"sqlite:///{tmp / f'store-{name}-{way}.db'}")
-            run_in_one_transaction(store.uow(), created, module.on_explanation_created)
-            started = time.perf_counter()
-            for k in range(0, n, 100):
-                part = messages[k : k + 100]
-                if way == "each":
-                    results = run_in_one_transaction(store.uow(), part, each)
-                else:
-                    results = run_batch(store.uow(), part, many, each)
-                assert all(ok for ok, _ in results)
-            times.append((time.perf_counter() - started) / n * 1000)
+            set_based = way == "many"
+            batch_of_explanations = module.on_explanation_created_batch if set_based else None
+            explanations.append(_digest_ms(store, created, module.on_explanation_created, batch_of_explanations))
+            votes.append(_digest_ms(store, messages, each, many if set_based else None))
             store.dispose()
-        out[name] = (times[0], times[1])
+        out[f"{name} explanations"] = (explanations[0], explanations[1])
+        out[f"{name} votes"] = (votes[0], votes[1])
     return out
+
+
+def _digest_ms(store: Any, messages: list[Any], each: Any, many: Any, batch: int = 100) -> float:
+    """Milliseconds per message to digest `messages` into `store` in batches of `batch`: by the one-message
+    handler `each` in savepoints (`run_in_one_transaction`), or by the set-based `many` (`run_batch`)."""
+    from shared.db import run_batch, run_in_one_transaction
+
+    started = time.perf_counter()
+    for k in range(0, len(messages), batch):
+        part = messages[k : k + batch]
+        results = run_batch(store.uow(), part, many, each) if many else run_in_one_transaction(store.uow(), part, each)
+        assert all(ok for ok, _ in results), results
+    return (time.perf_counter() - started) / len(messages) * 1000
 
 
 class Stores:
@@ -205,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--backlog", type=int, default=3000)
     parser.add_argument("--store-votes", type=int, default=2000)
+    parser.add_argument("--store-only", action="store_true", help="phase 4 alone")
     args = parser.parse_args(argv)
     lag_votes = int(args.rate * args.seconds)
     loop_sessions = 1000
@@ -212,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         per_store = store_phase(Path(tmp), args.store_votes)
+    if args.store_only:
+        _print_store_phase(per_store)
+        return 0
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
         env = {
             **os.environ,
@@ -339,10 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     one = drains.get("1 worker, batches") or float("nan")
     for label, rate in drains.items():
         print(f"{'drain, ' + label + ' (votes/s)':46}{rate:>10.0f}   ratio {rate / one:.2f}")
-    for name, (each_ms, many_ms) in per_store.items():
-        print(f"{'store ' + name + ', ms/vote: savepoints / set-based':46}{each_ms:>5.2f} / {many_ms:.2f}"
-              f"   ratio {each_ms / many_ms:.1f}x")  # fmt: skip
+    _print_store_phase(per_store)
     return 0
+
+
+def _print_store_phase(per_store: dict[str, tuple[float, float]]) -> None:
+    for name, (each_ms, many_ms) in per_store.items():
+        print(f"{'store ' + name + ', ms/message: savepoints / set-based':64}{each_ms:>5.2f} / {many_ms:.2f}"
+              f"   ratio {each_ms / many_ms:.1f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

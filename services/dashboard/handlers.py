@@ -49,30 +49,56 @@ def _once(event: Event, uow: SqlUnitOfWork, apply: Callable[[SqlUnitOfWork], Any
 
 
 def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> str:
+    """Add the explanation to the read model, with the votes that arrived before it. Returns stored, known (an
+    explanation the read model has, under another message id) or duplicate."""
+
     def apply(uow: SqlUnitOfWork) -> str:
-        added = uow.repo.add_explanation(
-            {
-                "explanation_id": str(event.explanation_id),
-                "day": domain.day_of(event.created_at),
-                "created_at": as_utc(event.created_at),
-                "ticker": event.ticker,
-                "signal": event.signal,
-                "prompt_name": event.prompt_name,
-                "prompt_version": event.prompt_version,
-                "model": event.model,
-                "provider": event.provider,
-                "experiment_id": event.experiment_id,
-                "arm_id": event.arm_id,
-                "tokens_in": event.tokens_in,
-                "tokens_out": event.tokens_out,
-                "cost_usd": event.cost_usd,
-                "latency_ms": event.latency_ms,
-                "fallback_used": event.fallback_used,
-            }
-        )
-        return "stored" if added else "known"
+        return "stored" if uow.repo.add_explanation(_explanation_row(event)) else "known"
 
     return _once(event, uow, apply)
+
+
+def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[str]:
+    """`on_explanation_created` for a batch, set-based (the same outcomes, rows, vote totals and revision as one
+    by one): one query each for the handled ids and the explanations the read model has, one insert of many
+    rows, their vote totals recounted in one grouped query and one update; the revision moved on once."""
+
+    def apply(uow: SqlUnitOfWork, fresh: list[ExplanationCreated]) -> list[str]:
+        known = uow.repo.explanations_known(str(e.explanation_id) for e in fresh)
+        rows = []
+        outcomes = []
+        for e in fresh:
+            eid = str(e.explanation_id)
+            outcomes.append("known" if eid in known else "stored")
+            if eid not in known:
+                known.add(eid)
+                rows.append(_explanation_row(e))
+        uow.repo.add_explanations(rows)
+        uow.repo.bump_revision(len(fresh))
+        return outcomes
+
+    return handle_many_once(uow, events, apply)
+
+
+def _explanation_row(event: ExplanationCreated) -> dict[str, Any]:
+    return {
+        "explanation_id": str(event.explanation_id),
+        "day": domain.day_of(event.created_at),
+        "created_at": as_utc(event.created_at),
+        "ticker": event.ticker,
+        "signal": event.signal,
+        "prompt_name": event.prompt_name,
+        "prompt_version": event.prompt_version,
+        "model": event.model,
+        "provider": event.provider,
+        "experiment_id": event.experiment_id,
+        "arm_id": event.arm_id,
+        "tokens_in": event.tokens_in,
+        "tokens_out": event.tokens_out,
+        "cost_usd": event.cost_usd,
+        "latency_ms": event.latency_ms,
+        "fallback_used": event.fallback_used,
+    }
 
 
 #: What the read model keeps of a vote besides `shared.votes.VOTE_FIELDS`.

@@ -300,6 +300,19 @@ class DashboardRepository(MessageLog):
         self.refresh_vote_totals(values["explanation_id"])  # votes that arrived first count now
         return True
 
+    def explanations_known(self, explanation_ids: Iterable[str]) -> set[str]:
+        """Which of these explanations the read model has (one query per `IN_CHUNK` ids)."""
+        q = select(explanations.c.explanation_id)
+        return set(select_in(self.s, q, explanations.c.explanation_id, sorted(set(explanation_ids))))
+
+    def add_explanations(self, rows: list[dict[str, Any]]) -> None:
+        """`add_explanation` for many explanations none of which is in the read model yet: one insert of many
+        rows, then their vote totals, for the votes that arrived first (`refresh_vote_totals_of`)."""
+        if not rows:
+            return
+        self.s.execute(explanations.insert(), rows)
+        self.refresh_vote_totals_of(r["explanation_id"] for r in rows)
+
     # -- votes ------------------------------------------------------------------------------------------
     def votes_without_explanation(self, since: datetime, until: datetime) -> list[uuid.UUID]:
         return explanations_voted_but_unknown(self.s, votes, explanations, since, until)

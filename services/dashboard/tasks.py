@@ -49,7 +49,10 @@ EVENT_TASKS = event_tasks(
     },
     lambda: _store().uow(),
     batched=("dashboard.on_explanation_created", "dashboard.on_feedback_recorded"),
-    many={"dashboard.on_feedback_recorded": handlers.on_feedback_recorded_batch},
+    many={
+        "dashboard.on_explanation_created": handlers.on_explanation_created_batch,
+        "dashboard.on_feedback_recorded": handlers.on_feedback_recorded_batch,
+    },
 )
 
 

@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal, cast
 
 from services.feedback import domain
 from services.feedback.store import ExplanationRow, SqlUnitOfWork
@@ -48,34 +48,52 @@ def record_feedback_batch(cmds: list[RecordFeedback], uow: SqlUnitOfWork) -> lis
         repo = uow.repo
         erased = repo.erased_at_many(c.session_key for c in fresh)
         replica = repo.explanations_by_id(c.explanation_id for c in fresh)
-        newest = votes.NewestInBatch(repo.votes_submitted_at(str(c.feedback_id) for c in fresh))
-        dropped: list[str] = []
-        quarantined: list[tuple[uuid.UUID, dict]] = []
-        refused: Counter[str] = Counter()
-        events: list[FeedbackRecorded] = []
+        batch = _VoteBatch(repo.votes_submitted_at(str(c.feedback_id) for c in fresh))
         outcomes: list[str] = []
         for cmd in fresh:
-            erased_at, explanation = erased.get(cmd.session_key), replica.get(str(cmd.explanation_id))
-            outcome, event = _batch_outcome(cmd, erased_at, explanation, newest)
-            if outcome == "erased":
-                dropped.append(erasure_tag(cmd.session_key)[:12])
-            elif outcome == "quarantined":
-                quarantined.append((cmd.message_id, cmd.to_payload()))
-            elif outcome in domain.REFUSAL_MESSAGES:
-                refused[outcome] += 1
-            if event is not None:
-                events.append(event)
+            outcome = batch.vote(cmd, erased.get(cmd.session_key), replica.get(str(cmd.explanation_id)))
             outcomes.append(outcome)
             log.info("feedback %s", outcome, extra={"feedback_id": str(cmd.feedback_id)})
-        repo.audit_many("worker", "drop_vote_of_erased_session", dropped, {})
-        repo.quarantine_many(quarantined, domain.QUARANTINE_UNKNOWN)
-        for reason, n in sorted(refused.items()):
-            repo.count_dropped(reason, n)
-        repo.write_votes(newest)
-        uow.add_events(*events)
+        batch.write(uow)
         return outcomes
 
     return handle_many_once(uow, cmds, apply)
+
+
+class _VoteBatch:
+    """The votes of a batch, applied in order in memory by `_apply_vote`'s rules (`vote`), then written in a few
+    statements (`write`): the votes each feedback id keeps, the audit of votes dropped for an erased session,
+    the quarantined votes, the refusal counts, and the events staged (`events`, in the order they were caused;
+    a caller may add its own there). `stored` maps the batch's feedback ids to the `submitted_at` stored."""
+
+    def __init__(self, stored: dict[str, datetime]) -> None:
+        self.newest = votes.NewestInBatch(stored)
+        self.dropped: list[str] = []
+        self.quarantined: list[tuple[uuid.UUID, dict]] = []
+        self.refused: Counter[str] = Counter()
+        self.events: list[FeedbackRecorded | FeedbackErased] = []
+
+    def vote(self, cmd: RecordFeedback, erased_at: datetime | None, explanation: ExplanationRow | None) -> str:
+        """The vote's outcome, given its session's erasure and the replica's row of its explanation."""
+        outcome, event = _batch_outcome(cmd, erased_at, explanation, self.newest)
+        if outcome == "erased":
+            self.dropped.append(erasure_tag(cmd.session_key)[:12])
+        elif outcome == "quarantined":
+            self.quarantined.append((cmd.message_id, cmd.to_payload()))
+        elif outcome in domain.REFUSAL_MESSAGES:
+            self.refused[outcome] += 1
+        if event is not None:
+            self.events.append(event)
+        return outcome
+
+    def write(self, uow: SqlUnitOfWork) -> None:
+        repo = uow.repo
+        repo.audit_many("worker", "drop_vote_of_erased_session", self.dropped, {})
+        repo.quarantine_many(self.quarantined, domain.QUARANTINE_UNKNOWN)
+        for reason, n in sorted(self.refused.items()):
+            repo.count_dropped(reason, n)
+        repo.write_votes(self.newest)
+        uow.add_events(*self.events)
 
 
 def _apply_vote(cmd: RecordFeedback, uow: SqlUnitOfWork) -> str:
@@ -150,41 +168,89 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> int
 
     def apply(uow: SqlUnitOfWork) -> int:
         repo = uow.repo
-        served_key = event.session_key
-        erased_at = repo.erased_at(served_key) if served_key else None
-        if served_key and erased_at is not None and votes.erased_before(erased_at, event.created_at):
-            # Served while its session was being erased (the router wrote it after handling the erasure, or its
-            # event was on its way): erase it again everywhere, this explanation included.
-            uow.add_events(
-                FeedbackErased(
-                    message_id=derived_id("feedback.erased", served_key, event.explanation_id),
-                    session_key=served_key,
-                    feedback_ids=[],
-                    explanation_ids=[event.explanation_id],
-                    erased_at=erased_at,
-                )
-            )
-            served_key = None
-        repo.add_explanation(
-            {
-                "explanation_id": str(event.explanation_id),
-                "prompt_name": event.prompt_name,
-                "prompt_version": event.prompt_version,
-                "model": event.model,
-                "signal": event.signal,
-                "ticker": event.ticker,
-                "experiment_id": event.experiment_id,
-                "arm_id": event.arm_id,
-                "created_at": event.created_at,
-            },
-            session_key=served_key,
-        )
+        erased_at = repo.erased_at(event.session_key) if event.session_key else None
+        served_key, erased_again = _served_key(event, erased_at)
+        if erased_again is not None:
+            uow.add_events(erased_again)
+        repo.add_explanation(_replica_row(event), session_key=served_key)
         released = repo.take_quarantined(event.explanation_id)
         for payload in released:
             _apply_vote(RecordFeedback.from_payload(payload), uow)
         return len(released)
 
     return handle_once(uow, event.message_id, apply, duplicate=0)
+
+
+def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[int]:
+    """`on_explanation_created` for a batch, set-based: the same outcomes, in order, the same replica, released
+    votes, refusal counts, audit and staged events as one by one, in a few statements (one query each for the
+    handled ids, the replica's rows, the quarantined votes, the erasures of the sessions served and voting and
+    the stored votes; one insert or update of many rows for each kind of write). An explanation twice in the
+    batch (under two message ids) is kept as its first message has it, and its votes are released once."""
+
+    def apply(uow: SqlUnitOfWork, fresh: list[ExplanationCreated]) -> list[int]:
+        repo = uow.repo
+        replica = repo.explanations_by_id(e.explanation_id for e in fresh)
+        waiting = {
+            eid: [RecordFeedback.from_payload(p) for p in payloads]
+            for eid, payloads in repo.take_quarantined_many(str(e.explanation_id) for e in fresh).items()
+        }
+        released = [cmd for cmds in waiting.values() for cmd in cmds]
+        erased = repo.erased_at_many(
+            [e.session_key for e in fresh if e.session_key] + [c.session_key for c in released]
+        )
+        batch = _VoteBatch(repo.votes_submitted_at(str(c.feedback_id) for c in released))
+        new: list[tuple[dict, str | None]] = []
+        outcomes = []
+        for e in fresh:
+            eid = str(e.explanation_id)
+            served_key, erased_again = _served_key(e, erased.get(e.session_key) if e.session_key else None)
+            if erased_again is not None:
+                batch.events.append(erased_again)
+            if eid not in replica:
+                row = _replica_row(e)
+                new.append((row, served_key))
+                replica[eid] = cast(ExplanationRow, row | {"session_key": served_key or None})  # as read back
+            cmds = waiting.pop(eid, [])
+            for cmd in cmds:
+                batch.vote(cmd, erased.get(cmd.session_key), replica[eid])
+            outcomes.append(len(cmds))
+        repo.add_explanations(new)
+        batch.write(uow)
+        return outcomes
+
+    return handle_many_once(uow, events, apply, duplicate=0)
+
+
+def _served_key(event: ExplanationCreated, erased_at: datetime | None) -> tuple[str | None, FeedbackErased | None]:
+    """The session the replica binds the explanation to, and the erasure to announce again, given when its
+    session asked to be forgotten (`erased_at`). Served while its session was being erased (the router wrote it
+    after handling the erasure, or its event was on its way): bound to no session, and erased again everywhere,
+    this explanation included."""
+    if event.session_key and erased_at is not None and votes.erased_before(erased_at, event.created_at):
+        again = FeedbackErased(
+            message_id=derived_id("feedback.erased", event.session_key, event.explanation_id),
+            session_key=event.session_key,
+            feedback_ids=[],
+            explanation_ids=[event.explanation_id],
+            erased_at=erased_at,
+        )
+        return None, again
+    return event.session_key, None
+
+
+def _replica_row(event: ExplanationCreated) -> dict[str, Any]:
+    return {
+        "explanation_id": str(event.explanation_id),
+        "prompt_name": event.prompt_name,
+        "prompt_version": event.prompt_version,
+        "model": event.model,
+        "signal": event.signal,
+        "ticker": event.ticker,
+        "experiment_id": event.experiment_id,
+        "arm_id": event.arm_id,
+        "created_at": event.created_at,
+    }
 
 
 def erase_session(

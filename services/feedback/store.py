@@ -26,7 +26,7 @@ from sqlalchemy import (
 from services.feedback.domain import StoredVote
 from shared.clock import as_utc
 from shared.contracts import Signal, utcnow
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount, select_in, write_rows
+from shared.db import IN_CHUNK, MessageLog, SqlStore, UnitOfWork, processed_table, rowcount, select_in, write_rows
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
@@ -194,6 +194,16 @@ class FeedbackRepository(MessageLog):
             self.s.execute(served_to.insert().values(explanation_id=values["explanation_id"], session_key=session_key))
         return True
 
+    def add_explanations(self, rows: list[tuple[dict[str, Any], str | None]]) -> None:
+        """`add_explanation` for many explanations none of which the replica has, (values, the session it was
+        served to or None) each: one insert of many rows into each table."""
+        if not rows:
+            return
+        self.s.execute(explanations.insert(), [values for values, _ in rows])
+        served = [{"explanation_id": values["explanation_id"], "session_key": key} for values, key in rows if key]
+        if served:
+            self.s.execute(served_to.insert(), served)
+
     # -- votes ------------------------------------------------------------------------------------------
     def vote_submitted_at(self, feedback_id: uuid.UUID | str) -> datetime | None:
         row = self.s.execute(select(feedback.c.submitted_at).where(feedback.c.feedback_id == str(feedback_id))).first()
@@ -270,6 +280,19 @@ class FeedbackRepository(MessageLog):
         ).all()
         self.s.execute(delete(quarantine).where(quarantine.c.explanation_id == str(explanation_id)))
         return [r.command for r in rows]
+
+    def take_quarantined_many(self, explanation_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        """`take_quarantined` for many explanations: one query per `IN_CHUNK` ids, and a delete where there was
+        something. Returns the commands waiting for each explanation that has any, in the order they were
+        quarantined."""
+        q = select(quarantine.c.explanation_id, quarantine.c.command).order_by(quarantine.c.received_at)
+        waiting: dict[str, list[dict[str, Any]]] = {}
+        for explanation_id, command in select_in(self.s, q, quarantine.c.explanation_id, sorted(set(explanation_ids))):
+            waiting.setdefault(explanation_id, []).append(command)
+        taken = sorted(waiting)
+        for k in range(0, len(taken), IN_CHUNK):
+            self.s.execute(delete(quarantine).where(quarantine.c.explanation_id.in_(taken[k : k + IN_CHUNK])))
+        return waiting
 
     def quarantined_explanations(self, since: datetime, until: datetime, limit: int = 500) -> list[uuid.UUID]:
         """Explanations with votes quarantined between `since` and `until`, oldest first."""

@@ -113,4 +113,5 @@ EVENT_TASKS = event_tasks(
     lambda: _store().uow(),
     after=_relay,
     batched=("feedback.on_explanation_created",),
+    many={"feedback.on_explanation_created": handlers.on_explanation_created_batch},
 )

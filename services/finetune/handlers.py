@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,27 +93,51 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
 
     def apply(uow: SqlUnitOfWork) -> bool:
         erased_at = uow.repo.erased_at(event.session_key) if event.session_key else None
-        erased = votes.erased_before(erased_at, event.created_at)
-        added = uow.repo.add_explanation(
-            {
-                "explanation_id": str(event.explanation_id),
-                "request_key": event.request_key,
-                "ticker": event.ticker,
-                "signal": event.signal,
-                "prompt_name": event.prompt_name,
-                "prompt_version": event.prompt_version,
-                "model": event.model,
-                "prompt_text": "" if erased else event.prompt_text,
-                "text": "" if erased else event.text,
-                "tokens_in": event.tokens_in,
-                "tokens_out": event.tokens_out,
-                "created_at": event.created_at,
-                "fallback_used": event.fallback_used,
-            }
-        )
-        return added
+        return uow.repo.add_explanation(_material(event, erased_at))
 
     return handle_once(uow, event.message_id, apply, duplicate=False)
+
+
+def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[bool]:
+    """`on_explanation_created` for a batch, set-based (the same outcomes and rows as one by one): one query each
+    for the handled ids, the explanations kept and the erased sessions, one insert of many rows. An explanation
+    twice in the batch (under two message ids) is kept once, as its first message has it."""
+
+    def apply(uow: SqlUnitOfWork, fresh: list[ExplanationCreated]) -> list[bool]:
+        known = uow.repo.explanations_known(str(e.explanation_id) for e in fresh)
+        erased = uow.repo.erased_at_many(e.session_key for e in fresh if e.session_key)
+        rows = []
+        outcomes = []
+        for e in fresh:
+            eid = str(e.explanation_id)
+            outcomes.append(eid not in known)
+            if eid not in known:
+                known.add(eid)
+                rows.append(_material(e, erased.get(e.session_key) if e.session_key else None))
+        uow.repo.add_explanations(rows)
+        return outcomes
+
+    return handle_many_once(uow, events, apply, duplicate=False)
+
+
+def _material(event: ExplanationCreated, erased_at: datetime | None) -> dict[str, Any]:
+    """The explanation's row: without its prompt and text if its session was erased after it was served."""
+    erased = votes.erased_before(erased_at, event.created_at)
+    return {
+        "explanation_id": str(event.explanation_id),
+        "request_key": event.request_key,
+        "ticker": event.ticker,
+        "signal": event.signal,
+        "prompt_name": event.prompt_name,
+        "prompt_version": event.prompt_version,
+        "model": event.model,
+        "prompt_text": "" if erased else event.prompt_text,
+        "text": "" if erased else event.text,
+        "tokens_in": event.tokens_in,
+        "tokens_out": event.tokens_out,
+        "created_at": event.created_at,
+        "fallback_used": event.fallback_used,
+    }
 
 
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:

@@ -222,6 +222,16 @@ class FinetuneRepository(MessageLog):
         self.s.execute(explanations.insert().values(**values))
         return True
 
+    def explanations_known(self, explanation_ids: Iterable[str]) -> set[str]:
+        """Which of these explanations are kept here (one query per `IN_CHUNK` ids)."""
+        q = select(explanations.c.explanation_id)
+        return set(select_in(self.s, q, explanations.c.explanation_id, sorted(set(explanation_ids))))
+
+    def add_explanations(self, rows: list[dict[str, Any]]) -> None:
+        """`add_explanation` for many explanations none of which is kept yet: one insert of many rows."""
+        if rows:
+            self.s.execute(explanations.insert(), rows)
+
     def vote_submitted_at(self, feedback_id: str) -> datetime | None:
         row = self.s.execute(select(votes.c.submitted_at).where(votes.c.feedback_id == feedback_id)).first()
         return row.submitted_at if row else None
@@ -254,6 +264,12 @@ class FinetuneRepository(MessageLog):
             select(erased_sessions.c.erased_at).where(erased_sessions.c.session_key == erasure_tag(session_key))
         ).first()
         return row.erased_at if row else None
+
+    def erased_at_many(self, session_keys: Iterable[str]) -> dict[str, datetime]:
+        """`erased_at` for many sessions in one query: the erased ones, by key."""
+        by_tag = {erasure_tag(k): k for k in set(session_keys)}
+        q = select(erased_sessions.c.session_key, erased_sessions.c.erased_at)
+        return {by_tag[tag]: at for tag, at in select_in(self.s, q, erased_sessions.c.session_key, sorted(by_tag))}
 
     def erased_keys(self) -> frozenset[str]:
         """The keys of stored votes whose session was erased (none, unless a vote slipped in: the records keep

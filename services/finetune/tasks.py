@@ -49,7 +49,10 @@ EVENT_TASKS = event_tasks(
     },
     lambda: _store().uow(),
     batched=("finetune.on_explanation_created", "finetune.on_feedback_recorded"),
-    many={"finetune.on_feedback_recorded": handlers.on_feedback_recorded_batch},
+    many={
+        "finetune.on_explanation_created": handlers.on_explanation_created_batch,
+        "finetune.on_feedback_recorded": handlers.on_feedback_recorded_batch,
+    },
 )
 
 

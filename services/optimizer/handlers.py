@@ -49,29 +49,57 @@ def on_explanation_created(event: ExplanationCreated, uow: SqlUnitOfWork) -> boo
     arm's quality, only for its fallback rate, cost and latency."""
 
     def apply(uow: SqlUnitOfWork) -> bool:
-        unit = event.session_key
-        erased = uow.repo.erased_session(unit) if unit else None
-        if erased is not None and votes.erased_before(erased[0], event.created_at):
-            unit = erased[1]  # served before its session was erased, arriving after: the anonymous unit
-        added = uow.repo.add_exposure(
-            {
-                "explanation_id": str(event.explanation_id),
-                "experiment_id": event.experiment_id,
-                "arm_id": event.arm_id,
-                "prompt_name": event.prompt_name,
-                "prompt_version": event.prompt_version,
-                "model": event.model,
-                "cost_usd": event.cost_usd,
-                "latency_ms": event.latency_ms,
-                "fallback_used": event.fallback_used,
-                "created_at": event.created_at,
-            },
-            session_key=unit,
-            signal=str(event.signal),
-        )
-        return added
+        erased = uow.repo.erased_session(event.session_key) if event.session_key else None
+        return uow.repo.add_exposure(_exposure(event), session_key=_unit(event, erased), signal=str(event.signal))
 
     return handle_once(uow, event.message_id, apply, duplicate=False)
+
+
+def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitOfWork) -> list[bool]:
+    """`on_explanation_created` for a batch, set-based (the same outcomes, exposures and units as one by one):
+    one query each for the handled ids, the recorded exposures and the erased sessions, one insert of many
+    rows into each table. An explanation twice in the batch (under two message ids) is recorded once."""
+
+    def apply(uow: SqlUnitOfWork, fresh: list[ExplanationCreated]) -> list[bool]:
+        repo = uow.repo
+        known = repo.exposures_known(str(e.explanation_id) for e in fresh)
+        erased = repo.erased_sessions(e.session_key for e in fresh if e.session_key)
+        rows: list[tuple[dict[str, Any], str | None, str]] = []
+        outcomes = []
+        for e in fresh:
+            eid = str(e.explanation_id)
+            outcomes.append(eid not in known)
+            if eid not in known:
+                known.add(eid)
+                unit = _unit(e, erased.get(e.session_key) if e.session_key else None)
+                rows.append((_exposure(e), unit, str(e.signal)))
+        repo.add_exposures(rows)
+        return outcomes
+
+    return handle_many_once(uow, events, apply, duplicate=False)
+
+
+def _exposure(event: ExplanationCreated) -> dict[str, Any]:
+    return {
+        "explanation_id": str(event.explanation_id),
+        "experiment_id": event.experiment_id,
+        "arm_id": event.arm_id,
+        "prompt_name": event.prompt_name,
+        "prompt_version": event.prompt_version,
+        "model": event.model,
+        "cost_usd": event.cost_usd,
+        "latency_ms": event.latency_ms,
+        "fallback_used": event.fallback_used,
+        "created_at": event.created_at,
+    }
+
+
+def _unit(event: ExplanationCreated, erased: tuple[datetime, str] | None) -> str | None:
+    """The unit an exposure counts in: its session, or, for one served before its session was erased (whose
+    event arrives after the erasure, `erased`: when, and the anonymous unit), that anonymous unit."""
+    if erased is not None and votes.erased_before(erased[0], event.created_at):
+        return erased[1]
+    return event.session_key
 
 
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:

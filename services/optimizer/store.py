@@ -39,6 +39,7 @@ from shared.db import (
     explanations_voted_but_unknown,
     processed_table,
     rowcount,
+    select_in,
     values_by_key,
     write_rows,
 )
@@ -423,6 +424,30 @@ class OptimizerRepository(MessageLog):
         )
         return True
 
+    def exposures_known(self, explanation_ids: Iterable[str]) -> set[str]:
+        """Which of these explanations have an exposure recorded (one query per `IN_CHUNK` ids)."""
+        q = select(exposures.c.explanation_id)
+        return set(select_in(self.s, q, exposures.c.explanation_id, sorted(set(explanation_ids))))
+
+    def add_exposures(self, rows: list[tuple[dict[str, Any], str | None, str]]) -> None:
+        """`add_exposure` for many explanations none of which is recorded yet, (values, session_key, signal)
+        each: one insert of many rows into each table."""
+        if not rows:
+            return
+        self.s.execute(exposures.insert(), [values for values, _, _ in rows])
+        self.s.execute(
+            exposure_units.insert(),
+            [
+                {
+                    "explanation_id": values["explanation_id"],
+                    "experiment_id": values.get("experiment_id"),
+                    "session_key": session_key or values["explanation_id"],
+                    "signal": signal,
+                }
+                for values, session_key, signal in rows
+            ],
+        )
+
     def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
         q = select(votes.c.submitted_at).where(votes.c.feedback_id == str(feedback_id))
         row = self.s.execute(q).first()
@@ -506,6 +531,14 @@ class OptimizerRepository(MessageLog):
             )
         ).first()
         return (row.erased_at, row.unit) if row else None
+
+    def erased_sessions(self, session_keys: Iterable[str]) -> dict[str, tuple[datetime, str]]:
+        """`erased_session` for many sessions in one query: (when, the anonymous unit) of the erased ones, by key."""
+        by_tag = {erasure_tag(k): k for k in set(session_keys)}
+        q = select(erased_sessions.c.tag, erased_sessions.c.erased_at, erased_sessions.c.unit)
+        return {
+            by_tag[r.tag]: (r.erased_at, r.unit) for r in select_in(self.s, q, erased_sessions.c.tag, sorted(by_tag))
+        }
 
     def vote_erased_at(self, feedback_id: uuid.UUID) -> datetime | None:
         row = self.s.execute(

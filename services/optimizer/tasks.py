@@ -46,7 +46,10 @@ EVENT_TASKS = event_tasks(
     },
     lambda: _store().uow(),
     batched=("optimizer.on_explanation_created", "optimizer.on_feedback_recorded"),
-    many={"optimizer.on_feedback_recorded": handlers.on_feedback_recorded_batch},
+    many={
+        "optimizer.on_explanation_created": handlers.on_explanation_created_batch,
+        "optimizer.on_feedback_recorded": handlers.on_feedback_recorded_batch,
+    },
 )
 
 

@@ -23,7 +23,7 @@ from services.finetune import handlers as finetune
 from services.finetune.store import Store as FinetuneStore
 from services.optimizer import handlers as optimizer
 from services.optimizer.store import Store as OptimizerStore
-from shared.contracts import FeedbackErased, FeedbackRecorded, RecordFeedback
+from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, RecordFeedback
 from shared.db import run_batch, run_in_one_transaction
 from shared.privacy import session_key
 from tests.support import explanation_created
@@ -219,6 +219,141 @@ def test_a_mixed_batch_of_recorded_votes_gives_what_one_by_one_gives(
     assert one_by_one == [*expected, *erased_session, "stored"]
     assert set_based == one_by_one
     assert after == before
+
+
+def created(eid: uuid.UUID, session: str | None, minutes: int, **fields: Any) -> ExplanationCreated:
+    return explanation_created(
+        eid, key(session) if session else None, created_at=T + timedelta(minutes=minutes), **fields
+    )
+
+
+def created_batch() -> tuple[list[ExplanationCreated], list[uuid.UUID], ExplanationCreated]:
+    """A mixed batch of ExplanationCreated: k (the first id) known before the batch under another message (the
+    earlier one returned, handled before the batch too); n1 twice under one message id and once under another;
+    n2 served to session "gone" before its erasure (at T + 30 min downstream, T + 60 at the feedback service), n3
+    served to it after; n4 served to no session; n5 served to session "ghost" before its erasure, in an
+    experiment this store has never heard of, written by a fallback model."""
+    eids = [uuid.uuid4() for _ in range(6)]
+    k, n1, n2, n3, n4, n5 = eids
+    earlier = created(k, "s1", 1)
+    first = created(n1, "s1", 2, experiment_id="x1", arm_id="a", cost_usd=0.002, latency_ms=40.0)
+    batch = [
+        first,
+        first,  # twice in the batch
+        earlier,  # handled before the batch
+        created(k, "s1", 1),  # its explanation known before the batch, under another message id
+        created(n1, "s1", 2, experiment_id="x1", arm_id="a", cost_usd=0.002, latency_ms=40.0),  # n1 again
+        created(n2, "gone", 10, signal="BUY"),
+        created(n3, "gone", 120, signal="SELL"),
+        created(n4, None, 3),
+        created(n5, "ghost", 20, experiment_id="unknown", arm_id="z", fallback_used=True, model="groq/llama"),
+    ]
+    return batch, eids, earlier
+
+
+def erasure(session: str, minutes: int, *explanations: uuid.UUID) -> FeedbackErased:
+    return FeedbackErased(
+        session_key=key(session),
+        feedback_ids=[],
+        explanation_ids=list(explanations),
+        erased_at=T + timedelta(minutes=minutes),
+    )
+
+
+ADDED = [True, False, False, False, False, True, True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("make_store", "handlers", "outcomes", "probe", "probed"),
+    [
+        # n2, n5 and the explanation served to "gone" before the batch: in two anonymous units
+        (OptimizerStore, optimizer, ADDED, "count(distinct session_key), count(*) from exposure_units"
+         " where session_key like 'erased-%'", (2, 3)),
+        # the votes on n1, n4 (before the batch) and k (after it): counted on their explanations
+        (DashboardStore, dashboard, ["stored", "duplicate", "duplicate", "known", "known", *["stored"] * 4],
+         "sum(votes), sum(positives), sum(stars_sum) from explanations", (4, 3, 10)),
+        # n2 and n5 without prompt and text
+        (FinetuneStore, finetune, ADDED, "count(*) from explanations where text = '' and prompt_text = ''", (2,)),
+    ],
+    ids=["optimizer", "dashboard", "finetune"],
+)  # fmt: skip
+def test_a_mixed_batch_of_explanations_gives_what_one_by_one_gives(
+    tmp_path: Path,
+    make_store: Callable[[str], Any],
+    handlers: Any,
+    outcomes: list[Any],
+    probe: str,
+    probed: tuple[int, ...],
+) -> None:
+    """The optimizer's exposures and their units (an erased session's anonymous one), the dashboard's read model
+    (with the vote totals of votes that arrived first, and its revision), the fine-tuning material (blanked for
+    an erased session)."""
+    batch, eids, earlier = created_batch()
+    k, n1, n2, n3, n4, _ = eids
+
+    def prepare(store: Any) -> None:
+        handlers.on_explanation_created(earlier, store.uow())
+        handlers.on_explanation_created(created(uuid.uuid4(), "gone", 5), store.uow())  # the session had one before
+        handlers.on_feedback_erased(erasure("gone", 30, n2), store.uow())
+        handlers.on_feedback_erased(erasure("ghost", 30), store.uow())
+        for fid, eid, session, rating in ((1, n1, "s1", 1), (2, n1, "s2", -1), (3, n4, "s3", 1), (4, k, "s1", 1)):
+            # votes that arrived before their explanation (k: after it)
+            vote = recorded(uuid.UUID(int=fid), eid, 4, rating, session_key=key(session), stars=fid)
+            assert handlers.on_feedback_recorded(vote, store.uow()) == "stored"
+
+    one_by_one, set_based, before, after = both_ways(
+        tmp_path, make_store, prepare, batch, handlers.on_explanation_created, handlers.on_explanation_created_batch
+    )
+    assert one_by_one == outcomes
+    assert set_based == one_by_one
+    assert after == before
+    with sqlite3.connect(tmp_path / "many.db") as conn:
+        assert conn.execute(f"select {probe}").fetchone() == probed  # noqa: S608 - the test's own SQL
+
+
+def test_a_mixed_batch_of_explanations_at_the_feedback_service_gives_what_one_by_one_gives(tmp_path: Path) -> None:
+    """The replica, with the votes that waited in the quarantine released in the order they came (stored,
+    replaced, stale, refused, dropped for an erased session), and the erasure announced again for an explanation
+    served before its session's erasure (a permanent one and a tombstone)."""
+    batch, eids, earlier = created_batch()
+    k, n1, n2, n3, n4, n5 = eids
+    waiting = [
+        vote(n1, "s1", 5, stars=4),
+        vote(n1, "s1", 7, rating=-1),  # replaces the one before
+        vote(n1, "s1", 6),  # older than the one before it: stale
+        vote(n1, "s2", 8),  # another session's: refused
+        vote(n2, "s3", 4),  # n2 was served before its session's erasure: bound to none, refused
+        vote(n3, "gone", 125),  # after the erasure: the session counts again
+        vote(n4, "s1", 3),  # served to no session: refused
+        vote(n5, "ghost", 90),  # after the tombstone, on an explanation served before it: refused
+        vote(uuid.uuid4(), "s1", 2),  # its explanation is not in the batch: stays
+    ]
+
+    def prepare(store: FeedbackStore) -> None:
+        feedback.on_explanation_created(earlier, store.uow())
+        feedback.on_explanation_created(created(uuid.uuid4(), "gone", 5), store.uow())
+        feedback.erase_session(key("gone"), store.uow())  # held an explanation: a permanent erasure
+        feedback.erase_session(key("ghost"), store.uow())  # held nothing: a tombstone
+        assert [feedback.record_feedback(v, store.uow()) for v in waiting] == ["quarantined"] * len(waiting)
+        # Cast before its session's erasure and still in the quarantine: not reachable through the handlers (an
+        # erasure takes the session's quarantined votes), the rule is kept all the same.
+        early = vote(n5, "ghost", 25)
+        with store.uow() as uow:
+            uow.repo.quarantine(early.message_id, early.to_payload(), "explanation not yet known")
+            uow.commit()
+
+    one_by_one, set_based, before, after = both_ways(
+        tmp_path, FeedbackStore, prepare, batch, feedback.on_explanation_created, feedback.on_explanation_created_batch
+    )
+    assert one_by_one == [4, 0, 0, 0, 0, 1, 1, 1, 2]
+    assert set_based == one_by_one
+    assert after == before
+    assert len(after["quarantine"]) == 1 and len(after["feedback"]) == 2
+    assert sorted(after["dropped_votes"]) == [("other_session", 1), ("unbound_explanation", 3)]
+    assert [row[2] for row in after["audit"]].count("drop_vote_of_erased_session") == 1
+    staged = sorted(row[1] for row in after["outbox"])
+    assert staged == ["feedback.erased"] * 3 + ["feedback.recorded"] * 3  # one erasure staged before the batch
+    assert len(after["served_to"]) == 3  # k, n1, n3: not n2 nor n5 (erased), nor n4 (no session)
 
 
 def test_a_set_based_handler_that_fails_falls_back_to_one_message_at_a_time(tmp_path: Path) -> None:
