@@ -53,7 +53,7 @@ class OptimizerSettings(ServiceSettings):
     # the same champion that added no candidate; the offline generator also knows when its space is spent
     generation_patience: int = Field(3, ge=1)
     # a round that reached its sample cap with a leader whose always-valid interval still reaches the target
-    # lift gives that leader this many more rounds against the same champion (alone against it: more power)
+    # lift gives that leader this many more rounds against the same champion (each beside the next proposals)
     # before it counts as lost; 0: an inconclusive round is final
     retest_rounds: int = Field(1, ge=0, le=3)
 

@@ -202,9 +202,10 @@ def auto_cycle(
     """The self-learning loop's beat: for every prompt with no experiment running or queued, take the
     untested candidates descended from the champion (generating new ones, with the search's history, when
     there are none and the rate limit allows) and start the next experiment: champion as control, candidates
-    as treatments. A round that ended at its cap with a leader that may still reach the target lift is run
-    again, that leader alone against the champion (`search.retest_candidate`), before anything new is generated.
-    A search with nothing left is announced once (SearchExhausted) and generates no more."""
+    as treatments. A round that ended at its cap with a leader that may still reach the target lift gives that
+    leader one more round (`search.retest_candidate`) beside the next proposals, one fewer of them: the round
+    drops whichever arms cannot win and gives their share of its budget to the others, so a re-test costs no
+    round of its own. A search with nothing left is announced once (SearchExhausted) and generates no more."""
     now = now or utcnow()
     out: list[dict[str, Any]] = []
     if not settings.auto_experiment:
@@ -229,29 +230,37 @@ def auto_cycle(
                 and v["version"] not in tested
             ]
         generated = None
+        retest = None
         if not candidates and (retest := search.retest_candidate(uow_factory(), name, settings, now)) is not None:
             with uow_factory() as uow:  # archived when its round ended; a candidate again for one more round
                 uow.repo.set_version_status(name, retest, domain.VERSION_CANDIDATE)
                 uow.commit()
-            candidates = [retest]
-        if not candidates:
-            if search.already_announced(uow_factory(), name):
+        fresh = settings.generation_count - (retest is not None)  # a re-tested leader takes one arm of the round
+        if not candidates and fresh > 0:
+            if retest is None and search.already_announced(uow_factory(), name):
                 out.append({"prompt_name": name, "action": "exhausted", "reason": "announced before; nothing changed"})
                 continue
+            # With a re-test, whatever stops generation (nothing left, the rate limit, a failed provider) leaves
+            # the leader to run alone; the search is announced exhausted once nothing is left to re-test either.
             try:
-                generated = search.generate_variants(name, uow_factory, generator, settings, now)
+                generated = search.generate_variants(name, uow_factory, generator, settings, now, count=fresh)
             except SearchExhausted as exc:
-                search.announce_exhausted(uow_factory(), name, str(exc))
-                out.append({"prompt_name": name, "action": "exhausted", "reason": str(exc)})
-                continue
+                if retest is None:
+                    search.announce_exhausted(uow_factory(), name, str(exc))
+                    out.append({"prompt_name": name, "action": "exhausted", "reason": str(exc)})
+                    continue
             except domain.RateLimited as exc:
-                out.append({"prompt_name": name, "action": "waiting", "reason": str(exc)})
-                continue
+                if retest is None:
+                    out.append({"prompt_name": name, "action": "waiting", "reason": str(exc)})
+                    continue
             except GenerationFailed as exc:
                 log.warning("variant generation for %s failed: %s", name, exc)
-                out.append({"prompt_name": name, "action": "generation_failed", "reason": str(exc)})
-                continue
-            candidates = [v["version"] for v in generated["accepted"]]
+                if retest is None:
+                    out.append({"prompt_name": name, "action": "generation_failed", "reason": str(exc)})
+                    continue
+            candidates = [v["version"] for v in generated["accepted"]] if generated else []
+        if retest is not None:
+            candidates = [retest, *candidates]
         if not candidates:
             out.append({"prompt_name": name, "action": "no_candidates", "reason": "every variant was rejected"})
             continue

@@ -239,7 +239,7 @@ def test_loop_without_winners_walks_every_combination_once_then_stops_with_one_a
     assert first["learned"].startswith("none beat v1.0")
 
 
-def test_a_capped_round_whose_leader_may_still_reach_the_target_runs_it_again_alone_then_moves_on(
+def test_a_capped_round_whose_leader_may_still_reach_the_target_runs_it_again_beside_new_proposals_once(
     store: Store, settings: OptimizerSettings
 ) -> None:
     generator = CountingGenerator()
@@ -251,9 +251,12 @@ def test_a_capped_round_whose_leader_may_still_reach_the_target_runs_it_again_al
 
     calls = generator.calls
     again = handlers.auto_cycle(store.uow, generator, settings)
-    assert again[0]["action"] == "started" and not again[0]["generated"] and generator.calls == calls
+    assert again[0]["action"] == "started" and again[0]["generated"] and generator.calls == calls + 1
     second = [e for e in published(store) if isinstance(e, ExperimentStarted)][-1]
-    assert [a.prompt.version for a in second.arms if not a.is_control] == ["v1.1"]  # alone: more power
+    treated = [a.prompt.version for a in second.arms if not a.is_control]
+    # the leader first, then as many new proposals as leave the round its usual size
+    assert treated[0] == "v1.1" and len(treated) == settings.generation_count
+    assert not {"v1.2", "v1.3"} & set(treated)
 
     feed_round(store, second.experiment_id, {"v1.1": 24})
     assert experiments.run_decisions(store.uow, settings)[0]["action"] == "concluded"
@@ -263,7 +266,21 @@ def test_a_capped_round_whose_leader_may_still_reach_the_target_runs_it_again_al
     assert "v1.1" not in [a.prompt.version for a in latest.arms]
 
     view = search.search_view(store.uow(), PROMPT_NAME, generator, settings)
-    assert [t["version"] for r in view["rounds"][:2] for t in r["tried"]] == ["v1.1", "v1.2", "v1.3", "v1.1"]
+    assert [t["version"] for r in view["rounds"][:2] for t in r["tried"]][:4] == ["v1.1", "v1.2", "v1.3", "v1.1"]
+
+
+def test_a_re_test_runs_alone_when_no_new_proposal_may_be_made(store: Store, settings: OptimizerSettings) -> None:
+    generator = CountingGenerator()
+    handlers.auto_cycle(store.uow, generator, settings)
+    first = [e for e in published(store) if isinstance(e, ExperimentStarted)][-1]
+    feed_round(store, first.experiment_id, {"v1.1": 24, "v1.2": 19, "v1.3": 20})
+    experiments.run_decisions(store.uow, settings)
+    weekly = settings.model_copy(update={"generation_min_interval_s": 7 * 86400.0})  # the rate limit holds
+    calls = generator.calls
+    again = handlers.auto_cycle(store.uow, generator, weekly)
+    assert again[0]["action"] == "started" and not again[0]["generated"] and generator.calls == calls
+    second = [e for e in published(store) if isinstance(e, ExperimentStarted)][-1]
+    assert [a.prompt.version for a in second.arms if not a.is_control] == ["v1.1"]
 
 
 def test_a_capped_round_whose_leader_measured_little_is_not_run_again(
