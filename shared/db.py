@@ -382,6 +382,20 @@ def processed_table(metadata: MetaData) -> Table:
     )
 
 
+def erased_votes_table(metadata: MetaData) -> Table:
+    """The ids of votes erased at their session's request (GDPR), with when, in a service that keeps votes
+    from `FeedbackRecorded`: the queue does not keep order, so a vote cast before the erasure that arrives
+    after it must be recognised and dropped (`shared.votes.erased_before`), not brought back."""
+    from sqlalchemy import Column, DateTime, String
+
+    return Table(
+        "erased_votes",
+        metadata,
+        Column("feedback_id", String(36), primary_key=True),
+        Column("erased_at", DateTime(timezone=True), nullable=False),
+    )
+
+
 class MessageLog:
     """The base of a service's repository: `self.s` is the session it is made with, `processed` its
     `processed_table` (idempotency: the message ids its handlers have applied)."""

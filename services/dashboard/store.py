@@ -39,6 +39,7 @@ from shared.db import (
     MessageLog,
     SqlStore,
     UnitOfWork,
+    erased_votes_table,
     explanations_voted_but_unknown,
     processed_table,
     rowcount,
@@ -99,13 +100,7 @@ votes = Table(
     Column("ticker", String(32), nullable=False),
 )
 
-# Votes erased at a session's request: a vote cast before that which arrives later must not come back.
-erased_votes = Table(
-    "erased_votes",
-    metadata,
-    Column("feedback_id", String(36), primary_key=True),
-    Column("erased_at", DateTime(timezone=True), nullable=False),
-)
+erased_votes = erased_votes_table(metadata)
 
 experiments = Table(
     "experiments",

@@ -36,6 +36,7 @@ from shared.db import (
     MessageLog,
     SqlStore,
     UnitOfWork,
+    erased_votes_table,
     explanations_voted_but_unknown,
     processed_table,
     rowcount,
@@ -165,14 +166,7 @@ votes = Table(
     Column("submitted_at", DateTime(timezone=True), nullable=False),
 )
 
-# Votes erased on request (GDPR): remembered by id, so a FeedbackRecorded that arrives after the erasure
-# (the queue does not keep order) does not bring the vote back.
-erased_votes = Table(
-    "erased_votes",
-    metadata,
-    Column("feedback_id", String(36), primary_key=True),
-    Column("erased_at", DateTime(timezone=True), nullable=False),
-)
+erased_votes = erased_votes_table(metadata)
 
 # Sessions erased on request, by `erasure_tag` (never the key), with the anonymous unit their exposures were
 # given: an explanation served before the erasure whose event arrives after it joins that unit, without the key.
