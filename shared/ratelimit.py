@@ -77,13 +77,13 @@ class _Door:
 
     @classmethod
     def per_client_and_session(
-        cls, settings: ServiceSettings, service: str, door: str, client: str, session: str, *, metrics: Any
+        cls, settings: ServiceSettings, door: str, client: str, session: str, *, metrics: Any
     ) -> Self:
-        """A door of `service` limited per client and per session (`client`, `session`: limits such as
-        "10/minute"), counted on the service's Redis, off where the settings turn rate limits off."""
+        """A door of the service `settings` are of, limited per client and per session (`client`, `session`:
+        limits such as "10/minute"), counted on the service's Redis, off where the settings turn limits off."""
         return cls(
             settings.redis_url,
-            service,
+            settings.service,
             door,
             {"client": client, "session": session},
             enabled=settings.rate_limits_enabled,

@@ -20,6 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.settings import ServiceSettings
+
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
@@ -416,36 +418,35 @@ def install_common(
 
 
 def service_app(
-    service: str,
-    settings: Any,
+    settings: ServiceSettings,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
     router: APIRouter,
     *,
     health: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
-    """A service's app: it refuses to be made without the admin token (its admin routes, the dead-letter list
+    """The app of the service `settings` are of: it refuses to be made without the admin token (its admin routes, the dead-letter list
     among them, could not be protected), keeps its settings in `app.state.settings` (read by the admin check
     and, in `install_common`, for the allowed origins), has the common surface (`install_common`; the metrics
     in `app.state.metrics`) and the service's routes."""
     settings.require_admin_token()
-    app = FastAPI(title=service, lifespan=lifespan)
+    app = FastAPI(title=settings.service, lifespan=lifespan)
     app.state.settings = settings
-    install_common(app, service, health=health)
+    install_common(app, settings.service, health=health)
     app.include_router(router)
     return app
 
 
-def start_service(app: FastAPI, service: str, settings: Any, make_store: Callable[[str], StoreT]) -> StoreT:
+def start_service(app: FastAPI, settings: ServiceSettings, make_store: Callable[[str], StoreT]) -> StoreT:
     """What every service's lifespan does first: its logging configured, its store opened (`app.state.store`,
     which `/healthz` checks and the routes use) and its bus (`app.state.bus`: the Celery app it publishes
     with and whose broker `/healthz` checks). Returns the store."""
     from shared.bus import api_bus
     from shared.logging import configure_logging
 
-    configure_logging(service, settings.log_level)
+    configure_logging(settings.service, settings.log_level)
     store = make_store(settings.db_url)
     app.state.store = store
-    app.state.bus = api_bus(service, settings)
+    app.state.bus = api_bus(settings.service, settings)
     return store
 
 

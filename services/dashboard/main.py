@@ -106,11 +106,11 @@ def create_app(settings: DashboardSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The bus only reads the queues' lag for the figures: the dashboard publishes nothing.
-        store = start_service(app, "dashboard", settings, Store)
+        store = start_service(app, settings, Store)
         yield
         store.dispose()
 
-    app = service_app("dashboard", settings, lifespan, api.router)
+    app = service_app(settings, lifespan, api.router)
     app.state.snapshots = handlers.SnapshotCache()
     app.state.metrics.registry.register(StreamGauge(app))
     app.state.learning_registry = CollectorRegistry()

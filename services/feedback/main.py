@@ -40,27 +40,17 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = start_service(app, "feedback", settings, Store)
+        store = start_service(app, settings, Store)
         journal = IntakeJournal(settings.redis_url, "feedback")
         app.state.sender = GroupCommitSender(app.state.bus.app, journal=journal)
         app.state.known_ids = api.KnownIds()
         app.state.http = httpx.AsyncClient()
         app.state.backlog = api.Backlog(settings.redis_url, "feedback", journal.hash_key)
         app.state.vote_limiter = AsyncRateLimiter.per_client_and_session(
-            settings,
-            "feedback",
-            "votes",
-            settings.votes_per_client,
-            settings.votes_per_session,
-            metrics=app.state.metrics,
+            settings, "votes", settings.votes_per_client, settings.votes_per_session, metrics=app.state.metrics
         )
         app.state.erasure_limiter = RateLimiter.per_client_and_session(
-            settings,
-            "feedback",
-            "erasures",
-            settings.erasures_per_client,
-            settings.erasures_per_session,
-            metrics=app.state.metrics,
+            settings, "erasures", settings.erasures_per_client, settings.erasures_per_session, metrics=app.state.metrics
         )
         yield
         await app.state.backlog.aclose()
@@ -69,7 +59,7 @@ def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
         await app.state.vote_limiter.aclose()
         store.dispose()
 
-    app = service_app("feedback", settings, lifespan, api.router)
+    app = service_app(settings, lifespan, api.router)
     app.state.session_secrets = settings.session_hash_secrets()  # refuse to start without the secrets
     app.state.metrics.registry.register(DroppedVotes(app))
     return app

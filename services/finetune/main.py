@@ -45,7 +45,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = start_service(app, "finetune", settings, Store)
+        store = start_service(app, settings, Store)
         sync = None
         if settings.serving_base_url:
             sync = asyncio.create_task(keep_engine_in_sync(store, settings))
@@ -59,6 +59,6 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"serving_base_url": settings.public_serving_url}
 
-    app = service_app("finetune", settings, lifespan, api.router, health=health)
+    app = service_app(settings, lifespan, api.router, health=health)
     app.mount(PREFIX, ServingMount(lambda: app.state.store, settings))
     return app

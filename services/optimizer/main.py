@@ -23,11 +23,11 @@ def create_app(settings: OptimizerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = start_service(app, "optimizer", settings, Store)
+        store = start_service(app, settings, Store)
         app.state.generator = make_generator(settings)
         registry.ensure_seeded(store.uow(), settings.seed_model())
         relay(store.factory, outbox, app.state.bus)
         yield
         store.dispose()
 
-    return service_app("optimizer", settings, lifespan, api.router)
+    return service_app(settings, lifespan, api.router)

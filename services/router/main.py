@@ -22,13 +22,12 @@ def create_app(settings: RouterSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = start_service(app, "router", settings, Store)
+        store = start_service(app, settings, Store)
         handlers.ensure_seeded(store.uow(), settings.resolved_default_model())
         app.state.routing = RoutingCache(store)
         app.state.providers = ProviderSet(settings)
         app.state.limiter = RateLimiter.per_client_and_session(
             settings,
-            "router",
             "explanations",
             settings.explanations_per_client,
             settings.explanations_per_session,
@@ -47,7 +46,7 @@ def create_app(settings: RouterSettings | None = None) -> FastAPI:
         app.state.budget.close()
         store.dispose()
 
-    app = service_app("router", settings, lifespan, api.router)
+    app = service_app(settings, lifespan, api.router)
     settings.require_session_hash_key()  # refuse to start without the secret that keys sessions
     app.state.router_metrics = api.RouterMetrics.register(app.state.metrics)
     return app
