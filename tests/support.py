@@ -111,6 +111,25 @@ class ServedApp:
         self.stop()
 
 
+class ServesApp:
+    """`start`, `stop` and `with` for a fake server whose app is served by its `ServedApp` (`self._served`)."""
+
+    _served: ServedApp
+
+    def start(self, timeout_s: float | None = None) -> Self:
+        self._served.start(timeout_s)
+        return self
+
+    def stop(self) -> None:
+        self._served.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # -- database backends for the store tests -------------------------------------------------------------------
 
 #: Where the PostgreSQL store tests run (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test). Unset: the local

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gateway.redis_server import free_port
-from tests.support import ServedApp
+from tests.support import ServedApp, ServesApp
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Behaviour:
 
 
 @dataclass
-class FakeOpenAIServer:
+class FakeOpenAIServer(ServesApp):
     port: int = 0
     behaviour: Behaviour = field(default_factory=Behaviour)
     requests: list[Received] = field(default_factory=list)
@@ -150,16 +150,6 @@ class FakeOpenAIServer:
         app.add_api_route("/openai/v1/chat/completions", chat, methods=["POST"])
         return app
 
-    def start(self, timeout_s: float = 10.0) -> FakeOpenAIServer:
-        self._served.start(timeout_s)
-        return self
-
     def stop(self) -> None:
         self._release.set()
-        self._served.stop()
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().stop()

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gateway.redis_server import free_port
-from tests.support import ServedApp
+from tests.support import ServedApp, ServesApp
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -35,7 +35,7 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 
 @dataclass
-class FakeVLLM:
+class FakeVLLM(ServesApp):
     served_model_name: str = "base"
     api_key: str | None = None
     allow_runtime_lora_updating: bool = True
@@ -119,16 +119,3 @@ class FakeVLLM:
             }
 
         return app
-
-    def start(self, timeout_s: float = 10.0) -> FakeVLLM:
-        self._served.start(timeout_s)
-        return self
-
-    def stop(self) -> None:
-        self._served.stop()
-
-    def __enter__(self) -> FakeVLLM:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
