@@ -356,17 +356,14 @@ class DashboardRepository(MessageLog):
     def erase_votes(self, feedback_ids: list[str], at: datetime) -> int:
         removed = 0
         for fid in feedback_ids:
-            owner = self.s.execute(select(votes.c.explanation_id).where(votes.c.feedback_id == fid)).first()
+            owner = value_of(self.s, votes, "feedback_id", "explanation_id", fid)
             removed += rowcount(self.s.execute(delete(votes).where(votes.c.feedback_id == fid)))
             if owner is not None:
-                self.refresh_vote_totals(owner.explanation_id)
-            previous = self.s.execute(select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == fid)).first()
-            if previous is None:
-                self.s.execute(erased_votes.insert().values(feedback_id=fid, erased_at=as_utc(at)))
-            elif as_utc(at) > as_utc(previous.erased_at):
-                self.s.execute(
-                    erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=as_utc(at))
-                )
+                self.refresh_vote_totals(owner)
+            previous = value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
+            if previous is None or as_utc(at) > as_utc(previous):  # the latest erasure counts
+                row = {"feedback_id": fid, "erased_at": as_utc(at)}
+                upsert(self.s, erased_votes, "feedback_id", row, exists=previous is not None)
         return removed
 
     def forget_session_messages(self, session_key: str) -> None:
