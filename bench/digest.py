@@ -25,7 +25,6 @@ import argparse
 import os
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from bench.feedback_throughput import _serve
+from bench.feedback_throughput import _serve, seed_explanations
 from bench.loadgen import closed_loop, open_loop
 from gateway.redis_server import RedisServer, free_port
 from gateway.run import worker_command
@@ -82,41 +81,6 @@ def _wait(check: Callable[..., Any], timeout_s: float, interval_s: float = 0.05)
             return time.perf_counter() - start
         time.sleep(interval_s)
     return None
-
-
-def _seed(env: dict[str, str], n: int) -> list[uuid.UUID]:
-    """n explanations, written into the feedback, optimizer and dashboard stores by their own handlers (in
-    batches, as their workers would digest the ExplanationCreated events); explanation i was served to session
-    f"bench-{i}"."""
-    code = (
-        "import uuid\n"
-        "from datetime import datetime, UTC\n"
-        "from services.feedback.config import get_settings\n"
-        "from services.feedback import handlers as fh, store as fs\n"
-        "from services.optimizer import handlers as oh, store as os_\n"
-        "from services.dashboard import handlers as dh, store as ds\n"
-        "from services.optimizer.config import get_settings as ocfg\n"
-        "from services.dashboard.config import get_settings as dcfg\n"
-        "from shared.contracts import ExplanationCreated\n"
-        "from shared.db import run_in_one_transaction\n"
-        "from shared.privacy import session_key\n"
-        "s = get_settings()\n"
-        "sinks = [(fh.on_explanation_created, fs.Store(s.db_url)),"
-        " (oh.on_explanation_created, os_.Store(ocfg().db_url)),"
-        " (dh.on_explanation_created, ds.Store(dcfg().db_url))]\n"
-        "events = []\n"
-        f"for i in range({n}):\n"
-        "    eid = uuid.uuid4(); print(eid)\n"
-        "    events.append(ExplanationCreated(explanation_id=eid, request_key='r', ticker='AAPL', signal='BUY',"
-        " prompt_name='explain_signal', prompt_version='v1.0', model='offline/template-v1', provider='offline',"
-        " prompt_text='p', text='t', tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0,"
-        " created_at=datetime.now(UTC), session_key=session_key(f'bench-{i}', s.require_session_hash_key())))\n"
-        "for k in range(0, len(events), 500):\n"
-        "    for each, store in sinks:\n"
-        "        assert all(ok for ok, _ in run_in_one_transaction(store.uow(), events[k:k + 500], each))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-    return [uuid.UUID(line) for line in out.stdout.split()][-n:]
 
 
 def store_phase(tmp: Path, n: int) -> dict[str, tuple[float, float]]:
@@ -246,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         stores = Stores(Path(tmp), seeded)
         t0 = time.perf_counter()
-        eids = _seed(env, seeded)
+        eids = seed_explanations(env, seeded, ("feedback", "optimizer", "dashboard"))
         seed_s = time.perf_counter() - t0
         fb_port, dash_port = free_port(), free_port()
         apis = [

@@ -66,25 +66,33 @@ def _serve(factory: str, port: int, env: dict[str, str], timeout_s: float = 30.0
 SESSIONS = 1000  # votes cycle over this many (explanation, session) pairs: only the served session's vote counts
 
 
-def _seed_explanations(env: dict[str, str], n: int) -> list[uuid.UUID]:
-    """n explanations in the feedback replica, explanation i served to session f"bench-{i}"."""
+def seed_explanations(env: dict[str, str], n: int, services: tuple[str, ...] = ("feedback",)) -> list[uuid.UUID]:
+    """n explanations, written into the stores of `services` by their own handlers (in batches, as their workers
+    would digest the ExplanationCreated events), in a process with `env`; explanation i was served to session
+    f"bench-{i}"."""
     code = (
-        "import uuid,sys\n"
+        "import importlib, uuid\n"
         "from datetime import datetime, UTC\n"
         "from services.feedback.config import get_settings\n"
-        "from services.feedback.store import Store\n"
-        "from services.feedback import handlers\n"
         "from shared.contracts import ExplanationCreated\n"
+        "from shared.db import run_in_one_transaction\n"
         "from shared.privacy import session_key\n"
-        "s = get_settings(); store = Store(s.db_url)\n"
+        "s = get_settings()\n"
+        "sinks = []\n"
+        f"for service in {list(services)!r}:\n"
+        "    handlers, store, config = (importlib.import_module(f'services.{service}.{m}')"
+        " for m in ('handlers', 'store', 'config'))\n"
+        "    sinks.append((handlers.on_explanation_created, store.Store(config.get_settings().db_url)))\n"
+        "events = []\n"
         f"for i in range({n}):\n"
-        "    eid = uuid.uuid4()\n"
-        "    handlers.on_explanation_created(ExplanationCreated(explanation_id=eid, request_key='r', ticker='AAPL',"
-        " signal='BUY', prompt_name='explain_signal', prompt_version='v1.0', model='offline/template-v1',"
-        " provider='offline', prompt_text='p', text='t', tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0,"
-        " created_at=datetime.now(UTC), session_key=session_key(f'bench-{i}', s.require_session_hash_key())),"
-        " store.uow())\n"
-        "    print(eid)\n"
+        "    eid = uuid.uuid4(); print(eid)\n"
+        "    events.append(ExplanationCreated(explanation_id=eid, request_key='r', ticker='AAPL', signal='BUY',"
+        " prompt_name='explain_signal', prompt_version='v1.0', model='offline/template-v1', provider='offline',"
+        " prompt_text='p', text='t', tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0,"
+        " created_at=datetime.now(UTC), session_key=session_key(f'bench-{i}', s.require_session_hash_key())))\n"
+        "for k in range(0, len(events), 500):\n"
+        "    for each, store in sinks:\n"
+        "        assert all(ok for ok, _ in run_in_one_transaction(store.uow(), events[k:k + 500], each))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return [uuid.UUID(line) for line in out.stdout.split()][-n:]
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             # per-session limit stays at its default (about 10 votes per session in a default run).
             FEEDBACK_VOTES_PER_CLIENT="100000000/minute",
         )
-        eids = _seed_explanations(env, SESSIONS)
+        eids = seed_explanations(env, SESSIONS)
 
         bare_tp, bare_lat, bare_cpu = _serve_and_measure("bench.bare_app:create_app", "/bare", eids, env, args)
         fb_tp, fb_lat, fb_cpu = _serve_and_measure(

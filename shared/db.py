@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast
@@ -382,6 +382,20 @@ def processed_table(metadata: MetaData) -> Table:
     )
 
 
+def erased_votes_table(metadata: MetaData) -> Table:
+    """The ids of votes erased at their session's request (GDPR), with when, in a service that keeps votes
+    from `FeedbackRecorded`: the queue does not keep order, so a vote cast before the erasure that arrives
+    after it must be recognised and dropped (`shared.votes.erased_before`), not brought back."""
+    from sqlalchemy import Column, DateTime, String
+
+    return Table(
+        "erased_votes",
+        metadata,
+        Column("feedback_id", String(36), primary_key=True),
+        Column("erased_at", DateTime(timezone=True), nullable=False),
+    )
+
+
 class MessageLog:
     """The base of a service's repository: `self.s` is the session it is made with, `processed` its
     `processed_table` (idempotency: the message ids its handlers have applied)."""
@@ -484,3 +498,30 @@ def values_by_key(s: Session, table: Table, key: str, column: str, keys: Iterabl
     """`column` of the rows of `table` whose `key` column is one of `keys`, by key (one query per `IN_CHUNK`)."""
     q = select(table.c[key], table.c[column])
     return dict(select_in(s, q, table.c[key], sorted(set(keys))))
+
+
+def value_of(s: Session, table: Table, key: str, column: str, value: Any) -> Any:
+    """`column` of the row of `table` whose `key` column is `value`, or None where there is no such row
+    (`values_by_key` for one key)."""
+    row = s.execute(select(table.c[column]).where(table.c[key] == value)).first()
+    return None if row is None else row[0]
+
+
+def insert_new(s: Session, table: Table, key: str, values: Mapping[str, Any]) -> bool:
+    """Insert `values` unless `table` has a row with their `key` already (an event delivered again): True when
+    inserted."""
+    if value_of(s, table, key, key, values[key]) is not None:
+        return False
+    s.execute(table.insert().values(**values))
+    return True
+
+
+def upsert(s: Session, table: Table, key: str, values: Mapping[str, Any], *, exists: bool | None = None) -> None:
+    """`values` as the row of `table` with their `key`: that row updated where it exists, else inserted.
+    `exists`: whether it does, where the caller knows (else it is looked up)."""
+    if exists is None:
+        exists = value_of(s, table, key, key, values[key]) is not None
+    if exists:
+        s.execute(table.update().where(table.c[key] == values[key]).values(**values))
+    else:
+        s.execute(table.insert().values(**values))

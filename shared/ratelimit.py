@@ -19,10 +19,12 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 from fastapi import HTTPException
 from limits import RateLimitItem, parse
+
+from shared.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,21 @@ class _Door:
         self.rules = _rules(limits_by_scope, enabled)
         self.metrics = metrics
         self._connect(redis_url, timeout_s)
+
+    @classmethod
+    def per_client_and_session(
+        cls, settings: ServiceSettings, door: str, client: str, session: str, *, metrics: Any
+    ) -> Self:
+        """A door of the service `settings` are of, limited per client and per session (`client`, `session`:
+        limits such as "10/minute"), counted on the service's Redis, off where the settings turn limits off."""
+        return cls(
+            settings.redis_url,
+            settings.service,
+            door,
+            {"client": client, "session": session},
+            enabled=settings.rate_limits_enabled,
+            metrics=metrics,
+        )
 
     def _connect(self, redis_url: str, timeout_s: float) -> None:
         raise NotImplementedError

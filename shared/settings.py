@@ -5,7 +5,7 @@ shares them (one Redis, one admin token, one session-hash key)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +19,11 @@ def _common(name: str, default: Any = ..., **kw: Any) -> Any:
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    #: The service these settings are of: a subclass names it (its store's SQLite file is `<service>.db`).
+    service: ClassVar[str]
+    # The service's store, read with the service's env prefix (FEEDBACK_DATABASE_URL, ...); unset: `sqlite_url`.
+    database_url: str | None = None
 
     redis_url: str = _common("REDIS_URL", "redis://127.0.0.1:6379/0")
     # Secrets have no default: a service refuses to start without them (`make run` generates them).
@@ -48,6 +53,11 @@ class ServiceSettings(BaseSettings):
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    @property
+    def db_url(self) -> str:
+        """The URL of the service's store: its DATABASE_URL, else its SQLite file under DATA_DIR."""
+        return self.database_url or self.sqlite_url(self.service)
 
     def require_admin_token(self) -> str:
         if self.admin_token is None or not self.admin_token.get_secret_value():

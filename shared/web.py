@@ -1,5 +1,6 @@
 """The HTTP surface every service shares: JSON errors with the right status, `/healthz`, `/metrics`,
-a body-size limit, the browser doors (JSON bodies only, allowed origins), and the admin bearer-token dependency."""
+a body-size limit, the browser doors (JSON bodies only, allowed origins), the admin bearer-token dependency, and
+the app every service's `create_app()` builds (`service_app`) and starts (`start_service`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -18,9 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.settings import ServiceSettings
+
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+
+StoreT = TypeVar("StoreT")
 
 
 def from_state(name: str) -> Any:
@@ -409,6 +415,39 @@ def install_common(
 
     metrics.registry.register(_DeadLetterGauge(app, service))
     return metrics
+
+
+def service_app(
+    settings: ServiceSettings,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    router: APIRouter,
+    *,
+    health: Callable[[], dict[str, Any]] | None = None,
+) -> FastAPI:
+    """The app of the service `settings` are of: it refuses to be made without the admin token (its admin routes, the dead-letter list
+    among them, could not be protected), keeps its settings in `app.state.settings` (read by the admin check
+    and, in `install_common`, for the allowed origins), has the common surface (`install_common`; the metrics
+    in `app.state.metrics`) and the service's routes."""
+    settings.require_admin_token()
+    app = FastAPI(title=settings.service, lifespan=lifespan)
+    app.state.settings = settings
+    install_common(app, settings.service, health=health)
+    app.include_router(router)
+    return app
+
+
+def start_service(app: FastAPI, settings: ServiceSettings, make_store: Callable[[str], StoreT]) -> StoreT:
+    """What every service's lifespan does first: its logging configured, its store opened (`app.state.store`,
+    which `/healthz` checks and the routes use) and its bus (`app.state.bus`: the Celery app it publishes
+    with and whose broker `/healthz` checks). Returns the store."""
+    from shared.bus import api_bus
+    from shared.logging import configure_logging
+
+    configure_logging(settings.service, settings.log_level)
+    store = make_store(settings.db_url)
+    app.state.store = store
+    app.state.bus = api_bus(settings.service, settings)
+    return store
 
 
 #: Declares the admin token in the OpenAPI documents (each service's and the gateway's). The check itself is

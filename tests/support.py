@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, cast
 
 import pytest
 from fastapi import FastAPI
@@ -64,6 +65,69 @@ def wait_for(
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value: {last!r}")
+
+
+class ServedApp:
+    """An ASGI app served by uvicorn on 127.0.0.1:`port` in a daemon thread, for what needs a real port (a
+    fake provider, a service's app followed over HTTP): `start()` returns once it answers (within `timeout_s`),
+    `stop()` lets it finish; also a context manager. `config`: more `uvicorn.Config` options."""
+
+    def __init__(self, app: Any, port: int, *, name: str = "app", timeout_s: float = 10.0, **config: Any) -> None:
+        self.app, self.port, self.name, self.timeout_s, self.config = app, port, name, timeout_s, config
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float | None = None) -> Self:
+        import uvicorn
+
+        server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", **self.config)
+        )
+        thread = threading.Thread(target=server.run, name=self.name, daemon=True)
+        self._server, self._thread = server, thread
+        thread.start()
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"{self.name} did not start on port {self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServesApp:
+    """`start`, `stop` and `with` for a fake server whose app is served by its `ServedApp` (`self._served`)."""
+
+    _served: ServedApp
+
+    def start(self, timeout_s: float | None = None) -> Self:
+        self._served.start(timeout_s)
+        return self
+
+    def stop(self) -> None:
+        self._served.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # -- database backends for the store tests -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from shared.settings import ServiceSettings
 class DashboardSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="DASHBOARD_", extra="ignore", populate_by_name=True)
 
-    database_url: str | None = None
+    service = "dashboard"
     # Reads: the default and largest `days=` window, and how the per-ticker league tables are cut.
     default_days: int = 30
     max_days: int = 3650
@@ -32,10 +32,6 @@ class DashboardSettings(ServiceSettings):
     # Live stream: how often it looks for a change, and how often it sends a heartbeat comment.
     stream_poll_s: float = 1.0
     stream_heartbeat_s: float = 15.0
-
-    @property
-    def db_url(self) -> str:
-        return self.database_url or self.sqlite_url("dashboard")
 
 
 @lru_cache

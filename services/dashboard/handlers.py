@@ -10,7 +10,14 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from services.dashboard import domain, forecast
-from services.dashboard.store import BY_ARM, BY_TICKER, BY_TIME, ExplanationExportRow, SqlUnitOfWork
+from services.dashboard.store import (
+    BY_ARM,
+    BY_TICKER,
+    BY_TIME,
+    DashboardRepository,
+    ExplanationExportRow,
+    SqlUnitOfWork,
+)
 from shared import votes
 from shared.clock import as_utc
 from shared.contracts import (
@@ -41,6 +48,16 @@ def _once(event: Event, uow: SqlUnitOfWork, apply: Callable[[SqlUnitOfWork], Any
         return result
 
     return handle_once(uow, event.message_id, apply_and_bump)
+
+
+def _store_once(event: Event, uow: SqlUnitOfWork, write: Callable[[DashboardRepository], object]) -> str:
+    """Apply an event that only writes its row to the read model (`write(repo)`), once (`_once`): 'stored'."""
+
+    def apply(uow: SqlUnitOfWork) -> str:
+        write(uow.repo)
+        return "stored"
+
+    return _once(event, uow, apply)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,21 +161,16 @@ def on_feedback_erased(event: FeedbackErased, uow: SqlUnitOfWork) -> int | str:
 
 
 def on_champion_changed(event: ChampionChanged, uow: SqlUnitOfWork) -> str:
-    def apply(uow: SqlUnitOfWork) -> str:
-        uow.repo.add_champion_change(
-            {
-                "message_id": str(event.message_id),
-                "prompt_name": event.prompt.name,
-                "version": event.prompt.version,
-                "model": event.model,
-                "previous_version": event.previous_version,
-                "reason": event.reason,
-                "changed_at": as_utc(event.occurred_at),
-            }
-        )
-        return "stored"
-
-    return _once(event, uow, apply)
+    row = {
+        "message_id": str(event.message_id),
+        "prompt_name": event.prompt.name,
+        "version": event.prompt.version,
+        "model": event.model,
+        "previous_version": event.previous_version,
+        "reason": event.reason,
+        "changed_at": as_utc(event.occurred_at),
+    }
+    return _store_once(event, uow, lambda repo: repo.add_champion_change(row))
 
 
 def on_experiment_started(event: ExperimentStarted, uow: SqlUnitOfWork) -> str:
@@ -188,38 +200,27 @@ def on_experiment_started(event: ExperimentStarted, uow: SqlUnitOfWork) -> str:
 
 
 def on_experiment_concluded(event: ExperimentConcluded, uow: SqlUnitOfWork) -> str:
-    def apply(uow: SqlUnitOfWork) -> str:
-        uow.repo.upsert_experiment(
-            event.experiment_id,
-            {
-                "status": "concluded",
-                "decision": event.decision,
-                "winner_arm_id": event.winner_arm_id,
-                "reason": event.reason,
-                "concluded_at": as_utc(event.occurred_at),
-            },
-        )
-        return "stored"
-
-    return _once(event, uow, apply)
+    values = {
+        "status": "concluded",
+        "decision": event.decision,
+        "winner_arm_id": event.winner_arm_id,
+        "reason": event.reason,
+        "concluded_at": as_utc(event.occurred_at),
+    }
+    return _store_once(event, uow, lambda repo: repo.upsert_experiment(event.experiment_id, values))
 
 
 def on_model_registered(event: ModelRegistered, uow: SqlUnitOfWork) -> str:
-    def apply(uow: SqlUnitOfWork) -> str:
-        uow.repo.add_model(
-            {
-                "model_id": event.model_id,
-                "model": event.model,
-                "base_model": event.base_model,
-                "serving_base_url": event.serving_base_url,
-                "metrics": dict(event.metrics),
-                "cost_per_1k_tokens_usd": event.cost_per_1k_tokens_usd,
-                "registered_at": as_utc(event.occurred_at),
-            }
-        )
-        return "stored"
-
-    return _once(event, uow, apply)
+    row = {
+        "model_id": event.model_id,
+        "model": event.model,
+        "base_model": event.base_model,
+        "serving_base_url": event.serving_base_url,
+        "metrics": dict(event.metrics),
+        "cost_per_1k_tokens_usd": event.cost_per_1k_tokens_usd,
+        "registered_at": as_utc(event.occurred_at),
+    }
+    return _store_once(event, uow, lambda repo: repo.add_model(row))
 
 
 def on_finetune_progress(event: FineTuneProgress, uow: SqlUnitOfWork) -> str:

@@ -16,9 +16,7 @@ from prometheus_client.registry import Collector
 from services.dashboard import api, handlers
 from services.dashboard.config import DashboardSettings, get_settings
 from services.dashboard.store import Store
-from shared.bus import api_bus
-from shared.logging import configure_logging
-from shared.web import install_common
+from shared.web import service_app, start_service
 
 log = logging.getLogger(__name__)
 
@@ -104,25 +102,18 @@ class StatsCollector(Collector):
 
 def create_app(settings: DashboardSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    settings.require_admin_token()  # refuse to start without the secret that guards the admin reads
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging("dashboard", settings.log_level)
-        app.state.store = Store(settings.db_url)
-        app.state.bus = api_bus(
-            "dashboard", settings
-        )  # reads the queues' lag for the figures; the dashboard publishes nothing
+        # The bus only reads the queues' lag for the figures: the dashboard publishes nothing.
+        store = start_service(app, settings, Store)
         yield
-        app.state.store.dispose()
+        store.dispose()
 
-    app = FastAPI(title="dashboard", lifespan=lifespan)
-    app.state.settings = settings
+    app = service_app(settings, lifespan, api.router)
     app.state.snapshots = handlers.SnapshotCache()
-    metrics = install_common(app, "dashboard")
-    metrics.registry.register(StreamGauge(app))
+    app.state.metrics.registry.register(StreamGauge(app))
     app.state.learning_registry = CollectorRegistry()
     app.state.learning_registry.register(StatsCollector(app, settings))
-    app.include_router(api.router)
     app.mount("/static", StaticFiles(directory=api.STATIC_DIR), name="static")
     return app

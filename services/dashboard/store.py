@@ -39,10 +39,14 @@ from shared.db import (
     MessageLog,
     SqlStore,
     UnitOfWork,
+    erased_votes_table,
     explanations_voted_but_unknown,
+    insert_new,
     processed_table,
     rowcount,
     select_in,
+    upsert,
+    value_of,
     values_by_key,
     write_rows,
 )
@@ -99,13 +103,7 @@ votes = Table(
     Column("ticker", String(32), nullable=False),
 )
 
-# Votes erased at a session's request: a vote cast before that which arrives later must not come back.
-erased_votes = Table(
-    "erased_votes",
-    metadata,
-    Column("feedback_id", String(36), primary_key=True),
-    Column("erased_at", DateTime(timezone=True), nullable=False),
-)
+erased_votes = erased_votes_table(metadata)
 
 experiments = Table(
     "experiments",
@@ -291,12 +289,8 @@ class DashboardRepository(MessageLog):
 
     # -- explanations -----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> bool:
-        exists = self.s.execute(
-            select(explanations.c.explanation_id).where(explanations.c.explanation_id == values["explanation_id"])
-        ).first()
-        if exists is not None:
+        if not insert_new(self.s, explanations, "explanation_id", values):
             return False
-        self.s.execute(explanations.insert().values(**values))
         self.refresh_vote_totals(values["explanation_id"])  # votes that arrived first count now
         return True
 
@@ -318,20 +312,13 @@ class DashboardRepository(MessageLog):
         return explanations_voted_but_unknown(self.s, votes, explanations, since, until)
 
     def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
-        row = self.s.execute(select(votes.c.submitted_at).where(votes.c.feedback_id == str(feedback_id))).first()
-        return row.submitted_at if row else None
+        return value_of(self.s, votes, "feedback_id", "submitted_at", str(feedback_id))
 
     def erased_at(self, feedback_id: uuid.UUID) -> datetime | None:
-        row = self.s.execute(
-            select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == str(feedback_id))
-        ).first()
-        return row.erased_at if row else None
+        return value_of(self.s, erased_votes, "feedback_id", "erased_at", str(feedback_id))
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
-        if replace:
-            self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
-        else:
-            self.s.execute(votes.insert().values(**values))
+        upsert(self.s, votes, "feedback_id", values, exists=replace)
         self.refresh_vote_totals(values["explanation_id"])
 
     def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
@@ -382,17 +369,14 @@ class DashboardRepository(MessageLog):
     def erase_votes(self, feedback_ids: list[str], at: datetime) -> int:
         removed = 0
         for fid in feedback_ids:
-            owner = self.s.execute(select(votes.c.explanation_id).where(votes.c.feedback_id == fid)).first()
+            owner = value_of(self.s, votes, "feedback_id", "explanation_id", fid)
             removed += rowcount(self.s.execute(delete(votes).where(votes.c.feedback_id == fid)))
             if owner is not None:
-                self.refresh_vote_totals(owner.explanation_id)
-            previous = self.s.execute(select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == fid)).first()
-            if previous is None:
-                self.s.execute(erased_votes.insert().values(feedback_id=fid, erased_at=as_utc(at)))
-            elif as_utc(at) > as_utc(previous.erased_at):
-                self.s.execute(
-                    erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=as_utc(at))
-                )
+                self.refresh_vote_totals(owner)
+            previous = value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
+            if previous is None or as_utc(at) > as_utc(previous):  # the latest erasure counts
+                row = {"feedback_id": fid, "erased_at": as_utc(at)}
+                upsert(self.s, erased_votes, "feedback_id", row, exists=previous is not None)
         return removed
 
     def forget_session_messages(self, session_key: str) -> None:
@@ -419,11 +403,7 @@ class DashboardRepository(MessageLog):
         self.s.execute(champions.insert().values(**values))
 
     def add_model(self, values: dict[str, Any]) -> None:
-        exists = self.s.execute(select(models.c.model_id).where(models.c.model_id == values["model_id"])).first()
-        if exists is None:
-            self.s.execute(models.insert().values(**values))
-        else:
-            self.s.execute(models.update().where(models.c.model_id == values["model_id"]).values(**values))
+        upsert(self.s, models, "model_id", values)
 
     def upsert_finetune_job(self, values: dict[str, Any]) -> bool:
         row = self.s.execute(
@@ -439,11 +419,7 @@ class DashboardRepository(MessageLog):
 
     # -- alerts -----------------------------------------------------------------------------------------
     def add_alert(self, values: dict[str, Any]) -> bool:
-        exists = self.s.execute(select(alerts.c.alert_id).where(alerts.c.alert_id == values["alert_id"])).first()
-        if exists is not None:
-            return False
-        self.s.execute(alerts.insert().values(**values))
-        return True
+        return insert_new(self.s, alerts, "alert_id", values)
 
     # -- reads ------------------------------------------------------------------------------------------
     def cells(

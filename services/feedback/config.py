@@ -14,7 +14,7 @@ from shared.settings import ServiceSettings
 class FeedbackSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FEEDBACK_", extra="ignore", populate_by_name=True)
 
-    database_url: str | None = None
+    service = "feedback"
     max_comment_chars: int = 2000
     max_session_id_chars: int = 200
     # When the local replica does not know an explanation id yet, ask the router (its published HTTP
@@ -48,10 +48,6 @@ class FeedbackSettings(ServiceSettings):
     @classmethod
     def _check_limit(cls, value: str) -> str:
         return check_rate(value)
-
-    @property
-    def db_url(self) -> str:
-        return self.database_url or self.sqlite_url("feedback")
 
 
 @lru_cache

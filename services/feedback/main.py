@@ -13,10 +13,8 @@ from services.feedback import api, handlers
 from services.feedback.config import FeedbackSettings, get_settings
 from services.feedback.intake import GroupCommitSender, IntakeJournal
 from services.feedback.store import Store
-from shared.bus import api_bus
-from shared.logging import configure_logging
 from shared.ratelimit import AsyncRateLimiter, RateLimiter
-from shared.web import install_common
+from shared.web import service_app, start_service
 
 
 class DroppedVotes:
@@ -39,45 +37,29 @@ class DroppedVotes:
 
 def create_app(settings: FeedbackSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    settings.require_admin_token()  # refuse to start without the secrets
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging("feedback", settings.log_level)
-        app.state.store = Store(settings.db_url)
-        app.state.bus = api_bus("feedback", settings)
+        store = start_service(app, settings, Store)
         journal = IntakeJournal(settings.redis_url, "feedback")
         app.state.sender = GroupCommitSender(app.state.bus.app, journal=journal)
         app.state.known_ids = api.KnownIds()
         app.state.http = httpx.AsyncClient()
         app.state.backlog = api.Backlog(settings.redis_url, "feedback", journal.hash_key)
-        app.state.vote_limiter = AsyncRateLimiter(
-            settings.redis_url,
-            "feedback",
-            "votes",
-            {"client": settings.votes_per_client, "session": settings.votes_per_session},
-            enabled=settings.rate_limits_enabled,
-            metrics=metrics,
+        app.state.vote_limiter = AsyncRateLimiter.per_client_and_session(
+            settings, "votes", settings.votes_per_client, settings.votes_per_session, metrics=app.state.metrics
         )
-        app.state.erasure_limiter = RateLimiter(
-            settings.redis_url,
-            "feedback",
-            "erasures",
-            {"client": settings.erasures_per_client, "session": settings.erasures_per_session},
-            enabled=settings.rate_limits_enabled,
-            metrics=metrics,
+        app.state.erasure_limiter = RateLimiter.per_client_and_session(
+            settings, "erasures", settings.erasures_per_client, settings.erasures_per_session, metrics=app.state.metrics
         )
         yield
         await app.state.backlog.aclose()
         await app.state.http.aclose()
         await app.state.sender.aclose()
         await app.state.vote_limiter.aclose()
-        app.state.store.dispose()
+        store.dispose()
 
-    app = FastAPI(title="feedback", lifespan=lifespan)
-    app.state.settings = settings
-    app.state.session_secrets = settings.session_hash_secrets()
-    metrics = install_common(app, "feedback")
-    metrics.registry.register(DroppedVotes(app))
-    app.include_router(api.router)
+    app = service_app(settings, lifespan, api.router)
+    app.state.session_secrets = settings.session_hash_secrets()  # refuse to start without the secrets
+    app.state.metrics.registry.register(DroppedVotes(app))
     return app

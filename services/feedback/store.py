@@ -26,7 +26,18 @@ from sqlalchemy import (
 from services.feedback.domain import StoredVote
 from shared.clock import as_utc
 from shared.contracts import Signal, utcnow
-from shared.db import IN_CHUNK, MessageLog, SqlStore, UnitOfWork, processed_table, rowcount, select_in, write_rows
+from shared.db import (
+    IN_CHUNK,
+    MessageLog,
+    SqlStore,
+    UnitOfWork,
+    processed_table,
+    rowcount,
+    select_in,
+    upsert,
+    value_of,
+    write_rows,
+)
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
@@ -206,8 +217,7 @@ class FeedbackRepository(MessageLog):
 
     # -- votes ------------------------------------------------------------------------------------------
     def vote_submitted_at(self, feedback_id: uuid.UUID | str) -> datetime | None:
-        row = self.s.execute(select(feedback.c.submitted_at).where(feedback.c.feedback_id == str(feedback_id))).first()
-        return row.submitted_at if row else None
+        return value_of(self.s, feedback, "feedback_id", "submitted_at", str(feedback_id))
 
     def vote(self, feedback_id: uuid.UUID) -> StoredVote | None:
         row = self.s.execute(
@@ -380,10 +390,7 @@ class FeedbackRepository(MessageLog):
         self.s.execute(delete(served_to).where(served_to.c.session_key == session_key))
         tag = erasure_tag(session_key)
         self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == tag))
-        if self.s.execute(select(erasures.c.session_key).where(erasures.c.session_key == tag)).first() is None:
-            self.s.execute(erasures.insert().values(session_key=tag, erased_at=at))
-        else:
-            self.s.execute(erasures.update().where(erasures.c.session_key == tag).values(erased_at=at))
+        upsert(self.s, erasures, "session_key", {"session_key": tag, "erased_at": at})
         forget_session(self.s, outbox, [session_key])
         forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
         return [r.feedback_id for r in rows], explanation_ids

@@ -15,7 +15,7 @@ from shared.settings import ServiceSettings
 class FinetuneSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FINETUNE_", extra="ignore", populate_by_name=True)
 
-    database_url: str | None = None
+    service = "finetune"
     # Where adapters are written (default: DATA_DIR/finetune/adapters).
     artifacts_dir: Path | None = None
     # A local Hugging Face model directory used when a job names none (the plan names llama-2-7b-chat).
@@ -55,10 +55,6 @@ class FinetuneSettings(ServiceSettings):
     # The fallback server: a ceiling on max_tokens (also capped to the model's context) and its generation threads.
     serving_max_tokens: int = Field(512, ge=1)
     cost_per_1k_tokens_usd: float = Field(0.0, ge=0)
-
-    @property
-    def db_url(self) -> str:
-        return self.database_url or self.sqlite_url("finetune")
 
     @property
     def adapters_dir(self) -> Path:

@@ -18,9 +18,7 @@ from services.finetune import api, jobs
 from services.finetune.config import FinetuneSettings, get_settings
 from services.finetune.serving_mount import PREFIX, ServingMount
 from services.finetune.store import Store
-from shared.bus import api_bus
-from shared.logging import configure_logging
-from shared.web import install_common
+from shared.web import service_app, start_service
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +42,23 @@ async def keep_engine_in_sync(store: Store, settings: FinetuneSettings) -> None:
 
 def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    settings.require_admin_token()  # refuse to start without the secrets
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging("finetune", settings.log_level)
-        app.state.store = Store(settings.db_url)
-        app.state.bus = api_bus("finetune", settings)
+        store = start_service(app, settings, Store)
         sync = None
         if settings.serving_base_url:
-            sync = asyncio.create_task(keep_engine_in_sync(app.state.store, settings))
+            sync = asyncio.create_task(keep_engine_in_sync(store, settings))
         yield
         if sync is not None:
             sync.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sync
-        app.state.store.dispose()
-
-    app = FastAPI(title="finetune", lifespan=lifespan)
-    app.state.settings = settings
+        store.dispose()
 
     def health() -> dict[str, Any]:
         return {"serving_base_url": settings.public_serving_url}
 
-    install_common(app, "finetune", health=health)
-    app.include_router(api.router)
+    app = service_app(settings, lifespan, api.router, health=health)
     app.mount(PREFIX, ServingMount(lambda: app.state.store, settings))
     return app

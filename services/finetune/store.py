@@ -28,7 +28,18 @@ from sqlalchemy import (
 
 from services.finetune import domain
 from shared.contracts import utcnow
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, select_in, values_by_key, write_rows
+from shared.db import (
+    MessageLog,
+    SqlStore,
+    UnitOfWork,
+    insert_new,
+    processed_table,
+    select_in,
+    upsert,
+    value_of,
+    values_by_key,
+    write_rows,
+)
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
@@ -214,13 +225,7 @@ class FinetuneRepository(MessageLog):
 
     # -- training data ----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> bool:
-        exists = self.s.execute(
-            select(explanations.c.explanation_id).where(explanations.c.explanation_id == values["explanation_id"])
-        ).first()
-        if exists is not None:
-            return False
-        self.s.execute(explanations.insert().values(**values))
-        return True
+        return insert_new(self.s, explanations, "explanation_id", values)
 
     def explanations_known(self, explanation_ids: Iterable[str]) -> set[str]:
         """Which of these explanations are kept here (one query per `IN_CHUNK` ids)."""
@@ -233,14 +238,10 @@ class FinetuneRepository(MessageLog):
             self.s.execute(explanations.insert(), rows)
 
     def vote_submitted_at(self, feedback_id: str) -> datetime | None:
-        row = self.s.execute(select(votes.c.submitted_at).where(votes.c.feedback_id == feedback_id)).first()
-        return row.submitted_at if row else None
+        return value_of(self.s, votes, "feedback_id", "submitted_at", feedback_id)
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
-        if replace:
-            self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
-        else:
-            self.s.execute(votes.insert().values(**values))
+        upsert(self.s, votes, "feedback_id", values, exists=replace)
 
     def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
@@ -260,10 +261,7 @@ class FinetuneRepository(MessageLog):
         return self.erased_at(session_key) is not None
 
     def erased_at(self, session_key: str) -> datetime | None:
-        row = self.s.execute(
-            select(erased_sessions.c.erased_at).where(erased_sessions.c.session_key == erasure_tag(session_key))
-        ).first()
-        return row.erased_at if row else None
+        return value_of(self.s, erased_sessions, "session_key", "erased_at", erasure_tag(session_key))
 
     def erased_at_many(self, session_keys: Iterable[str]) -> dict[str, datetime]:
         """`erased_at` for many sessions in one query: the erased ones, by key."""
@@ -324,10 +322,7 @@ class FinetuneRepository(MessageLog):
             "export_ids": export_ids,
             "model_ids": model_ids,
         }
-        if self.is_erased(session_key):
-            self.s.execute(erased_sessions.update().where(erased_sessions.c.session_key == tag).values(**record))
-        else:
-            self.s.execute(erased_sessions.insert().values(**record))
+        upsert(self.s, erased_sessions, "session_key", record)
         return record
 
     def erasures(self, limit: int = 100) -> list[ErasureRow]:

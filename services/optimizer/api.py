@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
@@ -85,14 +87,20 @@ class RollbackBody(Strict):
     model: str | None = Field(default=None, min_length=1, max_length=200)
 
 
-def _http(exc: domain.OptimizerError) -> HTTPException:
-    if isinstance(exc, domain.RateLimited):
-        return HTTPException(
+@contextmanager
+def _as_http() -> Iterator[None]:
+    """What the handlers refuse (`domain.OptimizerError`), as the HTTP answer that says why: the refusal's
+    status, or 429 with when to try again for a rate-limited generation."""
+    try:
+        yield
+    except domain.RateLimited as exc:
+        raise HTTPException(
             429,
             {"message": str(exc), "retry_after_s": math.ceil(exc.retry_after_s)},
             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
-        )
-    return HTTPException(exc.status, str(exc))
+        ) from exc
+    except domain.OptimizerError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -134,10 +142,8 @@ def create_experiment(
         source="manual",
         **options,
     )
-    try:
+    with _as_http():
         created = experiments.create_experiment(spec, store.uow())
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
     relay_after_commit(store.factory, outbox, bus)
     return views.experiment_view(created["experiment_id"], store.uow())
 
@@ -152,10 +158,8 @@ def run_decisions(_: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsD
 
 @router.get("/api/experiments/{experiment_id}")
 def get_experiment(experiment_id: str, store: StoreDep) -> dict[str, Any]:
-    try:
+    with _as_http():
         return views.experiment_view(experiment_id, store.uow())
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
 
 
 @router.post("/api/experiments/{experiment_id}/promote")
@@ -163,20 +167,16 @@ def promote(
     experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: PromoteBody | None = None
 ) -> dict[str, Any]:
     """Promote the winner (or the arm given) to champion and conclude the experiment."""
-    try:
+    with _as_http():
         result = experiments.promote_experiment(experiment_id, store.uow(), arm_id=body.arm_id if body else None)
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
     relay_after_commit(store.factory, outbox, bus)
     return result
 
 
 @router.post("/api/experiments/{experiment_id}/stop")
 def stop(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: StopBody | None = None) -> dict[str, Any]:
-    try:
+    with _as_http():
         result = experiments.stop_experiment(experiment_id, store.uow(), reason=body.reason if body else "")
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
     relay_after_commit(store.factory, outbox, bus)
     return result
 
@@ -184,10 +184,8 @@ def stop(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: St
 @router.post("/api/experiments/{experiment_id}/rollback")
 def rollback_experiment(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Restore the champion this experiment's promotion replaced."""
-    try:
+    with _as_http():
         result = experiments.rollback_experiment(experiment_id, store.uow())
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
     relay_after_commit(store.factory, outbox, bus)
     return result
 
@@ -205,11 +203,9 @@ def list_prompts(store: StoreDep) -> dict[str, Any]:
 @router.get("/api/prompts/{name}")
 def get_prompt(name: str, store: StoreDep, settings: SettingsDep, generator: GeneratorDep) -> dict[str, Any]:
     """The prompt's registry entry, and its variant search: rounds, what each tried and learned, exhausted."""
-    try:
+    with _as_http():
         prompt = views.prompts_view(store.uow(), name)[0]
         return prompt | {"search": search.search_view(store.uow(), name, generator, settings)}
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
 
 
 @router.post("/api/prompts/{name}/variants", status_code=201)
@@ -224,9 +220,8 @@ def generate_variants(
     """Generate variants of the champion (OpenAI with a key, offline rewrites without) with the prompt's search
     history; 429 when rate limited, 409 when the search is exhausted."""
     try:
-        return search.generate_variants(name, store.uow, generator, settings, count=body.count if body else None)
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
+        with _as_http():
+            return search.generate_variants(name, store.uow, generator, settings, count=body.count if body else None)
     except GenerationFailed as exc:
         raise HTTPException(502, str(exc)) from exc
 
@@ -234,20 +229,16 @@ def generate_variants(
 @router.post("/api/prompts/{name}/versions", status_code=201)
 def add_version(name: str, body: VersionBody, _: AdminDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     """Add a hand-written version (validated like a generated variant)."""
-    try:
+    with _as_http():
         return registry.add_version(
             name, body.template, store.uow(), settings, reason=body.reason, parent_version=body.parent_version
         )
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
 
 
 @router.post("/api/prompts/{name}/versions/{version}/archive")
 def archive_version(name: str, version: str, _: AdminDep, store: StoreDep) -> dict[str, Any]:
-    try:
+    with _as_http():
         return registry.archive_version(name, version, store.uow())
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
 
 
 @router.post("/api/prompts/{name}/rollback")
@@ -255,11 +246,9 @@ def rollback_prompt(
     name: str, _: AdminDep, store: StoreDep, bus: BusDep, body: RollbackBody | None = None
 ) -> dict[str, Any]:
     """Restore an earlier champion (the previous one unless a version is given)."""
-    try:
+    with _as_http():
         result = experiments.rollback_prompt(
             name, store.uow(), version=body.version if body else None, model=body.model if body else None
         )
-    except domain.OptimizerError as exc:
-        raise _http(exc) from exc
     relay_after_commit(store.factory, outbox, bus)
     return result

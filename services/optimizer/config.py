@@ -16,7 +16,7 @@ WEEK_S = 7 * 86400.0
 class OptimizerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="OPTIMIZER_", extra="ignore", populate_by_name=True)
 
-    database_url: str | None = None
+    service = "optimizer"
 
     # -- promotion --------------------------------------------------------------------------------------
     # auto: a `ship` decision promotes the winner at once; approve: it waits for POST .../promote.
@@ -65,10 +65,6 @@ class OptimizerSettings(ServiceSettings):
     openai_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("OPENAI_API_KEY"))
     openai_base_url: str | None = Field(None, validation_alias=AliasChoices("OPENAI_BASE_URL"))
     groq_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("GROQ_API_KEY"))
-
-    @property
-    def db_url(self) -> str:
-        return self.database_url or self.sqlite_url("optimizer")
 
     def has_openai(self) -> bool:
         return self.openai_api_key is not None and bool(self.openai_api_key.get_secret_value())

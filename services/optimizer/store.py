@@ -36,10 +36,13 @@ from shared.db import (
     MessageLog,
     SqlStore,
     UnitOfWork,
+    erased_votes_table,
     explanations_voted_but_unknown,
     processed_table,
     rowcount,
     select_in,
+    upsert,
+    value_of,
     values_by_key,
     write_rows,
 )
@@ -166,14 +169,7 @@ votes = Table(
     Column("submitted_at", DateTime(timezone=True), nullable=False),
 )
 
-# Votes erased on request (GDPR): remembered by id, so a FeedbackRecorded that arrives after the erasure
-# (the queue does not keep order) does not bring the vote back.
-erased_votes = Table(
-    "erased_votes",
-    metadata,
-    Column("feedback_id", String(36), primary_key=True),
-    Column("erased_at", DateTime(timezone=True), nullable=False),
-)
+erased_votes = erased_votes_table(metadata)
 
 # Sessions erased on request, by `erasure_tag` (never the key), with the anonymous unit their exposures were
 # given: an explanation served before the erasure whose event arrives after it joins that unit, without the key.
@@ -449,9 +445,7 @@ class OptimizerRepository(MessageLog):
         )
 
     def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
-        q = select(votes.c.submitted_at).where(votes.c.feedback_id == str(feedback_id))
-        row = self.s.execute(q).first()
-        return row.submitted_at if row else None
+        return value_of(self.s, votes, "feedback_id", "submitted_at", str(feedback_id))
 
     def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
@@ -466,10 +460,7 @@ class OptimizerRepository(MessageLog):
         write_rows(self.s, votes, "feedback_id", *batch.writes())
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
-        if replace:
-            self.s.execute(votes.update().where(votes.c.feedback_id == values["feedback_id"]).values(**values))
-        else:
-            self.s.execute(votes.insert().values(**values))
+        upsert(self.s, votes, "feedback_id", values, exists=replace)
 
     def delete_votes(self, feedback_ids: list[str]) -> int:
         if not feedback_ids:
@@ -478,13 +469,7 @@ class OptimizerRepository(MessageLog):
 
     def remember_erased(self, feedback_ids: list[str], erased_at: datetime) -> None:
         for fid in feedback_ids:
-            known = self.s.execute(select(erased_votes.c.feedback_id).where(erased_votes.c.feedback_id == fid)).first()
-            if known is None:
-                self.s.execute(erased_votes.insert().values(feedback_id=fid, erased_at=erased_at))
-            else:
-                self.s.execute(
-                    erased_votes.update().where(erased_votes.c.feedback_id == fid).values(erased_at=erased_at)
-                )
+            upsert(self.s, erased_votes, "feedback_id", {"feedback_id": fid, "erased_at": erased_at})
 
     def erase_session(self, session_key: str, feedback_ids: list[str], explanation_ids: list[str], at: datetime) -> int:
         """Forget an erased session: its votes (the ids the event names, and any vote on an explanation served to
@@ -541,10 +526,7 @@ class OptimizerRepository(MessageLog):
         }
 
     def vote_erased_at(self, feedback_id: uuid.UUID) -> datetime | None:
-        row = self.s.execute(
-            select(erased_votes.c.erased_at).where(erased_votes.c.feedback_id == str(feedback_id))
-        ).first()
-        return row.erased_at if row else None
+        return value_of(self.s, erased_votes, "feedback_id", "erased_at", str(feedback_id))
 
     def count_feedback(self, experiment_id: str) -> int:
         q = select(func.count()).select_from(votes).where(votes.c.experiment_id == experiment_id)

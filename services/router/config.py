@@ -32,7 +32,7 @@ def _plain(name: str, default: Any = None) -> Any:
 class RouterSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ROUTER_", extra="ignore", populate_by_name=True)
 
-    database_url: str | None = None
+    service = "router"
 
     # Providers. Keys are read under their usual names (OPENAI_API_KEY ...), as every SDK user expects.
     openai_api_key: SecretStr | None = _plain("OPENAI_API_KEY")
@@ -83,10 +83,6 @@ class RouterSettings(ServiceSettings):
                     f"ROUTER_PRICES[{model!r}] must be {{'input': usd_per_1m, 'output': usd_per_1m}} with values >= 0"
                 )
         return value
-
-    @property
-    def db_url(self) -> str:
-        return self.database_url or self.sqlite_url("router")
 
     def price_table(self) -> dict[str, dict[str, float]]:
         table = {model: dict(price) for model, price in DEFAULT_PRICES.items()}

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from services.router.domain import Arm, Experiment, Routing, Template
 from shared.clock import as_utc
 from shared.contracts import Signal
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount
+from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount, upsert
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
@@ -266,10 +266,7 @@ class RouterRepository(MessageLog):
 
     def set_champion(self, values: ChampionRow) -> None:
         self.routing_changed()
-        if self.champion() is None:
-            self.s.execute(champion.insert().values(id=1, **values))
-        else:
-            self.s.execute(champion.update().where(champion.c.id == 1).values(**values))
+        upsert(self.s, champion, "id", {"id": 1, **values})
 
     # -- experiments ------------------------------------------------------------------------------------
     def experiment(self, experiment_id: str) -> ExperimentRow | None:
@@ -317,11 +314,7 @@ class RouterRepository(MessageLog):
     # -- models -----------------------------------------------------------------------------------------
     def upsert_model(self, values: ModelRow) -> None:
         self.routing_changed()
-        exists = self.s.execute(select(models.c.model).where(models.c.model == values["model"])).first()
-        if exists is None:
-            self.s.execute(models.insert().values(**values))
-        else:
-            self.s.execute(models.update().where(models.c.model == values["model"]).values(**values))
+        upsert(self.s, models, "model", values)
 
     def delete_model(self, model: str) -> None:
         self.routing_changed()

@@ -19,11 +19,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gateway.redis_server import free_port
+from tests.support import ServedApp, ServesApp
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Behaviour:
 
 
 @dataclass
-class FakeOpenAIServer:
+class FakeOpenAIServer(ServesApp):
     port: int = 0
     behaviour: Behaviour = field(default_factory=Behaviour)
     requests: list[Received] = field(default_factory=list)
@@ -56,8 +56,16 @@ class FakeOpenAIServer:
         self._lock = threading.Lock()
         self._release = threading.Event()
         self.app = self._build()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._served = ServedApp(
+            self.app,
+            self.port,
+            name="fake-openai",
+            access_log=False,
+            lifespan="off",
+            ws="none",
+            http="h11",
+            timeout_graceful_shutdown=1,
+        )
 
     # -- what the tests use -----------------------------------------------------------------------------
     @property
@@ -142,38 +150,6 @@ class FakeOpenAIServer:
         app.add_api_route("/openai/v1/chat/completions", chat, methods=["POST"])
         return app
 
-    def start(self, timeout_s: float = 10.0) -> FakeOpenAIServer:
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            http="h11",
-            timeout_graceful_shutdown=1,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="fake-openai", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"fake OpenAI server did not start on port {self.port}")
-            time.sleep(0.02)
-        return self
-
     def stop(self) -> None:
         self._release.set()
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().stop()

@@ -17,18 +17,17 @@ The completion text names the model that answered, so a test sees which adapter 
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gateway.redis_server import free_port
+from tests.support import ServedApp, ServesApp
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -36,7 +35,7 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 
 @dataclass
-class FakeVLLM:
+class FakeVLLM(ServesApp):
     served_model_name: str = "base"
     api_key: str | None = None
     allow_runtime_lora_updating: bool = True
@@ -48,8 +47,7 @@ class FakeVLLM:
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
         self.app = self._build()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._served = ServedApp(self.app, self.port, name="fake-vllm", access_log=False)
 
     @property
     def base_url(self) -> str:
@@ -121,27 +119,3 @@ class FakeVLLM:
             }
 
         return app
-
-    def start(self, timeout_s: float = 10.0) -> FakeVLLM:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake vLLM did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def __enter__(self) -> FakeVLLM:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

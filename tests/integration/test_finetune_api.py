@@ -219,28 +219,19 @@ def test_with_an_external_serving_url_the_mount_points_there(tmp_path: Path, red
 def test_registered_adapter_is_loaded_on_an_external_openai_compatible_server(tmp_path: Path) -> None:
     """With FINETUNE_SERVING_BASE_URL set, a newly registered adapter is loaded there by name over HTTP
     (vLLM's runtime LoRA route; here the project's fallback server, which speaks the same route)."""
-    import threading
-
-    import uvicorn
-
     from gateway.redis_server import free_port
     from services.finetune import handlers
     from services.finetune.serving import create_serving_app
     from shared.contracts import StartFineTune
     from shared.outbox import relay
     from tests.fakes.bus import FakeBus
-    from tests.support import wait_for
+    from tests.support import ServedApp
     from tests.unit.test_finetune_handlers import FakeTrainer
 
     base = fake_base_model(tmp_path / "base")
     serving = create_serving_app(base, {})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(serving, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 20, what="serving app up")
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
+    with ServedApp(serving, free_port(), name="serving app", timeout_s=20) as served:
+        url = f"{served.url}/v1"
         settings = FinetuneSettings(
             data_dir=tmp_path, admin_token=SecretStr("t"), min_examples=20, base_model=base, serving_base_url=url
         )
@@ -260,9 +251,6 @@ def test_registered_adapter_is_loaded_on_an_external_openai_compatible_server(tm
         with store.uow() as uow:
             assert uow.repo.list_models()[0]["serving_base_url"] == url
         store.dispose()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_erasures_are_listed_with_the_exports_that_had_used_them(env) -> None:

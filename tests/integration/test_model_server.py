@@ -20,7 +20,7 @@ from services.finetune.main import create_app
 from services.finetune.tinymodel import build_tiny_model
 from shared.contracts import utcnow
 from shared.serving import served_name, serving_api_key
-from tests.support import wait_for
+from tests.support import ServedApp
 
 ADMIN_TOKEN = "admin-secret"
 KEY = serving_api_key(None, ADMIN_TOKEN)
@@ -30,7 +30,6 @@ CEILING = 24
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[dict[str, Any]]:
     import torch
-    import uvicorn
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -51,10 +50,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
     )
     app = create_app(settings)
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    wait_for(lambda: srv.started, 30, what="finetune app up")
+    served = ServedApp(app, port, name="finetune app", timeout_s=30).start()
     model_id = "ft-served"
     with app.state.store.uow() as uow:
         uow.repo.add_model(
@@ -76,10 +72,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
             }
         )
         uow.commit()
-    url = f"http://127.0.0.1:{port}"
+    url = served.url
     yield {"url": url, "v1": f"{url}/api/finetune/v1", "model": served_name(domain.model_name(model_id))}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    served.stop()
 
 
 def _chat(server: dict[str, Any], **body: Any) -> httpx.Response:

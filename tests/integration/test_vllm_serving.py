@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -30,6 +31,20 @@ ADMIN = "admin-token-for-tests"
 OFFLINE = "offline/template-v1"
 
 
+def finetune_settings(
+    tmp_path: Path, store_url: Callable[[str], str], serving_base_url: str, **more: Any
+) -> FinetuneSettings:
+    """The finetune service's settings in these tests: its store, the admin token (the engine's API key is
+    derived from it) and the serving engine at `serving_base_url`; `more` as given."""
+    return FinetuneSettings(
+        data_dir=tmp_path,
+        database_url=store_url("finetune"),
+        admin_token=SecretStr(ADMIN),
+        serving_base_url=serving_base_url,
+        **more,
+    )
+
+
 @pytest.fixture
 def engine() -> Iterator[FakeVLLM]:
     with FakeVLLM(api_key=serving_api_key(None, ADMIN)) as fake:
@@ -38,12 +53,7 @@ def engine() -> Iterator[FakeVLLM]:
 
 @pytest.fixture
 def finetune(tmp_path: Path, engine: FakeVLLM, store_url: Callable[[str], str]) -> Iterator[tuple]:
-    settings = FinetuneSettings(
-        data_dir=tmp_path,
-        database_url=store_url("finetune"),
-        admin_token=SecretStr(ADMIN),
-        serving_base_url=engine.base_url,
-    )
+    settings = finetune_settings(tmp_path, store_url, engine.base_url)
     store = FinetuneStore(settings.db_url)
     yield settings, store
     store.dispose()
@@ -169,12 +179,7 @@ def test_without_runtime_lora_updating_the_load_route_is_missing_and_sync_report
     tmp_path: Path, store_url: Callable[[str], str]
 ) -> None:
     with FakeVLLM(api_key=serving_api_key(None, ADMIN), allow_runtime_lora_updating=False) as fake:
-        settings = FinetuneSettings(
-            data_dir=tmp_path,
-            database_url=store_url("finetune"),
-            admin_token=SecretStr(ADMIN),
-            serving_base_url=fake.base_url,
-        )
+        settings = finetune_settings(tmp_path, store_url, fake.base_url)
         store = FinetuneStore(settings.db_url)
         try:
             model = register(store, settings, tmp_path)
@@ -192,13 +197,12 @@ def test_the_service_loads_adapters_at_start_and_again_when_the_engine_comes_bac
     from services.finetune.main import create_app
     from tests.support import wait_for
 
-    settings = FinetuneSettings(
-        data_dir=tmp_path,
-        database_url=store_url("finetune"),
-        admin_token=SecretStr(ADMIN),
+    settings = finetune_settings(
+        tmp_path,
+        store_url,
+        engine.base_url,
         session_hash_key=SecretStr("k"),
         redis_url=redis_server.url,
-        serving_base_url=engine.base_url,
         serving_sync_interval_s=0.2,
     )
     store = FinetuneStore(settings.db_url)
