@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -23,7 +23,7 @@ from shared.bus import CeleryBus, queue_for
 from shared.outbox import relay_after_commit
 from shared.privacy import session_keys
 from shared.text import check_text
-from shared.web import AdminDep, from_state
+from shared.web import AdminDep, DirectRoute, from_state, path_uuid, uuid_path_parameter
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -180,23 +180,7 @@ def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-@router.post(
-    "/api/feedback/{explanation_id}",
-    status_code=202,
-    response_model=None,
-    responses={
-        202: {"model": FeedbackAccepted, "description": "durably queued"},
-        403: {"description": "the explanation was not served to this session, or a browser of another origin"},
-        404: {"description": "the explanation id was never issued"},
-        415: {"description": "the body is not JSON"},
-        429: {"description": "too many votes from this client or session (Retry-After)"},
-        503: {"description": "the feedback queue is backed up or the broker is down (Retry-After when backed up)"},
-    },
-    openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}}
-    },
-)
-async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONResponse:
+async def submit_feedback(request: Request) -> Response:
     """Accept a vote from the session the explanation was served to: 202 once it is durably on the queue
     (group-committed to Redis); a worker stores it.
 
@@ -204,6 +188,7 @@ async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONRe
     FastAPI's parameter machinery; a bad body still gets the same 422 as every other route. Doors, in order:
     JSON only (415) and allowed origins (403) before the route; the body (422); rate limits per client and
     session (429); the queue's backlog (503); the explanation was issued (404) and served to this session (403)."""
+    explanation_id = path_uuid(request, "explanation_id")
     try:
         body = FeedbackIn.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -231,6 +216,31 @@ async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONRe
         raise HTTPException(503, "feedback could not be queued right now; please retry") from exc
     # A plain JSONResponse: the body is two known fields, no need to validate it on the hot path.
     return JSONResponse({"received": True, "feedback_id": str(cmd.feedback_id)}, status_code=202)
+
+
+# A DirectRoute: FastAPI's per-request parameter and response machinery is skipped (see shared.web), the
+# documentation is the same as a declared route's.
+router.add_api_route(
+    "/api/feedback/{explanation_id}",
+    submit_feedback,
+    methods=["POST"],
+    route_class_override=DirectRoute,
+    status_code=202,
+    response_model=None,
+    responses={
+        202: {"model": FeedbackAccepted, "description": "durably queued"},
+        403: {"description": "the explanation was not served to this session, or a browser of another origin"},
+        404: {"description": "the explanation id was never issued"},
+        415: {"description": "the body is not JSON"},
+        429: {"description": "too many votes from this client or session (Retry-After)"},
+        503: {"description": "the feedback queue is backed up or the broker is down (Retry-After when backed up)"},
+        422: {"description": "the request is not valid"},
+    },
+    openapi_extra={
+        "parameters": [uuid_path_parameter("explanation_id")],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}},
+    },
+)
 
 
 @router.delete(
