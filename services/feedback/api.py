@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -23,7 +24,7 @@ from shared.bus import CeleryBus, queue_for
 from shared.outbox import relay_after_commit
 from shared.privacy import session_keys
 from shared.text import check_text
-from shared.web import AdminDep, from_state
+from shared.web import AdminDep, DirectRoute, from_state, path_uuid, uuid_path_parameter
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -68,11 +69,52 @@ SettingsDep = Annotated[FeedbackSettings, from_state("settings")]
 
 class KnownIds:
     """Explanations this process has already found in the replica, with the session each was served to (they
-    never change), so the hot path skips the database for them."""
+    never change), so the hot path skips the database for them; the others are read from the replica with
+    group commit (`lookup`)."""
 
     def __init__(self, capacity: int = 200_000) -> None:
         self.capacity = capacity
         self._ids: OrderedDict[uuid.UUID, str | None] = OrderedDict()
+        self._wanted: dict[uuid.UUID, list[asyncio.Future[tuple[bool, str | None]]]] = {}
+        self._reading = False
+
+    async def lookup(self, explanation_id: uuid.UUID, store: Store) -> tuple[bool, str | None]:
+        """(known, the served session's key), from memory or else from the replica. The ids asked for while
+        one read is in flight are read together in the next one: one thread hop, one connection and one
+        query for many votes (in real traffic most votes are the first on their explanation, so most of them
+        read). A read that fails fails every vote waiting on it."""
+        known = self.get(explanation_id)
+        if known[0]:
+            return known
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, str | None]] = loop.create_future()
+        self._wanted.setdefault(explanation_id, []).append(future)
+        if not self._reading:
+            self._reading = True
+            loop.call_soon(lambda: asyncio.ensure_future(self._read(store)))
+        return await future
+
+    async def _read(self, store: Store) -> None:
+        try:
+            while self._wanted:
+                batch, self._wanted = self._wanted, {}
+                try:
+                    served = await run_in_threadpool(handlers.served_sessions, store.reader(), list(batch))
+                except Exception as exc:
+                    for futures in batch.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                for eid, futures in batch.items():
+                    if eid in served:
+                        self.add(eid, served[eid])
+                    answer = (eid in served, served.get(eid))
+                    for future in futures:
+                        if not future.done():  # a request whose client went away
+                            future.set_result(answer)
+        finally:
+            self._reading = False
 
     def get(self, eid: uuid.UUID) -> tuple[bool, str | None]:
         """(known, the served session's key)."""
@@ -156,11 +198,7 @@ async def _check_served(
     Returns the key the vote is stored under: the one the explanation was served to, which after a rotation of
     the secret may be an older version's (`voter_keys` holds the session's key under every version)."""
     known_ids: KnownIds = request.app.state.known_ids
-    known, served = known_ids.get(explanation_id)
-    if not known:
-        known, served = await run_in_threadpool(handlers.served_session, store.reader(), explanation_id)
-        if known:
-            known_ids.add(explanation_id, served)
+    known, served = await known_ids.lookup(explanation_id, store)
     if known:
         voter_key = next(
             (k for k in voter_keys if served is not None and hmac.compare_digest(k.encode(), served.encode())),
@@ -180,23 +218,7 @@ def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-@router.post(
-    "/api/feedback/{explanation_id}",
-    status_code=202,
-    response_model=None,
-    responses={
-        202: {"model": FeedbackAccepted, "description": "durably queued"},
-        403: {"description": "the explanation was not served to this session, or a browser of another origin"},
-        404: {"description": "the explanation id was never issued"},
-        415: {"description": "the body is not JSON"},
-        429: {"description": "too many votes from this client or session (Retry-After)"},
-        503: {"description": "the feedback queue is backed up or the broker is down (Retry-After when backed up)"},
-    },
-    openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}}
-    },
-)
-async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONResponse:
+async def submit_feedback(request: Request) -> Response:
     """Accept a vote from the session the explanation was served to: 202 once it is durably on the queue
     (group-committed to Redis); a worker stores it.
 
@@ -204,6 +226,7 @@ async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONRe
     FastAPI's parameter machinery; a bad body still gets the same 422 as every other route. Doors, in order:
     JSON only (415) and allowed origins (403) before the route; the body (422); rate limits per client and
     session (429); the queue's backlog (503); the explanation was issued (404) and served to this session (403)."""
+    explanation_id = path_uuid(request, "explanation_id")
     try:
         body = FeedbackIn.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -231,6 +254,31 @@ async def submit_feedback(explanation_id: uuid.UUID, request: Request) -> JSONRe
         raise HTTPException(503, "feedback could not be queued right now; please retry") from exc
     # A plain JSONResponse: the body is two known fields, no need to validate it on the hot path.
     return JSONResponse({"received": True, "feedback_id": str(cmd.feedback_id)}, status_code=202)
+
+
+# A DirectRoute: FastAPI's per-request parameter and response machinery is skipped (see shared.web), the
+# documentation is the same as a declared route's.
+router.add_api_route(
+    "/api/feedback/{explanation_id}",
+    submit_feedback,
+    methods=["POST"],
+    route_class_override=DirectRoute,
+    status_code=202,
+    response_model=None,
+    responses={
+        202: {"model": FeedbackAccepted, "description": "durably queued"},
+        403: {"description": "the explanation was not served to this session, or a browser of another origin"},
+        404: {"description": "the explanation id was never issued"},
+        415: {"description": "the body is not JSON"},
+        429: {"description": "too many votes from this client or session (Retry-After)"},
+        503: {"description": "the feedback queue is backed up or the broker is down (Retry-After when backed up)"},
+        422: {"description": "the request is not valid"},
+    },
+    openapi_extra={
+        "parameters": [uuid_path_parameter("explanation_id")],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}},
+    },
+)
 
 
 @router.delete(

@@ -302,6 +302,14 @@ def served_session(uow: SqlUnitOfWork, explanation_id: uuid.UUID) -> tuple[bool,
     return (False, None) if row is None else (True, row["session_key"])
 
 
+def served_sessions(uow: SqlUnitOfWork, explanation_ids: list[uuid.UUID]) -> dict[uuid.UUID, str | None]:
+    """`served_session` for many explanations in one read: the ones the replica knows, with the session key
+    each was served to (None: not bound); an id it does not know is absent."""
+    with uow:
+        rows = uow.repo.explanations_by_id(explanation_ids)
+    return {eid: rows[str(eid)]["session_key"] for eid in explanation_ids if str(eid) in rows}
+
+
 def dropped_counts(uow: SqlUnitOfWork) -> dict[str, int]:
     with uow:
         return uow.repo.dropped_counts()

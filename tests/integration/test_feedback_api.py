@@ -143,6 +143,10 @@ def test_malformed_explanation_id_is_refused(env) -> None:
     client, r, _ = env
     res = client.post("/api/feedback/not-a-uuid", json={"rating": 1, "session_id": "s"})
     assert res.status_code == 422 and "explanation_id" in res.json()["error"]["message"]
+    # the same problem FastAPI reports for a declared `explanation_id: uuid.UUID` path parameter
+    assert [(p["field"], p["type"]) for p in res.json()["error"]["problems"]] == [
+        ("path.explanation_id", "uuid_parsing")
+    ]
     assert _queued(r) == 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -170,3 +171,44 @@ def test_erasure_forgets_which_explanations_were_served_to_the_session(store: St
     handlers.erase_session("k", store.uow())
     with store.factory() as s:
         assert s.execute(text("select count(*) from served_to")).scalar_one() == 0
+
+
+def test_concurrent_lookups_of_unseen_explanations_share_one_replica_read(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The vote route's replica reads go in groups: ids asked for while a read is in flight wait for the next
+    one; each request still gets its own explanation's answer (served session, none bound, not known)."""
+    import asyncio
+
+    from services.feedback.api import KnownIds
+
+    served = [uuid.uuid4() for _ in range(20)]
+    for eid in served:
+        handlers.on_explanation_created(_explanation(eid, session=f"key-{eid}"), store.uow())
+    unbound = uuid.uuid4()
+    handlers.on_explanation_created(_explanation(unbound, session=None), store.uow())
+    unknown = uuid.uuid4()
+    reads: list[int] = []
+    real = handlers.served_sessions
+
+    def counted(uow: Any, ids: list[uuid.UUID]) -> dict[uuid.UUID, str | None]:
+        reads.append(len(ids))
+        return real(uow, ids)
+
+    monkeypatch.setattr(handlers, "served_sessions", counted)
+    known_ids = KnownIds()
+    asked = [*served, unbound, unknown, served[0]]
+
+    async def all_at_once() -> list[tuple[bool, str | None]]:
+        return await asyncio.gather(*(known_ids.lookup(eid, store) for eid in asked))
+
+    answers = asyncio.run(all_at_once())
+    assert answers == [
+        *((True, f"key-{eid}") for eid in served),
+        (True, None),
+        (False, None),
+        (True, f"key-{served[0]}"),
+    ]
+    assert reads == [len(served) + 2]  # one read, each id once
+    assert known_ids.get(served[3]) == (True, f"key-{served[3]}") and known_ids.get(unknown) == (False, None)
+    assert asyncio.run(known_ids.lookup(served[3], store)) == (True, f"key-{served[3]}") and len(reads) == 1
