@@ -114,3 +114,10 @@ def erased_before(erased_at: datetime | None, submitted_at: datetime) -> bool:
     """True when something was submitted (a vote cast, an explanation served) at or before its session asked
     to be forgotten: it must not come back."""
     return erased_at is not None and as_utc(submitted_at) <= as_utc(erased_at)
+
+
+def later_erasure(remembered_at: datetime | None, erased_at: datetime) -> bool:
+    """True when an erasure at `erased_at` replaces the one remembered for the same vote: the latest erasure
+    counts, so a late or replayed older one never moves the time back (a vote cast between the two would
+    otherwise count again)."""
+    return remembered_at is None or as_utc(erased_at) > as_utc(remembered_at)

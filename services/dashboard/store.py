@@ -52,7 +52,7 @@ from shared.db import (
 )
 from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
-from shared.votes import NewestInBatch
+from shared.votes import NewestInBatch, later_erasure
 
 metadata = MetaData()
 
@@ -373,10 +373,10 @@ class DashboardRepository(MessageLog):
             removed += rowcount(self.s.execute(delete(votes).where(votes.c.feedback_id == fid)))
             if owner is not None:
                 self.refresh_vote_totals(owner)
-            previous = value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
-            if previous is None or as_utc(at) > as_utc(previous):  # the latest erasure counts
+            remembered = value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
+            if later_erasure(remembered, at):
                 row = {"feedback_id": fid, "erased_at": as_utc(at)}
-                upsert(self.s, erased_votes, "feedback_id", row, exists=previous is not None)
+                upsert(self.s, erased_votes, "feedback_id", row, exists=remembered is not None)
         return removed
 
     def forget_session_messages(self, session_key: str) -> None:

@@ -50,7 +50,7 @@ from shared.deadletter import dead_letter_table
 from shared.deadletter import forget_session as forget_dead_letters
 from shared.outbox import forget_session, outbox_table
 from shared.privacy import erasure_tag
-from shared.votes import NewestInBatch
+from shared.votes import NewestInBatch, later_erasure
 
 metadata = MetaData()
 
@@ -469,7 +469,10 @@ class OptimizerRepository(MessageLog):
 
     def remember_erased(self, feedback_ids: list[str], erased_at: datetime) -> None:
         for fid in feedback_ids:
-            upsert(self.s, erased_votes, "feedback_id", {"feedback_id": fid, "erased_at": erased_at})
+            remembered = value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
+            if later_erasure(remembered, erased_at):
+                row = {"feedback_id": fid, "erased_at": as_utc(erased_at)}
+                upsert(self.s, erased_votes, "feedback_id", row, exists=remembered is not None)
 
     def erase_session(self, session_key: str, feedback_ids: list[str], explanation_ids: list[str], at: datetime) -> int:
         """Forget an erased session: its votes (the ids the event names, and any vote on an explanation served to

@@ -26,6 +26,7 @@ from services.router.config import RouterSettings
 from services.router.providers import ProviderSet
 from services.router.store import Store as RouterStore
 from services.router.store import outbox as router_outbox
+from shared.clock import as_utc
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, utcnow
 from shared.outbox import pending, publish_staged, relay
 from shared.privacy import erasure_tag
@@ -309,3 +310,29 @@ def test_dead_letters_lose_the_session_except_the_erasure_itself(
     assert replayable.session_key is None and replayable.prompt_text == replayable.text == ""
     assert kept["optimizer.on_feedback_recorded"]["session_key"] == OTHER
     assert found_in_sqlite([tmp_path / "optimizer.db"], [KEY]) == ["optimizer.db:dead_letters.payload"]
+
+
+def test_optimizer_and_dashboard_keep_the_latest_erasure_of_a_vote(
+    optimizer_store: OptimizerStore, tmp_path: Path
+) -> None:
+    from services.dashboard.store import Store as DashboardStore
+
+    vote = uuid.uuid4()
+    later, earlier = T0 + timedelta(hours=2), T0 + timedelta(hours=1)
+    for at in (later, earlier):  # the older erasure arrives last
+        with optimizer_store.uow() as uow:
+            uow.repo.remember_erased([str(vote)], at)
+            uow.commit()
+    with optimizer_store.uow() as uow:
+        assert as_utc(uow.repo.vote_erased_at(vote)) == later
+
+    dashboard = DashboardStore(f"sqlite:///{tmp_path / 'dashboard.db'}")
+    try:
+        for at in (later, earlier):
+            with dashboard.uow() as duow:
+                duow.repo.erase_votes([str(vote)], at)
+                duow.commit()
+        with dashboard.uow() as duow:
+            assert as_utc(duow.repo.erased_at(vote)) == later
+    finally:
+        dashboard.dispose()

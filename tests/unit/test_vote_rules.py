@@ -112,3 +112,11 @@ def test_a_batch_keeps_each_votes_newest_row_and_counts_its_writes() -> None:
     new, replacing = batch.writes()
     assert new == [(row("new", 3, rating=-1), 2)]  # the newest row, written twice by the batch
     assert replacing == [(row("stored", 5), 1)]
+
+
+def test_the_latest_erasure_of_a_vote_counts_whatever_order_they_arrive_in() -> None:
+    assert votes.later_erasure(None, T0)
+    assert votes.later_erasure(T0, T0 + timedelta(seconds=1))
+    assert not votes.later_erasure(T0, T0 - timedelta(seconds=1))  # a late, older erasure moves nothing back
+    assert not votes.later_erasure(T0, T0)
+    assert not votes.later_erasure(T0.replace(tzinfo=None), T0.astimezone(timezone(timedelta(hours=2))))
