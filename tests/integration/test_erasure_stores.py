@@ -324,7 +324,8 @@ def test_optimizer_and_dashboard_keep_the_latest_erasure_of_a_vote(
             uow.repo.remember_erased([str(vote)], at)
             uow.commit()
     with optimizer_store.uow() as uow:
-        assert as_utc(uow.repo.vote_erased_at(vote)) == later
+        remembered = uow.repo.vote_erased_at(vote)
+        assert remembered is not None and as_utc(remembered) == later
 
     dashboard = DashboardStore(f"sqlite:///{tmp_path / 'dashboard.db'}")
     try:
@@ -333,6 +334,7 @@ def test_optimizer_and_dashboard_keep_the_latest_erasure_of_a_vote(
                 duow.repo.erase_votes([str(vote)], at)
                 duow.commit()
         with dashboard.uow() as duow:
-            assert as_utc(duow.repo.erased_at(vote)) == later
+            remembered = duow.repo.erased_at(vote)
+            assert remembered is not None and as_utc(remembered) == later
     finally:
         dashboard.dispose()
