@@ -202,6 +202,20 @@ def handle_once(uow: Any, message_id: object, apply: Callable[[Any], R], *, dupl
     return result
 
 
+def first_of_each(items: Sequence[T], key: Callable[[T], str], known: set[str]) -> tuple[list[bool], list[T]]:
+    """In a batch, the items whose key is new: neither in `known` (what the store has) nor taken by an earlier
+    item of the batch. Returns a flag per item, in order, and the new items; `known` gains their keys."""
+    flags: list[bool] = []
+    new: list[T] = []
+    for item in items:
+        k = key(item)
+        flags.append(k not in known)
+        if k not in known:
+            known.add(k)
+            new.append(item)
+    return flags, new
+
+
 def handle_many_once(
     uow: Any, messages: Sequence[T], apply: Callable[[Any, list[T]], list[R]], *, duplicate: Any = "duplicate"
 ) -> list[Any]:
@@ -211,14 +225,7 @@ def handle_many_once(
     in the batch's order, each message's outcome or `duplicate`. If `apply` raises, nothing is committed."""
     with uow:
         seen = uow.repo.seen_many([m.message_id for m in messages])  # type: ignore[attr-defined]
-        fresh: list[T] = []
-        is_fresh: list[bool] = []
-        for m in messages:
-            mid = str(m.message_id)  # type: ignore[attr-defined]
-            is_fresh.append(mid not in seen)
-            if mid not in seen:
-                seen.add(mid)
-                fresh.append(m)
+        is_fresh, fresh = first_of_each(messages, lambda m: str(m.message_id), seen)  # type: ignore[attr-defined]
         uow.repo.mark_seen_many([m.message_id for m in fresh])  # type: ignore[attr-defined]
         outcomes = iter(apply(uow, fresh) if fresh else [])
         results = [next(outcomes) if f else duplicate for f in is_fresh]

@@ -34,7 +34,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import handle_many_once, handle_once
+from shared.db import first_of_each, handle_many_once, handle_once
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +82,10 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
 
     def apply(uow: SqlUnitOfWork, fresh: list[ExplanationCreated]) -> list[str]:
         known = uow.repo.explanations_known(str(e.explanation_id) for e in fresh)
-        rows = []
-        outcomes = []
-        for e in fresh:
-            eid = str(e.explanation_id)
-            outcomes.append("known" if eid in known else "stored")
-            if eid not in known:
-                known.add(eid)
-                rows.append(_explanation_row(e))
-        uow.repo.add_explanations(rows)
+        flags, new = first_of_each(fresh, lambda e: str(e.explanation_id), known)
+        uow.repo.add_explanations([_explanation_row(e) for e in new])
         uow.repo.bump_revision(len(fresh))
-        return outcomes
+        return ["stored" if is_new else "known" for is_new in flags]
 
     return handle_many_once(uow, events, apply)
 

@@ -28,7 +28,7 @@ from shared.contracts import (
     derived_id,
     utcnow,
 )
-from shared.db import handle_many_once, handle_once
+from shared.db import first_of_each, handle_many_once, handle_once
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,8 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
     def apply(uow: SqlUnitOfWork, fresh: list[ExplanationCreated]) -> list[bool]:
         known = uow.repo.explanations_known(str(e.explanation_id) for e in fresh)
         erased = uow.repo.erased_at_many(e.session_key for e in fresh if e.session_key)
-        rows = []
-        outcomes = []
-        for e in fresh:
-            eid = str(e.explanation_id)
-            outcomes.append(eid not in known)
-            if eid not in known:
-                known.add(eid)
-                rows.append(_material(e, erased.get(e.session_key) if e.session_key else None))
-        uow.repo.add_explanations(rows)
+        outcomes, new = first_of_each(fresh, lambda e: str(e.explanation_id), known)
+        uow.repo.add_explanations([_material(e, erased.get(e.session_key) if e.session_key else None) for e in new])
         return outcomes
 
     return handle_many_once(uow, events, apply, duplicate=False)

@@ -31,7 +31,7 @@ from services.optimizer.registry import SearchExhausted, UowFactory
 from services.optimizer.store import SqlUnitOfWork
 from shared import votes
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered, utcnow
-from shared.db import handle_many_once, handle_once
+from shared.db import first_of_each, handle_many_once, handle_once
 from shared.prompts import PROMPT_NAME
 
 log = logging.getLogger(__name__)
@@ -64,16 +64,10 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
         repo = uow.repo
         known = repo.exposures_known(str(e.explanation_id) for e in fresh)
         erased = repo.erased_sessions(e.session_key for e in fresh if e.session_key)
-        rows: list[tuple[dict[str, Any], str | None, str]] = []
-        outcomes = []
-        for e in fresh:
-            eid = str(e.explanation_id)
-            outcomes.append(eid not in known)
-            if eid not in known:
-                known.add(eid)
-                unit = _unit(e, erased.get(e.session_key) if e.session_key else None)
-                rows.append((_exposure(e), unit, str(e.signal)))
-        repo.add_exposures(rows)
+        outcomes, new = first_of_each(fresh, lambda e: str(e.explanation_id), known)
+        repo.add_exposures(
+            [(_exposure(e), _unit(e, erased.get(e.session_key) if e.session_key else None), str(e.signal)) for e in new]
+        )
         return outcomes
 
     return handle_many_once(uow, events, apply, duplicate=False)
