@@ -76,7 +76,7 @@ class KnownIds:
         self.capacity = capacity
         self._ids: OrderedDict[uuid.UUID, str | None] = OrderedDict()
         self._wanted: dict[uuid.UUID, list[asyncio.Future[tuple[bool, str | None]]]] = {}
-        self._reading = False
+        self._reader: asyncio.Task[None] | None = None  # the read in flight; held so it is not collected
 
     async def lookup(self, explanation_id: uuid.UUID, store: Store) -> tuple[bool, str | None]:
         """(known, the served session's key), from memory or else from the replica. The ids asked for while
@@ -89,9 +89,8 @@ class KnownIds:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, str | None]] = loop.create_future()
         self._wanted.setdefault(explanation_id, []).append(future)
-        if not self._reading:
-            self._reading = True
-            loop.call_soon(lambda: asyncio.ensure_future(self._read(store)))
+        if self._reader is None:  # starts on the loop's next turn: the votes of this turn join its first read
+            self._reader = loop.create_task(self._read(store))
         return await future
 
     async def _read(self, store: Store) -> None:
@@ -114,7 +113,7 @@ class KnownIds:
                         if not future.done():  # a request whose client went away
                             future.set_result(answer)
         finally:
-            self._reading = False
+            self._reader = None
 
     def get(self, eid: uuid.UUID) -> tuple[bool, str | None]:
         """(known, the served session's key)."""
