@@ -12,7 +12,9 @@ per service, as `make run` starts them). Printed as ratios:
    < 1 s at 500 votes/s).
 3. drain: a backlog of `--backlog` votes queued with no worker, then drained by one feedback worker digesting
    one message per transaction (TASK_BATCH_SIZE=1, the way every consumer worked before batches), by one
-   batching worker, and by two batching workers (ratios to the one batching worker).
+   batching worker taking its messages one per round trip as kombu's Redis transport does (BROKER_BULK_TAKE=0),
+   by one batching worker (taking a backlog in bulk: shared.redis_transport), and by two (ratios to the one
+   batching worker).
 4. store: `--store-votes` explanations, then a vote on each, digested in batches of 100 straight into each
    store (no queue), by the one-message handlers each in its savepoint (`run_in_one_transaction`) and by the
    set-based batch handlers (`run_batch`), on fresh stores: time per message and the ratio, per service and
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for label, count, extra in (
                 ("1 worker, 1 message per transaction", 1, {"TASK_BATCH_SIZE": "1"}),
+                ("1 worker, batches, kombu's one-by-one take", 1, {"BROKER_BULK_TAKE": "0"}),
                 ("1 worker, batches", 1, {}),
                 ("2 workers, batches", 2, {}),
             ):

@@ -1,0 +1,127 @@
+"""kombu's Redis transport, taking a backlog many messages per round trip (every Celery app of the system uses it:
+`shared.bus.make_celery` sets it as the broker transport).
+
+kombu's Redis transport delivers one message per `BRPOP` and then records it as unacknowledged (a sorted set
+of delivery times and a hash of the messages, from which a message whose worker died is restored after the
+visibility timeout) in a second round trip of its own. A batch consumer (`shared.bus.BatchTask`) prefetches
+up to two batches, so under load it paid two round trips per message, about a quarter of a worker's time
+(profiled on the feedback and dashboard workers), and a message taken by a worker killed between the two was
+lost (`shared.bus.ask_for_missing_explanations` exists for that).
+
+Here, once a `BRPOP` has delivered a message and the channel may take more (the prefetch limit), one Lua
+script takes up to that many more from the same queues and records each as unacknowledged in the same atomic
+step, as kombu's own bookkeeping would have; they are then delivered without the second round trip. Nothing
+is removed from a queue without being recorded, so the messages taken this way have no window of loss at all.
+A consumer that takes one message at a time (prefetch 1: every non-batch task) takes none this way and
+behaves exactly as kombu's transport. Acknowledgement, rejection, restoring at shutdown and after the
+visibility timeout are kombu's, unchanged: the records are the ones they read.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kombu.log import get_logger
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import QoS as VirtualQoS
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+log = get_logger(__name__)
+
+# KEYS: the unacknowledged index (sorted set) and hash, then the queue lists in the order to take from.
+# ARGV: at most how many messages, the time to record. Returns [list key, message, ...] pairs flattened.
+# A message that is not kombu's JSON envelope is put back where it was and ends the take (BRPOP then delivers it
+# and kombu rejects it the way it always has).
+_TAKE_LUA = """
+local limit, now = tonumber(ARGV[1]), ARGV[2]
+local out = {}
+for k = 3, #KEYS do
+  while #out < 2 * limit do
+    local item = redis.call('RPOP', KEYS[k])
+    if not item then break end
+    local ok, m = pcall(cjson.decode, item)
+    local p = ok and type(m) == 'table' and m['properties']
+    local info = p and type(p) == 'table' and p['delivery_info']
+    local tag = p and type(p) == 'table' and p['delivery_tag']
+    if type(info) ~= 'table' or type(tag) ~= 'string' then
+      redis.call('RPUSH', KEYS[k], item)
+      return out
+    end
+    redis.call('ZADD', KEYS[1], now, tag)
+    redis.call('HSET', KEYS[2], tag,
+      '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+    out[#out + 1] = KEYS[k]
+    out[#out + 1] = item
+  end
+end
+return out
+"""
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS; a message the take script already recorded as unacknowledged is only remembered."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel._recorded.pop(delivery_tag, False):
+            VirtualQoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._recorded: dict[str, bool] = {}
+        self._take_script: Any = None
+        super().__init__(*args, **kwargs)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        delivered = bool(super()._brpop_read(**options))
+        if delivered:
+            self._take_more()
+        return delivered
+
+    def _room(self) -> int:
+        """How many more messages the prefetch limit lets this channel take now (0: none, or no limit set)."""
+        qos = self.qos
+        if not qos.prefetch_count:
+            return 0
+        return max(0, int(qos.prefetch_count) - (len(qos._delivered) - len(qos._dirty)))
+
+    def _take_more(self) -> None:
+        room = self._room()
+        if room <= 0 or self.global_keyprefix or not self.ack_emulation:
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in self._active_queues]
+        if not keys:
+            return
+        try:
+            with self.conn_or_acquire() as client:
+                if self._take_script is None:
+                    self._take_script = client.register_script(_TAKE_LUA)
+                taken = self._take_script(
+                    keys=[self.unacked_index_key, self.unacked_key, *keys],
+                    args=[room, repr(time.time())],
+                    client=client,
+                )
+        except self.connection.connection_errors + self.connection.channel_errors as exc:
+            # BRPOP goes on as before; anything the script took and recorded before the reply was lost is
+            # restored to its queue after the visibility timeout, as a dead worker's messages are.
+            log.warning("could not take more messages in one round trip: %r", exc)
+            return
+        for k in range(0, len(taken), 2):
+            queue = bytes_to_str(taken[k]).rsplit(self.sep, 1)[0]
+            payload = loads(bytes_to_str(taken[k + 1]))
+            self._recorded[payload["properties"]["delivery_tag"]] = True
+            self.connection._deliver(payload, queue)
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+#: The value of Celery's `broker_transport` setting that selects this transport.
+TRANSPORT = f"{__name__}:Transport"

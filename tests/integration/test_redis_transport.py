@@ -1,0 +1,169 @@
+"""The Redis transport every Celery app uses (shared.redis_transport) against a real redis-server: a backlog is
+taken many messages per round trip, each recorded as unacknowledged in the same atomic step (so a consumer that
+dies holding them loses none: they come back after the visibility timeout), within the prefetch limit; a
+consumer that takes one at a time behaves as kombu's own transport; a message that is not kombu's envelope is
+put back and left to kombu's handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from gateway.redis_server import RedisServer
+from shared.redis_transport import TRANSPORT
+from tests.support import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+QUEUE = Queue("transport-test", Exchange("transport-test", type="direct"), routing_key="transport-test")
+
+
+@pytest.fixture()
+def server(tmp_path: Any) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as s:
+        yield s
+
+
+def _connection(url: str, **options: Any) -> Connection:
+    return Connection(url, transport=TRANSPORT, transport_options={"visibility_timeout": 1, **options})
+
+
+def _publish(conn: Connection, n: int, start: int = 0) -> None:
+    with conn.channel() as channel:
+        producer = Producer(channel)
+        for i in range(start, start + n):
+            producer.publish({"i": i}, exchange=QUEUE.exchange, routing_key=QUEUE.routing_key, declare=[QUEUE])
+
+
+def _calls(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def _take(conn: Connection, prefetch: int, rounds: int = 5) -> tuple[list[Any], Any]:
+    """Consume with this prefetch limit without acknowledging: the messages delivered, and the channel."""
+    got: list[Any] = []
+    channel = conn.channel()
+    consumer = Consumer(channel, [QUEUE], callbacks=[lambda body, message: got.append(message)], accept=["json"])
+    consumer.qos(prefetch_count=prefetch)
+    consumer.consume()
+    for _ in range(rounds):
+        try:
+            conn.drain_events(timeout=0.5)
+        except TimeoutError:
+            break
+    return got, channel
+
+
+def test_a_backlog_is_taken_in_bulk_and_each_taken_message_is_recorded_unacknowledged(server: RedisServer) -> None:
+    r = redis.Redis.from_url(server.url)
+    with _connection(server.url) as conn:
+        _publish(conn, 120)
+        brpops = _calls(r, "brpop")
+        got, channel = _take(conn, prefetch=50)
+        # the prefetch limit holds: 50 taken (one by BRPOP, the rest by one script call), 70 left queued
+        assert len(got) == 50
+        assert sorted(m.payload["i"] for m in got) == list(range(50))  # oldest first
+        assert r.llen("transport-test") == 70
+        assert _calls(r, "brpop") - brpops <= 2  # not one per message
+        # each one recorded as kombu records an unacknowledged message: in the index and in the hash
+        assert r.zcard("unacked_index") == 50 and r.hlen("unacked") == 50
+        for m in got:
+            raw, exchange, routing_key = json.loads(r.hget("unacked", m.delivery_tag))
+            assert (exchange, routing_key) == ("transport-test", "transport-test")
+            assert raw["properties"]["delivery_tag"] == m.delivery_tag
+        for m in got[:20]:
+            m.ack()
+        assert r.zcard("unacked_index") == 30 and r.hlen("unacked") == 30
+        channel.close()  # a consumer that closes its channel gives back what it did not acknowledge, as kombu's
+        assert r.llen("transport-test") == 100 and r.hlen("unacked") == 0
+    r.close()
+
+
+_CONSUMER = """
+import sys, time
+from kombu import Connection, Consumer, Exchange, Queue
+from shared.redis_transport import TRANSPORT
+queue = Queue("transport-test", Exchange("transport-test", type="direct"), routing_key="transport-test")
+with Connection(sys.argv[1], transport=TRANSPORT, transport_options={"visibility_timeout": 1}) as conn:
+    consumer = Consumer(conn.channel(), [queue], callbacks=[lambda body, message: None], accept=["json"])
+    consumer.qos(prefetch_count=30)
+    consumer.consume()
+    while True:
+        try:
+            conn.drain_events(timeout=0.5)
+        except TimeoutError:
+            time.sleep(0.1)
+"""
+
+
+def test_messages_taken_by_a_consumer_killed_holding_them_come_back_after_the_visibility_timeout(
+    server: RedisServer,
+) -> None:
+    r = redis.Redis.from_url(server.url)
+    with _connection(server.url) as conn:
+        _publish(conn, 30)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CONSUMER, server.url], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    try:
+        wait_for(lambda: r.llen("transport-test") == 0 and r.hlen("unacked") == 30, timeout_s=30, what="all taken")
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no restore at shutdown: the consumer is gone holding all 30
+        proc.wait()
+    assert r.llen("transport-test") == 0 and r.zcard("unacked_index") == 30
+    with _connection(server.url) as other:
+        channel = other.channel()
+
+        def restored() -> bool:
+            channel.qos.restore_visible(num=100)
+            return r.llen("transport-test") == 30
+
+        wait_for(restored, timeout_s=10, interval_s=0.3, what="the taken messages restored after the timeout (1 s)")
+        assert r.hlen("unacked") == 0
+        again, channel2 = _take(other, prefetch=30)
+        assert sorted(m.payload["i"] for m in again) == list(range(30))
+        for m in again:
+            m.ack()
+        channel2.close()
+        channel.close()
+    r.close()
+
+
+def test_a_consumer_of_one_message_at_a_time_takes_nothing_in_bulk(server: RedisServer) -> None:
+    r = redis.Redis.from_url(server.url)
+    with _connection(server.url) as conn:
+        _publish(conn, 10)
+        scripts = _calls(r, "evalsha") + _calls(r, "eval")
+        got, channel = _take(conn, prefetch=1, rounds=1)
+        assert len(got) == 1 and r.llen("transport-test") == 9
+        assert _calls(r, "evalsha") + _calls(r, "eval") == scripts
+        got[0].ack()
+        channel.close()
+    r.close()
+
+
+def test_a_message_that_is_not_kombus_envelope_is_put_back_for_kombu_to_handle(server: RedisServer) -> None:
+    r = redis.Redis.from_url(server.url)
+    with _connection(server.url) as conn:
+        _publish(conn, 3)
+        r.lpush("transport-test", b"not json at all")  # behind the three, at the left end
+        _publish(conn, 2, start=3)
+        got, channel = _take(conn, prefetch=50, rounds=1)
+        # the take stopped at the bad message, which is back where it was, nothing lost on either side of it
+        assert [m.payload["i"] for m in got] == [0, 1, 2]
+        assert r.lindex("transport-test", -1) == b"not json at all"
+        assert r.llen("transport-test") == 3
+        assert r.hlen("unacked") == 3
+        for m in got:
+            m.ack()
+        channel.close()
+    r.close()
