@@ -134,17 +134,21 @@ class UnitOfWork(Generic[RepoT]):
     def add_events(self, *events: Event) -> None:
         stage_events(self.session, self.outbox, events)
 
+    def add_new_events(self, *events: Event) -> None:
+        """`add_events` for events made in this transaction with fresh ids (no lookup of staged ids first)."""
+        stage_events(self.session, self.outbox, events, new=True)
+
     def commit(self) -> None:
         self.session.commit()
         self.committed = True
 
 
-def stage_events(session: Session, outbox: Table | None, events: Sequence[Event]) -> None:
+def stage_events(session: Session, outbox: Table | None, events: Sequence[Event], *, new: bool = False) -> None:
     from shared.outbox import stage
 
     if outbox is None:
         raise RuntimeError("this store has no outbox: its service publishes no events")
-    stage(session, outbox, list(events))
+    stage(session, outbox, list(events), new=new)
 
 
 class SavepointUnitOfWork:
@@ -181,6 +185,10 @@ class SavepointUnitOfWork:
 
     def add_events(self, *events: Event) -> None:
         stage_events(self.session, self.outbox, events)
+
+    def add_new_events(self, *events: Event) -> None:
+        """`add_events` for events made in this transaction with fresh ids (no lookup of staged ids first)."""
+        stage_events(self.session, self.outbox, events, new=True)
 
     def commit(self) -> None:
         if self._nested is not None:

@@ -39,14 +39,17 @@ def outbox_table(metadata: MetaData) -> Table:
     )
 
 
-def stage(session: Session, table: Table, events: list[Event]) -> None:
+def stage(session: Session, table: Table, events: list[Event], *, new: bool = False) -> None:
     """Add events to the outbox inside the caller's transaction (idempotent on event id: one already staged,
-    or twice in `events`, is added once). One query and one insert for all of them."""
+    or twice in `events`, is added once). One query and one insert for all of them; `new`: the events were
+    made in this transaction with fresh ids, so the query is skipped (an id staged before fails the insert
+    on the primary key instead of being skipped)."""
     from shared.db import select_in
 
     if not events:
         return
-    staged = set(select_in(session, select(table.c.event_id), table.c.event_id, [str(ev.message_id) for ev in events]))
+    ids = [str(ev.message_id) for ev in events]
+    staged = set() if new else set(select_in(session, select(table.c.event_id), table.c.event_id, ids))
     rows = []
     for ev in events:
         if str(ev.message_id) not in staged:

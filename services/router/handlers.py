@@ -194,7 +194,7 @@ def create_explanation(
     event = explanation_event(row)
     with uow:
         uow.repo.add_explanation(row)
-        uow.add_events(event)
+        uow.add_new_events(event)  # its id derives from the new explanation's: nothing to look up
         uow.commit()
     return Explained(event=event, requested_model=variant.model, errors=tuple(result.errors))
 

@@ -104,6 +104,19 @@ def test_staging_the_same_event_twice_keeps_one_row(db: Db) -> None:
     assert mine["payload"] == ev.to_payload()
 
 
+def test_new_events_are_staged_without_a_lookup_and_a_reused_id_is_refused_not_skipped(db: Db) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    ev, fresh = _event(), _event(1)
+    db.stage(ev)
+    with db.factory() as session, session.begin():
+        stage(session, db.table, [fresh], new=True)
+    assert {r["event_id"] for r in db.rows()} == {str(ev.message_id), str(fresh.message_id)}
+    with pytest.raises(IntegrityError), db.factory() as session, session.begin():
+        stage(session, db.table, [ev], new=True)  # not new after all: the transaction fails, nothing is hidden
+    assert len(db.rows()) == 2
+
+
 def test_relay_publishes_oldest_first_marks_them_and_returns_the_count(db: Db) -> None:
     events = _staged_in_order(db, 5)
     bus = RecordingBus()

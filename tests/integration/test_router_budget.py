@@ -1,5 +1,6 @@
 """The daily budget's ledger on a real Redis: a cost counts at once in the process that spent it, reaches the
-shared key (what other replicas read) when settled, and is kept for the next settle while Redis is away."""
+shared key (what other replicas read) when settled, and is kept for the next settle while Redis is away; the
+shared total is read at most every `refresh_s` and learnt at every settle."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from services.router.domain import budget_day
 def test_a_cost_counts_at_once_here_and_for_every_replica_once_settled(redis_server: RedisServer) -> None:
     url = redis_server.url.rsplit("/", 1)[0] + "/11"
     redis.Redis.from_url(url).flushdb()
-    here = SpendLedger(url, 1.0, from_store=lambda since: 0.0)
-    other = SpendLedger(url, 1.0, from_store=lambda since: 0.0)
+    here = SpendLedger(url, 1.0, from_store=lambda since: 0.0, refresh_s=0)
+    other = SpendLedger(url, 1.0, from_store=lambda since: 0.0, refresh_s=0)
     try:
         here.add(0.25)
         assert here.spent() == pytest.approx(0.25) and other.spent() == 0.0
@@ -30,6 +31,28 @@ def test_a_cost_counts_at_once_here_and_for_every_replica_once_settled(redis_ser
     finally:
         here.close()
         other.close()
+
+
+def test_the_shared_total_is_read_at_most_every_refresh_and_learnt_at_every_settle(redis_server: RedisServer) -> None:
+    url = redis_server.url.rsplit("/", 1)[0] + "/12"
+    redis.Redis.from_url(url).flushdb()
+    here = SpendLedger(url, 1.0, from_store=lambda since: 0.0, refresh_s=3600)
+    other = SpendLedger(url, 1.0, from_store=lambda since: 0.0, refresh_s=3600)
+    third = SpendLedger(url, 1.0, from_store=lambda since: 0.0, refresh_s=3600)
+    try:
+        assert here.spent() == 0.0 and other.spent() == 0.0  # read once, then held
+        third.add(0.25)
+        third.settle()
+        assert other.spent() == 0.0  # another replica's settled cost: not seen before the refresh
+        other.refresh_s = 0
+        assert other.spent() == pytest.approx(0.25)  # the refresh reads it
+        here.add(0.5)
+        assert here.spent() == pytest.approx(0.5)  # its own cost at once, before any settle
+        here.settle()  # the settle's answer is the new total, the third replica's cost included
+        assert here.spent() == pytest.approx(0.75)
+    finally:
+        for ledger in (here, other, third):
+            ledger.close()
 
 
 def test_a_cost_that_cannot_be_settled_is_kept_for_the_next_settle(tmp_path: Path) -> None:
