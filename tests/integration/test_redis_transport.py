@@ -33,6 +33,13 @@ def server(tmp_path: Any) -> Iterator[RedisServer]:
         yield s
 
 
+@pytest.fixture()
+def r(server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(server.url)
+    yield client
+    client.close()
+
+
 def _connection(url: str, **options: Any) -> Connection:
     return Connection(url, transport=TRANSPORT, transport_options={"visibility_timeout": 1, **options})
 
@@ -63,8 +70,9 @@ def _take(conn: Connection, prefetch: int, rounds: int = 5) -> tuple[list[Any], 
     return got, channel
 
 
-def test_a_backlog_is_taken_in_bulk_and_each_taken_message_is_recorded_unacknowledged(server: RedisServer) -> None:
-    r = redis.Redis.from_url(server.url)
+def test_a_backlog_is_taken_in_bulk_and_each_taken_message_is_recorded_unacknowledged(
+    server: RedisServer, r: redis.Redis
+) -> None:
     with _connection(server.url) as conn:
         _publish(conn, 120)
         brpops = _calls(r, "brpop")
@@ -85,7 +93,6 @@ def test_a_backlog_is_taken_in_bulk_and_each_taken_message_is_recorded_unacknowl
         assert r.zcard("unacked_index") == 30 and r.hlen("unacked") == 30
         channel.close()  # a consumer that closes its channel gives back what it did not acknowledge, as kombu's
         assert r.llen("transport-test") == 100 and r.hlen("unacked") == 0
-    r.close()
 
 
 _CONSUMER = """
@@ -106,9 +113,8 @@ with Connection(sys.argv[1], transport=TRANSPORT, transport_options={"visibility
 
 
 def test_messages_taken_by_a_consumer_killed_holding_them_come_back_after_the_visibility_timeout(
-    server: RedisServer,
+    server: RedisServer, r: redis.Redis
 ) -> None:
-    r = redis.Redis.from_url(server.url)
     with _connection(server.url) as conn:
         _publish(conn, 30)
     proc = subprocess.Popen(
@@ -135,11 +141,9 @@ def test_messages_taken_by_a_consumer_killed_holding_them_come_back_after_the_vi
             m.ack()
         channel2.close()
         channel.close()
-    r.close()
 
 
-def test_a_consumer_of_one_message_at_a_time_takes_nothing_in_bulk(server: RedisServer) -> None:
-    r = redis.Redis.from_url(server.url)
+def test_a_consumer_of_one_message_at_a_time_takes_nothing_in_bulk(server: RedisServer, r: redis.Redis) -> None:
     with _connection(server.url) as conn:
         _publish(conn, 10)
         scripts = _calls(r, "evalsha") + _calls(r, "eval")
@@ -148,11 +152,11 @@ def test_a_consumer_of_one_message_at_a_time_takes_nothing_in_bulk(server: Redis
         assert _calls(r, "evalsha") + _calls(r, "eval") == scripts
         got[0].ack()
         channel.close()
-    r.close()
 
 
-def test_a_message_that_is_not_kombus_envelope_is_put_back_for_kombu_to_handle(server: RedisServer) -> None:
-    r = redis.Redis.from_url(server.url)
+def test_a_message_that_is_not_kombus_envelope_is_put_back_for_kombu_to_handle(
+    server: RedisServer, r: redis.Redis
+) -> None:
     with _connection(server.url) as conn:
         _publish(conn, 3)
         r.lpush("transport-test", b"not json at all")  # behind the three, at the left end
@@ -166,4 +170,3 @@ def test_a_message_that_is_not_kombus_envelope_is_put_back_for_kombu_to_handle(s
         for m in got:
             m.ack()
         channel.close()
-    r.close()
