@@ -85,7 +85,9 @@ def test_a_backlog_is_taken_in_bulk_and_each_taken_message_is_recorded_unacknowl
         # each one recorded as kombu records an unacknowledged message: in the index and in the hash
         assert r.zcard("unacked_index") == 50 and r.hlen("unacked") == 50
         for m in got:
-            raw, exchange, routing_key = json.loads(r.hget("unacked", m.delivery_tag))
+            record = r.hget("unacked", m.delivery_tag)
+            assert record is not None
+            raw, exchange, routing_key = json.loads(record)
             assert (exchange, routing_key) == ("transport-test", "transport-test")
             assert raw["properties"]["delivery_tag"] == m.delivery_tag
         for m in got[:20]:
