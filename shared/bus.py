@@ -563,6 +563,28 @@ class TaskMessageEncoder:
         self._origin = anon_nodename()
 
     def encode(self, task_name: str, message: Message) -> tuple[str, bytes]:
+        return self._encode(task_name, self.body(message))
+
+    def encode_for(self, task_names: Iterable[str], message: Message) -> list[tuple[str, bytes]]:
+        """One message of `message` for each task: the body is built and encoded once for all of them (an
+        event goes to every subscriber with the same body; only the headers and the queue differ)."""
+        names = list(task_names)
+        if not names:
+            return []
+        body = self.body(message)
+        return [self._encode(name, body) for name in names]
+
+    @staticmethod
+    def body(message: Message) -> str:
+        """The base64 task body of protocol 2 for `message`: `[args, kwargs, embed]`, the payload as a kwarg."""
+        body = [
+            [],
+            {"payload": message.to_payload()},
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+        ]
+        return base64.b64encode(json.dumps(body).encode()).decode()
+
+    def _encode(self, task_name: str, body: str) -> tuple[str, bytes]:
         queue = queue_for(task_name)
         task_id = str(new_id())
         headers = {
@@ -586,13 +608,8 @@ class TaskMessageEncoder:
             "stamped_headers": None,
             "stamps": {},
         }
-        body = [
-            [],
-            {"payload": message.to_payload()},
-            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
-        ]
         envelope = {
-            "body": base64.b64encode(json.dumps(body).encode()).decode(),
+            "body": body,
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": headers,
@@ -638,11 +655,11 @@ class CeleryBus:
         )
 
     def publish(self, event: Event) -> None:
-        self._push([self._encoder.encode(name, event) for name in SUBSCRIPTIONS.get(event.type, ())])
+        self._push(self._encoder.encode_for(SUBSCRIPTIONS.get(event.type, ()), event))
 
     def publish_many(self, events: Iterable[Event]) -> None:
         """Several events in one pipelined round trip (the outbox relay of a batch), in order."""
-        self._push([self._encoder.encode(name, e) for e in events for name in SUBSCRIPTIONS.get(e.type, ())])
+        self._push([m for e in events for m in self._encoder.encode_for(SUBSCRIPTIONS.get(e.type, ()), e)])
 
     def send(self, command: Command) -> None:
         self._push([self._encoder.encode(command.type, command)])

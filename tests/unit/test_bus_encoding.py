@@ -51,3 +51,30 @@ def test_task_arguments_are_not_shown_in_logs_or_monitoring() -> None:
     _, raw = TaskMessageEncoder(app).encode("feedback.record", _cmd())
     headers = json.loads(raw)["headers"]
     assert "private" not in headers["kwargsrepr"] and headers["kwargsrepr"] == REDACTED_KWARGS
+
+
+def test_an_event_for_several_subscribers_is_one_message_each_with_the_same_body() -> None:
+    from shared.bus import SUBSCRIPTIONS
+    from shared.contracts import FeedbackRecorded
+
+    app = make_celery("feedback", ServiceSettings(redis_url="redis://127.0.0.1:1/0"))
+    encoder = TaskMessageEncoder(app)
+    cmd = _cmd()
+    event = FeedbackRecorded(
+        feedback_id=cmd.feedback_id, explanation_id=cmd.explanation_id, session_key="k", rating=1, stars=None,
+        has_comment=True, replaced=False, submitted_at=cmd.submitted_at, prompt_name="p", prompt_version="v1",
+        model="m", signal="BUY", ticker="AAPL",
+    )  # fmt: skip
+    names = list(SUBSCRIPTIONS[event.type])
+    assert len(names) >= 2
+    out = encoder.encode_for(names, event)
+    one_by_one = [encoder.encode(name, event) for name in names]
+    assert [q for q, _ in out] == [q for q, _ in one_by_one]
+    envelopes = [json.loads(raw) for _, raw in out]
+    assert [e["headers"]["task"] for e in envelopes] == names
+    assert len({e["headers"]["id"] for e in envelopes}) == len(names)  # a task id and a delivery tag each
+    assert len({e["properties"]["delivery_tag"] for e in envelopes}) == len(names)
+    assert {e["body"] for e in envelopes} == {json.loads(one_by_one[0][1])["body"]}
+    for (queue, _), e in zip(out, envelopes, strict=True):
+        assert e["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}
+    assert encoder.encode_for([], event) == []
