@@ -112,11 +112,30 @@ class Channel(kombu_redis.Channel):
             # restored to its queue after the visibility timeout, as a dead worker's messages are.
             log.warning("could not take more messages in one round trip: %r", exc)
             return
+        batch = []
         for k in range(0, len(taken), 2):
-            queue = bytes_to_str(taken[k]).rsplit(self.sep, 1)[0]
             payload = loads(bytes_to_str(taken[k + 1]))
-            self._recorded[payload["properties"]["delivery_tag"]] = True
-            self.connection._deliver(payload, queue)
+            tag = payload["properties"]["delivery_tag"]
+            self._recorded[tag] = True
+            batch.append((bytes_to_str(taken[k]).rsplit(self.sep, 1)[0], payload, tag))
+        delivered = 0
+        try:
+            for queue, payload, _ in batch:
+                self.connection._deliver(payload, queue)
+                delivered += 1
+        finally:
+            if delivered < len(batch):  # a delivery raised: what this worker will not see goes back at once
+                self._give_back([tag for _, _, tag in batch[delivered:]])
+
+    def _give_back(self, tags: list[str]) -> None:
+        """Put taken messages that were not handed to the consumer back at the head of their queues, in their
+        order (a message whose delivery raised before the consumer remembered it included)."""
+        for tag in reversed(tags):
+            if self._recorded.pop(tag, False):
+                try:
+                    self.qos.restore_by_tag(tag)
+                except Exception as exc:  # still recorded: restored after the visibility timeout instead
+                    log.warning("could not give back a taken message at once: %r", exc)
 
 
 class Transport(kombu_redis.Transport):

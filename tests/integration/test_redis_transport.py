@@ -172,3 +172,36 @@ def test_a_message_that_is_not_kombus_envelope_is_put_back_for_kombu_to_handle(
         for m in got:
             m.ack()
         channel.close()
+
+
+def test_when_a_delivery_raises_the_taken_messages_not_yet_delivered_go_back_at_once_in_order(
+    server: RedisServer, r: redis.Redis
+) -> None:
+    with _connection(server.url) as conn:
+        _publish(conn, 10)
+        got: list[Any] = []
+
+        def callback(body: Any, message: Any) -> None:
+            if body["i"] == 2:
+                raise RuntimeError("the consumer failed on this one")
+            got.append(message)
+
+        channel = conn.channel()
+        consumer = Consumer(channel, [QUEUE], callbacks=[callback], accept=["json"])
+        consumer.qos(prefetch_count=10)
+        consumer.consume()
+        with pytest.raises(RuntimeError):
+            for _ in range(5):
+                conn.drain_events(timeout=0.5)
+        assert [m.payload["i"] for m in got] == [0, 1]
+        # 0, 1 and the one that raised were handed to the consumer (it holds them, unacknowledged); 3..9 are
+        # back at the head of the queue, oldest first, without waiting for the visibility timeout
+        assert r.hlen("unacked") == 3 and r.zcard("unacked_index") == 3
+        assert r.llen("transport-test") == 7
+        consumer.cancel()
+        again, channel2 = _take(conn, prefetch=3, rounds=1)
+        assert [m.payload["i"] for m in again] == [3, 4, 5]
+        for m in got + again:
+            m.ack()
+        channel2.close()
+        channel.close()
