@@ -55,9 +55,11 @@ class SpendLedger:
     def _key(now: datetime) -> str:
         return f"router:spend:{domain.budget_day(now)}"
 
-    def _learnt(self, key: str, total: float) -> None:
+    def _learnt(self, key: str, total: float) -> float:
+        """Remember the shared total; returns this process's unsettled costs as of the same moment."""
         with self._lock:
             self._shared = (key, total, time.monotonic())
+            return self._unsettled
 
     def spent(self, now: datetime | None = None) -> float:
         now = now or utcnow()
@@ -69,10 +71,9 @@ class SpendLedger:
         try:
             raw = self._redis.get(key)
             total = float(raw) if raw is not None else 0.0
-            self._learnt(key, total)
             # Until settled, this process's own costs are counted here (once settled, possibly for a moment
             # twice: the budget is then refused early, never late).
-            return total + self._unsettled
+            return total + self._learnt(key, total)
         except Exception as exc:  # Redis away: the store has the same figure, summed
             log.warning("spend ledger unavailable (%s); summing today's cost from the store", type(exc).__name__)
             day_start = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
