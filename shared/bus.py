@@ -561,6 +561,7 @@ class TaskMessageEncoder:
 
         self.app = app
         self._origin = anon_nodename()
+        self._templates: dict[str, tuple[str, str]] = {}
 
     def encode(self, task_name: str, message: Message) -> tuple[str, bytes]:
         return self._encode(task_name, self.body(message))
@@ -576,17 +577,13 @@ class TaskMessageEncoder:
 
     @staticmethod
     def body(message: Message) -> str:
-        """The base64 task body of protocol 2 for `message`: `[args, kwargs, embed]`, the payload as a kwarg."""
-        body = [
-            [],
-            {"payload": message.to_payload()},
-            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
-        ]
-        return base64.b64encode(json.dumps(body).encode()).decode()
+        """The base64 task body of protocol 2 for `message`: `[args, kwargs, embed]`, the payload as a kwarg.
+        The payload's JSON is pydantic's (`Message.payload_json`); the frame around it is fixed text."""
+        raw = _BODY_HEAD + message.payload_json() + _BODY_TAIL
+        return base64.b64encode(raw.encode()).decode()
 
-    def _encode(self, task_name: str, body: str) -> tuple[str, bytes]:
-        queue = queue_for(task_name)
-        task_id = str(new_id())
+    def envelope(self, task_name: str, *, body: str, task_id: str, delivery_tag: str) -> dict[str, Any]:
+        """The envelope kombu writes to the queue, as a dict (what `_encode` fills in, as text, per message)."""
         headers = {
             "lang": "py",
             "task": task_name,
@@ -608,7 +605,7 @@ class TaskMessageEncoder:
             "stamped_headers": None,
             "stamps": {},
         }
-        envelope = {
+        return {
             "body": body,
             "content-encoding": "utf-8",
             "content-type": "application/json",
@@ -619,11 +616,38 @@ class TaskMessageEncoder:
                 "delivery_mode": 2,
                 "priority": 0,
                 "body_encoding": "base64",
-                "delivery_tag": str(new_id()),
-                "delivery_info": {"exchange": "", "routing_key": queue},
+                "delivery_tag": delivery_tag,
+                "delivery_info": {"exchange": "", "routing_key": queue_for(task_name)},
             },
         }
-        return queue, json.dumps(envelope).encode()
+
+    def _template(self, task_name: str) -> tuple[str, str]:
+        """The queue and the envelope of `task_name` as JSON text with `%(body)s`, `%(id)s` and `%(tag)s` where
+        the per-message values go: serialised once per task name, filled in per message (the values are
+        base64 and UUID text, which JSON writes as they are)."""
+        cached = self._templates.get(task_name)
+        if cached is None:
+            marks = {"body": "\x01body\x01", "id": "\x01id\x01", "tag": "\x01tag\x01"}
+            text = json.dumps(
+                self.envelope(task_name, body=marks["body"], task_id=marks["id"], delivery_tag=marks["tag"])
+            ).replace("%", "%%")
+            for slot in marks:
+                mark = json.dumps(marks[slot])[1:-1]  # as JSON writes it inside a string
+                if text.count(mark) != (3 if slot == "id" else 1):
+                    raise ValueError(f"task name {task_name!r} cannot be templated")
+                text = text.replace(mark, f"%({slot})s")
+            cached = self._templates[task_name] = (queue_for(task_name), text)
+        return cached
+
+    def _encode(self, task_name: str, body: str) -> tuple[str, bytes]:
+        queue, template = self._template(task_name)
+        values = {"body": body, "id": str(new_id()), "tag": str(new_id())}
+        return queue, (template % values).encode()
+
+
+# The frame of a protocol-2 body around its one kwarg, as `json.dumps` writes it.
+_BODY_HEAD = '[[], {"payload": '
+_BODY_TAIL = '}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
 
 
 def group_by_queue(messages: Iterable[tuple[str, bytes]]) -> dict[str, list[bytes]]:

@@ -83,8 +83,13 @@ def derived_id(*parts: object) -> uuid.UUID:
     return uuid.uuid5(uuid.NAMESPACE_URL, "selflearn:" + ":".join(str(p) for p in parts))
 
 
+# Every contract model: immutable, no unknown fields, and Infinity and NaN written to JSON as Python's json writes
+# them (pydantic's default would write null), so `payload_json()` and `json.dumps(to_payload())` agree.
+CONTRACT_CONFIG = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = CONTRACT_CONFIG
 
     type: ClassVar[str]
     #: The newest schema version this code reads; a message with a later one is refused (dead-lettered by
@@ -103,6 +108,10 @@ class Message(BaseModel):
 
     def to_payload(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def payload_json(self) -> str:
+        """`to_payload()` as JSON text (pydantic writes it, without building the dict first)."""
+        return self.model_dump_json()
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Any:
@@ -176,7 +185,7 @@ class FeedbackErased(Event):
 
 
 class PromptTemplate(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = CONTRACT_CONFIG
     name: str
     version: str
     template: str
@@ -191,7 +200,7 @@ class ChampionChanged(Event):
 
 
 class ArmSpec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = CONTRACT_CONFIG
     arm_id: str
     prompt: PromptTemplate
     model: str

@@ -7,7 +7,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 
-from shared.bus import REDACTED_KWARGS, TaskMessageEncoder, make_celery
+from shared.bus import REDACTED_KWARGS, TaskMessageEncoder, make_celery, queue_for
 from shared.contracts import RecordFeedback
 from shared.settings import ServiceSettings
 
@@ -78,3 +78,38 @@ def test_an_event_for_several_subscribers_is_one_message_each_with_the_same_body
     for (queue, _), e in zip(out, envelopes, strict=True):
         assert e["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}
     assert encoder.encode_for([], event) == []
+
+
+def test_the_templated_message_is_the_one_json_dumps_would_write() -> None:
+    """Envelope and body are filled into text serialised once per task; decoded, each is what `json.dumps` of
+    the dicts gives: a command with awkward text, an event with nested models and a float out of range."""
+    from shared.contracts import ArmSpec, ExperimentStarted, PromptTemplate
+
+    app = make_celery("feedback", ServiceSettings(redis_url="redis://127.0.0.1:1/0"))
+    encoder = TaskMessageEncoder(app)
+    cmd = RecordFeedback(
+        feedback_id=uuid.uuid4(), explanation_id=uuid.uuid4(), session_key="k", rating=1,
+        comment='a "quoted" comment, 100% \u00e9 \u2028 \\ end %(id)s', submitted_at=datetime.now(UTC),
+    )  # fmt: skip
+    prompt = PromptTemplate(name="p", version="v1 \u00e9", template="Explain {signal} %s")
+    started = ExperimentStarted(
+        experiment_id="e", prompt_name="p",
+        arms=[ArmSpec(arm_id="a", prompt=prompt, model="m", weight=float("inf")),
+              ArmSpec(arm_id="b", prompt=prompt, model="m", weight=1e-7, is_control=True)],
+    )  # fmt: skip
+    for message, name in ((cmd, "feedback.record"), (started, "router.on_experiment_started")):
+        queue, raw = encoder.encode(name, message)
+        envelope = json.loads(raw)
+        expected = encoder.envelope(
+            name,
+            body=encoder.body(message),
+            task_id=envelope["headers"]["id"],
+            delivery_tag=envelope["properties"]["delivery_tag"],
+        )
+        assert envelope == expected
+        assert queue == expected["properties"]["delivery_info"]["routing_key"] == queue_for(name)
+        assert envelope["headers"]["id"] == envelope["headers"]["root_id"] == envelope["properties"]["correlation_id"]
+        decoded = json.loads(base64.b64decode(envelope["body"]))
+        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        assert decoded == json.loads(json.dumps([[], {"payload": message.to_payload()}, embed]))
+        assert type(message).from_payload(decoded[1]["payload"]) == message
