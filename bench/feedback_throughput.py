@@ -1,8 +1,9 @@
 """Feedback intake benchmark: `POST /api/feedback/{id}` against a bare FastAPI endpoint, in one run.
 
-Both servers run the same way (one uvicorn process each, same flags) on this machine, one at a time, and the
-same load generator drives them. Printed as ratios to the bare endpoint:
-- accepted feedback per second (closed loop, 32 connections),
+Both servers run the same way (one uvicorn process each, same flags) on this machine, side by side, and the
+same load generator drives one at a time. Printed as ratios to the bare endpoint:
+- accepted feedback per second (closed loop, 32 connections), in alternating slices (`--rounds`): the speed of
+  a shared machine drifts over seconds, and two back-to-back blocks would put that drift into the ratio,
 - p50 / p99 latency at a fixed 1,000 requests/s (open loop, measured from the scheduled send time),
 - the server process's CPU per request in the closed loop (the ratio is bare / feedback: what throughput the
   route could reach against the bare endpoint if its process had a core to itself; it moves least with the
@@ -24,7 +25,6 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -107,42 +107,40 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _measure(
-    port: int, path_for: Callable[..., Any], seconds: float, rate: float, pid: int
-) -> tuple[Result, Result, float | None]:
-    """Throughput (closed loop), latency (open loop), and the server's CPU milliseconds per request in the
-    closed loop: the figure that depends least on what else runs on the machine."""
-
-    def make(i: int) -> tuple[str, dict]:
-        return path_for(i), {"rating": 1 if i % 3 else -1, "session_id": f"bench-{i % SESSIONS}"}
-
-    closed_loop("127.0.0.1", port, make, conns=8, seconds=1.0)  # warm-up
-    before = cpu_seconds(pid)
-    tp = closed_loop("127.0.0.1", port, make, conns=32, seconds=seconds)
-    after = cpu_seconds(pid)
-    lat = open_loop("127.0.0.1", port, make, rate=rate, seconds=seconds, conns=64)
-    requests = tp.ok + tp.errors
-    cpu_ms = 1000 * (after - before) / requests if before is not None and after is not None and requests else None
-    return tp, lat, cpu_ms
-
-
-def _serve_and_measure(
-    factory: str, prefix: str, eids: list[uuid.UUID], env: dict[str, str], args: argparse.Namespace
-) -> tuple[Result, Result, float | None]:
-    """Serve `factory` on a free port and measure votes on `prefix`/<explanation id>; stopped after."""
-    port = free_port()
-    server = _serve(factory, port, env)
-    try:
-        return _measure(port, lambda i: f"{prefix}/{eids[i % SESSIONS]}", args.seconds, args.rate, server.pid)
-    finally:
-        server.terminate()
-        server.wait()
+def _interleaved(
+    servers: dict[str, tuple[int, subprocess.Popen, Callable[[int], tuple[str, dict]]]], seconds: float, rounds: int
+) -> dict[str, tuple[Result, float | None]]:
+    """Closed-loop throughput and server CPU per request of each server, measured in `rounds` alternating slices
+    (the order flips each round) that add up to `seconds` each: this machine's speed drifts over seconds, and
+    back-to-back blocks would put the drift into the ratio."""
+    totals: dict[str, list[float]] = {name: [0, 0, 0.0, 0.0] for name in servers}  # ok, errors, seconds, cpu
+    cpu_known = True
+    for r in range(rounds):
+        order = list(servers) if r % 2 == 0 else list(reversed(servers))
+        for name in order:
+            port, proc, make = servers[name]
+            before = cpu_seconds(proc.pid)
+            res = closed_loop("127.0.0.1", port, make, conns=32, seconds=seconds / rounds)
+            after = cpu_seconds(proc.pid)
+            t = totals[name]
+            t[0], t[1], t[2] = t[0] + res.ok, t[1] + res.errors, t[2] + res.seconds
+            if before is None or after is None:
+                cpu_known = False
+            else:
+                t[3] += after - before
+    out: dict[str, tuple[Result, float | None]] = {}
+    for name, (ok, errors, secs, cpu) in totals.items():
+        requests = ok + errors
+        cpu_ms = 1000 * cpu / requests if cpu_known and requests else None
+        out[name] = (Result(sent=int(requests), ok=int(ok), errors=int(errors), seconds=secs, latencies_ms=[]), cpu_ms)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--rounds", type=int, default=6, help="alternating throughput slices per server")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
@@ -159,12 +157,33 @@ def main(argv: list[str] | None = None) -> int:
         )
         eids = seed_explanations(env, SESSIONS)
 
-        bare_tp, bare_lat, bare_cpu = _serve_and_measure("bench.bare_app:create_app", "/bare", eids, env, args)
-        fb_tp, fb_lat, fb_cpu = _serve_and_measure(
-            "services.feedback.main:create_app", "/api/feedback", eids, env, args
-        )
+        servers = {}
+        for name, factory, prefix in (
+            ("bare", "bench.bare_app:create_app", "/bare"),
+            ("feedback", "services.feedback.main:create_app", "/api/feedback"),
+        ):
+            port = free_port()
 
-        accepted = fb_tp.ok + fb_lat.ok + 0
+            def make(i: int, prefix: str = prefix) -> tuple[str, dict]:
+                k = i % SESSIONS
+                return f"{prefix}/{eids[k]}", {"rating": 1 if i % 3 else -1, "session_id": f"bench-{k}"}
+
+            servers[name] = (port, _serve(factory, port, env), make)
+        try:
+            for port, _, make in servers.values():
+                closed_loop("127.0.0.1", port, make, conns=8, seconds=1.0)  # warm-up
+            measured = _interleaved(servers, args.seconds, args.rounds)
+            (bare_tp, bare_cpu), (fb_tp, fb_cpu) = measured["bare"], measured["feedback"]
+            bare_lat, fb_lat = (
+                open_loop("127.0.0.1", port, make, rate=args.rate, seconds=args.seconds, conns=64)
+                for port, _, make in servers.values()
+            )
+        finally:
+            for _, proc, _ in servers.values():
+                proc.terminate()
+                proc.wait()
+
+        accepted = fb_tp.ok + fb_lat.ok
         worker = subprocess.Popen(worker_command("feedback"), env=env, cwd=ROOT)
         start = time.perf_counter()
         db = Path(tmp) / "feedback.db"

@@ -21,6 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.settings import ServiceSettings
@@ -44,12 +45,13 @@ def from_state(name: str) -> Any:
 
 
 class DirectRoute(APIRoute):
-    """A route for a hot path: declared and documented (OpenAPI) like any other, but its endpoint is called with
-    the `Request` alone and returns its own `Response`. FastAPI's per-request machinery (dependency solving,
-    query, header and cookie parsing, response serialisation) is skipped; the endpoint reads its path
-    parameters (`path_uuid`) and body itself, and what it raises goes through the app's exception handlers
-    (the same 4xx JSON). Its path parameters are declared in `openapi_extra`, as the signature does not name
-    them. Use: `router.add_api_route(path, endpoint, route_class_override=DirectRoute, ...)`."""
+    """A route for a hot path: declared and documented (OpenAPI) like any other, but its endpoint is an async
+    function called with the `Request` alone that returns its own `Response`. FastAPI's per-request machinery
+    (dependency solving, query, header and cookie parsing, response serialisation) is skipped; the endpoint
+    reads its path parameters (`path_uuid`) and body itself, and what it raises is answered by the app's
+    exception handlers (the same 4xx JSON). Its path parameters are declared in `openapi_extra`, as the
+    signature does not name them. Use: `router.add_api_route(path, endpoint, route_class_override=DirectRoute,
+    ...)`. In an app made by `service_app`, `DirectLane` serves it before the router is reached."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint = self.endpoint
@@ -59,6 +61,66 @@ class DirectRoute(APIRoute):
             return response
 
         return handler
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a request this route matched (its path parameters in `scope`): the endpoint's response, or
+        the answer of the app's handler for what it raised (re-raised where the app has none: a 500)."""
+        request = Request(scope, receive, send)
+        try:
+            response: Response = await self.endpoint(request)
+        except Exception as exc:
+            handler = _exception_handler(scope["app"], exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+
+def _exception_handler(app: Any, exc: Exception) -> Any:
+    """The handler Starlette's exception middleware would pick for `exc`: by status code for an HTTP
+    exception, then by the nearest class."""
+    handlers = app.exception_handlers
+    if isinstance(exc, StarletteHTTPException) and exc.status_code in handlers:
+        return handlers[exc.status_code]
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
+
+
+class DirectLane:
+    """The innermost middleware of a service app: a request that a `DirectRoute` of the app matches (method and
+    path) is served by that route here, and never reaches Starlette's exception middleware, FastAPI's exit
+    stacks, the scan of the route table or the included router's own matching (on the feedback intake, as much
+    work as the endpoint). Every other request goes on to the router. The doors and the request metrics are
+    outer middlewares, so they see every request either way; `check_direct_routes` makes sure no other route
+    of the app could have answered a request the lane takes."""
+
+    def __init__(self, app: ASGIApp, routes: list[DirectRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for route in self.routes:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    await route.serve(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def check_direct_routes(direct: list[DirectRoute], routes: list[Any]) -> None:
+    """Raises if another of the app's `routes` shares a method with a direct route on a path both could match
+    (the lane would take the request first, where the router might have chosen the other): such an app is
+    refused when it is built, not found out by a client."""
+    for d in direct:
+        for other in routes:
+            if other is d or not isinstance(other, APIRoute) or not (d.methods or set()) & (other.methods or set()):
+                continue
+            if d.path_regex.match(other.path_format) or other.path_regex.match(d.path_format):
+                raise ValueError(f"direct route {sorted(d.methods or ())} {d.path} overlaps {other.path}")
 
 
 _UUID = TypeAdapter(uuid.UUID)
@@ -476,8 +538,12 @@ def service_app(
     settings.require_admin_token()
     app = FastAPI(title=settings.service, lifespan=lifespan)
     app.state.settings = settings
+    direct = [r for r in router.routes if isinstance(r, DirectRoute)]
+    if direct:  # added first, so it is the innermost middleware: the doors and metrics stay outside it
+        app.add_middleware(DirectLane, routes=direct)
     install_common(app, settings.service, health=health)
     app.include_router(router)
+    check_direct_routes(direct, [*app.routes, *router.routes])
     return app
 
 
