@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -9,8 +10,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from services.router import domain, handlers
 from services.router.config import RouterSettings
@@ -20,7 +23,7 @@ from shared.outbox import BatchedRelay
 from shared.privacy import session_key
 from shared.ratelimit import RateLimiter
 from shared.text import check_text
-from shared.web import AdminDep, Metrics, from_state
+from shared.web import AdminDep, DirectRoute, Metrics, from_state
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -120,19 +123,36 @@ def _out(row: ExplanationRow) -> ExplanationOut:
     return ExplanationOut.model_validate(row, from_attributes=False)
 
 
-@router.post(
-    "/api/explanations",
-    status_code=201,
-    response_model=ExplanationOut,
-    responses={
-        415: {"description": "the body is not JSON"},
-        403: {"description": "a browser request from an origin that is not allowed"},
-        429: {"description": "too many explanations from this client or session (Retry-After)"},
-        503: {"description": "the daily provider budget is spent (Retry-After), or no provider is configured"},
-    },
-)
-def create_explanation(body: ExplanationIn, request: Request) -> Any:
+async def create_explanation(request: Request) -> Response:
     """Explain a signal with the variant this session is assigned to; 201 with the explanation."""
+    # A direct route (`shared.web.DirectRoute`): the body is read and validated here as FastAPI validates a
+    # declared body (JSON parsed first, then the model, so the 422s read the same); the work (a provider call and
+    # a write) runs in the threadpool, as a plain `def` route's would.
+    raw = await request.body()
+    if not raw:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body",),
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": str(exc)},
+                }
+            ]
+        ) from None
+    try:
+        body = ExplanationIn.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+    return await run_in_threadpool(_create_explanation, body, request)
+
+
+def _create_explanation(body: ExplanationIn, request: Request) -> Response:
     # What the lifespan built, read from the app's state here rather than as nine dependencies: FastAPI solves
     # each dependency on every request, a measurable share of this route's work.
     state = request.app.state
@@ -179,6 +199,31 @@ def create_explanation(body: ExplanationIn, request: Request) -> Any:
     # model again in a second trip through the threadpool (the body is the same, `response_model` documents it).
     out = ExplanationOut.model_validate(event, from_attributes=True)
     return Response(out.model_dump_json(), status_code=201, media_type="application/json")
+
+
+router.add_api_route(
+    "/api/explanations",
+    create_explanation,
+    methods=["POST"],
+    route_class_override=DirectRoute,
+    status_code=201,
+    response_model=None,
+    responses={
+        201: {"model": ExplanationOut, "description": "the explanation, recorded"},
+        415: {"description": "the body is not JSON"},
+        403: {"description": "a browser request from an origin that is not allowed"},
+        422: {"description": "the request is not valid"},
+        429: {"description": "too many explanations from this client or session (Retry-After)"},
+        502: {"description": "every provider of the chain failed"},
+        503: {"description": "the daily provider budget is spent (Retry-After), or no provider is configured"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ExplanationIn.model_json_schema()}},
+        }
+    },
+)
 
 
 @router.get(
