@@ -15,6 +15,7 @@ The issue's goal: throughput >= 0.5x the bare endpoint, p99 < 20 ms at 1,000 req
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sqlite3
 import subprocess
@@ -107,6 +108,11 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _vote(prefix: str, eids: list[uuid.UUID], i: int) -> tuple[str, dict]:
+    k = i % SESSIONS
+    return f"{prefix}/{eids[k]}", {"rating": 1 if i % 3 else -1, "session_id": f"bench-{k}"}
+
+
 def _interleaved(
     servers: dict[str, tuple[int, subprocess.Popen, Callable[[int], tuple[str, dict]]]], seconds: float, rounds: int
 ) -> dict[str, tuple[Result, float | None]]:
@@ -157,18 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         eids = seed_explanations(env, SESSIONS)
 
-        servers = {}
+        servers: dict[str, tuple[int, subprocess.Popen, Callable[[int], tuple[str, dict]]]] = {}
         for name, factory, prefix in (
             ("bare", "bench.bare_app:create_app", "/bare"),
             ("feedback", "services.feedback.main:create_app", "/api/feedback"),
         ):
             port = free_port()
 
-            def make(i: int, prefix: str = prefix) -> tuple[str, dict]:
-                k = i % SESSIONS
-                return f"{prefix}/{eids[k]}", {"rating": 1 if i % 3 else -1, "session_id": f"bench-{k}"}
-
-            servers[name] = (port, _serve(factory, port, env), make)
+            servers[name] = (port, _serve(factory, port, env), functools.partial(_vote, prefix, eids))
         try:
             for port, _, make in servers.values():
                 closed_loop("127.0.0.1", port, make, conns=8, seconds=1.0)  # warm-up

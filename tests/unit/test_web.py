@@ -100,7 +100,9 @@ def _direct_app(endpoint: Any, *, also: Any = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> Any:
         yield
 
-    return service_app(FeedbackSettings(admin_token="t"), lifespan, router)
+    from pydantic import SecretStr
+
+    return service_app(FeedbackSettings(admin_token=SecretStr("t")), lifespan, router)
 
 
 def test_a_direct_route_is_served_before_the_router_and_answers_errors_as_the_app_does() -> None:
