@@ -92,11 +92,16 @@ def run_traffic(
 def test_arm_users_prefer_is_promoted_and_then_served_to_everyone(http: httpx.Client) -> None:
     model = champion(http)["model"]
     bullets = add_version(http, BULLETS)
-    exp = start_experiment(http, "v1.0", bullets, model, min_duration_s=1, min_feedback_per_arm=30)
+    # The offline provider answers in well under a millisecond, so on a loaded machine the ratio of two arms' mean
+    # latencies is scheduling noise (one stall makes it 2x): the latency guardrail is off here and has its own
+    # tests (tests/unit/test_guardrails.py, test_decision_policy.py).
+    exp = start_experiment(
+        http, "v1.0", bullets, model, min_duration_s=1, min_feedback_per_arm=30, max_latency_ratio=None
+    )
     view = run_traffic(http, exp, {"v1.0": 0.4, bullets: 0.9}, max_requests=400, tag="pref")
 
     assert view["status"] == "concluded", view["decision"]
-    assert view["decision"]["status"] == "ship" and view["decision"]["arm_id"] == "t1"
+    assert view["decision"]["status"] == "ship" and view["decision"]["arm_id"] == "t1", view["decision"]
     arms = {a["arm_id"]: a for a in view["analysis"]["arms"]}
     assert arms["t1"]["rate"] > arms["control"]["rate"]
     assert arms["t1"]["p_value_sequential"] < 0.05 and arms["t1"]["prob_beat_control"] > 0.95
