@@ -5,6 +5,7 @@ the app every service's `create_app()` builds (`service_app`) and starts (`start
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -19,7 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette._utils import is_async_callable
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -72,7 +75,10 @@ class DirectRoute(APIRoute):
             handler = _exception_handler(scope["app"], exc)
             if handler is None:
                 raise
-            response = await handler(request, exc)
+            if is_async_callable(handler):
+                response = await handler(request, exc)
+            else:  # as Starlette runs a plain `def` handler
+                response = await run_in_threadpool(handler, request, exc)
         await response(scope, receive, send)
 
 
@@ -121,6 +127,56 @@ def check_direct_routes(direct: list[DirectRoute], routes: list[Any]) -> None:
                 continue
             if d.path_regex.match(other.path_format) or other.path_regex.match(d.path_format):
                 raise ValueError(f"direct route {sorted(d.methods or ())} {d.path} overlaps {other.path}")
+
+
+def add_direct_route(
+    router: APIRouter,
+    path: str,
+    endpoint: Callable[[Request], Coroutine[Any, Any, Response]],
+    *,
+    body: type[BaseModel],
+    status_code: int,
+    responses: dict[int | str, dict[str, Any]],
+    uuid_path_parameters: tuple[str, ...] = (),
+) -> None:
+    """Declare `POST path` as a `DirectRoute`, documented as a declared route would be: its JSON `body` model,
+    its UUID path parameters, and `responses` (the success status's model among them)."""
+    extra: dict[str, Any] = {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body.model_json_schema()}}}
+    }
+    if uuid_path_parameters:
+        extra = {"parameters": [uuid_path_parameter(name) for name in uuid_path_parameters], **extra}
+    router.add_api_route(
+        path,
+        endpoint,
+        methods=["POST"],
+        route_class_override=DirectRoute,
+        status_code=status_code,
+        response_model=None,
+        responses=responses,
+        openapi_extra=extra,
+    )
+
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+async def declared_body(request: Request, model: type[BodyT]) -> BodyT:
+    """The request's JSON body as `model`, validated as FastAPI validates a declared body parameter (the JSON
+    parsed first, then the model in Python mode), with the same 422s: a missing body, JSON that does not parse,
+    a field that does not validate."""
+    raw = await request.body()
+    if not raw:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        error = {"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": str(exc)}}]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 _UUID = TypeAdapter(uuid.UUID)

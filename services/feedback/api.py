@@ -24,7 +24,7 @@ from shared.bus import CeleryBus, queue_for
 from shared.outbox import relay_after_commit
 from shared.privacy import session_keys
 from shared.text import check_text
-from shared.web import AdminDep, DirectRoute, from_state, path_uuid, uuid_path_parameter
+from shared.web import AdminDep, add_direct_route, from_state, path_uuid
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -257,13 +257,13 @@ async def submit_feedback(request: Request) -> Response:
 
 # A DirectRoute: FastAPI's per-request parameter and response machinery is skipped (see shared.web), the
 # documentation is the same as a declared route's.
-router.add_api_route(
+add_direct_route(
+    router,
     "/api/feedback/{explanation_id}",
     submit_feedback,
-    methods=["POST"],
-    route_class_override=DirectRoute,
+    body=FeedbackIn,
     status_code=202,
-    response_model=None,
+    uuid_path_parameters=("explanation_id",),
     responses={
         202: {"model": FeedbackAccepted, "description": "durably queued"},
         403: {"description": "the explanation was not served to this session, or a browser of another origin"},
@@ -272,10 +272,6 @@ router.add_api_route(
         429: {"description": "too many votes from this client or session (Retry-After)"},
         503: {"description": "the feedback queue is backed up or the broker is down (Retry-After when backed up)"},
         422: {"description": "the request is not valid"},
-    },
-    openapi_extra={
-        "parameters": [uuid_path_parameter("explanation_id")],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}},
     },
 )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -11,9 +10,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from prometheus_client import Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from services.router import domain, handlers
 from services.router.config import RouterSettings
@@ -23,7 +21,7 @@ from shared.outbox import BatchedRelay
 from shared.privacy import session_key
 from shared.ratelimit import RateLimiter
 from shared.text import check_text
-from shared.web import AdminDep, DirectRoute, Metrics, from_state
+from shared.web import AdminDep, Metrics, add_direct_route, declared_body, from_state
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -125,30 +123,9 @@ def _out(row: ExplanationRow) -> ExplanationOut:
 
 async def create_explanation(request: Request) -> Response:
     """Explain a signal with the variant this session is assigned to; 201 with the explanation."""
-    # A direct route (`shared.web.DirectRoute`): the body is read and validated here as FastAPI validates a
-    # declared body (JSON parsed first, then the model, so the 422s read the same); the work (a provider call and
-    # a write) runs in the threadpool, as a plain `def` route's would.
-    raw = await request.body()
-    if not raw:
-        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "json_invalid",
-                    "loc": ("body",),
-                    "msg": "JSON decode error",
-                    "input": {},
-                    "ctx": {"error": str(exc)},
-                }
-            ]
-        ) from None
-    try:
-        body = ExplanationIn.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+    # A direct route (`shared.web.DirectRoute`): the body is validated here, the same 422s as a declared body;
+    # the work (a provider call and a write) runs in the threadpool, as a plain `def` route's would.
+    body = await declared_body(request, ExplanationIn)
     return await run_in_threadpool(_create_explanation, body, request)
 
 
@@ -201,13 +178,12 @@ def _create_explanation(body: ExplanationIn, request: Request) -> Response:
     return Response(out.model_dump_json(), status_code=201, media_type="application/json")
 
 
-router.add_api_route(
+add_direct_route(
+    router,
     "/api/explanations",
     create_explanation,
-    methods=["POST"],
-    route_class_override=DirectRoute,
+    body=ExplanationIn,
     status_code=201,
-    response_model=None,
     responses={
         201: {"model": ExplanationOut, "description": "the explanation, recorded"},
         415: {"description": "the body is not JSON"},
@@ -216,12 +192,6 @@ router.add_api_route(
         429: {"description": "too many explanations from this client or session (Retry-After)"},
         502: {"description": "every provider of the chain failed"},
         503: {"description": "the daily provider budget is spent (Retry-After), or no provider is configured"},
-    },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ExplanationIn.model_json_schema()}},
-        }
     },
 )
 

@@ -120,9 +120,15 @@ def test_a_direct_route_is_served_before_the_router_and_answers_errors_as_the_ap
             raise HTTPException(429, "slow down", headers={"Retry-After": "3"})
         if str(item).startswith("1"):
             raise RuntimeError("a bug")
+        if str(item).startswith("2"):
+            raise KeyError("gone")
         return JSONResponse({"item": str(item), "body": (await request.json())["x"]}, status_code=202)
 
+    def gone(request: Request, exc: Exception) -> JSONResponse:  # a plain `def` handler, for a base class
+        return JSONResponse({"gone": str(exc)}, status_code=410)
+
     app = _direct_app(endpoint)
+    app.add_exception_handler(LookupError, gone)
     with TestClient(app, raise_server_exceptions=False) as client:
         ok = client.post("/items/a0000000-0000-4000-8000-000000000000", json={"x": 1})
         assert ok.status_code == 202 and ok.json() == {"item": "a0000000-0000-4000-8000-000000000000", "body": 1}
@@ -134,6 +140,8 @@ def test_a_direct_route_is_served_before_the_router_and_answers_errors_as_the_ap
         assert limited.status_code == 429 and limited.headers["retry-after"] == "3"
         assert limited.json()["error"] == {"status": 429, "message": "slow down"}
         assert client.post("/items/10000000-0000-4000-8000-000000000000", json={"x": 1}).status_code == 500
+        gone_r = client.post("/items/20000000-0000-4000-8000-000000000000", json={"x": 1})
+        assert gone_r.status_code == 410 and gone_r.json() == {"gone": "'gone'"}
         # the doors are outside the lane: a form post is refused before the endpoint
         before = len(seen)
         assert client.post("/items/a0000000-0000-4000-8000-000000000000", data={"x": "1"}).status_code == 415
