@@ -47,6 +47,7 @@ SIGNALS = ("BUY", "SELL", "HOLD")
 
 FAST_CLOCK = {
     "OPTIMIZER_MIN_DURATION_S": "5",  # the plan's 7-day minimum, sped up
+    "OPTIMIZER_FEEDBACK_RATE_GRACE_S": "2",  # the feedback rate's 10 minutes for votes on their way, sped up
     "OPTIMIZER_MIN_FEEDBACK_PER_ARM": "100",
     "OPTIMIZER_MAX_FEEDBACK_PER_ARM": "700",  # sample cap: no winner by then -> inconclusive
     "OPTIMIZER_DECISION_INTERVAL_S": "1",

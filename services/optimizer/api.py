@@ -57,10 +57,24 @@ class ExperimentBody(Strict):
     min_feedback_per_arm: int | None = Field(default=None, ge=1, le=domain.MAX_FEEDBACK_PER_ARM)
     max_feedback_per_arm: int | None = Field(default=None, ge=1, le=domain.MAX_FEEDBACK_PER_ARM)
     target_lift: float | None = Field(default=None, gt=0, le=10)
+    futility_alpha: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="level of the always-valid interval futility is judged on (per treatment; it never ships, so "
+        "a looser level only costs power); default: the service's setting",
+    )
     min_lift_to_ship: float = Field(default=0.0, ge=0, le=10)
     max_cost_ratio: float | None = Field(default=1.5, gt=0, description="guardrail vs control; null disables")
     max_latency_ratio: float | None = Field(default=2.0, gt=0, description="guardrail vs control; null disables")
     min_feedback_rate_ratio: float | None = Field(default=0.8, gt=0, le=1, description="null disables")
+    feedback_rate_grace_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=domain.MAX_DURATION_S,
+        description="the feedback-rate guardrail counts the sessions first served at least this many seconds ago "
+        "(their votes have had time to arrive); default: the service's setting",
+    )
     note: str = Field(default="", max_length=500)
 
 
@@ -129,6 +143,8 @@ def create_experiment(
         min_feedback_per_arm=body.min_feedback_per_arm,
         max_feedback_per_arm=body.max_feedback_per_arm,
         target_lift=body.target_lift,
+        futility_alpha=body.futility_alpha,
+        feedback_rate_grace_s=body.feedback_rate_grace_s,
     )
     spec = domain.ExperimentSpec(
         prompt_name=body.prompt_name,

@@ -14,7 +14,9 @@ WEEK_S = 7 * 86400.0
 
 
 class OptimizerSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="OPTIMIZER_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="OPTIMIZER_", extra="ignore", populate_by_name=True, env_parse_none_str="null"
+    )
 
     service = "optimizer"
 
@@ -28,6 +30,15 @@ class OptimizerSettings(ServiceSettings):
     max_feedback_per_arm: int = Field(20000, ge=1)  # sample cap: no winner by then -> inconclusive
     alpha: float = Field(0.05, gt=0, lt=1)
     target_lift: float = Field(0.10, gt=0)
+    # futility (a round ends, an arm stops being served, once its always-valid interval lies below the target
+    # lift) is judged on the interval at this level, per treatment: futility never ships, so a looser level than
+    # the decision's only costs power (an arm truly at the target is dropped with probability at most this over
+    # the whole experiment) and spends fewer votes on rounds that cannot win; None: the decision's interval
+    futility_alpha: float | None = Field(0.2, gt=0, lt=1)
+    # the feedback-rate guardrail counts only the sessions first served at least this long ago: a vote travels
+    # one more hop than its explanation's event, and an arm whose traffic grows (adaptive allocation) would
+    # otherwise look under-voted by the votes still on their way; a winner waits until both arms have such sessions
+    feedback_rate_grace_s: float = Field(600.0, ge=0, le=365 * 86400)
     metric: Literal["positive_rate", "avg_stars"] = "positive_rate"
 
     # -- adaptive allocation (Thompson leader vs the control at the square-root share, 1% floor, futile arms

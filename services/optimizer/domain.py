@@ -17,7 +17,7 @@ import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
 from services.optimizer.stats.decision import DecisionConfig
@@ -147,6 +147,8 @@ class ExperimentSpec:
     min_feedback_per_arm: int = 100
     max_feedback_per_arm: int = 20000
     target_lift: float = 0.10
+    futility_alpha: float | None = None  # None: futility on the decision's own interval
+    feedback_rate_grace_s: float = 0.0  # the feedback rate counts sessions first served at least this long ago
     min_lift_to_ship: float = 0.0
     max_cost_ratio: float | None = 1.5
     max_latency_ratio: float | None = 2.0
@@ -194,6 +196,10 @@ def plan_arms(spec: ExperimentSpec, versions: Mapping[str, str]) -> list[Planned
         spec.min_lift_to_ship < 0 or spec.target_lift <= 0
     ):
         raise InvalidRequest("target_lift must be positive and min_lift_to_ship zero or more")
+    if not (math.isfinite(spec.feedback_rate_grace_s) and 0 <= spec.feedback_rate_grace_s <= MAX_DURATION_S):
+        raise InvalidRequest(f"feedback_rate_grace_s must be between 0 and {MAX_DURATION_S:.0f} (a year)")
+    if spec.futility_alpha is not None and not 0 < spec.futility_alpha < 1:
+        raise InvalidRequest("futility_alpha must be in (0, 1), or null to judge futility on the decision's interval")
     for name in ("max_cost_ratio", "max_latency_ratio", "min_feedback_rate_ratio"):
         ratio = getattr(spec, name)
         if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
@@ -249,6 +255,8 @@ class StoredDecisionRule(TypedDict):
     min_feedback_per_arm: int
     max_feedback_per_arm: int
     target_lift: float
+    futility_alpha: float | None  # None (experiments created before it existed): the decision's interval
+    feedback_rate_grace_s: float | None  # None (likewise): the feedback rate counts every session
     min_lift_to_ship: float
     max_cost_ratio: float | None
     max_latency_ratio: float | None
@@ -264,6 +272,7 @@ def decision_config(row: StoredDecisionRule) -> DecisionConfig:
         min_feedback_per_arm=int(row["min_feedback_per_arm"]),
         max_feedback_per_arm=int(row["max_feedback_per_arm"]),
         target_lift=float(row["target_lift"]),
+        futility_alpha=_opt_float(row["futility_alpha"]),
         min_lift_to_ship=float(row["min_lift_to_ship"]),
         max_cost_ratio=_opt_float(row["max_cost_ratio"]),
         max_latency_ratio=_opt_float(row["max_latency_ratio"]),
@@ -428,10 +437,14 @@ def _merge(rows: Iterable[SessionRow]) -> SessionRow:
     )
 
 
-def arm_snapshot(rows: Iterable[SessionRow], arm_ids: Sequence[str], recent_since: float | None) -> ArmSnapshot:
+def arm_snapshot(
+    rows: Iterable[SessionRow], arm_ids: Sequence[str], recent_since: float | None, settled_until: float | None = None
+) -> ArmSnapshot:
     """Fold per-(arm, session, signal) rows into the analysis's inputs. A session is one unit on its arm
     whatever signals it asked about; within a segment, its explanations of that signal are the unit.
-    `recent_since` (seconds since the start): sessions first served at or after it form the recent part."""
+    `recent_since` (seconds since the start): sessions first served at or after it form the recent part.
+    `settled_until` (seconds since the start): the feedback rate counts only the sessions first served at or
+    before it (`ArmData.feedback_exposures`, `feedback_n`); None: every session."""
     by_session: dict[tuple[str, str], list[SessionRow]] = {}
     segments: dict[str, dict[str, _Acc]] = {}
     for r in rows:
@@ -439,6 +452,7 @@ def arm_snapshot(rows: Iterable[SessionRow], arm_ids: Sequence[str], recent_sinc
         segments.setdefault(r.signal, {}).setdefault(r.arm_id, _Acc()).add(r)
     total = {a: _Acc() for a in arm_ids}
     recent = {a: _Acc() for a in arm_ids}
+    settled = dict.fromkeys(arm_ids, (0, 0))  # (exposures, votes) of the sessions the feedback rate counts
     for (arm_id, _), parts in by_session.items():
         if arm_id not in total:
             continue
@@ -446,8 +460,18 @@ def arm_snapshot(rows: Iterable[SessionRow], arm_ids: Sequence[str], recent_sinc
         total[arm_id].add(s)
         if recent_since is not None and s.first_seen is not None and s.first_seen >= recent_since:
             recent[arm_id].add(s)
+        if settled_until is not None and s.first_seen is not None and s.first_seen <= settled_until:
+            exposures, votes = settled[arm_id]
+            settled[arm_id] = (exposures + s.explanations, votes + s.votes)
+
+    def with_feedback_counts(data: ArmData) -> ArmData:
+        if settled_until is None:
+            return data
+        exposures, votes = settled[data.arm_id]
+        return replace(data, feedback_exposures=exposures, feedback_n=votes)
+
     return ArmSnapshot(
-        total=[total[a].arm(a) for a in arm_ids],
+        total=[with_feedback_counts(total[a].arm(a)) for a in arm_ids],
         recent=[recent[a].arm(a) for a in arm_ids],
         segments={sig: [accs.get(a, _Acc()).arm(a) for a in arm_ids] for sig, accs in sorted(segments.items())},
     )

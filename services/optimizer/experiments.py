@@ -65,6 +65,8 @@ def spec_defaults(settings: OptimizerSettings, **overrides: Any) -> dict[str, An
         "min_feedback_per_arm": settings.min_feedback_per_arm,
         "max_feedback_per_arm": settings.max_feedback_per_arm,
         "target_lift": settings.target_lift,
+        "futility_alpha": settings.futility_alpha,
+        "feedback_rate_grace_s": settings.feedback_rate_grace_s,
     }
     return base | {k: v for k, v in overrides.items() if v is not None}
 
@@ -99,6 +101,8 @@ def create_experiment(
                 "min_feedback_per_arm": spec.min_feedback_per_arm,
                 "max_feedback_per_arm": spec.max_feedback_per_arm,
                 "target_lift": spec.target_lift,
+                "futility_alpha": spec.futility_alpha,
+                "feedback_rate_grace_s": spec.feedback_rate_grace_s,
                 "min_lift_to_ship": spec.min_lift_to_ship,
                 "max_cost_ratio": spec.max_cost_ratio,
                 "max_latency_ratio": spec.max_latency_ratio,
@@ -193,7 +197,13 @@ def evaluate(
     elapsed_s = max(0.0, (as_utc(end) - as_utc(started)).total_seconds()) if started else 0.0
     arm_ids = [a["arm_id"] for a in arms]
     rows = uow.repo.session_rows(exp["experiment_id"], started)
-    snapshot = domain.arm_snapshot(rows, arm_ids, recent_since=elapsed_s / 2 if elapsed_s > 0 else None)
+    grace_s = exp["feedback_rate_grace_s"]
+    snapshot = domain.arm_snapshot(
+        rows,
+        arm_ids,
+        recent_since=elapsed_s / 2 if elapsed_s > 0 else None,
+        settled_until=elapsed_s - float(grace_s) if grace_s is not None else None,
+    )
     data = snapshot.total
     history = domain.AllocationHistory([(int(s), dict(w)) for s, w in exp["allocation_history"] or []])
     total_sessions = sum(d.sessions or 0 for d in data)
@@ -210,6 +220,7 @@ def evaluate(
         alpha=config.alpha,
         target_lift=config.target_lift,
         min_lift=config.min_lift_to_ship,
+        futility_alpha=config.futility_alpha,
         feedback_per_day=per_day,
         srm_threshold=config.srm_threshold,
         seed=_seed_of(exp["experiment_id"]),

@@ -96,6 +96,8 @@ experiments = Table(
     Column("min_feedback_per_arm", Integer, nullable=False),
     Column("max_feedback_per_arm", Integer, nullable=False),
     Column("target_lift", Float, nullable=False),
+    Column("futility_alpha", Float),  # null: futility judged on the decision's interval
+    Column("feedback_rate_grace_s", Float),  # null: the feedback rate counts every session
     Column("min_lift_to_ship", Float, nullable=False),
     Column("max_cost_ratio", Float),
     Column("max_latency_ratio", Float),

@@ -101,11 +101,13 @@ def experiment_view(experiment_id: str, uow: SqlUnitOfWork, now: datetime | None
                 "min_feedback_per_arm": exp["min_feedback_per_arm"],
                 "max_feedback_per_arm": exp["max_feedback_per_arm"],
                 "target_lift": exp["target_lift"],
+                "futility_alpha": exp["futility_alpha"],
                 "min_lift_to_ship": exp["min_lift_to_ship"],
                 "guardrails": {
                     "max_cost_ratio": exp["max_cost_ratio"],
                     "max_latency_ratio": exp["max_latency_ratio"],
                     "min_feedback_rate_ratio": exp["min_feedback_rate_ratio"],
+                    "feedback_rate_grace_s": exp["feedback_rate_grace_s"],
                 },
             },
             "analysis": {

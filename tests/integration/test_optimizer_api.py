@@ -85,6 +85,7 @@ def test_experiment_is_created_and_analysed(client: TestClient) -> None:
     assert r.status_code == 200
     view = r.json()
     assert view["config"]["min_duration_s"] == 60 and view["config"]["min_feedback_per_arm"] == 50
+    assert view["config"]["futility_alpha"] == 0.2  # the service's default
     arm = view["analysis"]["arms"][1]
     for key in ("n", "positives", "rate", "rate_ci", "lift", "p_value_sequential", "prob_beat_control"):
         assert key in arm
@@ -113,6 +114,8 @@ def test_experiment_is_created_and_analysed(client: TestClient) -> None:
         ({"allocation": "random"}, 422, "allocation"),
         ({"metric": "clicks"}, 422, "metric"),
         ({"alpha": 2}, 422, "alpha"),
+        ({"futility_alpha": 1}, 422, "futility_alpha"),
+        ({"futility_alpha": 0}, 422, "futility_alpha"),
         ({"surprise": 1}, 422, "surprise"),
         ({"prompt_name": "nope"}, 404, "unknown prompt"),
     ],
@@ -134,6 +137,7 @@ def test_bad_experiment_bodies_get_a_clear_4xx(client: TestClient, change: dict,
         (b'"max_cost_ratio": Infinity', "max_cost_ratio"),
         (b'"max_latency_ratio": NaN', "max_latency_ratio"),
         (b'"alpha": NaN', "alpha"),
+        (b'"futility_alpha": NaN', "futility_alpha"),
     ],
 )
 def test_huge_or_non_finite_experiment_numbers_are_422_and_start_nothing(
@@ -145,6 +149,14 @@ def test_huge_or_non_finite_experiment_numbers_are_422_and_start_nothing(
     assert r.status_code == 422, r.text
     assert field in error_of(r)
     assert client.get("/api/experiments").json()["experiments"] == []
+
+
+def test_an_experiment_keeps_the_futility_level_it_was_created_with(client: TestClient) -> None:
+    add_bullets(client)
+    r = client.post("/api/experiments", json=body(futility_alpha=0.05), headers=ADMIN)
+    assert r.status_code == 201, r.text
+    view = client.get(f"/api/experiments/{r.json()['experiment_id']}").json()
+    assert view["config"]["futility_alpha"] == 0.05
 
 
 def test_malformed_json_is_a_422_not_a_500(client: TestClient) -> None:

@@ -89,7 +89,8 @@ def test_worker_counts_traffic_and_beat_decision_promotes_and_tells_the_router(
 ) -> None:
     store = Store(f"sqlite:///{tmp_path / 'optimizer.db'}")
     registry.ensure_seeded(store.uow(), MODEL)
-    settings_for_test = OptimizerSettings(min_duration_s=0, min_feedback_per_arm=20)
+    # the test sends every vote right after its explanation: no vote is on its way when the decision runs
+    settings_for_test = OptimizerSettings(min_duration_s=0, min_feedback_per_arm=20, feedback_rate_grace_s=0)
     template = SEED_TEMPLATE + "\n\nAnswer as bullet points, one line per indicator, the strongest first."
     version = registry.add_version(PROMPT_NAME, template, store.uow(), settings_for_test)["version"]
     spec = domain.ExperimentSpec(

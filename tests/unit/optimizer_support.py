@@ -33,8 +33,9 @@ def published(store: Store) -> list[Any]:
 
 
 def offline_settings(**fields: Any) -> OptimizerSettings:
-    """Settings with no paid provider, no minimum duration and automatic promotion; `fields` add or override."""
-    values: dict[str, Any] = {"min_duration_s": 0, "promotion_mode": "auto"}
+    """Settings with no paid provider, no minimum duration, automatic promotion, and a feedback rate over every
+    session (these tests record a vote with its explanation, nothing in flight); `fields` add or override."""
+    values: dict[str, Any] = {"min_duration_s": 0, "promotion_mode": "auto", "feedback_rate_grace_s": 0}
     return OptimizerSettings(**(values | fields), openai_api_key=None, groq_api_key=None)
 
 

@@ -25,6 +25,8 @@ def _arm(arm_id: str, ci: tuple[float, float] | None = None, **kw: object) -> Ar
         diff = (ci[0] + ci[1]) / 2
         derived = {"diff": diff, "lift": diff / 0.5, "p_value_sequential": 0.01, "prob_best": 0.5}
         derived["lift_ci_relative"] = (ci[0] / 0.5, ci[1] / 0.5)
+        # as `analyze` flags it at the decision's own level: the interval ends below the target (0.05)
+        derived["futile"] = ci[1] < 0.05
     return arm_result(arm_id, lift_ci_sequential=ci, **{**derived, **kw})
 
 
@@ -153,9 +155,16 @@ def test_an_interval_ending_exactly_at_0_is_futile_not_below() -> None:
     assert _decide(_analysis(_arm("t1", (-0.10, -1e-6))))[:2] == ("keep_control", "control")
 
 
-def test_an_interval_ending_exactly_at_the_target_lift_is_not_futile() -> None:
-    assert _decide(_analysis(_arm("t1", (-0.02, 0.05))))[0] == "collecting"
-    assert _decide(_analysis(_arm("t1", (-0.02, 0.0499))))[0] == "inconclusive"
+def test_futility_follows_the_analysis_flag_not_the_interval_shown() -> None:
+    """`analyze` judges futility on the interval at the futility level, which may be narrower than the one shown:
+    the decision takes its flag."""
+    assert _decide(_analysis(_arm("t1", OPEN, futile=True)))[0] == "inconclusive"
+    assert _decide(_analysis(_arm("t1", FUTILE, futile=False)))[0] == "collecting"
+    status, _, reason = _decide(_analysis(_arm("t1", OPEN, futile=True)), futility_alpha=0.2)
+    assert (
+        status == "inconclusive" and "(every always-valid interval at the futility level 0.2 lies below it)" in reason
+    )
+    assert _decide(_analysis(_arm("t1", OPEN, futile=True)), futility=False)[0] == "collecting"
 
 
 def test_the_bars_are_0_when_the_control_has_no_mean() -> None:

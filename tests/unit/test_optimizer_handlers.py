@@ -226,6 +226,39 @@ def test_decision_waits_for_minimum_duration(store: Store, settings: OptimizerSe
     assert experiments.decide_experiment(exp, store.uow(), settings, later)["action"] == "promoted"
 
 
+@pytest.mark.parametrize(("grace_s", "action"), [(600.0, "promoted"), (0.0, "concluded")])
+def test_votes_still_on_their_way_do_not_count_against_an_arm_feedback_rate(
+    store: Store, settings: OptimizerSettings, grace_s: float, action: str
+) -> None:
+    """The winner's latest sessions were served a minute before the decision and their votes have not arrived
+    (a vote travels one more hop than its explanation's event). With the grace period they are left out of the
+    feedback rate and the winner ships; counted (no grace), they make it look under-voted (0.6x the control's
+    rate, under the 0.8x floor) and the guardrail keeps the control."""
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55), feedback_rate_grace_s=grace_s)
+    later = utcnow() + timedelta(hours=2)
+    for _ in range(40):
+        fresh = explanation_created(None, None, created_at=later - timedelta(minutes=1), **arm_fields(exp, "t1", v))
+        handlers.on_explanation_created(fresh, store.uow())
+    result = experiments.decide_experiment(exp, store.uow(), settings, later)
+    assert result["action"] == action, result
+    if grace_s == 0:
+        assert result["decision"] == "keep_control" and "feedback rate 0.60x control (< 0.8x)" in result["reason"]
+
+
+def test_a_winner_waits_while_no_session_is_old_enough_to_judge_its_feedback_rate(
+    store: Store, settings: OptimizerSettings
+) -> None:
+    exp, v = voted_experiment(store, settings, (60, 30), (60, 55), feedback_rate_grace_s=600)
+    result = experiments.decide_experiment(exp, store.uow(), settings)
+    assert result["decision"] == "collecting"
+    assert "t1 wins but the feedback-rate guardrail cannot be judged yet" in result["reason"]
+    view = views.experiment_view(exp, store.uow())
+    assert view["config"]["guardrails"]["feedback_rate_grace_s"] == 600
+    assert [a["feedback_rate"] for a in view["analysis"]["arms"]] == [None, None]
+    later = utcnow() + timedelta(minutes=11)
+    assert experiments.decide_experiment(exp, store.uow(), settings, later)["action"] == "promoted"
+
+
 def test_approve_mode_waits_for_an_operator(store: Store, settings: OptimizerSettings) -> None:
     approve = settings.model_copy(update={"promotion_mode": "approve"})
     exp, v = voted_experiment(store, settings, (60, 30), (60, 55))

@@ -630,6 +630,19 @@ def test_feedback_cost_latency_and_fallback_rates_per_arm() -> None:
     assert (t3.feedback_rate, t3.cost_per_explanation, t3.latency_ms_mean, t3.fallback_rate) == (None, 0.1, 150.0, 1.0)
 
 
+def test_the_feedback_rate_uses_its_own_counts_when_the_arm_has_them() -> None:
+    # the sessions whose votes have had time to arrive: 30 of 60 exposures voted on, whatever the fresher ones did
+    arms = [
+        ArmData("control", 100, 40, 30, feedback_exposures=60, feedback_n=30),
+        ArmData("t1", 100, 40, 30, feedback_exposures=0, feedback_n=0),  # no session old enough yet
+        ArmData("t2", 100, 40, 30),
+    ]
+    result = analyze(arms, "control", _equal(arms))
+    rates = [_arm(result, a.arm_id).feedback_rate for a in arms]
+    assert rates == [0.5, None, 0.4]
+    assert _arm(result, "control").n == 40  # the other figures keep every vote
+
+
 # -- status --------------------------------------------------------------------------------------------------------
 
 

@@ -171,6 +171,7 @@ def analyze(
     alpha: float = 0.05,
     target_lift: float = 0.10,
     min_lift: float = 0.0,
+    futility_alpha: float | None = None,
     feedback_per_day: float | None = None,
     srm_threshold: float = 0.001,
     srm_sequential: bool = True,
@@ -193,6 +194,10 @@ def analyze(
     Variances are session-clustered (`ratio_cluster_variance`, as a design effect on the per-vote variance).
     `feedback_per_day` (total over all arms) turns the samples still needed into days; `min_lift` (relative)
     is the lift the always-valid interval must clear to ship, used for power, samples and days.
+    `futility_alpha`: the level of the always-valid interval a treatment is judged futile on (`futile`: its
+    upper end lies below the target lift), per treatment and without Bonferroni; None: the interval shown.
+    Futility never ships anything, so a looser level costs power (a treatment truly at the target is called
+    futile with probability at most `futility_alpha` over the whole experiment), never a false win.
     `tau` is the mSPRT mixing sd in absolute metric units; by default `msprt_tau_for_effect` of the design
     effect target_lift x the pooled metric mean at the Bonferroni alpha (about 0.95 x that effect).
     `recent`: the same arms restricted to the sessions of the experiment's recent half (the novelty check);
@@ -343,7 +348,8 @@ def analyze(
             ci_rel = (ci_seq[0] / c_mean, ci_seq[1] / c_mean) if c_mean else None
             hf = z_fixed * math.sqrt(v_fixed[i])
             ci_fixed = (diff[i] - hf, diff[i] + hf)
-            futile = ci_seq[1] < target_lift * abs(c_mean or 0.0)
+            h_fut = h if futility_alpha is None else float(msprt_half_width(var[i], tau2, futility_alpha))
+            futile = diff[i] + h_fut < target_lift * abs(c_mean or 0.0)
         served = a.exposures + a.fallbacks
         nov = novelty.get(i, (None, None, None, False))
         results.append(
@@ -356,7 +362,7 @@ def analyze(
                 rate=rate_m[i].mean,
                 rate_ci=wilson_interval(a.positives, a.n),
                 star_mean=star_m[i].mean,
-                feedback_rate=a.n / a.exposures if a.exposures > 0 else None,
+                feedback_rate=_feedback_rate(a),
                 cost_per_explanation=a.cost_usd_sum / served if served > 0 else None,
                 latency_ms_mean=a.latency_ms_sum / served if served > 0 else None,
                 lift=lift,
@@ -417,3 +423,10 @@ def analyze(
         min_lift=min_lift,
         segments=segment_results,
     )
+
+
+def _feedback_rate(a: ArmData) -> float | None:
+    """Votes per own-model explanation, on the counts of the sessions whose votes have had time to arrive when
+    the arm has them (`ArmData.feedback_exposures`), else on all; None without exposures to divide by."""
+    n, exposures = (a.n, a.exposures) if a.feedback_exposures is None else (a.feedback_n or 0, a.feedback_exposures)
+    return n / exposures if exposures > 0 else None

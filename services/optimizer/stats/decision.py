@@ -47,8 +47,11 @@ class DecisionConfig:
     # control's by at most this (absolute); None disables.
     max_fallback_rate_increase: float | None = 0.05
     # Futility: end the experiment (inconclusive) once every treatment's always-valid interval lies below the
-    # target lift; in adaptive mode such an arm stops receiving traffic.
+    # target lift; in adaptive mode such an arm stops receiving traffic. The interval is the one at
+    # `futility_alpha` (per treatment; `analyze` computes it, see there), None: the interval shown. Futility
+    # never ships, so its level trades power for votes and leaves the false-win rate as it is.
     futility: bool = True
+    futility_alpha: float | None = None
     novelty_check: bool = True  # block shipping while the recent lift is significantly below the early one
 
 
@@ -170,12 +173,14 @@ def decide(
     even if another arm has no votes. Before it, every arm needs the minimum feedback. Then, with L = the always-valid
     interval of a treatment's difference to the control (Bonferroni over the treatments, the interval shown):
     - a treatment can ship when L lies wholly above the minimum lift (`min_lift_to_ship` x the control's mean),
-      its guardrails hold, and its recent lift is not significantly below its early lift (novelty check);
+      its guardrails hold (it waits while the feedback rate of its sessions or the control's cannot be measured
+      yet), and its recent lift is not significantly below its early lift (novelty check);
       among several, the highest probability to be best wins, near-ties (tie_tolerance) going to the cheaper;
     - the control is kept when every treatment's L lies wholly below the minimum lift, or the rest are
       winners blocked by guardrails;
-    - futility (`config.futility`): when every treatment's L lies below the target lift (or it is blocked by
-      a guardrail, or below the minimum lift), no arm can reach what the round is for: inconclusive;
+    - futility (`config.futility`): when every treatment is `futile` (its always-valid interval at the
+      futility level, `analyze(futility_alpha=...)`, lies below the target lift), blocked by a guardrail, or
+      below the minimum lift, no arm can reach what the round is for: inconclusive;
     - at the sample cap without a winner: inconclusive; otherwise keep collecting.
     """
     if analysis.status == STATUS_SRM:
@@ -234,10 +239,9 @@ def decide(
 
     c_mean = abs((control.star_mean if config.metric == METRIC_AVG_STARS else control.rate) or 0.0)
     ship_bar = max(config.min_lift_to_ship, 0.0) * c_mean
-    target_bar = config.target_lift * c_mean
     winners: list[ArmResult] = []
     blocked: list[str] = []  # winners that cannot ship (guardrails): final
-    waiting: list[str] = []  # winners that may ship later (novelty): keep collecting
+    waiting: list[str] = []  # winners that may ship later (novelty, a guardrail not measurable yet): keep collecting
     below: list[ArmResult] = []
     futile: list[ArmResult] = []
     for t in treatments:
@@ -248,6 +252,13 @@ def decide(
             fails = _guardrail_failures(t, control, config)
             if fails:
                 blocked.append(f"{t.arm_id} wins but is blocked by guardrails: " + "; ".join(fails))
+            elif config.min_feedback_rate_ratio is not None and (
+                t.feedback_rate is None or control.feedback_rate is None
+            ):
+                waiting.append(
+                    f"{t.arm_id} wins but the feedback-rate guardrail cannot be judged yet (no session of "
+                    f"{'its' if t.feedback_rate is None else 'the control'} has had time to vote)"
+                )
             elif config.novelty_check and t.novelty_flag:
                 waiting.append(
                     f"{t.arm_id} wins but its lift fades (novelty check: early {t.lift_early or 0.0:+.1%}, recent "
@@ -257,7 +268,7 @@ def decide(
                 winners.append(t)
         elif ci[1] < ship_bar:  # ship_bar >= 0, so with no minimum lift: wholly below 0
             below.append(t)
-        elif config.futility and ci[1] < target_bar:
+        elif config.futility and t.futile:
             futile.append(t)
 
     if winners:
@@ -290,7 +301,7 @@ def decide(
             DECISION_INCONCLUSIVE,
             None,
             f"stopped for futility: no treatment can still reach the target lift {config.target_lift:.0%} "
-            f"(every always-valid interval lies below it){extra}",
+            f"(every always-valid interval{_futility_level(config)} lies below it){extra}",
         )
     if at_cap:
         return Decision(
@@ -303,8 +314,12 @@ def decide(
     return Decision(DECISION_COLLECTING, None, f"no interval clears {bar_txt} yet{p_txt}{extra}")
 
 
+def _futility_level(config: DecisionConfig) -> str:
+    return "" if config.futility_alpha is None else f" at the futility level {config.futility_alpha:g}"
+
+
 def futile_arms(analysis: Analysis) -> list[str]:
-    """Treatments whose always-valid interval lies wholly below the target lift: clearly behind, they stop
+    """Treatments whose always-valid interval (at the futility level) lies wholly below the target lift: clearly behind, they stop
     receiving traffic under adaptive allocation (the interval is valid under any allocation rule, so dropping
     them keeps the error guarantees)."""
     return [a.arm_id for a in analysis.arms if not a.is_control and a.futile]

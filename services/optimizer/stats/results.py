@@ -39,6 +39,11 @@ class ArmData:
     star_n_sq: float | None = None  # sum over sessions of (ratings in the session)^2
     star_sum_sq: float | None = None  # sum over sessions of (sum of the session's ratings)^2
     star_cross: float | None = None  # sum over sessions of ratings x their sum
+    # The feedback rate's own counts: the exposures and votes of the sessions first served before a grace period
+    # (their votes have had time to arrive; a vote travels one more hop than its explanation's event, and under
+    # an allocation that changes, arms differ in how much of their traffic is that fresh). None: all of them.
+    feedback_exposures: int | None = None
+    feedback_n: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,9 @@ class ArmResult:
     rate: float | None
     rate_ci: tuple[float, float] | None  # Wilson 95%
     star_mean: float | None
-    feedback_rate: float | None  # n / exposures
+    feedback_rate: (
+        float | None
+    )  # n / exposures (`ArmData.feedback_n / feedback_exposures` when given); None: no exposures
     cost_per_explanation: float | None
     latency_ms_mean: float | None
     lift: float | None  # relative (m_t - m_c)/m_c for treatments, None for control (m = the success metric)
@@ -79,7 +86,7 @@ class ArmResult:
     fallbacks: int = 0
     fallback_rate: float | None = None  # fallbacks / everything the arm served
     lift_ci_relative: tuple[float, float] | None = None  # lift_ci_sequential / the control's mean
-    futile: bool = False  # the always-valid interval lies wholly below the target lift
+    futile: bool = False  # the always-valid interval at the futility level lies wholly below the target lift
     lift_early: float | None = None  # relative lift among the sessions of the first half of the experiment
     lift_recent: float | None = None  # ... of the second half
     novelty_p_value: float | None = None  # one-sided test that the recent lift is smaller than the early one
