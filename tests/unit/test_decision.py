@@ -72,10 +72,14 @@ def test_latency_guardrail_blocks_ship() -> None:
     assert d.status != "ship" and "latency" in d.reason
 
 
-def test_feedback_rate_guardrail_blocks_ship() -> None:
+def test_feedback_rate_guardrail_holds_the_winner_back_until_the_cap() -> None:
+    # votes per explanation is an estimate that moves as votes arrive: under the floor the winner waits (never a
+    # final keep-control) and the round ends inconclusive at the cap if it stays there
     low = ArmData("t1", 20000, 3000, 1800, cost_usd_sum=20.0, latency_ms_sum=1e7)
     d = decide([arm("control", 3000, 1500), low, arm("t2", 1000, 500)])
-    assert d.status != "ship" and "feedback rate" in d.reason
+    assert d.status == "collecting" and "t1 wins but waits on the feedback-rate guardrail: feedback rate" in d.reason
+    d = decide([arm("control", 3000, 1500), low, arm("t2", 1000, 500)], DecisionConfig(max_feedback_per_arm=3000))
+    assert d.status == "inconclusive" and "waits on the feedback-rate guardrail" in d.reason
 
 
 def test_star_guardrail_blocks_ship_when_stars_are_significantly_worse() -> None:

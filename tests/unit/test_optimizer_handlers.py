@@ -226,23 +226,33 @@ def test_decision_waits_for_minimum_duration(store: Store, settings: OptimizerSe
     assert experiments.decide_experiment(exp, store.uow(), settings, later)["action"] == "promoted"
 
 
-@pytest.mark.parametrize(("grace_s", "action"), [(600.0, "promoted"), (0.0, "concluded")])
+@pytest.mark.parametrize("grace_s", [600.0, 0.0])
 def test_votes_still_on_their_way_do_not_count_against_an_arm_feedback_rate(
-    store: Store, settings: OptimizerSettings, grace_s: float, action: str
+    store: Store, settings: OptimizerSettings, grace_s: float
 ) -> None:
     """The winner's latest sessions were served a minute before the decision and their votes have not arrived
     (a vote travels one more hop than its explanation's event). With the grace period they are left out of the
-    feedback rate and the winner ships; counted (no grace), they make it look under-voted (0.6x the control's
-    rate, under the 0.8x floor) and the guardrail keeps the control."""
+    feedback rate and the winner ships. Counted (no grace), they make it look under-voted (0.6x the control's
+    rate, under the 0.8x floor): it waits, never a final keep-control, and ships once the votes are in."""
     exp, v = voted_experiment(store, settings, (60, 30), (60, 55), feedback_rate_grace_s=grace_s)
     later = utcnow() + timedelta(hours=2)
-    for _ in range(40):
-        fresh = explanation_created(None, None, created_at=later - timedelta(minutes=1), **arm_fields(exp, "t1", v))
-        handlers.on_explanation_created(fresh, store.uow())
+    fresh = [
+        explanation_created(None, None, created_at=later - timedelta(minutes=1), **arm_fields(exp, "t1", v))
+        for _ in range(40)
+    ]
+    for event in fresh:
+        handlers.on_explanation_created(event, store.uow())
     result = experiments.decide_experiment(exp, store.uow(), settings, later)
-    assert result["action"] == action, result
     if grace_s == 0:
-        assert result["decision"] == "keep_control" and "feedback rate 0.60x control (< 0.8x)" in result["reason"]
+        assert result["decision"] == "collecting", result
+        assert (
+            "t1 wins but waits on the feedback-rate guardrail: feedback rate 0.60x control (< 0.8x)" in result["reason"]
+        )
+        for event in fresh:
+            vote = feedback_recorded(event, 1, session_key=f"late-{event.explanation_id}", submitted_at=later)
+            handlers.on_feedback_recorded(vote, store.uow())
+        result = experiments.decide_experiment(exp, store.uow(), settings, later)
+    assert result["action"] == "promoted", result
 
 
 def test_a_winner_waits_while_no_session_is_old_enough_to_judge_its_feedback_rate(

@@ -62,14 +62,8 @@ class Decision:
     reason: str  # human readable
 
 
-def _guardrail_failures(arm: ArmResult, control: ArmResult, config: DecisionConfig) -> list[str]:
-    """Reasons this treatment may not ship even if it wins on the success metric. Cost and latency are
-    compared as ratios to the control, or as absolute differences when the control's figure is 0 (an offline
-    or local control), where a ratio would say nothing."""
-    fails = []
-    other = "star mean" if config.metric == METRIC_POSITIVE_RATE else "positive rate"
-    if arm.secondary_significantly_worse:
-        fails.append(f"{other} significantly worse than control")
+def _feedback_rate_failure(arm: ArmResult, control: ArmResult, config: DecisionConfig) -> str | None:
+    """The feedback-rate guardrail: the treatment's votes per explanation against the control's."""
     if (
         config.min_feedback_rate_ratio is not None
         and arm.feedback_rate is not None
@@ -77,7 +71,24 @@ def _guardrail_failures(arm: ArmResult, control: ArmResult, config: DecisionConf
         and arm.feedback_rate / control.feedback_rate < config.min_feedback_rate_ratio
     ):
         ratio = arm.feedback_rate / control.feedback_rate
-        fails.append(f"feedback rate {ratio:.2f}x control (< {config.min_feedback_rate_ratio:g}x)")
+        return f"feedback rate {ratio:.2f}x control (< {config.min_feedback_rate_ratio:g}x)"
+    return None
+
+
+def _guardrail_failures(
+    arm: ArmResult, control: ArmResult, config: DecisionConfig, *, feedback_rate: bool = True
+) -> list[str]:
+    """Reasons this treatment may not ship even if it wins on the success metric. Cost and latency are
+    compared as ratios to the control, or as absolute differences when the control's figure is 0 (an offline
+    or local control), where a ratio would say nothing. `feedback_rate=False` leaves out the feedback-rate
+    guardrail (`decide` makes a winner wait on it instead of blocking it)."""
+    fails = []
+    other = "star mean" if config.metric == METRIC_POSITIVE_RATE else "positive rate"
+    if arm.secondary_significantly_worse:
+        fails.append(f"{other} significantly worse than control")
+    low_feedback = _feedback_rate_failure(arm, control, config) if feedback_rate else None
+    if low_feedback:
+        fails.append(low_feedback)
     cost = _against_control(
         "cost",
         arm.cost_per_explanation,
@@ -173,8 +184,10 @@ def decide(
     even if another arm has no votes. Before it, every arm needs the minimum feedback. Then, with L = the always-valid
     interval of a treatment's difference to the control (Bonferroni over the treatments, the interval shown):
     - a treatment can ship when L lies wholly above the minimum lift (`min_lift_to_ship` x the control's mean),
-      its guardrails hold (it waits while the feedback rate of its sessions or the control's cannot be measured
-      yet), and its recent lift is not significantly below its early lift (novelty check);
+      its guardrails hold, and its recent lift is not significantly below its early lift (novelty check); a
+      winner blocked by a guardrail is final, except the feedback rate's: votes per explanation is an estimate
+      that moves as votes arrive, so a winner under its floor (or whose rate, or the control's, cannot be
+      measured yet) waits, and the round ends inconclusive at the cap if it stays there;
       among several, the highest probability to be best wins, near-ties (tie_tolerance) going to the cheaper;
     - the control is kept when every treatment's L lies wholly below the minimum lift, or the rest are
       winners blocked by guardrails;
@@ -241,7 +254,7 @@ def decide(
     ship_bar = max(config.min_lift_to_ship, 0.0) * c_mean
     winners: list[ArmResult] = []
     blocked: list[str] = []  # winners that cannot ship (guardrails): final
-    waiting: list[str] = []  # winners that may ship later (novelty, a guardrail not measurable yet): keep collecting
+    waiting: list[str] = []  # winners that may ship later (novelty, the feedback rate): keep collecting
     below: list[ArmResult] = []
     futile: list[ArmResult] = []
     for t in treatments:
@@ -249,7 +262,8 @@ def decide(
         if ci is None or t.diff is None:
             continue
         if ci[0] > ship_bar:  # ship_bar >= 0: a winner's interval lies wholly above 0 too
-            fails = _guardrail_failures(t, control, config)
+            fails = _guardrail_failures(t, control, config, feedback_rate=False)
+            low_feedback = _feedback_rate_failure(t, control, config)
             if fails:
                 blocked.append(f"{t.arm_id} wins but is blocked by guardrails: " + "; ".join(fails))
             elif config.min_feedback_rate_ratio is not None and (
@@ -259,6 +273,8 @@ def decide(
                     f"{t.arm_id} wins but the feedback-rate guardrail cannot be judged yet (no session of "
                     f"{'its' if t.feedback_rate is None else 'the control'} has had time to vote)"
                 )
+            elif low_feedback:  # an estimate that moves as votes arrive: wait on it, never final
+                waiting.append(f"{t.arm_id} wins but waits on the feedback-rate guardrail: {low_feedback}")
             elif config.novelty_check and t.novelty_flag:
                 waiting.append(
                     f"{t.arm_id} wins but its lift fades (novelty check: early {t.lift_early or 0.0:+.1%}, recent "
