@@ -227,8 +227,11 @@ class OfflineGenerator:
     Free, deterministic, needs no key.
 
     With a history (`remember=True`, the default) it walks every combination of traits the champion does not
-    have yet: untried single traits first, then combinations of traits already tried, each level ranked by
-    the traits' measured lifts (then in the order above); it skips every combination a version already has or
+    have yet: pairs of traits already tried alone first, then the untried single traits, then the larger
+    combinations, each level ranked by the traits' measured lifts (then in the order above). Pairs go before a
+    new trait because a pair worth something only together cannot be seen in its traits alone, and the pairs
+    of what was tried are few (three after a first round of three): a new trait waits one round for them.
+    It skips every combination a version already has or
     a rejected proposal had, and every one containing a trait that clearly hurt on its own. A trait is
     combined only once it has been tried alone. When none is left, the result is `exhausted`.
     `remember=False` is the generator as it was before it had a memory (one trait per variant in a fixed
@@ -268,7 +271,8 @@ class OfflineGenerator:
                 candidate = render_with_traits(template, set(traits))
                 score = sum(evidence.score.get(t, 0.0) for t in combo)
                 options.append((size, -score, order, frozenset(combo), candidate))
-        options.sort(key=lambda o: o[:3])
+        # pairs of traits tried alone, then untried single traits, then larger combinations
+        options.sort(key=lambda o: (o[0] if o[0] != 1 else 2.5, o[1], o[2]))
         out = []
         for size, _, _, added, candidate in options:
             measured = [

@@ -42,7 +42,7 @@ SEED = TriedVersion("v1.0", SEED_TEMPLATE, source="seed", outcome=OUTCOME_CHAMPI
 # -- the offline walk (pure) --------------------------------------------------------------------------------
 
 
-def test_offline_walk_tries_untried_traits_first_then_combinations_ranked_by_what_they_measured() -> None:
+def test_offline_walk_tries_pairs_of_tried_traits_then_untried_traits_ranked_by_what_they_measured() -> None:
     history = SearchHistory(
         PROMPT_NAME,
         "v1.0",
@@ -55,9 +55,10 @@ def test_offline_walk_tries_untried_traits_first_then_combinations_ranked_by_wha
         ),
     )
     result = OfflineGenerator().generate(SEED_TEMPLATE, 3, history)
-    # plain language is tried alone first; only traits tried alone are combined, concise (clearly harmful) never
-    assert [traits_of(c.template) for c in result.candidates] == [{"plain"}, {"bullets", "risk"}]
-    assert "not tried yet" in result.candidates[0].rationale and "combine" in result.candidates[1].rationale
+    # the pair of traits tried alone first (a pair may be worth something only together), then plain language
+    # (not tried yet); only traits tried alone are combined, concise (clearly harmful) never
+    assert [traits_of(c.template) for c in result.candidates] == [{"bullets", "risk"}, {"plain"}]
+    assert "combine" in result.candidates[0].rationale and "not tried yet" in result.candidates[1].rationale
     assert not result.exhausted
     after = SearchHistory(
         PROMPT_NAME,
@@ -215,7 +216,13 @@ def test_loop_without_winners_walks_every_combination_once_then_stops_with_one_a
         pytest.fail("the search never ended")
     assert len(proposed) == len(set(proposed)) == 15  # every combination of the four traits, once each
     assert proposed[:3] == [frozenset({"bullets"}), frozenset({"risk"}), frozenset({"concise"})]
-    assert proposed[3] == frozenset({"plain"})  # round 2 starts with the trait round 1 had no room for
+    # round 2: the pairs of what round 1 tried, before the trait round 1 had no room for (round 3)
+    assert set(proposed[3:6]) == {
+        frozenset({"bullets", "risk"}),
+        frozenset({"bullets", "concise"}),
+        frozenset({"concise", "risk"}),
+    }
+    assert proposed[6] == frozenset({"plain"})
 
     announced = [e for e in published(store) if isinstance(e, SearchExhausted)]
     assert len(announced) == 1 and announced[0].champion_version == "v1.0" and announced[0].versions_tried == 15
@@ -231,7 +238,9 @@ def test_loop_without_winners_walks_every_combination_once_then_stops_with_one_a
         assert len(uow.repo.generations(PROMPT_NAME)) == generations
 
     view = search.search_view(store.uow(), PROMPT_NAME, generator, settings)
-    assert view["exhausted"] and view["remaining"] == 0 and len(view["rounds"]) == 5
+    # 15 combinations in 6 rounds: round 3 holds plain language and the one triple of tried traits (the
+    # combinations with plain language wait until it has been tried alone)
+    assert view["exhausted"] and view["remaining"] == 0 and len(view["rounds"]) == 6
     first = view["rounds"][0]
     assert [t["version"] for t in first["tried"]] == ["v1.1", "v1.2", "v1.3"]
     assert first["control"]["version"] == "v1.0" and first["votes"] == 160
