@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 
+from bench.learning import futility_levels
 from services.optimizer.stats.analysis import analyze
 from services.optimizer.stats.bayesian import thompson_weights
 from services.optimizer.stats.decision import (
@@ -401,35 +402,23 @@ def test_clustered_aa_with_futility_rarely_ships_and_ends_before_the_cap() -> No
 
 
 def test_a_looser_futility_level_stops_hopeless_arms_sooner_and_drops_an_arm_at_the_target_within_its_level() -> None:
-    # Independent votes looked at every 100 per arm up to 3,000: an arm equal to the control, and one truly at the
-    # target lift (+10% on 0.5). At futility_alpha 0.2 the equal arm is called futile earlier than on the
-    # decision's interval, and the arm at the target is called futile (at any look) in at most 20% of the runs:
-    # the always-valid guarantee, whatever the number of looks.
-    rng = np.random.default_rng(5)
-    sims, step, looks = 150, 100, 30
-    first_futile: dict[float | None, list[int]] = {None: [], 0.2: []}
-    dropped_at_target = 0
-    for _ in range(sims):
-        c, same, good = (np.cumsum(rng.binomial(1, p, size=step * looks)) for p in (0.5, 0.5, 0.55))
-        seen: dict[float | None, int] = {}
-        hit = False
-        for k in range(1, looks + 1):
-            n = k * step
-            arms = [
-                _flat("control", n, int(c[n - 1])),
-                _flat("t1", n, int(same[n - 1])),
-                _flat("t2", n, int(good[n - 1])),
-            ]
-            weights = {"control": 1 / 3, "t1": 1 / 3, "t2": 1 / 3}
-            for level in first_futile:
-                futile = {
-                    a.arm_id for a in analyze(arms, "control", weights, draws=10, futility_alpha=level).arms if a.futile
-                }
-                if "t1" in futile:
-                    seen.setdefault(level, n)
-                hit = hit or (level == 0.2 and "t2" in futile)
-        dropped_at_target += hit
-        for level in first_futile:
-            first_futile[level].append(seen.get(level, step * looks + step))
-    assert dropped_at_target / sims <= 0.2 + 3 * math.sqrt(0.2 * 0.8 / sims)
-    assert np.median(first_futile[0.2]) < 0.8 * np.median(first_futile[None])
+    # The learning bench's simulation (four arms of independent votes, looked at every 100 per arm up to 3,000):
+    # at futility_alpha 0.2 an arm equal to the control is called futile earlier than on the decision's interval,
+    # and an arm truly at the target lift is called futile (at any look) in at most 20% of the runs: the
+    # always-valid guarantee, whatever the number of looks.
+    sims = 150
+    levels = futility_levels(sims, seed=5, cap=3000, step=100)
+    (base_n, _), (loose_n, loose_drop) = levels[None], levels[0.2]
+    assert loose_drop <= 0.2 + 3 * math.sqrt(0.2 * 0.8 / sims)
+    assert loose_n < 0.8 * base_n
+
+
+def test_a_treatment_that_would_ship_is_never_futile_even_below_the_target() -> None:
+    # +5% on 0.6 with 20,000 votes an arm: clearly above 0 (ships), clearly below the +10% target
+    arms = [_flat("control", 20000, 12000), _flat("t1", 20000, 12600)]
+    for level in (None, 0.2):
+        t1 = analyze(arms, "control", {}, futility_alpha=level).arm("t1")
+        assert t1 is not None and t1.lift_ci_sequential is not None
+        assert t1.lift_ci_sequential[0] > 0 and t1.lift_ci_sequential[1] < 0.1 * 0.6
+        assert not t1.futile
+    assert _two(arms[0], arms[1]).status == "ship"

@@ -195,7 +195,8 @@ def analyze(
     `feedback_per_day` (total over all arms) turns the samples still needed into days; `min_lift` (relative)
     is the lift the always-valid interval must clear to ship, used for power, samples and days.
     `futility_alpha`: the level of the always-valid interval a treatment is judged futile on (`futile`: its
-    upper end lies below the target lift), per treatment and without Bonferroni; None: the interval shown.
+    upper end lies below the target lift, and its shown interval does not clear the minimum lift), per treatment
+    and without Bonferroni; None: the interval shown.
     Futility never ships anything, so a looser level costs power (a treatment truly at the target is called
     futile with probability at most `futility_alpha` over the whole experiment), never a false win.
     `tau` is the mSPRT mixing sd in absolute metric units; by default `msprt_tau_for_effect` of the design
@@ -348,8 +349,11 @@ def analyze(
             ci_rel = (ci_seq[0] / c_mean, ci_seq[1] / c_mean) if c_mean else None
             hf = z_fixed * math.sqrt(v_fixed[i])
             ci_fixed = (diff[i] - hf, diff[i] + hf)
+            # A treatment the decision would ship (its interval clears the minimum lift) is never futile, though a
+            # looser futility interval may end below the target: it must keep its traffic while it waits.
             h_fut = h if futility_alpha is None else float(msprt_half_width(var[i], tau2, futility_alpha))
-            futile = diff[i] + h_fut < target_lift * abs(c_mean or 0.0)
+            wins = ci_seq[0] > max(min_lift, 0.0) * abs(c_mean or 0.0)
+            futile = not wins and diff[i] + h_fut < target_lift * abs(c_mean or 0.0)
         served = a.exposures + a.fallbacks
         nov = novelty.get(i, (None, None, None, False))
         results.append(

@@ -75,20 +75,15 @@ def _feedback_rate_failure(arm: ArmResult, control: ArmResult, config: DecisionC
     return None
 
 
-def _guardrail_failures(
-    arm: ArmResult, control: ArmResult, config: DecisionConfig, *, feedback_rate: bool = True
-) -> list[str]:
-    """Reasons this treatment may not ship even if it wins on the success metric. Cost and latency are
+def _blocking_failures(arm: ArmResult, control: ArmResult, config: DecisionConfig) -> list[str]:
+    """Reasons this treatment may not ship even if it wins on the success metric, for good (the feedback rate's,
+    which moves as votes arrive, is `_feedback_rate_failure`: a winner waits on it). Cost and latency are
     compared as ratios to the control, or as absolute differences when the control's figure is 0 (an offline
-    or local control), where a ratio would say nothing. `feedback_rate=False` leaves out the feedback-rate
-    guardrail (`decide` makes a winner wait on it instead of blocking it)."""
+    or local control), where a ratio would say nothing."""
     fails = []
     other = "star mean" if config.metric == METRIC_POSITIVE_RATE else "positive rate"
     if arm.secondary_significantly_worse:
         fails.append(f"{other} significantly worse than control")
-    low_feedback = _feedback_rate_failure(arm, control, config) if feedback_rate else None
-    if low_feedback:
-        fails.append(low_feedback)
     cost = _against_control(
         "cost",
         arm.cost_per_explanation,
@@ -140,11 +135,12 @@ def _against_control(
 
 def guardrail_failures(analysis: Analysis, arm_id: str, config: DecisionConfig) -> list[str]:
     """The guardrails `decide` applies, for one treatment of an analysis (approve mode re-checks a waiting
-    winner with it). Empty when the arm or the control is missing."""
+    winner with it): the blocking ones and the feedback rate's. Empty when the arm or the control is missing."""
     arm, control = analysis.arm(arm_id), analysis.arm(analysis.control_id)
     if arm is None or control is None:
         return []
-    return _guardrail_failures(arm, control, config)
+    low_feedback = _feedback_rate_failure(arm, control, config)
+    return _blocking_failures(arm, control, config) + ([low_feedback] if low_feedback else [])
 
 
 def _cost_key(arm: ArmResult) -> float:
@@ -262,7 +258,7 @@ def decide(
         if ci is None or t.diff is None:
             continue
         if ci[0] > ship_bar:  # ship_bar >= 0: a winner's interval lies wholly above 0 too
-            fails = _guardrail_failures(t, control, config, feedback_rate=False)
+            fails = _blocking_failures(t, control, config)
             low_feedback = _feedback_rate_failure(t, control, config)
             if fails:
                 blocked.append(f"{t.arm_id} wins but is blocked by guardrails: " + "; ".join(fails))
