@@ -63,6 +63,12 @@ SUBSCRIPTIONS: Mapping[str, tuple[str, ...]] = {
     "finetune.progress": ("dashboard.on_finetune_progress",),
 }
 
+#: The subscribers of the two busiest events, which take them many to a task message: a relay's batch goes to
+#: each of them as messages of up to `TASK_BATCH_SIZE` events (`{"payloads": [...]}`) instead of one message
+#: per event, so a consumer pays the broker's and Celery's per-message work once per batch of events. Each is a
+#: batch consumer (`BatchTask`, registered by `event_tasks`), which unpacks a message into its events.
+MANY_TO_A_MESSAGE: frozenset[str] = frozenset(SUBSCRIPTIONS["explanation.created"] + SUBSCRIPTIONS["feedback.recorded"])
+
 
 #: What Celery shows of a task's arguments in logs and monitoring: payloads may carry comments.
 REDACTED_KWARGS = "{'payload': '<redacted>'}"
@@ -273,36 +279,41 @@ class BatchTask(_Batches, ReliableTask):
         handle: Any,
         after: Any = None,
     ) -> list[int]:
-        """Run one batch: `parse(payload)` each message, `handle(messages)` the valid ones (returning, in order,
-        (True, outcome) or (False, exception) for each), then `after(handled messages)`. Returns the positions
-        of the messages to put back on the queue."""
+        """Run one batch: `parse(payload)` every message's payload (one, or the `payloads` of a message that
+        carries many: `MANY_TO_A_MESSAGE`), `handle(messages)` the valid ones in chunks of at most
+        `TASK_BATCH_SIZE` (one transaction each; returning, in order, (True, outcome) or (False, exception) for
+        each), then `after(handled messages)` for each chunk. Returns the positions of the task messages to put
+        back on the queue: one goes back whole when any of its payloads must (the others are recognised by
+        their message ids when it comes again)."""
         import time
 
-        put_back: list[int] = []
+        put_back: set[int] = set()
         valid: list[tuple[int, dict, int, Any]] = []
         for i, req in enumerate(requests):
-            payload = (req.kwargs or {}).get("payload")
             retries = int((req.request_dict or {}).get("retries") or 0)
+            for payload in payloads_of(req.kwargs or {}):
+                try:
+                    if not isinstance(payload, dict):
+                        raise TypeError("the task message carries no payload object")
+                    valid.append((i, payload, retries, parse(payload)))
+                except Exception as exc:
+                    if not self._settle(exc, payload if isinstance(payload, dict) else {"raw": repr(payload)}, retries):
+                        put_back.add(i)
+        size = batch_size()
+        for start in range(0, len(valid), size):
+            chunk = valid[start : start + size]
             try:
-                if not isinstance(payload, dict):
-                    raise TypeError("the task message carries no payload object")
-                valid.append((i, payload, retries, parse(payload)))
-            except Exception as exc:
-                if not self._settle(exc, payload if isinstance(payload, dict) else {"raw": repr(payload)}, retries):
-                    put_back.append(i)
-        handled: list[Any] = []
-        if valid:
-            try:
-                outcomes = handle([message for *_, message in valid])
+                outcomes = handle([message for *_, message in chunk])
             except Exception as exc:  # e.g. the store cannot be opened: each message is retried or dead-lettered
-                outcomes = [(False, exc)] * len(valid)
-            for (i, payload, retries, message), (ok, value) in zip(valid, outcomes, strict=True):
+                outcomes = [(False, exc)] * len(chunk)
+            handled: list[Any] = []
+            for (i, payload, retries, message), (ok, value) in zip(chunk, outcomes, strict=True):
                 if ok:
                     handled.append(message)
                 elif not self._settle(value, payload, retries):
-                    put_back.append(i)
-        if handled and after is not None:
-            after(handled)
+                    put_back.add(i)
+            if handled and after is not None:
+                after(handled)
         if put_back:
             time.sleep(1.0)  # as ReliableTask does before it puts a message back: no hot loop
         return sorted(put_back)
@@ -318,6 +329,15 @@ class BatchTask(_Batches, ReliableTask):
         except Reject:
             return False
         return True
+
+
+def payloads_of(kwargs: Mapping[str, Any]) -> list[Any]:
+    """The contract payloads a task message carries: its `payloads` (a message of several events, for a
+    consumer in `MANY_TO_A_MESSAGE`), or its one `payload`."""
+    many = kwargs.get("payloads")
+    if many is None:
+        return [kwargs.get("payload")]
+    return list(many) if isinstance(many, list) else [many]
 
 
 def acknowledge_all(requests: list[Any]) -> None:
@@ -404,10 +424,10 @@ def event_tasks(
     """Register a consumer for each entry of `handlers`, task name -> (message class, one-message handler):
     the task turns its payload into the message and calls `handler(message, uow())`, then `after()` (relay
     the outbox) once the handler has returned; the task's result is the handler's. Failures are
-    `ReliableTask`'s (retried, dead-lettered). The tasks named in `batched` digest their messages in batches
-    instead (`batch_task`: the same handler per message, or the set-based handler `many[name]` where there is
-    one). Returns the tasks by name."""
-    batched = set(batched)
+    `ReliableTask`'s (retried, dead-lettered). The tasks in `MANY_TO_A_MESSAGE`, and those named in `batched`,
+    digest their messages in batches instead (`batch_task`: the same handler per message, or the set-based
+    handler `many[name]` where there is one). Returns the tasks by name."""
+    batched = set(batched) | (MANY_TO_A_MESSAGE & set(handlers))
     many = dict(many or {})
     if batched - set(handlers):
         raise ValueError(f"batched tasks without a handler: {sorted(batched - set(handlers))}")
@@ -575,11 +595,22 @@ class TaskMessageEncoder:
         body = self.body(message)
         return [self._encode(name, body) for name in names]
 
+    def encode_body(self, task_name: str, body: str) -> tuple[str, bytes]:
+        """A message for `task_name` with a body built by `body` or `body_of_many`."""
+        return self._encode(task_name, body)
+
     @staticmethod
     def body(message: Message) -> str:
         """The base64 task body of protocol 2 for `message`: `[args, kwargs, embed]`, the payload as a kwarg.
         The payload's JSON is pydantic's (`Message.payload_json`); the frame around it is fixed text."""
         raw = _BODY_HEAD + message.payload_json() + _BODY_TAIL
+        return base64.b64encode(raw.encode()).decode()
+
+    @staticmethod
+    def body_of_many(payload_jsons: Iterable[str]) -> str:
+        """The body of one message carrying several payloads (given as their JSON text), as the kwarg
+        `payloads`: for a consumer that takes many to a message (`MANY_TO_A_MESSAGE`, `payloads_of`)."""
+        raw = _MANY_BODY_HEAD + ",".join(payload_jsons) + "]" + _BODY_TAIL
         return base64.b64encode(raw.encode()).decode()
 
     def envelope(self, task_name: str, *, body: str, task_id: str, delivery_tag: str) -> dict[str, Any]:
@@ -648,6 +679,7 @@ class TaskMessageEncoder:
 # The frame of a protocol-2 body around its one kwarg, as `json.dumps` writes it.
 _BODY_HEAD = '[[], {"payload": '
 _BODY_TAIL = '}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
+_MANY_BODY_HEAD = '[[], {"payloads": ['
 
 
 def group_by_queue(messages: Iterable[tuple[str, bytes]]) -> dict[str, list[bytes]]:
@@ -682,8 +714,36 @@ class CeleryBus:
         self._push(self._encoder.encode_for(SUBSCRIPTIONS.get(event.type, ()), event))
 
     def publish_many(self, events: Iterable[Event]) -> None:
-        """Several events in one pipelined round trip (the outbox relay of a batch), in order."""
-        self._push([m for e in events for m in self._encoder.encode_for(SUBSCRIPTIONS.get(e.type, ()), e)])
+        """Several events in one pipelined round trip (the outbox relay of a batch), in order: to a subscriber
+        in `MANY_TO_A_MESSAGE`, up to `TASK_BATCH_SIZE` of them in a message; to any other, one message each.
+        Each event's JSON is made once, and a body once for all the subscribers that get the same events."""
+        events = list(events)
+        messages: list[tuple[str, bytes]] = []
+        many: dict[str, list[int]] = {}  # subscriber that takes many -> the positions of its events
+        for i, event in enumerate(events):
+            subscribers = SUBSCRIPTIONS.get(event.type, ())
+            messages += self._encoder.encode_for([t for t in subscribers if t not in MANY_TO_A_MESSAGE], event)
+            for task in subscribers:
+                if task in MANY_TO_A_MESSAGE:
+                    many.setdefault(task, []).append(i)
+        size = batch_size()
+        jsons: dict[int, str] = {}
+        bodies: dict[tuple[int, ...], str] = {}
+        for task, positions in many.items():
+            for start in range(0, len(positions), size):
+                chunk = tuple(positions[start : start + size])
+                body = bodies.get(chunk)
+                if body is None:
+                    if len(chunk) == 1:
+                        body = self._encoder.body(events[chunk[0]])
+                    else:
+                        for i in chunk:
+                            if i not in jsons:
+                                jsons[i] = events[i].payload_json()
+                        body = self._encoder.body_of_many(jsons[i] for i in chunk)
+                    bodies[chunk] = body
+                messages.append(self._encoder.encode_body(task, body))
+        self._push(messages)
 
     def send(self, command: Command) -> None:
         self._push([self._encoder.encode(command.type, command)])

@@ -88,7 +88,7 @@ def oldest_age_s(raw: bytes | str | None, now: float | None = None) -> float | N
         if envelope.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args, kwargs, *_ = json.loads(body)
-        payload = kwargs.get("payload") or (args[0] if args else {})
+        payload = kwargs.get("payload") or (kwargs.get("payloads") or [None])[0] or (args[0] if args else {})
         occurred = datetime.fromisoformat(str(payload["occurred_at"]).replace("Z", "+00:00"))
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None

@@ -34,6 +34,7 @@ app = worker_app("dashboard", settings, lambda: _store().dead_letters, batches=T
 
 
 #: task -> (the event it takes, the handler that applies it to the read model); the busiest two in batches
+#: (`shared.bus.MANY_TO_A_MESSAGE`)
 EVENT_TASKS = event_tasks(
     app,
     {
@@ -48,7 +49,6 @@ EVENT_TASKS = event_tasks(
         "dashboard.on_finetune_progress": (FineTuneProgress, handlers.on_finetune_progress),
     },
     lambda: _store().uow(),
-    batched=("dashboard.on_explanation_created", "dashboard.on_feedback_recorded"),
     many={
         "dashboard.on_explanation_created": handlers.on_explanation_created_batch,
         "dashboard.on_feedback_recorded": handlers.on_feedback_recorded_batch,

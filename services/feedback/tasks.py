@@ -112,6 +112,5 @@ EVENT_TASKS = event_tasks(
     {"feedback.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created)},
     lambda: _store().uow(),
     after=_relay,
-    batched=("feedback.on_explanation_created",),
     many={"feedback.on_explanation_created": handlers.on_explanation_created_batch},
 )

@@ -41,6 +41,7 @@ _relay = outbox_relay(app, "finetune", _store)
 
 
 #: task -> (the event it takes, the handler that keeps it as training material), in batches
+#: (`shared.bus.MANY_TO_A_MESSAGE`)
 EVENT_TASKS = event_tasks(
     app,
     {
@@ -48,7 +49,6 @@ EVENT_TASKS = event_tasks(
         "finetune.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
     },
     lambda: _store().uow(),
-    batched=("finetune.on_explanation_created", "finetune.on_feedback_recorded"),
     many={
         "finetune.on_explanation_created": handlers.on_explanation_created_batch,
         "finetune.on_feedback_recorded": handlers.on_feedback_recorded_batch,

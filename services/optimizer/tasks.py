@@ -37,6 +37,7 @@ _relay = outbox_relay(app, "optimizer", _store)
 
 
 #: task -> (the event it takes, the handler); the two busiest digest their messages in batches
+#: (`shared.bus.MANY_TO_A_MESSAGE`)
 EVENT_TASKS = event_tasks(
     app,
     {
@@ -45,7 +46,6 @@ EVENT_TASKS = event_tasks(
         "optimizer.on_feedback_erased": (FeedbackErased, handlers.on_feedback_erased),
     },
     lambda: _store().uow(),
-    batched=("optimizer.on_explanation_created", "optimizer.on_feedback_recorded"),
     many={
         "optimizer.on_explanation_created": handlers.on_explanation_created_batch,
         "optimizer.on_feedback_recorded": handlers.on_feedback_recorded_batch,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.routes import ROUTES, service_for
-from shared.bus import SUBSCRIPTIONS, queue_for
+from shared.bus import MANY_TO_A_MESSAGE, SUBSCRIPTIONS, BatchTask, queue_for
 from shared.contracts import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +147,8 @@ def test_every_subscribed_task_exists_in_its_service() -> None:
             service = queue_for(name)
             app = importlib.import_module(f"services.{service}.tasks").app
             assert name in app.tasks, f"{name} is subscribed but services/{service}/tasks.py does not define it"
+            # a message of many events is unpacked only by a batch consumer (any other would dead-letter it)
+            assert (name in MANY_TO_A_MESSAGE) <= isinstance(app.tasks[name], BatchTask), name
 
 
 def test_beat_only_schedules_tasks_that_exist() -> None:
