@@ -413,9 +413,11 @@ def erased_votes_table(metadata: MetaData) -> Table:
 
 class MessageLog:
     """The base of a service's repository: `self.s` is the session it is made with, `processed` its
-    `processed_table` (idempotency: the message ids its handlers have applied)."""
+    `processed_table` (idempotency: the message ids its handlers have applied), `outbox` its outbox table (None:
+    the service publishes nothing)."""
 
     processed: Table
+    outbox: Table | None = None
 
     def __init__(self, session: Session) -> None:
         self.s = session
@@ -445,6 +447,17 @@ class MessageLog:
         rows = [{"message_id": str(m), "handled_at": now} for m in message_ids]
         if rows:
             self.s.execute(self.processed.insert(), rows)
+
+    def forget_session_messages(self, session_key: str) -> None:
+        """An erased session's key out of the messages this store keeps, in this transaction: the events of its
+        outbox (`shared.outbox.forget_session`) and its dead letters (`shared.deadletter.forget_session`)."""
+        from shared.deadletter import dead_letter_table
+        from shared.deadletter import forget_session as forget_dead_letters
+        from shared.outbox import forget_session
+
+        if self.outbox is not None:
+            forget_session(self.s, self.outbox, [session_key])
+        forget_dead_letters(self.s, dead_letter_table(self.processed.metadata), [session_key])
 
 
 #: How many values one `IN (...)` of `select_in` binds at most (SQLite allows 32766 bound values per statement

@@ -50,8 +50,6 @@ from shared.db import (
     values_by_key,
     write_rows,
 )
-from shared.deadletter import dead_letter_table
-from shared.deadletter import forget_session as forget_dead_letters
 from shared.votes import NewestInBatch, later_erasure
 
 metadata = MetaData()
@@ -378,11 +376,6 @@ class DashboardRepository(MessageLog):
                 row = {"feedback_id": fid, "erased_at": as_utc(at)}
                 upsert(self.s, erased_votes, "feedback_id", row, exists=remembered is not None)
         return removed
-
-    def forget_session_messages(self, session_key: str) -> None:
-        """An erased session's key out of this store's dead letters (the dashboard keeps no key elsewhere: its
-        votes are by feedback id)."""
-        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
 
     # -- experiments, champions, models, fine-tune jobs -------------------------------------------------
     def experiment(self, experiment_id: str) -> ExperimentRow | None:

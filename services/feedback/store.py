@@ -38,9 +38,7 @@ from shared.db import (
     value_of,
     write_rows,
 )
-from shared.deadletter import dead_letter_table
-from shared.deadletter import forget_session as forget_dead_letters
-from shared.outbox import forget_session, outbox_table
+from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch
 
@@ -174,6 +172,7 @@ class AuditRow(TypedDict):
 
 class FeedbackRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
+    outbox = outbox  # the table forget_session_messages rewrites
 
     # -- explanation replica ----------------------------------------------------------------------------
     def explanation(self, explanation_id: uuid.UUID) -> ExplanationRow | None:
@@ -391,8 +390,7 @@ class FeedbackRepository(MessageLog):
         tag = erasure_tag(session_key)
         self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == tag))
         upsert(self.s, erasures, "session_key", {"session_key": tag, "erased_at": at})
-        forget_session(self.s, outbox, [session_key])
-        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
+        self.forget_session_messages(session_key)
         return [r.feedback_id for r in rows], explanation_ids
 
     # -- audit ------------------------------------------------------------------------------------------

@@ -40,9 +40,7 @@ from shared.db import (
     values_by_key,
     write_rows,
 )
-from shared.deadletter import dead_letter_table
-from shared.deadletter import forget_session as forget_dead_letters
-from shared.outbox import forget_session, outbox_table
+from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch
 
@@ -222,6 +220,7 @@ class ModelRow(TypedDict):
 
 class FinetuneRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
+    outbox = outbox  # the table forget_session_messages rewrites
 
     # -- training data ----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> bool:
@@ -294,8 +293,7 @@ class FinetuneRepository(MessageLog):
             self.s.execute(
                 explanations.update().where(explanations.c.explanation_id.in_(served)).values(prompt_text="", text="")
             )
-        forget_session(self.s, outbox, [session_key])
-        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
+        self.forget_session_messages(session_key)
         export_ids = sorted(
             {
                 r.export_id

@@ -46,9 +46,7 @@ from shared.db import (
     values_by_key,
     write_rows,
 )
-from shared.deadletter import dead_letter_table
-from shared.deadletter import forget_session as forget_dead_letters
-from shared.outbox import forget_session, outbox_table
+from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch, later_erasure
 
@@ -285,6 +283,7 @@ class GenerationRow(TypedDict):
 
 class OptimizerRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
+    outbox = outbox  # the table forget_session_messages rewrites
 
     # -- prompt versions --------------------------------------------------------------------------------
     def prompt_names(self) -> list[str]:
@@ -509,8 +508,7 @@ class OptimizerRepository(MessageLog):
         self.s.execute(
             exposure_units.update().where(exposure_units.c.session_key == session_key).values(session_key=unit)
         )
-        forget_session(self.s, outbox, [session_key])
-        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
+        self.forget_session_messages(session_key)
         return removed
 
     def erased_session(self, session_key: str) -> tuple[datetime, str] | None:

@@ -28,9 +28,7 @@ from services.router.domain import Arm, Experiment, Routing, Template
 from shared.clock import as_utc
 from shared.contracts import Signal
 from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount, upsert
-from shared.deadletter import dead_letter_table
-from shared.deadletter import forget_session as forget_dead_letters
-from shared.outbox import forget_session, outbox_table
+from shared.outbox import outbox_table
 
 metadata = MetaData()
 
@@ -206,6 +204,7 @@ def _as_utc_or_none(ts: datetime | None) -> datetime | None:
 
 class RouterRepository(MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
+    outbox = outbox  # the table forget_session_messages rewrites
 
     # -- explanations -----------------------------------------------------------------------------------
     def add_explanation(self, row: ExplanationRow) -> None:
@@ -250,8 +249,7 @@ class RouterRepository(MessageLog):
                 .values(session_key=ERASED_SESSION, context={}, prompt_text="", text="")
             )
         )
-        forget_session(self.s, outbox, [session_key])
-        forget_dead_letters(self.s, dead_letter_table(metadata), [session_key])
+        self.forget_session_messages(session_key)
         return erased
 
     # -- champion ---------------------------------------------------------------------------------------
