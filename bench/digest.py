@@ -19,6 +19,11 @@ per service, as `make run` starts them). Printed as ratios:
    store (no queue), by the one-message handlers each in its savepoint (`run_in_one_transaction`) and by the
    set-based batch handlers (`run_batch`), on fresh stores: time per message and the ratio, per service and
    kind of message (`--store-only`: this phase alone).
+5. events to a message: `--events` ExplanationCreated and a FeedbackRecorded on each, published as outbox relays
+   publish them (`publish_many`, 50 at a time) with no worker running, then digested by one optimizer and one
+   dashboard worker; once with every event a task message of its own, once many to a message
+   (`shared.bus.MANY_TO_A_MESSAGE`), each on fresh stores. Per worker: events per second from the first
+   handled to the last, and the worker's CPU time per event over the same span (/proc), with the ratios.
 """
 
 from __future__ import annotations
@@ -153,6 +158,74 @@ def _digest_ms(store: Any, messages: list[Any], each: Any, many: Any, batch: int
     return (time.perf_counter() - started) / len(messages) * 1000
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _events(n: int) -> list[Any]:
+    """n ExplanationCreated and, after them, a FeedbackRecorded on each (one session each)."""
+    from shared.contracts import ExplanationCreated, FeedbackRecorded
+
+    now = datetime.now(UTC)
+    served = [
+        ExplanationCreated(
+            explanation_id=uuid.uuid4(), request_key="r", ticker="AAPL", signal="BUY", prompt_name="explain_signal",
+            prompt_version="v1.0", model="offline/template-v1", provider="offline", prompt_text="p", text="t",
+            tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1.0, created_at=now, session_key=f"{i:064x}",
+        )
+        for i in range(n)
+    ]  # fmt: skip
+    votes = [
+        FeedbackRecorded(
+            feedback_id=uuid.uuid4(), explanation_id=e.explanation_id, session_key=e.session_key, rating=1,
+            submitted_at=now, prompt_name=e.prompt_name, prompt_version=e.prompt_version, model=e.model,
+            signal=e.signal, ticker=e.ticker,
+        )
+        for e in served
+    ]  # fmt: skip
+    return [*served, *votes]
+
+
+def events_phase(tmp: Path, redis_url: str, env: dict[str, str], n: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """Phase 5: per mode ("one", "many"), per worker: (events/s from the first handled to the last, CPU ms per
+    event over that span)."""
+    import redis
+
+    from shared.bus import CeleryBus, declare_topology, make_celery
+    from shared.settings import ServiceSettings
+
+    app = make_celery("bench", ServiceSettings(redis_url=redis_url))
+    declare_topology(app)
+    r = redis.Redis.from_url(redis_url)
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for mode in ("one", "many"):
+        data = tmp / f"events-{mode}"
+        data.mkdir()
+        bus = CeleryBus(app, deadline_s=10.0, many_to_a_message=mode == "many")
+        events = _events(n)
+        for k in range(0, len(events), 50):
+            bus.publish_many(events[k : k + 50])
+        r.delete("feedback", "finetune")  # their consumers are not measured here
+        services = ("optimizer", "dashboard")
+        workers = {s: _worker(s, {**env, "DATA_DIR": str(data)}) for s in services}
+        try:
+            for service, proc in workers.items():
+                db = data / f"{service}.db"
+                handled = lambda db=db: _count(db, "select count(*) from processed_messages")  # noqa: E731
+                _wait(lambda h=handled: h() > 0, timeout_s=120, interval_s=0.01)
+                first, cpu0, t0 = handled(), _cpu_s(proc.pid), time.perf_counter()
+                _wait(lambda h=handled, total=len(events): h() >= total, timeout_s=600, interval_s=0.02)
+                took, cpu = time.perf_counter() - t0, _cpu_s(proc.pid) - cpu0
+                done = handled() - first
+                out.setdefault(mode, {})[service] = (done / took, cpu * 1000 / max(1, done))
+        finally:
+            _stop(*workers.values())
+    r.close()
+    return out
+
+
 class Stores:
     def __init__(self, data_dir: Path, seeded: int) -> None:
         self.feedback = data_dir / "feedback.db"
@@ -178,6 +251,24 @@ class Stores:
         return self.counted(self.optimizer) >= r and self.counted(self.dashboard) >= r
 
 
+def _bench_env(redis_url: str, data_dir: str) -> dict[str, str]:
+    """The environment of the bench's servers and workers: this Redis and data folder."""
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "DATA_DIR": data_dir,
+        "ADMIN_TOKEN": ADMIN,
+        "SESSION_HASH_KEY": "bench",
+        "LOG_LEVEL": "WARNING",
+        "FEEDBACK_VERIFY_UNKNOWN_WITH_ROUTER": "false",
+        # One load generator is one client with few sessions: the doors are measured elsewhere, not hit here.
+        "FEEDBACK_VOTES_PER_CLIENT": "100000000/minute",
+        "FEEDBACK_VOTES_PER_SESSION": "100000000/minute",
+        "FEEDBACK_MAX_BACKLOG": "100000000",  # no backpressure: the digest rate is what is measured
+        "PYTHONPATH": str(ROOT),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -185,31 +276,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=5000)
     parser.add_argument("--store-votes", type=int, default=2000)
     parser.add_argument("--store-only", action="store_true", help="phase 4 alone")
+    parser.add_argument("--events", type=int, default=3000, help="phase 5: explanations (and as many votes)")
+    parser.add_argument("--events-only", action="store_true", help="phase 5 alone")
     args = parser.parse_args(argv)
     lag_votes = int(args.rate * args.seconds)
     loop_sessions = 1000
     seeded = loop_sessions + lag_votes
 
-    with tempfile.TemporaryDirectory() as tmp:
-        per_store = store_phase(Path(tmp), args.store_votes)
-    if args.store_only:
-        _print_store_phase(per_store)
+    per_store = per_events = None
+    if not args.events_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            per_store = store_phase(Path(tmp), args.store_votes)
+    if not args.store_only:
+        with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
+            per_events = events_phase(Path(tmp), redis_server.url, _bench_env(redis_server.url, tmp), args.events)
+    if args.store_only or args.events_only:
+        _print_phases(per_store, per_events)
         return 0
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_server.url,
-            "DATA_DIR": tmp,
-            "ADMIN_TOKEN": ADMIN,
-            "SESSION_HASH_KEY": "bench",
-            "LOG_LEVEL": "WARNING",
-            "FEEDBACK_VERIFY_UNKNOWN_WITH_ROUTER": "false",
-            # One load generator is one client with few sessions: the doors are measured elsewhere, not hit here.
-            "FEEDBACK_VOTES_PER_CLIENT": "100000000/minute",
-            "FEEDBACK_VOTES_PER_SESSION": "100000000/minute",
-            "FEEDBACK_MAX_BACKLOG": "100000000",  # no backpressure: the digest rate is what is measured
-            "PYTHONPATH": str(ROOT),
-        }
+        env = _bench_env(redis_server.url, tmp)
         stores = Stores(Path(tmp), seeded)
         t0 = time.perf_counter()
         eids = seed_explanations(env, seeded, ("feedback", "optimizer", "dashboard"))
@@ -326,14 +411,23 @@ def main(argv: list[str] | None = None) -> int:
     one = drains.get("1 worker, batches") or float("nan")
     for label, rate in drains.items():
         print(f"{'drain, ' + label + ' (votes/s)':46}{rate:>10.0f}   ratio {rate / one:.2f}")
-    _print_store_phase(per_store)
+    _print_phases(per_store, per_events)
     return 0
 
 
-def _print_store_phase(per_store: dict[str, tuple[float, float]]) -> None:
-    for name, (each_ms, many_ms) in per_store.items():
+def _print_phases(
+    per_store: dict[str, tuple[float, float]] | None, per_events: dict[str, dict[str, tuple[float, float]]] | None
+) -> None:
+    for name, (each_ms, many_ms) in (per_store or {}).items():
         print(f"{'store ' + name + ', ms/message: savepoints / set-based':64}{each_ms:>5.2f} / {many_ms:.2f}"
               f"   ratio {each_ms / many_ms:.1f}x")  # fmt: skip
+    if per_events:
+        for service, (one_rate, one_cpu) in per_events["one"].items():
+            many_rate, many_cpu = per_events["many"][service]
+            print(f"{'events ' + service + ', CPU ms/event: one / many to a message':64}{one_cpu:>5.3f} / "
+                  f"{many_cpu:.3f}   ratio {many_cpu / one_cpu:.2f}x")  # fmt: skip
+            print(f"{'events ' + service + ', events/s: one / many to a message':64}{one_rate:>5.0f} / "
+                  f"{many_rate:.0f}   ratio {many_rate / one_rate:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -699,11 +699,13 @@ class CeleryBus:
     keeps the default (about a second: a frozen broker never holds a request longer; the outbox relays the
     event later), a worker may wait longer."""
 
-    def __init__(self, app: Celery, *, deadline_s: float = 1.0) -> None:
+    def __init__(self, app: Celery, *, deadline_s: float = 1.0, many_to_a_message: bool = True) -> None:
         import redis
 
         self.app = app
         self.deadline_s = deadline_s
+        # False: every event is a message of its own to every subscriber (for comparison: bench.digest)
+        self._many = MANY_TO_A_MESSAGE if many_to_a_message else frozenset()
         self._encoder = TaskMessageEncoder(app)
         timeout = max(0.2, min(deadline_s, 5.0))
         self._redis = redis.Redis.from_url(
@@ -722,9 +724,9 @@ class CeleryBus:
         many: dict[str, list[int]] = {}  # subscriber that takes many -> the positions of its events
         for i, event in enumerate(events):
             subscribers = SUBSCRIPTIONS.get(event.type, ())
-            messages += self._encoder.encode_for([t for t in subscribers if t not in MANY_TO_A_MESSAGE], event)
+            messages += self._encoder.encode_for([t for t in subscribers if t not in self._many], event)
             for task in subscribers:
-                if task in MANY_TO_A_MESSAGE:
+                if task in self._many:
                     many.setdefault(task, []).append(i)
         size = batch_size()
         jsons: dict[int, str] = {}
