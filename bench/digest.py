@@ -179,7 +179,7 @@ def _events(n: int) -> list[Any]:
     ]  # fmt: skip
     votes = [
         FeedbackRecorded(
-            feedback_id=uuid.uuid4(), explanation_id=e.explanation_id, session_key=e.session_key, rating=1,
+            feedback_id=uuid.uuid4(), explanation_id=e.explanation_id, session_key=e.session_key or "", rating=1,
             submitted_at=now, prompt_name=e.prompt_name, prompt_version=e.prompt_version, model=e.model,
             signal=e.signal, ticker=e.ticker,
         )
