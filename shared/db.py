@@ -437,8 +437,7 @@ class MessageLog:
 
     def seen_many(self, message_ids: Iterable[object]) -> set[str]:
         """Which of these message ids were handled already (one query per `IN_CHUNK` ids)."""
-        table = self.processed
-        return set(select_in(self.s, select(table.c.message_id), table.c.message_id, [str(m) for m in message_ids]))
+        return existing_keys(self.s, self.processed, "message_id", (str(m) for m in message_ids))
 
     def mark_seen_many(self, message_ids: Iterable[object]) -> None:
         from shared.contracts import utcnow
@@ -520,6 +519,11 @@ def write_rows(
                 for row, n in replacing
             ],
         )
+
+
+def existing_keys(s: Session, table: Table, key: str, keys: Iterable[str]) -> set[str]:
+    """Which of `keys` are the `key` column of a row of `table` (one query per `IN_CHUNK`)."""
+    return set(select_in(s, select(table.c[key]), table.c[key], sorted(set(keys))))
 
 
 def values_by_key(s: Session, table: Table, key: str, column: str, keys: Iterable[str]) -> dict[str, Any]:

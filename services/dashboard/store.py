@@ -40,6 +40,7 @@ from shared.db import (
     SqlStore,
     UnitOfWork,
     erased_votes_table,
+    existing_keys,
     explanations_voted_but_unknown,
     insert_new,
     processed_table,
@@ -294,8 +295,7 @@ class DashboardRepository(MessageLog):
 
     def explanations_known(self, explanation_ids: Iterable[str]) -> set[str]:
         """Which of these explanations the read model has (one query per `IN_CHUNK` ids)."""
-        q = select(explanations.c.explanation_id)
-        return set(select_in(self.s, q, explanations.c.explanation_id, sorted(set(explanation_ids))))
+        return existing_keys(self.s, explanations, "explanation_id", explanation_ids)
 
     def add_explanations(self, rows: list[dict[str, Any]]) -> None:
         """`add_explanation` for many explanations none of which is in the read model yet: one insert of many

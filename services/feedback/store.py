@@ -36,6 +36,7 @@ from shared.db import (
     select_in,
     upsert,
     value_of,
+    values_by_key,
     write_rows,
 )
 from shared.outbox import outbox_table
@@ -228,11 +229,7 @@ class FeedbackRepository(MessageLog):
 
     def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
-        q = select(feedback.c.feedback_id, feedback.c.submitted_at)
-        return {
-            r.feedback_id: r.submitted_at
-            for r in select_in(self.s, q, feedback.c.feedback_id, sorted(set(feedback_ids)))
-        }
+        return values_by_key(self.s, feedback, "feedback_id", "submitted_at", feedback_ids)
 
     def write_votes(self, batch: NewestInBatch) -> None:
         """A batch's votes (`NewestInBatch`): each feedback id's newest row, `revisions` counting every write."""

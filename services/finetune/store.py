@@ -32,9 +32,9 @@ from shared.db import (
     MessageLog,
     SqlStore,
     UnitOfWork,
+    existing_keys,
     insert_new,
     processed_table,
-    select_in,
     upsert,
     value_of,
     values_by_key,
@@ -228,8 +228,7 @@ class FinetuneRepository(MessageLog):
 
     def explanations_known(self, explanation_ids: Iterable[str]) -> set[str]:
         """Which of these explanations are kept here (one query per `IN_CHUNK` ids)."""
-        q = select(explanations.c.explanation_id)
-        return set(select_in(self.s, q, explanations.c.explanation_id, sorted(set(explanation_ids))))
+        return existing_keys(self.s, explanations, "explanation_id", explanation_ids)
 
     def add_explanations(self, rows: list[dict[str, Any]]) -> None:
         """`add_explanation` for many explanations none of which is kept yet: one insert of many rows."""
@@ -253,8 +252,7 @@ class FinetuneRepository(MessageLog):
     def erased_among(self, session_keys: Iterable[str]) -> set[str]:
         """`is_erased` for many sessions in one query: the erased ones."""
         by_tag = {erasure_tag(k): k for k in set(session_keys)}
-        tags = select_in(self.s, select(erased_sessions.c.session_key), erased_sessions.c.session_key, sorted(by_tag))
-        return {by_tag[t] for t in tags}
+        return {by_tag[t] for t in existing_keys(self.s, erased_sessions, "session_key", by_tag)}
 
     def is_erased(self, session_key: str) -> bool:
         return self.erased_at(session_key) is not None
@@ -265,8 +263,8 @@ class FinetuneRepository(MessageLog):
     def erased_at_many(self, session_keys: Iterable[str]) -> dict[str, datetime]:
         """`erased_at` for many sessions in one query: the erased ones, by key."""
         by_tag = {erasure_tag(k): k for k in set(session_keys)}
-        q = select(erased_sessions.c.session_key, erased_sessions.c.erased_at)
-        return {by_tag[tag]: at for tag, at in select_in(self.s, q, erased_sessions.c.session_key, sorted(by_tag))}
+        erased = values_by_key(self.s, erased_sessions, "session_key", "erased_at", by_tag)
+        return {by_tag[tag]: at for tag, at in erased.items()}
 
     def erased_keys(self) -> frozenset[str]:
         """The keys of stored votes whose session was erased (none, unless a vote slipped in: the records keep

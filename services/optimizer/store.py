@@ -37,6 +37,7 @@ from shared.db import (
     SqlStore,
     UnitOfWork,
     erased_votes_table,
+    existing_keys,
     explanations_voted_but_unknown,
     processed_table,
     rowcount,
@@ -423,8 +424,7 @@ class OptimizerRepository(MessageLog):
 
     def exposures_known(self, explanation_ids: Iterable[str]) -> set[str]:
         """Which of these explanations have an exposure recorded (one query per `IN_CHUNK` ids)."""
-        q = select(exposures.c.explanation_id)
-        return set(select_in(self.s, q, exposures.c.explanation_id, sorted(set(explanation_ids))))
+        return existing_keys(self.s, exposures, "explanation_id", explanation_ids)
 
     def add_exposures(self, rows: list[tuple[dict[str, Any], str | None, str]]) -> None:
         """`add_exposure` for many explanations none of which is recorded yet, (values, session_key, signal)
