@@ -129,6 +129,13 @@ def check_direct_routes(direct: list[DirectRoute], routes: list[Any]) -> None:
                 raise ValueError(f"direct route {sorted(d.methods or ())} {d.path} overlaps {other.path}")
 
 
+#: What a direct route may answer whatever it does: it reads a JSON body (`BrowserDoors`, `declared_body`).
+JSON_BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    415: {"description": "the body is not JSON"},
+    422: {"description": "the request is not valid"},
+}
+
+
 def add_direct_route(
     router: APIRouter,
     path: str,
@@ -140,7 +147,8 @@ def add_direct_route(
     uuid_path_parameters: tuple[str, ...] = (),
 ) -> None:
     """Declare `POST path` as a `DirectRoute`, documented as a declared route would be: its JSON `body` model,
-    its UUID path parameters, and `responses` (the success status's model among them)."""
+    its UUID path parameters, and `responses` (the success status's model among them) besides the
+    `JSON_BODY_RESPONSES`."""
     extra: dict[str, Any] = {
         "requestBody": {"required": True, "content": {"application/json": {"schema": body.model_json_schema()}}}
     }
@@ -153,7 +161,7 @@ def add_direct_route(
         route_class_override=DirectRoute,
         status_code=status_code,
         response_model=None,
-        responses=responses,
+        responses=JSON_BODY_RESPONSES | responses,
         openapi_extra=extra,
     )
 

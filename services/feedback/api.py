@@ -268,10 +268,8 @@ add_direct_route(
         202: {"model": FeedbackAccepted, "description": "durably queued"},
         403: {"description": "the explanation was not served to this session, or a browser of another origin"},
         404: {"description": "the explanation id was never issued"},
-        415: {"description": "the body is not JSON"},
         429: {"description": "too many votes from this client or session (Retry-After)"},
         503: {"description": "the feedback queue is backed up or the broker is down (Retry-After when backed up)"},
-        422: {"description": "the request is not valid"},
     },
 )
 

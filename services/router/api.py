@@ -186,9 +186,7 @@ add_direct_route(
     status_code=201,
     responses={
         201: {"model": ExplanationOut, "description": "the explanation, recorded"},
-        415: {"description": "the body is not JSON"},
         403: {"description": "a browser request from an origin that is not allowed"},
-        422: {"description": "the request is not valid"},
         429: {"description": "too many explanations from this client or session (Retry-After)"},
         502: {"description": "every provider of the chain failed"},
         503: {"description": "the daily provider budget is spent (Retry-After), or no provider is configured"},
