@@ -18,7 +18,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from services.optimizer.stats.decision import DecisionConfig
 from services.optimizer.stats.results import METRIC_POSITIVE_RATE, METRICS, ArmData
@@ -350,18 +350,22 @@ class ArmSnapshot:
 
 
 class _Acc:
-    """Sums over sessions of per-session totals and of their squares and cross products."""
+    """Sums over sessions of per-session totals and of their squares and cross products, each under the name of
+    the `ArmData` field it becomes."""
+
+    #: The sums that are counts (the others are kept as floats).
+    COUNTS = frozenset({"exposures", "fallbacks", "sessions", "n", "positives", "star_n"})
 
     def __init__(self) -> None:
         self.v = dict.fromkeys(
             (
                 "exposures",
                 "fallbacks",
-                "cost",
-                "latency",
+                "cost_usd_sum",
+                "latency_ms_sum",
                 "sessions",
                 "n",
-                "pos",
+                "positives",
                 "star_n",
                 "star_sum",
                 "star_sumsq",
@@ -379,11 +383,11 @@ class _Acc:
         v = self.v
         v["exposures"] += s.explanations
         v["fallbacks"] += s.fallbacks
-        v["cost"] += s.cost_usd
-        v["latency"] += s.latency_ms
+        v["cost_usd_sum"] += s.cost_usd
+        v["latency_ms_sum"] += s.latency_ms
         v["sessions"] += 1
         v["n"] += s.votes
-        v["pos"] += s.positives
+        v["positives"] += s.positives
         v["star_n"] += s.star_n
         v["star_sum"] += s.star_sum
         v["star_sumsq"] += s.star_sumsq
@@ -395,26 +399,8 @@ class _Acc:
         v["star_cross"] += s.star_n * s.star_sum
 
     def arm(self, arm_id: str) -> ArmData:
-        v = self.v
-        return ArmData(
-            arm_id=arm_id,
-            exposures=int(v["exposures"]),
-            n=int(v["n"]),
-            positives=int(v["pos"]),
-            star_n=int(v["star_n"]),
-            star_sum=v["star_sum"],
-            star_sumsq=v["star_sumsq"],
-            cost_usd_sum=v["cost"],
-            latency_ms_sum=v["latency"],
-            sessions=int(v["sessions"]),
-            fallbacks=int(v["fallbacks"]),
-            n_sq=v["n_sq"],
-            pos_sq=v["pos_sq"],
-            pos_cross=v["pos_cross"],
-            star_n_sq=v["star_n_sq"],
-            star_sum_sq=v["star_sum_sq"],
-            star_cross=v["star_cross"],
-        )
+        sums: dict[str, Any] = {k: int(x) if k in self.COUNTS else x for k, x in self.v.items()}
+        return ArmData(arm_id=arm_id, **sums)
 
 
 def _merge(rows: Iterable[SessionRow]) -> SessionRow:
