@@ -134,29 +134,14 @@ def list_experiments(
 def create_experiment(
     body: ExperimentBody, _: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep
 ) -> dict[str, Any]:
-    """Start an experiment: arms are (prompt version, model) pairs, exactly one is the control."""
-    options = experiments.spec_defaults(
-        settings,
-        metric=body.metric,
-        alpha=body.alpha,
-        min_duration_s=body.min_duration_s,
-        min_feedback_per_arm=body.min_feedback_per_arm,
-        max_feedback_per_arm=body.max_feedback_per_arm,
-        target_lift=body.target_lift,
-        futility_alpha=body.futility_alpha,
-        feedback_rate_grace_s=body.feedback_rate_grace_s,
-    )
+    """Start an experiment: arms are (prompt version, model) pairs, exactly one is the control. Every other
+    field of the body is the spec's field of the same name; the options it leaves unset come from the settings."""
+    options = body.model_dump(include=set(experiments.SETTING_OPTIONS))
     spec = domain.ExperimentSpec(
-        prompt_name=body.prompt_name,
         arms=tuple(domain.ArmIn(a.prompt_version, a.model, a.weight, a.is_control) for a in body.arms),
-        allocation=body.allocation,
-        min_lift_to_ship=body.min_lift_to_ship,
-        max_cost_ratio=body.max_cost_ratio,
-        max_latency_ratio=body.max_latency_ratio,
-        min_feedback_rate_ratio=body.min_feedback_rate_ratio,
-        note=body.note,
         source="manual",
-        **options,
+        **body.model_dump(exclude={"arms", *options}),
+        **experiments.spec_defaults(settings, **options),
     )
     with _as_http():
         created = experiments.create_experiment(spec, store.uow())

@@ -56,18 +56,23 @@ def _seed_of(text: str) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+#: The experiment options the service's settings give (a setting of the same name) where an experiment leaves
+#: them unset.
+SETTING_OPTIONS = (
+    "metric",
+    "alpha",
+    "min_duration_s",
+    "min_feedback_per_arm",
+    "max_feedback_per_arm",
+    "target_lift",
+    "futility_alpha",
+    "feedback_rate_grace_s",
+)
+
+
 def spec_defaults(settings: OptimizerSettings, **overrides: Any) -> dict[str, Any]:
-    """Experiment options from the service's settings, with per-experiment overrides."""
-    base: dict[str, Any] = {
-        "metric": settings.metric,
-        "alpha": settings.alpha,
-        "min_duration_s": settings.min_duration_s,
-        "min_feedback_per_arm": settings.min_feedback_per_arm,
-        "max_feedback_per_arm": settings.max_feedback_per_arm,
-        "target_lift": settings.target_lift,
-        "futility_alpha": settings.futility_alpha,
-        "feedback_rate_grace_s": settings.feedback_rate_grace_s,
-    }
+    """Experiment options from the service's settings, with per-experiment overrides (None: the setting)."""
+    base = {name: getattr(settings, name) for name in SETTING_OPTIONS}
     return base | {k: v for k, v in overrides.items() if v is not None}
 
 
