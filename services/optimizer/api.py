@@ -134,8 +134,9 @@ def list_experiments(
 def create_experiment(
     body: ExperimentBody, _: AdminDep, store: StoreDep, bus: BusDep, settings: SettingsDep
 ) -> dict[str, Any]:
-    """Start an experiment: arms are (prompt version, model) pairs, exactly one is the control. Every other
-    field of the body is the spec's field of the same name; the options it leaves unset come from the settings."""
+    """Start an experiment: arms are (prompt version, model) pairs, exactly one is the control."""
+    # Every other field of the body is the spec's field of the same name; the options it leaves unset come from
+    # the settings.
     options = body.model_dump(include=set(experiments.SETTING_OPTIONS))
     spec = domain.ExperimentSpec(
         arms=tuple(domain.ArmIn(a.prompt_version, a.model, a.weight, a.is_control) for a in body.arms),
