@@ -104,3 +104,17 @@ def test_a_message_goes_back_whole_when_one_of_its_events_cannot_even_be_dead_le
     # the first message goes back on the queue whole (its event 1 is recognised by its id when it comes again)
     assert task.digest(requests, lambda p: int(p["n"]), handle, handled.append) == [0]
     assert handled == [[1, 2]]
+
+
+def test_the_age_of_a_message_of_many_is_its_oldest_events() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from shared.worker_metrics import oldest_age_s
+
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    older, newer = (explanation_created(occurred_at=now - timedelta(seconds=s)) for s in (30, 5))
+    encoder = TaskMessageEncoder(_app())
+    _, raw = encoder.encode_body(
+        "dashboard.on_explanation_created", encoder.body_of_many([older.payload_json(), newer.payload_json()])
+    )
+    assert oldest_age_s(raw, now=now.timestamp()) == 30.0
