@@ -15,11 +15,22 @@ is removed from a queue without being recorded, so the messages taken this way h
 A consumer that takes one message at a time (prefetch 1: every non-batch task) takes none this way and
 behaves exactly as kombu's transport. Acknowledgement, rejection, restoring at shutdown and after the
 visibility timeout are kombu's, unchanged: the records are the ones they read.
+
+The first message of a round had the same window: `BRPOP` removes it before anything records it, and a worker
+killed in between lost it (about one message in 40 SIGKILLs under load; an event carried many to a message
+would lose a batch of events). So a channel that consumes one queue (every worker of the system) does not pop
+to wait: it waits with `BLMOVE queue queue RIGHT RIGHT`, which blocks until the queue has a message and leaves
+it where it is (the tail moved to the tail), then takes it, and as many more as the prefetch limit allows,
+with the take script above: at every moment a message is either on its queue or recorded as unacknowledged.
+A message the script cannot read is popped and handed to kombu, as `BRPOP` would have (kombu rejects it).
+A channel of several queues, or a Redis older than 6.2 (no `BLMOVE`), uses kombu's `BRPOP`.
 """
 
 from __future__ import annotations
 
 import time
+from queue import Empty
+from time import monotonic
 from typing import Any
 
 from kombu.log import get_logger
@@ -76,13 +87,73 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recorded: dict[str, bool] = {}
         self._take_script: Any = None
+        self._waiting_on: str | None = None  # the queue a BLMOVE in flight waits on
+        self._has_blmove: bool | None = None
         super().__init__(*args, **kwargs)
 
+    def _brpop_start(self, timeout: Any = None) -> None:
+        queues = list(self.active_queues)
+        if len(queues) != 1 or self.global_keyprefix or not self.ack_emulation or not self._blmove_available():
+            self._waiting_on = None
+            return super()._brpop_start(timeout)
+        queue = queues[0]
+        key = self._q_for_pri(queue, 0)
+        self._waiting_on = queue
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu declares it None, sets a float
+        timeout = self.brpop_timeout if timeout is None else timeout
+        self.client.connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)
+
     def _brpop_read(self, **options: Any) -> bool:
-        delivered = bool(super()._brpop_read(**options))
-        if delivered:
-            self._take_more()
-        return delivered
+        queue, self._waiting_on = self._waiting_on, None
+        if queue is None:  # kombu's BRPOP
+            delivered = bool(super()._brpop_read(**options))
+            if delivered:
+                self._take_more()
+            return delivered
+        try:
+            try:
+                waited = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next round reconnects
+                raise
+        finally:
+            self._in_poll = False
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+        if getattr(self, "_closing", False):
+            raise Empty()  # closing: take nothing more
+        taken = self._take_more(at_least=1)
+        if taken:
+            self._queue_cycle.rotate(queue)
+            return True
+        if waited is not None and taken == 0:
+            return self._hand_unreadable_to_kombu(queue)
+        raise Empty()
+
+    def _hand_unreadable_to_kombu(self, queue: str) -> bool:
+        """The queue's oldest message is not an envelope the take script can record: pop it and let kombu's
+        delivery deal with it, as after its own `BRPOP`."""
+        with self.conn_or_acquire() as client:
+            item = client.rpop(self._q_for_pri(queue, 0))
+        if item is None:  # another consumer took it first
+            raise Empty()
+        self._queue_cycle.rotate(queue)
+        self.connection._deliver(loads(bytes_to_str(item)), queue)
+        return True
+
+    def _blmove_available(self) -> bool:
+        if self._has_blmove is None:
+            try:
+                with self.conn_or_acquire() as client:
+                    version = str(client.info("server").get("redis_version", "0"))
+                major, minor = (int(x) for x in (version.split(".") + ["0"])[:2])
+                self._has_blmove = (major, minor) >= (6, 2)
+            except Exception as exc:  # kombu's BRPOP until the server answers
+                log.warning("could not read the Redis version (%r); waiting with BRPOP", exc)
+                return False
+        return self._has_blmove
 
     def _room(self) -> int:
         """How many more messages the prefetch limit lets this channel take now (0: none, or no limit set)."""
@@ -91,13 +162,16 @@ class Channel(kombu_redis.Channel):
             return 0
         return max(0, int(qos.prefetch_count) - (len(qos._delivered) - len(qos._dirty)))
 
-    def _take_more(self) -> None:
-        room = self._room()
+    def _take_more(self, at_least: int = 0) -> int | None:
+        """Take up to the prefetch limit's room (and at least `at_least`) from this channel's queues, each
+        recorded as unacknowledged in the same step, and deliver them. Returns how many were taken, None when
+        the script could not run."""
+        room = max(self._room(), at_least)
         if room <= 0 or self.global_keyprefix or not self.ack_emulation:
-            return
+            return 0
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in self._active_queues]
         if not keys:
-            return
+            return 0
         try:
             with self.conn_or_acquire() as client:
                 if self._take_script is None:
@@ -108,10 +182,10 @@ class Channel(kombu_redis.Channel):
                     client=client,
                 )
         except self.connection.connection_errors + self.connection.channel_errors as exc:
-            # BRPOP goes on as before; anything the script took and recorded before the reply was lost is
-            # restored to its queue after the visibility timeout, as a dead worker's messages are.
-            log.warning("could not take more messages in one round trip: %r", exc)
-            return
+            # The messages stay queued for the next round; anything the script took and recorded before the
+            # reply was lost is restored to its queue after the visibility timeout, as a dead worker's messages are.
+            log.warning("could not take messages in one round trip: %r", exc)
+            return None
         batch = []
         for k in range(0, len(taken), 2):
             payload = loads(bytes_to_str(taken[k + 1]))
@@ -126,6 +200,7 @@ class Channel(kombu_redis.Channel):
         finally:
             if delivered < len(batch):  # a delivery raised: what this worker will not see goes back at once
                 self._give_back([tag for _, _, tag in batch[delivered:]])
+        return len(batch)
 
     def _give_back(self, tags: list[str]) -> None:
         """Put taken messages that were not handed to the consumer back at the head of their queues, in their

@@ -6,7 +6,7 @@ age of its oldest waiting message (the lag), task durations by outcome, failures
   page aggregates every child's files, as prometheus_client's multiprocess mode does for gunicorn.
 - Queue series are read from Redis when the page is scraped: `LLEN` of the queue and the timestamp carried in
   the oldest message's payload (`occurred_at`, every event and command has one). kombu pushes with LPUSH and
-  takes with BRPOP, so the oldest message is the list's last element.
+  takes from the right end, so the oldest message is the list's last element.
 - The page: `WORKER_METRICS_PORT` (unset or 0: no page; `make run` leaves it off, compose sets 9808). It is an
   operational page only: names of tasks and queues, counts and durations, nothing about users or votes.
 

@@ -145,15 +145,43 @@ def test_messages_taken_by_a_consumer_killed_holding_them_come_back_after_the_vi
         channel.close()
 
 
-def test_a_consumer_of_one_message_at_a_time_takes_nothing_in_bulk(server: RedisServer, r: redis.Redis) -> None:
+def test_a_consumer_of_one_message_at_a_time_takes_one_and_records_it_in_the_same_step(
+    server: RedisServer, r: redis.Redis
+) -> None:
     with _connection(server.url) as conn:
         _publish(conn, 10)
-        scripts = _calls(r, "evalsha") + _calls(r, "eval")
+        brpops = _calls(r, "brpop")
         got, channel = _take(conn, prefetch=1, rounds=1)
         assert len(got) == 1 and r.llen("transport-test") == 9
-        assert _calls(r, "evalsha") + _calls(r, "eval") == scripts
+        assert r.hlen("unacked") == 1 and r.zcard("unacked_index") == 1
+        assert _calls(r, "brpop") == brpops  # waited with BLMOVE, taken by the script
         got[0].ack()
         channel.close()
+
+
+def test_waiting_for_a_message_takes_nothing_so_a_consumer_killed_then_loses_nothing(
+    server: RedisServer, r: redis.Redis
+) -> None:
+    """kombu's BRPOP removed the message before anything recorded it: a worker killed between the two lost it.
+    The wait now leaves the message on its queue; the take that follows records it in the same atomic step."""
+    with _connection(server.url) as conn:
+        _publish(conn, 1)
+        got: list[Any] = []
+        channel = conn.channel()
+        consumer = Consumer(channel, [QUEUE], callbacks=[lambda body, message: got.append(message)], accept=["json"])
+        consumer.qos(prefetch_count=1)
+        consumer.consume()
+        conn.transport.cycle._register_BRPOP(channel)  # as the worker's event loop: sends the wait
+        wait_for(lambda: _calls(r, "blmove") == 1, timeout_s=5, what="the wait answered")
+        # the wait has been answered and nothing is taken yet: a kill here leaves the message on its queue
+        assert r.llen("transport-test") == 1 and r.hlen("unacked") == 0 and not got
+        assert channel._brpop_read()
+        assert [m.payload["i"] for m in got] == [0]
+        assert r.llen("transport-test") == 0 and r.hlen("unacked") == 1
+        got[0].ack()
+        waited_on = channel.client.connection
+        channel.close()
+        waited_on.disconnect()  # the wait's connection, which the worker's event loop would close
 
 
 def test_a_message_that_is_not_kombus_envelope_is_put_back_for_kombu_to_handle(
@@ -204,4 +232,7 @@ def test_when_a_delivery_raises_the_taken_messages_not_yet_delivered_go_back_at_
         for m in got + again:
             m.ack()
         channel2.close()
+        # the one that raised goes back now (kombu's close would restore it after closing the channel's pools,
+        # on a connection of its own that nothing closes)
+        channel.qos.restore_unacked_once()
         channel.close()
