@@ -4,7 +4,6 @@ commands through the group-commit sender."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 from pathlib import Path
 
@@ -17,13 +16,22 @@ from services.feedback.intake import GroupCommitSender
 from shared.bus import SUBSCRIPTIONS, CeleryBus, declare_topology, make_celery
 from shared.contracts import ExplanationCreated
 from shared.settings import ServiceSettings
-from tests.support import celery_worker, explanation_created, wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import celery_worker, explanation_created, wait_for, worker_env
 
 
 def _event(session_key: str | None = None) -> ExplanationCreated:
     return explanation_created(session_key=session_key, ticker="AMD")
+
+
+def _rows(db: Path, table: str) -> int:
+    """Rows in a table of a worker's store; 0 before the worker has made it."""
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        try:
+            return int(conn.execute(f"select count(*) from {table}").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
 
 
 @pytest.mark.slow
@@ -58,27 +66,9 @@ def test_published_event_and_group_committed_command_are_consumed_by_a_real_work
         asyncio.run(send())
         assert r.llen("feedback") == 21  # 11 explanation events and 10 votes
 
-        env = {
-            **os.environ,
-            "REDIS_URL": server.url,
-            "DATA_DIR": str(tmp_path),
-            "ADMIN_TOKEN": "a",
-            "SESSION_HASH_KEY": "k",
-            "PYTHONPATH": str(ROOT),
-        }
-        with celery_worker("feedback", env, tmp_path / "worker.log"):
-
-            def stored() -> int:
-                db = tmp_path / "feedback.db"
-                if not db.exists():
-                    return 0
-                with sqlite3.connect(db) as conn:
-                    try:
-                        return int(conn.execute("select count(*) from feedback").fetchone()[0])
-                    except sqlite3.OperationalError:
-                        return 0
-
-            wait_for(lambda: stored() == 10, timeout_s=30, what="ten votes stored by the worker")
+        with celery_worker("feedback", worker_env(server.url, tmp_path), tmp_path / "worker.log"):
+            db = tmp_path / "feedback.db"
+            wait_for(lambda: _rows(db, "feedback") == 10, timeout_s=30, what="ten votes stored by the worker")
             assert r.llen("feedback") == 0
         r.close()
 
@@ -123,19 +113,8 @@ def test_a_relay_batch_goes_many_to_a_message_and_a_real_worker_digests_each_eve
         queue, raw = encoder.encode_body("feedback.on_explanation_created", body)
 
         db = tmp_path / "feedback.db"
-
-        def stored() -> int:
-            if not db.exists():
-                return 0
-            with sqlite3.connect(db) as conn:
-                try:
-                    return int(conn.execute("select count(*) from explanations").fetchone()[0])
-                except sqlite3.OperationalError:
-                    return 0
-
-        env = {**os.environ, "REDIS_URL": server.url, "DATA_DIR": str(tmp_path), "ADMIN_TOKEN": "a",
-               "SESSION_HASH_KEY": "k", "PYTHONPATH": str(ROOT)}  # fmt: skip
-        with celery_worker("feedback", env, tmp_path / "worker.log"):
+        stored = lambda: _rows(db, "explanations")  # noqa: E731
+        with celery_worker("feedback", worker_env(server.url, tmp_path), tmp_path / "worker.log"):
             wait_for(lambda: stored() == 100, timeout_s=30, what="the 100 explanations stored")
             r.lpush(queue, raw)
             wait_for(lambda: stored() == 101, timeout_s=30, what="the new one stored")
