@@ -12,8 +12,7 @@ Here, once a `BRPOP` has delivered a message and the channel may take more (the 
 script takes up to that many more from the same queues and records each as unacknowledged in the same atomic
 step, as kombu's own bookkeeping would have; they are then delivered without the second round trip. Nothing
 is removed from a queue without being recorded, so the messages taken this way have no window of loss at all.
-A consumer that takes one message at a time (prefetch 1: every non-batch task) takes none this way and
-behaves exactly as kombu's transport. Acknowledgement, rejection, restoring at shutdown and after the
+A consumer whose prefetch limit is full takes none this way. Acknowledgement, rejection, restoring at shutdown and after the
 visibility timeout are kombu's, unchanged: the records are the ones they read.
 
 The first message of a round had the same window: `BRPOP` removes it before anything records it, and a worker
@@ -23,7 +22,9 @@ to wait: it waits with `BLMOVE queue queue RIGHT RIGHT`, which blocks until the 
 it where it is (the tail moved to the tail), then takes it, and as many more as the prefetch limit allows,
 with the take script above: at every moment a message is either on its queue or recorded as unacknowledged.
 A message the script cannot read is popped and handed to kombu, as `BRPOP` would have (kombu rejects it).
-A channel of several queues, or a Redis older than 6.2 (no `BLMOVE`), uses kombu's `BRPOP`.
+A channel of several queues, or a Redis older than 6.2 (no `BLMOVE`), uses kombu's `BRPOP`. The take fills
+the prefetch limit where `BRPOP` took one message a round: a solo worker (prefetch 2 under Celery here) holds
+two messages more often, and a SIGKILL sends both back (each redelivered; idempotent handlers).
 """
 
 from __future__ import annotations
