@@ -72,6 +72,20 @@ return out
 """
 
 
+# KEYS: one queue list. Pops its oldest message only if it is not kombu's JSON envelope (the take script stops
+# at such a message); returns it, or nil (the queue is empty, or its oldest message is one the take script reads).
+_POP_UNREADABLE_LUA = """
+local item = redis.call('LINDEX', KEYS[1], -1)
+if not item then return false end
+local ok, m = pcall(cjson.decode, item)
+local p = ok and type(m) == 'table' and m['properties']
+if type(p) == 'table' and type(p['delivery_info']) == 'table' and type(p['delivery_tag']) == 'string' then
+  return false
+end
+return redis.call('RPOP', KEYS[1])
+"""
+
+
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS; a message the take script already recorded as unacknowledged is only remembered."""
 
@@ -134,11 +148,12 @@ class Channel(kombu_redis.Channel):
         raise Empty()
 
     def _hand_unreadable_to_kombu(self, queue: str) -> bool:
-        """The queue's oldest message is not an envelope the take script can record: pop it and let kombu's
-        delivery deal with it, as after its own `BRPOP`."""
+        """The queue's oldest message may be one the take script cannot record (not kombu's envelope): pop it,
+        only if it is (another consumer may have taken it, and a readable one must never leave unrecorded),
+        and let kombu's delivery deal with it, as after its own `BRPOP`."""
         with self.conn_or_acquire() as client:
-            item = client.rpop(self._q_for_pri(queue, 0))
-        if item is None:  # another consumer took it first
+            item = client.eval(_POP_UNREADABLE_LUA, 1, self._q_for_pri(queue, 0))
+        if not item:  # nothing there, or a message the next take reads
             raise Empty()
         self._queue_cycle.rotate(queue)
         self.connection._deliver(loads(bytes_to_str(item)), queue)

@@ -202,6 +202,26 @@ def test_a_message_that_is_not_kombus_envelope_is_put_back_for_kombu_to_handle(
         channel.close()
 
 
+def test_after_a_wait_only_a_message_the_take_cannot_read_is_popped_unrecorded(
+    server: RedisServer, r: redis.Redis
+) -> None:
+    """When a wait's take finds nothing it can record, the oldest message is handed to kombu only if it is not
+    kombu's envelope: a readable one (another consumer's race) stays queued for the next take."""
+    from queue import Empty
+
+    with _connection(server.url) as conn:
+        _publish(conn, 1)
+        channel = conn.channel()
+        with pytest.raises(Empty):
+            channel._hand_unreadable_to_kombu("transport-test")
+        assert r.llen("transport-test") == 1 and r.hlen("unacked") == 0  # still queued, for the next take
+        r.rpush("transport-test", b"not json at all")  # now the oldest
+        with pytest.raises(ValueError):  # kombu's delivery cannot read it, as after its own BRPOP
+            channel._hand_unreadable_to_kombu("transport-test")
+        assert r.llen("transport-test") == 1 and r.hlen("unacked") == 0
+        channel.close()
+
+
 def test_when_a_delivery_raises_the_taken_messages_not_yet_delivered_go_back_at_once_in_order(
     server: RedisServer, r: redis.Redis
 ) -> None:
