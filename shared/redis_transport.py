@@ -12,8 +12,8 @@ Here, once a `BRPOP` has delivered a message and the channel may take more (the 
 script takes up to that many more from the same queues and records each as unacknowledged in the same atomic
 step, as kombu's own bookkeeping would have; they are then delivered without the second round trip. Nothing
 is removed from a queue without being recorded, so the messages taken this way have no window of loss at all.
-A consumer whose prefetch limit is full takes none this way. Acknowledgement, rejection, restoring at shutdown and after the
-visibility timeout are kombu's, unchanged: the records are the ones they read.
+A consumer whose prefetch limit is full takes none this way. Acknowledgement, rejection, restoring at shutdown
+and after the visibility timeout are kombu's, unchanged: the records are the ones they read.
 
 The first message of a round had the same window: `BRPOP` removes it before anything records it, and a worker
 killed in between lost it (about one message in 40 SIGKILLs under load; an event carried many to a message
@@ -42,22 +42,33 @@ from kombu.utils.json import loads
 
 log = get_logger(__name__)
 
+# A Lua function both scripts start with: the delivery info and tag of kombu's JSON envelope, or nothing when the
+# item is not one (a message the take cannot record).
+_ENVELOPE_LUA = """
+local function envelope(item)
+  local ok, m = pcall(cjson.decode, item)
+  local p = ok and type(m) == 'table' and m['properties']
+  local info = type(p) == 'table' and p['delivery_info']
+  local tag = type(p) == 'table' and p['delivery_tag']
+  if type(info) == 'table' and type(tag) == 'string' then return info, tag end
+end
+"""
+
 # KEYS: the unacknowledged index (sorted set) and hash, then the queue lists in the order to take from.
 # ARGV: at most how many messages, the time to record. Returns [list key, message, ...] pairs flattened.
-# A message that is not kombu's JSON envelope is put back where it was and ends the take (BRPOP then delivers it
-# and kombu rejects it the way it always has).
-_TAKE_LUA = """
+# A message that is not kombu's JSON envelope is put back where it was and ends the take (kombu is then handed it,
+# by its own BRPOP or by `_POP_UNREADABLE_LUA`, and rejects it the way it always has).
+_TAKE_LUA = (
+    _ENVELOPE_LUA
+    + """
 local limit, now = tonumber(ARGV[1]), ARGV[2]
 local out = {}
 for k = 3, #KEYS do
   while #out < 2 * limit do
     local item = redis.call('RPOP', KEYS[k])
     if not item then break end
-    local ok, m = pcall(cjson.decode, item)
-    local p = ok and type(m) == 'table' and m['properties']
-    local info = p and type(p) == 'table' and p['delivery_info']
-    local tag = p and type(p) == 'table' and p['delivery_tag']
-    if type(info) ~= 'table' or type(tag) ~= 'string' then
+    local info, tag = envelope(item)
+    if not info then
       redis.call('RPUSH', KEYS[k], item)
       return out
     end
@@ -70,20 +81,18 @@ for k = 3, #KEYS do
 end
 return out
 """
-
+)
 
 # KEYS: one queue list. Pops its oldest message only if it is not kombu's JSON envelope (the take script stops
 # at such a message); returns it, or nil (the queue is empty, or its oldest message is one the take script reads).
-_POP_UNREADABLE_LUA = """
+_POP_UNREADABLE_LUA = (
+    _ENVELOPE_LUA
+    + """
 local item = redis.call('LINDEX', KEYS[1], -1)
-if not item then return false end
-local ok, m = pcall(cjson.decode, item)
-local p = ok and type(m) == 'table' and m['properties']
-if type(p) == 'table' and type(p['delivery_info']) == 'table' and type(p['delivery_tag']) == 'string' then
-  return false
-end
+if not item or envelope(item) then return false end
 return redis.call('RPOP', KEYS[1])
 """
+)
 
 
 class QoS(kombu_redis.QoS):

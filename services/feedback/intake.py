@@ -33,8 +33,8 @@ class IntakeJournal:
     Why: kombu's Redis transport takes a message off the queue (BRPOP) and only then records it as
     unacknowledged; a worker killed between the two loses that message, and nothing would ever redeliver
     it. The project's transport (`shared.redis_transport`) closes that gap for a worker of one queue on Redis
-    6.2 or later; the journal keeps an accepted vote safe whatever the transport does. So the sender writes the task message into this journal in the same atomic step as the queue push
-    (one Lua script call), the worker removes it once the handler has committed (`done`), and a periodic
+    6.2 or later; the journal keeps an accepted vote safe whatever the transport does. So the sender writes the
+    task message into this journal in the same atomic step as the queue push (one Lua script call), the worker removes it once the handler has committed (`done`), and a periodic
     sweep re-sends whatever has waited longer than a grace period (`overdue`). Handlers are idempotent on
     the message id, so a re-sent command that had in fact been handled is recognised and only costs a lookup.
 
