@@ -488,15 +488,23 @@ def worker_app(service: str, settings: Any, dead_letters: Any, *, batches: bool 
 
 def outbox_relay(app: Celery, service: str, store: Any) -> Any:
     """Publish what the service's store (`store()`) has staged in its outbox, through this worker's bus:
-    `relay()` after a task's commit, and the periodic task `<service>.relay_outbox` (beat) for what a crash
-    left behind. Returns `relay`."""
-    from shared.outbox import relay as relay_staged
+    `relay()` after a task's commit, what this process has just committed, from memory
+    (`shared.outbox.relay_committed`: the table is read only when it may hold more), and the periodic task
+    `<service>.relay_outbox` (beat), everything pending in the table: what a crash, a failed publication or
+    another process left behind. Returns `relay`."""
+    from shared.outbox import relay as relay_pending
+    from shared.outbox import relay_committed
 
-    def relay(payload: dict | None = None) -> int:  # beat sends no payload
+    def relay(*_: Any) -> int:
         opened = store()
-        return relay_staged(opened.factory, opened.outbox, bus_for(app))
+        return relay_committed(opened.factory, opened.outbox, bus_for(app), opened.just_committed)
 
-    app.task(name=f"{service}.relay_outbox")(relay)
+    def relay_outbox(payload: dict | None = None) -> int:  # beat sends no payload
+        opened = store()
+        return relay_pending(opened.factory, opened.outbox, bus_for(app))
+
+    relay_outbox.__name__ = relay_outbox.__qualname__ = "relay_outbox"
+    app.task(name=f"{service}.relay_outbox")(relay_outbox)
     return relay
 
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
     from shared.contracts import Event
+    from shared.outbox import JustCommitted
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +114,24 @@ class UnitOfWork(Generic[RepoT]):
     Leaving the block without `commit()` rolls back."""
 
     def __init__(
-        self, factory: sessionmaker[Session], make_repo: Callable[[Session], RepoT], outbox: Table | None
+        self,
+        factory: sessionmaker[Session],
+        make_repo: Callable[[Session], RepoT],
+        outbox: Table | None,
+        just_committed: JustCommitted | None = None,
     ) -> None:
         self.factory = factory
         self.make_repo = make_repo
         self.outbox = outbox
+        self.just_committed = just_committed  # told the events staged, once they are committed
         self.committed = False
+        self.staged: list[Event] = []
 
     def __enter__(self) -> Self:
         self.session = self.factory()
         self.repo: RepoT = self.make_repo(self.session)
         self.committed = False
+        self.staged = []
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,23 +140,27 @@ class UnitOfWork(Generic[RepoT]):
         self.session.close()
 
     def add_events(self, *events: Event) -> None:
-        stage_events(self.session, self.outbox, events)
+        self.staged += stage_events(self.session, self.outbox, events)
 
     def add_new_events(self, *events: Event) -> None:
         """`add_events` for events made in this transaction with fresh ids (no lookup of staged ids first)."""
-        stage_events(self.session, self.outbox, events, new=True)
+        self.staged += stage_events(self.session, self.outbox, events, new=True)
 
     def commit(self) -> None:
         self.session.commit()
         self.committed = True
+        if self.just_committed is not None and self.staged:
+            self.just_committed.add(self.staged)
+        self.staged = []
 
 
-def stage_events(session: Session, outbox: Table | None, events: Sequence[Event], *, new: bool = False) -> None:
+def stage_events(session: Session, outbox: Table | None, events: Sequence[Event], *, new: bool = False) -> list[Event]:
+    """Stage events in the outbox (`shared.outbox.stage`); returns those added."""
     from shared.outbox import stage
 
     if outbox is None:
         raise RuntimeError("this store has no outbox: its service publishes no events")
-    stage(session, outbox, list(events), new=new)
+    return stage(session, outbox, list(events), new=new)
 
 
 class SavepointUnitOfWork:
@@ -165,13 +177,16 @@ class SavepointUnitOfWork:
         self.outbox = outer.outbox
         self.committed = False
         self.discarded = False  # a block ended without commit: the message's savepoint is rolled back
+        self.staged: list[Event] = []  # what the message staged: the batch's once its savepoint is kept
         self._blocks = 0
         self._nested: Any = None
+        self._staged_before = 0
 
     def __enter__(self) -> Self:
         self._blocks += 1
         self.committed = False
         self._nested = self.session.begin_nested() if self._blocks > 1 else None
+        self._staged_before = len(self.staged)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,15 +195,16 @@ class SavepointUnitOfWork:
         if self._nested is not None:
             if self._nested.is_active:
                 self._nested.rollback()
+            del self.staged[self._staged_before :]
         else:
             self.discarded = True
 
     def add_events(self, *events: Event) -> None:
-        stage_events(self.session, self.outbox, events)
+        self.staged += stage_events(self.session, self.outbox, events)
 
     def add_new_events(self, *events: Event) -> None:
         """`add_events` for events made in this transaction with fresh ids (no lookup of staged ids first)."""
-        stage_events(self.session, self.outbox, events, new=True)
+        self.staged += stage_events(self.session, self.outbox, events, new=True)
 
     def commit(self) -> None:
         if self._nested is not None:
@@ -271,6 +287,7 @@ def run_batch(
                 results = _each_in_savepoint(uow, items, each)
             else:
                 whole.commit()
+                uow.staged += member.staged
                 results = [(True, outcome) for outcome in outcomes]
             uow.commit()
     except Exception as exc:
@@ -320,6 +337,7 @@ def _each_in_savepoint(
                 own.rollback()
             else:
                 own.commit()
+                uow.staged += member.staged
             results.append((True, outcome))
     return results
 
@@ -350,12 +368,14 @@ class SqlStore(Generic[RepoT]):
     ) -> None:
         from shared.deadletter import DeadLetters, dead_letter_table
         from shared.migrations import has_migrations, migrate
+        from shared.outbox import JustCommitted
 
         self.engine = make_engine(url)
         self.factory = make_session_factory(self.engine)
         self.read_factory = make_session_factory(self.engine.execution_options(**{READ_ONLY: True}))
         self.make_repo = make_repo
         self.outbox = outbox
+        self.just_committed = JustCommitted()  # what a worker publishes from memory (`relay_committed`)
         self.service = service or _service_of(make_repo)
         self.dead_letters = DeadLetters(self.factory, dead_letter_table(metadata))
         for attempt in range(3):
@@ -374,7 +394,7 @@ class SqlStore(Generic[RepoT]):
 
     def uow(self) -> UnitOfWork[RepoT]:
         """A write transaction (takes the write lock when it begins)."""
-        return UnitOfWork(self.factory, self.make_repo, self.outbox)
+        return UnitOfWork(self.factory, self.make_repo, self.outbox, self.just_committed)
 
     def reader(self) -> UnitOfWork[RepoT]:
         """A read transaction: deferred, takes no lock, never blocks a writer (nor waits for one)."""

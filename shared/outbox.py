@@ -39,21 +39,23 @@ def outbox_table(metadata: MetaData) -> Table:
     )
 
 
-def stage(session: Session, table: Table, events: list[Event], *, new: bool = False) -> None:
+def stage(session: Session, table: Table, events: list[Event], *, new: bool = False) -> list[Event]:
     """Add events to the outbox inside the caller's transaction (idempotent on event id: one already staged,
     or twice in `events`, is added once). One query and one insert for all of them; `new`: the events were
     made in this transaction with fresh ids, so the query is skipped (an id staged before fails the insert
-    on the primary key instead of being skipped)."""
+    on the primary key instead of being skipped). Returns the events added."""
     from shared.db import select_in
 
     if not events:
-        return
+        return []
     ids = [str(ev.message_id) for ev in events]
     staged = set() if new else set(select_in(session, select(table.c.event_id), table.c.event_id, ids))
     rows = []
+    added = []
     for ev in events:
         if str(ev.message_id) not in staged:
             staged.add(str(ev.message_id))
+            added.append(ev)
             rows.append(
                 {
                     "event_id": str(ev.message_id),
@@ -64,6 +66,7 @@ def stage(session: Session, table: Table, events: list[Event], *, new: bool = Fa
             )
     if rows:
         session.execute(table.insert(), rows)
+    return added
 
 
 def relay(factory: sessionmaker[Session], table: Table, bus: Publisher, *, limit: int = 500) -> int:
@@ -138,12 +141,77 @@ def publish_staged(factory: sessionmaker[Session], table: Table, bus: Publisher,
             bus.publish(event)
     if events:
         with factory() as session, session.begin():
-            session.execute(
-                update(table)
-                .where(table.c.event_id.in_([str(e.message_id) for e in events]))
-                .values(published_at=utcnow())
-            )
+            ids = [str(e.message_id) for e in events]
+            session.execute(update(table).where(table.c.event_id.in_(ids)).values(published_at=utcnow()))
+            scrub = [str(e.message_id) for e in events if e.type in SCRUB_WHEN_PUBLISHED]
+            if scrub:  # an erasure's event carries the key it erases: the row keeps none once sent
+                session.execute(update(table).where(table.c.event_id.in_(scrub)).values(payload=ERASED_PAYLOAD))
     return len(events)
+
+
+class JustCommitted:
+    """The events one store's units of work have committed to its outbox in this process, in commit order,
+    kept for a worker to publish from memory after its task (`relay_committed`) rather than read back from
+    the table, parsed and validated again. Off until `start()`: a process that never takes them keeps none.
+    `take()` also says whether they are all that may be pending: not on the first take (what was committed
+    before `start`, or by a process killed earlier, is only in the table), nor after more than `limit`
+    waited (they are dropped from memory) or a publication of taken events failed (`lost`)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self.on = False
+        self._events: list[Event] = []
+        self._whole = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self.on, self._events, self._whole = True, [], False
+
+    def add(self, events: Sequence[Event]) -> None:
+        if not self.on or not events:
+            return
+        with self._lock:
+            if len(self._events) + len(events) > self.limit:
+                self._events, self._whole = [], False  # the table has them all
+            else:
+                self._events.extend(events)
+
+    def take(self) -> tuple[list[Event], bool]:
+        """The events committed since the last take, and whether the outbox holds nothing else unpublished
+        that this process knows of."""
+        with self._lock:
+            events, whole = self._events, self._whole
+            self._events, self._whole = [], True
+        return events, whole
+
+    def lost(self) -> None:
+        """Taken events were not (all) published: they are pending in the table only."""
+        with self._lock:
+            self._whole = False
+
+
+def relay_committed(
+    factory: sessionmaker[Session], table: Table, bus: Publisher, committed: JustCommitted, *, limit: int = 500
+) -> int:
+    """After a worker's task: publish what this process has just committed, from memory (`publish_staged`:
+    one round trip, one marking transaction), or, when that may not be all (`JustCommitted.take`), what the
+    table holds pending (`relay`, up to `limit`; the next call reads the table again if that many were
+    there). If the publication fails, it raises and the events stay pending in the table. Returns how many
+    were published."""
+    if not committed.on:
+        committed.start()
+    events, whole = committed.take()
+    try:
+        if whole:
+            return publish_staged(factory, table, bus, events) if events else 0
+        published = relay(factory, table, bus, limit=limit)
+        if published >= limit:
+            committed.lost()  # there may be more in the table
+        return published
+    except Exception:
+        committed.lost()
+        raise
 
 
 def relay_after_commit(
