@@ -15,7 +15,7 @@ from sqlalchemy import Table, select
 from services.feedback.store import Store
 from shared.contracts import FeedbackErased, utcnow
 from shared.db import run_batch, run_in_one_transaction
-from shared.outbox import ERASED_PAYLOAD, JustCommitted, pending, relay_committed
+from shared.outbox import ERASED_PAYLOAD, JustCommitted, pending, relay_committed, stage
 from tests.integration.test_outbox import RecordingBus
 
 
@@ -65,8 +65,6 @@ def test_the_first_call_reads_the_table_and_later_ones_publish_only_what_this_pr
     _commit(store, *mine)
     other = _event(3)  # staged by another process: this one never saw it
     with store.factory() as session, session.begin():
-        from shared.outbox import stage
-
         stage(session, _outbox(store), [other])
     assert _relay(store, bus) == 2
     assert _ids(bus.events) == _ids([before, *mine])
@@ -176,3 +174,16 @@ def test_an_erasure_event_published_from_memory_keeps_no_key_in_its_row(store: S
 def test_a_process_that_never_relays_from_memory_keeps_nothing_there(store: Store) -> None:
     _commit(store, _event(1))
     assert store.just_committed.take() == ([], False)
+
+
+def test_as_many_events_as_the_limit_are_still_published_from_memory(store: Store) -> None:
+    store.just_committed = JustCommitted(limit=2)
+    bus = RecordingBus()
+    _relay(store, bus)
+    other = _event(9)  # staged by another process: only a read of the table would publish it
+    with store.factory() as session, session.begin():
+        stage(session, _outbox(store), [other])
+    mine = [_event(1), _event(2)]
+    _commit(store, *mine)
+    assert _relay(store, bus) == 2 and _ids(bus.events) == _ids(mine)
+    assert _unpublished(store) == {str(other.message_id)}
