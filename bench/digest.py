@@ -244,12 +244,6 @@ class Stores:
         """FeedbackRecorded events a downstream service has handled."""
         return _count(db, "select count(*) from processed_messages") - self.seeded
 
-    def digested(self, accepted: int) -> bool:
-        if self.votes_stored() < accepted:
-            return False
-        r = self.recorded()
-        return self.counted(self.optimizer) >= r and self.counted(self.dashboard) >= r
-
 
 def _bench_env(redis_url: str, data_dir: str) -> dict[str, str]:
     """The environment of the bench's servers and workers: this Redis and data folder."""
@@ -312,10 +306,33 @@ def main(argv: list[str] | None = None) -> int:
                 k = i % loop_sessions
                 return f"/api/feedback/{eids[k]}", {"rating": 1 if i % 3 else -1, "session_id": f"bench-{k}"}
 
+            # Who spends the two cores (from /proc): the processes of the system, Redis, and this one (the load
+            # generator, and the polling of the stores).
+            procs = {"feedback API": apis[0].pid, "feedback worker": workers[0].pid,
+                     "optimizer worker": workers[1].pid, "dashboard worker": workers[2].pid}  # fmt: skip
+            if redis_server.process is not None:
+                procs["Redis"] = redis_server.process.pid
+            procs["load generator (this process)"] = os.getpid()
+            cpu_before = {name: _cpu_s(pid) for name, pid in procs.items()}
             started = time.perf_counter()
             tp = closed_loop("127.0.0.1", fb_port, loop_vote, conns=32, seconds=args.seconds)
-            digest_wait = _wait(lambda: stores.digested(tp.ok), timeout_s=600, interval_s=0.05)
+            finished: dict[str, float] = {}  # store -> seconds from the start until it held every vote
+
+            def digested() -> bool:
+                now = time.perf_counter() - started
+                if "feedback" not in finished and stores.votes_stored() >= tp.ok:
+                    finished["feedback"] = now
+                if "feedback" not in finished:
+                    return False
+                recorded = stores.recorded()
+                for name, db in (("optimizer", stores.optimizer), ("dashboard", stores.dashboard)):
+                    if name not in finished and stores.counted(db) >= recorded:
+                        finished[name] = now
+                return len(finished) == 3
+
+            digest_wait = _wait(digested, timeout_s=600, interval_s=0.05)
             digest_s = time.perf_counter() - started if digest_wait is not None else float("nan")
+            cpu_used = {name: _cpu_s(pid) - cpu_before[name] for name, pid in procs.items()}
             intake = tp.ok / tp.seconds
             digest = tp.ok / digest_s
 
@@ -404,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
           f" {seed_s:.1f} s)")  # fmt: skip
     print(f"{'intake, 32 connections (votes/s)':46}{intake:>10.0f}")
     print(f"{'accepted and fully digested (votes/s)':46}{digest:>10.0f}   ratio {digest / intake:.2f} (goal >= 0.9)")
+    wall = digest_s if digest_s == digest_s else tp.seconds
+    print(f"  the intake ran {tp.seconds:.1f} s; each store held every vote after "
+          + ", ".join(f"{name} {at:.1f} s" for name, at in finished.items()))  # fmt: skip
+    print(f"  CPU from the first vote to the last digested ({wall:.1f} s, {os.cpu_count()} cores), ms per vote and"
+          " share of the machine:")  # fmt: skip
+    for name, used in cpu_used.items():
+        print(f"    {name:40}{used / tp.ok * 1000:>8.3f}{used / (wall * (os.cpu_count() or 1)):>8.0%}")
     print(f"{f'lag 202 -> visible, p50 at {args.rate:.0f} votes/s (ms)':46}{p(50):>10.0f}")
     print(f"{f'lag 202 -> visible, p99 at {args.rate:.0f} votes/s (ms)':46}{p(99):>10.0f}   (goal < 1000)"
           + (f"; {missing} votes never seen" if missing else ""))  # fmt: skip
