@@ -343,10 +343,12 @@ def payloads_of(kwargs: Mapping[str, Any]) -> list[Any]:
 def acknowledge_all(requests: list[Any]) -> None:
     """Acknowledge a batch's messages (Celery requests) in one round trip to Redis instead of one each. kombu's
     Redis transport keeps every delivered, unacknowledged message in a hash and a sorted set (restored to the
-    queue after the visibility timeout); an acknowledgement removes it from both. Here the removals of all the
-    messages go in one pipeline, then each message is marked acknowledged in this worker as `Message.ack`
-    would. Another transport, messages of several channels, or a failure before anything was removed: each is
-    acknowledged on its own, as Celery would (a failure is logged; the message comes back after the timeout)."""
+    queue after the visibility timeout); an acknowledgement removes it from both (its
+    `QoS._remove_from_indices`: a ZREM and an HDEL of the tag). Here the tags of all the messages go in one
+    ZREM and one HDEL, in one pipeline, then each message is marked acknowledged in this worker as
+    `Message.ack` would. Another transport, messages of several channels, or a failure before anything was
+    removed: each is acknowledged on its own, as Celery would (a failure is logged; the message comes back
+    after the timeout)."""
     from kombu.transport.virtual import QoS
 
     pending = [r for r in requests if not r.acknowledged]
@@ -356,13 +358,12 @@ def acknowledge_all(requests: list[Any]) -> None:
         messages = [r.message for r in pending]
         channel = messages[0].channel
         qos = channel.qos
-        remove = qos._remove_from_indices  # kombu.transport.redis.QoS
+        index, records = qos.unacked_index_key, qos.unacked_key  # kombu.transport.redis.QoS
         if any(m.channel is not channel for m in messages):
             raise ValueError("messages of several channels")
+        tags = [m.delivery_tag for m in messages]
         with qos.pipe_or_acquire() as pipe:
-            for m in messages:
-                remove(m.delivery_tag, pipe)
-            pipe.execute()
+            pipe.zrem(index, *tags).hdel(records, *tags).execute()
     except Exception:
         for r in pending:
             r.acknowledge()
