@@ -52,13 +52,13 @@ def stage(session: Session, table: Table, events: list[Event], *, new: bool = Fa
     staged = set() if new else set(select_in(session, select(table.c.event_id), table.c.event_id, ids))
     rows = []
     added = []
-    for ev in events:
-        if str(ev.message_id) not in staged:
-            staged.add(str(ev.message_id))
+    for event_id, ev in zip(ids, events, strict=True):
+        if event_id not in staged:
+            staged.add(event_id)
             added.append(ev)
             rows.append(
                 {
-                    "event_id": str(ev.message_id),
+                    "event_id": event_id,
                     "event_type": ev.type,
                     "payload": ev.to_payload(),
                     "created_at": utcnow(),  # in staging order: the relay publishes oldest first
