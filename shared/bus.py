@@ -67,7 +67,11 @@ SUBSCRIPTIONS: Mapping[str, tuple[str, ...]] = {
 #: each of them as messages of up to `TASK_BATCH_SIZE` events (`{"payloads": [...]}`) instead of one message
 #: per event, so a consumer pays the broker's and Celery's per-message work once per batch of events. Each is a
 #: batch consumer (`BatchTask`, registered by `event_tasks`), which unpacks a message into its events.
-MANY_TO_A_MESSAGE: frozenset[str] = frozenset(SUBSCRIPTIONS["explanation.created"] + SUBSCRIPTIONS["feedback.recorded"])
+#: The votes too: the feedback intake sends the votes of one group commit (`services.feedback.intake`) as
+#: messages of up to `TASK_BATCH_SIZE` votes to `feedback.record`.
+MANY_TO_A_MESSAGE: frozenset[str] = frozenset(
+    [*SUBSCRIPTIONS["explanation.created"], *SUBSCRIPTIONS["feedback.recorded"], "feedback.record"]
+)
 
 
 #: What Celery shows of a task's arguments in logs and monitoring: payloads may carry comments.
@@ -612,7 +616,12 @@ class TaskMessageEncoder:
     def body(message: Message) -> str:
         """The base64 task body of protocol 2 for `message`: `[args, kwargs, embed]`, the payload as a kwarg.
         The payload's JSON is pydantic's (`Message.payload_json`); the frame around it is fixed text."""
-        raw = _BODY_HEAD + message.payload_json() + _BODY_TAIL
+        return TaskMessageEncoder.body_of_one(message.payload_json())
+
+    @staticmethod
+    def body_of_one(payload_json: str) -> str:
+        """`body` of a payload given as its JSON text."""
+        raw = _BODY_HEAD + payload_json + _BODY_TAIL
         return base64.b64encode(raw.encode()).decode()
 
     @staticmethod

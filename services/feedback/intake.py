@@ -7,7 +7,9 @@
   transport leaves (a worker killed between taking a message off the queue and recording it as unacknowledged).
 
 The task messages are the bus's own (`shared.bus.TaskMessageEncoder`): a worker cannot tell them from
-`send_task`'s.
+`send_task`'s. The votes of one group commit go as messages of up to `TASK_BATCH_SIZE` votes each (the batch
+consumer `feedback.record` is in `shared.bus.MANY_TO_A_MESSAGE`); an erasure rewrites such a message without
+the erased session's votes (`IntakeJournal.forget_session`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from celery import Celery
 
-from shared.bus import TaskMessageEncoder, group_by_queue
+from shared.bus import MANY_TO_A_MESSAGE, TaskMessageEncoder, batch_size, group_by_queue, queue_for
 from shared.contracts import Command
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,9 @@ class IntakeJournal:
     sweep re-sends whatever has waited longer than a grace period (`overdue`). Handlers are idempotent on
     the message id, so a re-sent command that had in fact been handled is recognised and only costs a lookup.
 
-    One hash: message id -> "<unix time>|<task message>". It holds only what is in flight, so the sweep
-    scans it whole.
+    One hash: message id -> "<unix time>|<the command's payload, JSON>" (an entry of an earlier version holds
+    a whole task message there instead; both are read). It holds only what is in flight, so the sweep scans
+    it whole.
     """
 
     def __init__(self, redis_url: str, name: str) -> None:
@@ -104,9 +107,10 @@ class IntakeJournal:
         return int(self._client().hlen(self.hash_key))
 
     def forget_session(self, session_keys: Iterable[str], erased_at: Any, queue: str | None = None) -> int:
-        """Remove an erased session's commands from the journal (and the same task messages still waiting on
-        `queue`): those with one of its keys submitted at or before `erased_at`, which the worker would drop
-        anyway. A later vote of the same session stays. Returns how many entries were removed."""
+        """Remove an erased session's commands from the journal (and from the task messages still waiting on
+        `queue`: `forget_in_queue`): those with one of its keys submitted at or before `erased_at`, which the
+        worker would drop anyway. A later vote of the same session stays. Returns how many entries were
+        removed."""
         from datetime import datetime
 
         from shared.votes import erased_before
@@ -127,12 +131,9 @@ class IntakeJournal:
                 continue
             gone.append((mid, raw))
         if gone:
-            pipe = client.pipeline(transaction=False)
-            pipe.hdel(self.hash_key, *[mid for mid, _ in gone])
+            client.hdel(self.hash_key, *[mid for mid, _ in gone])
             if queue:
-                for _, raw in gone:
-                    pipe.lrem(queue, 0, raw)
-            pipe.execute()
+                forget_in_queue(client, queue, {mid.decode() for mid, _ in gone})
         return len(gone)
 
     def close(self) -> None:
@@ -142,21 +143,99 @@ class IntakeJournal:
 
 
 def task_payload(raw: bytes) -> dict[str, Any]:
-    """The contract payload inside a task message written by `TaskMessageEncoder`."""
-    envelope = json.loads(raw)
-    _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-    return kwargs["payload"]
+    """The command's payload in a journal entry: the payload's JSON, or (an entry of an earlier version) a
+    task message of one command written by `TaskMessageEncoder`."""
+    value = json.loads(raw)
+    if isinstance(value, dict) and "body" in value and "headers" in value:
+        _, kwargs, _ = _task_body(value)
+        return kwargs["payload"]
+    return value
 
 
-# Queue push and journal entry in one atomic step: KEYS = queue, journal hash; ARGV = now, then
-# (task message, message id) for each command, in order. The journal keeps "<time>|<task message>".
+def _task_body(envelope: dict[str, Any]) -> list[Any]:
+    """`[args, kwargs, embed]` of a task message's envelope (protocol 2, base64 body)."""
+    return json.loads(base64.b64decode(envelope["body"]))
+
+
+def forget_in_queue(client: Any, queue: str, message_ids: set[str]) -> int:
+    """Take the commands `message_ids` out of the task messages waiting on `queue`: a message left with none
+    of its commands is removed, one with others too is rewritten without them (the same task id and delivery
+    tag). Each change is one atomic step that applies only if the message is still there as it was read
+    (`_REPLACE_LUA`); a worker that took it meanwhile handles the commands itself (a vote cast before its
+    session's erasure is dropped). The queue is read in chunks of 500 from the head, where new messages come:
+    a message never moves towards the head, so none is missed. A change that found its message rewritten by
+    another erasure is made again from a new reading, up to five rounds. Returns how many commands were
+    taken out."""
+    replace = client.register_script(_REPLACE_LUA)
+    taken = 0
+    for _ in range(5):
+        missed = False
+        start = 0
+        while True:
+            chunk = client.lrange(queue, start, start + 499)
+            if not chunk:
+                break
+            start += len(chunk)
+            for raw in chunk:
+                rewritten, n = _without(raw, message_ids)
+                if n and replace(keys=[queue], args=[raw, rewritten]):
+                    taken += n
+                elif n:
+                    missed = True
+        if not missed:
+            break
+    return taken
+
+
+def _without(raw: bytes, message_ids: set[str]) -> tuple[bytes, int]:
+    """A task message without the commands `message_ids` (b"" when none of its commands is left), and how many
+    it had; (b"", 0) for a message with none of them, or one that cannot be read (the worker dead-letters it)."""
+    try:
+        envelope = json.loads(raw)
+        args, kwargs, embed = _task_body(envelope)
+        many = "payloads" in kwargs
+        payloads = kwargs["payloads"] if many else [kwargs.get("payload")]
+        kept = [p for p in payloads if not (isinstance(p, dict) and str(p.get("message_id")) in message_ids)]
+    except Exception:
+        return b"", 0
+    if len(kept) == len(payloads):
+        return b"", 0
+    if not kept:
+        return b"", len(payloads)
+    kwargs["payloads"] = kept
+    body = json.dumps([args, kwargs, embed]).encode()
+    envelope["body"] = base64.b64encode(body).decode()
+    return json.dumps(envelope).encode(), len(payloads) - len(kept)
+
+
+# Queue push and journal entry in one atomic step: KEYS = queue, journal hash; ARGV = now, the number of task
+# messages, the task messages (in order), then (message id, payload JSON) for each command. The journal keeps
+# "<time>|<payload JSON>".
 _JOURNAL_PUSH_LUA = """
 local stamp = ARGV[1] .. '|'
-for i = 2, #ARGV, 2 do
+local n = tonumber(ARGV[2])
+for i = 3, n + 2 do
   redis.call('LPUSH', KEYS[1], ARGV[i])
-  redis.call('HSET', KEYS[2], ARGV[i + 1], stamp .. ARGV[i])
 end
-return (#ARGV - 1) / 2
+for i = n + 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], stamp .. ARGV[i + 1])
+end
+return n
+"""
+
+# Replace a task message where it stands on the queue, if it is still there as read: KEYS = queue; ARGV = the
+# message as read, its replacement (empty: remove it). Returns 1 when it was there.
+_REPLACE_LUA = """
+local i = redis.call('LPOS', KEYS[1], ARGV[1])
+if not i then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('LREM', KEYS[1], 1, ARGV[1])
+else
+  redis.call('LSET', KEYS[1], i, ARGV[2])
+end
+return 1
 """
 
 
@@ -178,25 +257,45 @@ class GroupCommitSender:
         # A frozen broker fails the request within about a second (503, "please retry") instead of holding it.
         self._redis = aioredis.from_url(app.conf.broker_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._encoder = TaskMessageEncoder(app)
-        self._pending: list[tuple[str, bytes, Command, Any]] = []
+        self._pending: list[tuple[Command, str, Any]] = []
         self._flushing = False
         self._journal_push: Any = None
 
     async def send(self, command: Command) -> None:
         import asyncio
 
-        key, raw = self._encoder.encode(command.type, command)
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((key, raw, command, future))
+        self._pending.append((command, command.payload_json(), future))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
         await future
 
-    async def _write(self, batch: list[tuple[str, bytes, Command, Any]]) -> None:
+    def _messages(self, batch: list[tuple[Command, str, Any]]) -> list[tuple[str, bytes]]:
+        """The task messages of a group commit, in order: for a task in `MANY_TO_A_MESSAGE`, its commands
+        `TASK_BATCH_SIZE` to a message (one alone is an ordinary message of one `payload`); any other, one
+        message each."""
+        by_task: dict[str, list[str]] = {}
+        for command, payload_json, _ in batch:
+            by_task.setdefault(command.type, []).append(payload_json)
+        size = batch_size()
+        out: list[tuple[str, bytes]] = []
+        for task, jsons in by_task.items():
+            step = size if task in MANY_TO_A_MESSAGE else 1
+            for start in range(0, len(jsons), step):
+                chunk = jsons[start : start + step]
+                body = (
+                    TaskMessageEncoder.body_of_one(chunk[0])
+                    if len(chunk) == 1
+                    else TaskMessageEncoder.body_of_many(chunk)
+                )
+                out.append(self._encoder.encode_body(task, body))
+        return out
+
+    async def _write(self, batch: list[tuple[Command, str, Any]]) -> None:
         import time
 
-        by_queue = group_by_queue((key, raw) for key, raw, _, _ in batch)
+        by_queue = group_by_queue(self._messages(batch))
         if self.journal is None:
             if len(by_queue) == 1:
                 ((key, raws),) = by_queue.items()
@@ -210,11 +309,11 @@ class GroupCommitSender:
         if self._journal_push is None:
             self._journal_push = self._redis.register_script(_JOURNAL_PUSH_LUA)
         now = time.time()
-        for key in by_queue:  # one atomic script call per queue (one in practice: a sender serves one service)
-            args: list[Any] = [repr(now)]
-            for k, raw, cmd, _ in batch:
-                if k == key:
-                    args += [raw, str(cmd.message_id)]
+        for key, raws in by_queue.items():  # one atomic script call per queue (one: a sender serves one service)
+            args: list[Any] = [repr(now), len(raws), *raws]
+            for cmd, payload_json, _ in batch:
+                if queue_for(cmd.type) == key:
+                    args += [str(cmd.message_id), payload_json]
             await self._journal_push(keys=[key, self.journal.hash_key], args=args)
 
     async def _flush(self) -> None:

@@ -4,6 +4,8 @@ commands through the group-commit sender."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import sqlite3
 from pathlib import Path
 
@@ -64,7 +66,11 @@ def test_published_event_and_group_committed_command_are_consumed_by_a_real_work
             await sender.aclose()
 
         asyncio.run(send())
-        assert r.llen("feedback") == 21  # 11 explanation events and 10 votes
+        # 11 explanation events, and the 10 votes of one group commit in one message (`MANY_TO_A_MESSAGE`)
+        assert r.llen("feedback") == 12
+        newest = json.loads(r.lindex("feedback", 0))
+        assert newest["headers"]["task"] == "feedback.record"
+        assert len(json.loads(base64.b64decode(newest["body"]))[1]["payloads"]) == 10
 
         with celery_worker("feedback", worker_env(server.url, tmp_path), tmp_path / "worker.log"):
             db = tmp_path / "feedback.db"
