@@ -68,7 +68,9 @@ def test_published_event_and_group_committed_command_are_consumed_by_a_real_work
         asyncio.run(send())
         # 11 explanation events, and the 10 votes of one group commit in one message (`MANY_TO_A_MESSAGE`)
         assert r.llen("feedback") == 12
-        newest = json.loads(r.lindex("feedback", 0))
+        raw = r.lindex("feedback", 0)
+        assert isinstance(raw, bytes)
+        newest = json.loads(raw)
         assert newest["headers"]["task"] == "feedback.record"
         assert len(json.loads(base64.b64decode(newest["body"]))[1]["payloads"]) == 10
 

@@ -11,7 +11,7 @@ import json
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -67,7 +67,7 @@ def test_a_group_commits_votes_go_in_messages_of_up_to_the_batch_size_and_each_i
         queued = _queued(r)
         assert [len(m["votes"]) for m in queued] == [4, 4, 2]
         assert [v for m in queued for v in m["votes"]] == [str(v.message_id) for v in votes]  # in order
-        journal = r.hgetall("journal:feedback")
+        journal = cast("dict[bytes, bytes]", r.hgetall("journal:feedback"))
         assert {k.decode() for k in journal} == {str(v.message_id) for v in votes}
         for v in votes:
             assert task_payload(journal[str(v.message_id).encode()].partition(b"|")[2]) == v.to_payload()
@@ -95,7 +95,9 @@ def test_an_erasure_rewrites_a_message_without_the_sessions_votes_and_the_worker
 
         after = _queued(r)
         assert after == [{"id": before[0]["id"], "votes": [str(v.message_id) for v in theirs]}]
-        assert {k.decode() for k in r.hkeys("journal:feedback")} == {str(v.message_id) for v in theirs}
+        assert {k.decode() for k in cast("list[bytes]", r.hkeys("journal:feedback"))} == {
+            str(v.message_id) for v in theirs
+        }
         assert [
             h for h in found_in_redis(server.url, [key]) if h.split(" ")[0] in ("feedback", "journal:feedback")
         ] == []
