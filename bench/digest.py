@@ -267,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=500.0)
-    parser.add_argument("--backlog", type=int, default=5000)
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=10_000,
+        help="votes queued before each drain; a worker prefetches two batches of messages, and with votes many to"
+        " a message that can be a few thousand votes: a second worker only helps with a backlog larger than that",
+    )
     parser.add_argument("--store-votes", type=int, default=2000)
     parser.add_argument("--store-only", action="store_true", help="phase 4 alone")
     parser.add_argument("--events", type=int, default=3000, help="phase 5: explanations (and as many votes)")
