@@ -126,3 +126,33 @@ def test_a_message_changed_since_it_was_read_is_left_as_it_is(tmp_path: Path) ->
         assert replace(keys=["q"], args=[b"a", b""]) == 1
         assert r.lrange("q", 0, -1) == [b"B"]
         r.close()
+
+
+def test_a_message_another_erasure_rewrote_meanwhile_is_read_again_and_rewritten(tmp_path: Path) -> None:
+    from services.feedback.intake import _without, forget_in_queue
+
+    mine, first, second = _vote("erased"), _vote("first"), _vote("second")
+    with RedisServer(tmp_path / "redis") as server:
+        _send(server.url, tmp_path, [first, mine, second])
+        r = redis.Redis.from_url(server.url)
+        real = r.register_script
+
+        class RacingScript:
+            """Before the first change applies, another erasure rewrites the message (takes `first` out)."""
+
+            def __init__(self, script: Any) -> None:
+                self.script, self.raced = script, False
+
+            def __call__(self, keys: list[str], args: list[bytes]) -> Any:
+                if not self.raced:
+                    self.raced = True
+                    (raw,) = cast("list[bytes]", r.lrange("feedback", 0, -1))
+                    other, _ = _without(raw, {str(first.message_id)})
+                    cast(Any, r).lset("feedback", 0, other)
+                return self.script(keys=keys, args=args)
+
+        client = cast(Any, r)
+        client.register_script = lambda text: RacingScript(real(text))
+        assert forget_in_queue(client, "feedback", {str(mine.message_id)}) == 1
+        assert _queued(r)[0]["votes"] == [str(second.message_id)]
+        r.close()
