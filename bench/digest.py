@@ -29,6 +29,7 @@ per service, as `make run` starts them). Printed as ratios:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sqlite3
 import subprocess
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {seed_s:.1f} s)")  # fmt: skip
     print(f"{'intake, 32 connections (votes/s)':46}{intake:>10.0f}")
     print(f"{'accepted and fully digested (votes/s)':46}{digest:>10.0f}   ratio {digest / intake:.2f} (goal >= 0.9)")
-    wall = digest_s if digest_s == digest_s else tp.seconds
+    wall = tp.seconds if math.isnan(digest_s) else digest_s
     print(f"  the intake ran {tp.seconds:.1f} s; each store held every vote after "
           + ", ".join(f"{name} {at:.1f} s" for name, at in finished.items()))  # fmt: skip
     print(f"  CPU from the first vote to the last digested ({wall:.1f} s, {os.cpu_count()} cores), ms per vote and"

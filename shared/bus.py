@@ -14,7 +14,7 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -508,7 +508,6 @@ def outbox_relay(app: Celery, service: str, store: Any) -> Any:
         opened = store()
         return relay_pending(opened.factory, opened.outbox, bus_for(app))
 
-    relay_outbox.__name__ = relay_outbox.__qualname__ = "relay_outbox"
     app.task(name=f"{service}.relay_outbox")(relay_outbox)
     return relay
 
@@ -623,6 +622,14 @@ class TaskMessageEncoder:
         """`body` of a payload given as its JSON text."""
         raw = _BODY_HEAD + payload_json + _BODY_TAIL
         return base64.b64encode(raw.encode()).decode()
+
+    @staticmethod
+    def body_of(payload_jsons: Sequence[str]) -> str:
+        """The body of a message of these payloads (given as their JSON text): one alone is an ordinary message
+        of one `payload` (`body_of_one`), several the `payloads` of a message of many (`body_of_many`)."""
+        if len(payload_jsons) == 1:
+            return TaskMessageEncoder.body_of_one(payload_jsons[0])
+        return TaskMessageEncoder.body_of_many(payload_jsons)
 
     @staticmethod
     def body_of_many(payload_jsons: Iterable[str]) -> str:
@@ -754,14 +761,10 @@ class CeleryBus:
                 chunk = tuple(positions[start : start + size])
                 body = bodies.get(chunk)
                 if body is None:
-                    if len(chunk) == 1:
-                        body = self._encoder.body(events[chunk[0]])
-                    else:
-                        for i in chunk:
-                            if i not in jsons:
-                                jsons[i] = events[i].payload_json()
-                        body = self._encoder.body_of_many(jsons[i] for i in chunk)
-                    bodies[chunk] = body
+                    for i in chunk:
+                        if i not in jsons:
+                            jsons[i] = events[i].payload_json()
+                    body = bodies[chunk] = TaskMessageEncoder.body_of([jsons[i] for i in chunk])
                 messages.append(self._encoder.encode_body(task, body))
         self._push(messages)
 

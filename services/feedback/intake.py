@@ -157,55 +157,66 @@ def _task_body(envelope: dict[str, Any]) -> list[Any]:
     return json.loads(base64.b64decode(envelope["body"]))
 
 
-def forget_in_queue(client: Any, queue: str, message_ids: set[str]) -> int:
+def forget_in_queue(client: Any, queue: str, message_ids: set[str], *, chunk: int = 500) -> int:
     """Take the commands `message_ids` out of the task messages waiting on `queue`: a message left with none
     of its commands is removed, one with others too is rewritten without them (the same task id and delivery
     tag). Each change is one atomic step that applies only if the message is still there as it was read
     (`_REPLACE_LUA`); a worker that took it meanwhile handles the commands itself (a vote cast before its
-    session's erasure is dropped). The queue is read in chunks of 500 from the head, where new messages come:
-    a message never moves towards the head, so none is missed. A change that found its message rewritten by
-    another erasure is made again from a new reading, up to five rounds. Returns how many commands were
-    taken out."""
+    session's erasure is dropped).
+
+    The queue is read in chunks from the head, where new messages come; workers take from the other end. A
+    message moves towards the head only when one before it is removed: the reading counts this call's own
+    removals, and the queue is read again (up to five rounds) when a change found its message rewritten by
+    another erasure, or when a command was not found at all (another erasure's removal may have moved its
+    message past the reading; or a worker has it). Returns how many commands were taken out."""
     replace = client.register_script(_REPLACE_LUA)
     taken = 0
-    for _ in range(5):
+    found: set[str] = set()
+    for round_ in range(5):
         missed = False
         start = 0
         while True:
-            chunk = client.lrange(queue, start, start + 499)
-            if not chunk:
+            raws = client.lrange(queue, start, start + chunk - 1)
+            if not raws:
                 break
-            start += len(chunk)
-            for raw in chunk:
-                rewritten, n = _without(raw, message_ids)
-                if n and replace(keys=[queue], args=[raw, rewritten]):
-                    taken += n
-                elif n:
+            removed = 0
+            for raw in raws:
+                rewritten, hit = _without(raw, message_ids)
+                if not hit:
+                    continue
+                found |= hit
+                if replace(keys=[queue], args=[raw, rewritten]):
+                    taken += len(hit)
+                    if not rewritten:  # the messages after it have moved one place towards the head
+                        removed += 1
+                else:
                     missed = True
-        if not missed:
+            start += len(raws) - removed
+        if not missed and (found >= message_ids or round_ > 0):
             break
     return taken
 
 
-def _without(raw: bytes, message_ids: set[str]) -> tuple[bytes, int]:
-    """A task message without the commands `message_ids` (b"" when none of its commands is left), and how many
-    it had; (b"", 0) for a message with none of them, or one that cannot be read (the worker dead-letters it)."""
+def _without(raw: bytes, message_ids: set[str]) -> tuple[bytes, set[str]]:
+    """A task message without the commands `message_ids` (b"" when none of its commands is left), and which
+    of them it had; (b"", empty) for a message with none of them, or one that cannot be read (the worker
+    dead-letters it)."""
     try:
         envelope = json.loads(raw)
         args, kwargs, embed = _task_body(envelope)
-        many = "payloads" in kwargs
-        payloads = kwargs["payloads"] if many else [kwargs.get("payload")]
-        kept = [p for p in payloads if not (isinstance(p, dict) and str(p.get("message_id")) in message_ids)]
+        payloads = kwargs["payloads"] if "payloads" in kwargs else [kwargs.get("payload")]
+        ids = [str(p.get("message_id")) if isinstance(p, dict) else None for p in payloads]
     except Exception:
-        return b"", 0
-    if len(kept) == len(payloads):
-        return b"", 0
+        return b"", set()
+    hit = {i for i in ids if i in message_ids}
+    if not hit:
+        return b"", hit
+    kept = [p for p, i in zip(payloads, ids, strict=True) if i not in hit]
     if not kept:
-        return b"", len(payloads)
+        return b"", hit
     kwargs["payloads"] = kept
-    body = json.dumps([args, kwargs, embed]).encode()
-    envelope["body"] = base64.b64encode(body).decode()
-    return json.dumps(envelope).encode(), len(payloads) - len(kept)
+    envelope["body"] = base64.b64encode(json.dumps([args, kwargs, embed]).encode()).decode()
+    return json.dumps(envelope).encode(), hit
 
 
 # Queue push and journal entry in one atomic step: KEYS = queue, journal hash; ARGV = now, the number of task
@@ -283,13 +294,7 @@ class GroupCommitSender:
         for task, jsons in by_task.items():
             step = size if task in MANY_TO_A_MESSAGE else 1
             for start in range(0, len(jsons), step):
-                chunk = jsons[start : start + step]
-                body = (
-                    TaskMessageEncoder.body_of_one(chunk[0])
-                    if len(chunk) == 1
-                    else TaskMessageEncoder.body_of_many(chunk)
-                )
-                out.append(self._encoder.encode_body(task, body))
+                out.append(self._encoder.encode_body(task, TaskMessageEncoder.body_of(jsons[start : start + step])))
         return out
 
     async def _write(self, batch: list[tuple[Command, str, Any]]) -> None:

@@ -156,3 +156,19 @@ def test_a_message_another_erasure_rewrote_meanwhile_is_read_again_and_rewritten
         assert forget_in_queue(client, "feedback", {str(mine.message_id)}) == 1
         assert _queued(r)[0]["votes"] == [str(second.message_id)]
         r.close()
+
+
+def test_messages_removed_by_the_reading_do_not_let_the_next_ones_slip_past_it(tmp_path: Path) -> None:
+    from services.feedback.intake import forget_in_queue
+
+    first, alone_1, alone_2, last = _vote("erased"), _vote("erased"), _vote("erased"), _vote("erased")
+    other = _vote("other")
+    with RedisServer(tmp_path / "redis") as server:
+        for group in ([first], [last, other], [alone_1], [alone_2]):  # the head is the last sent
+            _send(server.url, tmp_path, group)
+        r = redis.Redis.from_url(server.url)
+        erased = {str(v.message_id) for v in (first, alone_1, alone_2, last)}
+        # read two messages at a time: the two at the head are removed, so the next two move into their places
+        assert forget_in_queue(cast(Any, r), "feedback", erased, chunk=2) == 4
+        assert [m["votes"] for m in _queued(r)] == [[str(other.message_id)]]
+        r.close()
