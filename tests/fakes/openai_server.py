@@ -2,7 +2,7 @@
 real HTTP. It serves `/v1/chat/completions` (OpenAI, vLLM) and `/openai/v1/chat/completions` (Groq).
 
 It can be told to fail the next N requests with a status (500, 429, 401 ...), to hang for a while before
-answering, and what to answer (text, usage). It records every request it received.
+answering, to answer with a body that is not JSON, and what to answer (text, usage). It records every request it received.
 
     with FakeOpenAIServer() as fake:
         fake.fail_next(2, status=500)
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from gateway.redis_server import free_port
 from tests.support import ServedApp, ServesApp
@@ -40,6 +40,7 @@ class Behaviour:
     fail_status: int = 500
     hang_count: int = 0
     hang_s: float = 0.0
+    garble_count: int = 0  # answer 200 with a body that is not JSON (a proxy's HTML page)
     text: str = "The indicators support the signal."
     prompt_tokens: int | None = 120
     completion_tokens: int | None = 45
@@ -88,6 +89,10 @@ class FakeOpenAIServer(ServesApp):
         with self._lock:
             self.behaviour.hang_count, self.behaviour.hang_s = count, seconds
 
+    def garble_next(self, count: int) -> None:
+        with self._lock:
+            self.behaviour.garble_count = count
+
     def answer(self, text: str, *, prompt_tokens: int | None = 120, completion_tokens: int | None = 45) -> None:
         with self._lock:
             self.behaviour.text = text
@@ -102,7 +107,7 @@ class FakeOpenAIServer(ServesApp):
     def _build(self) -> FastAPI:
         app = FastAPI()
 
-        async def chat(request: Request) -> JSONResponse:
+        async def chat(request: Request) -> Response:
             body = await request.json()
             with self._lock:
                 self.requests.append(
@@ -120,6 +125,9 @@ class FakeOpenAIServer(ServesApp):
                 fail = b.fail_status if b.fail_count > 0 else None
                 if b.fail_count > 0:
                     b.fail_count -= 1
+                garble = b.garble_count > 0
+                if garble:
+                    b.garble_count -= 1
                 text, p_tok, c_tok = b.text, b.prompt_tokens, b.completion_tokens
             if hang:
                 deadline = time.monotonic() + hang
@@ -131,6 +139,8 @@ class FakeOpenAIServer(ServesApp):
                     {"error": {"message": f"fake failure {fail}", "type": kind, "param": None, "code": kind}},
                     status_code=fail,
                 )
+            if garble:
+                return HTMLResponse("<html><body>502 Bad Gateway</body></html>")
             payload: dict[str, Any] = {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
                 "object": "chat.completion",

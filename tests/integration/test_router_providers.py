@@ -1,5 +1,6 @@
-"""The OpenAI, Groq and OpenAI-compatible adapters against a local server that speaks the protocol, through
-the official SDKs: usage, retries with backoff, no retry on 4xx, timeouts, fallback, all-fail."""
+"""The OpenAI, Groq and OpenAI-compatible adapters against a local server that speaks the protocol (OpenAI and
+Groq through their official SDKs, self-hosted servers through plain HTTP): usage, retries with backoff, no retry
+on 4xx, timeouts, fallback, all-fail."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from gateway.redis_server import free_port
 from services.router.config import RouterSettings
-from services.router.providers import AllProvidersFailed, NoProviderConfigured, ProviderRequest, ProviderSet
+from services.router.providers import (
+    AllProvidersFailed,
+    CompatibleProvider,
+    Completion,
+    NoProviderConfigured,
+    ProviderRequest,
+    ProviderSet,
+)
 from tests.fakes.openai_server import FakeOpenAIServer
 
 OPENAI = "openai/gpt-4o-mini"
@@ -162,3 +171,81 @@ def test_one_deadline_bounds_all_hosted_attempts_of_a_request(tmp_path: Path, fa
     assert 1 <= len(fake.requests) < 6, [r.model for r in fake.requests]
     assert result.model == OFFLINE
     assert "deadline" in [e.kind for e in result.errors]
+
+
+# -- the plain-HTTP adapter of self-hosted OpenAI-compatible servers (vllm/, local/) -------------------------
+
+VLLM = "vllm/meta-llama/Llama-3-8B"
+
+
+def compatible(tmp_path: Path, fake: FakeOpenAIServer, sleeps: Sleeps | None = None, **kw: object) -> ProviderSet:
+    options: dict[str, object] = {"compatible_base_url": fake.url, "compatible_api_key": "vllm-key", **kw}
+    return provider_set(tmp_path, fake, sleeps, **options)
+
+
+def test_compatible_adapter_sends_the_sdks_request_and_reads_text_and_usage(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    ps = compatible(tmp_path, fake)
+    assert isinstance(ps.provider_for(VLLM), CompatibleProvider)
+    result = ps.generate([VLLM], REQUEST)
+    assert (result.model, result.provider, result.errors) == (VLLM, "vllm", [])
+    assert result.completion == Completion("The indicators support the signal.", 120, 45)
+    sent = fake.requests[-1]
+    assert (sent.path, sent.model, sent.authorization) == (
+        "/v1/chat/completions",
+        "meta-llama/Llama-3-8B",
+        "Bearer vllm-key",
+    )
+    assert [m["role"] for m in sent.messages] == ["system", "user"] and sent.messages[1]["content"] == REQUEST.prompt
+    # the same body the openai SDK adapter sends
+    ps.generate([OPENAI], REQUEST)
+    assert fake.requests[-1].messages == sent.messages
+
+
+def test_compatible_adapter_retries_server_errors_and_rate_limits_with_backoff(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    fake.fail_next(1, status=503)
+    sleeps = Sleeps()
+    first = compatible(tmp_path, fake, sleeps, retry_backoff_s=0.05).generate([VLLM], REQUEST)
+    fake.fail_next(1, status=429)
+    second = compatible(tmp_path, fake).generate([VLLM], REQUEST)
+    assert [e.kind for e in first.errors + second.errors] == ["http_503", "rate_limited"]
+    assert "fake failure 503" in first.errors[0].message  # the server's own error message, not its raw body
+    assert sleeps.calls == [0.05] and len(fake.requests) == 4
+
+
+def test_compatible_adapter_does_not_retry_client_errors(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.fail_next(1, status=401)
+    result = compatible(tmp_path, fake).generate([VLLM, OPENAI], REQUEST)
+    assert (result.model, result.fallback_used) == (OPENAI, True)
+    assert [e.kind for e in result.errors] == ["http_401"] and len(fake.requests) == 2
+
+
+def test_compatible_adapter_times_out_on_a_hanging_server(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    fake.hang_next(10, seconds=5)
+    ps = compatible(tmp_path, fake, provider_timeout_s=0.2, provider_retries=1)
+    result = ps.generate([VLLM, OFFLINE], REQUEST)
+    assert (result.model, [e.kind for e in result.errors]) == (OFFLINE, ["timeout", "timeout"])
+
+
+def test_compatible_adapter_names_a_refused_connection_and_a_body_that_is_not_json(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    refused = provider_set(tmp_path, fake, compatible_base_url=f"http://127.0.0.1:{free_port()}", provider_retries=1)
+    result = refused.generate([VLLM, OFFLINE], REQUEST)
+    assert [e.kind for e in result.errors] == ["connection", "connection"]  # transient: retried once
+    fake.garble_next(1)
+    garbled = compatible(tmp_path, fake).generate([VLLM, OFFLINE], REQUEST)
+    assert [e.kind for e in garbled.errors] == ["bad_response"] and len(fake.requests) == 1  # not retried
+
+
+def test_compatible_adapter_estimates_missing_usage_and_refuses_an_empty_answer(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    fake.answer("one two three four five six seven eight nine ten", prompt_tokens=None, completion_tokens=None)
+    assert compatible(tmp_path, fake).generate([VLLM], REQUEST).completion.tokens_out == 13
+    fake.answer("   ")
+    result = compatible(tmp_path, fake).generate([VLLM, OFFLINE], REQUEST)
+    assert result.model == OFFLINE and [e.kind for e in result.errors] == ["bad_response"]
