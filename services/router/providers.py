@@ -262,14 +262,21 @@ class CompatibleProvider:
 
 
 def _error_message(raw: bytes) -> str:
-    """The `error.message` of an OpenAI-style error body, else the body's start."""
+    """What an error body says: OpenAI's `{"error": {"message"}}`, vLLM's older top-level `{"object": "error",
+    "message"}`, FastAPI's `{"detail"}`; else the body's start."""
     try:
         data = json.loads(raw)
-        message = data["error"]["message"] if isinstance(data.get("error"), dict) else data.get("detail")
-        if message:
-            return str(message)[:300]
-    except (ValueError, AttributeError, TypeError, KeyError):
-        pass
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        for message in (
+            error.get("message") if isinstance(error, dict) else error,
+            data.get("message"),
+            data.get("detail"),
+        ):
+            if message:
+                return str(message)[:300]
     return raw[:300].decode("utf-8", "replace")
 
 

@@ -18,6 +18,7 @@ from services.router.providers import (
     NoProviderConfigured,
     ProviderRequest,
     ProviderSet,
+    _error_message,
 )
 from tests.fakes.openai_server import FakeOpenAIServer
 
@@ -249,3 +250,17 @@ def test_compatible_adapter_estimates_missing_usage_and_refuses_an_empty_answer(
     fake.answer("   ")
     result = compatible(tmp_path, fake).generate([VLLM, OFFLINE], REQUEST)
     assert result.model == OFFLINE and [e.kind for e in result.errors] == ["bad_response"]
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"error": {"message": "model not found", "type": "invalid_request_error"}}', "model not found"),
+        (b'{"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "code": 400}',
+         "max_tokens is too large"),  # vLLM's older form
+        (b'{"detail": "not authenticated"}', "not authenticated"),
+        (b"<html>502 Bad Gateway</html>", "<html>502 Bad Gateway</html>"),
+    ],
+)  # fmt: skip
+def test_compatible_adapter_reports_what_the_error_body_says(body: bytes, said: str) -> None:
+    assert _error_message(body) == said
