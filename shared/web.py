@@ -27,13 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.db import SqlStore
 from shared.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 
-StoreT = TypeVar("StoreT")
+StoreT = TypeVar("StoreT", bound=SqlStore[Any])
 
 
 def from_state(name: str) -> Any:
@@ -613,13 +614,14 @@ def service_app(
 
 def start_service(app: FastAPI, settings: ServiceSettings, make_store: Callable[[str], StoreT]) -> StoreT:
     """What every service's lifespan does first: its logging configured, its store opened (`app.state.store`,
-    which `/healthz` checks and the routes use) and its bus (`app.state.bus`: the Celery app it publishes
+    which `/healthz` checks and the routes use; its WAL checkpointed on a thread of its own) and its bus (`app.state.bus`: the Celery app it publishes
     with and whose broker `/healthz` checks). Returns the store."""
     from shared.bus import api_bus
     from shared.logging import configure_logging
 
     configure_logging(settings.service, settings.log_level)
     store = make_store(settings.db_url)
+    store.checkpoint_in_background()  # no request waits for a WAL checkpoint's disk flush
     app.state.store = store
     app.state.bus = api_bus(settings.service, settings)
     return store

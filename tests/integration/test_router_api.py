@@ -98,6 +98,15 @@ def test_created_explanation_can_be_read_back(client: TestClient) -> None:
     assert {k: r.json()[k] for k in created} == created
 
 
+def test_the_api_process_checkpoints_its_store_off_the_request_path(client: TestClient) -> None:
+    """`shared.web.start_service`: the WAL is copied back by a thread of its own, not in a request's commit."""
+    checkpoints = app_state(client).store.checkpoints
+    assert checkpoints is not None and checkpoints._thread.is_alive()
+    assert client.post("/api/explanations", json=BODY).status_code == 201
+    runs = checkpoints.runs
+    wait_for(lambda: checkpoints.runs > runs, timeout_s=10)
+
+
 def test_unknown_explanation_is_404_json(client: TestClient) -> None:
     r = client.get(f"/api/explanations/{uuid.uuid4()}")
     assert r.status_code == 404
