@@ -6,7 +6,9 @@ times, sequentially, over one keep-alive connection. The router's overhead is th
 latency distributions at p50 and p99 (goal: p50 <= 1 ms, p99 <= 5 ms added). Two routers, one after the
 other: one whose model is a self-hosted `vllm/` model (the case where a provider answers in milliseconds: the
 plain-HTTP adapter), one whose model is `openai/` (the official SDK, as for the hosted API), both served by
-the same fake. What the router does on the request path: one rate-limit script call and the budget read
+the same fake. And the floor of this stack: `bench.bare_app`'s forwarding route (the same uvicorn and
+FastAPI, a plain `def` route that posts the body to the fake with urllib3 and returns its text, and nothing
+else), so that what the router's own work adds shows apart from what any Python router on this stack costs. What the router does on the request path: one rate-limit script call and the budget read
 (Redis), the routing version (one row; the state itself is held in memory), the provider call, one write
 transaction (the explanation and its outbox row); the relay thread publishes the event after the response, in
 a batch (the periodic relay covers a crash).
@@ -54,24 +56,61 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fake = FakeOpenAIServer().start()
     try:
-        lanes = [(model, _lane(fake, model, args.requests)) for model in ("vllm/bench-model", "openai/gpt-4o-mini")]
+        lanes = [("bare forward (the floor)", _floor(fake, args.requests))]
+        lanes += [(f"router, {m}", _lane(fake, m, args.requests)) for m in ("vllm/bench-model", "openai/gpt-4o-mini")]
     finally:
         fake.stop()
     print(f"\nExplanation overhead ({datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores,"
           f" {args.requests} sequential requests each)")  # fmt: skip
-    print(f"{'':40}{'fake directly':>15}{'through router':>16}{'added':>9}")
-    for model, (d, r) in lanes:
+    print(f"{'':40}{'fake directly':>15}{'through it':>12}{'added':>9}")
+    for name, (d, r) in lanes:
         for q in (50, 99):
             a, b = _percentile(d, q), _percentile(r, q)
             goal = 1.0 if q == 50 else 5.0
-            print(f"{f'{model} p{q} (ms)':40}{a:>15.2f}{b:>16.2f}{b - a:>9.2f}   goal <= {goal:.0f} ms: "
-                  f"{'PASS' if b - a <= goal else 'MISS'}")  # fmt: skip
+            verdict = (
+                "" if name.startswith("bare") else f"   goal <= {goal:.0f} ms: {'PASS' if b - a <= goal else 'MISS'}"
+            )
+            print(f"{f'{name} p{q} (ms)':40}{a:>15.2f}{b:>12.2f}{b - a:>9.2f}{verdict}")
     return 0
 
 
+def _floor(fake: FakeOpenAIServer, requests: int) -> tuple[list[float], list[float]]:
+    env = {**os.environ, "BARE_FORWARD_URL": fake.openai_base_url, "PYTHONPATH": str(ROOT)}
+    port = free_port()
+    server = _serve("bench.bare_app:create_app", port, env, 60)
+    try:
+        return _interleaved(fake, requests, lambda c, i: c.post(f"http://127.0.0.1:{port}/bare-forward", json=_body(i)))
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _body(i: int) -> dict[str, Any]:
+    return {"ticker": "AAPL", "signal": "BUY", "context": {"rsi": 28.5}, "session_id": f"bench-{i % 50}"}
+
+
+def _interleaved(
+    fake: FakeOpenAIServer, requests: int, routed: Callable[[httpx.Client, int], httpx.Response]
+) -> tuple[list[float], list[float]]:
+    """Latencies (ms) of the fake called directly and through `routed`, after a warm-up, in interleaved halves
+    so that the machine's drift shows in both."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Explain BUY for AAPL"}]}
+
+    def direct(c: httpx.Client, i: int) -> httpx.Response:
+        return c.post(f"{fake.openai_base_url}/chat/completions", json=body, headers={"Authorization": "Bearer sk"})
+
+    with httpx.Client(timeout=10) as client:
+        _timed(client, 50, direct)
+        _timed(client, 50, routed)
+        d1 = _timed(client, requests // 2, direct)
+        r1 = _timed(client, requests // 2, routed)
+        d2 = _timed(client, requests - requests // 2, direct)
+        r2 = _timed(client, requests - requests // 2, routed)
+    return d1 + d2, r1 + r2
+
+
 def _lane(fake: FakeOpenAIServer, model: str, requests: int) -> tuple[list[float], list[float]]:
-    """Latencies (ms) of the fake called directly and through a router whose default model is `model`,
-    interleaved in halves so that the machine's drift shows in both."""
+    """`_interleaved` through a router whose default model is `model`."""
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
         env = {
             **os.environ,
@@ -90,32 +129,19 @@ def _lane(fake: FakeOpenAIServer, model: str, requests: int) -> tuple[list[float
         }
         port = free_port()
         router = _serve("services.router.main:create_app", port, env, 180)
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Explain BUY for AAPL"}]}
-
-        def direct(c: httpx.Client, i: int) -> httpx.Response:
-            return c.post(f"{fake.openai_base_url}/chat/completions", json=body, headers={"Authorization": "Bearer sk"})
 
         def routed(c: httpx.Client, i: int) -> httpx.Response:
-            return c.post(
-                f"http://127.0.0.1:{port}/api/explanations",
-                json={"ticker": "AAPL", "signal": "BUY", "context": {"rsi": 28.5}, "session_id": f"bench-{i % 50}"},
-            )
+            return c.post(f"http://127.0.0.1:{port}/api/explanations", json=_body(i))
 
         try:
             with httpx.Client(timeout=10) as client:
                 answered = routed(client, 0).json()["model"]
-                if answered != model:
-                    raise RuntimeError(f"the router answered with {answered}, not {model}")
-                _timed(client, 50, direct)  # warm-up
-                _timed(client, 50, routed)
-                d1 = _timed(client, requests // 2, direct)
-                r1 = _timed(client, requests // 2, routed)
-                d2 = _timed(client, requests - requests // 2, direct)
-                r2 = _timed(client, requests - requests // 2, routed)
+            if answered != model:
+                raise RuntimeError(f"the router answered with {answered}, not {model}")
+            return _interleaved(fake, requests, routed)
         finally:
             router.terminate()
             router.wait()
-    return d1 + d2, r1 + r2
 
 
 if __name__ == "__main__":
