@@ -230,35 +230,51 @@ class CompatibleProvider:
         self.settings = settings
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        # retries=False: the retry and fallback loop is ProviderSet.generate's; a pool per endpoint, as big as
-        # the threads that may call it at once.
-        self.pool = urllib3.PoolManager(num_pools=2, maxsize=64, block=False, retries=False)
+        # No retries here (ProviderSet.generate's loop retries, with backoff and a deadline); redirects are
+        # followed, as the SDK follows them (an ingress sending http to https with a 308). A pool per endpoint,
+        # as big as the threads that may call it at once.
+        self.retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=3)
+        self.pool = urllib3.PoolManager(num_pools=2, maxsize=64, block=False, retries=self.retries)
 
     def complete(self, model_name: str, request: ProviderRequest, *, timeout_s: float) -> Completion:
-        body = json.dumps(_chat_body(model_name, request, self.settings)).encode()
         try:
+            body = json.dumps(_chat_body(model_name, request, self.settings)).encode()
             response = self.pool.request(
                 "POST", self.url, body=body, headers=self.headers, timeout=urllib3.Timeout(total=timeout_s)
             )
-        except urllib3.exceptions.NewConnectionError as exc:  # refused (urllib3 files it under connect timeouts)
-            raise ProviderError(f"connection failed: {exc}", kind="connection", transient=True) from exc
-        except urllib3.exceptions.TimeoutError as exc:
-            raise ProviderError(f"timed out: {exc}", kind="timeout", transient=True) from exc
-        except urllib3.exceptions.HTTPError as exc:  # refused, reset, closed mid-answer, TLS
-            raise ProviderError(f"connection failed: {exc}", kind="connection", transient=True) from exc
+        except Exception as exc:
+            raise _transport_error(exc) from exc
         status = response.status
         if status >= 400:
             transient = status in (408, 429) or status >= 500
             kind = "rate_limited" if status == 429 else f"http_{status}"
             raise ProviderError(f"HTTP {status}: {_error_message(response.data)}", kind=kind, transient=transient)
+        if status >= 300:
+            raise ProviderError(f"HTTP {status}: redirected too often", kind=f"http_{status}", transient=False)
         try:
             data = json.loads(response.data)
-        except ValueError as exc:
+        except Exception as exc:  # not JSON, or nested past the parser's depth
             raise ProviderError(f"the answer is not JSON: {exc}", kind="bad_response", transient=False) from exc
         return _completion_from_json(data, request)
 
     def close(self) -> None:
         self.pool.clear()
+
+
+def _transport_error(exc: Exception) -> ProviderError:
+    """A failed request as the SDK adapters' kinds: timeouts and connection failures are transient; anything
+    else (a header the key makes invalid, too many redirects ...) is not, as `_classify` has it."""
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason  # what made the one try fail
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # refused (urllib3 files it under connect timeouts)
+        return ProviderError(f"connection failed: {exc}", kind="connection", transient=True)
+    if isinstance(exc, urllib3.exceptions.TimeoutError):
+        return ProviderError(f"timed out: {exc}", kind="timeout", transient=True)
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError) and not isinstance(
+        exc, urllib3.exceptions.ResponseError
+    ):  # reset, closed mid-answer, TLS
+        return ProviderError(f"connection failed: {exc}", kind="connection", transient=True)
+    return ProviderError(f"{type(exc).__name__}: {exc}", kind="bad_response", transient=False)
 
 
 def _error_message(raw: bytes) -> str:

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from services.router.domain import Arm, Experiment, Routing, Template
 from shared.clock import as_utc
 from shared.contracts import Signal
-from shared.db import MessageLog, SqlStore, UnitOfWork, processed_table, rowcount, upsert
+from shared.db import MessageLog, SqlStore, UnitOfWork, fetch_one_raw, processed_table, rowcount, upsert
 from shared.outbox import outbox_table
 
 metadata = MetaData()
@@ -400,16 +400,8 @@ class RoutingCache:
         self._cached: tuple[int, RoutingSnapshot] | None = None
 
     def version(self) -> int:
-        # A pooled DB-API connection and one statement: about a tenth of the cost of the same read through a
-        # SQLAlchemy connection (its BEGIN, compilation and result machinery), on every request.
-        conn = self.store.engine.raw_connection()
-        try:
-            cursor = conn.cursor()
-            cursor.execute("SELECT version FROM routing_version WHERE id = 1")
-            row = cursor.fetchone()
-            cursor.close()
-        finally:
-            conn.close()  # back to the pool, which ends the read
+        # On every request: a pooled DB-API connection and one statement (`fetch_one_raw`).
+        row = fetch_one_raw(self.store.engine, "SELECT version FROM routing_version WHERE id = 1")
         return int(row[0]) if row else 0
 
     def current(self) -> RoutingSnapshot:

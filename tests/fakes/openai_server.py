@@ -2,7 +2,8 @@
 real HTTP. It serves `/v1/chat/completions` (OpenAI, vLLM) and `/openai/v1/chat/completions` (Groq).
 
 It can be told to fail the next N requests with a status (500, 429, 401 ...), to hang for a while before
-answering, to answer with a body that is not JSON, and what to answer (text, usage). It records every request it received.
+answering, to answer with a body that is not JSON, and what to answer (text, usage). Under `/moved/v1/` it
+answers 308 to `/v1/` (an ingress sending clients on). It records every request it received.
 
     with FakeOpenAIServer() as fake:
         fake.fail_next(2, status=500)
@@ -156,7 +157,11 @@ class FakeOpenAIServer(ServesApp):
                 }
             return JSONResponse(payload)
 
+        async def moved(request: Request) -> Response:  # an ingress sending an old address on, method and body kept
+            return Response(status_code=308, headers={"location": "/v1/chat/completions"})
+
         app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+        app.add_api_route("/moved/v1/chat/completions", moved, methods=["POST"])
         app.add_api_route("/openai/v1/chat/completions", chat, methods=["POST"])
         return app
 

@@ -264,3 +264,17 @@ def test_compatible_adapter_estimates_missing_usage_and_refuses_an_empty_answer(
 )  # fmt: skip
 def test_compatible_adapter_reports_what_the_error_body_says(body: bytes, said: str) -> None:
     assert _error_message(body) == said
+
+
+def test_compatible_adapter_follows_a_redirect_as_the_sdk_does(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    result = compatible(tmp_path, fake, compatible_base_url=fake.url + "/moved").generate([VLLM], REQUEST)
+    assert result.errors == [] and [r.path for r in fake.requests] == ["/v1/chat/completions"]
+
+
+def test_compatible_adapter_turns_any_other_failure_into_an_error_that_falls_back(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    # a key read from a file with its newline: the HTTP library refuses the header before anything is sent
+    result = compatible(tmp_path, fake, compatible_api_key="vllm-key\n").generate([VLLM, OFFLINE], REQUEST)
+    assert result.model == OFFLINE and [e.kind for e in result.errors] == ["bad_response"]
+    assert fake.requests == []
