@@ -423,6 +423,35 @@ class _DeadLetterGauge:
         yield g
 
 
+class _CheckpointCounter:
+    """`sqlite_wal_checkpoints_total{service, outcome}`: the background WAL checkpoints of this process's store
+    (`shared.db.BackgroundCheckpoints`): made, kept busy by another process's, failed (each failure is logged;
+    while they fail, commits checkpoint past the WAL bound themselves)."""
+
+    def __init__(self, app: Any, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        checkpoints = getattr(getattr(self.app.state, "store", None), "checkpoints", None)
+        if checkpoints is None:
+            return
+        c = CounterMetricFamily(
+            "sqlite_wal_checkpoints",
+            "Background WAL checkpoints of this process's store",
+            labels=["service", "outcome"],
+        )
+        c.add_metric([self.service, "done"], float(checkpoints.runs - checkpoints.busy))
+        c.add_metric([self.service, "busy"], float(checkpoints.busy))
+        c.add_metric([self.service, "failed"], float(checkpoints.failures))
+        yield c
+
+
 class _Observe:
     """Request count and latency per route (pure ASGI: no per-request task or body copy)."""
 
@@ -586,6 +615,7 @@ def install_common(
         return {"service": service, "waiting": store.dead_letters.counts(), "items": [public_view(r) for r in rows]}
 
     metrics.registry.register(_DeadLetterGauge(app, service))
+    metrics.registry.register(_CheckpointCounter(app, service))
     return metrics
 
 

@@ -105,6 +105,10 @@ def test_the_api_process_checkpoints_its_store_off_the_request_path(client: Test
     assert client.post("/api/explanations", json=BODY).status_code == 201
     runs = checkpoints.runs
     wait_for(lambda: checkpoints.runs > runs, timeout_s=10)
+    scraped = client.get("/metrics").text
+    assert 'sqlite_wal_checkpoints_total{outcome="failed",service="router"} 0.0' in scraped
+    done = [line for line in scraped.splitlines() if line.startswith('sqlite_wal_checkpoints_total{outcome="done"')]
+    assert done and float(done[0].rsplit(" ", 1)[1]) >= 1
 
 
 def test_unknown_explanation_is_404_json(client: TestClient) -> None:
