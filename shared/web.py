@@ -393,8 +393,9 @@ def dependency_checks(app: Any) -> dict[str, str]:
         return {"store": store.result(), "broker": broker.result()}
 
 
-class _DeadLetterGauge:
-    """`dead_letters_waiting{service, reason}`: messages waiting in this service's dead-letter store."""
+class _StoreCollector:
+    """A Prometheus collector over what the app's store holds, read at each scrape; `describe` is empty, so
+    registering it reads nothing."""
 
     def __init__(self, app: Any, service: str) -> None:
         self.app = app
@@ -402,6 +403,10 @@ class _DeadLetterGauge:
 
     def describe(self) -> list[Any]:
         return []
+
+
+class _DeadLetterGauge(_StoreCollector):
+    """`dead_letters_waiting{service, reason}`: messages waiting in this service's dead-letter store."""
 
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
@@ -423,17 +428,10 @@ class _DeadLetterGauge:
         yield g
 
 
-class _CheckpointCounter:
+class _CheckpointCounter(_StoreCollector):
     """`sqlite_wal_checkpoints_total{service, outcome}`: the background WAL checkpoints of this process's store
     (`shared.db.BackgroundCheckpoints`): made, kept busy by another process's, failed (each failure is logged;
     while they fail, commits checkpoint past the WAL bound themselves)."""
-
-    def __init__(self, app: Any, service: str) -> None:
-        self.app = app
-        self.service = service
-
-    def describe(self) -> list[Any]:
-        return []
 
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily
