@@ -9,8 +9,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -629,7 +629,7 @@ def service_app(
     and, in `install_common`, for the allowed origins), has the common surface (`install_common`; the metrics
     in `app.state.metrics`) and the service's routes."""
     settings.require_admin_token()
-    app = FastAPI(title=settings.service, lifespan=lifespan)
+    app = FastAPI(title=settings.service, lifespan=_store_closed_if_start_fails(lifespan))
     app.state.settings = settings
     direct = [r for r in router.routes if isinstance(r, DirectRoute)]
     if direct:  # added first, so it is the innermost middleware: the doors and metrics stay outside it
@@ -640,10 +640,32 @@ def service_app(
     return app
 
 
+def _store_closed_if_start_fails(
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """`lifespan`, with the store `start_service` opened disposed of (its checkpoint thread stopped, its
+    connections closed) when the start-up fails after it; a lifespan that started closes its store itself."""
+
+    @asynccontextmanager
+    async def guarded(app: FastAPI) -> AsyncIterator[None]:
+        started = False
+        try:
+            async with lifespan(app):
+                started = True
+                yield
+        except BaseException:
+            store = getattr(app.state, "store", None)
+            if not started and store is not None:
+                store.dispose()
+            raise
+
+    return guarded
+
+
 def start_service(app: FastAPI, settings: ServiceSettings, make_store: Callable[[str], StoreT]) -> StoreT:
     """What every service's lifespan does first: its logging configured, its store opened (`app.state.store`,
-    which `/healthz` checks and the routes use; its WAL checkpointed on a thread of its own) and its bus (`app.state.bus`: the Celery app it publishes
-    with and whose broker `/healthz` checks). Returns the store."""
+    which `/healthz` checks and the routes use; its WAL checkpointed on a thread of its own) and its bus
+    (`app.state.bus`: the Celery app it publishes with and whose broker `/healthz` checks). Returns the store."""
     from shared.bus import api_bus
     from shared.logging import configure_logging
 

@@ -5,14 +5,21 @@ flushes it, and the request that made it waits. Real SQLite files, real threads.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from fastapi import APIRouter, FastAPI
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import Column, Integer, MetaData, Table, Text
 from sqlalchemy.orm import Session
 
+from gateway.redis_server import RedisServer
+from services.router.config import RouterSettings
 from shared.db import BackgroundCheckpoints, SqlStore
+from shared.web import service_app, start_service
 from tests.support import wait_for
 
 metadata = MetaData()
@@ -119,3 +126,24 @@ def test_a_store_that_is_not_a_sqlite_file_has_none(
     store.checkpoint_in_background()
     assert store.checkpoints is None
     assert list(tmp_path.iterdir()) == []  # an in-memory store creates no file (once it made one named "sqlite:")
+
+
+def test_a_start_up_that_fails_after_the_store_opened_closes_it(tmp_path: Path, redis_server: RedisServer) -> None:
+    opened: list[SqlStore[Repo]] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        opened.append(start_service(app, settings, lambda url: open_store(tmp_path / "store.db", [])))
+        raise RuntimeError("the provider settings are wrong")
+        yield
+
+    settings = RouterSettings(
+        data_dir=tmp_path, redis_url=redis_server.url, admin_token=SecretStr("t"), session_hash_key=SecretStr("k")
+    )
+    with (
+        pytest.raises(RuntimeError, match="provider settings"),
+        TestClient(service_app(settings, lifespan, APIRouter())),
+    ):
+        pass
+    (store,) = opened
+    assert store.checkpoints is None  # disposed: its thread stopped
