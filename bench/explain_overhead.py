@@ -71,7 +71,16 @@ def main(argv: list[str] | None = None) -> int:
                 "" if name.startswith("bare") else f"   goal <= {goal:.0f} ms: {'PASS' if b - a <= goal else 'MISS'}"
             )
             print(f"{f'{name} p{q} (ms)':40}{a:>15.2f}{b:>12.2f}{b - a:>9.2f}{verdict}")
+    floor = lanes[0][1]
+    for name, lane in lanes[1:]:  # what the router's own work adds over what any route of this stack costs
+        own = [_added(lane, q) - _added(floor, q) for q in (50, 99)]
+        print(f"{name}: its own work over the floor, p50 {own[0]:.2f} ms, p99 {own[1]:.2f} ms")
     return 0
+
+
+def _added(lane: tuple[list[float], list[float]], q: float) -> float:
+    direct, through = lane
+    return _percentile(through, q) - _percentile(direct, q)
 
 
 def _floor(fake: FakeOpenAIServer, requests: int) -> tuple[list[float], list[float]]:
