@@ -8,8 +8,8 @@ other: one whose model is a self-hosted `vllm/` model (the case where a provider
 plain-HTTP adapter), one whose model is `openai/` (the official SDK, as for the hosted API), both served by
 the same fake. And the floor of this stack: `bench.bare_app`'s forwarding route (the same uvicorn and
 FastAPI, a plain `def` route that posts the body to the fake with urllib3 and returns its text, and nothing
-else), so that what the router's own work adds shows apart from what any Python router on this stack costs. What the router does on the request path: one rate-limit script call and the budget read
-(Redis), the routing version (one row; the state itself is held in memory), the provider call, one write
+else), so that what the router's own work adds shows apart from what any Python router on this stack costs.
+What the router does on the request path: one rate-limit script call and the budget read (Redis), the routing version (one row; the state itself is held in memory), the provider call, one write
 transaction (the explanation and its outbox row); the relay thread publishes the event after the response, in
 a batch (the periodic relay covers a crash).
 """

@@ -485,8 +485,8 @@ class SqlStore(Generic[RepoT]):
     def checkpoint_in_background(self, interval_s: float = BackgroundCheckpoints.INTERVAL_S) -> None:
         """Checkpoint this store's WAL on a thread of its own rather than in the commits (`BackgroundCheckpoints`;
         a SQLite file only, nothing to do elsewhere). For a process whose requests write: with SQLite's
-        automatic checkpoints, about one commit in a hundred of the router's explanation writes copied 1,000
-        pages and flushed the file, which set the write's p99."""
+        automatic checkpoints, about one in 50 of the router's explanation writes copied the WAL back and flushed
+        the file, which set the write's p99."""
         if self.checkpoints is None and is_sqlite_file(self.engine):
             self.checkpoints = BackgroundCheckpoints(self.engine, interval_s=interval_s)
 

@@ -127,36 +127,34 @@ def _classify(exc: Exception, sdk: Any) -> ProviderError:
 
 
 def _completion_from(response: Any, request: ProviderRequest) -> Completion:
+    """The completion of an SDK's parsed answer (a `ChatCompletion`)."""
     try:
         text = response.choices[0].message.content
     except (AttributeError, IndexError, TypeError) as exc:
         raise ProviderError("response has no choices", kind="bad_response", transient=False) from exc
-    if not text or not text.strip():
-        raise ProviderError("response text is empty", kind="bad_response", transient=False)
     usage = getattr(response, "usage", None)
-    tokens_in = getattr(usage, "prompt_tokens", None)
-    tokens_out = getattr(usage, "completion_tokens", None)
-    return Completion(
-        text=text.strip(),
-        tokens_in=int(tokens_in) if tokens_in is not None else domain.estimate_tokens(request.prompt),
-        tokens_out=int(tokens_out) if tokens_out is not None else domain.estimate_tokens(text),
-    )
+    return _completion(text, getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None), request)
 
 
 def _completion_from_json(data: Any, request: ProviderRequest) -> Completion:
-    """`_completion_from` for an answer still in JSON form (a dict of the chat-completion object)."""
+    """The completion of an answer still in JSON form (the chat-completion object as a dict)."""
     try:
         text = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError) as exc:
         raise ProviderError("response has no choices", kind="bad_response", transient=False) from exc
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    return _completion(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), request)
+
+
+def _completion(text: object, tokens_in: object, tokens_out: object, request: ProviderRequest) -> Completion:
+    """One rule for every adapter: an empty answer is a bad response; missing token counts are estimated."""
     if not isinstance(text, str) or not text.strip():
         raise ProviderError("response text is empty", kind="bad_response", transient=False)
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
     return Completion(
         text=text.strip(),
-        tokens_in=int(tokens_in) if isinstance(tokens_in, int) else domain.estimate_tokens(request.prompt),
-        tokens_out=int(tokens_out) if isinstance(tokens_out, int) else domain.estimate_tokens(text),
+        tokens_in=tokens_in if isinstance(tokens_in, int) else domain.estimate_tokens(request.prompt),
+        tokens_out=tokens_out if isinstance(tokens_out, int) else domain.estimate_tokens(text),
     )
 
 
@@ -233,8 +231,8 @@ class CompatibleProvider:
         # No retries here (ProviderSet.generate's loop retries, with backoff and a deadline); redirects are
         # followed, as the SDK follows them (an ingress sending http to https with a 308). A pool per endpoint,
         # as big as the threads that may call it at once.
-        self.retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=3)
-        self.pool = urllib3.PoolManager(num_pools=2, maxsize=64, block=False, retries=self.retries)
+        retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=3)
+        self.pool = urllib3.PoolManager(num_pools=2, maxsize=64, block=False, retries=retries)
 
     def complete(self, model_name: str, request: ProviderRequest, *, timeout_s: float) -> Completion:
         try:
@@ -250,7 +248,8 @@ class CompatibleProvider:
             kind = "rate_limited" if status == 429 else f"http_{status}"
             raise ProviderError(f"HTTP {status}: {_error_message(response.data)}", kind=kind, transient=transient)
         if status >= 300:
-            raise ProviderError(f"HTTP {status}: redirected too often", kind=f"http_{status}", transient=False)
+            # too many redirects raise above; this is one urllib3 would not follow (no Location, a 304 ...)
+            raise ProviderError(f"HTTP {status}: a redirect not followed", kind=f"http_{status}", transient=False)
         try:
             data = json.loads(response.data)
         except Exception as exc:  # not JSON, or nested past the parser's depth

@@ -1,6 +1,6 @@
 """WAL checkpoints on a thread of their own (`shared.db.BackgroundCheckpoints`), for the processes whose requests
-write: with SQLite's automatic checkpoints one commit in a few hundred copies the WAL into the database and
-flushes it, and the request that made it waits. Real SQLite files, real threads."""
+write: with SQLite's automatic checkpoints, the commit that takes the WAL past 1,000 pages copies it into the
+database and flushes it, and the request that made it waits. Real SQLite files, real threads."""
 
 from __future__ import annotations
 
