@@ -251,11 +251,15 @@ def flops_per_token(params: dict[str, int], seq: float) -> float:
     return 4 * params["linear"] + 6 * params["lora"] + 12 * params["layers"] * params["hidden"] * seq
 
 
-def plain_loop(base: Path, rows: list[dict], batch: int, steps: int, r: int, lr: float) -> dict[str, Any]:
+def plain_loop(
+    base: Path, rows: list[dict], batch: int, steps: int, r: int, lr: float, dropout: float = 0.05
+) -> dict[str, Any]:
     """The baseline: the same rows and batches through a hand-written PyTorch + peft loop (no trl, no Trainer)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.finetune import training
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -264,13 +268,14 @@ def plain_loop(base: Path, rows: list[dict], batch: int, steps: int, r: int, lr:
     model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device)
     model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+        model,
+        LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     encoded = [tok.apply_chat_template(r_["messages"], tokenize=True, return_dict=True)["input_ids"] for r_ in rows]
     pad = tok.pad_token_id
-    tokens, losses = 0, []
+    tokens, losses, marks = 0, [], []
     _reset_peak()
     started = time.perf_counter()
     for step in range(steps):
@@ -285,6 +290,9 @@ def plain_loop(base: Path, rows: list[dict], batch: int, steps: int, r: int, lr:
         opt.zero_grad(set_to_none=True)
         tokens += int(mask.sum())
         losses.append(loss.detach())
+        if cuda:
+            torch.cuda.synchronize()  # as the trainer's per-step loss log waits for the step
+        marks.append((step + 1, tokens, time.perf_counter()))
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -293,6 +301,7 @@ def plain_loop(base: Path, rows: list[dict], batch: int, steps: int, r: int, lr:
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 1),
+        "steady_tokens_per_s": training.steady_rate(marks),
         "loss_first": float(losses[0]),
         "loss_last": float(losses[-1]),
         "peak_memory_bytes": _peak(),
@@ -315,6 +324,8 @@ def run_trainer(base: Path, method: str, train: list[dict], heldout: list[dict],
         "eval_seconds": m["eval_seconds"],
         "train_seconds": m["train_seconds"],
         "tokens_per_s": m["train_tokens_per_s"],  # without evaluation time
+        "steady_tokens_per_s": m["steady_tokens_per_s"],  # without the first third of the steps either
+        "activation_checkpointing": m["activation_checkpointing"],
         "seconds_per_step": round(m["train_seconds"] / max(1, m["steps"]), 4),
         "loss_first": m["train_loss_first"],
         "loss_last": m["train_loss_last"],
@@ -424,18 +435,33 @@ def measure(shape_name: str, work: Path, budget_s: float) -> dict[str, Any]:
     sft = run_trainer(base, "sft", train, heldout, recipe, work / "sft")
     seq_mean = sft["train_tokens"] / max(1, sft["steps"] * shape["batch"])
     fpt = flops_per_token(params, seq_mean)
-    sft["mfu"] = round(sft["tokens_per_s"] * fpt / peak, 4) if peak else None
+    sft["mfu"] = _mfu(sft["tokens_per_s"], fpt, peak)
+    sft["steady_mfu"] = _mfu(sft["steady_tokens_per_s"], fpt, peak)
     out["sft_trl"] = sft
     out["flops_per_token"] = fpt
     out["flops_formula"] = "4*N_linear + 6*N_lora + 12*layers*hidden*seq (LoRA: no weight gradients of frozen weights)"
 
     if left() > 0:
         plain = plain_loop(base, train, shape["batch"], shape["steps"], r, 1e-4)
-        plain["mfu"] = round(plain["tokens_per_s"] * fpt / peak, 4) if peak else None
+        plain["mfu"] = _mfu(plain["tokens_per_s"], fpt, peak)
+        plain["steady_mfu"] = _mfu(plain["steady_tokens_per_s"], fpt, peak)
         out["plain_loop"] = plain
         out["trl_vs_plain"] = round(sft["tokens_per_s"] / plain["tokens_per_s"], 3)
+        if sft["steady_tokens_per_s"] and plain["steady_tokens_per_s"]:
+            out["trl_vs_plain_steady"] = round(sft["steady_tokens_per_s"] / plain["steady_tokens_per_s"], 3)
     else:
         out["plain_loop"] = {"skipped": "time budget spent"}
+    # What the plain loop gains without LoRA dropout (peft then skips the op) and with twice the batch: where the
+    # remaining MFU is, for the next recipe change.
+    variants: dict[str, Any] = {}
+    for label, batch, dropout in (("no_dropout", shape["batch"], 0.0), ("batch_x2", 2 * shape["batch"], 0.05)):
+        if left() <= 0:
+            variants[label] = {"skipped": "time budget spent"}
+            continue
+        v = plain_loop(base, train * (batch // shape["batch"]), batch, shape["steps"], r, 1e-4, dropout=dropout)
+        v["steady_mfu"] = _mfu(v["steady_tokens_per_s"], fpt, peak)
+        variants[label] = {"batch": batch, "lora_dropout": dropout, **v}
+    out["plain_loop_variants"] = variants
     pref = {**recipe, "max_steps": shape["pref_steps"], "eval_every_steps": shape["pref_steps"],
             "per_device_batch_size": shape["pref_batch"]}  # fmt: skip
     n_pref = shape["pref_batch"] * shape["pref_steps"]
@@ -452,12 +478,20 @@ def measure(shape_name: str, work: Path, budget_s: float) -> dict[str, Any]:
         out["serving"]["peak_memory_bytes"] = _peak()
     else:
         out["serving"] = {"skipped": "time budget spent"}
+    # The targets read the steady figures: the trainer runs first, so its whole-run figure alone also pays for
+    # loading every kernel; both whole-run figures stay in the JSON.
+    ratio = out.get("trl_vs_plain_steady", out.get("trl_vs_plain"))
+    mfu = sft.get("steady_mfu") or sft.get("mfu")
     out["targets"] = {
-        "trl_vs_plain_at_least_0.9": None if "trl_vs_plain" not in out else out["trl_vs_plain"] >= 0.9,
-        "sft_mfu_at_least_0.30": None if not sft.get("mfu") else sft["mfu"] >= 0.30,
+        "trl_vs_plain_at_least_0.9": None if ratio is None else ratio >= 0.9,
+        "sft_mfu_at_least_0.30": None if not mfu else mfu >= 0.30,
     }
     out["total_seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+def _mfu(tokens_per_s: float | None, flops_per_token: float, peak: float | None) -> float | None:
+    return round(tokens_per_s * flops_per_token / peak, 4) if peak and tokens_per_s else None
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -469,13 +503,22 @@ def summary(result: dict[str, Any]) -> str:
     lines = [
         f"device {result['device']} ({result['shape']} shape, {result['model']['parameters_total'] / 1e9:.2f}B params)",
         f"trl SFT:     {sft['tokens_per_s']:>10.0f} tokens/s (eval {sft['eval_seconds']} s excluded), "
-        f"MFU {sft.get('mfu')}, peak {gib(sft['peak_memory_bytes'])}",
+        f"MFU {sft.get('mfu')}, peak {gib(sft['peak_memory_bytes'])}; steady {sft.get('steady_tokens_per_s')} "
+        f"tokens/s, MFU {sft.get('steady_mfu')}; activation checkpointing {sft.get('activation_checkpointing')}",
     ]
     if "tokens_per_s" in plain:
         lines.append(
             f"plain loop:  {plain['tokens_per_s']:>10.0f} tokens/s, MFU {plain.get('mfu')}, "
-            f"peak {gib(plain['peak_memory_bytes'])}; trl/plain = {result['trl_vs_plain']}"
+            f"peak {gib(plain['peak_memory_bytes'])}; trl/plain = {result['trl_vs_plain']}; steady "
+            f"{plain.get('steady_tokens_per_s')} tokens/s, MFU {plain.get('steady_mfu')}, trl/plain "
+            f"{result.get('trl_vs_plain_steady')}"
         )
+    for label, v in result.get("plain_loop_variants", {}).items():
+        if "steady_tokens_per_s" in v:
+            lines.append(
+                f"plain {label}: batch {v['batch']}, lora_dropout {v['lora_dropout']}: steady "
+                f"{v['steady_tokens_per_s']} tokens/s, MFU {v['steady_mfu']}, peak {gib(v['peak_memory_bytes'])}"
+            )
     for method in ("kto", "dpo"):
         m = result.get(method, {})
         if "seconds_per_step" in m:

@@ -187,6 +187,9 @@ def _make_callback(
             self.bad_evals = 0
             self.stopped_early = False
             self.eval_seconds = 0.0  # inside trainer.train(): not training time
+            # (step, tokens seen so far, perf_counter) at each training log: every step, and each log waits for the
+            # step's loss, so the clock reads the step's end
+            self.marks: list[tuple[int, int, float]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             if should_cancel is not None and should_cancel():
@@ -196,6 +199,7 @@ def _make_callback(
             logs = logs or {}
             if "loss" in logs:
                 self.train_losses.append((state.global_step, float(logs["loss"])))
+                self.marks.append((state.global_step, int(logs.get("num_tokens", 0)), time.perf_counter()))
                 self._progress(state)
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
@@ -453,6 +457,8 @@ def train(
             "train_tokens": train_tokens,
             "tokens_per_s": round(train_tokens / seconds, 1) if seconds > 0 else None,
             "train_tokens_per_s": round(train_tokens / train_seconds, 1),  # without evaluation time
+            "steady_tokens_per_s": steady_rate(callback.marks),
+            "activation_checkpointing": _checkpointing_on(trainer.model),
             "train_rows": len(train_rows),
             "eval_rows": len(eval_rows),
             "max_length": max_length,
@@ -472,6 +478,26 @@ def train(
         shutil.rmtree(work_dir, ignore_errors=True)
         _free_memory()
     return TrainResult(adapter_path=str(output_dir), recipe=recipe.to_dict(), metrics=metrics)
+
+
+def steady_rate(marks: list[tuple[int, int, float]]) -> float | None:
+    """Tokens/s from the end of the first third of the steps (at least 2) to the last: the first steps also pay
+    for loading kernels and warming the allocator. None with fewer than 4 marks."""
+    if len(marks) < 4:
+        return None
+    start = max(2, len(marks) // 3) - 1
+    (_, tokens0, t0), (_, tokens1, t1) = marks[start], marks[-1]
+    return round((tokens1 - tokens0) / (t1 - t0), 1) if t1 > t0 and tokens1 > tokens0 else None
+
+
+def _checkpointing_on(model: Any) -> bool | None:
+    """Whether the trained model recomputed activations (TRL turns it on unless told not to)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        try:
+            return bool(getattr(model, name))
+        except AttributeError:
+            continue
+    return None
 
 
 def _free_memory() -> None:
