@@ -235,29 +235,76 @@ class CompatibleProvider:
         self.pool = urllib3.PoolManager(num_pools=2, maxsize=64, block=False, retries=retries)
 
     def complete(self, model_name: str, request: ProviderRequest, *, timeout_s: float) -> Completion:
+        deadline = time.monotonic() + timeout_s
         try:
             body = json.dumps(_chat_body(model_name, request, self.settings)).encode()
             response = self.pool.request(
-                "POST", self.url, body=body, headers=self.headers, timeout=urllib3.Timeout(total=timeout_s)
+                "POST",
+                self.url,
+                body=body,
+                headers=self.headers,
+                timeout=urllib3.Timeout(total=timeout_s),
+                preload_content=False,
             )
         except Exception as exc:
             raise _transport_error(exc) from exc
+        raw = _read_answer(response, deadline, timeout_s)
         status = response.status
         if status >= 400:
             transient = status in (408, 429) or status >= 500
             kind = "rate_limited" if status == 429 else f"http_{status}"
-            raise ProviderError(f"HTTP {status}: {_error_message(response.data)}", kind=kind, transient=transient)
+            raise ProviderError(f"HTTP {status}: {_error_message(raw)}", kind=kind, transient=transient)
         if status >= 300:
             # too many redirects raise above; this is one urllib3 would not follow (no Location, a 304 ...)
             raise ProviderError(f"HTTP {status}: a redirect not followed", kind=f"http_{status}", transient=False)
         try:
-            data = json.loads(response.data)
+            data = json.loads(raw)
         except Exception as exc:  # not JSON, or nested past the parser's depth
             raise ProviderError(f"the answer is not JSON: {exc}", kind="bad_response", transient=False) from exc
         return _completion_from_json(data, request)
 
     def close(self) -> None:
         self.pool.clear()
+
+
+#: The most an answer body may hold: max_tokens is at most 4,096, a few bytes a token, in JSON.
+MAX_ANSWER_BYTES = 1 << 20
+
+
+def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s: float) -> bytes:
+    """The whole body, read as it arrives, within the attempt's deadline and MAX_ANSWER_BYTES.
+
+    urllib3's timeout bounds each wait for the socket, not the call: a server that sends its answer a few bytes at
+    a time would otherwise hold the request for as long as it likes. Checked between reads, so the call ends at
+    most one read timeout past the deadline. A body cut short leaves its connection closed, not back in the pool.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    done = False
+    try:
+        while chunk := response.read1(65536):
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise ProviderError(
+                    f"the answer is larger than {MAX_ANSWER_BYTES} bytes", kind="bad_response", transient=False
+                )
+            chunks.append(chunk)
+            if response.length_remaining == 0 and "content-encoding" not in response.headers:
+                break  # all that Content-Length announced, nothing held in a decoder: no read to see the end
+            if time.monotonic() > deadline:
+                raise ProviderError(
+                    f"timed out: the answer was still arriving after {timeout_s:g} s", kind="timeout", transient=True
+                )
+        done = True
+    except ProviderError:
+        raise
+    except Exception as exc:  # reset or closed mid-answer, a read timeout, a bad gzip stream
+        raise _transport_error(exc) from exc
+    finally:
+        if not done:
+            response.close()
+        response.release_conn()
+    return b"".join(chunks)
 
 
 def _transport_error(exc: Exception) -> ProviderError:

@@ -2,7 +2,7 @@
 real HTTP. It serves `/v1/chat/completions` (OpenAI, vLLM) and `/openai/v1/chat/completions` (Groq).
 
 It can be told to fail the next N requests with a status (500, 429, 401 ...), to hang for a while before
-answering, to answer with a body that is not JSON, and what to answer (text, usage). Under `/moved/v1/` it
+answering, to answer with a body that is not JSON, to send its answer a few bytes at a time, and what to answer (text, usage). Under `/moved/v1/` it
 answers 308 to `/v1/` (an ingress sending clients on). It records every request it received.
 
     with FakeOpenAIServer() as fake:
@@ -14,14 +14,16 @@ answers 308 to `/v1/` (an ingress sending clients on). It records every request 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from gateway.redis_server import free_port
 from tests.support import ServedApp, ServesApp
@@ -42,6 +44,8 @@ class Behaviour:
     hang_count: int = 0
     hang_s: float = 0.0
     garble_count: int = 0  # answer 200 with a body that is not JSON (a proxy's HTML page)
+    trickle_count: int = 0  # send the answer 8 bytes at a time, trickle_gap_s apart
+    trickle_gap_s: float = 0.0
     text: str = "The indicators support the signal."
     prompt_tokens: int | None = 120
     completion_tokens: int | None = 45
@@ -94,6 +98,10 @@ class FakeOpenAIServer(ServesApp):
         with self._lock:
             self.behaviour.garble_count = count
 
+    def trickle_next(self, count: int, *, gap_s: float = 0.05) -> None:
+        with self._lock:
+            self.behaviour.trickle_count, self.behaviour.trickle_gap_s = count, gap_s
+
     def answer(self, text: str, *, prompt_tokens: int | None = 120, completion_tokens: int | None = 45) -> None:
         with self._lock:
             self.behaviour.text = text
@@ -129,6 +137,9 @@ class FakeOpenAIServer(ServesApp):
                 garble = b.garble_count > 0
                 if garble:
                     b.garble_count -= 1
+                trickle = b.trickle_gap_s if b.trickle_count > 0 else 0.0
+                if b.trickle_count > 0:
+                    b.trickle_count -= 1
                 text, p_tok, c_tok = b.text, b.prompt_tokens, b.completion_tokens
             if hang:
                 deadline = time.monotonic() + hang
@@ -155,6 +166,18 @@ class FakeOpenAIServer(ServesApp):
                     "completion_tokens": c_tok,
                     "total_tokens": p_tok + c_tok,
                 }
+            if trickle:
+                encoded = json.dumps(payload).encode()
+
+                async def slowly() -> AsyncIterator[bytes]:
+                    for i in range(0, len(encoded), 8):
+                        if self._release.is_set():
+                            return
+                        yield encoded[i : i + 8]
+                        await asyncio.sleep(trickle)
+
+                headers = {"content-length": str(len(encoded))}
+                return StreamingResponse(slowly(), media_type="application/json", headers=headers)
             return JSONResponse(payload)
 
         async def moved(request: Request) -> Response:  # an ingress sending an old address on, method and body kept

@@ -231,6 +231,33 @@ def test_compatible_adapter_times_out_on_a_hanging_server(tmp_path: Path, fake: 
     assert (result.model, [e.kind for e in result.errors]) == (OFFLINE, ["timeout", "timeout"])
 
 
+def test_compatible_adapter_gives_up_on_an_answer_that_trickles_past_its_timeout(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    # about 300 bytes, 8 every 0.05 s: the whole answer takes ~2 s, each read waits far less than the 0.3 s timeout
+    fake.trickle_next(10, gap_s=0.05)
+    ps = compatible(tmp_path, fake, provider_timeout_s=0.3, provider_retries=1)
+    result = ps.generate([VLLM, OFFLINE], REQUEST)
+    assert (result.model, [e.kind for e in result.errors]) == (OFFLINE, ["timeout", "timeout"])
+    assert "still arriving" in result.errors[0].message
+    # the cut connections were closed, not pooled: the next answer (whole, at once) comes through
+    fake.reset()
+    assert ps.generate([VLLM, OFFLINE], REQUEST).model == VLLM
+
+
+def test_compatible_adapter_reads_a_slow_answer_that_ends_in_time_and_refuses_an_oversized_one(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    fake.trickle_next(1, gap_s=0.001)
+    ps = compatible(tmp_path, fake, provider_timeout_s=5.0)
+    slow = ps.generate([VLLM, OFFLINE], REQUEST)
+    assert (slow.model, slow.completion.text, slow.errors) == (VLLM, fake.behaviour.text, [])
+    fake.answer("x" * (1 << 20))
+    big = ps.generate([VLLM, OFFLINE], REQUEST)
+    assert (big.model, [e.kind for e in big.errors]) == (OFFLINE, ["bad_response"])  # not transient: no retry
+    assert "larger than" in big.errors[0].message
+
+
 def test_compatible_adapter_names_a_refused_connection_and_a_body_that_is_not_json(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
