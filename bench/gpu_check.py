@@ -252,9 +252,19 @@ def flops_per_token(params: dict[str, int], seq: float) -> float:
 
 
 def plain_loop(
-    base: Path, rows: list[dict], batch: int, steps: int, r: int, lr: float, dropout: float = 0.05
+    base: Path,
+    rows: list[dict],
+    batch: int,
+    steps: int,
+    r: int,
+    lr: float,
+    dropout: float = 0.05,
+    float32_adapters: bool = True,
 ) -> dict[str, Any]:
-    """The baseline: the same rows and batches through a hand-written PyTorch + peft loop (no trl, no Trainer)."""
+    """The baseline: the same rows and batches through a hand-written PyTorch + peft loop (no trl, no Trainer).
+
+    peft keeps the adapters in float32 on a bf16 model (``float32_adapters``, its default and what the trainer
+    gets); with False they stay in the model's dtype, so the adapted layers cast nothing."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -451,16 +461,30 @@ def measure(shape_name: str, work: Path, budget_s: float) -> dict[str, Any]:
             out["trl_vs_plain_steady"] = round(sft["steady_tokens_per_s"] / plain["steady_tokens_per_s"], 3)
     else:
         out["plain_loop"] = {"skipped": "time budget spent"}
-    # What the plain loop gains without LoRA dropout (peft then skips the op) and with twice the batch: where the
-    # remaining MFU is, for the next recipe change.
+    # What the plain loop gains without LoRA dropout (peft then skips the op), with twice the batch, and with the
+    # adapters in bf16 (no float32 casts; a profile of the plain loop on an H200 put the float32 adapter path at
+    # most of a step): where the remaining MFU is, for the next recipe change.
     variants: dict[str, Any] = {}
-    for label, batch, dropout in (("no_dropout", shape["batch"], 0.0), ("batch_x2", 2 * shape["batch"], 0.05)):
+    for label, batch, dropout, f32 in (
+        ("no_dropout", shape["batch"], 0.0, True),
+        ("batch_x2", 2 * shape["batch"], 0.05, True),
+        ("bf16_adapters", shape["batch"], 0.05, False),
+    ):
         if left() <= 0:
             variants[label] = {"skipped": "time budget spent"}
             continue
-        v = plain_loop(base, train * (batch // shape["batch"]), batch, shape["steps"], r, 1e-4, dropout=dropout)
+        v = plain_loop(
+            base,
+            train * (batch // shape["batch"]),
+            batch,
+            shape["steps"],
+            r,
+            1e-4,
+            dropout=dropout,
+            float32_adapters=f32,
+        )
         v["steady_mfu"] = _mfu(v["steady_tokens_per_s"], fpt, peak)
-        variants[label] = {"batch": batch, "lora_dropout": dropout, **v}
+        variants[label] = {"batch": batch, "lora_dropout": dropout, "float32_adapters": f32, **v}
     out["plain_loop_variants"] = variants
     pref = {**recipe, "max_steps": shape["pref_steps"], "eval_every_steps": shape["pref_steps"],
             "per_device_batch_size": shape["pref_batch"]}  # fmt: skip
@@ -516,7 +540,8 @@ def summary(result: dict[str, Any]) -> str:
     for label, v in result.get("plain_loop_variants", {}).items():
         if "steady_tokens_per_s" in v:
             lines.append(
-                f"plain {label}: batch {v['batch']}, lora_dropout {v['lora_dropout']}: steady "
+                f"plain {label}: batch {v['batch']}, lora_dropout {v['lora_dropout']}, float32 adapters "
+                f"{v['float32_adapters']}: steady "
                 f"{v['steady_tokens_per_s']} tokens/s, MFU {v['steady_mfu']}, peak {gib(v['peak_memory_bytes'])}"
             )
     for method in ("kto", "dpo"):

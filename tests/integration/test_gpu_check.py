@@ -46,7 +46,12 @@ def test_the_cpu_path_runs_the_tiny_shape_and_writes_json(tmp_path: Path) -> Non
     assert result["plain_loop"]["tokens_per_s"] > 0 and result["trl_vs_plain"] > 0
     assert result["sft_trl"]["steady_tokens_per_s"] > 0 and result["plain_loop"]["steady_tokens_per_s"] > 0
     assert result["trl_vs_plain_steady"] > 0 and result["sft_trl"]["activation_checkpointing"] is False
-    assert {v["batch"] for v in result["plain_loop_variants"].values()} == {4, 8}
+    variants = result["plain_loop_variants"]
+    assert set(variants) == {"no_dropout", "batch_x2", "bf16_adapters"} and {v["batch"] for v in variants.values()} == {
+        4,
+        8,
+    }
+    assert [v["float32_adapters"] for v in variants.values()] == [True, True, False]
     for method in ("kto", "dpo"):
         assert result[method]["steps"] >= 1 and result[method]["seconds_per_step"] > 0
     assert result["serving"]["sequential"]["tokens"] > 0 and result["serving"]["concurrent"]["tokens"] > 0
