@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     dead = for_engine(engine)
     try:
         if args.action == "list":
-            for row in dead.list():
+            rows = dead.list()
+            if not rows:
+                print(f"no dead letters in {args.service}")
+            for row in rows:
                 print(
                     f"{row['id']:>6}  {row['created_at']:%Y-%m-%d %H:%M:%S}  {row['task']:<34} {row['reason']:<18} {row['error'][:120]}"
                 )

@@ -132,6 +132,7 @@ def follow(
     started = time.monotonic()
     deadline = None if wait_s is None else started + wait_s
     job: dict[str, Any] | None = None
+    shown: tuple[float, str] | None = None  # redrawn only when it changes: one line per change in a log file
     with tqdm(total=100, desc=job_id, unit="%", file=out, bar_format="{desc} {bar} {n:.0f}% {postfix}") as bar:
         while True:
             job = fetch_job(job_id, gateway)
@@ -141,9 +142,13 @@ def follow(
                     "not the one this gateway's system uses (check REDIS_URL / GATEWAY_URL, or DATA_DIR/run.env)"
                 )
             if job is not None:
-                bar.n = round(100 * float(job.get("progress") or 0.0), 1)
-                bar.set_postfix_str(f"{job['state']}: {job.get('reason') or job.get('detail') or ''}"[:80])
-                bar.refresh()
+                now = (round(100 * float(job.get("progress") or 0.0), 1),
+                       f"{job['state']}: {job.get('reason') or job.get('detail') or ''}"[:80])  # fmt: skip
+                if now != shown:
+                    shown = now
+                    bar.n = now[0]
+                    bar.set_postfix_str(now[1], refresh=False)
+                    bar.refresh()
                 if job["state"] in TERMINAL:
                     return job
             if deadline is not None and time.monotonic() > deadline:

@@ -214,5 +214,10 @@ def test_a_dead_letter_replayed_by_the_command_is_handled_by_the_worker(tmp_path
             )  # fmt: skip
             assert replayed.returncode == 0 and "replayed 1 dead letter" in replayed.stdout, replayed.stderr
             wait_for(lambda: _processed(db, event.message_id), timeout_s=30, what="the replayed message handled")
+            again = subprocess.run(
+                [sys.executable, "-m", "shared.deadletter", "list", "dashboard"],
+                env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert again.stdout.strip() == "no dead letters in dashboard", again.stderr  # replayed: not listed
         [(task, _, _, _, replayed_at)] = _dead(db)
         assert task == "dashboard.on_explanation_created" and replayed_at is not None
