@@ -280,7 +280,9 @@ def plain_loop(
     model = get_peft_model(
         model,
         LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
+        autocast_adapter_dtype=float32_adapters,
     )
+    adapter_dtype = str(next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)).removeprefix("torch.")
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     encoded = [tok.apply_chat_template(r_["messages"], tokenize=True, return_dict=True)["input_ids"] for r_ in rows]
@@ -312,6 +314,7 @@ def plain_loop(
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 1),
         "steady_tokens_per_s": training.steady_rate(marks),
+        "adapter_dtype": adapter_dtype,
         "loss_first": float(losses[0]),
         "loss_last": float(losses[-1]),
         "peak_memory_bytes": _peak(),

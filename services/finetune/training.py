@@ -186,9 +186,10 @@ def _make_callback(
             self.best_step: int | None = None
             self.bad_evals = 0
             self.stopped_early = False
-            self.eval_seconds = 0.0  # inside trainer.train(): not training time
-            # (step, tokens seen so far, perf_counter) at each training log: every step, and each log waits for the
-            # step's loss, so the clock reads the step's end
+            # inside trainer.train() but not training: evaluations and saving the best adapter
+            self.eval_seconds = 0.0
+            # (step, tokens seen so far, training seconds so far) at each training log: every step, and each log
+            # waits for the step's loss, so the clock reads the step's end; evaluation time is taken out
             self.marks: list[tuple[int, int, float]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -199,7 +200,8 @@ def _make_callback(
             logs = logs or {}
             if "loss" in logs:
                 self.train_losses.append((state.global_step, float(logs["loss"])))
-                self.marks.append((state.global_step, int(logs.get("num_tokens", 0)), time.perf_counter()))
+                now = time.perf_counter() - self.eval_seconds
+                self.marks.append((state.global_step, int(logs.get("num_tokens", 0)), now))
                 self._progress(state)
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
@@ -211,7 +213,9 @@ def _make_callback(
             self.eval_losses.append((state.global_step, loss))
             if loss < self.best - 1e-6:
                 self.best, self.best_step, self.bad_evals = loss, state.global_step, 0
+                started = time.perf_counter()
                 model.save_pretrained(best_dir)
+                self.eval_seconds += time.perf_counter() - started
             else:
                 self.bad_evals += 1
                 if self.bad_evals >= recipe.early_stopping_patience and state.global_step < state.max_steps:

@@ -52,6 +52,8 @@ def test_the_cpu_path_runs_the_tiny_shape_and_writes_json(tmp_path: Path) -> Non
         8,
     }
     assert [v["float32_adapters"] for v in variants.values()] == [True, True, False]
+    # a float32 model on the CPU: peft's adapters are float32 either way (on a bf16 model the last is bf16)
+    assert result["plain_loop"]["adapter_dtype"] == variants["bf16_adapters"]["adapter_dtype"] == "float32"
     for method in ("kto", "dpo"):
         assert result[method]["steps"] >= 1 and result[method]["seconds_per_step"] > 0
     assert result["serving"]["sequential"]["tokens"] > 0 and result["serving"]["concurrent"]["tokens"] > 0

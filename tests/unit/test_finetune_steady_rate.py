@@ -23,3 +23,33 @@ def test_short_or_empty_runs_give_no_figure() -> None:
     # a clock that did not move, or no tokens counted (an older trainer that logs no num_tokens)
     assert steady_rate([(i, 0, float(i)) for i in range(1, 7)]) is None
     assert steady_rate([(i, 10 * i, 1.0) for i in range(1, 7)]) is None
+
+
+def test_evaluations_and_saves_between_steps_are_not_training_time(monkeypatch, tmp_path) -> None:
+    """The trainer logs a step before it evaluates; an evaluation (3 s) and the save of a better adapter (5 s)
+    inside the window must not lower the steady rate."""
+    from types import SimpleNamespace
+
+    from services.finetune import training
+    from services.finetune.domain import Recipe
+
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+
+    class Model:
+        def save_pretrained(self, path) -> None:
+            clock[0] += 5.0
+
+    callback = training._make_callback(Recipe(max_steps=9, eval_every_steps=3), tmp_path / "best", None, None)
+    state = SimpleNamespace(global_step=0, max_steps=9)
+    control = SimpleNamespace(should_training_stop=False)
+    for step in range(1, 10):
+        clock[0] += 1.0  # one second a step, 100 tokens a step
+        state.global_step = step
+        callback.on_log(None, state, control, logs={"loss": 1.0, "num_tokens": 100 * step})
+        if step % 3 == 0:
+            clock[0] += 3.0
+            metrics = {"eval_loss": 1.0 / step, "eval_runtime": 3.0}  # better every time: saved every time
+            callback.on_evaluate(None, state, control, metrics=metrics, model=Model())
+    assert training.steady_rate(callback.marks) == 100.0
+    assert callback.eval_seconds == 3 * (3.0 + 5.0)
