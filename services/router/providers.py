@@ -269,42 +269,57 @@ class CompatibleProvider:
 
 #: The most an answer body may hold: max_tokens is at most 4,096, a few bytes a token, in JSON.
 MAX_ANSWER_BYTES = 1 << 20
+#: The most of an error body read for its message (the status decides what happens next).
+MAX_ERROR_BYTES = 16 << 10
 
 
 def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s: float) -> bytes:
-    """The whole body, read as it arrives, within the attempt's deadline and MAX_ANSWER_BYTES.
+    """The body, read as it arrives, within the attempt's deadline and MAX_ANSWER_BYTES.
 
     urllib3's timeout bounds each wait for the socket, not the call: a server that sends its answer a few bytes at
-    a time would otherwise hold the request for as long as it likes. Checked between reads, so the call ends at
-    most one read timeout past the deadline. A body cut short leaves its connection closed, not back in the pool.
+    a time would otherwise hold the request for as long as it likes. The deadline is checked between reads, so a
+    body that trickles ends the call about one read timeout past it. Not bounded so (each wait still is): status
+    line and headers that trickle, and, inside one read, a chunked body's size lines or a compressed stream's
+    header (an OpenAI-compatible server answers with Content-Length and no compression).
+
+    An error status (>= 400) keeps its meaning whatever its body does: up to MAX_ERROR_BYTES of it are read for
+    the message, and a body that is larger, late or cut off only shortens the message. A body cut short leaves
+    its connection closed, not back in the pool.
     """
+    error = response.status >= 400
+    limit = MAX_ERROR_BYTES if error else MAX_ANSWER_BYTES
     chunks: list[bytes] = []
     size = 0
     done = False
     try:
         while chunk := response.read1(65536):
             size += len(chunk)
-            if size > MAX_ANSWER_BYTES:
-                raise ProviderError(
-                    f"the answer is larger than {MAX_ANSWER_BYTES} bytes", kind="bad_response", transient=False
-                )
             chunks.append(chunk)
+            if size > limit:
+                if error:
+                    break
+                raise ProviderError(f"the answer is larger than {limit} bytes", kind="bad_response", transient=False)
             if response.length_remaining == 0 and "content-encoding" not in response.headers:
-                break  # all that Content-Length announced, nothing held in a decoder: no read to see the end
+                done = True  # all that Content-Length announced, nothing held in a decoder: no read to see the end
+                break
             if time.monotonic() > deadline:
+                if error:
+                    break
                 raise ProviderError(
                     f"timed out: the answer was still arriving after {timeout_s:g} s", kind="timeout", transient=True
                 )
-        done = True
+        else:
+            done = True
     except ProviderError:
         raise
     except Exception as exc:  # reset or closed mid-answer, a read timeout, a bad gzip stream
-        raise _transport_error(exc) from exc
+        if not error:
+            raise _transport_error(exc) from exc
     finally:
         if not done:
             response.close()
         response.release_conn()
-    return b"".join(chunks)
+    return b"".join(chunks)[:limit]
 
 
 def _transport_error(exc: Exception) -> ProviderError:

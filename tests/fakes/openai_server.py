@@ -41,6 +41,7 @@ class Received:
 class Behaviour:
     fail_count: int = 0
     fail_status: int = 500
+    fail_padding: int = 0  # bytes of filler in the failure's message (a proxy's big error page)
     hang_count: int = 0
     hang_s: float = 0.0
     garble_count: int = 0  # answer 200 with a body that is not JSON (a proxy's HTML page)
@@ -86,9 +87,10 @@ class FakeOpenAIServer(ServesApp):
     def groq_base_url(self) -> str:  # the groq SDK appends /openai/v1/... itself
         return self.url
 
-    def fail_next(self, count: int, *, status: int = 500) -> None:
+    def fail_next(self, count: int, *, status: int = 500, padding: int = 0) -> None:
         with self._lock:
             self.behaviour.fail_count, self.behaviour.fail_status = count, status
+            self.behaviour.fail_padding = padding
 
     def hang_next(self, count: int, *, seconds: float = 30.0) -> None:
         with self._lock:
@@ -132,6 +134,7 @@ class FakeOpenAIServer(ServesApp):
                 if b.hang_count > 0:
                     b.hang_count -= 1
                 fail = b.fail_status if b.fail_count > 0 else None
+                padding = b.fail_padding
                 if b.fail_count > 0:
                     b.fail_count -= 1
                 garble = b.garble_count > 0
@@ -148,7 +151,14 @@ class FakeOpenAIServer(ServesApp):
             if fail is not None:
                 kind = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(fail, "server_error")
                 return JSONResponse(
-                    {"error": {"message": f"fake failure {fail}", "type": kind, "param": None, "code": kind}},
+                    {
+                        "error": {
+                            "message": f"fake failure {fail}" + " " * padding,
+                            "type": kind,
+                            "param": None,
+                            "code": kind,
+                        }
+                    },
                     status_code=fail,
                 )
             if garble:

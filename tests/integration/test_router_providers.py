@@ -12,6 +12,8 @@ import pytest
 from gateway.redis_server import free_port
 from services.router.config import RouterSettings
 from services.router.providers import (
+    MAX_ANSWER_BYTES,
+    MAX_ERROR_BYTES,
     AllProvidersFailed,
     CompatibleProvider,
     Completion,
@@ -256,6 +258,17 @@ def test_compatible_adapter_reads_a_slow_answer_that_ends_in_time_and_refuses_an
     big = ps.generate([VLLM, OFFLINE], REQUEST)
     assert (big.model, [e.kind for e in big.errors]) == (OFFLINE, ["bad_response"])  # not transient: no retry
     assert "larger than" in big.errors[0].message
+
+
+def test_compatible_adapter_keeps_an_error_status_whatever_its_body(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    # a 503 with a body over the answer's cap (a proxy's page): still a transient http_503, retried, then answered
+    fake.fail_next(1, status=503, padding=2 * MAX_ANSWER_BYTES)
+    result = compatible(tmp_path, fake, Sleeps()).generate([VLLM, OFFLINE], REQUEST)
+    assert (result.model, [e.kind for e in result.errors]) == (VLLM, ["http_503"])
+    assert "fake failure 503" in result.errors[0].message and len(fake.requests) == 2
+    assert len(result.errors[0].message) <= MAX_ERROR_BYTES  # the message is cut, not the page kept
+    fake.reset()
+    assert compatible(tmp_path, fake).generate([VLLM, OFFLINE], REQUEST).model == VLLM  # the cut connection closed
 
 
 def test_compatible_adapter_names_a_refused_connection_and_a_body_that_is_not_json(
