@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")  # one GPU, as a finetune worker trains (services.finetune.tasks)
     ensure_dependencies()
     import torch
     from transformers.utils import logging as hf_logging

@@ -26,6 +26,9 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(settings.torch_threads)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A job trains on one GPU: on a machine with several, transformers would wrap the model in nn.DataParallel, which
+# trl's trainers refuse. The first is used unless CUDA_VISIBLE_DEVICES says otherwise (read at CUDA's first use).
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 
 @lru_cache
