@@ -260,13 +260,20 @@ def plain_loop(
     lr: float,
     dropout: float = 0.05,
     float32_adapters: bool = True,
+    cast_inputs: bool = True,
 ) -> dict[str, Any]:
     """The baseline: the same rows and batches through a hand-written PyTorch + peft loop (no trl, no Trainer).
 
     peft keeps the adapters in float32 on a bf16 model (``float32_adapters``, its default and what the trainer
-    gets); with False they stay in the model's dtype, so the adapted layers cast nothing."""
+    gets); with False they stay in the model's dtype, so the adapted layers cast nothing. ``cast_inputs=False``
+    keeps float32 adapters but leaves each adapted layer's input in the model's dtype (peft's
+    ``disable_input_dtype_casting``) and runs the step under bf16 autocast on CUDA: the adapters' products in bf16
+    with float32 weights and gradients, as mixed precision does."""
+    import contextlib
+
     import torch
     from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.finetune import training
@@ -296,7 +303,12 @@ def plain_loop(
         ids = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=device)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
         labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with contextlib.ExitStack() as stack:
+            if not cast_inputs:
+                stack.enter_context(disable_input_dtype_casting(model))
+                if cuda:
+                    stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -464,14 +476,16 @@ def measure(shape_name: str, work: Path, budget_s: float) -> dict[str, Any]:
             out["trl_vs_plain_steady"] = round(sft["steady_tokens_per_s"] / plain["steady_tokens_per_s"], 3)
     else:
         out["plain_loop"] = {"skipped": "time budget spent"}
-    # What the plain loop gains without LoRA dropout (peft then skips the op), with twice the batch, and with the
-    # adapters in bf16 (no float32 casts; a profile of the plain loop on an H200 put the float32 adapter path at
-    # most of a step): where the remaining MFU is, for the next recipe change.
+    # What the plain loop gains without LoRA dropout (peft then skips the op), with twice the batch, with the
+    # adapters in bf16, and with float32 adapters computed under bf16 autocast without input casts (a profile of
+    # the plain loop on an H200 put the float32 adapter path at most of a step): where the remaining MFU is, for
+    # the next recipe change.
     variants: dict[str, Any] = {}
-    for label, batch, dropout, f32 in (
-        ("no_dropout", shape["batch"], 0.0, True),
-        ("batch_x2", 2 * shape["batch"], 0.05, True),
-        ("bf16_adapters", shape["batch"], 0.05, False),
+    for label, batch, dropout, f32, cast in (
+        ("no_dropout", shape["batch"], 0.0, True, True),
+        ("batch_x2", 2 * shape["batch"], 0.05, True, True),
+        ("bf16_adapters", shape["batch"], 0.05, False, True),
+        ("autocast_no_input_casts", shape["batch"], 0.05, True, False),
     ):
         if left() <= 0:
             variants[label] = {"skipped": "time budget spent"}
@@ -485,9 +499,10 @@ def measure(shape_name: str, work: Path, budget_s: float) -> dict[str, Any]:
             1e-4,
             dropout=dropout,
             float32_adapters=f32,
+            cast_inputs=cast,
         )
         v["steady_mfu"] = _mfu(v["steady_tokens_per_s"], fpt, peak)
-        variants[label] = {"batch": batch, "lora_dropout": dropout, "float32_adapters": f32, **v}
+        variants[label] = {"batch": batch, "lora_dropout": dropout, "float32_adapters": f32, "cast_inputs": cast, **v}
     out["plain_loop_variants"] = variants
     pref = {**recipe, "max_steps": shape["pref_steps"], "eval_every_steps": shape["pref_steps"],
             "per_device_batch_size": shape["pref_batch"]}  # fmt: skip
@@ -544,7 +559,7 @@ def summary(result: dict[str, Any]) -> str:
         if "steady_tokens_per_s" in v:
             lines.append(
                 f"plain {label}: batch {v['batch']}, lora_dropout {v['lora_dropout']}, float32 adapters "
-                f"{v['float32_adapters']}: steady "
+                f"{v['float32_adapters']}, input casts {v['cast_inputs']}: steady "
                 f"{v['steady_tokens_per_s']} tokens/s, MFU {v['steady_mfu']}, peak {gib(v['peak_memory_bytes'])}"
             )
     for method in ("kto", "dpo"):

@@ -47,11 +47,14 @@ def test_the_cpu_path_runs_the_tiny_shape_and_writes_json(tmp_path: Path) -> Non
     assert result["sft_trl"]["steady_tokens_per_s"] > 0 and result["plain_loop"]["steady_tokens_per_s"] > 0
     assert result["trl_vs_plain_steady"] > 0 and result["sft_trl"]["activation_checkpointing"] is False
     variants = result["plain_loop_variants"]
-    assert set(variants) == {"no_dropout", "batch_x2", "bf16_adapters"} and {v["batch"] for v in variants.values()} == {
-        4,
-        8,
-    }
-    assert [v["float32_adapters"] for v in variants.values()] == [True, True, False]
+    assert set(variants) == {"no_dropout", "batch_x2", "bf16_adapters", "autocast_no_input_casts"}
+    assert {v["batch"] for v in variants.values()} == {4, 8}
+    assert [(v["float32_adapters"], v["cast_inputs"]) for v in variants.values()] == [
+        (True, True), (True, True), (False, True), (True, False)
+    ]  # fmt: skip
+    assert all(v["steady_tokens_per_s"] > 0 and v["tokens"] == variants["no_dropout"]["tokens"] for v in (
+        variants["bf16_adapters"], variants["autocast_no_input_casts"]
+    ))  # fmt: skip
     # a float32 model on the CPU: peft's adapters are float32 either way (on a bf16 model the last is bf16)
     assert result["plain_loop"]["adapter_dtype"] == variants["bf16_adapters"]["adapter_dtype"] == "float32"
     for method in ("kto", "dpo"):
