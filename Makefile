@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch goes in first: a loose requirement would otherwise pull a multi-GB CUDA build.
+# torch goes in first, pinned, so that the finetune extra's loose requirement cannot pull another build. Where
+# pip finds torch on PyPI, Linux gets the CUDA build (GBs, what `make gpu-check` needs on a GPU); a machine without
+# a GPU can take the CPU build instead: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 EXTRAS ?= router,feedback,optimizer,finetune,dashboard,dev
 TASTE ?= demo# make demo TASTE=last-trait|pair|nothing: the simulated users' hidden taste (bench/tastes.py)
 DEMO_ARGS ?=
@@ -15,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
