@@ -1,9 +1,10 @@
 """A small OpenAI-compatible chat-completions server for tests: the real openai and groq SDKs talk to it over
 real HTTP. It serves `/v1/chat/completions` (OpenAI, vLLM) and `/openai/v1/chat/completions` (Groq).
 
-It can be told to fail the next N requests with a status (500, 429, 401 ...), to hang for a while before
-answering, to answer with a body that is not JSON, to send its answer a few bytes at a time, and what to answer (text, usage). Under `/moved/v1/` it
-answers 308 to `/v1/` (an ingress sending clients on). It records every request it received.
+It can be told to fail the next N requests with a status (500, 429, 401 ...) and an error page of any size, to
+hang for a while before answering, to answer with a body that is not JSON, to send its answer a few bytes at a
+time, and what to answer (text, usage). Under `/moved/v1/` it answers 308 to `/v1/` (an ingress sending clients
+on). It records every request it received.
 
     with FakeOpenAIServer() as fake:
         fake.fail_next(2, status=500)

@@ -12,9 +12,8 @@ def test_the_first_third_of_the_steps_is_left_out() -> None:
         tokens += 100
         now += 5.0 if step <= 3 else 1.0
         marks.append((step, tokens, now))
-    assert steady_rate(marks) == 100.0  # from the end of step 3 to the end of step 9: 600 tokens in 6 s
-    whole = marks[-1][1] / marks[-1][2]
-    assert whole < 50  # the whole run: 900 tokens in 21 s
+    # from the end of step 3 to the end of step 9: 600 tokens in 6 s (the whole run: 900 tokens in 21 s)
+    assert steady_rate(marks) == 100.0
 
 
 def test_short_or_empty_runs_give_no_figure() -> None:
