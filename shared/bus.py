@@ -468,6 +468,44 @@ def event_tasks(
     }
 
 
+def subscribed_tasks(
+    app: Celery,
+    service: str,
+    handlers: Any,
+    uow: Any,
+    *,
+    after: Any = None,
+    own: Iterable[str] = (),
+) -> dict[str, Task]:
+    """Register `service`'s consumers as `SUBSCRIPTIONS` names them, so the table stays the one place that says
+    who consumes what: task `<service>.on_x` takes the event of its subscription and calls `handlers.on_x`
+    (a module or object), and, where the task takes many events to a message (`MANY_TO_A_MESSAGE`), the
+    set-based `handlers.on_x_batch` if it has one (`event_tasks`). The tasks in `own` are left out: the service
+    registers them itself (their handler takes more than the message and a unit of work). A subscription with
+    no handler is an error here, at import, not a message nobody consumes."""
+    from shared.contracts import EVENT_TYPES
+
+    own = set(own)
+    table: dict[str, tuple[Any, Any]] = {}
+    many: dict[str, Any] = {}
+    for event_type, tasks in SUBSCRIPTIONS.items():
+        for name in tasks:
+            owner, _, short = name.partition(".")
+            if owner != service or name in own:
+                continue
+            handler = getattr(handlers, short, None)
+            if handler is None:
+                raise LookupError(f"{name} subscribes to {event_type!r}, but {handlers.__name__} has no {short}")
+            table[name] = (EVENT_TYPES[event_type], handler)
+            batch_handler = getattr(handlers, f"{short}_batch", None)
+            if name in MANY_TO_A_MESSAGE and batch_handler is not None:
+                many[name] = batch_handler
+    unknown = own - {name for tasks in SUBSCRIPTIONS.values() for name in tasks if name.startswith(f"{service}.")}
+    if unknown:
+        raise LookupError(f"tasks named as {service}'s own that subscribe to nothing: {sorted(unknown)}")
+    return event_tasks(app, table, uow, after=after, many=many)
+
+
 def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> None:
     """Where this service's workers put what they cannot handle: `dead_letters()` returns the service
     store's `DeadLetters`; `after(task, payload)` runs once one is stored (e.g. to drop a journal entry)."""

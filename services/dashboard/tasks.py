@@ -8,18 +8,7 @@ from functools import lru_cache
 from services.dashboard import handlers
 from services.dashboard.config import get_settings
 from services.dashboard.store import Store
-from shared.bus import event_tasks, missing_explanations_task, worker_app
-from shared.contracts import (
-    ChampionChanged,
-    ExperimentConcluded,
-    ExperimentStarted,
-    ExplanationCreated,
-    FeedbackErased,
-    FeedbackRecorded,
-    FineTuneProgress,
-    ModelRegistered,
-    SearchExhausted,
-)
+from shared.bus import missing_explanations_task, subscribed_tasks, worker_app
 
 settings = get_settings()
 
@@ -33,27 +22,9 @@ def _store() -> Store:
 app = worker_app("dashboard", settings, lambda: _store().dead_letters, batches=True)
 
 
-#: task -> (the event it takes, the handler that applies it to the read model); the busiest two in batches
-#: (`shared.bus.MANY_TO_A_MESSAGE`)
-EVENT_TASKS = event_tasks(
-    app,
-    {
-        "dashboard.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created),
-        "dashboard.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
-        "dashboard.on_feedback_erased": (FeedbackErased, handlers.on_feedback_erased),
-        "dashboard.on_champion_changed": (ChampionChanged, handlers.on_champion_changed),
-        "dashboard.on_experiment_started": (ExperimentStarted, handlers.on_experiment_started),
-        "dashboard.on_experiment_concluded": (ExperimentConcluded, handlers.on_experiment_concluded),
-        "dashboard.on_model_registered": (ModelRegistered, handlers.on_model_registered),
-        "dashboard.on_search_exhausted": (SearchExhausted, handlers.on_search_exhausted),
-        "dashboard.on_finetune_progress": (FineTuneProgress, handlers.on_finetune_progress),
-    },
-    lambda: _store().uow(),
-    many={
-        "dashboard.on_explanation_created": handlers.on_explanation_created_batch,
-        "dashboard.on_feedback_recorded": handlers.on_feedback_recorded_batch,
-    },
-)
+#: task -> its registered consumer, one for each of the dashboard's subscriptions (`shared.bus.SUBSCRIPTIONS`),
+#: each applying its event to the read model; the busiest two in batches (`shared.bus.MANY_TO_A_MESSAGE`)
+EVENT_TASKS = subscribed_tasks(app, "dashboard", handlers, lambda: _store().uow())
 
 
 @app.task(name="dashboard.check_anomalies")

@@ -11,8 +11,8 @@ from services.feedback import handlers
 from services.feedback.config import get_settings
 from services.feedback.intake import IntakeJournal
 from services.feedback.store import Store
-from shared.bus import ask_for_missing_explanations, batch_task, bus_for, event_tasks, outbox_relay, worker_app
-from shared.contracts import ExplanationCreated, RecordFeedback
+from shared.bus import ask_for_missing_explanations, batch_task, bus_for, outbox_relay, subscribed_tasks, worker_app
+from shared.contracts import RecordFeedback
 from shared.deadletter import INVALID, UNREADABLE, describe_error
 
 settings = get_settings()
@@ -107,10 +107,5 @@ def _sweep_journal() -> int:
     return sent
 
 
-EVENT_TASKS = event_tasks(
-    app,
-    {"feedback.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created)},
-    lambda: _store().uow(),
-    after=_relay,
-    many={"feedback.on_explanation_created": handlers.on_explanation_created_batch},
-)
+#: task -> its registered consumer, one for each of feedback's subscriptions (`shared.bus.SUBSCRIPTIONS`)
+EVENT_TASKS = subscribed_tasks(app, "feedback", handlers, lambda: _store().uow(), after=_relay)

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from services.finetune import handlers, jobs
 from services.finetune.config import get_settings
 from services.finetune.store import ModelRow, Store
-from shared.bus import event_tasks, outbox_relay, worker_app
-from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, StartFineTune
+from shared.bus import outbox_relay, subscribed_tasks, worker_app
+from shared.contracts import FeedbackErased, StartFineTune
 
 settings = get_settings()
 # torch reads these when it is first imported (inside the training edge, on the first job): one thread per
@@ -43,20 +43,9 @@ app = worker_app("finetune", settings, lambda: _store().dead_letters, batches=Tr
 _relay = outbox_relay(app, "finetune", _store)
 
 
-#: task -> (the event it takes, the handler that keeps it as training material), in batches
-#: (`shared.bus.MANY_TO_A_MESSAGE`)
-EVENT_TASKS = event_tasks(
-    app,
-    {
-        "finetune.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created),
-        "finetune.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
-    },
-    lambda: _store().uow(),
-    many={
-        "finetune.on_explanation_created": handlers.on_explanation_created_batch,
-        "finetune.on_feedback_recorded": handlers.on_feedback_recorded_batch,
-    },
-)
+#: task -> its registered consumer, one for each of finetune's subscriptions (`shared.bus.SUBSCRIPTIONS`) but
+#: the erasure (below), each keeping its event as training material, in batches (`shared.bus.MANY_TO_A_MESSAGE`)
+EVENT_TASKS = subscribed_tasks(app, "finetune", handlers, lambda: _store().uow(), own=["finetune.on_feedback_erased"])
 
 
 @app.task(name="finetune.on_feedback_erased")

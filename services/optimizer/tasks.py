@@ -11,8 +11,8 @@ from services.optimizer import experiments, handlers, registry
 from services.optimizer.config import get_settings
 from services.optimizer.generation import VariantGenerator, make_generator
 from services.optimizer.store import Store
-from shared.bus import event_tasks, missing_explanations_task, outbox_relay, worker_app
-from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered
+from shared.bus import missing_explanations_task, outbox_relay, subscribed_tasks, worker_app
+from shared.contracts import ModelRegistered, ModelWithdrawn
 
 settings = get_settings()
 
@@ -36,20 +36,15 @@ def _generator() -> VariantGenerator:
 _relay = outbox_relay(app, "optimizer", _store)
 
 
-#: task -> (the event it takes, the handler); the two busiest digest their messages in batches
+#: task -> its registered consumer, one for each of the optimizer's subscriptions (`shared.bus.SUBSCRIPTIONS`)
+#: but the model events, whose handlers take a unit-of-work factory (below); the two busiest in batches
 #: (`shared.bus.MANY_TO_A_MESSAGE`)
-EVENT_TASKS = event_tasks(
+EVENT_TASKS = subscribed_tasks(
     app,
-    {
-        "optimizer.on_explanation_created": (ExplanationCreated, handlers.on_explanation_created),
-        "optimizer.on_feedback_recorded": (FeedbackRecorded, handlers.on_feedback_recorded),
-        "optimizer.on_feedback_erased": (FeedbackErased, handlers.on_feedback_erased),
-    },
+    "optimizer",
+    handlers,
     lambda: _store().uow(),
-    many={
-        "optimizer.on_explanation_created": handlers.on_explanation_created_batch,
-        "optimizer.on_feedback_recorded": handlers.on_feedback_recorded_batch,
-    },
+    own=["optimizer.on_model_registered", "optimizer.on_model_withdrawn"],
 )
 
 
@@ -62,8 +57,6 @@ def on_model_registered(payload: dict) -> str:
 
 @app.task(name="optimizer.on_model_withdrawn")
 def on_model_withdrawn(payload: dict) -> dict[str, Any]:
-    from shared.contracts import ModelWithdrawn
-
     outcome = handlers.on_model_withdrawn(ModelWithdrawn.from_payload(payload), _store().uow)
     _relay()
     return outcome

@@ -8,17 +8,8 @@ from functools import lru_cache
 from services.router import handlers
 from services.router.config import get_settings
 from services.router.store import Store
-from shared.bus import bus_for, event_tasks, outbox_relay, worker_app
-from shared.contracts import (
-    AllocationChanged,
-    ChampionChanged,
-    ExperimentConcluded,
-    ExperimentStarted,
-    FeedbackErased,
-    ModelRegistered,
-    ModelWithdrawn,
-    ResendExplanations,
-)
+from shared.bus import bus_for, outbox_relay, subscribed_tasks, worker_app
+from shared.contracts import ResendExplanations
 
 settings = get_settings()
 
@@ -38,21 +29,9 @@ app = worker_app("router", settings, lambda: _store().dead_letters)
 _relay = outbox_relay(app, "router", _store)
 
 
-#: task -> (the event it takes, the handler that applies it to the routing replica)
-EVENT_TASKS = event_tasks(
-    app,
-    {
-        "router.on_champion_changed": (ChampionChanged, handlers.on_champion_changed),
-        "router.on_experiment_started": (ExperimentStarted, handlers.on_experiment_started),
-        "router.on_allocation_changed": (AllocationChanged, handlers.on_allocation_changed),
-        "router.on_experiment_concluded": (ExperimentConcluded, handlers.on_experiment_concluded),
-        "router.on_model_registered": (ModelRegistered, handlers.on_model_registered),
-        "router.on_model_withdrawn": (ModelWithdrawn, handlers.on_model_withdrawn),
-        "router.on_feedback_erased": (FeedbackErased, handlers.on_feedback_erased),
-    },
-    lambda: _store().uow(),
-    after=_relay,
-)
+#: task -> its registered consumer, one for each of the router's subscriptions (`shared.bus.SUBSCRIPTIONS`),
+#: each applying its event to the routing replica
+EVENT_TASKS = subscribed_tasks(app, "router", handlers, lambda: _store().uow(), after=_relay)
 
 
 @app.task(name="router.resend_explanations")

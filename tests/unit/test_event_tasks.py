@@ -43,3 +43,31 @@ def test_batched_tasks_are_batch_consumers_and_a_batched_name_must_have_a_handle
     assert isinstance(tasks["router.on_champion_changed"], BatchTask)
     with pytest.raises(ValueError, match="router.on_model_withdrawn"):
         event_tasks(_app(), handlers, lambda: None, batched=["router.on_model_withdrawn"])
+
+
+def test_a_service_registers_its_subscriptions_with_handlers_found_by_task_name(monkeypatch: Any) -> None:
+    import types
+
+    from shared import bus
+    from shared.contracts import EVENT_TYPES
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(bus, "event_tasks", lambda app, table, uow, **kw: seen.update(table=table, **kw))
+    names = {t.partition(".")[2]: e for e, tasks in bus.SUBSCRIPTIONS.items() for t in tasks if t[:10] == "optimizer."}
+    handlers = types.SimpleNamespace(**{n: (lambda e, u, n=n: n) for n in names}, on_feedback_recorded_batch=len)
+    handlers.__name__ = "optimizer handlers"
+
+    bus.subscribed_tasks(_app(), "optimizer", handlers, lambda: None, own=["optimizer.on_model_withdrawn"])
+    assert seen["table"] == {
+        f"optimizer.{n}": (EVENT_TYPES[e], getattr(handlers, n)) for n, e in names.items() if n != "on_model_withdrawn"
+    }
+    # the set-based handler of a task that takes many events to a message; none for a task without one
+    assert seen["many"] == {"optimizer.on_feedback_recorded": len}
+
+    del handlers.on_feedback_erased
+    with pytest.raises(LookupError, match="optimizer.on_feedback_erased subscribes to 'feedback.erased'"):
+        bus.subscribed_tasks(_app(), "optimizer", handlers, lambda: None)
+    with pytest.raises(LookupError, match="optimizer.on_nothing"):
+        bus.subscribed_tasks(
+            _app(), "optimizer", handlers, lambda: None, own=["optimizer.on_feedback_erased", "optimizer.on_nothing"]
+        )
