@@ -18,11 +18,12 @@ a caller for timeout x tries x models; the offline writer, if it is in the chain
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -194,7 +195,12 @@ class ChatProvider:
         self.sdk = sdk
         self.path, self.completion_type = _COMPLETIONS[sdk]
         self.settings = settings
-        kwargs: dict[str, Any] = {"api_key": api_key, "max_retries": 0, "timeout": settings.provider_timeout_s}
+        kwargs: dict[str, Any] = {
+            "api_key": api_key,
+            "max_retries": 0,
+            "timeout": settings.provider_timeout_s,
+            "http_client": bounded_http_client(sdk, settings.provider_timeout_s),
+        }
         if base_url:
             kwargs["base_url"] = base_url
         self.client = client_cls(**kwargs)
@@ -208,6 +214,10 @@ class ChatProvider:
                 options={"timeout": timeout_s},
             )
         except Exception as exc:
+            # the bounded read's own verdict (`bounded_http_client`), which an SDK may have wrapped
+            cause = exc if isinstance(exc, ProviderError) else exc.__cause__
+            if isinstance(cause, ProviderError):
+                raise cause from exc
             raise _classify(exc, self.sdk) from exc
         return _completion_from(response, request)
 
@@ -320,6 +330,62 @@ def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s:
             response.close()
         response.release_conn()
     return b"".join(chunks)[:limit]
+
+
+def bounded_http_client(sdk: Any, timeout_s: float) -> Any:
+    """The HTTP client an SDK adapter gives its SDK: the SDK's default one (its limits, redirects followed), on a
+    transport that bounds each answer body as `_read_answer` does. The SDKs' timeout, like urllib3's, bounds each
+    wait for the socket, not the call. Here the deadline is the attempt's timeout (the `read` timeout the SDK
+    puts on the request), counted from the moment the request is sent; the body is read chunk by chunk against
+    it and against MAX_ANSWER_BYTES, and a body cut short closes its connection. An error status keeps its
+    meaning: its body is cut at MAX_ERROR_BYTES or at the deadline, and the SDK's status error follows. Not bounded
+    so: a status line and headers that trickle, and hosts reached through a proxy from the environment (the SDK's
+    client sends those through a transport of its own).
+
+    openai's SDK is built on httpx2, groq's on httpx; the two have the same API, so the SDK's own module is used."""
+    default_client = sdk.DefaultHttpxClient
+    http: Any = importlib.import_module(default_client.__mro__[1].__module__.partition(".")[0])
+    limits = importlib.import_module(f"{sdk.__name__}._constants").DEFAULT_CONNECTION_LIMITS
+
+    class BoundedBody(http.SyncByteStream):
+        def __init__(self, inner: Any, status: int, deadline: float, budget_s: float) -> None:
+            self.inner, self.status, self.deadline, self.budget_s = inner, status, deadline, budget_s
+
+        def __iter__(self) -> Iterator[bytes]:
+            error = self.status >= 400
+            limit = MAX_ERROR_BYTES if error else MAX_ANSWER_BYTES
+            size = 0
+            for chunk in self.inner:
+                if size + len(chunk) > limit:
+                    if error:
+                        yield chunk[: limit - size]
+                        return
+                    raise ProviderError(
+                        f"the answer is larger than {limit} bytes", kind="bad_response", transient=False
+                    )
+                size += len(chunk)
+                yield chunk
+                if time.monotonic() > self.deadline:
+                    if error:
+                        return
+                    raise ProviderError(
+                        f"timed out: the answer was still arriving after {self.budget_s:g} s",
+                        kind="timeout",
+                        transient=True,
+                    )
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class BoundedTransport(http.HTTPTransport):
+        def handle_request(self, request: Any) -> Any:
+            budget_s = (request.extensions.get("timeout") or {}).get("read") or timeout_s
+            deadline = time.monotonic() + budget_s
+            response = super().handle_request(request)
+            response.stream = BoundedBody(response.stream, response.status_code, deadline, budget_s)
+            return response
+
+    return default_client(transport=BoundedTransport(limits=limits))
 
 
 def _transport_error(exc: Exception) -> ProviderError:

@@ -318,3 +318,33 @@ def test_compatible_adapter_turns_any_other_failure_into_an_error_that_falls_bac
     result = compatible(tmp_path, fake, compatible_api_key="vllm-key\n").generate([VLLM, OFFLINE], REQUEST)
     assert result.model == OFFLINE and [e.kind for e in result.errors] == ["bad_response"]
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("model", [OPENAI, GROQ])
+def test_sdk_adapters_give_up_on_an_answer_that_trickles_past_their_timeout(
+    tmp_path: Path, fake: FakeOpenAIServer, model: str
+) -> None:
+    # about 300 bytes, 8 every 0.05 s: the whole answer takes ~2 s, each read waits far less than the 0.3 s timeout
+    fake.trickle_next(10, gap_s=0.05)
+    ps = provider_set(tmp_path, fake, provider_timeout_s=0.3, provider_retries=1)
+    result = ps.generate([model, OFFLINE], REQUEST)
+    assert (result.model, [e.kind for e in result.errors]) == (OFFLINE, ["timeout", "timeout"])
+    assert "still arriving" in result.errors[0].message
+    fake.reset()
+    assert ps.generate([model, OFFLINE], REQUEST).model == model  # the cut connections did not stay in the pool
+
+
+@pytest.mark.parametrize("model", [OPENAI, GROQ])
+def test_sdk_adapters_refuse_an_oversized_answer_and_keep_an_error_status_whatever_its_body(
+    tmp_path: Path, fake: FakeOpenAIServer, model: str
+) -> None:
+    fake.answer("x" * (1 << 20))
+    big = provider_set(tmp_path, fake).generate([model, OFFLINE], REQUEST)
+    assert (big.model, [e.kind for e in big.errors]) == (OFFLINE, ["bad_response"])  # not transient: no retry
+    assert "larger than" in big.errors[0].message
+    fake.reset()
+    # a 503 with a body over the answer's cap (a proxy's page): still a transient http_503, retried, then answered
+    fake.fail_next(1, status=503, padding=2 * MAX_ANSWER_BYTES)
+    result = provider_set(tmp_path, fake, Sleeps()).generate([model, OFFLINE], REQUEST)
+    assert (result.model, [e.kind for e in result.errors]) == (model, ["http_503"])
+    assert len(fake.requests) == 2 and len(result.errors[0].message) <= MAX_ERROR_BYTES + 100  # the page was cut
