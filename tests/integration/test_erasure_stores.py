@@ -5,9 +5,10 @@ every table of the file (tests.support.found_in_sqlite)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -28,6 +29,7 @@ from services.router.store import Store as RouterStore
 from services.router.store import outbox as router_outbox
 from shared.clock import as_utc
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, utcnow
+from shared.db import SqlStore
 from shared.outbox import pending, publish_staged, relay
 from shared.privacy import erasure_tag
 from tests.fakes.bus import FakeBus
@@ -54,6 +56,26 @@ def _explanation(session: str | None, *, at: datetime = T0, experiment: str | No
     )
 
 
+def _found(store: SqlStore[Any], values: list[str]) -> list[str]:
+    """Where in the store's SQLite file any of `values` stands (tests.support.found_in_sqlite)."""
+    database = store.engine.url.database
+    assert database is not None
+    return found_in_sqlite([Path(database)], values)
+
+
+def _served(
+    on_explanation_created: Callable[[ExplanationCreated, Any], object],
+    uow: Callable[[], Any],
+    *sessions: str,
+    experiment: str | None = None,
+) -> list[ExplanationCreated]:
+    """An explanation served to each of `sessions`, its event handled by a service (each in a unit of work)."""
+    served = [_explanation(session, experiment=experiment) for session in sessions]
+    for e in served:
+        on_explanation_created(e, uow())
+    return served
+
+
 def _vote(exp: ExplanationCreated, session: str, rating: int = 1) -> FeedbackRecorded:
     return feedback_recorded(exp, rating, session_key=session, submitted_at=T0 + timedelta(seconds=1))
 
@@ -74,12 +96,8 @@ def feedback_store(tmp_path: Path) -> Iterator[FeedbackStore]:
     yield from disposed_after(FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}"))
 
 
-def test_feedback_erasure_leaves_no_key_and_never_publishes_the_erased_votes(
-    feedback_store: FeedbackStore, tmp_path: Path
-) -> None:
-    mine, other = _explanation(KEY), _explanation(OTHER)
-    for exp in (mine, other):
-        feedback_handlers.on_explanation_created(exp, feedback_store.uow())
+def test_feedback_erasure_leaves_no_key_and_never_publishes_the_erased_votes(feedback_store: FeedbackStore) -> None:
+    mine, other = _served(feedback_handlers.on_explanation_created, feedback_store.uow, KEY, OTHER)
     published = feedback_handlers.new_vote(mine.explanation_id, KEY, 1, 5, "call me on +44 20 7946 0958")
     assert feedback_handlers.record_feedback(published, feedback_store.uow()) == "stored"
     relay(feedback_store.factory, feedback_outbox, FakeBus())  # the first vote's event went out
@@ -87,7 +105,7 @@ def test_feedback_erasure_leaves_no_key_and_never_publishes_the_erased_votes(
     kept = feedback_handlers.new_vote(other.explanation_id, OTHER, 1, None, None)
     for cmd in (replacing, kept):
         feedback_handlers.record_feedback(cmd, feedback_store.uow())
-    assert found_in_sqlite([tmp_path / "feedback.db"], [KEY])  # the search finds what is there
+    assert _found(feedback_store, [KEY])  # the search finds what is there
 
     event, staged = feedback_handlers.erase_session(KEY, feedback_store.uow())
 
@@ -100,17 +118,17 @@ def test_feedback_erasure_leaves_no_key_and_never_publishes_the_erased_votes(
         ("FeedbackRecorded", OTHER),
         ("FeedbackErased", KEY),
     ]
-    assert found_in_sqlite([tmp_path / "feedback.db"], [KEY]) == []
-    assert found_in_sqlite([tmp_path / "feedback.db"], [OTHER])  # the other session is untouched
+    assert _found(feedback_store, [KEY]) == []
+    assert _found(feedback_store, [OTHER])  # the other session is untouched
     # the comments, by a fragment no id or time can hold by chance (a bare "7946" can sit in a random UUID)
-    assert found_in_sqlite([tmp_path / "feedback.db"], ["changed my mind", "7946 0958"]) == []
+    assert _found(feedback_store, ["changed my mind", "7946 0958"]) == []
     with feedback_store.uow() as uow:  # the erasure is remembered by its tag only
         assert uow.repo.erased_at(KEY) is not None
-    assert found_in_sqlite([tmp_path / "feedback.db"], [erasure_tag(KEY)])
+    assert _found(feedback_store, [erasure_tag(KEY)])
 
 
 def test_an_explanation_event_arriving_after_its_session_was_erased_is_not_bound_to_it(
-    feedback_store: FeedbackStore, tmp_path: Path
+    feedback_store: FeedbackStore,
 ) -> None:
     earlier = _explanation(KEY)
     feedback_handlers.on_explanation_created(earlier, feedback_store.uow())
@@ -124,7 +142,7 @@ def test_an_explanation_event_arriving_after_its_session_was_erased_is_not_bound
     [again] = bus.events
     assert isinstance(again, FeedbackErased) and again.session_key == KEY
     assert again.explanation_ids == [late.explanation_id] and again.feedback_ids == []
-    assert found_in_sqlite([tmp_path / "feedback.db"], [KEY]) == []
+    assert _found(feedback_store, [KEY]) == []
     # a session that goes on after its erasure is served and votes as any other
     fresh = _explanation(KEY, at=utcnow() + timedelta(seconds=5))
     feedback_handlers.on_explanation_created(fresh, feedback_store.uow())
@@ -159,14 +177,13 @@ def test_router_keeps_the_cost_of_an_erased_sessions_explanations_and_nothing_of
     unsent = _explain(router_store, tmp_path, KEY)  # still waiting in the outbox (a broker outage)
     other = _explain(router_store, tmp_path, OTHER)
     publish_staged(router_store.factory, router_outbox, FakeBus(), [other.event])
-    db = tmp_path / "router.db"
-    assert found_in_sqlite([db], [KEY, "my secret note"])
+    assert _found(router_store, [KEY, "my secret note"])
 
     erasure = _erased([], [sent.event.explanation_id])
     erased = router_handlers.on_feedback_erased(erasure, router_store.uow())
 
     assert erased == 2
-    assert found_in_sqlite([db], [KEY]) == []
+    assert _found(router_store, [KEY]) == []
     for eid in (sent.event.explanation_id, unsent.event.explanation_id):
         row = router_handlers.get_explanation(router_store.uow(), eid)
         assert row is not None and router_handlers.explanation_erased(row)
@@ -181,7 +198,7 @@ def test_router_keeps_the_cost_of_an_erased_sessions_explanations_and_nothing_of
     assert isinstance(event, ExplanationCreated) and event.explanation_id == unsent.event.explanation_id
     assert event.session_key is None and event.prompt_text == event.text == ""
     assert event.cost_usd == unsent.event.cost_usd
-    assert found_in_sqlite([db], [KEY]) == []
+    assert _found(router_store, [KEY]) == []
     other_row = router_handlers.get_explanation(router_store.uow(), other.event.explanation_id)
     assert other_row is not None and other_row["context"]["note"] == "my secret note"  # the other session's data stays
     assert pending(router_store.factory, router_outbox) == []
@@ -201,13 +218,12 @@ def optimizer_store(tmp_path: Path) -> Iterator[OptimizerStore]:
 
 
 def test_optimizer_drops_the_sessions_votes_and_keeps_its_exposures_as_one_anonymous_unit(
-    optimizer_store: OptimizerStore, tmp_path: Path
+    optimizer_store: OptimizerStore,
 ) -> None:
     exp_id = "exp-erase"
-    mine = [_explanation(KEY, experiment=exp_id) for _ in range(3)]
-    theirs = _explanation(OTHER, experiment=exp_id)
-    for e in (*mine, theirs):
-        optimizer_handlers.on_explanation_created(e, optimizer_store.uow())
+    *mine, theirs = _served(
+        optimizer_handlers.on_explanation_created, optimizer_store.uow, KEY, KEY, KEY, OTHER, experiment=exp_id
+    )
     votes = [_vote(mine[0], KEY), _vote(mine[1], KEY, -1), _vote(theirs, OTHER)]
     for v in votes:
         optimizer_handlers.on_feedback_recorded(v, optimizer_store.uow())
@@ -243,7 +259,7 @@ def test_optimizer_drops_the_sessions_votes_and_keeps_its_exposures_as_one_anony
     assert optimizer_handlers.on_feedback_recorded(votes[1], optimizer_store.uow()) == "duplicate"
     again = votes[1].model_copy(update={"message_id": uuid.uuid4()})
     assert optimizer_handlers.on_feedback_recorded(again, optimizer_store.uow()) == "erased"
-    assert found_in_sqlite([tmp_path / "optimizer.db"], [KEY]) == []
+    assert _found(optimizer_store, [KEY]) == []
 
 
 # -- finetune --------------------------------------------------------------------------------------------------
@@ -254,12 +270,8 @@ def finetune_store(tmp_path: Path) -> Iterator[FinetuneStore]:
     yield from disposed_after(FinetuneStore(f"sqlite:///{tmp_path / 'finetune.db'}"))
 
 
-def test_finetune_keeps_no_key_and_no_prompt_of_an_erased_session(
-    finetune_store: FinetuneStore, tmp_path: Path
-) -> None:
-    mine, theirs = _explanation(KEY), _explanation(OTHER)
-    for e in (mine, theirs):
-        finetune_handlers.on_explanation_created(e, finetune_store.uow())
+def test_finetune_keeps_no_key_and_no_prompt_of_an_erased_session(finetune_store: FinetuneStore) -> None:
+    mine, theirs = _served(finetune_handlers.on_explanation_created, finetune_store.uow, KEY, OTHER)
     vote = _vote(mine, KEY)
     finetune_handlers.on_feedback_recorded(vote, finetune_store.uow())
     finetune_handlers.on_feedback_erased(
@@ -271,7 +283,7 @@ def test_finetune_keeps_no_key_and_no_prompt_of_an_erased_session(
         texts = {r.explanation_id: (r.prompt_text, r.text) for r in s.execute(select(finetune_explanations))}
     assert texts[str(mine.explanation_id)] == texts[str(late.explanation_id)] == ("", "")
     assert texts[str(theirs.explanation_id)] == (theirs.prompt_text, theirs.text)
-    assert found_in_sqlite([tmp_path / "finetune.db"], [KEY]) == []
+    assert _found(finetune_store, [KEY]) == []
     with finetune_store.uow() as uow:
         assert uow.repo.is_erased(KEY) and not uow.repo.is_erased(OTHER)
     # a vote of the erased session that arrives later is not kept
@@ -282,9 +294,7 @@ def test_finetune_keeps_no_key_and_no_prompt_of_an_erased_session(
 # -- dead letters ----------------------------------------------------------------------------------------------
 
 
-def test_dead_letters_lose_the_session_except_the_erasure_itself(
-    optimizer_store: OptimizerStore, tmp_path: Path
-) -> None:
+def test_dead_letters_lose_the_session_except_the_erasure_itself(optimizer_store: OptimizerStore) -> None:
     from shared.deadletter import FAILED
 
     exp = _explanation(KEY, experiment="exp-dl")
@@ -310,7 +320,7 @@ def test_dead_letters_lose_the_session_except_the_erasure_itself(
     replayable = ExplanationCreated.from_payload(kept["optimizer.on_explanation_created"])
     assert replayable.session_key is None and replayable.prompt_text == replayable.text == ""
     assert kept["optimizer.on_feedback_recorded"]["session_key"] == OTHER
-    assert found_in_sqlite([tmp_path / "optimizer.db"], [KEY]) == ["optimizer.db:dead_letters.payload"]
+    assert _found(optimizer_store, [KEY]) == ["optimizer.db:dead_letters.payload"]
 
 
 def test_optimizer_and_dashboard_keep_the_latest_erasure_of_a_vote(
@@ -320,22 +330,28 @@ def test_optimizer_and_dashboard_keep_the_latest_erasure_of_a_vote(
 
     vote = uuid.uuid4()
     later, earlier = T0 + timedelta(hours=2), T0 + timedelta(hours=1)
-    for at in (later, earlier):  # the older erasure arrives last
-        with optimizer_store.uow() as uow:
-            uow.repo.remember_erased([str(vote)], at)
-            uow.commit()
-    with optimizer_store.uow() as uow:
-        remembered = uow.repo.vote_erased_at(vote)
-        assert remembered is not None and as_utc(remembered) == later
+
+    def remembered(uow: Callable[[], Any], erase: Callable[[Any, datetime], object], read: Callable[[Any], Any]) -> Any:
+        """What `read` finds in the store's repository after `erase` of the vote at `later`, then `earlier`."""
+        for at in (later, earlier):  # the older erasure arrives last
+            with uow() as u:
+                erase(u.repo, at)
+                u.commit()
+        with uow() as u:
+            return read(u.repo)
+
+    in_optimizer = remembered(
+        optimizer_store.uow,
+        lambda repo, at: repo.remember_erased([str(vote)], at),
+        lambda repo: repo.vote_erased_at(vote),
+    )
+    assert in_optimizer is not None and as_utc(in_optimizer) == later
 
     dashboard = DashboardStore(f"sqlite:///{tmp_path / 'dashboard.db'}")
     try:
-        for at in (later, earlier):
-            with dashboard.uow() as duow:
-                duow.repo.erase_votes([str(vote)], at)
-                duow.commit()
-        with dashboard.uow() as duow:
-            remembered = duow.repo.erased_at(vote)
-            assert remembered is not None and as_utc(remembered) == later
+        in_dashboard = remembered(
+            dashboard.uow, lambda repo, at: repo.erase_votes([str(vote)], at), lambda repo: repo.erased_at(vote)
+        )
+        assert in_dashboard is not None and as_utc(in_dashboard) == later
     finally:
         dashboard.dispose()

@@ -4,7 +4,7 @@ on 4xx, timeouts, fallback, all-fail."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -233,20 +233,6 @@ def test_compatible_adapter_times_out_on_a_hanging_server(tmp_path: Path, fake: 
     assert (result.model, [e.kind for e in result.errors]) == (OFFLINE, ["timeout", "timeout"])
 
 
-def test_compatible_adapter_gives_up_on_an_answer_that_trickles_past_its_timeout(
-    tmp_path: Path, fake: FakeOpenAIServer
-) -> None:
-    # about 300 bytes, 8 every 0.05 s: the whole answer takes ~2 s, each read waits far less than the 0.3 s timeout
-    fake.trickle_next(10, gap_s=0.05)
-    ps = compatible(tmp_path, fake, provider_timeout_s=0.3, provider_retries=1)
-    result = ps.generate([VLLM, OFFLINE], REQUEST)
-    assert (result.model, [e.kind for e in result.errors]) == (OFFLINE, ["timeout", "timeout"])
-    assert "still arriving" in result.errors[0].message
-    # the cut connections were closed, not pooled: the next answer (whole, at once) comes through
-    fake.reset()
-    assert ps.generate([VLLM, OFFLINE], REQUEST).model == VLLM
-
-
 def test_compatible_adapter_reads_a_slow_answer_that_ends_in_time_and_refuses_an_oversized_one(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
@@ -320,18 +306,26 @@ def test_compatible_adapter_turns_any_other_failure_into_an_error_that_falls_bac
     assert fake.requests == []
 
 
-@pytest.mark.parametrize("model", [OPENAI, GROQ])
-def test_sdk_adapters_give_up_on_an_answer_that_trickles_past_their_timeout(
-    tmp_path: Path, fake: FakeOpenAIServer, model: str
+@pytest.mark.parametrize(
+    ("model", "providers"),
+    [
+        pytest.param(VLLM, compatible, id="compatible"),
+        pytest.param(OPENAI, provider_set, id="openai-sdk"),
+        pytest.param(GROQ, provider_set, id="groq-sdk"),
+    ],
+)
+def test_every_adapter_gives_up_on_an_answer_that_trickles_past_its_timeout(
+    tmp_path: Path, fake: FakeOpenAIServer, model: str, providers: Callable[..., ProviderSet]
 ) -> None:
     # about 300 bytes, 8 every 0.05 s: the whole answer takes ~2 s, each read waits far less than the 0.3 s timeout
     fake.trickle_next(10, gap_s=0.05)
-    ps = provider_set(tmp_path, fake, provider_timeout_s=0.3, provider_retries=1)
+    ps = providers(tmp_path, fake, provider_timeout_s=0.3, provider_retries=1)
     result = ps.generate([model, OFFLINE], REQUEST)
     assert (result.model, [e.kind for e in result.errors]) == (OFFLINE, ["timeout", "timeout"])
     assert "still arriving" in result.errors[0].message
+    # the cut connections were closed, not pooled: the next answer (whole, at once) comes through
     fake.reset()
-    assert ps.generate([model, OFFLINE], REQUEST).model == model  # the cut connections did not stay in the pool
+    assert ps.generate([model, OFFLINE], REQUEST).model == model
 
 
 @pytest.mark.parametrize("model", [OPENAI, GROQ])

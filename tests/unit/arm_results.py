@@ -1,12 +1,30 @@
-"""Arms for the decision tests: `arm`, the counts an analysis starts from, and `arm_result`, an `ArmResult` with every
-figure the guardrails read set like the control's (500 votes at rate 0.5, $0.002 and 1 s per explanation, no
-fallbacks) and the rest empty; tests change what they look at."""
+"""Arms for the statistics and decision tests: `arm`, the counts an analysis starts from; `equal_weights`, the
+same share of traffic for each; `arm_of`, an arm's result in an analysis; and `arm_result`, an `ArmResult` with
+every figure the guardrails read set like the control's (`LIKE_CONTROL`) and the rest empty; tests change what
+they look at."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
 
-from services.optimizer.stats.results import ArmData, ArmResult
+from services.optimizer.stats.results import Analysis, ArmData, ArmResult
+
+# What the guardrails read, as the control has it: 500 votes at rate 0.5 over 1000 explanations, $0.002 and 1 s
+# per explanation, no fallbacks.
+LIKE_CONTROL: dict[str, object] = {
+    "exposures": 1000,
+    "n": 500,
+    "metric_n": 500,
+    "positives": 250,
+    "rate": 0.5,
+    "rate_ci": (0.45, 0.55),
+    "star_mean": 4.0,
+    "feedback_rate": 0.5,
+    "cost_per_explanation": 0.002,
+    "latency_ms_mean": 1000.0,
+    "fallback_rate": 0.0,
+}
 
 
 def arm(arm_id: str, n: int, positives: int, *, cost: float = 0.001, latency: float = 500.0, **kw: float) -> ArmData:
@@ -24,31 +42,21 @@ def arm(arm_id: str, n: int, positives: int, *, cost: float = 0.001, latency: fl
     )
 
 
+def equal_weights(arms: Sequence[ArmData]) -> dict[str, float]:
+    """The `weights` of `analyze` that give every arm the same share."""
+    return {a.arm_id: 1 / len(arms) for a in arms}
+
+
+def arm_of(analysis: Analysis, arm_id: str) -> ArmResult:
+    """The result of `arm_id` in `analysis`, which must have it."""
+    found = analysis.arm(arm_id)
+    assert found is not None
+    return found
+
+
 def arm_result(arm_id: str, **changes: object) -> ArmResult:
-    base = ArmResult(
-        arm_id=arm_id,
-        is_control=arm_id == "control",
-        exposures=1000,
-        n=500,
-        positives=250,
-        rate=0.5,
-        rate_ci=(0.45, 0.55),
-        star_mean=4.0,
-        feedback_rate=0.5,
-        cost_per_explanation=0.002,
-        latency_ms_mean=1000.0,
-        lift=None,
-        lift_ci_sequential=None,
-        lift_ci_fixed=None,
-        p_value_sequential=None,
-        p_value_fixed=None,
-        prob_beat_control=None,
-        prob_best=None,
-        expected_loss=None,
-        power=None,
-        samples_needed_per_arm=None,
-        days_to_decision=None,
-        metric_n=500,
-        fallback_rate=0.0,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    """`LIKE_CONTROL` with `changes`; every other figure without a default (those only an analysis gives: the
+    lift, its intervals and p-values, the probabilities, power, samples and days) None."""
+    empty = {f.name: None for f in fields(ArmResult) if f.default is MISSING}
+    figures = {**empty, "arm_id": arm_id, "is_control": arm_id == "control", **LIKE_CONTROL, **changes}
+    return ArmResult(**figures)  # type: ignore[arg-type]

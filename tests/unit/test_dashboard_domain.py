@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -10,29 +11,14 @@ import pytest
 from services.dashboard import domain
 from services.dashboard.domain import Cell
 
+# One explanation of the seed prompt on one day, with no votes, cost or latency: tests set what they look at.
+ONE_EXPLANATION = Cell(
+    "2026-01-01", "BUY", "AAPL", "explain", "v1.0", "offline", None, None, 1, 0, 0, 0, 0, 0, 0.0, 0.0
+)
 
-def cell(
-    *,
-    day: str = "2026-01-01",
-    signal: str = "BUY",
-    ticker: str = "AAPL",
-    version: str = "v1.0",
-    model: str = "offline",
-    experiment_id: str | None = None,
-    arm_id: str | None = None,
-    explanations: int = 1,
-    with_feedback: int = 0,
-    votes: int = 0,
-    positives: int = 0,
-    stars_sum: int = 0,
-    stars_n: int = 0,
-    cost: float = 0.0,
-    latency: float = 0.0,
-) -> Cell:
-    return Cell(
-        day, signal, ticker, "explain", version, model, experiment_id, arm_id,
-        explanations, with_feedback, votes, positives, stars_sum, stars_n, cost, latency,
-    )  # fmt: skip
+
+def cell(**fields: Any) -> Cell:
+    return replace(ONE_EXPLANATION, **fields)
 
 
 # -- definitions ----------------------------------------------------------------------------------------
@@ -41,8 +27,17 @@ def cell(
 def test_figures_follow_the_issue_definitions() -> None:
     f = domain.figures(
         [
-            cell(explanations=4, with_feedback=2, votes=3, positives=2, stars_sum=9, stars_n=2, cost=0.04, latency=400),
-            cell(explanations=6, with_feedback=1, votes=1, positives=0, cost=0.06, latency=600),
+            cell(
+                explanations=4,
+                with_feedback=2,
+                votes=3,
+                positives=2,
+                stars_sum=9,
+                stars_n=2,
+                cost_usd=0.04,
+                latency_ms=400,
+            ),
+            cell(explanations=6, with_feedback=1, votes=1, positives=0, cost_usd=0.06, latency_ms=600),
         ]
     )
     assert f.explanations == 10
@@ -72,7 +67,7 @@ def test_rates_without_a_denominator_are_none_not_errors() -> None:
 
 def test_group_keeps_each_key_separate() -> None:
     grouped = domain.group(
-        [cell(version="v1.0", votes=2, positives=2), cell(version="v1.1", votes=2, positives=0)],
+        [cell(prompt_version="v1.0", votes=2, positives=2), cell(prompt_version="v1.1", votes=2, positives=0)],
         lambda c: c.prompt_version,
     )
     assert grouped["v1.0"].positive_rate == 1.0

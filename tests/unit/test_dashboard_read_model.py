@@ -10,19 +10,7 @@ import pytest
 
 from services.dashboard import handlers
 from services.dashboard.store import Store
-from shared.contracts import (
-    ArmSpec,
-    ChampionChanged,
-    ExperimentConcluded,
-    ExperimentStarted,
-    ExplanationCreated,
-    FeedbackErased,
-    FeedbackRecorded,
-    FineTuneProgress,
-    ModelRegistered,
-    PromptTemplate,
-    SearchExhausted,
-)
+from shared import contracts
 from tests.support import disposed_after, explanation_created, feedback_recorded
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -45,7 +33,7 @@ def explanation(
     created_at: datetime = NOW,
     experiment_id: str | None = None,
     arm_id: str | None = None,
-) -> ExplanationCreated:
+) -> contracts.ExplanationCreated:
     return explanation_created(
         None,
         None,
@@ -65,13 +53,13 @@ def explanation(
 
 
 def vote(
-    ex: ExplanationCreated,
+    ex: contracts.ExplanationCreated,
     rating: int,
     *,
     stars: int | None = None,
     feedback_id: uuid.UUID | None = None,
     at: datetime = NOW,
-) -> FeedbackRecorded:
+) -> contracts.FeedbackRecorded:
     return feedback_recorded(ex, rating, stars=stars, feedback_id=feedback_id or uuid.uuid4(), submitted_at=at)
 
 
@@ -154,7 +142,7 @@ def test_erased_votes_are_removed_and_do_not_come_back(store: Store) -> None:
     kept, erased = vote(ex, 1), vote(ex, -1)
     handlers.on_feedback_recorded(kept, store.uow())
     handlers.on_feedback_recorded(erased, store.uow())
-    erasure = FeedbackErased(
+    erasure = contracts.FeedbackErased(
         session_key="s" * 64,
         feedback_ids=[erased.feedback_id],
         explanation_ids=[ex.explanation_id],
@@ -177,7 +165,7 @@ def test_erasure_before_the_vote_event_arrives_drops_it(store: Store) -> None:
     handlers.on_explanation_created(ex, store.uow())
     v = vote(ex, 1)
     handlers.on_feedback_erased(
-        FeedbackErased(
+        contracts.FeedbackErased(
             session_key="s" * 64,
             feedback_ids=[v.feedback_id],
             explanation_ids=[ex.explanation_id],
@@ -228,17 +216,19 @@ def test_days_window_leaves_older_explanations_out(store: Store) -> None:
 
 
 def test_experiment_lifecycle_and_arms(store: Store) -> None:
-    template = PromptTemplate(name="explain", version="v1.0", template="{ticker} {signal} {indicators}")
-    challenger = PromptTemplate(name="explain", version="v1.1", template="{ticker}: {signal} {indicators}")
-    started = ExperimentStarted(
+    template = contracts.PromptTemplate(name="explain", version="v1.0", template="{ticker} {signal} {indicators}")
+    challenger = contracts.PromptTemplate(name="explain", version="v1.1", template="{ticker}: {signal} {indicators}")
+    started = contracts.ExperimentStarted(
         experiment_id="exp-1",
         prompt_name="explain",
         arms=[
-            ArmSpec(arm_id="A", prompt=template, model="offline", weight=0.5, is_control=True),
-            ArmSpec(arm_id="B", prompt=challenger, model="offline", weight=0.5),
+            contracts.ArmSpec(arm_id="A", prompt=template, model="offline", weight=0.5, is_control=True),
+            contracts.ArmSpec(arm_id="B", prompt=challenger, model="offline", weight=0.5),
         ],
     )
-    concluded = ExperimentConcluded(experiment_id="exp-1", decision="promote", winner_arm_id="B", reason="won")
+    concluded = contracts.ExperimentConcluded(
+        experiment_id="exp-1", decision="promote", winner_arm_id="B", reason="won"
+    )
     handlers.on_experiment_concluded(concluded, store.uow())  # out of order: the conclusion first
     handlers.on_experiment_started(started, store.uow())
     for arm, version, ratings in (("A", "v1.0", [1, -1]), ("B", "v1.1", [1, 1])):
@@ -255,11 +245,17 @@ def test_experiment_lifecycle_and_arms(store: Store) -> None:
 
 
 def test_champions_models_and_finetune_progress_are_listed(store: Store) -> None:
-    t = PromptTemplate(name="explain", version="v1.2", template="x")
-    handlers.on_champion_changed(ChampionChanged(prompt=t, model="offline", previous_version="v1.0"), store.uow())
-    handlers.on_model_registered(ModelRegistered(model_id="m1", model="local/ft-1", base_model="tiny"), store.uow())
-    later = FineTuneProgress(job_id="j1", state="training", progress=0.5, occurred_at=NOW + timedelta(seconds=5))
-    earlier = FineTuneProgress(job_id="j1", state="queued", progress=0.0, occurred_at=NOW)
+    t = contracts.PromptTemplate(name="explain", version="v1.2", template="x")
+    handlers.on_champion_changed(
+        contracts.ChampionChanged(prompt=t, model="offline", previous_version="v1.0"), store.uow()
+    )
+    handlers.on_model_registered(
+        contracts.ModelRegistered(model_id="m1", model="local/ft-1", base_model="tiny"), store.uow()
+    )
+    later = contracts.FineTuneProgress(
+        job_id="j1", state="training", progress=0.5, occurred_at=NOW + timedelta(seconds=5)
+    )
+    earlier = contracts.FineTuneProgress(job_id="j1", state="queued", progress=0.0, occurred_at=NOW)
     handlers.on_finetune_progress(later, store.uow())
     assert handlers.on_finetune_progress(earlier, store.uow()) == "stale"
     s = handlers.stats(store.uow(), 30, POLICY, now=NOW)
@@ -319,7 +315,9 @@ def test_every_export_table_has_flat_rows(store: Store, table: str) -> None:
         assert all(not isinstance(v, list | dict) for v in row.values())
 
 
-def _daily_votes(store: Store, ex: ExplanationCreated, days: int, rate_of_day: Callable[[int], float]) -> None:
+def _daily_votes(
+    store: Store, ex: contracts.ExplanationCreated, days: int, rate_of_day: Callable[[int], float]
+) -> None:
     """40 votes a day for `days` days before NOW (day 0 is the last one), at each day's rate."""
     for d in range(days):
         day_start = NOW - timedelta(days=d + 1)
@@ -352,7 +350,7 @@ def test_a_weekend_dip_that_is_the_weekly_pattern_raises_no_alert_but_a_weekday_
 
 
 def test_an_exhausted_search_becomes_one_alert(store: Store) -> None:
-    event = SearchExhausted(
+    event = contracts.SearchExhausted(
         prompt_name="explain_signal", champion_version="v1.4", versions_tried=15, reason="every combination tried"
     )
     assert handlers.on_search_exhausted(event, store.uow()) == "stored"

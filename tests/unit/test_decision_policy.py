@@ -97,14 +97,38 @@ def test_still_collecting_lists_the_blocked_and_the_waiting_winners_in_brackets(
     )
 
 
-def test_still_collecting_without_any_p_value_says_only_what_no_interval_clears() -> None:
-    analysis = _analysis(_arm("t1", OPEN, p_value_sequential=None))
-    assert _decide(analysis) == ("collecting", None, "no interval clears 0 (no change) yet")
-    assert _decide(analysis, min_lift_to_ship=0.02) == (
-        "collecting",
-        None,
-        "no interval clears the minimum lift 2% yet",
-    )
+NO_P_VALUE = _analysis(_arm("t1", OPEN, p_value_sequential=None))
+NO_COMPARISON = _analysis(_arm("t1", None), status="INSUFFICIENT_SAMPLES")
+
+
+@pytest.mark.parametrize(
+    ("analysis", "config", "decision"),
+    [
+        pytest.param(NO_P_VALUE, {}, ("collecting", None, "no interval clears 0 (no change) yet"), id="no-p-value"),
+        pytest.param(
+            NO_P_VALUE,
+            {"min_lift_to_ship": 0.02},
+            ("collecting", None, "no interval clears the minimum lift 2% yet"),
+            id="no-p-value-under-a-minimum-lift",
+        ),
+        pytest.param(
+            NO_COMPARISON,
+            {},
+            ("collecting", None, "not enough data to compare arms (INSUFFICIENT_SAMPLES)"),
+            id="no-comparison",
+        ),
+        pytest.param(
+            NO_COMPARISON,
+            {"max_feedback_per_arm": 500},
+            ("inconclusive", None, "sample cap reached without a comparison (INSUFFICIENT_SAMPLES)"),
+            id="no-comparison-at-the-cap",
+        ),
+    ],
+)
+def test_without_a_p_value_or_a_comparison_the_reason_says_only_what_is_missing(
+    analysis: Analysis, config: dict[str, object], decision: tuple[str, None, str]
+) -> None:
+    assert _decide(analysis, **config) == decision
 
 
 def test_a_sample_ratio_mismatch_without_a_p_value_says_n_a() -> None:
@@ -118,16 +142,6 @@ def test_a_sample_ratio_mismatch_without_a_p_value_says_n_a() -> None:
     chi_square = replace(analysis, srm_sequential=False, srm_p_value=0.0004, srm_unit="exposures")
     assert _decide(chi_square)[2].startswith("sample ratio mismatch: exposures do not match the intended split "
                                              "(chi-square p=0.0004); ")  # fmt: skip
-
-
-def test_enough_votes_but_no_comparison_collects_or_ends_at_the_cap() -> None:
-    analysis = _analysis(_arm("t1", None), status="INSUFFICIENT_SAMPLES")
-    assert _decide(analysis) == ("collecting", None, "not enough data to compare arms (INSUFFICIENT_SAMPLES)")
-    assert _decide(analysis, max_feedback_per_arm=500) == (
-        "inconclusive",
-        None,
-        "sample cap reached without a comparison (INSUFFICIENT_SAMPLES)",
-    )
 
 
 # -- intervals exactly at the bars ---------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from services.optimizer.stats.frequentist import (
     z_test_power,
 )
 from services.optimizer.stats.results import STATUS_INSUFFICIENT, STATUS_OK, STATUS_SRM, ArmData
+from tests.unit.arm_results import equal_weights
 
 TOL = 1e-6
 
@@ -54,10 +55,6 @@ def _arms(*counts: tuple[int, int], exposures_per_n: float = 2.0) -> list[ArmDat
         ArmData(arm_id=i, exposures=int(n * exposures_per_n) or 10, n=n, positives=x)
         for i, (n, x) in zip(ids, counts, strict=True)
     ]
-
-
-def _equal(arms: list[ArmData]) -> dict[str, float]:
-    return {a.arm_id: 1.0 / len(arms) for a in arms}
 
 
 @pytest.mark.parametrize(("x", "n"), [(0, 10), (10, 10), (7, 23), (81, 263), (500, 1000), (1, 1)])
@@ -86,7 +83,7 @@ def test_fixed_horizon_z_test_matches_proportions_ztest(x1: int, n1: int, x2: in
 
 def test_analysis_reference_numbers_match_statsmodels() -> None:
     arms = _arms((400, 200), (380, 230), (410, 190))
-    result = analyze(arms, "control", _equal(arms))
+    result = analyze(arms, "control", equal_weights(arms))
     assert result.status == STATUS_OK
     t1 = result.arm("t1")
     assert t1 is not None and t1.lift_ci_fixed is not None
@@ -135,7 +132,7 @@ def _cs_half_width(v: float, tau2: float, alpha: float) -> float:
 
 def test_analysis_power_samples_and_days_are_those_of_the_always_valid_test_that_decides() -> None:
     arms = _arms((400, 200), (400, 220), (400, 200))
-    result = analyze(arms, "control", _equal(arms), target_lift=0.1, feedback_per_day=300, tau=0.05)
+    result = analyze(arms, "control", equal_weights(arms), target_lift=0.1, feedback_per_day=300, tau=0.05)
     t1 = result.arm("t1")
     assert t1 is not None
     var_c = (201 / 402) * (201 / 402)  # smoothed p(1-p) of the control
@@ -161,12 +158,12 @@ def test_analysis_power_samples_and_days_are_those_of_the_always_valid_test_that
 
 def test_power_and_samples_count_the_minimum_lift_the_interval_must_clear() -> None:
     arms = _arms((400, 200), (400, 220))
-    plain = analyze(arms, "control", _equal(arms), target_lift=0.1, tau=0.05).arm("t1")
-    strict = analyze(arms, "control", _equal(arms), target_lift=0.1, min_lift=0.05, tau=0.05).arm("t1")
+    plain = analyze(arms, "control", equal_weights(arms), target_lift=0.1, tau=0.05).arm("t1")
+    strict = analyze(arms, "control", equal_weights(arms), target_lift=0.1, min_lift=0.05, tau=0.05).arm("t1")
     assert plain is not None and strict is not None
     assert strict.power < plain.power  # type: ignore[operator]
     assert strict.samples_needed_per_arm > plain.samples_needed_per_arm  # type: ignore[operator]
-    unreachable = analyze(arms, "control", _equal(arms), target_lift=0.1, min_lift=0.1, tau=0.05).arm("t1")
+    unreachable = analyze(arms, "control", equal_weights(arms), target_lift=0.1, min_lift=0.1, tau=0.05).arm("t1")
     assert unreachable is not None and unreachable.samples_needed_per_arm is None
 
 
@@ -364,11 +361,11 @@ def test_msprt_tau_rejects_an_invalid_alpha() -> None:
 
 def test_analysis_default_tau_is_tuned_to_the_target_effect_at_the_bonferroni_alpha() -> None:
     arms = _arms((1000, 600), (1000, 640), (1000, 590), (1000, 610))
-    result = analyze(arms, "control", _equal(arms), alpha=0.05, target_lift=0.1)
+    result = analyze(arms, "control", equal_weights(arms), alpha=0.05, target_lift=0.1)
     pooled = (600 + 640 + 590 + 610) / 4000
     assert result.tau == pytest.approx(msprt_tau_for_effect(0.1 * pooled, 0.05 / 3), rel=1e-12)
     assert result.tau == pytest.approx(0.956 * 0.1 * pooled, rel=1e-3)
-    fixed = analyze(arms, "control", _equal(arms), tau=0.05)
+    fixed = analyze(arms, "control", equal_weights(arms), tau=0.05)
     assert fixed.tau == 0.05
 
 
@@ -384,21 +381,21 @@ def test_many_to_one_control_share_minimises_the_comparison_variance(k: int) -> 
 
 def test_always_valid_p_value_is_larger_than_fixed_horizon_p_value() -> None:
     arms = _arms((2000, 1000), (2000, 1080))
-    t1 = analyze(arms, "control", _equal(arms)).arm("t1")
+    t1 = analyze(arms, "control", equal_weights(arms)).arm("t1")
     assert t1 is not None and t1.p_value_sequential is not None and t1.p_value_fixed is not None
     assert t1.p_value_sequential > t1.p_value_fixed
 
 
 def test_sequential_interval_is_wider_than_fixed_interval() -> None:
     arms = _arms((2000, 1000), (2000, 1080))
-    t1 = analyze(arms, "control", _equal(arms)).arm("t1")
+    t1 = analyze(arms, "control", equal_weights(arms)).arm("t1")
     assert t1 is not None and t1.lift_ci_sequential and t1.lift_ci_fixed
     assert t1.lift_ci_sequential[0] < t1.lift_ci_fixed[0] < t1.lift_ci_fixed[1] < t1.lift_ci_sequential[1]
 
 
 def test_sequential_p_values_and_intervals_share_the_bonferroni_correction_of_the_decision() -> None:
     arms = _arms((3000, 1500), (3000, 1650), (3000, 1620), (3000, 1500))
-    result = analyze(arms, "control", _equal(arms), tau=0.05)
+    result = analyze(arms, "control", equal_weights(arms), tau=0.05)
     raw = []
     for a in arms[1:]:
         d = a.positives / a.n - 0.5
@@ -432,7 +429,7 @@ def test_probability_to_beat_control_matches_beta_closed_form() -> None:
             - math.lgamma(beta_a)
         )
     arms = _arms((a_n, a_x), (b_n, b_x))
-    t1 = analyze(arms, "control", _equal(arms), draws=200_000).arm("t1")
+    t1 = analyze(arms, "control", equal_weights(arms), draws=200_000).arm("t1")
     assert t1 is not None and t1.prob_beat_control is not None
     assert t1.prob_beat_control == pytest.approx(total, abs=0.005)
     assert t1.prob_best == pytest.approx(t1.prob_beat_control, abs=1e-12)  # two arms: best == beats the other
@@ -440,12 +437,12 @@ def test_probability_to_beat_control_matches_beta_closed_form() -> None:
 
 def test_analysis_is_deterministic_for_a_seed() -> None:
     arms = _arms((300, 150), (300, 170), (300, 160))
-    assert analyze(arms, "control", _equal(arms)) == analyze(arms, "control", _equal(arms))
+    assert analyze(arms, "control", equal_weights(arms)) == analyze(arms, "control", equal_weights(arms))
 
 
 def test_expected_loss_is_zero_for_a_certain_winner_and_positive_otherwise() -> None:
     arms = _arms((5000, 1000), (5000, 4000))
-    result = analyze(arms, "control", _equal(arms))
+    result = analyze(arms, "control", equal_weights(arms))
     assert result.arm("t1").expected_loss == pytest.approx(0.0, abs=1e-9)  # type: ignore[union-attr]
     assert result.arm("control").expected_loss == pytest.approx(0.6, abs=0.01)  # type: ignore[union-attr]
 
@@ -455,7 +452,7 @@ def test_star_metric_uses_star_means_and_welch_z() -> None:
         ArmData("control", 1000, 300, 150, star_n=200, star_sum=700.0, star_sumsq=2650.0),
         ArmData("t1", 1000, 300, 160, star_n=220, star_sum=836.0, star_sumsq=3300.0),
     ]
-    result = analyze(arms, "control", _equal(arms), metric="avg_stars")
+    result = analyze(arms, "control", equal_weights(arms), metric="avg_stars")
     t1 = result.arm("t1")
     assert result.status == STATUS_OK and t1 is not None
     mc, mt = 3.5, 836 / 220
@@ -490,14 +487,14 @@ def test_degenerate_inputs_return_status_codes_not_exceptions(arms: list[ArmData
 
 def test_zero_feedback_and_one_arm_are_insufficient() -> None:
     zero = [ArmData("control", 0, 0, 0), ArmData("t1", 0, 0, 0)]
-    assert analyze(zero, "control", _equal(zero)).status == STATUS_INSUFFICIENT
+    assert analyze(zero, "control", equal_weights(zero)).status == STATUS_INSUFFICIENT
     one = [ArmData("control", 100, 50, 20)]
     assert analyze(one, "control", {"control": 1.0}).status == STATUS_INSUFFICIENT
 
 
 def test_all_positive_arms_have_finite_tests() -> None:
     arms = _arms((200, 200), (200, 200))
-    t1 = analyze(arms, "control", _equal(arms)).arm("t1")
+    t1 = analyze(arms, "control", equal_weights(arms)).arm("t1")
     assert t1 is not None and t1.p_value_sequential == pytest.approx(1.0)
     assert t1.rate_ci is not None and t1.rate_ci[1] == pytest.approx(1.0)
 
@@ -532,7 +529,7 @@ def test_decisions_on_aa_data_rarely_ship_under_continuous_monitoring() -> None:
             n += 100
             x += rng.binomial(100, 0.6, size=4)
             arms = [ArmData(i, 2 * n, n, int(x[k])) for k, i in enumerate(ids)]
-            result = analyze(arms, "control", _equal(arms), tau=0.06, draws=500)
+            result = analyze(arms, "control", equal_weights(arms), tau=0.06, draws=500)
             decision = decide(result, config, elapsed_s=0)
             if decision.status != DECISION_COLLECTING:
                 shipped += decision.status == DECISION_SHIP

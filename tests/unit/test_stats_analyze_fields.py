@@ -15,14 +15,8 @@ from scipy import stats as sps
 from statsmodels.stats.proportion import proportion_confint, proportions_ztest
 
 from services.optimizer.stats.analysis import analyze
-from services.optimizer.stats.results import (
-    STATUS_INSUFFICIENT,
-    STATUS_OK,
-    STATUS_SRM,
-    Analysis,
-    ArmData,
-    ArmResult,
-)
+from services.optimizer.stats.results import STATUS_INSUFFICIENT, STATUS_OK, STATUS_SRM, ArmData
+from tests.unit.arm_results import arm_of, equal_weights
 
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 
@@ -100,16 +94,6 @@ def _stars(arm_id: str, n: int, mean: float, var: float, votes: int = 1000, ups:
     return ArmData(arm_id, 2 * votes, votes, ups, star_n=n, star_sum=n * mean, star_sumsq=var * (n - 1) + n * mean**2)
 
 
-def _arm(result: Analysis, arm_id: str) -> ArmResult:
-    found = result.arm(arm_id)
-    assert found is not None
-    return found
-
-
-def _equal(arms: Sequence[ArmData]) -> dict[str, float]:
-    return {a.arm_id: 1 / len(arms) for a in arms}
-
-
 # -- sample ratio mismatch ---------------------------------------------------------------------------------------
 
 
@@ -152,7 +136,7 @@ def test_srm_counts_exposures_when_an_arm_has_no_session_count() -> None:
     assert result.srm_unit == "exposures"
     assert result.srm_p_value_fixed == pytest.approx(sps.chisquare([5200, 4800]).pvalue, rel=1e-9)
     assert result.srm_log_bayes_factor == pytest.approx(_srm_log_bf([5200, 4800], [1, 1]), rel=1e-9)
-    assert _arm(result, "control").sessions == 2600 and _arm(result, "t1").sessions == 4800
+    assert arm_of(result, "control").sessions == 2600 and arm_of(result, "t1").sessions == 4800
 
 
 def test_an_arm_missing_from_the_weights_has_weight_zero_and_without_weights_there_is_no_srm_test() -> None:
@@ -175,21 +159,23 @@ def test_an_arm_missing_from_the_weights_has_weight_zero_and_without_weights_the
 def test_the_default_tau_is_tuned_to_target_lift_times_the_pooled_mean_at_the_bonferroni_alpha() -> None:
     # pooled over votes (950 / 1500), not the mean of the arm means; one treatment: alpha 0.05
     arms = [ArmData("control", 2000, 1000, 600), ArmData("t1", 1000, 500, 350)]
-    assert analyze(arms, "control", _equal(arms)).tau == pytest.approx(_tau_for(0.1 * 950 / 1500, 0.05), rel=1e-9)
-    assert analyze(arms, "control", _equal(arms), target_lift=0.2).tau == pytest.approx(
+    assert analyze(arms, "control", equal_weights(arms)).tau == pytest.approx(
+        _tau_for(0.1 * 950 / 1500, 0.05), rel=1e-9
+    )
+    assert analyze(arms, "control", equal_weights(arms), target_lift=0.2).tau == pytest.approx(
         _tau_for(0.2 * 950 / 1500, 0.05), rel=1e-9
     )
     # three treatments: alpha / 3; an arm without votes does not move the pooled mean
     more = [*arms, ArmData("t2", 1000, 500, 200), ArmData("t3", 10, 0, 0)]
-    assert analyze(more, "control", _equal(more), alpha=0.1).tau == pytest.approx(
+    assert analyze(more, "control", equal_weights(more), alpha=0.1).tau == pytest.approx(
         _tau_for(0.1 * 1150 / 2000, 0.1 / 3), rel=1e-9
     )
     # a target lift of 0 is floored at 1e-3
-    assert analyze(arms, "control", _equal(arms), target_lift=0.0).tau == pytest.approx(
+    assert analyze(arms, "control", equal_weights(arms), target_lift=0.0).tau == pytest.approx(
         _tau_for(1e-3 * 950 / 1500, 0.05), rel=1e-9
     )
     # a given tau is used as it is
-    assert analyze(arms, "control", _equal(arms), tau=0.07).tau == 0.07
+    assert analyze(arms, "control", equal_weights(arms), tau=0.07).tau == 0.07
 
 
 @pytest.mark.parametrize(("positives", "base"), [(1000, 0.99), (0, 0.01), (5, 0.01), (995, 0.99)])
@@ -197,28 +183,28 @@ def test_the_default_tau_clamps_the_pooled_rate_to_between_one_and_ninety_nine_p
     positives: int, base: float
 ) -> None:
     arms = [ArmData("control", 1000, 500, positives // 2), ArmData("t1", 1000, 500, positives - positives // 2)]
-    assert analyze(arms, "control", _equal(arms)).tau == pytest.approx(_tau_for(0.1 * base, 0.05), rel=1e-9)
+    assert analyze(arms, "control", equal_weights(arms)).tau == pytest.approx(_tau_for(0.1 * base, 0.05), rel=1e-9)
 
 
 def test_a_single_vote_already_sets_the_default_tau_and_no_vote_leaves_it_unset() -> None:
     one = [ArmData("control", 1, 1, 1), ArmData("t1", 0, 0, 0)]
-    result = analyze(one, "control", _equal(one))
+    result = analyze(one, "control", equal_weights(one))
     assert result.tau == pytest.approx(_tau_for(0.1 * 0.99, 0.05), rel=1e-9)
     assert result.status == STATUS_INSUFFICIENT
     none = [ArmData("control", 0, 0, 0), ArmData("t1", 0, 0, 0)]
-    assert analyze(none, "control", _equal(none)).tau is None
+    assert analyze(none, "control", equal_weights(none)).tau is None
 
 
 def test_the_default_tau_for_stars_is_on_the_pooled_star_mean_floored_at_a_tenth() -> None:
     arms = [_stars("control", 200, 3.5, 1.0), _stars("t1", 100, 4.2, 1.0)]
     pooled = (200 * 3.5 + 100 * 4.2) / 300
-    got = analyze(arms, "control", _equal(arms), metric="avg_stars").tau
+    got = analyze(arms, "control", equal_weights(arms), metric="avg_stars").tau
     assert got == pytest.approx(_tau_for(0.1 * pooled, 0.05), rel=1e-9)
     ones = [_stars("control", 50, 1.0, 0.0), _stars("t1", 50, 1.0, 0.0)]  # a mean of 1 is used as it is
-    got = analyze(ones, "control", _equal(ones), metric="avg_stars").tau
+    got = analyze(ones, "control", equal_weights(ones), metric="avg_stars").tau
     assert got == pytest.approx(_tau_for(0.1, 0.05), rel=1e-9)
     zeros = [_stars("control", 50, 0.0, 0.0), _stars("t1", 50, 0.0, 0.0)]
-    got = analyze(zeros, "control", _equal(zeros), metric="avg_stars").tau
+    got = analyze(zeros, "control", equal_weights(zeros), metric="avg_stars").tau
     assert got == pytest.approx(_tau_for(0.1 * 0.1, 0.05), rel=1e-9)
 
 
@@ -245,7 +231,7 @@ def test_each_treatment_against_the_control_on_the_positive_rate() -> None:
     pc = c.positives / c.n
     futile = {}
     for a in arms[1:]:
-        r = _arm(result, a.arm_id)
+        r = arm_of(result, a.arm_id)
         pt = a.positives / a.n
         d = pt - pc
         v = _smoothed_var(a.positives, a.n) / a.n + _smoothed_var(c.positives, c.n) / c.n
@@ -265,10 +251,10 @@ def test_each_treatment_against_the_control_on_the_positive_rate() -> None:
     # the bar is the target times the control's rate (5 points): t1's interval reaches above it (not above 20
     # points), t3's stays under it
     assert futile == {"t1": False, "t2": False, "t3": True}
-    t1_hi = _arm(result, "t1").lift_ci_sequential[1]  # type: ignore[index]
+    t1_hi = arm_of(result, "t1").lift_ci_sequential[1]  # type: ignore[index]
     assert 0.05 < t1_hi < 0.2
-    control = _arm(result, "control")
-    assert control.is_control and not any(_arm(result, a.arm_id).is_control for a in arms[1:])
+    control = arm_of(result, "control")
+    assert control.is_control and not any(arm_of(result, a.arm_id).is_control for a in arms[1:])
     assert (control.diff, control.lift, control.lift_ci_sequential, control.lift_ci_fixed) == (None, None, None, None)
     assert (control.p_value_sequential, control.p_value_fixed, control.lift_ci_relative) == (None, None, None)
     assert (control.prob_beat_control, control.power, control.samples_needed_per_arm) == (None, None, None)
@@ -277,18 +263,18 @@ def test_each_treatment_against_the_control_on_the_positive_rate() -> None:
 
 def test_the_bonferroni_p_value_is_capped_at_one() -> None:
     arms = [ArmData("control", 400, 200, 100), ArmData("t1", 400, 200, 115), ArmData("t2", 400, 200, 85)]
-    result = analyze(arms, "control", _equal(arms), tau=0.05)
+    result = analyze(arms, "control", equal_weights(arms), tau=0.05)
     for arm_id, x in (("t1", 115), ("t2", 85)):
         d = x / 200 - 0.5
         v = _smoothed_var(x, 200) / 200 + _smoothed_var(100, 200) / 200
         raw = _p_always_valid(d, v, 0.0025)
-        assert 0.5 < raw < 1 and _arm(result, arm_id).p_value_sequential == 1.0
+        assert 0.5 < raw < 1 and arm_of(result, arm_id).p_value_sequential == 1.0
 
 
 def test_one_treatment_is_tested_at_the_full_alpha() -> None:
     arms = [ArmData("control", 3000, 1500, 750), ArmData("t1", 3000, 1500, 810)]
-    result = analyze(arms, "control", _equal(arms), tau=0.04, alpha=0.1)
-    t1 = _arm(result, "t1")
+    result = analyze(arms, "control", equal_weights(arms), tau=0.04, alpha=0.1)
+    t1 = arm_of(result, "t1")
     d = 0.04
     v = _smoothed_var(810, 1500) / 1500 + _smoothed_var(750, 1500) / 1500
     h = _half_width(v, 0.0016, 0.1)
@@ -299,7 +285,7 @@ def test_one_treatment_is_tested_at_the_full_alpha() -> None:
 
 def test_a_control_without_any_thumbs_up_gives_no_lift_and_futility_against_zero() -> None:
     arms = [ArmData("control", 1000, 500, 0), ArmData("t1", 1000, 500, 5)]
-    t1 = _arm(analyze(arms, "control", _equal(arms), tau=0.05), "t1")
+    t1 = arm_of(analyze(arms, "control", equal_weights(arms), tau=0.05), "t1")
     assert t1.diff == pytest.approx(0.01) and t1.lift is None and t1.lift_ci_relative is None
     assert t1.lift_ci_sequential is not None and 0 < t1.lift_ci_sequential[1] < 0.1
     assert not t1.futile  # 10% of 0 is 0, which the interval still reaches above
@@ -311,7 +297,7 @@ def test_clustered_votes_deflate_the_pooled_z_and_widen_every_interval_by_the_de
     treatment_sessions = [(3, 3)] * 90 + [(3, 0)] * 60 + [(1, 1)] * 30 + [(2, 1)] * 40 + [(5, 2)] * 10
     arms = [_session_arm("control", control_sessions), _session_arm("t1", treatment_sessions)]
     result = analyze(arms, "control", {"control": 240, "t1": 230}, tau=0.05)
-    t1, control = _arm(result, "t1"), _arm(result, "control")
+    t1, control = arm_of(result, "t1"), arm_of(result, "control")
     pc, cl_c, iid_c = _clustered(control_sessions)
     pt, cl_t, iid_t = _clustered(treatment_sessions)
     deff_c, deff_t = cl_c / iid_c, cl_t / iid_t
@@ -340,7 +326,7 @@ def test_clustered_votes_deflate_the_pooled_z_and_widen_every_interval_by_the_de
         (arms[1].positives / deff_t, arms[1].n / deff_t), (arms[0].positives / deff_c, arms[0].n / deff_c)
     )
     big = analyze(arms, "control", {"control": 240, "t1": 230}, tau=0.05, draws=200_000)
-    assert _arm(big, "t1").prob_beat_control == pytest.approx(beat, abs=0.005)
+    assert arm_of(big, "t1").prob_beat_control == pytest.approx(beat, abs=0.005)
     # power and samples on the clustered per-vote variances
     unit = _smoothed_var(arms[1].positives, arms[1].n) * deff_t + _smoothed_var(arms[0].positives, arms[0].n) * deff_c
     assert t1.power == pytest.approx(_power(0.1 * pc, v, 0.0025, 0.05), rel=1e-9)
@@ -353,7 +339,7 @@ def test_two_votes_per_session_that_always_agree_count_as_one_vote_per_session()
     control = _session_arm("control", [(2, 2)] * 120 + [(2, 0)] * 280)
     treatment = _session_arm("t1", [(2, 2)] * 150 + [(2, 0)] * 250)
     result = analyze([control, treatment], "control", {"control": 0.5, "t1": 0.5}, tau=0.05)
-    t1, c = _arm(result, "t1"), _arm(result, "control")
+    t1, c = arm_of(result, "t1"), arm_of(result, "control")
     assert (t1.design_effect, c.design_effect) == (2.0, 2.0)
     assert (t1.effective_n, c.effective_n) == (400.0, 400.0)
     _, p_sessions = proportions_ztest([150, 120], [400, 400])
@@ -367,14 +353,14 @@ def test_two_votes_per_session_that_always_agree_count_as_one_vote_per_session()
 
 def test_each_treatment_against_the_control_on_stars() -> None:
     arms = [_stars("control", 300, 3.5, 1.2), _stars("t1", 280, 3.8, 0.9), _stars("t2", 12, 3.4, 0.0)]
-    result = analyze(arms, "control", _equal(arms), metric="avg_stars", feedback_per_day=100)
+    result = analyze(arms, "control", equal_weights(arms), metric="avg_stars", feedback_per_day=100)
     assert result.status == STATUS_OK and result.metric == "avg_stars"
     pooled = (300 * 3.5 + 280 * 3.8 + 12 * 3.4) / 592
     tau = _tau_for(0.1 * pooled, 0.025)
     assert result.tau == pytest.approx(tau, rel=1e-9)
     c_var = 1.2
     for arm_id, n, mean, var in (("t1", 280, 3.8, 0.9), ("t2", 12, 3.4, 0.25)):  # t2's sd floored at 0.5
-        r = _arm(result, arm_id)
+        r = arm_of(result, arm_id)
         d = mean - 3.5
         v = var / n + c_var / 300
         h = _half_width(v, tau**2, 0.025)
@@ -397,10 +383,10 @@ def test_each_treatment_against_the_control_on_stars() -> None:
 
 def test_an_unknown_metric_is_read_as_the_positive_rate() -> None:
     arms = [_stars("control", 300, 3.5, 1.2, 1000, 500), _stars("t1", 280, 3.2, 0.9, 1000, 560)]
-    odd = analyze(arms, "control", _equal(arms), metric="clicks")
+    odd = analyze(arms, "control", equal_weights(arms), metric="clicks")
     assert odd.metric == "positive_rate"
-    assert odd == analyze(arms, "control", _equal(arms), metric="positive_rate")
-    assert _arm(odd, "t1").diff == pytest.approx(0.06)
+    assert odd == analyze(arms, "control", equal_weights(arms), metric="positive_rate")
+    assert arm_of(odd, "t1").diff == pytest.approx(0.06)
 
 
 # -- the secondary-metric guardrail -------------------------------------------------------------------------------
@@ -419,8 +405,8 @@ def test_stars_worse_than_control_at_the_always_valid_level_trip_the_guardrail(s
     result = analyze([control, treatment], "control", {"control": 0.5, "t1": 0.5})
     p = _secondary_p(mean - 3.5, 0.9 / 400 + 1.0 / 400, 3.5)
     assert (0.04 < p < 0.05) if side == "below" else (0.05 < p < 0.06)
-    assert _arm(result, "t1").secondary_significantly_worse == (side == "below")
-    assert not _arm(result, "control").secondary_significantly_worse
+    assert arm_of(result, "t1").secondary_significantly_worse == (side == "below")
+    assert not arm_of(result, "control").secondary_significantly_worse
 
 
 @pytest.mark.parametrize(("n", "positives", "worse"), [(1090, 472, True), (1090, 473, False)])
@@ -433,31 +419,31 @@ def test_a_thumbs_up_rate_worse_than_control_trips_the_guardrail_on_a_star_exper
     v = _smoothed_var(positives, n) / n + _smoothed_var(500, 1000) / 1000
     p = _secondary_p(positives / n - 0.5, v, 0.5)
     assert (p < 0.05) == worse and abs(p - 0.05) < 0.005
-    assert _arm(result, "t1").secondary_significantly_worse == worse
+    assert arm_of(result, "t1").secondary_significantly_worse == worse
 
 
 def test_a_significantly_better_secondary_metric_is_not_a_guardrail_failure() -> None:
     control = _stars("control", 400, 3.5, 1.0)
     better = _stars("t1", 400, 4.2, 1.0, ups=520)
-    t1 = _arm(analyze([control, better], "control", {"control": 0.5, "t1": 0.5}), "t1")
+    t1 = arm_of(analyze([control, better], "control", {"control": 0.5, "t1": 0.5}), "t1")
     assert _secondary_p(0.7, 2 / 400, 3.5) < 1e-6 and not t1.secondary_significantly_worse
 
 
 def test_the_guardrail_needs_min_samples_ratings_on_both_arms() -> None:
     # two 5-star ratings on the control against a thousand 1s: worse, and two ratings are enough at min_samples 2
     few_control = [_stars("control", 2, 5.0, 0.0), _stars("t1", 1000, 1.0, 0.0)]
-    assert _arm(analyze(few_control, "control", _equal(few_control)), "t1").secondary_significantly_worse
-    assert not _arm(
-        analyze(few_control, "control", _equal(few_control), min_samples=3), "t1"
+    assert arm_of(analyze(few_control, "control", equal_weights(few_control)), "t1").secondary_significantly_worse
+    assert not arm_of(
+        analyze(few_control, "control", equal_weights(few_control), min_samples=3), "t1"
     ).secondary_significantly_worse
     few_treatment = [_stars("control", 1000, 5.0, 0.0), _stars("t1", 2, 1.0, 0.0)]
-    assert _arm(analyze(few_treatment, "control", _equal(few_treatment)), "t1").secondary_significantly_worse
-    assert not _arm(
-        analyze(few_treatment, "control", _equal(few_treatment), min_samples=3), "t1"
+    assert arm_of(analyze(few_treatment, "control", equal_weights(few_treatment)), "t1").secondary_significantly_worse
+    assert not arm_of(
+        analyze(few_treatment, "control", equal_weights(few_treatment), min_samples=3), "t1"
     ).secondary_significantly_worse
     # no ratings at all on a treatment: nothing to compare
     none = [_stars("control", 1000, 5.0, 0.0), ArmData("t1", 2000, 1000, 500)]
-    assert not _arm(analyze(none, "control", _equal(none)), "t1").secondary_significantly_worse
+    assert not arm_of(analyze(none, "control", equal_weights(none)), "t1").secondary_significantly_worse
 
 
 # -- Bayesian summaries --------------------------------------------------------------------------------------------
@@ -483,8 +469,8 @@ def _expected_shortfall(a: tuple[float, float], b: tuple[float, float]) -> float
 
 def test_bayesian_summaries_match_the_beta_posteriors() -> None:
     arms = [ArmData("control", 400, 200, 100), ArmData("t1", 400, 200, 112)]
-    result = analyze(arms, "control", _equal(arms))
-    c, t1 = _arm(result, "control"), _arm(result, "t1")
+    result = analyze(arms, "control", equal_weights(arms))
+    c, t1 = arm_of(result, "control"), arm_of(result, "t1")
     beat = _prob_greater((112, 200), (100, 200))
     assert t1.prob_beat_control == pytest.approx(beat, abs=0.02)  # 10,000 draws: sd 0.005
     assert t1.prob_best == pytest.approx(beat, abs=0.02) and c.prob_best == pytest.approx(1 - beat, abs=0.02)
@@ -504,10 +490,10 @@ def test_probability_to_be_best_sums_to_one_and_orders_the_arms() -> None:
         ArmData("t2", 1000, 500, 260),
         ArmData("t3", 1000, 500, 200),
     ]
-    result = analyze(arms, "control", _equal(arms))
-    best = [_arm(result, a.arm_id).prob_best for a in arms]
-    loss = [_arm(result, a.arm_id).expected_loss for a in arms]
-    beat = [_arm(result, a.arm_id).prob_beat_control for a in arms[1:]]
+    result = analyze(arms, "control", equal_weights(arms))
+    best = [arm_of(result, a.arm_id).prob_best for a in arms]
+    loss = [arm_of(result, a.arm_id).expected_loss for a in arms]
+    beat = [arm_of(result, a.arm_id).prob_beat_control for a in arms[1:]]
     assert sum(best) == pytest.approx(1.0, abs=1e-12)  # type: ignore[arg-type]
     assert best[1] > 0.99 and best[3] == 0.0  # type: ignore[operator]
     assert loss[1] < loss[2] < loss[0] < loss[3]  # type: ignore[operator]
@@ -526,7 +512,7 @@ def test_power_samples_and_days_follow_the_shares_of_the_weights() -> None:
     effect, threshold = 0.1 * 0.5, 0.02 * 0.5
     c_var = _smoothed_var(500, 1000)
     for arm_id, x in (("t1", 275), ("t2", 250)):
-        r = _arm(result, arm_id)
+        r = arm_of(result, arm_id)
         t_var = _smoothed_var(x, 500)
         v = t_var / 500 + c_var / 1000
         assert r.power == pytest.approx(_power(effect, v, 0.0025, 0.025, threshold), rel=1e-9)
@@ -535,39 +521,39 @@ def test_power_samples_and_days_follow_the_shares_of_the_weights() -> None:
         days = max((n_req - 500) / (0.25 * 200), (n_req - 1000) / (0.5 * 200))
         assert r.days_to_decision == pytest.approx(days, rel=1e-6)
     # a negative minimum lift counts as none
-    assert _arm(analyze(arms, "control", weights, tau=0.05, min_lift=-0.05), "t1").power == pytest.approx(
+    assert arm_of(analyze(arms, "control", weights, tau=0.05, min_lift=-0.05), "t1").power == pytest.approx(
         _power(effect, _smoothed_var(275, 500) / 500 + c_var / 1000, 0.0025, 0.025), rel=1e-9
     )
     # no feedback rate, or none at all: no days
     for rate in (None, 0.0, -10.0):
-        assert _arm(analyze(arms, "control", weights, tau=0.05, feedback_per_day=rate), "t1").days_to_decision is None
+        assert arm_of(analyze(arms, "control", weights, tau=0.05, feedback_per_day=rate), "t1").days_to_decision is None
 
 
 def test_days_are_infinite_for_an_arm_without_a_share_and_zero_once_every_arm_has_its_samples() -> None:
     arms = [ArmData("control", 2000, 1000, 500), ArmData("t1", 1000, 500, 275), ArmData("t2", 1000, 500, 260)]
     # t1 is not in the weights: no traffic, never reaches its samples; t2 shares 0.25 / 0.75 of one vote a day
     result = analyze(arms, "control", {"control": 0.5, "t2": 0.25}, tau=0.05, feedback_per_day=1)
-    assert _arm(result, "t1").days_to_decision == math.inf
+    assert arm_of(result, "t1").days_to_decision == math.inf
     c_var = _smoothed_var(500, 1000)
     n_req = _n_for_power(0.05, _smoothed_var(260, 500) + c_var, 0.0025, 0.025)
     days = max((n_req - 500) / (0.25 / 0.75), (n_req - 1000) / (0.5 / 0.75))
-    assert _arm(result, "t2").days_to_decision == pytest.approx(days, rel=1e-6)
+    assert arm_of(result, "t2").days_to_decision == pytest.approx(days, rel=1e-6)
     # both arms already past the samples: no days left, even for an arm that gets no traffic now
     done = [ArmData("control", 80000, 40000, 20000), ArmData("t1", 80000, 40000, 22000)]
-    t1 = _arm(analyze(done, "control", {"control": 1.0, "t1": 0.0}, tau=0.05, feedback_per_day=100), "t1")
+    t1 = arm_of(analyze(done, "control", {"control": 1.0, "t1": 0.0}, tau=0.05, feedback_per_day=100), "t1")
     assert t1.samples_needed_per_arm is not None and t1.samples_needed_per_arm < 40000
     assert t1.days_to_decision == 0.0
 
 
 def test_power_at_a_single_vote_per_arm_and_for_a_treatment_without_votes() -> None:
     one = [ArmData("control", 1, 1, 1), ArmData("t1", 1, 1, 0)]
-    t1 = _arm(analyze(one, "control", _equal(one), tau=0.05, min_samples=1), "t1")
+    t1 = arm_of(analyze(one, "control", equal_weights(one), tau=0.05, min_samples=1), "t1")
     v = _smoothed_var(0, 1) + _smoothed_var(1, 1)
     effect = 0.1 * (1 - 1e-6)
     assert t1.power == pytest.approx(_power(effect, v, 0.0025, 0.05), rel=1e-9)
     # a treatment without votes has no power at its n, and its samples are sized on the control's variance
     none = [ArmData("control", 1000, 500, 300), ArmData("t1", 0, 0, 0)]
-    t1 = _arm(analyze(none, "control", _equal(none), tau=0.05), "t1")
+    t1 = arm_of(analyze(none, "control", equal_weights(none), tau=0.05), "t1")
     assert t1.power is None and t1.diff is None
     c_var = _smoothed_var(300, 500)
     assert t1.samples_needed_per_arm == math.ceil(_n_for_power(0.1 * 0.6, 2 * c_var, 0.0025, 0.05))
@@ -576,14 +562,14 @@ def test_power_at_a_single_vote_per_arm_and_for_a_treatment_without_votes() -> N
 def test_the_control_rate_behind_the_target_effect_is_kept_inside_zero_one() -> None:
     # a control at 100%: the effect is target x (1 - 1e-6); at 0%: target x 1e-6
     full = [ArmData("control", 8000, 4000, 4000), ArmData("t1", 8000, 4000, 3800)]
-    t1 = _arm(analyze(full, "control", _equal(full), tau=0.05, min_lift=0.088), "t1")
+    t1 = arm_of(analyze(full, "control", equal_weights(full), tau=0.05, min_lift=0.088), "t1")
     v = _smoothed_var(3800, 4000) / 4000 + _smoothed_var(4000, 4000) / 4000
     scale = 1 - 1e-6
     expected = _power(0.1 * scale, v, 0.0025, 0.05, 0.088 * scale)
     assert 0.2 < expected < 0.8  # where the power moves fastest with the effect
     assert t1.power == pytest.approx(expected, abs=1e-10)
     empty = [ArmData("control", 8000, 4000, 0), ArmData("t1", 8000, 4000, 10)]
-    t1 = _arm(analyze(empty, "control", _equal(empty), tau=0.05), "t1")
+    t1 = arm_of(analyze(empty, "control", equal_weights(empty), tau=0.05), "t1")
     v = _smoothed_var(10, 4000) / 4000 + _smoothed_var(0, 4000) / 4000
     assert t1.power == pytest.approx(_power(0.1 * 1e-6, v, 0.0025, 0.05), rel=1e-9)
 
@@ -595,11 +581,11 @@ def test_a_treatment_whose_power_is_out_of_reach_leaves_the_others_their_samples
         _stars("t1", 300, 3.5, 1e11),
         _stars("t2", 30, 3.8, 1.0),
     ]
-    result = analyze(arms, "control", _equal(arms), metric="avg_stars", tau=0.3, feedback_per_day=60)
-    assert _arm(result, "t1").samples_needed_per_arm is None and _arm(result, "t1").days_to_decision is None
+    result = analyze(arms, "control", equal_weights(arms), metric="avg_stars", tau=0.3, feedback_per_day=60)
+    assert arm_of(result, "t1").samples_needed_per_arm is None and arm_of(result, "t1").days_to_decision is None
     n_req = _n_for_power(0.35, 2.0, 0.09, 0.025)
-    assert _arm(result, "t2").samples_needed_per_arm == math.ceil(n_req)
-    assert n_req > 30 and _arm(result, "t2").days_to_decision == pytest.approx((n_req - 30) / 20, rel=1e-6)
+    assert arm_of(result, "t2").samples_needed_per_arm == math.ceil(n_req)
+    assert n_req > 30 and arm_of(result, "t2").days_to_decision == pytest.approx((n_req - 30) / 20, rel=1e-6)
 
 
 # -- per-arm figures -----------------------------------------------------------------------------------------------
@@ -612,21 +598,21 @@ def test_feedback_cost_latency_and_fallback_rates_per_arm() -> None:
         ArmData("t2", 0, 0, 0),
         ArmData("t3", 0, 0, 0, cost_usd_sum=0.2, latency_ms_sum=300.0, fallbacks=2),
     ]
-    result = analyze(arms, "control", _equal(arms))
-    c = _arm(result, "control")
+    result = analyze(arms, "control", equal_weights(arms))
+    c = arm_of(result, "control")
     assert (c.feedback_rate, c.cost_per_explanation, c.latency_ms_mean, c.fallback_rate) == pytest.approx(
         (0.4, 0.02, 100.0, 0.2)
     )
     assert (c.exposures, c.n, c.positives, c.fallbacks, c.sessions) == (100, 40, 30, 25, 70)
     assert c.rate == pytest.approx(0.75)
     assert c.rate_ci == pytest.approx(proportion_confint(30, 40, method="wilson"), rel=1e-9)
-    t1 = _arm(result, "t1")
+    t1 = arm_of(result, "t1")
     assert (t1.feedback_rate, t1.cost_per_explanation, t1.latency_ms_mean, t1.fallback_rate) == (1.0, 0.5, 40.0, 0.0)
     assert t1.sessions == 1  # no session count: the exposures
-    t2 = _arm(result, "t2")
+    t2 = arm_of(result, "t2")
     assert (t2.feedback_rate, t2.cost_per_explanation, t2.latency_ms_mean, t2.fallback_rate) == (None,) * 4
     assert (t2.rate, t2.rate_ci, t2.star_mean, t2.effective_n) == (None, None, None, 0.0)
-    t3 = _arm(result, "t3")
+    t3 = arm_of(result, "t3")
     assert (t3.feedback_rate, t3.cost_per_explanation, t3.latency_ms_mean, t3.fallback_rate) == (None, 0.1, 150.0, 1.0)
 
 
@@ -637,10 +623,10 @@ def test_the_feedback_rate_uses_its_own_counts_when_the_arm_has_them() -> None:
         ArmData("t1", 100, 40, 30, feedback_exposures=0, feedback_n=0),  # no session old enough yet
         ArmData("t2", 100, 40, 30),
     ]
-    result = analyze(arms, "control", _equal(arms))
-    rates = [_arm(result, a.arm_id).feedback_rate for a in arms]
+    result = analyze(arms, "control", equal_weights(arms))
+    rates = [arm_of(result, a.arm_id).feedback_rate for a in arms]
     assert rates == [0.5, None, 0.4]
-    assert _arm(result, "control").n == 40  # the other figures keep every vote
+    assert arm_of(result, "control").n == 40  # the other figures keep every vote
 
 
 # -- status --------------------------------------------------------------------------------------------------------
@@ -648,11 +634,11 @@ def test_the_feedback_rate_uses_its_own_counts_when_the_arm_has_them() -> None:
 
 def test_an_arm_at_min_samples_is_enough_and_one_below_is_not() -> None:
     arms = [ArmData("control", 2, 2, 1), ArmData("t1", 2, 2, 2)]
-    at = analyze(arms, "control", _equal(arms))
-    assert at.status == STATUS_OK and _arm(at, "t1").diff == pytest.approx(0.5)
-    below = analyze(arms, "control", _equal(arms), min_samples=3)
+    at = analyze(arms, "control", equal_weights(arms))
+    assert at.status == STATUS_OK and arm_of(at, "t1").diff == pytest.approx(0.5)
+    below = analyze(arms, "control", equal_weights(arms), min_samples=3)
     assert below.status == STATUS_INSUFFICIENT
-    t1 = _arm(below, "t1")
+    t1 = arm_of(below, "t1")
     assert (t1.diff, t1.p_value_sequential, t1.lift_ci_sequential, t1.p_value_fixed) == (None, None, None, None)
     # the Bayesian summaries and power are still shown
     assert t1.prob_best is not None and t1.prob_beat_control is not None and t1.power is not None
@@ -667,14 +653,14 @@ def test_a_broken_split_is_reported_before_missing_samples() -> None:
 
 def test_without_a_control_or_a_treatment_nothing_is_compared() -> None:
     arms = [ArmData("a", 1000, 500, 250), ArmData("b", 1000, 500, 300)]
-    result = analyze(arms, "control", _equal(arms), tau=0.05, feedback_per_day=100)
+    result = analyze(arms, "control", equal_weights(arms), tau=0.05, feedback_per_day=100)
     assert result.status == STATUS_INSUFFICIENT and result.tau == 0.05
     for r in result.arms:
         assert not r.is_control and not r.secondary_significantly_worse and not r.futile
         assert (r.diff, r.p_value_sequential, r.prob_beat_control, r.power, r.days_to_decision) == (None,) * 5
         assert r.prob_best is not None
     alone = analyze([ArmData("control", 1000, 500, 250)], "control", {"control": 1.0})
-    assert alone.status == STATUS_INSUFFICIENT and _arm(alone, "control").is_control
+    assert alone.status == STATUS_INSUFFICIENT and arm_of(alone, "control").is_control
     assert analyze([], "control", {}).status == STATUS_INSUFFICIENT
 
 
@@ -734,9 +720,9 @@ def test_novelty_skips_a_treatment_missing_from_the_recent_half_or_too_small_the
     weights = {"control": 1 / 3, "t1": 1 / 3, "t2": 1 / 3}
     for recent in ([control_recent, later_recent], [control_recent, gone_recent, later_recent]):
         result = analyze([control, gone, later], "control", weights, recent=recent, tau=0.05, min_samples=2)
-        t1 = _arm(result, "t1")
+        t1 = arm_of(result, "t1")
         assert (t1.lift_early, t1.lift_recent, t1.novelty_p_value, t1.novelty_flag) == (None, None, None, False)
-        r2 = _arm(result, "t2")
+        r2 = arm_of(result, "t2")
         assert r2.lift_early == pytest.approx(0.15 / 0.6) and r2.lift_recent == pytest.approx(0.06 / 0.6)
         assert r2.novelty_p_value == pytest.approx(_fading_p(c, t2), rel=1e-9) and r2.novelty_flag
 
@@ -745,7 +731,7 @@ def test_novelty_needs_the_control_in_the_recent_half() -> None:
     control, _ = _halves("control", (3000, 1800), (3000, 1800))
     t1, t1_recent = _halves("t1", (3000, 2250), (3000, 1980))
     result = analyze([control, t1], "control", {"control": 0.5, "t1": 0.5}, recent=[t1_recent], tau=0.05)
-    r = _arm(result, "t1")
+    r = arm_of(result, "t1")
     assert (r.lift_early, r.lift_recent, r.novelty_p_value, r.novelty_flag) == (None, None, None, False)
     assert r.diff is not None  # the rest of the analysis is there
 
@@ -785,7 +771,7 @@ def test_no_segment_disagrees_with_an_overall_difference_of_exactly_zero() -> No
         "SELL": [ArmData("control", 1000, 1000, 600), ArmData("t1", 1000, 1000, 400)],
     }
     result = analyze(totals, "control", {"control": 0.5, "t1": 0.5}, segments=segments, tau=0.05)
-    assert _arm(result, "t1").diff == 0.0
+    assert arm_of(result, "t1").diff == 0.0
     assert [(r.segment, r.significant, r.disagrees) for r in result.segments] == [
         ("BUY", True, False),
         ("SELL", True, False),
