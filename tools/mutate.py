@@ -343,29 +343,25 @@ class _Mutator(ast.NodeTransformer):
                 return result
         return node
 
-    def visit_BinOp(self, node: ast.BinOp) -> ast.AST | None:
-        self.generic_visit(node)
+    def _swap_operator(
+        self, node: ast.BinOp | ast.AugAssign, suffix: str, make: Callable[[ast.operator], ast.AST]
+    ) -> ast.AST | None:
+        """The arithmetic or bitwise operator of `node` swapped (`_BIN_SWAP`); `suffix` follows each symbol in the
+        description ("=" for an augmented assignment), `make` builds the node again around the new operator."""
         swap = _BIN_SWAP.get(type(node.op))
         if swap is None:
             return node
+        return self._point(node, f"{_SYMBOL[type(node.op)]}{suffix} -> {_SYMBOL[swap]}{suffix}", lambda: make(swap()))
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST | None:
+        self.generic_visit(node)
         if isinstance(node.op, ast.Mod) and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str):
             return node  # "%s" % x formatting
-        return self._point(
-            node,
-            f"{_SYMBOL[type(node.op)]} -> {_SYMBOL[swap]}",
-            lambda: ast.BinOp(left=node.left, op=swap(), right=node.right),
-        )
+        return self._swap_operator(node, "", lambda op: ast.BinOp(left=node.left, op=op, right=node.right))
 
     def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST | None:
         self.generic_visit(node)
-        swap = _BIN_SWAP.get(type(node.op))
-        if swap is None:
-            return node
-        return self._point(
-            node,
-            f"{_SYMBOL[type(node.op)]}= -> {_SYMBOL[swap]}=",
-            lambda: ast.AugAssign(target=node.target, op=swap(), value=node.value),
-        )
+        return self._swap_operator(node, "=", lambda op: ast.AugAssign(target=node.target, op=op, value=node.value))
 
     def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST | None:
         self.generic_visit(node)

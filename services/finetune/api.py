@@ -51,6 +51,14 @@ def _as_http() -> Iterator[None]:
         raise HTTPException(exc.status, exc.message) from exc
 
 
+@contextmanager
+def _relaying(store: Store, bus: CeleryBus) -> Iterator[None]:
+    """A handler that commits: what it refuses as the HTTP answer (`_as_http`), what it staged relayed after."""
+    with _as_http():
+        yield
+    relay_after_commit(store.factory, outbox, bus)
+
+
 def _job_out(job: JobRow) -> dict[str, Any]:
     return {k: v for k, v in job.items() if k != "heartbeat_at"} | {"heartbeat_at": job.get("heartbeat_at")}
 
@@ -124,9 +132,8 @@ def start_job(body: JobIn, _: AdminDep, store: StoreDep, bus: BusDep, settings: 
 
 
 def _queue_job(cmd: StartFineTune, store: Store, bus: CeleryBus, settings: FinetuneSettings) -> dict[str, Any]:
-    with _as_http():
+    with _relaying(store, bus):
         job, queued = handlers.create_job(cmd, store, settings)
-    relay_after_commit(store.factory, outbox, bus)
     try:
         bus.send(queued)
     except Exception as exc:  # the broker is down: say so, and leave no job that will never run
@@ -150,9 +157,8 @@ def get_job(job_id: str, store: StoreDep) -> dict[str, Any]:
 
 @router.post("/jobs/{job_id}/cancel", status_code=202)
 def cancel_job(job_id: str, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
-    with _as_http():
+    with _relaying(store, bus):
         job = handlers.cancel_job(store.uow(), job_id)
-    relay_after_commit(store.factory, outbox, bus)
     return _job_out(job)
 
 
@@ -166,18 +172,16 @@ def list_models(_: AdminDep, store: StoreDep) -> dict[str, Any]:
 @router.post("/models/{model_id}/release")
 def release_model(model_id: str, body: ReleaseIn, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Send a model that did not beat its base into serving and a live experiment anyway (force=true)."""
-    with _as_http():
+    with _relaying(store, bus):
         model = handlers.release_model(store.uow(), model_id, body.force)
-    relay_after_commit(store.factory, outbox, bus)
     return dict(model)
 
 
 @router.post("/models/{model_id}/withdraw")
 def withdraw_model(model_id: str, body: WithdrawIn, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Take a model out of serving and of every experiment for good (ModelWithdrawn)."""
-    with _as_http():
+    with _relaying(store, bus):
         model = handlers.withdraw_model(store.uow(), model_id, body.reason)
-    relay_after_commit(store.factory, outbox, bus)
     return dict(model)
 
 

@@ -367,25 +367,13 @@ def _reallocate(
     analysis: Analysis,
     settings: OptimizerSettings,
 ) -> bool:
-    """Adaptive: Thompson weights in batches. Fixed: only arms that can no longer win leave the split."""
-    if exp["allocation"] == "adaptive":
-        return _reweight(uow, exp, arms, data, analysis, settings)
-    return settings.drop_futile_arms and _drop_futile(uow, exp, data, analysis)
-
-
-def _reweight(
-    uow: SqlUnitOfWork,
-    exp: ExperimentRow,
-    arms: list[ArmRow],
-    data: list[ArmData],
-    analysis: Analysis,
-    settings: OptimizerSettings,
-) -> bool:
-    """Thompson weights in batches: only after `adaptive_batch` new feedback events and once every arm has
-    `adaptive_min_feedback_per_arm`; an arm whose always-valid interval lies below the target lift (futile)
-    gets no more traffic. The history records, with each weight change, the number of sessions at that
-    moment (the SRM check tests every session against the weights it was assigned with). Publishes
-    AllocationChanged when the weights move."""
+    """Fixed: only arms that can no longer win leave the split (`_drop_futile`). Adaptive: Thompson weights in
+    batches, only after `adaptive_batch` new feedback events and once every arm has `adaptive_min_feedback_per_arm`;
+    an arm whose always-valid interval lies below the target lift (futile) gets no more traffic. The history
+    records, with each weight change, the number of sessions at that moment (the SRM check tests every session
+    against the weights it was assigned with). Publishes AllocationChanged when the weights move."""
+    if exp["allocation"] != "adaptive":
+        return settings.drop_futile_arms and _drop_futile(uow, exp, data, analysis)
     total_feedback = sum(d.n for d in data)
     futile = futile_arms(analysis)
     dropped_now = any(float(exp["weights"].get(a, 0.0)) > 0 for a in futile)
