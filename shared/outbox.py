@@ -9,7 +9,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, Text, cast, select, update
@@ -226,6 +227,14 @@ def relay_after_commit(
     except Exception as exc:
         log.warning("outbox relay failed (%s); left for the periodic relay", type(exc).__name__)
         return 0
+
+
+@contextmanager
+def relay_when_done(factory: sessionmaker[Session], table: Table, bus: Publisher) -> Iterator[None]:
+    """Around a request's change: once the block has returned (its transaction committed), `relay_after_commit`;
+    nothing when it raised (a refusal committed nothing to publish)."""
+    yield
+    relay_after_commit(factory, table, bus)
 
 
 class BatchedRelay:

@@ -17,7 +17,7 @@ from services.finetune.config import FinetuneSettings
 from services.finetune.store import JobRow, Store, outbox
 from shared.bus import CeleryBus
 from shared.contracts import StartFineTune
-from shared.outbox import relay_after_commit
+from shared.outbox import relay_when_done
 from shared.web import AdminDep, from_state
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ def _as_http() -> Iterator[None]:
         raise HTTPException(404, str(exc)) from exc
     except handlers.Rejected as exc:
         raise HTTPException(exc.status, exc.message) from exc
-
-
-@contextmanager
-def _relaying(store: Store, bus: CeleryBus) -> Iterator[None]:
-    """A handler that commits: what it refuses as the HTTP answer (`_as_http`), what it staged relayed after."""
-    with _as_http():
-        yield
-    relay_after_commit(store.factory, outbox, bus)
 
 
 def _job_out(job: JobRow) -> dict[str, Any]:
@@ -132,7 +124,7 @@ def start_job(body: JobIn, _: AdminDep, store: StoreDep, bus: BusDep, settings: 
 
 
 def _queue_job(cmd: StartFineTune, store: Store, bus: CeleryBus, settings: FinetuneSettings) -> dict[str, Any]:
-    with _relaying(store, bus):
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         job, queued = handlers.create_job(cmd, store, settings)
     try:
         bus.send(queued)
@@ -157,7 +149,7 @@ def get_job(job_id: str, store: StoreDep) -> dict[str, Any]:
 
 @router.post("/jobs/{job_id}/cancel", status_code=202)
 def cancel_job(job_id: str, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
-    with _relaying(store, bus):
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         job = handlers.cancel_job(store.uow(), job_id)
     return _job_out(job)
 
@@ -172,7 +164,7 @@ def list_models(_: AdminDep, store: StoreDep) -> dict[str, Any]:
 @router.post("/models/{model_id}/release")
 def release_model(model_id: str, body: ReleaseIn, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Send a model that did not beat its base into serving and a live experiment anyway (force=true)."""
-    with _relaying(store, bus):
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         model = handlers.release_model(store.uow(), model_id, body.force)
     return dict(model)
 
@@ -180,7 +172,7 @@ def release_model(model_id: str, body: ReleaseIn, _: AdminDep, store: StoreDep, 
 @router.post("/models/{model_id}/withdraw")
 def withdraw_model(model_id: str, body: WithdrawIn, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Take a model out of serving and of every experiment for good (ModelWithdrawn)."""
-    with _relaying(store, bus):
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         model = handlers.withdraw_model(store.uow(), model_id, body.reason)
     return dict(model)
 

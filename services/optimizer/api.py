@@ -17,7 +17,7 @@ from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import GenerationFailed, VariantGenerator
 from services.optimizer.store import Store, outbox
 from shared.bus import CeleryBus
-from shared.outbox import relay_after_commit
+from shared.outbox import relay_after_commit, relay_when_done
 from shared.prompts import PROMPT_NAME
 from shared.web import AdminDep, from_state
 
@@ -144,9 +144,8 @@ def create_experiment(
         **body.model_dump(exclude={"arms", *options}),
         **experiments.spec_defaults(settings, **options),
     )
-    with _as_http():
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         created = experiments.create_experiment(spec, store.uow())
-    relay_after_commit(store.factory, outbox, bus)
     return views.experiment_view(created["experiment_id"], store.uow())
 
 
@@ -169,26 +168,23 @@ def promote(
     experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: PromoteBody | None = None
 ) -> dict[str, Any]:
     """Promote the winner (or the arm given) to champion and conclude the experiment."""
-    with _as_http():
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         result = experiments.promote_experiment(experiment_id, store.uow(), arm_id=body.arm_id if body else None)
-    relay_after_commit(store.factory, outbox, bus)
     return result
 
 
 @router.post("/api/experiments/{experiment_id}/stop")
 def stop(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep, body: StopBody | None = None) -> dict[str, Any]:
-    with _as_http():
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         result = experiments.stop_experiment(experiment_id, store.uow(), reason=body.reason if body else "")
-    relay_after_commit(store.factory, outbox, bus)
     return result
 
 
 @router.post("/api/experiments/{experiment_id}/rollback")
 def rollback_experiment(experiment_id: str, _: AdminDep, store: StoreDep, bus: BusDep) -> dict[str, Any]:
     """Restore the champion this experiment's promotion replaced."""
-    with _as_http():
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         result = experiments.rollback_experiment(experiment_id, store.uow())
-    relay_after_commit(store.factory, outbox, bus)
     return result
 
 
@@ -248,9 +244,8 @@ def rollback_prompt(
     name: str, _: AdminDep, store: StoreDep, bus: BusDep, body: RollbackBody | None = None
 ) -> dict[str, Any]:
     """Restore an earlier champion (the previous one unless a version is given)."""
-    with _as_http():
+    with relay_when_done(store.factory, outbox, bus), _as_http():
         result = experiments.rollback_prompt(
             name, store.uow(), version=body.version if body else None, model=body.model if body else None
         )
-    relay_after_commit(store.factory, outbox, bus)
     return result

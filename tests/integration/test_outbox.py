@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contracts import Command, Event, FeedbackErased, utcnow
 from shared.deadletter import UNREADABLE, DeadLetters, dead_letter_table
-from shared.outbox import BatchedRelay, outbox_table, pending, relay, relay_after_commit, stage
+from shared.outbox import BatchedRelay, outbox_table, pending, relay, relay_after_commit, relay_when_done, stage
 
 
 class BrokerDown(ConnectionError):
@@ -176,6 +176,17 @@ def test_relay_after_commit_swallows_a_broker_outage_and_leaves_the_events_for_t
     assert db.unpublished() == {str(e.message_id) for e in events}
     assert relay_after_commit(db.factory, db.table, RecordingBus()) == 3
     assert db.unpublished() == set()
+
+
+def test_a_request_relays_when_its_change_is_done_and_not_when_it_was_refused(db: Db) -> None:
+    bus = RecordingBus()
+    with pytest.raises(LookupError), relay_when_done(db.factory, db.table, bus):
+        _staged_in_order(db, 1)  # a row of an earlier request, still pending
+        raise LookupError("refused")
+    assert bus.events == [] and len(db.unpublished()) == 1
+    with relay_when_done(db.factory, db.table, bus):
+        _staged_in_order(db, 1)
+    assert len(bus.events) == 2 and db.unpublished() == set()
 
 
 def test_publishing_a_requests_own_events_leaves_the_other_pending_rows_alone(db: Db) -> None:
