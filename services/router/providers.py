@@ -18,7 +18,6 @@ a caller for timeout x tries x models; the offline writer, if it is in the chain
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import threading
@@ -29,6 +28,7 @@ from typing import Any, Protocol
 
 import groq
 import groq.types.chat
+import httpx
 import openai
 import openai.types.chat
 import urllib3
@@ -213,11 +213,11 @@ class ChatProvider:
                 body=_chat_body(model_name, request, self.settings),
                 options={"timeout": timeout_s},
             )
+        except ProviderError:  # the bounded read's own verdict (`bounded_http_client`)
+            raise
         except Exception as exc:
-            # the bounded read's own verdict (`bounded_http_client`), which an SDK may have wrapped
-            cause = exc if isinstance(exc, ProviderError) else exc.__cause__
-            if isinstance(cause, ProviderError):
-                raise cause from exc
+            if isinstance(exc.__cause__, ProviderError):  # the same, wrapped by the SDK
+                raise exc.__cause__ from None
             raise _classify(exc, self.sdk) from exc
         return _completion_from(response, request)
 
@@ -332,24 +332,32 @@ def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s:
     return b"".join(chunks)[:limit]
 
 
-def bounded_http_client(sdk: Any, timeout_s: float) -> Any:
-    """The HTTP client an SDK adapter gives its SDK: the SDK's default one (its limits, redirects followed), on a
-    transport that bounds each answer body as `_read_answer` does. The SDKs' timeout, like urllib3's, bounds each
-    wait for the socket, not the call. Here the deadline is the attempt's timeout (the `read` timeout the SDK
-    puts on the request), counted from the moment the request is sent; the body is read chunk by chunk against
-    it and against MAX_ANSWER_BYTES, and a body cut short closes its connection. An error status keeps its
-    meaning: its body is cut at MAX_ERROR_BYTES or at the deadline, and the SDK's status error follows. Not bounded
-    so: a status line and headers that trickle, and hosts reached through a proxy from the environment (the SDK's
-    client sends those through a transport of its own).
+def _http_library_of(sdk: Any) -> Any:
+    """The HTTP library an SDK is built on, whose client and stream types its client takes: httpx (groq, and
+    openai before 3.0) or its successor httpx2 (openai from 3.0), the same API."""
+    if issubclass(sdk.DefaultHttpxClient, httpx.Client):
+        return httpx
+    import httpx2
 
-    openai's SDK is built on httpx2, groq's on httpx; the two have the same API, so the SDK's own module is used."""
-    default_client = sdk.DefaultHttpxClient
-    http: Any = importlib.import_module(default_client.__mro__[1].__module__.partition(".")[0])
-    limits = importlib.import_module(f"{sdk.__name__}._constants").DEFAULT_CONNECTION_LIMITS
+    return httpx2
+
+
+def bounded_http_client(sdk: Any, timeout_s: float) -> Any:
+    """The HTTP client an SDK adapter gives its SDK: the SDK's default one (its limits, redirects followed,
+    proxies from the environment), with event hooks that bound each answer body as `_read_answer` does. The
+    SDKs' timeout, like urllib3's, bounds each wait for the socket, not the call. Here the deadline is the
+    attempt's timeout (the `read` timeout the SDK puts on the request), counted from the moment the request is
+    sent and kept across redirects; the body is read chunk by chunk against it and against MAX_ANSWER_BYTES,
+    uncompressed (the request asks for no content coding, so the cap counts what is parsed), and a body cut short
+    closes its connection. A body is complete once its Content-Length has arrived, whatever the clock says. An
+    error status keeps its meaning: its body is cut at MAX_ERROR_BYTES or at the deadline, and the SDK's status
+    error follows. Not bounded so: a status line and headers that trickle (each wait is)."""
+    http: Any = _http_library_of(sdk)
 
     class BoundedBody(http.SyncByteStream):
-        def __init__(self, inner: Any, status: int, deadline: float, budget_s: float) -> None:
-            self.inner, self.status, self.deadline, self.budget_s = inner, status, deadline, budget_s
+        def __init__(self, inner: Any, status: int, expected: int | None, deadline: float, budget_s: float) -> None:
+            self.inner, self.status, self.expected = inner, status, expected
+            self.deadline, self.budget_s = deadline, budget_s
 
         def __iter__(self) -> Iterator[bytes]:
             error = self.status >= 400
@@ -365,6 +373,8 @@ def bounded_http_client(sdk: Any, timeout_s: float) -> Any:
                     )
                 size += len(chunk)
                 yield chunk
+                if self.expected is not None and size >= self.expected:
+                    continue  # all of it: no deadline for what has arrived
                 if time.monotonic() > self.deadline:
                     if error:
                         return
@@ -377,15 +387,19 @@ def bounded_http_client(sdk: Any, timeout_s: float) -> Any:
         def close(self) -> None:
             self.inner.close()
 
-    class BoundedTransport(http.HTTPTransport):
-        def handle_request(self, request: Any) -> Any:
-            budget_s = (request.extensions.get("timeout") or {}).get("read") or timeout_s
-            deadline = time.monotonic() + budget_s
-            response = super().handle_request(request)
-            response.stream = BoundedBody(response.stream, response.status_code, deadline, budget_s)
-            return response
+    def on_request(request: Any) -> None:
+        budget_s = (request.extensions.get("timeout") or {}).get("read") or timeout_s
+        request.extensions.setdefault("answer_deadline", (time.monotonic() + budget_s, budget_s))  # kept on redirect
+        request.headers["Accept-Encoding"] = "identity"
 
-    return default_client(transport=BoundedTransport(limits=limits))
+    def on_response(response: Any) -> None:
+        deadline, budget_s = response.request.extensions["answer_deadline"]
+        length = response.headers.get("content-length")
+        coded = response.headers.get("content-encoding", "identity") != "identity"
+        expected = int(length) if length and length.isdigit() and not coded else None
+        response.stream = BoundedBody(response.stream, response.status_code, expected, deadline, budget_s)
+
+    return sdk.DefaultHttpxClient(event_hooks={"request": [on_request], "response": [on_response]})
 
 
 def _transport_error(exc: Exception) -> ProviderError:

@@ -4,7 +4,9 @@ real HTTP. It serves `/v1/chat/completions` (OpenAI, vLLM) and `/openai/v1/chat/
 It can be told to fail the next N requests with a status (500, 429, 401 ...) and an error page of any size, to
 hang for a while before answering, to answer with a body that is not JSON, to send its answer a few bytes at a
 time, and what to answer (text, usage). Under `/moved/v1/` it answers 308 to `/v1/` (an ingress sending clients
-on). It records every request it received.
+on). It also serves as a forward proxy to itself: a request whose target is a whole URL (`POST http://host/v1/...`,
+as a client sends it through `HTTP_PROXY`) is answered as its path, and recorded as proxied. It records every
+request it received.
 
     with FakeOpenAIServer() as fake:
         fake.fail_next(2, status=500)
@@ -36,6 +38,8 @@ class Received:
     model: str
     messages: list[dict[str, Any]]
     authorization: str
+    accept_encoding: str = ""
+    proxied: bool = False
 
 
 @dataclass
@@ -46,8 +50,10 @@ class Behaviour:
     hang_count: int = 0
     hang_s: float = 0.0
     garble_count: int = 0  # answer 200 with a body that is not JSON (a proxy's HTML page)
-    trickle_count: int = 0  # send the answer 8 bytes at a time, trickle_gap_s apart
+    trickle_count: int = 0  # send the answer trickle_bytes at a time, trickle_gap_s apart
     trickle_gap_s: float = 0.0
+    trickle_bytes: int = 8
+    trickle_pieces: int = 0  # or the answer in this many pieces
     text: str = "The indicators support the signal."
     prompt_tokens: int | None = 120
     completion_tokens: int | None = 45
@@ -101,9 +107,11 @@ class FakeOpenAIServer(ServesApp):
         with self._lock:
             self.behaviour.garble_count = count
 
-    def trickle_next(self, count: int, *, gap_s: float = 0.05) -> None:
+    def trickle_next(self, count: int, *, gap_s: float = 0.05, chunk: int = 8, pieces: int = 0) -> None:
+        """Send the next `count` answers `chunk` bytes at a time (or in `pieces` pieces), `gap_s` apart."""
         with self._lock:
             self.behaviour.trickle_count, self.behaviour.trickle_gap_s = count, gap_s
+            self.behaviour.trickle_bytes, self.behaviour.trickle_pieces = chunk, pieces
 
     def answer(self, text: str, *, prompt_tokens: int | None = 120, completion_tokens: int | None = 45) -> None:
         with self._lock:
@@ -128,6 +136,8 @@ class FakeOpenAIServer(ServesApp):
                         model=str(body.get("model")),
                         messages=list(body.get("messages") or []),
                         authorization=request.headers.get("authorization", ""),
+                        accept_encoding=request.headers.get("accept-encoding", ""),
+                        proxied=bool(request.scope.get("proxied")),
                     )
                 )
                 b = self.behaviour
@@ -141,7 +151,11 @@ class FakeOpenAIServer(ServesApp):
                 garble = b.garble_count > 0
                 if garble:
                     b.garble_count -= 1
-                trickle = b.trickle_gap_s if b.trickle_count > 0 else 0.0
+                trickle, piece, pieces = (
+                    (b.trickle_gap_s if b.trickle_count > 0 else 0.0),
+                    b.trickle_bytes,
+                    b.trickle_pieces,
+                )
                 if b.trickle_count > 0:
                     b.trickle_count -= 1
                 text, p_tok, c_tok = b.text, b.prompt_tokens, b.completion_tokens
@@ -179,12 +193,13 @@ class FakeOpenAIServer(ServesApp):
                 }
             if trickle:
                 encoded = json.dumps(payload).encode()
+                piece = -(-len(encoded) // pieces) if pieces else piece
 
                 async def slowly() -> AsyncIterator[bytes]:
-                    for i in range(0, len(encoded), 8):
+                    for i in range(0, len(encoded), piece):
                         if self._release.is_set():
                             return
-                        yield encoded[i : i + 8]
+                        yield encoded[i : i + piece]
                         await asyncio.sleep(trickle)
 
                 headers = {"content-length": str(len(encoded))}
@@ -193,6 +208,14 @@ class FakeOpenAIServer(ServesApp):
 
         async def moved(request: Request) -> Response:  # an ingress sending an old address on, method and body kept
             return Response(status_code=308, headers={"location": "/v1/chat/completions"})
+
+        @app.middleware("http")
+        async def as_proxy(request: Request, call_next: Any) -> Response:
+            if request.scope["path"].startswith(("http://", "https://")):  # absolute form: sent through a proxy
+                path = "/" + request.scope["path"].split("/", 3)[3]
+                request.scope.update(path=path, raw_path=path.encode(), proxied=True)
+            response: Response = await call_next(request)
+            return response
 
         app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
         app.add_api_route("/moved/v1/chat/completions", moved, methods=["POST"])

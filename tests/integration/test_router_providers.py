@@ -342,3 +342,37 @@ def test_sdk_adapters_refuse_an_oversized_answer_and_keep_an_error_status_whatev
     result = provider_set(tmp_path, fake, Sleeps()).generate([model, OFFLINE], REQUEST)
     assert (result.model, [e.kind for e in result.errors]) == (model, ["http_503"])
     assert len(fake.requests) == 2 and len(result.errors[0].message) <= MAX_ERROR_BYTES + 100  # the page was cut
+
+
+@pytest.mark.parametrize(
+    ("model", "providers"),
+    [
+        pytest.param(VLLM, compatible, id="compatible"),
+        pytest.param(OPENAI, provider_set, id="openai-sdk"),
+        pytest.param(GROQ, provider_set, id="groq-sdk"),
+    ],
+)
+def test_every_adapter_keeps_an_answer_whose_last_piece_arrives_just_past_its_deadline(
+    tmp_path: Path, fake: FakeOpenAIServer, model: str, providers: Callable[..., ProviderSet]
+) -> None:
+    # three pieces 0.5 s apart: each wait is under the 0.8 s timeout, the whole answer is in at 1.0 s, complete
+    fake.trickle_next(1, gap_s=0.5, pieces=3)
+    result = providers(tmp_path, fake, provider_timeout_s=0.8, provider_retries=0).generate([model, OFFLINE], REQUEST)
+    assert (result.model, result.completion.text, result.errors) == (model, fake.behaviour.text, [])
+
+
+@pytest.mark.parametrize("model", [OPENAI, GROQ])
+def test_sdk_adapters_go_through_the_proxy_of_the_environment_and_ask_for_no_compression(
+    tmp_path: Path, fake: FakeOpenAIServer, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nothing listens at the provider's address: only through the proxy (the fake, in its forward-proxy role)
+    # does the request arrive
+    monkeypatch.setenv("HTTP_PROXY", fake.url)
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    closed = f"http://127.0.0.1:{free_port()}"
+    ps = provider_set(tmp_path, fake, openai_base_url=f"{closed}/v1", groq_base_url=closed, provider_retries=0)
+    result = ps.generate([model, OFFLINE], REQUEST)
+    assert (result.model, result.errors) == (model, [])
+    [received] = fake.requests
+    assert received.proxied and received.accept_encoding == "identity"  # the 1 MiB cap counts what is parsed
