@@ -475,17 +475,18 @@ def subscribed_tasks(
     uow: Any,
     *,
     after: Any = None,
-    own: Iterable[str] = (),
+    own: Mapping[str, Callable[[dict], Any]] | None = None,
 ) -> dict[str, Task]:
     """Register `service`'s consumers as `SUBSCRIPTIONS` names them, so the table stays the one place that says
     who consumes what: task `<service>.on_x` takes the event of its subscription and calls `handlers.on_x`
     (a module or object), and, where the task takes many events to a message (`MANY_TO_A_MESSAGE`), the
-    set-based `handlers.on_x_batch` if it has one (`event_tasks`). The tasks in `own` are left out: the service
-    registers them itself (their handler takes more than the message and a unit of work). A subscription with
-    no handler is an error here, at import, not a message nobody consumes."""
+    set-based `handlers.on_x_batch` if it has one (`event_tasks`). A task whose handler takes more than the
+    message and a unit of work is given in `own`, name -> the task's function (`payload -> result`), and
+    registered as it is. A subscription with no handler, or an `own` task that subscribes to nothing, is an
+    error here, at import, not a message nobody consumes. Returns every subscribed task of the service."""
     from shared.contracts import EVENT_TYPES
 
-    own = set(own)
+    own = dict(own or {})
     table: dict[str, tuple[Any, Any]] = {}
     many: dict[str, Any] = {}
     for event_type, tasks in SUBSCRIPTIONS.items():
@@ -494,16 +495,17 @@ def subscribed_tasks(
             if owner != service or name in own:
                 continue
             handler = getattr(handlers, short, None)
-            if handler is None:
+            if not callable(handler):
                 raise LookupError(f"{name} subscribes to {event_type!r}, but {handlers.__name__} has no {short}")
             table[name] = (EVENT_TYPES[event_type], handler)
             batch_handler = getattr(handlers, f"{short}_batch", None)
-            if name in MANY_TO_A_MESSAGE and batch_handler is not None:
+            if name in MANY_TO_A_MESSAGE and callable(batch_handler):
                 many[name] = batch_handler
-    unknown = own - {name for tasks in SUBSCRIPTIONS.values() for name in tasks if name.startswith(f"{service}.")}
+    unknown = set(own) - {name for tasks in SUBSCRIPTIONS.values() for name in tasks if name.startswith(f"{service}.")}
     if unknown:
-        raise LookupError(f"tasks named as {service}'s own that subscribe to nothing: {sorted(unknown)}")
-    return event_tasks(app, table, uow, after=after, many=many)
+        raise LookupError(f"tasks given as {service}'s own that subscribe to nothing: {sorted(unknown)}")
+    registered = event_tasks(app, table, uow, after=after, many=many)
+    return registered | {name: app.task(name=name)(function) for name, function in own.items()}
 
 
 def use_dead_letters(app: Celery, dead_letters: Any, *, after: Any = None) -> None:

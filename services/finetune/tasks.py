@@ -43,16 +43,18 @@ app = worker_app("finetune", settings, lambda: _store().dead_letters, batches=Tr
 _relay = outbox_relay(app, "finetune", _store)
 
 
-#: task -> its registered consumer, one for each of finetune's subscriptions (`shared.bus.SUBSCRIPTIONS`) but
-#: the erasure (below), each keeping its event as training material, in batches (`shared.bus.MANY_TO_A_MESSAGE`)
-EVENT_TASKS = subscribed_tasks(app, "finetune", handlers, lambda: _store().uow(), own=["finetune.on_feedback_erased"])
-
-
-@app.task(name="finetune.on_feedback_erased")
-def on_feedback_erased(payload: dict) -> dict[str, Any] | None:
+def _on_feedback_erased(payload: dict) -> dict[str, Any] | None:
     record = handlers.on_feedback_erased(FeedbackErased.from_payload(payload), _store().uow())
     _relay()  # ModelWithdrawn for every model its data reached
     return None if record is None else {k: v for k, v in record.items() if k != "erased_at"}
+
+
+#: task -> its registered consumer, one for each of finetune's subscriptions (`shared.bus.SUBSCRIPTIONS`), each
+#: keeping its event as training material, in batches (`shared.bus.MANY_TO_A_MESSAGE`); the erasure relays the
+#: ModelWithdrawn it stages (above)
+EVENT_TASKS = subscribed_tasks(
+    app, "finetune", handlers, lambda: _store().uow(), own={"finetune.on_feedback_erased": _on_feedback_erased}
+)
 
 
 def _ack_now(task_id: str | None) -> bool:

@@ -36,30 +36,28 @@ def _generator() -> VariantGenerator:
 _relay = outbox_relay(app, "optimizer", _store)
 
 
-#: task -> its registered consumer, one for each of the optimizer's subscriptions (`shared.bus.SUBSCRIPTIONS`)
-#: but the model events, whose handlers take a unit-of-work factory (below); the two busiest in batches
+def _on_model_registered(payload: dict) -> str:
+    outcome = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow, get_settings())
+    _relay()
+    return outcome
+
+
+def _on_model_withdrawn(payload: dict) -> dict[str, Any]:
+    outcome = handlers.on_model_withdrawn(ModelWithdrawn.from_payload(payload), _store().uow)
+    _relay()
+    return outcome
+
+
+#: task -> its registered consumer, one for each of the optimizer's subscriptions (`shared.bus.SUBSCRIPTIONS`);
+#: the model events' handlers take a unit-of-work factory (above); the two busiest in batches
 #: (`shared.bus.MANY_TO_A_MESSAGE`)
 EVENT_TASKS = subscribed_tasks(
     app,
     "optimizer",
     handlers,
     lambda: _store().uow(),
-    own=["optimizer.on_model_registered", "optimizer.on_model_withdrawn"],
+    own={"optimizer.on_model_registered": _on_model_registered, "optimizer.on_model_withdrawn": _on_model_withdrawn},
 )
-
-
-@app.task(name="optimizer.on_model_registered")
-def on_model_registered(payload: dict) -> str:
-    outcome = handlers.on_model_registered(ModelRegistered.from_payload(payload), _store().uow, get_settings())
-    _relay()
-    return outcome
-
-
-@app.task(name="optimizer.on_model_withdrawn")
-def on_model_withdrawn(payload: dict) -> dict[str, Any]:
-    outcome = handlers.on_model_withdrawn(ModelWithdrawn.from_payload(payload), _store().uow)
-    _relay()
-    return outcome
 
 
 @app.task(name="optimizer.run_decisions")

@@ -52,22 +52,41 @@ def test_a_service_registers_its_subscriptions_with_handlers_found_by_task_name(
     from shared.contracts import EVENT_TYPES
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(bus, "event_tasks", lambda app, table, uow, **kw: seen.update(table=table, **kw))
+
+    def recorded(app: Any, table: Any, uow: Any, **kw: Any) -> dict[str, Any]:
+        seen.update(table=table, **kw)
+        return dict.fromkeys(table, "generic")
+
+    monkeypatch.setattr(bus, "event_tasks", recorded)
     names = {t.partition(".")[2]: e for e, tasks in bus.SUBSCRIPTIONS.items() for t in tasks if t[:10] == "optimizer."}
     handlers = types.SimpleNamespace(**{n: (lambda e, u, n=n: n) for n in names}, on_feedback_recorded_batch=len)
     handlers.__name__ = "optimizer handlers"
 
-    bus.subscribed_tasks(_app(), "optimizer", handlers, lambda: None, own=["optimizer.on_model_withdrawn"])
+    def withdrawn(payload: dict) -> str:
+        return "withdrawn by the service's own task"
+
+    app = _app()
+    tasks = bus.subscribed_tasks(
+        app, "optimizer", handlers, lambda: None, own={"optimizer.on_model_withdrawn": withdrawn}
+    )
     assert seen["table"] == {
         f"optimizer.{n}": (EVENT_TYPES[e], getattr(handlers, n)) for n, e in names.items() if n != "on_model_withdrawn"
     }
     # the set-based handler of a task that takes many events to a message; none for a task without one
     assert seen["many"] == {"optimizer.on_feedback_recorded": len}
+    # every subscription is registered, the service's own task as it is
+    assert set(tasks) == {f"optimizer.{n}" for n in names}
+    assert tasks["optimizer.on_model_withdrawn"].name == "optimizer.on_model_withdrawn"
+    assert tasks["optimizer.on_model_withdrawn"](payload={}) == "withdrawn by the service's own task"
 
-    del handlers.on_feedback_erased
+    handlers.on_feedback_erased = "not a handler"
     with pytest.raises(LookupError, match="optimizer.on_feedback_erased subscribes to 'feedback.erased'"):
         bus.subscribed_tasks(_app(), "optimizer", handlers, lambda: None)
     with pytest.raises(LookupError, match="optimizer.on_nothing"):
         bus.subscribed_tasks(
-            _app(), "optimizer", handlers, lambda: None, own=["optimizer.on_feedback_erased", "optimizer.on_nothing"]
+            _app(),
+            "optimizer",
+            handlers,
+            lambda: None,
+            own={"optimizer.on_feedback_erased": len, "optimizer.on_nothing": len},
         )
