@@ -306,14 +306,15 @@ def test_compatible_adapter_turns_any_other_failure_into_an_error_that_falls_bac
     assert fake.requests == []
 
 
-@pytest.mark.parametrize(
-    ("model", "providers"),
-    [
-        pytest.param(VLLM, compatible, id="compatible"),
-        pytest.param(OPENAI, provider_set, id="openai-sdk"),
-        pytest.param(GROQ, provider_set, id="groq-sdk"),
-    ],
-)
+#: every adapter: (a model it serves, the provider set that reaches the fake through it)
+EVERY_ADAPTER = [
+    pytest.param(VLLM, compatible, id="compatible"),
+    pytest.param(OPENAI, provider_set, id="openai-sdk"),
+    pytest.param(GROQ, provider_set, id="groq-sdk"),
+]
+
+
+@pytest.mark.parametrize(("model", "providers"), EVERY_ADAPTER)
 def test_every_adapter_gives_up_on_an_answer_that_trickles_past_its_timeout(
     tmp_path: Path, fake: FakeOpenAIServer, model: str, providers: Callable[..., ProviderSet]
 ) -> None:
@@ -344,14 +345,7 @@ def test_sdk_adapters_refuse_an_oversized_answer_and_keep_an_error_status_whatev
     assert len(fake.requests) == 2 and len(result.errors[0].message) <= MAX_ERROR_BYTES + 100  # the page was cut
 
 
-@pytest.mark.parametrize(
-    ("model", "providers"),
-    [
-        pytest.param(VLLM, compatible, id="compatible"),
-        pytest.param(OPENAI, provider_set, id="openai-sdk"),
-        pytest.param(GROQ, provider_set, id="groq-sdk"),
-    ],
-)
+@pytest.mark.parametrize(("model", "providers"), EVERY_ADAPTER)
 def test_every_adapter_keeps_an_answer_whose_last_piece_arrives_just_past_its_deadline(
     tmp_path: Path, fake: FakeOpenAIServer, model: str, providers: Callable[..., ProviderSet]
 ) -> None:
