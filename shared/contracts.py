@@ -117,6 +117,10 @@ class Message(BaseModel):
     def from_payload(cls, payload: dict[str, Any]) -> Any:
         return cls.model_validate(payload)
 
+    def row(self, *fields: str) -> dict[str, Any]:
+        """These fields as a row of a store that keeps a copy of them: ids (UUIDs) as text, the rest as they are."""
+        return {name: str(value) if isinstance(value := getattr(self, name), uuid.UUID) else value for name in fields}
+
 
 class Event(Message):
     """Something that happened. Subscribers deduplicate on `message_id`."""

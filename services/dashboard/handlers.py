@@ -91,24 +91,22 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
 
 
 def _explanation_row(event: ExplanationCreated) -> dict[str, Any]:
-    return {
-        "explanation_id": str(event.explanation_id),
-        "day": domain.day_of(event.created_at),
-        "created_at": as_utc(event.created_at),
-        "ticker": event.ticker,
-        "signal": event.signal,
-        "prompt_name": event.prompt_name,
-        "prompt_version": event.prompt_version,
-        "model": event.model,
-        "provider": event.provider,
-        "experiment_id": event.experiment_id,
-        "arm_id": event.arm_id,
-        "tokens_in": event.tokens_in,
-        "tokens_out": event.tokens_out,
-        "cost_usd": event.cost_usd,
-        "latency_ms": event.latency_ms,
-        "fallback_used": event.fallback_used,
-    }
+    return {"day": domain.day_of(event.created_at), "created_at": as_utc(event.created_at)} | event.row(
+        "explanation_id",
+        "ticker",
+        "signal",
+        "prompt_name",
+        "prompt_version",
+        "model",
+        "provider",
+        "experiment_id",
+        "arm_id",
+        "tokens_in",
+        "tokens_out",
+        "cost_usd",
+        "latency_ms",
+        "fallback_used",
+    )
 
 
 #: What the read model keeps of a vote besides `shared.votes.VOTE_FIELDS`.

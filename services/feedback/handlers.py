@@ -240,17 +240,17 @@ def _served_key(event: ExplanationCreated, erased_at: datetime | None) -> tuple[
 
 
 def _replica_row(event: ExplanationCreated) -> dict[str, Any]:
-    return {
-        "explanation_id": str(event.explanation_id),
-        "prompt_name": event.prompt_name,
-        "prompt_version": event.prompt_version,
-        "model": event.model,
-        "signal": event.signal,
-        "ticker": event.ticker,
-        "experiment_id": event.experiment_id,
-        "arm_id": event.arm_id,
-        "created_at": event.created_at,
-    }
+    return event.row(
+        "explanation_id",
+        "prompt_name",
+        "prompt_version",
+        "model",
+        "signal",
+        "ticker",
+        "experiment_id",
+        "arm_id",
+        "created_at",
+    )
 
 
 def erase_session(

@@ -116,21 +116,19 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
 def _material(event: ExplanationCreated, erased_at: datetime | None) -> dict[str, Any]:
     """The explanation's row: without its prompt and text if its session was erased after it was served."""
     erased = votes.erased_before(erased_at, event.created_at)
-    return {
-        "explanation_id": str(event.explanation_id),
-        "request_key": event.request_key,
-        "ticker": event.ticker,
-        "signal": event.signal,
-        "prompt_name": event.prompt_name,
-        "prompt_version": event.prompt_version,
-        "model": event.model,
-        "prompt_text": "" if erased else event.prompt_text,
-        "text": "" if erased else event.text,
-        "tokens_in": event.tokens_in,
-        "tokens_out": event.tokens_out,
-        "created_at": event.created_at,
-        "fallback_used": event.fallback_used,
-    }
+    return event.row(
+        "explanation_id",
+        "request_key",
+        "ticker",
+        "signal",
+        "prompt_name",
+        "prompt_version",
+        "model",
+        "tokens_in",
+        "tokens_out",
+        "created_at",
+        "fallback_used",
+    ) | {"prompt_text": "" if erased else event.prompt_text, "text": "" if erased else event.text}
 
 
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:

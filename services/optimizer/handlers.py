@@ -74,18 +74,18 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
 
 
 def _exposure(event: ExplanationCreated) -> dict[str, Any]:
-    return {
-        "explanation_id": str(event.explanation_id),
-        "experiment_id": event.experiment_id,
-        "arm_id": event.arm_id,
-        "prompt_name": event.prompt_name,
-        "prompt_version": event.prompt_version,
-        "model": event.model,
-        "cost_usd": event.cost_usd,
-        "latency_ms": event.latency_ms,
-        "fallback_used": event.fallback_used,
-        "created_at": event.created_at,
-    }
+    return event.row(
+        "explanation_id",
+        "experiment_id",
+        "arm_id",
+        "prompt_name",
+        "prompt_version",
+        "model",
+        "cost_usd",
+        "latency_ms",
+        "fallback_used",
+        "created_at",
+    )
 
 
 def _unit(event: ExplanationCreated, erased: tuple[datetime, str] | None) -> str | None:
