@@ -437,12 +437,20 @@ class OpenAIGenerator:
     def generate(self, template: str, count: int, history: SearchHistory | None = None) -> GenerationResult:
         import openai  # the only place the optimizer touches the OpenAI SDK
 
+        from shared.answers import AnswerCut, answer_cut, bounded_http_client
+
         user = META_USER.format(template=template, count=count, max_chars=self.max_chars)
         past = history_text(history) if history is not None else ""
         if past:
             user += META_HISTORY.format(history=past)
 
-        client = openai.OpenAI(api_key=self.api_key, base_url=self.base_url, timeout=self.timeout_s, max_retries=1)
+        client = openai.OpenAI(
+            api_key=self.api_key,
+            base_url=self.base_url,
+            timeout=self.timeout_s,
+            max_retries=1,
+            http_client=bounded_http_client(openai, self.timeout_s),  # the whole answer within the timeout
+        )
         try:
             response = client.chat.completions.create(
                 model=self.model,
@@ -453,8 +461,11 @@ class OpenAIGenerator:
                 response_format={"type": "json_object"},
                 temperature=0.8,
             )
-        except openai.OpenAIError as exc:
-            raise GenerationFailed(f"OpenAI variant generation failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            reason = answer_cut(exc) or exc  # an answer too slow or too large, or whatever the SDK raised
+            if not isinstance(reason, openai.OpenAIError | AnswerCut):
+                raise
+            raise GenerationFailed(f"OpenAI variant generation failed: {type(reason).__name__}: {reason}") from exc
         finally:
             client.close()
         usage = response.usage

@@ -22,19 +22,19 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import groq
 import groq.types.chat
-import httpx
 import openai
 import openai.types.chat
 import urllib3
 
 from services.router import domain
 from services.router.config import OFFLINE_MODEL, RouterSettings
+from shared.answers import MAX_ANSWER_BYTES, MAX_ERROR_BYTES, answer_cut, bounded_http_client
 from shared.prompts import format_indicators
 from shared.serving import SYSTEM_MESSAGE, served_name, serving_api_key
 
@@ -213,11 +213,10 @@ class ChatProvider:
                 body=_chat_body(model_name, request, self.settings),
                 options={"timeout": timeout_s},
             )
-        except ProviderError:  # the bounded read's own verdict (`bounded_http_client`)
-            raise
         except Exception as exc:
-            if isinstance(exc.__cause__, ProviderError):  # the same, wrapped by the SDK
-                raise exc.__cause__ from None
+            cut = answer_cut(exc)  # the bounded read's verdict (`shared.answers`), which an SDK may have wrapped
+            if cut is not None:
+                raise ProviderError(str(cut), kind=cut.kind, transient=cut.transient) from None
             raise _classify(exc, self.sdk) from exc
         return _completion_from(response, request)
 
@@ -277,12 +276,6 @@ class CompatibleProvider:
         self.pool.clear()
 
 
-#: The most an answer body may hold: max_tokens is at most 4,096, a few bytes a token, in JSON.
-MAX_ANSWER_BYTES = 1 << 20
-#: The most of an error body read for its message (the status decides what happens next).
-MAX_ERROR_BYTES = 16 << 10
-
-
 def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s: float) -> bytes:
     """The body, read as it arrives, within the attempt's deadline and MAX_ANSWER_BYTES.
 
@@ -330,76 +323,6 @@ def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s:
             response.close()
         response.release_conn()
     return b"".join(chunks)[:limit]
-
-
-def _http_library_of(sdk: Any) -> Any:
-    """The HTTP library an SDK is built on, whose client and stream types its client takes: httpx (groq, and
-    openai before 3.0) or its successor httpx2 (openai from 3.0), the same API."""
-    if issubclass(sdk.DefaultHttpxClient, httpx.Client):
-        return httpx
-    import httpx2
-
-    return httpx2
-
-
-def bounded_http_client(sdk: Any, timeout_s: float) -> Any:
-    """The HTTP client an SDK adapter gives its SDK: the SDK's default one (its limits, redirects followed,
-    proxies from the environment), with event hooks that bound each answer body as `_read_answer` does. The
-    SDKs' timeout, like urllib3's, bounds each wait for the socket, not the call. Here the deadline is the
-    attempt's timeout (the `read` timeout the SDK puts on the request), counted from the moment the request is
-    sent and kept across redirects; the body is read chunk by chunk against it and against MAX_ANSWER_BYTES,
-    uncompressed (the request asks for no content coding, so the cap counts what is parsed), and a body cut short
-    closes its connection. A body is complete once its Content-Length has arrived, whatever the clock says. An
-    error status keeps its meaning: its body is cut at MAX_ERROR_BYTES or at the deadline, and the SDK's status
-    error follows. Not bounded so: a status line and headers that trickle (each wait is)."""
-    http: Any = _http_library_of(sdk)
-
-    class BoundedBody(http.SyncByteStream):
-        def __init__(self, inner: Any, status: int, expected: int | None, deadline: float, budget_s: float) -> None:
-            self.inner, self.status, self.expected = inner, status, expected
-            self.deadline, self.budget_s = deadline, budget_s
-
-        def __iter__(self) -> Iterator[bytes]:
-            error = self.status >= 400
-            limit = MAX_ERROR_BYTES if error else MAX_ANSWER_BYTES
-            size = 0
-            for chunk in self.inner:
-                if size + len(chunk) > limit:
-                    if error:
-                        yield chunk[: limit - size]
-                        return
-                    raise ProviderError(
-                        f"the answer is larger than {limit} bytes", kind="bad_response", transient=False
-                    )
-                size += len(chunk)
-                yield chunk
-                if self.expected is not None and size >= self.expected:
-                    continue  # all of it: no deadline for what has arrived
-                if time.monotonic() > self.deadline:
-                    if error:
-                        return
-                    raise ProviderError(
-                        f"timed out: the answer was still arriving after {self.budget_s:g} s",
-                        kind="timeout",
-                        transient=True,
-                    )
-
-        def close(self) -> None:
-            self.inner.close()
-
-    def on_request(request: Any) -> None:
-        budget_s = (request.extensions.get("timeout") or {}).get("read") or timeout_s
-        request.extensions.setdefault("answer_deadline", (time.monotonic() + budget_s, budget_s))  # kept on redirect
-        request.headers["Accept-Encoding"] = "identity"
-
-    def on_response(response: Any) -> None:
-        deadline, budget_s = response.request.extensions["answer_deadline"]
-        length = response.headers.get("content-length")
-        coded = response.headers.get("content-encoding", "identity") != "identity"
-        expected = int(length) if length and length.isdigit() and not coded else None
-        response.stream = BoundedBody(response.stream, response.status_code, expected, deadline, budget_s)
-
-    return sdk.DefaultHttpxClient(event_hooks={"request": [on_request], "response": [on_response]})
 
 
 def _transport_error(exc: Exception) -> ProviderError:
