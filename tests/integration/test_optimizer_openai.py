@@ -34,19 +34,23 @@ def fake() -> Iterator[FakeOpenAIServer]:
         yield server
 
 
+def _settings(tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer, **kw: Any) -> OptimizerSettings:
+    options: dict[str, Any] = {
+        "redis_url": redis_server.url.rsplit("/", 1)[0] + "/8",  # own database: our events reach no other test
+        "admin_token": SecretStr(TOKEN),
+        "data_dir": tmp_path,
+        "openai_api_key": SecretStr("sk-test"),
+        "openai_base_url": fake.openai_base_url,
+        "generation_min_interval_s": 3600,
+        "generation_timeout_s": 5,
+    }
+    return OptimizerSettings(**options | kw)
+
+
 @pytest.fixture
 def client(tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer) -> Iterator[TestClient]:
     fake.reset()
-    settings = OptimizerSettings(
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/8",  # own database: our events reach no other test
-        admin_token=SecretStr(TOKEN),
-        data_dir=tmp_path,
-        openai_api_key=SecretStr("sk-test"),
-        openai_base_url=fake.openai_base_url,
-        generation_min_interval_s=3600,
-        generation_timeout_s=5,
-    )
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(_settings(tmp_path, redis_server, fake))) as c:
         yield c
 
 
@@ -93,6 +97,22 @@ def test_answer_that_is_not_json_is_a_502(client: TestClient, fake: FakeOpenAISe
     fake.answer("Sure! Here are some ideas: be clearer.")
     r = client.post("/api/prompts/explain_signal/variants", headers=ADMIN)
     assert r.status_code == 502 and "not JSON" in r.json()["error"]["message"]
+
+
+def test_an_answer_too_slow_or_too_large_is_a_502(
+    tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAIServer
+) -> None:
+    fake.reset()
+    fake.answer(json.dumps({"variants": [{"template": GOOD, "rationale": "bullets"}]}))
+    # 8 bytes every 0.05 s: each wait is far under the 0.3 s timeout, the whole answer would take seconds
+    fake.trickle_next(2, gap_s=0.05)
+    with TestClient(create_app(_settings(tmp_path, redis_server, fake, generation_timeout_s=0.3))) as c:
+        r = c.post("/api/prompts/explain_signal/variants", headers=ADMIN)
+        assert r.status_code == 502 and "still arriving after 0.3 s" in r.json()["error"]["message"]
+        fake.reset()  # no more trickling (the SDK may have retried once)
+        fake.answer("x" * (1 << 20))
+        r = c.post("/api/prompts/explain_signal/variants", headers=ADMIN)
+        assert r.status_code == 502 and "larger than" in r.json()["error"]["message"]
 
 
 def vote(client: TestClient, experiment_id: str, arm_id: str, version: str, i: int, up: bool) -> None:
