@@ -31,6 +31,36 @@ class AnswerCut(Exception):
         self.transient = transient
 
 
+class BodyLimits:
+    """What one answer body may be, checked as it arrives: at most MAX_ANSWER_BYTES (MAX_ERROR_BYTES of an error
+    body, >= 400, read only for its message), and in before `deadline` (monotonic) unless it is complete. An answer
+    that breaks either is cut (`AnswerCut`); an error body only stops being read, so its status keeps its meaning.
+    Both readers apply it: the router's plain-HTTP adapter (urllib3) and the SDKs' client (`bounded_http_client`)."""
+
+    def __init__(self, status: int, deadline: float, budget_s: float) -> None:
+        self.error = status >= 400
+        self.limit = MAX_ERROR_BYTES if self.error else MAX_ANSWER_BYTES
+        self.deadline, self.budget_s = deadline, budget_s
+        self.size = 0
+
+    def take(self, chunk: bytes, *, complete: bool = False) -> tuple[bytes, bool]:
+        """`chunk` as far as it may be kept, and whether to read no further (an error body cut at its cap or its
+        deadline). `complete`: this chunk ends the body, so the deadline no longer matters."""
+        room = self.limit - self.size
+        if len(chunk) > room:
+            if self.error:
+                return chunk[:room], True
+            raise AnswerCut(f"the answer is larger than {self.limit} bytes", kind="bad_response", transient=False)
+        self.size += len(chunk)
+        if not complete and time.monotonic() > self.deadline:
+            if self.error:
+                return chunk, True
+            raise AnswerCut(
+                f"timed out: the answer was still arriving after {self.budget_s:g} s", kind="timeout", transient=True
+            )
+        return chunk, False
+
+
 def answer_cut(exc: BaseException) -> AnswerCut | None:
     """The `AnswerCut` behind an SDK's exception: the exception itself (openai from 3.0 lets it through), or its
     cause (groq, and openai before 3.0, wrap it as a connection error); None for any other failure."""
@@ -53,41 +83,25 @@ def http_library_of(sdk: Any) -> Any:
 def bounded_http_client(sdk: Any, timeout_s: float) -> Any:
     """The HTTP client to give an SDK: the SDK's default one (its limits, redirects followed, proxies from the
     environment), with event hooks that bound each answer body, as the router's plain-HTTP adapter bounds its
-    own. The deadline is the attempt's timeout (the `read` timeout the SDK puts on the request), counted from the moment the request is
-    sent and kept across redirects; the body is read chunk by chunk against it and against MAX_ANSWER_BYTES,
+    own (`BodyLimits`). The deadline is the attempt's timeout (the `read` timeout the SDK puts on the request),
+    counted from the moment the request is sent and kept across redirects; the body is read chunk by chunk,
     uncompressed (the request asks for no content coding, so the cap counts what is parsed), and a body cut short
-    closes its connection. A body is complete once its Content-Length has arrived, whatever the clock says. An
-    error status keeps its meaning: its body is cut at MAX_ERROR_BYTES or at the deadline, and the SDK's status
-    error follows. Not bounded so: a status line and headers that trickle (each wait is)."""
+    closes its connection. A body is complete once its Content-Length has arrived, whatever the clock says; an
+    error body cut short is followed by the SDK's status error. Not bounded so: a status line and headers that
+    trickle (each wait is)."""
     http: Any = http_library_of(sdk)
 
     class BoundedBody(http.SyncByteStream):
-        def __init__(self, inner: Any, status: int, expected: int | None, deadline: float, budget_s: float) -> None:
-            self.inner, self.status, self.expected = inner, status, expected
-            self.deadline, self.budget_s = deadline, budget_s
+        def __init__(self, inner: Any, limits: BodyLimits, expected: int | None) -> None:
+            self.inner, self.limits, self.expected = inner, limits, expected
 
         def __iter__(self) -> Iterator[bytes]:
-            error = self.status >= 400
-            limit = MAX_ERROR_BYTES if error else MAX_ANSWER_BYTES
-            size = 0
             for chunk in self.inner:
-                if size + len(chunk) > limit:
-                    if error:
-                        yield chunk[: limit - size]
-                        return
-                    raise AnswerCut(f"the answer is larger than {limit} bytes", kind="bad_response", transient=False)
-                size += len(chunk)
-                yield chunk
-                if self.expected is not None and size >= self.expected:
-                    continue  # all of it: no deadline for what has arrived
-                if time.monotonic() > self.deadline:
-                    if error:
-                        return
-                    raise AnswerCut(
-                        f"timed out: the answer was still arriving after {self.budget_s:g} s",
-                        kind="timeout",
-                        transient=True,
-                    )
+                complete = self.expected is not None and self.limits.size + len(chunk) >= self.expected
+                kept, stop = self.limits.take(chunk, complete=complete)
+                yield kept
+                if stop:
+                    return  # the inner stream is left unread: closed, not pooled
 
         def close(self) -> None:
             self.inner.close()
@@ -102,6 +116,7 @@ def bounded_http_client(sdk: Any, timeout_s: float) -> Any:
         length = response.headers.get("content-length")
         coded = response.headers.get("content-encoding", "identity") != "identity"
         expected = int(length) if length and length.isdigit() and not coded else None
-        response.stream = BoundedBody(response.stream, response.status_code, expected, deadline, budget_s)
+        limits = BodyLimits(response.status_code, deadline, budget_s)
+        response.stream = BoundedBody(response.stream, limits, expected)
 
     return sdk.DefaultHttpxClient(event_hooks={"request": [on_request], "response": [on_response]})

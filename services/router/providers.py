@@ -34,7 +34,7 @@ import urllib3
 
 from services.router import domain
 from services.router.config import OFFLINE_MODEL, RouterSettings
-from shared.answers import MAX_ANSWER_BYTES, MAX_ERROR_BYTES, answer_cut, bounded_http_client
+from shared.answers import AnswerCut, BodyLimits, answer_cut, bounded_http_client
 from shared.prompts import format_indicators
 from shared.serving import SYSTEM_MESSAGE, served_name, serving_api_key
 
@@ -216,7 +216,7 @@ class ChatProvider:
         except Exception as exc:
             cut = answer_cut(exc)  # the bounded read's verdict (`shared.answers`), which an SDK may have wrapped
             if cut is not None:
-                raise ProviderError(str(cut), kind=cut.kind, transient=cut.transient) from None
+                raise _cut_error(cut) from None
             raise _classify(exc, self.sdk) from exc
         return _completion_from(response, request)
 
@@ -277,7 +277,7 @@ class CompatibleProvider:
 
 
 def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s: float) -> bytes:
-    """The body, read as it arrives, within the attempt's deadline and MAX_ANSWER_BYTES.
+    """The body, read as it arrives, within the attempt's deadline and the size cap (`shared.answers.BodyLimits`).
 
     urllib3's timeout bounds each wait for the socket, not the call: a server that sends its answer a few bytes at
     a time would otherwise hold the request for as long as it likes. The deadline is checked between reads, so a
@@ -285,44 +285,39 @@ def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s:
     line and headers that trickle, and, inside one read, a chunked body's size lines or a compressed stream's
     header (an OpenAI-compatible server answers with Content-Length and no compression).
 
-    An error status (>= 400) keeps its meaning whatever its body does: up to MAX_ERROR_BYTES of it are read for
+    An error status (>= 400) keeps its meaning whatever its body does: up to 16 KiB of it are read for
     the message, and a body that is larger, late or cut off only shortens the message. A body cut short leaves
     its connection closed, not back in the pool.
     """
-    error = response.status >= 400
-    limit = MAX_ERROR_BYTES if error else MAX_ANSWER_BYTES
+    limits = BodyLimits(response.status, deadline, timeout_s)
     chunks: list[bytes] = []
-    size = 0
     done = False
     try:
         while chunk := response.read1(65536):
-            size += len(chunk)
-            chunks.append(chunk)
-            if size > limit:
-                if error:
-                    break
-                raise ProviderError(f"the answer is larger than {limit} bytes", kind="bad_response", transient=False)
-            if response.length_remaining == 0 and "content-encoding" not in response.headers:
-                done = True  # all that Content-Length announced, nothing held in a decoder: no read to see the end
+            # all that Content-Length announced, nothing held in a decoder: no read to see the end
+            complete = response.length_remaining == 0 and "content-encoding" not in response.headers
+            kept, stop = limits.take(chunk, complete=complete)
+            chunks.append(kept)
+            if complete or stop:
+                done = complete
                 break
-            if time.monotonic() > deadline:
-                if error:
-                    break
-                raise ProviderError(
-                    f"timed out: the answer was still arriving after {timeout_s:g} s", kind="timeout", transient=True
-                )
         else:
             done = True
-    except ProviderError:
-        raise
+    except AnswerCut as cut:
+        raise _cut_error(cut) from None
     except Exception as exc:  # reset or closed mid-answer, a read timeout, a bad gzip stream
-        if not error:
+        if not limits.error:
             raise _transport_error(exc) from exc
     finally:
         if not done:
             response.close()
         response.release_conn()
-    return b"".join(chunks)[:limit]
+    return b"".join(chunks)
+
+
+def _cut_error(cut: AnswerCut) -> ProviderError:
+    """An answer cut short (`shared.answers.BodyLimits`) as a failed attempt of the same kind."""
+    return ProviderError(str(cut), kind=cut.kind, transient=cut.transient)
 
 
 def _transport_error(exc: Exception) -> ProviderError:

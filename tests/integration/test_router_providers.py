@@ -12,8 +12,6 @@ import pytest
 from gateway.redis_server import free_port
 from services.router.config import RouterSettings
 from services.router.providers import (
-    MAX_ANSWER_BYTES,
-    MAX_ERROR_BYTES,
     AllProvidersFailed,
     CompatibleProvider,
     Completion,
@@ -22,6 +20,7 @@ from services.router.providers import (
     ProviderSet,
     _error_message,
 )
+from shared.answers import MAX_ANSWER_BYTES, MAX_ERROR_BYTES
 from tests.fakes.openai_server import FakeOpenAIServer
 
 OPENAI = "openai/gpt-4o-mini"
