@@ -1,5 +1,6 @@
 """Operations that several services' migration revisions share: the plumbing tables every store has (outbox,
-processed messages, dead letters) and Alembic's batch form of creating and dropping per-column indexes.
+processed messages, dead letters), Alembic's batch form of creating and dropping per-column indexes, and the
+baseline revisions' schema snapshots (`create_snapshot`, `drop_snapshot`).
 
 FROZEN HISTORY. Each function here is part of the revisions that call it (named in its docstring) and creates
 what those revisions created when they were written. Never change one: a store migrated before the change and
@@ -11,6 +12,12 @@ These run inside a revision (`alembic.op` is bound to the migration in progress)
 """
 
 from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -83,3 +90,84 @@ def drop_dead_letters() -> None:
     """Every service's revision 0002 downgrade."""
     drop_indexes("dead_letters", "replayed_at", "message_id")
     op.drop_table("dead_letters")
+
+
+# ---- schema snapshots --------------------------------------------------------------------------------------------
+#
+# Each service's revision 0001 is the schema `create_all` made before there were migrations. It is never run on a
+# store that existed then (such a store is stamped at 0001, its tables are already there); it runs when a test
+# builds a store as the previous release left it, or on a downgrade to nothing and back. It is a snapshot, so it
+# is kept as data beside the revision (`versions/0001_baseline.json`), a list of steps in the order they run:
+#
+#   {"shared": "outbox"}                     one of the shared tables above, as revision 0001 created it
+#   {"table": "t", "columns": [[name, type, flags], ...], "primary_key": [...], "unique": [[...]], "indexes": [...]}
+#
+# A type is String(n), Text, Integer, SmallInteger, Float, Boolean, JSON or DateTime (always with time zone);
+# flags are "null", "not null" or "not null autoincrement". An index is `ix_<table>_<column>`, non-unique.
+# The downgrade undoes the steps in reverse order.
+
+_SHARED_CREATE = {"outbox": create_outbox, "processed_messages": create_processed_messages}
+_TYPES: dict[str, Any] = {
+    "Text": sa.Text,
+    "Integer": sa.Integer,
+    "SmallInteger": sa.SmallInteger,
+    "Float": sa.Float,
+    "Boolean": sa.Boolean,
+    "JSON": sa.JSON,
+    "DateTime": lambda: sa.DateTime(timezone=True),
+}
+
+
+def _type(spec: str) -> Any:
+    if m := re.fullmatch(r"String\((\d+)\)", spec):
+        return sa.String(length=int(m.group(1)))
+    if spec not in _TYPES:
+        raise ValueError(f"schema snapshot: unknown column type {spec!r}")
+    return _TYPES[spec]()
+
+
+def _column(name: str, kind: str, flags: str) -> sa.Column[Any]:
+    if flags == "not null autoincrement":
+        return sa.Column(name, _type(kind), nullable=False, autoincrement=True)
+    if flags not in ("null", "not null"):
+        raise ValueError(f"schema snapshot: unknown column flags {flags!r} of {name!r}")
+    return sa.Column(name, _type(kind), nullable=flags == "null")
+
+
+def snapshot_steps(path: Path) -> list[dict[str, Any]]:
+    steps: list[dict[str, Any]] = json.loads(path.read_text())
+    return steps
+
+
+def create_snapshot(path: Path) -> None:
+    """Create the tables the snapshot at `path` lists, in its order."""
+    for step in snapshot_steps(path):
+        if "shared" in step:
+            _SHARED_CREATE[step["shared"]]()
+            continue
+        columns = [_column(*column) for column in step["columns"]]
+        constraints: list[sa.Constraint] = [sa.PrimaryKeyConstraint(*step["primary_key"])]
+        constraints += [sa.UniqueConstraint(*names) for names in step.get("unique", [])]
+        op.create_table(step["table"], *columns, *constraints)
+        if step.get("indexes"):
+            create_indexes(step["table"], *step["indexes"])
+
+
+def drop_snapshot(path: Path) -> None:
+    """Drop what `create_snapshot(path)` created, in reverse order."""
+    for step in reversed(snapshot_steps(path)):
+        if step.get("shared") == "outbox":
+            drop_outbox()
+        elif "shared" in step:
+            op.drop_table(step["shared"])
+        else:
+            if step.get("indexes"):
+                drop_indexes(step["table"], *reversed(step["indexes"]))
+            op.drop_table(step["table"])
+
+
+def snapshot_revision(revision_file: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """`upgrade` and `downgrade` of a revision that is a snapshot: the steps in the JSON file named like the
+    revision's own file (`0001_baseline.py` -> `0001_baseline.json`)."""
+    path = Path(revision_file).with_suffix(".json")
+    return (lambda: create_snapshot(path)), (lambda: drop_snapshot(path))

@@ -16,7 +16,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, MetaData, String
 
 from shared.contracts import SERVICES
 from shared.db import make_engine
-from shared.migrations import BASELINE, _config, current_revision, schema_drift, version_table
+from shared.migrations import BASELINE, _config, current_revision, schema_drift, script_location, version_table
 from shared.privacy import erasure_tag
 
 
@@ -162,3 +162,42 @@ def test_a_new_store_is_created_at_the_newest_revision_with_its_own_version_tabl
         assert version == current_revision(c, service)
     assert schema_drift(engine, store_module.metadata) == []
     engine.dispose()
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_baseline_snapshot_is_created_and_dropped_whole(service: str, tmp_path: Path) -> None:
+    """Revision 0001 is a snapshot kept as data: upgrading to it creates every table it lists (with its
+    indexes), and downgrading from it leaves only the version table."""
+    from shared.migration_tables import snapshot_steps
+
+    steps = snapshot_steps(script_location(service) / "versions" / "0001_baseline.json")
+    engine = make_engine(f"sqlite:///{tmp_path / 'base.db'}")
+    with engine.begin() as conn:
+        command.upgrade(_config(service, conn, MetaData()), BASELINE)
+    made = MetaData()
+    made.reflect(engine)
+    listed = {s.get("table") or s["shared"] for s in steps}
+    assert set(made.tables) - {version_table(service)} == listed
+    for step in steps:
+        if "table" in step:
+            table = made.tables[step["table"]]
+            assert [c.name for c in table.columns] == [c[0] for c in step["columns"]]
+            assert [c.nullable for c in table.columns] == [c[2] == "null" for c in step["columns"]]
+            assert sorted(str(i.name) for i in table.indexes) == sorted(
+                f"ix_{table.name}_{c}" for c in step.get("indexes", [])
+            )
+    with engine.begin() as conn:
+        command.downgrade(_config(service, conn, MetaData()), "base")
+    left = MetaData()
+    left.reflect(engine)
+    assert set(left.tables) == {version_table(service)}
+    engine.dispose()
+
+
+def test_a_snapshot_with_a_type_it_does_not_know_is_refused(tmp_path: Path) -> None:
+    from shared.migration_tables import create_snapshot
+
+    path = tmp_path / "bad.json"
+    path.write_text('[{"table": "t", "columns": [["a", "Varchar(5)", "null"]], "primary_key": ["a"]}]')
+    with pytest.raises(ValueError, match="unknown column type 'Varchar\\(5\\)'"):
+        create_snapshot(path)
