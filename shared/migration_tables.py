@@ -97,7 +97,8 @@ def drop_dead_letters() -> None:
 # Each service's revision 0001 is the schema `create_all` made before there were migrations. It is never run on a
 # store that existed then (such a store is stamped at 0001, its tables are already there); it runs when a test
 # builds a store as the previous release left it, or on a downgrade to nothing and back. It is a snapshot, so it
-# is kept as data beside the revision (`versions/0001_baseline.json`), a list of steps in the order they run:
+# is kept as data beside the revision (`versions/0001_baseline.json`); so is a later revision that only adds new
+# tables (its JSON file named like it). The file is a list of steps in the order they run:
 #
 #   {"shared": "outbox"}                     one of the shared tables above, as revision 0001 created it
 #   {"table": "t", "columns": [[name, type, flags], ...], "primary_key": [...], "unique": [[...]], "indexes": [...]}
