@@ -18,7 +18,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 from services.optimizer.stats.decision import DecisionConfig
 from services.optimizer.stats.results import METRIC_POSITIVE_RATE, METRICS, ArmData
@@ -61,6 +61,16 @@ class InvalidRequest(OptimizerError):
 
 class NotFound(OptimizerError):
     status = 404
+
+
+RowT = TypeVar("RowT")
+
+
+def known(row: RowT | None, what: str) -> RowT:
+    """The row a lookup found, or NotFound naming `what` is unknown (a lookup by id or name finds nothing)."""
+    if row is None:
+        raise NotFound(f"unknown {what}")
+    return row
 
 
 class Conflict(OptimizerError):

@@ -180,10 +180,7 @@ def _start(uow: SqlUnitOfWork, experiment_id: str, now: datetime) -> None:
 
 
 def require_experiment(uow: SqlUnitOfWork, experiment_id: str) -> ExperimentRow:
-    exp = uow.repo.experiment(experiment_id)
-    if exp is None:
-        raise domain.NotFound(f"unknown experiment {experiment_id}")
-    return exp
+    return domain.known(uow.repo.experiment(experiment_id), f"experiment {experiment_id}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -101,10 +101,7 @@ def ensure_seeded(uow: SqlUnitOfWork, model: str) -> bool:
 
 
 def require_prompt(uow: SqlUnitOfWork, name: str) -> ChampionRow:
-    champion = uow.repo.champion(name)
-    if champion is None:
-        raise domain.NotFound(f"unknown prompt {name!r}")
-    return champion
+    return domain.known(uow.repo.champion(name), f"prompt {name!r}")
 
 
 def add_version(
@@ -157,9 +154,7 @@ def add_version(
 def archive_version(name: str, version: str, uow: SqlUnitOfWork) -> dict[str, Any]:
     with uow:
         champion = require_prompt(uow, name)
-        row = uow.repo.version(name, version)
-        if row is None:
-            raise domain.NotFound(f"unknown version {version} of prompt {name!r}")
+        domain.known(uow.repo.version(name, version), f"version {version} of prompt {name!r}")
         if version == champion["version"]:
             raise domain.Conflict(f"{version} is the champion; promote or roll back to another version first")
         if version in uow.repo.versions_in_active_experiments(name):

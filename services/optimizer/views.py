@@ -14,7 +14,7 @@ from typing import Any
 
 from services.optimizer import domain
 from services.optimizer.experiments import evaluate, require_experiment
-from services.optimizer.registry import iso, version_view
+from services.optimizer.registry import iso, require_prompt, version_view
 from services.optimizer.store import ArmRow, ExperimentRow, SqlUnitOfWork
 from shared.contracts import utcnow
 
@@ -151,9 +151,7 @@ def prompts_view(uow: SqlUnitOfWork, name: str | None = None) -> list[dict[str, 
         names = [name] if name else repo.prompt_names()
         out = []
         for n in names:
-            champion = repo.champion(n)
-            if champion is None:
-                raise domain.NotFound(f"unknown prompt {n!r}")
+            champion = require_prompt(uow, n)
             out.append(
                 {
                     "name": n,
