@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, cast
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, Table, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 from starlette.datastructures import State
 from starlette.testclient import httpx as _testclient_httpx
 
 from bench.traces import found_in_redis, found_in_sqlite  # noqa: F401  (for the erasure tests)
 from gateway.run import ROOT, process_env, worker_command
-from shared.contracts import ExplanationCreated, FeedbackRecorded
+from shared.contracts import ExplanationCreated, FeedbackRecorded, utcnow
 from shared.web import AdminDep, install_error_handlers
 
 if TYPE_CHECKING:
@@ -389,6 +390,22 @@ def feedback_recorded(explanation: ExplanationCreated, rating: int = 1, **fields
         **explanation.model_dump(include=_COPIED_TO_VOTES),
     }
     return FeedbackRecorded.model_validate(values | fields)
+
+
+def stage_raw(
+    factory: sessionmaker[Session], outbox: Table, event_id: str, event_type: str, payload: object, age_s: float = 0.0
+) -> None:
+    """An outbox row written as it is given, `age_s` seconds old, past `shared.outbox.stage`: rows the relay cannot
+    read (an unknown type, a payload that is no event), or events staged in a chosen order."""
+    with factory() as session, session.begin():
+        session.execute(
+            outbox.insert().values(
+                event_id=event_id,
+                event_type=event_type,
+                payload=payload,
+                created_at=utcnow() - timedelta(seconds=age_s),
+            )
+        )
 
 
 def store_in_router(data_dir: Path, event: ExplanationCreated) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.contracts import Command, Event, FeedbackErased, utcnow
 from shared.deadletter import UNREADABLE, DeadLetters, dead_letter_table
 from shared.outbox import BatchedRelay, outbox_table, pending, relay, relay_after_commit, relay_when_done, stage
+from tests.support import stage_raw
 
 
 class BrokerDown(ConnectionError):
@@ -54,17 +54,6 @@ class Db:
         with self.factory() as session, session.begin():
             stage(session, self.table, list(events))
 
-    def stage_raw(self, event_id: str, event_type: str, payload: object, age_s: float = 0.0) -> None:
-        with self.factory() as session, session.begin():
-            session.execute(
-                self.table.insert().values(
-                    event_id=event_id,
-                    event_type=event_type,
-                    payload=payload,
-                    created_at=utcnow() - timedelta(seconds=age_s),
-                )
-            )
-
     def rows(self) -> list[dict]:
         with self.factory() as session:
             return [dict(r) for r in session.execute(select(self.table)).mappings()]
@@ -88,7 +77,7 @@ def _staged_in_order(db: Db, count: int) -> list[FeedbackErased]:
     """`count` events, each created a second after the one before (the relay publishes oldest first)."""
     events = [_event(i) for i in range(count)]
     for i, ev in enumerate(events):
-        db.stage_raw(str(ev.message_id), ev.type, ev.to_payload(), age_s=float(count - i))
+        stage_raw(db.factory, db.table, str(ev.message_id), ev.type, ev.to_payload(), age_s=float(count - i))
     return events
 
 
@@ -201,9 +190,9 @@ def test_publishing_a_requests_own_events_leaves_the_other_pending_rows_alone(db
 
 def test_an_unreadable_row_becomes_a_dead_letter_with_its_payload_and_the_rest_are_published(db: Db) -> None:
     good = _staged_in_order(db, 2)
-    db.stage_raw("not-a-dict", "no.such.event", [1, 2, 3], age_s=10)
-    db.stage_raw("unknown-type", "no.such.event", {"x": 1}, age_s=9)
-    db.stage_raw("huge", "no.such.event", list(range(2000)), age_s=8)
+    stage_raw(db.factory, db.table, "not-a-dict", "no.such.event", [1, 2, 3], age_s=10)
+    stage_raw(db.factory, db.table, "unknown-type", "no.such.event", {"x": 1}, age_s=9)
+    stage_raw(db.factory, db.table, "huge", "no.such.event", list(range(2000)), age_s=8)
     bus = RecordingBus()
     assert relay(db.factory, db.table, bus) == 2  # dead letters are not counted as published
     assert [e.message_id for e in bus.events] == [e.message_id for e in good]
@@ -272,7 +261,7 @@ def test_staging_one_event_twice_in_the_same_call_keeps_one_row(db: Db) -> None:
 
 def test_relay_on_a_batching_bus_publishes_one_batch_dead_letters_the_unreadable_and_marks_all(db: Db) -> None:
     events = _staged_in_order(db, 3)
-    db.stage_raw("bad-row", "no.such.event", {"x": 1})
+    stage_raw(db.factory, db.table, "bad-row", "no.such.event", {"x": 1})
     bus = BatchRecordingBus()
     assert relay(db.factory, db.table, bus) == 3
     assert bus.batches == [3] and [e.message_id for e in bus.events] == [e.message_id for e in events]

@@ -16,6 +16,7 @@ from services.router.store import outbox as router_outbox
 from shared.contracts import FeedbackErased, utcnow
 from shared.outbox import relay
 from tests.fakes.bus import FakeBus
+from tests.support import stage_raw
 
 
 @pytest.fixture
@@ -78,21 +79,14 @@ def test_store_files_and_their_folder_are_private_when_created(tmp_path: Path, s
         os.umask(old)
 
 
-def _stage_raw(store: RouterStore, event_id: str, event_type: str, payload: object) -> None:
-    with store.factory() as session, session.begin():
-        session.execute(
-            router_outbox.insert().values(
-                event_id=event_id, event_type=event_type, payload=payload, created_at=utcnow()
-            )
-        )
-
-
 def test_the_relay_dead_letters_what_it_cannot_read_and_publishes_the_rest(store: RouterStore) -> None:
     good = FeedbackErased(session_key="k", feedback_ids=[], explanation_ids=[], erased_at=utcnow())
     for i in range(600):  # more unreadable rows than one relay batch: they must not stop it
-        _stage_raw(store, f"bad-{i:04d}", "no.such.event", {"x": i})
-    _stage_raw(store, "bad-version", "feedback.erased", {**good.to_payload(), "schema_version": 9})
-    _stage_raw(store, str(good.message_id), good.type, good.to_payload())
+        stage_raw(store.factory, router_outbox, f"bad-{i:04d}", "no.such.event", {"x": i})
+    stage_raw(
+        store.factory, router_outbox, "bad-version", "feedback.erased", {**good.to_payload(), "schema_version": 9}
+    )
+    stage_raw(store.factory, router_outbox, str(good.message_id), good.type, good.to_payload())
     bus = FakeBus()
     published = 0
     for _ in range(3):

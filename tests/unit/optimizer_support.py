@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
+
 from services.optimizer import handlers, registry
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.store import Store, outbox
@@ -18,8 +20,10 @@ from tests.support import disposed_after, explanation_created, feedback_recorded
 MODEL = "offline/template-v1"
 
 
-def seeded_store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    """For a `store` fixture: the optimizer's store with the seed prompt champion on MODEL, disposed after."""
+@pytest.fixture(name="store")
+def optimizer_store(store_url: Callable[[str], str]) -> Iterator[Store]:
+    """The `store` fixture of the optimizer tests (a module imports it): the optimizer's store with the seed
+    prompt champion on MODEL, disposed after the test."""
     s = Store(store_url("optimizer"))
     registry.ensure_seeded(s.uow(), MODEL)
     yield from disposed_after(s)

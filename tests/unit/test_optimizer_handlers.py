@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,12 +25,14 @@ from shared.contracts import (
 )
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
 from tests.support import explanation_created, feedback_recorded
-from tests.unit.optimizer_support import MODEL, arm_fields, explain_and_vote, offline_settings, published, seeded_store
-
-
-@pytest.fixture
-def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    yield from seeded_store(store_url)
+from tests.unit.optimizer_support import (
+    MODEL,
+    arm_fields,
+    explain_and_vote,
+    offline_settings,
+    optimizer_store,  # noqa: F401  (the store fixture)
+    published,
+)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ generators see, and an exhausted search that stops with one announcement (real S
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -29,7 +28,13 @@ from services.optimizer.generation import (
 from services.optimizer.store import Store
 from shared.contracts import ExperimentStarted, SearchExhausted, utcnow
 from shared.prompts import PROMPT_NAME, SEED_TEMPLATE
-from tests.unit.optimizer_support import arm_fields, explain_and_vote, offline_settings, published, seeded_store
+from tests.unit.optimizer_support import (
+    arm_fields,
+    explain_and_vote,
+    offline_settings,
+    optimizer_store,  # noqa: F401  (the store fixture)
+    published,
+)
 
 
 def tried(version: str, traits: set[str], outcome: str = OUTCOME_LOST, **kw: Any) -> TriedVersion:
@@ -163,11 +168,6 @@ def test_history_text_shows_the_best_versions_with_scores_what_lost_and_what_was
 
 
 # -- through the store: the loop, repeats, exhaustion ------------------------------------------------------
-
-
-@pytest.fixture
-def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    yield from seeded_store(store_url)
 
 
 @pytest.fixture

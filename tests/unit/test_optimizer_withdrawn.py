@@ -3,8 +3,6 @@ control serves, it is never champion, and a late ModelRegistered for it starts n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import pytest
 
 from services.optimizer import domain, experiments, handlers, views
@@ -12,12 +10,12 @@ from services.optimizer.config import OptimizerSettings
 from services.optimizer.store import Store
 from shared.contracts import ExperimentConcluded, ModelRegistered, ModelWithdrawn, derived_id
 from shared.prompts import PROMPT_NAME
-from tests.unit.optimizer_support import MODEL, offline_settings, published, seeded_store
-
-
-@pytest.fixture
-def store(store_url: Callable[[str], str]) -> Iterator[Store]:
-    yield from seeded_store(store_url)
+from tests.unit.optimizer_support import (
+    MODEL,
+    offline_settings,
+    optimizer_store,  # noqa: F401  (the store fixture)
+    published,
+)
 
 
 @pytest.fixture
