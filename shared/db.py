@@ -23,11 +23,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, MetaData, Result, Select, Table, create_engine, event, make_url, select
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
+    from sqlalchemy.types import TypeEngine
+
     from shared.contracts import Event
     from shared.outbox import JustCommitted
 
@@ -55,19 +57,19 @@ def create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, echo: bool = False) -> sa.Engine:
     if url.startswith("sqlite"):
-        path = make_url(url).database  # None or "" for an in-memory store ("sqlite://")
+        path = sa.make_url(url).database  # None or "" for an in-memory store ("sqlite://")
         if path and path != ":memory:" and not path.startswith("file:"):
             create_private_file(Path(path))  # SQLite gives its -wal and -shm files the same mode
         timeout_ms = busy_timeout_ms()
-        engine = create_engine(
+        engine = sa.create_engine(
             url,
             echo=echo,
             connect_args={"check_same_thread": False, "timeout": timeout_ms / 1000},
         )
 
-        @event.listens_for(engine, "connect")
+        @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: object) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -79,7 +81,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
-        @event.listens_for(engine, "begin")
+        @sa.event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
             # A write takes the lock at BEGIN: two writers then queue on the busy timeout instead of failing
             # with "database is locked" when a read transaction tries to upgrade. A read takes none.
@@ -89,22 +91,22 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         # pysqlite's own transaction handling must be off for the BEGIN above to take effect.
-        @event.listens_for(engine, "connect", insert=True)
+        @sa.event.listens_for(engine, "connect", insert=True)
         def _no_pysqlite_begin(dbapi_conn: Any, _record: object) -> None:
             dbapi_conn.isolation_level = None
 
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True)
+    return sa.create_engine(url, echo=echo, pool_pre_ping=True)
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+def make_session_factory(engine: sa.Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def rowcount(result: Result[Any]) -> int:
+def rowcount(result: sa.Result[Any]) -> int:
     """How many rows an INSERT, UPDATE or DELETE matched. `Session.execute` is typed as returning a `Result`;
     for those statements it is a `CursorResult`, which has the count."""
-    return int(cast(CursorResult[Any], result).rowcount or 0)
+    return int(cast(sa.CursorResult[Any], result).rowcount or 0)
 
 
 RepoT = TypeVar("RepoT")
@@ -122,7 +124,7 @@ class UnitOfWork(Generic[RepoT]):
         self,
         factory: sessionmaker[Session],
         make_repo: Callable[[Session], RepoT],
-        outbox: Table | None,
+        outbox: sa.Table | None,
         just_committed: JustCommitted | None = None,
     ) -> None:
         self.factory = factory
@@ -159,7 +161,9 @@ class UnitOfWork(Generic[RepoT]):
         self.staged = []
 
 
-def stage_events(session: Session, outbox: Table | None, events: Sequence[Event], *, new: bool = False) -> list[Event]:
+def stage_events(
+    session: Session, outbox: sa.Table | None, events: Sequence[Event], *, new: bool = False
+) -> list[Event]:
     """Stage events in the outbox (`shared.outbox.stage`); returns those added."""
     from shared.outbox import stage
 
@@ -353,7 +357,7 @@ def _service_of(make_repo: Callable[..., object]) -> str | None:
     return parts[1] if len(parts) >= 3 and parts[0] == "services" else None
 
 
-def fetch_one_raw(engine: Engine, sql: str) -> tuple[Any, ...] | None:
+def fetch_one_raw(engine: sa.Engine, sql: str) -> tuple[Any, ...] | None:
     """The first row of one constant statement on a pooled DB-API connection: no SQLAlchemy transaction,
     compilation or result machinery (about a tenth of the cost through a SQLAlchemy connection)."""
     conn = engine.raw_connection()
@@ -367,7 +371,7 @@ def fetch_one_raw(engine: Engine, sql: str) -> tuple[Any, ...] | None:
     return tuple(row) if row is not None else None
 
 
-def is_sqlite_file(engine: Engine) -> bool:
+def is_sqlite_file(engine: sa.Engine) -> bool:
     url = engine.url
     return url.get_backend_name() == "sqlite" and bool(url.database) and url.database != ":memory:"
 
@@ -390,13 +394,13 @@ class BackgroundCheckpoints:
     INTERVAL_S = 0.25
     WAL_BOUND_PAGES = 4_000  # about 16 MB of WAL with 4 KiB pages
 
-    def __init__(self, engine: Engine, *, interval_s: float = INTERVAL_S) -> None:
+    def __init__(self, engine: sa.Engine, *, interval_s: float = INTERVAL_S) -> None:
         self.engine = engine
         self.interval_s = interval_s
         self.runs = 0  # checkpoints the thread made (busy or not)
         self.busy = 0  # of them, those another connection's checkpoint kept from running
         self.failures = 0
-        event.listen(engine, "connect", _commits_checkpoint_only_past_the_bound)
+        sa.event.listen(engine, "connect", _commits_checkpoint_only_past_the_bound)
         engine.dispose()  # the connections opened before (the migration's) have SQLite's default
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoints", daemon=True)
@@ -427,7 +431,7 @@ class BackgroundCheckpoints:
             self.checkpoint()
         except Exception:
             log.warning("the last WAL checkpoint failed; the next process to open the store makes it", exc_info=True)
-        event.remove(self.engine, "connect", _commits_checkpoint_only_past_the_bound)
+        sa.event.remove(self.engine, "connect", _commits_checkpoint_only_past_the_bound)
 
 
 def _commits_checkpoint_only_past_the_bound(dbapi_conn: Any, _record: object) -> None:
@@ -448,9 +452,9 @@ class SqlStore(Generic[RepoT]):
     def __init__(
         self,
         url: str,
-        metadata: MetaData,
+        metadata: sa.MetaData,
         make_repo: Callable[[Session], RepoT],
-        outbox: Table | None,
+        outbox: sa.Table | None,
         *,
         seed: Callable[[Session], None] | None = None,
         service: str | None = None,
@@ -505,30 +509,84 @@ class SqlStore(Generic[RepoT]):
         self.engine.dispose()
 
 
-def processed_table(metadata: MetaData) -> Table:
+#: The column type of each field the contracts carry between services (`shared.contracts`), and whether a message
+#: may leave it out (None): one type and width per field, for the service that makes it and those that keep a copy
+#: (`contract_columns`). A store whose column was made otherwise (a router's `ticker` of 12 characters, a fine-tuned
+#: model's `base_model` as text) declares that column itself: a schema is changed only by a migration.
+CONTRACT_COLUMNS: Mapping[str, tuple[TypeEngine[Any], bool]] = {
+    "explanation_id": (sa.String(36), False),
+    "feedback_id": (sa.String(36), False),
+    "session_key": (sa.String(64), False),  # keyed hash of the session, never the raw id
+    "ticker": (sa.String(32), False),
+    "signal": (sa.String(8), False),
+    "prompt_name": (sa.String(100), False),
+    "prompt_version": (sa.String(50), False),
+    "model": (sa.String(200), False),
+    "experiment_id": (sa.String(64), True),
+    "arm_id": (sa.String(64), True),
+    "prompt_text": (sa.Text(), False),
+    "text": (sa.Text(), False),
+    "tokens_in": (sa.Integer(), False),
+    "tokens_out": (sa.Integer(), False),
+    "cost_usd": (sa.Float(), False),
+    "latency_ms": (sa.Float(), False),
+    "fallback_used": (sa.Boolean(), False),
+    "created_at": (sa.DateTime(timezone=True), False),
+    "rating": (sa.SmallInteger(), False),
+    "stars": (sa.SmallInteger(), True),
+    "has_comment": (sa.Boolean(), False),
+    "submitted_at": (sa.DateTime(timezone=True), False),
+    # a prompt version (`PromptTemplate`), a champion's and an experiment's (`ChampionChanged`, `ExperimentStarted`,
+    # `ArmSpec`, `ExperimentConcluded`)
+    "template": (sa.Text(), False),
+    "previous_version": (sa.String(50), True),
+    "allocation": (sa.String(16), False),
+    "weight": (sa.Float(), False),
+    "is_control": (sa.Boolean(), False),
+    "winner_arm_id": (sa.String(64), True),
+    # a model and its training (`ModelRegistered`, `FineTuneProgress`)
+    "model_id": (sa.String(64), False),
+    "base_model": (sa.String(200), False),
+    "serving_base_url": (sa.String(500), True),
+    "metrics": (sa.JSON(), False),
+    "cost_per_1k_tokens_usd": (sa.Float(), False),
+    "job_id": (sa.String(64), False),
+    "progress": (sa.Float(), False),
+    "detail": (sa.Text(), False),
+}
+
+
+def contract_columns(*names: str, **options: Any) -> list[sa.Column[Any]]:
+    """New columns (a column belongs to one table) for these contract fields, typed as `CONTRACT_COLUMNS` says,
+    in this order, each with `options` (`primary_key=True`, `index=True`, `default=...`; a key is not null)."""
+    columns: list[sa.Column[Any]] = []
+    for name in names:
+        type_, nullable = CONTRACT_COLUMNS[name]
+        implied = {} if options.get("primary_key") else {"nullable": nullable}
+        columns.append(sa.Column(name, type_.copy(), **(implied | options)))
+    return columns
+
+
+def processed_table(metadata: sa.MetaData) -> sa.Table:
     """The ids of the messages a service has handled: every handler checks it first, because the queue
     delivers at least once."""
-    from sqlalchemy import Column, DateTime, String
-
-    return Table(
+    return sa.Table(
         "processed_messages",
         metadata,
-        Column("message_id", String(36), primary_key=True),
-        Column("handled_at", DateTime(timezone=True), nullable=False),
+        sa.Column("message_id", sa.String(36), primary_key=True),
+        sa.Column("handled_at", sa.DateTime(timezone=True), nullable=False),
     )
 
 
-def erased_votes_table(metadata: MetaData) -> Table:
+def erased_votes_table(metadata: sa.MetaData) -> sa.Table:
     """The ids of votes erased at their session's request (GDPR), with when, in a service that keeps votes
     from `FeedbackRecorded`: the queue does not keep order, so a vote cast before the erasure that arrives
     after it must be recognised and dropped (`shared.votes.erased_before`), not brought back."""
-    from sqlalchemy import Column, DateTime, String
-
-    return Table(
+    return sa.Table(
         "erased_votes",
         metadata,
-        Column("feedback_id", String(36), primary_key=True),
-        Column("erased_at", DateTime(timezone=True), nullable=False),
+        *contract_columns("feedback_id", primary_key=True),
+        sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
     )
 
 
@@ -537,18 +595,17 @@ class MessageLog:
     `processed_table` (idempotency: the message ids its handlers have applied), `outbox` its outbox table (None:
     the service publishes nothing)."""
 
-    processed: Table
-    outbox: Table | None = None
+    processed: sa.Table
+    outbox: sa.Table | None = None
 
     def __init__(self, session: Session) -> None:
         self.s = session
 
     def seen(self, message_id: object) -> bool:
-        from sqlalchemy import select
-
         table = self.processed
         return (
-            self.s.execute(select(table.c.message_id).where(table.c.message_id == str(message_id))).first() is not None
+            self.s.execute(sa.select(table.c.message_id).where(table.c.message_id == str(message_id))).first()
+            is not None
         )
 
     def mark_seen(self, message_id: object) -> None:
@@ -585,7 +642,7 @@ class MessageLog:
 IN_CHUNK = 900
 
 
-def select_in(s: Session, query: Select[Any], column: Any, values: Sequence[Any]) -> list[Any]:
+def select_in(s: Session, query: sa.Select[Any], column: Any, values: Sequence[Any]) -> list[Any]:
     """The rows of `query` whose `column` is one of `values`, in as few statements as `IN_CHUNK` allows. A
     query of one column gives its values, of several its rows."""
     out: list[Any] = []
@@ -597,13 +654,13 @@ def select_in(s: Session, query: Select[Any], column: Any, values: Sequence[Any]
 
 
 def explanations_voted_but_unknown(
-    s: Session, votes: Table, known: Table, since: datetime, until: datetime, limit: int = 500
+    s: Session, votes: sa.Table, known: sa.Table, since: datetime, until: datetime, limit: int = 500
 ) -> list[uuid.UUID]:
     """Explanations with votes (`votes`, submitted between `since` and `until`) that have no row in `known`:
     their `ExplanationCreated` never reached this store (the service asks the router for it again)."""
-    present = select(known.c.explanation_id).where(known.c.explanation_id == votes.c.explanation_id)
+    present = sa.select(known.c.explanation_id).where(known.c.explanation_id == votes.c.explanation_id)
     q = (
-        select(votes.c.explanation_id)
+        sa.select(votes.c.explanation_id)
         .where(votes.c.submitted_at >= since, votes.c.submitted_at <= until, ~present.exists())
         .distinct()
         .limit(limit)
@@ -613,7 +670,7 @@ def explanations_voted_but_unknown(
 
 def write_rows(
     s: Session,
-    table: Table,
+    table: sa.Table,
     key: str,
     new: Sequence[tuple[dict[str, Any], int]],
     replacing: Sequence[tuple[dict[str, Any], int]],
@@ -623,16 +680,14 @@ def write_rows(
     """Write a batch's rows (`shared.votes.NewestInBatch.writes`): `new` inserted, `replacing` updated by the
     column `key`, one executemany each. Each row comes with how many times the batch wrote it; a `counter`
     column counts the writes (set to that number on insert, increased by it on update)."""
-    from sqlalchemy import bindparam
-
     if new:
         s.execute(table.insert(), [row | ({counter: n} if counter else {}) for row, n in new])
     if replacing:
         columns = [c for c in replacing[0][0] if c != key]
-        values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in columns}
+        values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in columns}
         if counter:
-            values[counter] = table.c[counter] + bindparam("v_times")
-        stmt = table.update().where(table.c[key] == bindparam("k_key")).values(values)
+            values[counter] = table.c[counter] + sa.bindparam("v_times")
+        stmt = table.update().where(table.c[key] == sa.bindparam("k_key")).values(values)
         s.execute(
             stmt,
             [
@@ -642,25 +697,25 @@ def write_rows(
         )
 
 
-def existing_keys(s: Session, table: Table, key: str, keys: Iterable[str]) -> set[str]:
+def existing_keys(s: Session, table: sa.Table, key: str, keys: Iterable[str]) -> set[str]:
     """Which of `keys` are the `key` column of a row of `table` (one query per `IN_CHUNK`)."""
-    return set(select_in(s, select(table.c[key]), table.c[key], sorted(set(keys))))
+    return set(select_in(s, sa.select(table.c[key]), table.c[key], sorted(set(keys))))
 
 
-def values_by_key(s: Session, table: Table, key: str, column: str, keys: Iterable[str]) -> dict[str, Any]:
+def values_by_key(s: Session, table: sa.Table, key: str, column: str, keys: Iterable[str]) -> dict[str, Any]:
     """`column` of the rows of `table` whose `key` column is one of `keys`, by key (one query per `IN_CHUNK`)."""
-    q = select(table.c[key], table.c[column])
+    q = sa.select(table.c[key], table.c[column])
     return dict(select_in(s, q, table.c[key], sorted(set(keys))))
 
 
-def value_of(s: Session, table: Table, key: str, column: str, value: Any) -> Any:
+def value_of(s: Session, table: sa.Table, key: str, column: str, value: Any) -> Any:
     """`column` of the row of `table` whose `key` column is `value`, or None where there is no such row
     (`values_by_key` for one key)."""
-    row = s.execute(select(table.c[column]).where(table.c[key] == value)).first()
+    row = s.execute(sa.select(table.c[column]).where(table.c[key] == value)).first()
     return None if row is None else row[0]
 
 
-def insert_new(s: Session, table: Table, key: str, values: Mapping[str, Any]) -> bool:
+def insert_new(s: Session, table: sa.Table, key: str, values: Mapping[str, Any]) -> bool:
     """Insert `values` unless `table` has a row with their `key` already (an event delivered again): True when
     inserted."""
     if value_of(s, table, key, key, values[key]) is not None:
@@ -669,7 +724,7 @@ def insert_new(s: Session, table: Table, key: str, values: Mapping[str, Any]) ->
     return True
 
 
-def upsert(s: Session, table: Table, key: str, values: Mapping[str, Any], *, exists: bool | None = None) -> None:
+def upsert(s: Session, table: sa.Table, key: str, values: Mapping[str, Any], *, exists: bool | None = None) -> None:
     """`values` as the row of `table` with their `key`: that row updated where it exists, else inserted.
     `exists`: whether it does, where the caller knows (else it is looked up)."""
     if exists is None:

@@ -21,23 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Column,
-    DateTime,
-    Engine,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    cast,
-    delete,
-    func,
-    or_,
-    select,
-    update,
-)
+import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contracts import utcnow
@@ -48,23 +32,23 @@ TABLE_NAME = "dead_letters"
 MAX_ERROR_CHARS = 2000
 
 
-def dead_letter_table(metadata: MetaData) -> Table:
+def dead_letter_table(metadata: sa.MetaData) -> sa.Table:
     """The dead-letter table, added to a service's metadata (once)."""
     if TABLE_NAME in metadata.tables:
         return metadata.tables[TABLE_NAME]
-    return Table(
+    return sa.Table(
         TABLE_NAME,
         metadata,
-        Column("id", Integer, primary_key=True, autoincrement=True),
-        Column("task", String(100), nullable=False),
-        Column("message_id", String(64), nullable=True, index=True),
-        Column("reason", String(32), nullable=False),
-        Column("error", Text, nullable=False),
-        Column("payload", JSON, nullable=True),
-        Column("raw", Text, nullable=True),
-        Column("attempts", Integer, nullable=False, default=1),
-        Column("created_at", DateTime(timezone=True), nullable=False),
-        Column("replayed_at", DateTime(timezone=True), nullable=True, index=True),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("task", sa.String(100), nullable=False),
+        sa.Column("message_id", sa.String(64), nullable=True, index=True),
+        sa.Column("reason", sa.String(32), nullable=False),
+        sa.Column("error", sa.Text, nullable=False),
+        sa.Column("payload", sa.JSON, nullable=True),
+        sa.Column("raw", sa.Text, nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False, default=1),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("replayed_at", sa.DateTime(timezone=True), nullable=True, index=True),
     )
 
 
@@ -98,7 +82,7 @@ def describe_error(exc: BaseException) -> str:
 class DeadLetters:
     """The dead-letter table of one service store."""
 
-    def __init__(self, factory: sessionmaker[Session], table: Table) -> None:
+    def __init__(self, factory: sessionmaker[Session], table: sa.Table) -> None:
         self.factory = factory
         self.table = table
 
@@ -142,7 +126,7 @@ class DeadLetters:
 
     def list(self, *, limit: int = 100, include_replayed: bool = False) -> list[dict[str, Any]]:
         t = self.table
-        query = select(t).order_by(t.c.id.desc()).limit(limit)
+        query = sa.select(t).order_by(t.c.id.desc()).limit(limit)
         if not include_replayed:
             query = query.where(t.c.replayed_at.is_(None))
         with self.factory() as session:
@@ -153,19 +137,19 @@ class DeadLetters:
         t = self.table
         with self.factory() as session:
             rows = session.execute(
-                select(t.c.reason, func.count()).where(t.c.replayed_at.is_(None)).group_by(t.c.reason)
+                sa.select(t.c.reason, sa.func.count()).where(t.c.replayed_at.is_(None)).group_by(t.c.reason)
             ).all()
         return {reason: int(n) for reason, n in rows}
 
     def mark_replayed(self, ids: Sequence[int]) -> None:  # (`list` here would name the method above)
         if ids:
             with self.factory() as session, session.begin():
-                session.execute(update(self.table).where(self.table.c.id.in_(ids)).values(replayed_at=utcnow()))
+                session.execute(sa.update(self.table).where(self.table.c.id.in_(ids)).values(replayed_at=utcnow()))
 
 
-def for_engine(engine: Engine) -> DeadLetters:
+def for_engine(engine: sa.Engine) -> DeadLetters:
     """The dead letters of a store, from its engine alone (for the replay command and tests)."""
-    metadata = MetaData()
+    metadata = sa.MetaData()
     return DeadLetters(sessionmaker(engine, expire_on_commit=False), dead_letter_table(metadata))
 
 
@@ -254,7 +238,7 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def forget_session(session: Session, table: Table, keys: list[str]) -> tuple[int, int]:
+def forget_session(session: Session, table: sa.Table, keys: list[str]) -> tuple[int, int]:
     """Remove an erased session from this store's dead letters, inside the caller's transaction. A message that
     names one of its keys is rewritten without the session when it can still be replayed without it (an
     explanation's event: its cost and variant still count) and deleted when it was the session's own (a vote:
@@ -266,8 +250,8 @@ def forget_session(session: Session, table: Table, keys: list[str]) -> tuple[int
     rewritten = deleted = 0
     for key in [k for k in keys if k]:
         rows = session.execute(
-            select(table.c.id, table.c.task, table.c.payload).where(
-                or_(cast(table.c.payload, Text).contains(key), table.c.raw.contains(key))
+            sa.select(table.c.id, table.c.task, table.c.payload).where(
+                sa.or_(sa.cast(table.c.payload, sa.Text).contains(key), table.c.raw.contains(key))
             )
         ).all()
         for row_id, task, payload in rows:
@@ -276,9 +260,9 @@ def forget_session(session: Session, table: Table, keys: list[str]) -> tuple[int
                 continue  # the erasure itself: kept to be replayed
             redacted = redact_session(event_type, payload, keys) if event_type and isinstance(payload, dict) else None
             if redacted is None:
-                session.execute(delete(table).where(table.c.id == row_id))
+                session.execute(sa.delete(table).where(table.c.id == row_id))
                 deleted += 1
             else:
-                session.execute(update(table).where(table.c.id == row_id).values(payload=redacted, raw=None))
+                session.execute(sa.update(table).where(table.c.id == row_id).values(payload=redacted, raw=None))
                 rewritten += 1
     return rewritten, deleted

@@ -6,166 +6,108 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any, TypedDict
-from typing import cast as typed
+from typing import Any, TypedDict, cast
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    DateTime,
-    Float,
-    Integer,
-    MetaData,
-    SmallInteger,
-    String,
-    Table,
-    Text,
-    and_,
-    bindparam,
-    case,
-    cast,
-    delete,
-    func,
-    or_,
-    select,
-)
+import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.orm import Session
 
 from services.dashboard.domain import Cell, ExperimentInfo
+from shared import db
 from shared.clock import as_utc
-from shared.db import (
-    MessageLog,
-    SqlStore,
-    UnitOfWork,
-    erased_votes_table,
-    existing_keys,
-    explanations_voted_but_unknown,
-    insert_new,
-    processed_table,
-    rowcount,
-    select_in,
-    upsert,
-    value_of,
-    values_by_key,
-    write_rows,
-)
+from shared.rows import from_row
 from shared.votes import NewestInBatch, later_erasure
 
-metadata = MetaData()
+metadata = sa.MetaData()
 
-explanations = Table(
+explanations = sa.Table(
     "explanations",
     metadata,
-    Column("explanation_id", String(36), primary_key=True),
-    Column("day", String(10), nullable=False, index=True),  # UTC day of created_at, YYYY-MM-DD
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("ticker", String(32), nullable=False),
-    Column("signal", String(8), nullable=False),
-    Column("prompt_name", String(100), nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("provider", String(50), nullable=False),
-    Column("experiment_id", String(64), index=True),
-    Column("arm_id", String(64)),
-    Column("tokens_in", Integer, nullable=False),
-    Column("tokens_out", Integer, nullable=False),
-    Column("cost_usd", Float, nullable=False),
-    Column("latency_ms", Float, nullable=False),
-    Column("fallback_used", Boolean, nullable=False),
+    *db.contract_columns("explanation_id", primary_key=True),
+    sa.Column("day", sa.String(10), nullable=False, index=True),  # UTC day of created_at, YYYY-MM-DD
+    *db.contract_columns("created_at", "ticker", "signal", "prompt_name", "prompt_version", "model"),
+    sa.Column("provider", sa.String(50), nullable=False),
+    *db.contract_columns("experiment_id", index=True),
+    *db.contract_columns("arm_id", "tokens_in", "tokens_out", "cost_usd", "latency_ms", "fallback_used"),
     # This explanation's current votes, kept in step with `votes` by `refresh_vote_totals` in the same
     # transaction as every vote change, so the figures are one scan of this table (no join at read time).
-    Column("votes", Integer, nullable=False, default=0),
-    Column("positives", Integer, nullable=False, default=0),
-    Column("stars_sum", Integer, nullable=False, default=0),
-    Column("stars_n", Integer, nullable=False, default=0),
+    sa.Column("votes", sa.Integer, nullable=False, default=0),
+    sa.Column("positives", sa.Integer, nullable=False, default=0),
+    sa.Column("stars_sum", sa.Integer, nullable=False, default=0),
+    sa.Column("stars_n", sa.Integer, nullable=False, default=0),
 )
 
 #: The parameters of the update that sets an explanation's vote totals (`refresh_vote_totals_of`).
 TOTALS = ("k_id", "v_votes", "v_positives", "v_stars_sum", "v_stars_n")
 
 # One row per feedback_id (one per session and explanation): a replacing vote overwrites it.
-votes = Table(
+votes = sa.Table(
     "votes",
     metadata,
-    Column("feedback_id", String(36), primary_key=True),
-    Column("explanation_id", String(36), nullable=False, index=True),
-    Column("rating", SmallInteger, nullable=False),
-    Column("stars", SmallInteger),
-    Column("has_comment", Boolean, nullable=False),
-    Column("submitted_at", DateTime(timezone=True), nullable=False, index=True),
-    Column("prompt_name", String(100), nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("signal", String(8), nullable=False),
-    Column("ticker", String(32), nullable=False),
+    *db.contract_columns("feedback_id", primary_key=True),
+    *db.contract_columns("explanation_id", index=True),
+    *db.contract_columns("rating", "stars", "has_comment"),
+    *db.contract_columns("submitted_at", index=True),
+    *db.contract_columns("prompt_name", "prompt_version", "model", "signal", "ticker"),
 )
 
-erased_votes = erased_votes_table(metadata)
+erased_votes = db.erased_votes_table(metadata)
 
-experiments = Table(
+experiments = sa.Table(
     "experiments",
     metadata,
-    Column("experiment_id", String(64), primary_key=True),
-    Column("prompt_name", String(100)),
-    Column("allocation", String(16)),
-    Column("arms", JSON, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("decision", String(64)),
-    Column("winner_arm_id", String(64)),
-    Column("reason", Text, nullable=False, default=""),
-    Column("started_at", DateTime(timezone=True)),
-    Column("concluded_at", DateTime(timezone=True)),
+    *db.contract_columns("experiment_id", primary_key=True),
+    *db.contract_columns("prompt_name", "allocation", nullable=True),
+    sa.Column("arms", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("decision", sa.String(64)),
+    *db.contract_columns("winner_arm_id"),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("concluded_at", sa.DateTime(timezone=True)),
 )
 
-champions = Table(
+champions = sa.Table(
     "champion_changes",
     metadata,
-    Column("message_id", String(36), primary_key=True),
-    Column("prompt_name", String(100), nullable=False),
-    Column("version", String(50), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("previous_version", String(50)),
-    Column("reason", Text, nullable=False),
-    Column("changed_at", DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("message_id", sa.String(36), primary_key=True),
+    *db.contract_columns("prompt_name"),
+    sa.Column("version", sa.String(50), nullable=False),
+    *db.contract_columns("model", "previous_version"),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
-models = Table(
+models = sa.Table(
     "models",
     metadata,
-    Column("model_id", String(64), primary_key=True),
-    Column("model", String(200), nullable=False),
-    Column("base_model", String(200), nullable=False),
-    Column("serving_base_url", String(500)),
-    Column("metrics", JSON, nullable=False),
-    Column("cost_per_1k_tokens_usd", Float, nullable=False),
-    Column("registered_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("model_id", primary_key=True),
+    *db.contract_columns("model", "base_model", "serving_base_url", "metrics", "cost_per_1k_tokens_usd"),
+    sa.Column("registered_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-finetune_jobs = Table(
+finetune_jobs = sa.Table(
     "finetune_jobs",
     metadata,
-    Column("job_id", String(64), primary_key=True),
-    Column("state", String(32), nullable=False),
-    Column("progress", Float, nullable=False),
-    Column("detail", Text, nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("job_id", primary_key=True),
+    sa.Column("state", sa.String(32), nullable=False),
+    *db.contract_columns("progress", "detail"),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-alerts = Table(
+alerts = sa.Table(
     "alerts",
     metadata,
-    Column("alert_id", String(36), primary_key=True),
-    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
-    Column("scope", String(200), nullable=False),
-    Column("kind", String(32), nullable=False),
-    Column("message", Text, nullable=False),
-    Column("recent_rate", Float),
-    Column("baseline_rate", Float),
-    Column("recent_votes", Integer, nullable=False),
-    Column("baseline_votes", Integer, nullable=False),
-    Column("p_value", Float),
+    sa.Column("alert_id", sa.String(36), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("scope", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("recent_rate", sa.Float),
+    sa.Column("baseline_rate", sa.Float),
+    sa.Column("recent_votes", sa.Integer, nullable=False),
+    sa.Column("baseline_votes", sa.Integer, nullable=False),
+    sa.Column("p_value", sa.Float),
 )
 
 
@@ -250,14 +192,14 @@ class ExplanationExportRow(TypedDict):
 
 
 # A counter bumped by every change, so the live stream can tell cheaply whether anything changed.
-meta = Table(
+meta = sa.Table(
     "meta",
     metadata,
-    Column("key", String(32), primary_key=True),
-    Column("value", Integer, nullable=False),
+    sa.Column("key", sa.String(32), primary_key=True),
+    sa.Column("value", sa.Integer, nullable=False),
 )
 
-processed = processed_table(metadata)
+processed = db.processed_table(metadata)
 
 
 DIMENSIONS = ("day", "signal", "ticker", "prompt_name", "prompt_version", "model", "experiment_id", "arm_id")
@@ -275,7 +217,7 @@ def _iso(ts: datetime | None) -> str | None:
     return None if ts is None else as_utc(ts).isoformat()
 
 
-class DashboardRepository(MessageLog):
+class DashboardRepository(db.MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
 
     # -- idempotency and change counter -----------------------------------------------------------------
@@ -283,19 +225,19 @@ class DashboardRepository(MessageLog):
         self.s.execute(meta.update().where(meta.c.key == "revision").values(value=meta.c.value + changes))
 
     def revision(self) -> int:
-        row = self.s.execute(select(meta.c.value).where(meta.c.key == "revision")).first()
+        row = self.s.execute(sa.select(meta.c.value).where(meta.c.key == "revision")).first()
         return int(row.value) if row else 0
 
     # -- explanations -----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> bool:
-        if not insert_new(self.s, explanations, "explanation_id", values):
+        if not db.insert_new(self.s, explanations, "explanation_id", values):
             return False
         self.refresh_vote_totals(values["explanation_id"])  # votes that arrived first count now
         return True
 
     def explanations_known(self, explanation_ids: Iterable[str]) -> set[str]:
         """Which of these explanations the read model has (one query per `IN_CHUNK` ids)."""
-        return existing_keys(self.s, explanations, "explanation_id", explanation_ids)
+        return db.existing_keys(self.s, explanations, "explanation_id", explanation_ids)
 
     def add_explanations(self, rows: list[dict[str, Any]]) -> None:
         """`add_explanation` for many explanations none of which is in the read model yet: one insert of many
@@ -307,31 +249,31 @@ class DashboardRepository(MessageLog):
 
     # -- votes ------------------------------------------------------------------------------------------
     def votes_without_explanation(self, since: datetime, until: datetime) -> list[uuid.UUID]:
-        return explanations_voted_but_unknown(self.s, votes, explanations, since, until)
+        return db.explanations_voted_but_unknown(self.s, votes, explanations, since, until)
 
     def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
-        return value_of(self.s, votes, "feedback_id", "submitted_at", str(feedback_id))
+        return db.value_of(self.s, votes, "feedback_id", "submitted_at", str(feedback_id))
 
     def erased_at(self, feedback_id: uuid.UUID) -> datetime | None:
-        return value_of(self.s, erased_votes, "feedback_id", "erased_at", str(feedback_id))
+        return db.value_of(self.s, erased_votes, "feedback_id", "erased_at", str(feedback_id))
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
-        upsert(self.s, votes, "feedback_id", values, exists=replace)
+        db.upsert(self.s, votes, "feedback_id", values, exists=replace)
         self.refresh_vote_totals(values["explanation_id"])
 
     def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
-        return values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
+        return db.values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
 
     def votes_erased_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`erased_at` for many ids in one query: the erased ones, by feedback id."""
-        return values_by_key(self.s, erased_votes, "feedback_id", "erased_at", feedback_ids)
+        return db.values_by_key(self.s, erased_votes, "feedback_id", "erased_at", feedback_ids)
 
     def write_votes(self, batch: NewestInBatch) -> None:
         """A batch's votes (`shared.votes.NewestInBatch`): each feedback id's newest row, then the vote totals
         of the explanations they are on, recounted once each (`refresh_vote_totals_of`)."""
         new, replacing = batch.writes()
-        write_rows(self.s, votes, "feedback_id", new, replacing)
+        db.write_rows(self.s, votes, "feedback_id", new, replacing)
         self.refresh_vote_totals_of({row["explanation_id"] for row, _ in (*new, *replacing)})
 
     def refresh_vote_totals_of(self, explanation_ids: Iterable[str]) -> None:
@@ -339,22 +281,22 @@ class DashboardRepository(MessageLog):
         ids = sorted(set(explanation_ids))
         if not ids:
             return
-        q = select(
+        q = sa.select(
             votes.c.explanation_id,
-            func.count(),
-            func.coalesce(func.sum(case((votes.c.rating == 1, 1), else_=0)), 0),
-            func.coalesce(func.sum(votes.c.stars), 0),
-            func.count(votes.c.stars),
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(sa.case((votes.c.rating == 1, 1), else_=0)), 0),
+            sa.func.coalesce(sa.func.sum(votes.c.stars), 0),
+            sa.func.count(votes.c.stars),
         ).group_by(votes.c.explanation_id)
-        totals = {r[0]: r[1:] for r in select_in(self.s, q, votes.c.explanation_id, ids)}
+        totals = {r[0]: r[1:] for r in db.select_in(self.s, q, votes.c.explanation_id, ids)}
         self.s.execute(
             explanations.update()
-            .where(explanations.c.explanation_id == bindparam("k_id"))
+            .where(explanations.c.explanation_id == sa.bindparam("k_id"))
             .values(
-                votes=bindparam("v_votes"),
-                positives=bindparam("v_positives"),
-                stars_sum=bindparam("v_stars_sum"),
-                stars_n=bindparam("v_stars_n"),
+                votes=sa.bindparam("v_votes"),
+                positives=sa.bindparam("v_positives"),
+                stars_sum=sa.bindparam("v_stars_sum"),
+                stars_n=sa.bindparam("v_stars_n"),
             ),
             [dict(zip(TOTALS, (e, *totals.get(e, (0, 0, 0, 0))), strict=True)) for e in ids],
         )
@@ -367,20 +309,24 @@ class DashboardRepository(MessageLog):
     def erase_votes(self, feedback_ids: list[str], at: datetime) -> int:
         removed = 0
         for fid in feedback_ids:
-            owner = value_of(self.s, votes, "feedback_id", "explanation_id", fid)
-            removed += rowcount(self.s.execute(delete(votes).where(votes.c.feedback_id == fid)))
+            owner = db.value_of(self.s, votes, "feedback_id", "explanation_id", fid)
+            removed += db.rowcount(self.s.execute(sa.delete(votes).where(votes.c.feedback_id == fid)))
             if owner is not None:
                 self.refresh_vote_totals(owner)
-            remembered = value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
+            remembered = db.value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
             if later_erasure(remembered, at):
                 row = {"feedback_id": fid, "erased_at": as_utc(at)}
-                upsert(self.s, erased_votes, "feedback_id", row, exists=remembered is not None)
+                db.upsert(self.s, erased_votes, "feedback_id", row, exists=remembered is not None)
         return removed
 
     # -- experiments, champions, models, fine-tune jobs -------------------------------------------------
     def experiment(self, experiment_id: str) -> ExperimentRow | None:
-        row = self.s.execute(select(experiments).where(experiments.c.experiment_id == experiment_id)).mappings().first()
-        return typed(ExperimentRow, dict(row)) if row else None
+        row = (
+            self.s.execute(sa.select(experiments).where(experiments.c.experiment_id == experiment_id))
+            .mappings()
+            .first()
+        )
+        return cast(ExperimentRow, dict(row)) if row else None
 
     def upsert_experiment(self, experiment_id: str, values: dict[str, Any]) -> None:
         if self.experiment(experiment_id) is None:
@@ -396,11 +342,11 @@ class DashboardRepository(MessageLog):
         self.s.execute(champions.insert().values(**values))
 
     def add_model(self, values: dict[str, Any]) -> None:
-        upsert(self.s, models, "model_id", values)
+        db.upsert(self.s, models, "model_id", values)
 
     def upsert_finetune_job(self, values: dict[str, Any]) -> bool:
         row = self.s.execute(
-            select(finetune_jobs.c.updated_at).where(finetune_jobs.c.job_id == values["job_id"])
+            sa.select(finetune_jobs.c.updated_at).where(finetune_jobs.c.job_id == values["job_id"])
         ).first()
         if row is None:
             self.s.execute(finetune_jobs.insert().values(**values))
@@ -412,7 +358,7 @@ class DashboardRepository(MessageLog):
 
     # -- alerts -----------------------------------------------------------------------------------------
     def add_alert(self, values: dict[str, Any]) -> bool:
-        return insert_new(self.s, alerts, "alert_id", values)
+        return db.insert_new(self.s, alerts, "alert_id", values)
 
     # -- reads ------------------------------------------------------------------------------------------
     def cells(
@@ -422,16 +368,16 @@ class DashboardRepository(MessageLog):
         A vote counts once its explanation is here (`add_explanation` recounts the votes that came first)."""
         e = explanations
         dims = [e.c[d] for d in by]
-        q = select(
+        q = sa.select(
             *dims,
-            func.count().label("explanations"),
-            func.coalesce(func.sum(case((e.c.votes > 0, 1), else_=0)), 0).label("with_feedback"),
-            func.coalesce(func.sum(e.c.votes), 0).label("votes"),
-            func.coalesce(func.sum(e.c.positives), 0).label("positives"),
-            func.coalesce(func.sum(e.c.stars_sum), 0).label("stars_sum"),
-            func.coalesce(func.sum(e.c.stars_n), 0).label("stars_n"),
-            func.coalesce(func.sum(e.c.cost_usd), 0.0).label("cost_usd"),
-            func.coalesce(func.sum(e.c.latency_ms), 0.0).label("latency_ms"),
+            sa.func.count().label("explanations"),
+            sa.func.coalesce(sa.func.sum(sa.case((e.c.votes > 0, 1), else_=0)), 0).label("with_feedback"),
+            sa.func.coalesce(sa.func.sum(e.c.votes), 0).label("votes"),
+            sa.func.coalesce(sa.func.sum(e.c.positives), 0).label("positives"),
+            sa.func.coalesce(sa.func.sum(e.c.stars_sum), 0).label("stars_sum"),
+            sa.func.coalesce(sa.func.sum(e.c.stars_n), 0).label("stars_n"),
+            sa.func.coalesce(sa.func.sum(e.c.cost_usd), 0.0).label("cost_usd"),
+            sa.func.coalesce(sa.func.sum(e.c.latency_ms), 0.0).label("latency_ms"),
         ).group_by(*dims)
         if since_day is not None:
             q = q.where(e.c.day >= since_day)
@@ -459,7 +405,7 @@ class DashboardRepository(MessageLog):
     def first_voted_at(self, since_day: str) -> datetime | None:
         """When the first explanation of the window that has a vote was created (where the curve starts)."""
         e = explanations
-        q = select(func.min(e.c.created_at)).where(e.c.day >= since_day, e.c.votes > 0)
+        q = sa.select(sa.func.min(e.c.created_at)).where(e.c.day >= since_day, e.c.votes > 0)
         first = self.s.execute(q).scalar_one_or_none()
         return None if first is None else as_utc(first)
 
@@ -468,13 +414,16 @@ class DashboardRepository(MessageLog):
         creation time, for the explanations of the window created at `start` or later."""
         e = explanations
         if self.s.get_bind().dialect.name == "sqlite":  # stored as UTC text; integer division floors
-            index = cast(func.strftime("%s", e.c.created_at), Integer) // width_s
+            index = sa.cast(sa.func.strftime("%s", e.c.created_at), sa.Integer) // width_s
         else:
-            index = cast(func.floor(func.extract("epoch", e.c.created_at) / width_s), Integer)
+            index = sa.cast(sa.func.floor(sa.func.extract("epoch", e.c.created_at) / width_s), sa.Integer)
         bucket = index.label("bucket")
         q = (
-            select(
-                bucket, func.count(), func.coalesce(func.sum(e.c.votes), 0), func.coalesce(func.sum(e.c.positives), 0)
+            sa.select(
+                bucket,
+                sa.func.count(),
+                sa.func.coalesce(sa.func.sum(e.c.votes), 0),
+                sa.func.coalesce(sa.func.sum(e.c.positives), 0),
             )
             .where(e.c.day >= since_day, e.c.created_at >= as_utc(start))
             .group_by(bucket)
@@ -483,17 +432,17 @@ class DashboardRepository(MessageLog):
 
     def pending_votes(self) -> int:
         """Votes whose explanation the dashboard has not seen yet (counted once it arrives)."""
-        known = select(explanations.c.explanation_id).where(explanations.c.explanation_id == votes.c.explanation_id)
-        return int(self.s.execute(select(func.count()).select_from(votes).where(~known.exists())).scalar_one())
+        known = sa.select(explanations.c.explanation_id).where(explanations.c.explanation_id == votes.c.explanation_id)
+        return int(self.s.execute(sa.select(sa.func.count()).select_from(votes).where(~known.exists())).scalar_one())
 
     def vote_counts(self, start: datetime, end: datetime) -> list[tuple[str, str, int, int]]:
         """(prompt_name, prompt_version, votes, positives) of the votes submitted in (start, end]."""
         q = (
-            select(
+            sa.select(
                 votes.c.prompt_name,
                 votes.c.prompt_version,
-                func.count(),
-                func.sum(case((votes.c.rating == 1, 1), else_=0)),
+                sa.func.count(),
+                sa.func.sum(sa.case((votes.c.rating == 1, 1), else_=0)),
             )
             .where(votes.c.submitted_at > as_utc(start), votes.c.submitted_at <= as_utc(end))
             .group_by(votes.c.prompt_name, votes.c.prompt_version)
@@ -501,44 +450,40 @@ class DashboardRepository(MessageLog):
         return [(n, v, int(c), int(p or 0)) for n, v, c, p in self.s.execute(q).all()]
 
     def experiment_infos(self) -> list[ExperimentInfo]:
-        out = []
-        for r in self.s.execute(select(experiments)).mappings():
-            out.append(
-                ExperimentInfo(
-                    experiment_id=r["experiment_id"],
-                    prompt_name=r["prompt_name"],
-                    status=r["status"],
-                    decision=r["decision"],
-                    winner_arm_id=r["winner_arm_id"],
-                    reason=r["reason"] or "",
-                    allocation=r["allocation"],
-                    started_at=_iso(r["started_at"]),
-                    concluded_at=_iso(r["concluded_at"]),
-                    arms=list(r["arms"] or []),
-                )
+        return [
+            from_row(
+                ExperimentInfo,
+                r,
+                reason=r["reason"] or "",
+                started_at=_iso(r["started_at"]),
+                concluded_at=_iso(r["concluded_at"]),
+                arms=list(r["arms"] or []),
             )
-        return out
+            for r in self.s.execute(sa.select(experiments)).mappings()
+        ]
 
     def recent_alerts(self, limit: int = 50) -> list[AlertRow]:
-        rows = self.s.execute(select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)).mappings()
-        return [typed(AlertRow, {**dict(r), "created_at": _iso(r["created_at"])}) for r in rows]
+        rows = self.s.execute(sa.select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)).mappings()
+        return [cast(AlertRow, {**dict(r), "created_at": _iso(r["created_at"])}) for r in rows]
 
     def champion_history(self, limit: int = 50) -> list[ChampionChangeRow]:
         rows = self.s.execute(
-            select(champions.c.prompt_name, champions.c.version, champions.c.model, champions.c.previous_version)
+            sa.select(champions.c.prompt_name, champions.c.version, champions.c.model, champions.c.previous_version)
             .add_columns(champions.c.reason, champions.c.changed_at)
             .order_by(champions.c.changed_at.desc())
             .limit(limit)
         ).mappings()
-        return [typed(ChampionChangeRow, {**dict(r), "changed_at": _iso(r["changed_at"])}) for r in rows]
+        return [cast(ChampionChangeRow, {**dict(r), "changed_at": _iso(r["changed_at"])}) for r in rows]
 
     def model_list(self) -> list[ModelRow]:
-        rows = self.s.execute(select(models).order_by(models.c.registered_at.desc())).mappings()
-        return [typed(ModelRow, {**dict(r), "registered_at": _iso(r["registered_at"])}) for r in rows]
+        rows = self.s.execute(sa.select(models).order_by(models.c.registered_at.desc())).mappings()
+        return [cast(ModelRow, {**dict(r), "registered_at": _iso(r["registered_at"])}) for r in rows]
 
     def finetune_job_list(self, limit: int = 20) -> list[FinetuneJobRow]:
-        rows = self.s.execute(select(finetune_jobs).order_by(finetune_jobs.c.updated_at.desc()).limit(limit)).mappings()
-        return [typed(FinetuneJobRow, {**dict(r), "updated_at": _iso(r["updated_at"])}) for r in rows]
+        rows = self.s.execute(
+            sa.select(finetune_jobs).order_by(finetune_jobs.c.updated_at.desc()).limit(limit)
+        ).mappings()
+        return [cast(FinetuneJobRow, {**dict(r), "updated_at": _iso(r["updated_at"])}) for r in rows]
 
     def explanation_rows(
         self, since_day: str | None, limit: int, after: tuple[Any, str] | None = None
@@ -546,9 +491,9 @@ class DashboardRepository(MessageLog):
         """One row per explanation with its vote counts (for the export), in (created_at, id) order; `after`
         (the last row's created_at and id) starts the next page there (keyset paging)."""
         e = explanations
-        avg_stars = case((e.c.stars_n > 0, e.c.stars_sum * 1.0 / e.c.stars_n), else_=None).label("avg_stars")
+        avg_stars = sa.case((e.c.stars_n > 0, e.c.stars_sum * 1.0 / e.c.stars_n), else_=None).label("avg_stars")
         q = (
-            select(
+            sa.select(
                 e.c.explanation_id,
                 e.c.created_at,
                 e.c.ticker,
@@ -575,22 +520,22 @@ class DashboardRepository(MessageLog):
             q = q.where(e.c.day >= since_day)
         if after is not None:
             at, eid = after
-            q = q.where(or_(e.c.created_at > at, and_(e.c.created_at == at, e.c.explanation_id > eid)))
+            q = q.where(sa.or_(e.c.created_at > at, sa.and_(e.c.created_at == at, e.c.explanation_id > eid)))
         for r in self.s.execute(q).mappings():
             cursor = (r["created_at"], r["explanation_id"])
-            yield typed(ExplanationExportRow, {**dict(r), "created_at": _iso(r["created_at"]), "_cursor": cursor})
+            yield cast(ExplanationExportRow, {**dict(r), "created_at": _iso(r["created_at"]), "_cursor": cursor})
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.
-SqlUnitOfWork = UnitOfWork[DashboardRepository]
+SqlUnitOfWork = db.UnitOfWork[DashboardRepository]
 
 
 def _seed(session: Session) -> None:
-    if session.execute(select(meta.c.key).where(meta.c.key == "revision")).first() is None:
+    if session.execute(sa.select(meta.c.key).where(meta.c.key == "revision")).first() is None:
         session.execute(meta.insert().values(key="revision", value=0))
 
 
-class Store(SqlStore[DashboardRepository]):
+class Store(db.SqlStore[DashboardRepository]):
     """This service's database: its tables and repository on the shared store plumbing. No outbox: the
     dashboard only reads the other services' events and publishes none."""
 

@@ -7,135 +7,100 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, TypedDict, cast
 
-from sqlalchemy import (
-    JSON,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    SmallInteger,
-    String,
-    Table,
-    Text,
-    delete,
-    func,
-    select,
-    union_all,
-)
+import sqlalchemy as sa
 
 from services.feedback.domain import StoredVote
+from shared import db
 from shared.clock import as_utc
 from shared.contracts import Signal, utcnow
-from shared.db import (
-    IN_CHUNK,
-    MessageLog,
-    SqlStore,
-    UnitOfWork,
-    processed_table,
-    rowcount,
-    select_in,
-    upsert,
-    value_of,
-    values_by_key,
-    write_rows,
-)
 from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch
 
-metadata = MetaData()
+metadata = sa.MetaData()
 
-explanations = Table(
+explanations = sa.Table(
     "explanations",
     metadata,
-    Column("explanation_id", String(36), primary_key=True),
-    Column("prompt_name", String(100), nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("signal", String(8), nullable=False),
-    Column("ticker", String(32), nullable=False),
-    Column("experiment_id", String(64)),
-    Column("arm_id", String(64)),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("explanation_id", primary_key=True),
+    *db.contract_columns(
+        "prompt_name", "prompt_version", "model", "signal", "ticker", "experiment_id", "arm_id", "created_at"
+    ),
 )
 
 # The session each explanation was served to (keyed hash, from ExplanationCreated.session_key): the only session
 # whose vote on it counts. A table of its own rather than a column of `explanations`, so a store made before it
 # gains it at start-up (create_all adds missing tables, never missing columns). An explanation without a row
 # here predates the binding: no session's vote on it can be verified, so none counts.
-served_to = Table(
+served_to = sa.Table(
     "served_to",
     metadata,
-    Column("explanation_id", String(36), primary_key=True),
-    Column("session_key", String(64), nullable=False, index=True),
+    *db.contract_columns("explanation_id", primary_key=True),
+    *db.contract_columns("session_key", index=True),
 )
 
-feedback = Table(
+feedback = sa.Table(
     "feedback",
     metadata,
-    Column("feedback_id", String(36), primary_key=True),
-    Column("explanation_id", String(36), nullable=False, index=True),
-    Column("session_key", String(64), nullable=False, index=True),
-    Column("rating", SmallInteger, nullable=False),
-    Column("stars", SmallInteger),
-    Column("comment", Text),
-    Column("submitted_at", DateTime(timezone=True), nullable=False),
-    Column("stored_at", DateTime(timezone=True), nullable=False),
-    Column("revisions", Integer, nullable=False, default=1),
+    *db.contract_columns("feedback_id", primary_key=True),
+    *db.contract_columns("explanation_id", "session_key", index=True),
+    *db.contract_columns("rating", "stars"),
+    sa.Column("comment", sa.Text),
+    *db.contract_columns("submitted_at"),
+    sa.Column("stored_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revisions", sa.Integer, nullable=False, default=1),
 )
 
-quarantine = Table(
+quarantine = sa.Table(
     "quarantine",
     metadata,
-    Column("message_id", String(36), primary_key=True),
-    Column("feedback_id", String(36), nullable=False, index=True),
-    Column("explanation_id", String(36), nullable=False, index=True),
-    Column("session_key", String(64), nullable=False, index=True),
-    Column("command", JSON, nullable=False),
-    Column("reason", String(200), nullable=False),
-    Column("received_at", DateTime(timezone=True), nullable=False),
+    sa.Column("message_id", sa.String(36), primary_key=True),
+    *db.contract_columns("feedback_id", "explanation_id", "session_key", index=True),
+    sa.Column("command", sa.JSON, nullable=False),
+    sa.Column("reason", sa.String(200), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 # Erasure records keep `erasure_tag(session_key)` (a one-way digest, in the column named session_key), never the
 # key itself: enough to drop a vote of the session still in flight, nothing to join with.
-erasures = Table(
+erasures = sa.Table(
     "erasures",
     metadata,
-    Column("session_key", String(64), primary_key=True),
-    Column("erased_at", DateTime(timezone=True), nullable=False),
+    sa.Column("session_key", sa.String(64), primary_key=True),
+    sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 # An erasure of a session this service held nothing of: remembered only until votes still in flight have
 # arrived (they are dropped if cast before it), then purged, so such requests leave no permanent row.
-erasure_tombstones = Table(
+erasure_tombstones = sa.Table(
     "erasure_tombstones",
     metadata,
-    Column("session_key", String(64), primary_key=True),
-    Column("erased_at", DateTime(timezone=True), nullable=False),
-    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("session_key", sa.String(64), primary_key=True),
+    sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
 # How many votes the worker dropped, by reason (e.g. a quarantined vote from a session the explanation was not
 # served to, released when the explanation arrived). Counts only: nothing of the dropped vote is kept.
-dropped_votes = Table(
+dropped_votes = sa.Table(
     "dropped_votes",
     metadata,
-    Column("reason", String(64), primary_key=True),
-    Column("count", Integer, nullable=False),
+    sa.Column("reason", sa.String(64), primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False),
 )
 
-audit = Table(
+audit = sa.Table(
     "audit",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", DateTime(timezone=True), nullable=False),
-    Column("actor", String(64), nullable=False),
-    Column("action", String(64), nullable=False),
-    Column("subject", String(128), nullable=False),
-    Column("detail", JSON, nullable=False),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(128), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
 )
 
-processed = processed_table(metadata)
+processed = db.processed_table(metadata)
 
 outbox = outbox_table(metadata)
 
@@ -171,7 +136,7 @@ class AuditRow(TypedDict):
     detail: dict[str, Any]
 
 
-class FeedbackRepository(MessageLog):
+class FeedbackRepository(db.MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
     outbox = outbox  # the table forget_session_messages rewrites
 
@@ -180,7 +145,7 @@ class FeedbackRepository(MessageLog):
         """The replica's row with `session_key`, the session it was served to (None: not bound)."""
         row = (
             self.s.execute(
-                select(explanations, served_to.c.session_key)
+                sa.select(explanations, served_to.c.session_key)
                 .outerjoin(served_to, served_to.c.explanation_id == explanations.c.explanation_id)
                 .where(explanations.c.explanation_id == str(explanation_id))
             )
@@ -191,10 +156,10 @@ class FeedbackRepository(MessageLog):
 
     def explanations_by_id(self, explanation_ids: Iterable[uuid.UUID]) -> dict[str, ExplanationRow]:
         """`explanation` for many ids in one query: the rows the replica has, by explanation id."""
-        q = select(explanations, served_to.c.session_key).outerjoin(
+        q = sa.select(explanations, served_to.c.session_key).outerjoin(
             served_to, served_to.c.explanation_id == explanations.c.explanation_id
         )
-        rows = select_in(self.s, q, explanations.c.explanation_id, sorted({str(e) for e in explanation_ids}))
+        rows = db.select_in(self.s, q, explanations.c.explanation_id, sorted({str(e) for e in explanation_ids}))
         return {r.explanation_id: cast(ExplanationRow, dict(r._mapping)) for r in rows}
 
     def add_explanation(self, values: dict[str, Any], session_key: str | None = None) -> bool:
@@ -217,11 +182,11 @@ class FeedbackRepository(MessageLog):
 
     # -- votes ------------------------------------------------------------------------------------------
     def vote_submitted_at(self, feedback_id: uuid.UUID | str) -> datetime | None:
-        return value_of(self.s, feedback, "feedback_id", "submitted_at", str(feedback_id))
+        return db.value_of(self.s, feedback, "feedback_id", "submitted_at", str(feedback_id))
 
     def vote(self, feedback_id: uuid.UUID) -> StoredVote | None:
         row = self.s.execute(
-            select(feedback.c.rating, feedback.c.stars, feedback.c.submitted_at).where(
+            sa.select(feedback.c.rating, feedback.c.stars, feedback.c.submitted_at).where(
                 feedback.c.feedback_id == str(feedback_id)
             )
         ).first()
@@ -229,11 +194,11 @@ class FeedbackRepository(MessageLog):
 
     def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
-        return values_by_key(self.s, feedback, "feedback_id", "submitted_at", feedback_ids)
+        return db.values_by_key(self.s, feedback, "feedback_id", "submitted_at", feedback_ids)
 
     def write_votes(self, batch: NewestInBatch) -> None:
         """A batch's votes (`NewestInBatch`): each feedback id's newest row, `revisions` counting every write."""
-        write_rows(self.s, feedback, "feedback_id", *batch.writes(), counter="revisions")
+        db.write_rows(self.s, feedback, "feedback_id", *batch.writes(), counter="revisions")
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
         if replace:
@@ -280,30 +245,32 @@ class FeedbackRepository(MessageLog):
 
     def take_quarantined(self, explanation_id: uuid.UUID) -> list[dict[str, Any]]:
         rows = self.s.execute(
-            select(quarantine.c.command)
+            sa.select(quarantine.c.command)
             .where(quarantine.c.explanation_id == str(explanation_id))
             .order_by(quarantine.c.received_at)
         ).all()
-        self.s.execute(delete(quarantine).where(quarantine.c.explanation_id == str(explanation_id)))
+        self.s.execute(sa.delete(quarantine).where(quarantine.c.explanation_id == str(explanation_id)))
         return [r.command for r in rows]
 
     def take_quarantined_many(self, explanation_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         """`take_quarantined` for many explanations: one query per `IN_CHUNK` ids, and a delete where there was
         something. Returns the commands waiting for each explanation that has any, in the order they were
         quarantined."""
-        q = select(quarantine.c.explanation_id, quarantine.c.command).order_by(quarantine.c.received_at)
+        q = sa.select(quarantine.c.explanation_id, quarantine.c.command).order_by(quarantine.c.received_at)
         waiting: dict[str, list[dict[str, Any]]] = {}
-        for explanation_id, command in select_in(self.s, q, quarantine.c.explanation_id, sorted(set(explanation_ids))):
+        for explanation_id, command in db.select_in(
+            self.s, q, quarantine.c.explanation_id, sorted(set(explanation_ids))
+        ):
             waiting.setdefault(explanation_id, []).append(command)
         taken = sorted(waiting)
-        for k in range(0, len(taken), IN_CHUNK):
-            self.s.execute(delete(quarantine).where(quarantine.c.explanation_id.in_(taken[k : k + IN_CHUNK])))
+        for k in range(0, len(taken), db.IN_CHUNK):
+            self.s.execute(sa.delete(quarantine).where(quarantine.c.explanation_id.in_(taken[k : k + db.IN_CHUNK])))
         return waiting
 
     def quarantined_explanations(self, since: datetime, until: datetime, limit: int = 500) -> list[uuid.UUID]:
         """Explanations with votes quarantined between `since` and `until`, oldest first."""
         q = (
-            select(quarantine.c.explanation_id, func.min(quarantine.c.received_at).label("first"))
+            sa.select(quarantine.c.explanation_id, sa.func.min(quarantine.c.received_at).label("first"))
             .where(quarantine.c.received_at >= since, quarantine.c.received_at <= until)
             .group_by(quarantine.c.explanation_id)
             .order_by("first")
@@ -313,14 +280,16 @@ class FeedbackRepository(MessageLog):
 
     def list_quarantine(self, limit: int = 100) -> list[QuarantinedRow]:
         rows = self.s.execute(
-            select(quarantine.c.feedback_id, quarantine.c.explanation_id, quarantine.c.reason, quarantine.c.received_at)
+            sa.select(
+                quarantine.c.feedback_id, quarantine.c.explanation_id, quarantine.c.reason, quarantine.c.received_at
+            )
             .order_by(quarantine.c.received_at.desc())
             .limit(limit)
         ).mappings()
         return [cast(QuarantinedRow, dict(r)) for r in rows]
 
     def count_dropped(self, reason: str, n: int = 1) -> None:
-        updated = rowcount(
+        updated = db.rowcount(
             self.s.execute(
                 dropped_votes.update().where(dropped_votes.c.reason == reason).values(count=dropped_votes.c.count + n)
             )
@@ -329,7 +298,7 @@ class FeedbackRepository(MessageLog):
             self.s.execute(dropped_votes.insert().values(reason=reason, count=n))
 
     def dropped_counts(self) -> dict[str, int]:
-        rows = self.s.execute(select(dropped_votes.c.reason, dropped_votes.c.count)).all()
+        rows = self.s.execute(sa.select(dropped_votes.c.reason, dropped_votes.c.count)).all()
         return {reason: int(count) for reason, count in rows}
 
     # -- erasure ----------------------------------------------------------------------------------------
@@ -339,19 +308,19 @@ class FeedbackRepository(MessageLog):
         times = [
             row.erased_at
             for table in (erasures, erasure_tombstones)
-            if (row := self.s.execute(select(table.c.erased_at).where(table.c.session_key == tag)).first())
+            if (row := self.s.execute(sa.select(table.c.erased_at).where(table.c.session_key == tag)).first())
         ]
         return max(times, key=as_utc) if times else None
 
     def erased_at_many(self, session_keys: Iterable[str]) -> dict[str, datetime]:
         """`erased_at` for many sessions in one query (erasures and tombstones): the erased ones, by key."""
         by_tag = {erasure_tag(k): k for k in set(session_keys)}
-        q = union_all(
-            select(erasures.c.session_key, erasures.c.erased_at),
-            select(erasure_tombstones.c.session_key, erasure_tombstones.c.erased_at),
+        q = sa.union_all(
+            sa.select(erasures.c.session_key, erasures.c.erased_at),
+            sa.select(erasure_tombstones.c.session_key, erasure_tombstones.c.erased_at),
         ).subquery()
         found: dict[str, datetime] = {}
-        for tag, at in select_in(self.s, select(q.c.session_key, q.c.erased_at), q.c.session_key, sorted(by_tag)):
+        for tag, at in db.select_in(self.s, sa.select(q.c.session_key, q.c.erased_at), q.c.session_key, sorted(by_tag)):
             key = by_tag[tag]
             if key not in found or as_utc(at) > as_utc(found[key]):
                 found[key] = at
@@ -360,33 +329,35 @@ class FeedbackRepository(MessageLog):
     def holds_session(self, session_key: str) -> bool:
         """Whether anything of this session is kept here: votes, quarantined votes, explanations served to it."""
         for table in (feedback, quarantine, served_to):
-            if self.s.execute(select(table.c.session_key).where(table.c.session_key == session_key).limit(1)).first():
+            if self.s.execute(
+                sa.select(table.c.session_key).where(table.c.session_key == session_key).limit(1)
+            ).first():
                 return True
         return False
 
     def add_tombstone(self, session_key: str, at: datetime, expires_at: datetime) -> None:
         tag = erasure_tag(session_key)
-        self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == tag))
+        self.s.execute(sa.delete(erasure_tombstones).where(erasure_tombstones.c.session_key == tag))
         self.s.execute(erasure_tombstones.insert().values(session_key=tag, erased_at=at, expires_at=expires_at))
 
     def purge_tombstones(self, now: datetime) -> int:
-        return rowcount(self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.expires_at < now)))
+        return db.rowcount(self.s.execute(sa.delete(erasure_tombstones).where(erasure_tombstones.c.expires_at < now)))
 
     def erase_session(self, session_key: str, at: datetime) -> tuple[list[str], list[str]]:
         """Delete everything of the session (votes, quarantined votes, which explanations were served to it, its
         events in the outbox) and record the erasure by its tag. Returns its feedback ids and the explanations
         it voted on or was served."""
         rows = self.s.execute(
-            select(feedback.c.feedback_id, feedback.c.explanation_id).where(feedback.c.session_key == session_key)
+            sa.select(feedback.c.feedback_id, feedback.c.explanation_id).where(feedback.c.session_key == session_key)
         ).all()
-        served = self.s.execute(select(served_to.c.explanation_id).where(served_to.c.session_key == session_key))
+        served = self.s.execute(sa.select(served_to.c.explanation_id).where(served_to.c.session_key == session_key))
         explanation_ids = sorted({r.explanation_id for r in rows} | {r.explanation_id for r in served})
-        self.s.execute(delete(feedback).where(feedback.c.session_key == session_key))
-        self.s.execute(delete(quarantine).where(quarantine.c.session_key == session_key))
-        self.s.execute(delete(served_to).where(served_to.c.session_key == session_key))
+        self.s.execute(sa.delete(feedback).where(feedback.c.session_key == session_key))
+        self.s.execute(sa.delete(quarantine).where(quarantine.c.session_key == session_key))
+        self.s.execute(sa.delete(served_to).where(served_to.c.session_key == session_key))
         tag = erasure_tag(session_key)
-        self.s.execute(delete(erasure_tombstones).where(erasure_tombstones.c.session_key == tag))
-        upsert(self.s, erasures, "session_key", {"session_key": tag, "erased_at": at})
+        self.s.execute(sa.delete(erasure_tombstones).where(erasure_tombstones.c.session_key == tag))
+        db.upsert(self.s, erasures, "session_key", {"session_key": tag, "erased_at": at})
         self.forget_session_messages(session_key)
         return [r.feedback_id for r in rows], explanation_ids
 
@@ -403,15 +374,15 @@ class FeedbackRepository(MessageLog):
             )
 
     def audit_log(self, limit: int = 100) -> list[AuditRow]:
-        rows = self.s.execute(select(audit).order_by(audit.c.id.desc()).limit(limit)).mappings()
+        rows = self.s.execute(sa.select(audit).order_by(audit.c.id.desc()).limit(limit)).mappings()
         return [cast(AuditRow, dict(r)) for r in rows]
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.
-SqlUnitOfWork = UnitOfWork[FeedbackRepository]
+SqlUnitOfWork = db.UnitOfWork[FeedbackRepository]
 
 
-class Store(SqlStore[FeedbackRepository]):
+class Store(db.SqlStore[FeedbackRepository]):
     """This service's database: its tables, repository and outbox on the shared store plumbing."""
 
     def __init__(self, url: str) -> None:

@@ -8,149 +8,112 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, TypedDict, cast
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    DateTime,
-    Float,
-    Integer,
-    MetaData,
-    SmallInteger,
-    String,
-    Table,
-    Text,
-    delete,
-    func,
-    or_,
-    select,
-)
+import sqlalchemy as sa
 
 from services.finetune import domain
+from shared import db
 from shared.contracts import utcnow
-from shared.db import (
-    MessageLog,
-    SqlStore,
-    UnitOfWork,
-    existing_keys,
-    insert_new,
-    processed_table,
-    upsert,
-    value_of,
-    values_by_key,
-    write_rows,
-)
 from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch
 
-metadata = MetaData()
+metadata = sa.MetaData()
 
-explanations = Table(
+explanations = sa.Table(
     "explanations",
     metadata,
-    Column("explanation_id", String(36), primary_key=True),
-    Column("request_key", String(128), nullable=False, index=True),
-    Column("ticker", String(32), nullable=False),
-    Column("signal", String(8), nullable=False),
-    Column("prompt_name", String(100), nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("prompt_text", Text, nullable=False),
-    Column("text", Text, nullable=False),
-    Column("tokens_in", Integer, nullable=False, default=0),
-    Column("tokens_out", Integer, nullable=False, default=0),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("explanation_id", primary_key=True),
+    sa.Column("request_key", sa.String(128), nullable=False, index=True),
+    *db.contract_columns("ticker", "signal", "prompt_name", "prompt_version", "model", "prompt_text", "text"),
+    *db.contract_columns("tokens_in", "tokens_out", default=0),
+    *db.contract_columns("created_at"),
     # written by a fallback model in place of the one assigned: not trained on by default
-    Column("fallback_used", Boolean, nullable=False, default=False),
+    *db.contract_columns("fallback_used", default=False),
 )
 
-votes = Table(
+votes = sa.Table(
     "votes",
     metadata,
-    Column("feedback_id", String(36), primary_key=True),
-    Column("explanation_id", String(36), nullable=False, index=True),
-    Column("session_key", String(64), nullable=False, index=True),
-    Column("rating", SmallInteger, nullable=False),
-    Column("stars", SmallInteger),
-    Column("submitted_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("feedback_id", primary_key=True),
+    *db.contract_columns("explanation_id", "session_key", index=True),
+    *db.contract_columns("rating", "stars", "submitted_at"),
 )
 
 # Keyed by `erasure_tag(session_key)` (in the column named session_key), never by the key itself.
-erased_sessions = Table(
+erased_sessions = sa.Table(
     "erased_sessions",
     metadata,
-    Column("session_key", String(64), primary_key=True),
-    Column("erased_at", DateTime(timezone=True), nullable=False),
+    sa.Column("session_key", sa.String(64), primary_key=True),
+    sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
     # Traceability: which exports (and so which models) had used this session's feedback.
-    Column("feedback_ids", JSON, nullable=False),
-    Column("export_ids", JSON, nullable=False),
-    Column("model_ids", JSON, nullable=False),
+    sa.Column("feedback_ids", sa.JSON, nullable=False),
+    sa.Column("export_ids", sa.JSON, nullable=False),
+    sa.Column("model_ids", sa.JSON, nullable=False),
 )
 
-exports = Table(
+exports = sa.Table(
     "exports",
     metadata,
-    Column("export_id", String(36), primary_key=True),
-    Column("format", String(8), nullable=False),
-    Column("split", String(8), nullable=False),
-    Column("rows", Integer, nullable=False),
-    Column("job_id", String(64), index=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    sa.Column("export_id", sa.String(36), primary_key=True),
+    sa.Column("format", sa.String(8), nullable=False),
+    sa.Column("split", sa.String(8), nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    *db.contract_columns("job_id", index=True, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-export_feedback = Table(
+export_feedback = sa.Table(
     "export_feedback",
     metadata,
-    Column("export_id", String(36), primary_key=True),
-    Column("feedback_id", String(36), primary_key=True, index=True),
+    sa.Column("export_id", sa.String(36), primary_key=True),
+    *db.contract_columns("feedback_id", primary_key=True, index=True),
 )
 
-jobs = Table(
+jobs = sa.Table(
     "jobs",
     metadata,
-    Column("job_id", String(64), primary_key=True),
-    Column("state", String(16), nullable=False, index=True),
-    Column("method", String(8), nullable=False),
-    Column("base_model", Text, nullable=False),
-    Column("recipe", JSON, nullable=False),
-    Column("min_examples", Integer, nullable=False),
-    Column("progress", Float, nullable=False, default=0.0),
-    Column("detail", Text, nullable=False, default=""),
-    Column("reason", Text),
-    Column("cancel_requested", Boolean, nullable=False, default=False),
-    Column("heartbeat_at", DateTime(timezone=True)),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True)),
-    Column("finished_at", DateTime(timezone=True)),
-    Column("train_export_id", String(36)),
-    Column("heldout_export_id", String(36)),
-    Column("model_id", String(64)),
-    Column("metrics", JSON, nullable=False, default=dict),
+    *db.contract_columns("job_id", primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("base_model", sa.Text, nullable=False),
+    sa.Column("recipe", sa.JSON, nullable=False),
+    sa.Column("min_examples", sa.Integer, nullable=False),
+    *db.contract_columns("progress", default=0.0),
+    *db.contract_columns("detail", default=""),
+    sa.Column("reason", sa.Text),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("train_export_id", sa.String(36)),
+    sa.Column("heldout_export_id", sa.String(36)),
+    *db.contract_columns("model_id", nullable=True),
+    sa.Column("metrics", sa.JSON, nullable=False, default=dict),
 )
 
-models = Table(
+models = sa.Table(
     "models",
     metadata,
-    Column("model_id", String(64), primary_key=True),
-    Column("name", String(200), nullable=False, unique=True),
-    Column("job_id", String(64), nullable=False, unique=True),
-    Column("method", String(8), nullable=False),
-    Column("base_model", Text, nullable=False),
-    Column("adapter_path", Text, nullable=False),
-    Column("recipe", JSON, nullable=False),
-    Column("train_export_id", String(36), nullable=False),
-    Column("heldout_export_id", String(36), nullable=False),
-    Column("metrics", JSON, nullable=False),
-    Column("status", String(16), nullable=False),  # domain.MODEL_STATUSES
-    Column("status_reason", Text),
-    Column("serving_base_url", Text),
-    Column("cost_per_1k_tokens_usd", Float, nullable=False, default=0.0),
-    Column("registered_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("model_id", primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    *db.contract_columns("job_id", unique=True),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("base_model", sa.Text, nullable=False),
+    sa.Column("adapter_path", sa.Text, nullable=False),
+    sa.Column("recipe", sa.JSON, nullable=False),
+    sa.Column("train_export_id", sa.String(36), nullable=False),
+    sa.Column("heldout_export_id", sa.String(36), nullable=False),
+    *db.contract_columns("metrics"),
+    sa.Column("status", sa.String(16), nullable=False),  # domain.MODEL_STATUSES
+    sa.Column("status_reason", sa.Text),
+    sa.Column("serving_base_url", sa.Text),
+    *db.contract_columns("cost_per_1k_tokens_usd", default=0.0),
+    sa.Column("registered_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-processed = processed_table(metadata)
+processed = db.processed_table(metadata)
 
 outbox = outbox_table(metadata)
 
@@ -218,17 +181,17 @@ class ModelRow(TypedDict):
     registered_at: datetime
 
 
-class FinetuneRepository(MessageLog):
+class FinetuneRepository(db.MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
     outbox = outbox  # the table forget_session_messages rewrites
 
     # -- training data ----------------------------------------------------------------------------------
     def add_explanation(self, values: dict[str, Any]) -> bool:
-        return insert_new(self.s, explanations, "explanation_id", values)
+        return db.insert_new(self.s, explanations, "explanation_id", values)
 
     def explanations_known(self, explanation_ids: Iterable[str]) -> set[str]:
         """Which of these explanations are kept here (one query per `IN_CHUNK` ids)."""
-        return existing_keys(self.s, explanations, "explanation_id", explanation_ids)
+        return db.existing_keys(self.s, explanations, "explanation_id", explanation_ids)
 
     def add_explanations(self, rows: list[dict[str, Any]]) -> None:
         """`add_explanation` for many explanations none of which is kept yet: one insert of many rows."""
@@ -236,43 +199,43 @@ class FinetuneRepository(MessageLog):
             self.s.execute(explanations.insert(), rows)
 
     def vote_submitted_at(self, feedback_id: str) -> datetime | None:
-        return value_of(self.s, votes, "feedback_id", "submitted_at", feedback_id)
+        return db.value_of(self.s, votes, "feedback_id", "submitted_at", feedback_id)
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
-        upsert(self.s, votes, "feedback_id", values, exists=replace)
+        db.upsert(self.s, votes, "feedback_id", values, exists=replace)
 
     def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
-        return values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
+        return db.values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
 
     def write_votes(self, batch: NewestInBatch) -> None:
         """A batch's votes (`shared.votes.NewestInBatch`): each feedback id's newest row."""
-        write_rows(self.s, votes, "feedback_id", *batch.writes())
+        db.write_rows(self.s, votes, "feedback_id", *batch.writes())
 
     def erased_among(self, session_keys: Iterable[str]) -> set[str]:
         """`is_erased` for many sessions in one query: the erased ones."""
         by_tag = {erasure_tag(k): k for k in set(session_keys)}
-        return {by_tag[t] for t in existing_keys(self.s, erased_sessions, "session_key", by_tag)}
+        return {by_tag[t] for t in db.existing_keys(self.s, erased_sessions, "session_key", by_tag)}
 
     def is_erased(self, session_key: str) -> bool:
         return self.erased_at(session_key) is not None
 
     def erased_at(self, session_key: str) -> datetime | None:
-        return value_of(self.s, erased_sessions, "session_key", "erased_at", erasure_tag(session_key))
+        return db.value_of(self.s, erased_sessions, "session_key", "erased_at", erasure_tag(session_key))
 
     def erased_at_many(self, session_keys: Iterable[str]) -> dict[str, datetime]:
         """`erased_at` for many sessions in one query: the erased ones, by key."""
         by_tag = {erasure_tag(k): k for k in set(session_keys)}
-        erased = values_by_key(self.s, erased_sessions, "session_key", "erased_at", by_tag)
+        erased = db.values_by_key(self.s, erased_sessions, "session_key", "erased_at", by_tag)
         return {by_tag[tag]: at for tag, at in erased.items()}
 
     def erased_keys(self) -> frozenset[str]:
         """The keys of stored votes whose session was erased (none, unless a vote slipped in: the records keep
         only tags, so this checks each voting session's tag)."""
-        tags = {r.session_key for r in self.s.execute(select(erased_sessions.c.session_key))}
+        tags = {r.session_key for r in self.s.execute(sa.select(erased_sessions.c.session_key))}
         if not tags:
             return frozenset()
-        keys = {r.session_key for r in self.s.execute(select(votes.c.session_key).distinct())}
+        keys = {r.session_key for r in self.s.execute(sa.select(votes.c.session_key).distinct())}
         return frozenset(k for k in keys if erasure_tag(k) in tags)
 
     def erase(
@@ -283,9 +246,10 @@ class FinetuneRepository(MessageLog):
         its votes."""
         ids = set(feedback_ids)
         ids |= {
-            r.feedback_id for r in self.s.execute(select(votes.c.feedback_id).where(votes.c.session_key == session_key))
+            r.feedback_id
+            for r in self.s.execute(sa.select(votes.c.feedback_id).where(votes.c.session_key == session_key))
         }
-        self.s.execute(delete(votes).where(or_(votes.c.session_key == session_key, votes.c.feedback_id.in_(ids))))
+        self.s.execute(sa.delete(votes).where(sa.or_(votes.c.session_key == session_key, votes.c.feedback_id.in_(ids))))
         served = sorted(set(explanation_ids))
         if served:
             self.s.execute(
@@ -296,7 +260,7 @@ class FinetuneRepository(MessageLog):
             {
                 r.export_id
                 for r in self.s.execute(
-                    select(export_feedback.c.export_id).where(export_feedback.c.feedback_id.in_(ids))
+                    sa.select(export_feedback.c.export_id).where(export_feedback.c.feedback_id.in_(ids))
                 )
             }
         )
@@ -304,8 +268,8 @@ class FinetuneRepository(MessageLog):
             {
                 r.model_id
                 for r in self.s.execute(
-                    select(models.c.model_id).where(
-                        or_(models.c.train_export_id.in_(export_ids), models.c.heldout_export_id.in_(export_ids))
+                    sa.select(models.c.model_id).where(
+                        sa.or_(models.c.train_export_id.in_(export_ids), models.c.heldout_export_id.in_(export_ids))
                     )
                 )
             }
@@ -318,11 +282,11 @@ class FinetuneRepository(MessageLog):
             "export_ids": export_ids,
             "model_ids": model_ids,
         }
-        upsert(self.s, erased_sessions, "session_key", record)
+        db.upsert(self.s, erased_sessions, "session_key", record)
         return record
 
     def erasures(self, limit: int = 100) -> list[ErasureRow]:
-        rows = self.s.execute(select(erased_sessions).order_by(erased_sessions.c.erased_at.desc()).limit(limit))
+        rows = self.s.execute(sa.select(erased_sessions).order_by(erased_sessions.c.erased_at.desc()).limit(limit))
         return [
             # a prefix of the tag is enough to trace; never the whole of it
             cast(ErasureRow, {**dict(r._mapping), "session_key": r.session_key[:12]})
@@ -332,7 +296,7 @@ class FinetuneRepository(MessageLog):
     def training_explanations(self) -> list[domain.Explanation]:
         """Every explanation that has at least one vote, with its votes."""
         vote_rows = self.s.execute(
-            select(votes.c.feedback_id, votes.c.explanation_id, votes.c.session_key, votes.c.rating, votes.c.stars)
+            sa.select(votes.c.feedback_id, votes.c.explanation_id, votes.c.session_key, votes.c.rating, votes.c.stars)
         ).all()
         by_explanation: dict[str, list[domain.Vote]] = {}
         for v in vote_rows:
@@ -342,7 +306,7 @@ class FinetuneRepository(MessageLog):
         if not by_explanation:
             return []
         rows = self.s.execute(
-            select(
+            sa.select(
                 explanations.c.explanation_id,
                 explanations.c.request_key,
                 explanations.c.prompt_text,
@@ -369,23 +333,25 @@ class FinetuneRepository(MessageLog):
         used = {
             r.feedback_id
             for r in self.s.execute(
-                select(export_feedback.c.feedback_id).where(export_feedback.c.export_id.in_(list(export_ids)))
+                sa.select(export_feedback.c.feedback_id).where(export_feedback.c.export_id.in_(list(export_ids)))
             )
         }
         erased: set[str] = set()
-        for r in self.s.execute(select(erased_sessions.c.feedback_ids)):
+        for r in self.s.execute(sa.select(erased_sessions.c.feedback_ids)):
             erased |= set(r.feedback_ids or [])
         return sorted(used & erased)
 
     def mean_tokens(self) -> float:
-        value = self.s.execute(select(func.avg(explanations.c.tokens_in + explanations.c.tokens_out))).scalar()
+        value = self.s.execute(sa.select(sa.func.avg(explanations.c.tokens_in + explanations.c.tokens_out))).scalar()
         return float(value or 0.0)
 
     def counts(self) -> dict[str, int]:
         return {
-            "explanations": int(self.s.execute(select(func.count()).select_from(explanations)).scalar_one()),
-            "votes": int(self.s.execute(select(func.count()).select_from(votes)).scalar_one()),
-            "erased_sessions": int(self.s.execute(select(func.count()).select_from(erased_sessions)).scalar_one()),
+            "explanations": int(self.s.execute(sa.select(sa.func.count()).select_from(explanations)).scalar_one()),
+            "votes": int(self.s.execute(sa.select(sa.func.count()).select_from(votes)).scalar_one()),
+            "erased_sessions": int(
+                self.s.execute(sa.select(sa.func.count()).select_from(erased_sessions)).scalar_one()
+            ),
         }
 
     # -- exports ----------------------------------------------------------------------------------------
@@ -407,20 +373,20 @@ class FinetuneRepository(MessageLog):
             )
 
     def export(self, export_id: str) -> ExportRow | None:
-        row = self.s.execute(select(exports).where(exports.c.export_id == export_id)).mappings().first()
+        row = self.s.execute(sa.select(exports).where(exports.c.export_id == export_id)).mappings().first()
         if row is None:
             return None
         ids = [
             r.feedback_id
             for r in self.s.execute(
-                select(export_feedback.c.feedback_id).where(export_feedback.c.export_id == export_id)
+                sa.select(export_feedback.c.feedback_id).where(export_feedback.c.export_id == export_id)
             )
         ]
         return cast(ExportRow, {**dict(row), "feedback_ids": sorted(ids)})
 
     # -- jobs -------------------------------------------------------------------------------------------
     def job(self, job_id: str) -> JobRow | None:
-        row = self.s.execute(select(jobs).where(jobs.c.job_id == job_id)).mappings().first()
+        row = self.s.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).mappings().first()
         return cast(JobRow, dict(row)) if row else None
 
     def add_job(self, values: dict[str, Any]) -> None:
@@ -438,11 +404,11 @@ class FinetuneRepository(MessageLog):
         self.s.execute(jobs.update().where(jobs.c.job_id == job_id).values(updated_at=utcnow(), **values))
 
     def list_jobs(self, limit: int = 100) -> list[JobRow]:
-        rows = self.s.execute(select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)).mappings()
+        rows = self.s.execute(sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)).mappings()
         return [cast(JobRow, dict(r)) for r in rows]
 
     def active_jobs(self) -> list[JobRow]:
-        rows = self.s.execute(select(jobs).where(jobs.c.state.in_(sorted(domain.ACTIVE_STATES)))).mappings()
+        rows = self.s.execute(sa.select(jobs).where(jobs.c.state.in_(sorted(domain.ACTIVE_STATES)))).mappings()
         return [cast(JobRow, dict(r)) for r in rows]
 
     # -- models -----------------------------------------------------------------------------------------
@@ -450,22 +416,22 @@ class FinetuneRepository(MessageLog):
         self.s.execute(models.insert().values(**values))
 
     def model(self, model_id: str) -> ModelRow | None:
-        row = self.s.execute(select(models).where(models.c.model_id == model_id)).mappings().first()
+        row = self.s.execute(sa.select(models).where(models.c.model_id == model_id)).mappings().first()
         return cast(ModelRow, dict(row)) if row else None
 
     def update_model(self, model_id: str, **values: Any) -> None:
         self.s.execute(models.update().where(models.c.model_id == model_id).values(**values))
 
     def list_models(self) -> list[ModelRow]:
-        rows = self.s.execute(select(models).order_by(models.c.registered_at.desc())).mappings()
+        rows = self.s.execute(sa.select(models).order_by(models.c.registered_at.desc())).mappings()
         return [cast(ModelRow, dict(r)) for r in rows]
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.
-SqlUnitOfWork = UnitOfWork[FinetuneRepository]
+SqlUnitOfWork = db.UnitOfWork[FinetuneRepository]
 
 
-class Store(SqlStore[FinetuneRepository]):
+class Store(db.SqlStore[FinetuneRepository]):
     """This service's database: its tables, repository and outbox on the shared store plumbing."""
 
     def __init__(self, url: str) -> None:

@@ -45,6 +45,7 @@ from services.optimizer.store import SqlUnitOfWork
 from shared.clock import as_utc
 from shared.contracts import SearchExhausted as SearchExhaustedEvent
 from shared.contracts import derived_id, utcnow
+from shared.rows import from_row
 
 OUTCOME_REPLACED = "replaced"  # was champion, replaced by a winner or a rollback
 REJECTED_KEPT = 50  # latest rejected proposals a generator is shown (deduplicated)
@@ -139,16 +140,7 @@ def _survey(
             outcome = OUTCOME_CHAMPION
         elif not fact and v["status"] == domain.VERSION_ARCHIVED:
             outcome = OUTCOME_REPLACED
-        history_versions.append(
-            TriedVersion(
-                version=v["version"],
-                template=v["template"],
-                source=v["source"],
-                parent_version=v["parent_version"],
-                reason=v["reason"],
-                **(fact | {"outcome": outcome}),
-            )
-        )
+        history_versions.append(from_row(TriedVersion, v, **(fact | {"outcome": outcome})))
     rejected: list[RejectedProposal] = []
     seen: set[str] = set()
     empty, counting = 0, True

@@ -8,198 +8,154 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, TypedDict, cast
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    CursorResult,
-    DateTime,
-    Float,
-    Insert,
-    Integer,
-    MetaData,
-    SmallInteger,
-    String,
-    Table,
-    Text,
-    case,
-    delete,
-    func,
-    select,
-)
+import sqlalchemy as sa
 
 from services.optimizer import domain
 from services.optimizer.stats.results import ArmData
+from shared import db
 from shared.clock import as_utc
 from shared.contracts import utcnow
-from shared.db import (
-    MessageLog,
-    SqlStore,
-    UnitOfWork,
-    erased_votes_table,
-    existing_keys,
-    explanations_voted_but_unknown,
-    processed_table,
-    rowcount,
-    select_in,
-    upsert,
-    value_of,
-    values_by_key,
-    write_rows,
-)
 from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch, later_erasure
 
-metadata = MetaData()
+metadata = sa.MetaData()
 
-prompt_versions = Table(
+prompt_versions = sa.Table(
     "prompt_versions",
     metadata,
-    Column("name", String(100), primary_key=True),
-    Column("version", String(50), primary_key=True),
-    Column("template", Text, nullable=False),
-    Column("parent_version", String(50)),
-    Column("reason", String(500), nullable=False, default=""),  # why it was made (lineage)
-    Column("source", String(32), nullable=False),  # seed | offline | openai | manual
-    Column("status", String(16), nullable=False),  # active | candidate | archived
-    Column("generation_id", Integer),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("version", sa.String(50), primary_key=True),
+    *db.contract_columns("template"),
+    sa.Column("parent_version", sa.String(50)),
+    sa.Column("reason", sa.String(500), nullable=False, default=""),  # why it was made (lineage)
+    sa.Column("source", sa.String(32), nullable=False),  # seed | offline | openai | manual
+    sa.Column("status", sa.String(16), nullable=False),  # active | candidate | archived
+    sa.Column("generation_id", sa.Integer),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-champions = Table(
+champions = sa.Table(
     "champions",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(100), nullable=False, index=True),
-    Column("version", String(50), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("kind", String(16), nullable=False),  # seed | promotion | rollback
-    Column("reason", String(1000), nullable=False, default=""),
-    Column("experiment_id", String(64)),
-    Column("previous_version", String(50)),
-    Column("previous_model", String(200)),
-    Column("since", DateTime(timezone=True), nullable=False),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(100), nullable=False, index=True),
+    sa.Column("version", sa.String(50), nullable=False),
+    *db.contract_columns("model"),
+    sa.Column("kind", sa.String(16), nullable=False),  # seed | promotion | rollback
+    sa.Column("reason", sa.String(1000), nullable=False, default=""),
+    *db.contract_columns("experiment_id", "previous_version"),
+    sa.Column("previous_model", sa.String(200)),
+    sa.Column("since", sa.DateTime(timezone=True), nullable=False),
 )
 
-experiments = Table(
+experiments = sa.Table(
     "experiments",
     metadata,
-    Column("experiment_id", String(64), primary_key=True),
-    Column("prompt_name", String(100), nullable=False, index=True),
-    Column("status", String(24), nullable=False, index=True),
-    Column("allocation", String(16), nullable=False),
-    Column("metric", String(32), nullable=False),
-    Column("alpha", Float, nullable=False),
-    Column("min_duration_s", Float, nullable=False),
-    Column("min_feedback_per_arm", Integer, nullable=False),
-    Column("max_feedback_per_arm", Integer, nullable=False),
-    Column("target_lift", Float, nullable=False),
-    Column("futility_alpha", Float),  # null: futility judged on the decision's interval
-    Column("feedback_rate_grace_s", Float),  # null: the feedback rate counts every session
-    Column("min_lift_to_ship", Float, nullable=False),
-    Column("max_cost_ratio", Float),
-    Column("max_latency_ratio", Float),
-    Column("min_feedback_rate_ratio", Float),
-    Column("source", String(16), nullable=False),
-    Column("note", String(500), nullable=False, default=""),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True)),
-    Column("ended_at", DateTime(timezone=True)),
-    Column("weights", JSON, nullable=False),  # in force now
-    Column("allocation_history", JSON, nullable=False),  # [[exposures when it took effect, weights], ...]
-    Column("reweighted_at_feedback", Integer, nullable=False, default=0),
-    Column("decision", String(24)),  # the final decision once ended
-    Column("winner_arm_id", String(64)),
-    Column("reason", String(2000), nullable=False, default=""),
-    Column("last_status", String(24)),  # the latest decision while running
-    Column("last_reason", String(2000)),
-    Column("last_decided_at", DateTime(timezone=True)),
-    Column("promoted_champion_id", Integer),
-    Column("rolled_back", Boolean, nullable=False, default=False),
+    *db.contract_columns("experiment_id", primary_key=True),
+    *db.contract_columns("prompt_name", index=True),
+    sa.Column("status", sa.String(24), nullable=False, index=True),
+    *db.contract_columns("allocation"),
+    sa.Column("metric", sa.String(32), nullable=False),
+    sa.Column("alpha", sa.Float, nullable=False),
+    sa.Column("min_duration_s", sa.Float, nullable=False),
+    sa.Column("min_feedback_per_arm", sa.Integer, nullable=False),
+    sa.Column("max_feedback_per_arm", sa.Integer, nullable=False),
+    sa.Column("target_lift", sa.Float, nullable=False),
+    sa.Column("futility_alpha", sa.Float),  # null: futility judged on the decision's interval
+    sa.Column("feedback_rate_grace_s", sa.Float),  # null: the feedback rate counts every session
+    sa.Column("min_lift_to_ship", sa.Float, nullable=False),
+    sa.Column("max_cost_ratio", sa.Float),
+    sa.Column("max_latency_ratio", sa.Float),
+    sa.Column("min_feedback_rate_ratio", sa.Float),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("note", sa.String(500), nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("ended_at", sa.DateTime(timezone=True)),
+    sa.Column("weights", sa.JSON, nullable=False),  # in force now
+    sa.Column("allocation_history", sa.JSON, nullable=False),  # [[exposures when it took effect, weights], ...]
+    sa.Column("reweighted_at_feedback", sa.Integer, nullable=False, default=0),
+    sa.Column("decision", sa.String(24)),  # the final decision once ended
+    *db.contract_columns("winner_arm_id"),
+    sa.Column("reason", sa.String(2000), nullable=False, default=""),
+    sa.Column("last_status", sa.String(24)),  # the latest decision while running
+    sa.Column("last_reason", sa.String(2000)),
+    sa.Column("last_decided_at", sa.DateTime(timezone=True)),
+    sa.Column("promoted_champion_id", sa.Integer),
+    sa.Column("rolled_back", sa.Boolean, nullable=False, default=False),
 )
 
-arms = Table(
+arms = sa.Table(
     "arms",
     metadata,
-    Column("experiment_id", String(64), primary_key=True),
-    Column("arm_id", String(64), primary_key=True),
-    Column("position", SmallInteger, nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("initial_weight", Float, nullable=False),
-    Column("is_control", Boolean, nullable=False),
+    *db.contract_columns("experiment_id", "arm_id", primary_key=True),
+    sa.Column("position", sa.SmallInteger, nullable=False),
+    *db.contract_columns("prompt_version", "model"),
+    sa.Column("initial_weight", sa.Float, nullable=False),
+    *db.contract_columns("is_control"),
 )
 
-exposures = Table(
+exposures = sa.Table(
     "exposures",
     metadata,
-    Column("explanation_id", String(36), primary_key=True),
-    Column("experiment_id", String(64), index=True),
-    Column("arm_id", String(64)),
-    Column("prompt_name", String(100), nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("cost_usd", Float, nullable=False),
-    Column("latency_ms", Float, nullable=False),
-    Column("fallback_used", Boolean, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("explanation_id", primary_key=True),
+    *db.contract_columns("experiment_id", index=True),
+    *db.contract_columns(
+        "arm_id", "prompt_name", "prompt_version", "model", "cost_usd", "latency_ms", "fallback_used", "created_at"
+    ),
 )
 
 # The session each explanation was served to and its signal: the unit of analysis and the segment. A table of
 # its own (not columns of exposures) so that stores made before it gain it by create_all; an exposure without a
 # row here (recorded before) is its own session, of signal "unknown".
-exposure_units = Table(
+exposure_units = sa.Table(
     "exposure_units",
     metadata,
-    Column("explanation_id", String(36), primary_key=True),
-    Column("experiment_id", String(64), index=True),
-    Column("session_key", String(128), nullable=False),  # keyed hash of the session; the explanation id if none
-    Column("signal", String(16), nullable=False),
+    *db.contract_columns("explanation_id", primary_key=True),
+    *db.contract_columns("experiment_id", index=True),
+    sa.Column("session_key", sa.String(128), nullable=False),  # keyed hash of the session; the explanation id if none
+    sa.Column("signal", sa.String(16), nullable=False),
 )
 
-votes = Table(
+votes = sa.Table(
     "votes",
     metadata,
-    Column("feedback_id", String(36), primary_key=True),  # a replacing vote keeps it: upsert
-    Column("explanation_id", String(36), nullable=False, index=True),
-    Column("experiment_id", String(64), index=True),
-    Column("arm_id", String(64)),
-    Column("rating", SmallInteger, nullable=False),
-    Column("stars", SmallInteger),
-    Column("submitted_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("feedback_id", primary_key=True),  # a replacing vote keeps it: upsert
+    *db.contract_columns("explanation_id", "experiment_id", index=True),
+    *db.contract_columns("arm_id", "rating", "stars", "submitted_at"),
 )
 
-erased_votes = erased_votes_table(metadata)
+erased_votes = db.erased_votes_table(metadata)
 
 # Sessions erased on request, by `erasure_tag` (never the key), with the anonymous unit their exposures were
 # given: an explanation served before the erasure whose event arrives after it joins that unit, without the key.
-erased_sessions = Table(
+erased_sessions = sa.Table(
     "erased_sessions",
     metadata,
-    Column("tag", String(64), primary_key=True),
-    Column("unit", String(128), nullable=False),
-    Column("erased_at", DateTime(timezone=True), nullable=False),
+    sa.Column("tag", sa.String(64), primary_key=True),
+    sa.Column("unit", sa.String(128), nullable=False),
+    sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-generations = Table(
+generations = sa.Table(
     "generations",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("prompt_name", String(100), nullable=False, index=True),
-    Column("at", DateTime(timezone=True), nullable=False),
-    Column("source", String(32), nullable=False),  # offline | openai
-    Column("model", String(200), nullable=False),
-    Column("parent_version", String(50), nullable=False),
-    Column("requested", Integer, nullable=False),
-    Column("accepted", JSON, nullable=False),  # versions added
-    Column("rejected", JSON, nullable=False),  # [{reason, preview}]
-    Column("cost_usd", Float, nullable=False),
-    Column("tokens_in", Integer, nullable=False),
-    Column("tokens_out", Integer, nullable=False),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    *db.contract_columns("prompt_name", index=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("source", sa.String(32), nullable=False),  # offline | openai
+    *db.contract_columns("model"),
+    sa.Column("parent_version", sa.String(50), nullable=False),
+    sa.Column("requested", sa.Integer, nullable=False),
+    sa.Column("accepted", sa.JSON, nullable=False),  # versions added
+    sa.Column("rejected", sa.JSON, nullable=False),  # [{reason, preview}]
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("tokens_in", sa.Integer, nullable=False),
+    sa.Column("tokens_out", sa.Integer, nullable=False),
 )
 
-processed = processed_table(metadata)
+processed = db.processed_table(metadata)
 
 outbox = outbox_table(metadata)
 
@@ -282,24 +238,24 @@ class GenerationRow(TypedDict):
     tokens_out: int
 
 
-class OptimizerRepository(MessageLog):
+class OptimizerRepository(db.MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
     outbox = outbox  # the table forget_session_messages rewrites
 
     # -- prompt versions --------------------------------------------------------------------------------
     def prompt_names(self) -> list[str]:
         return list(
-            self.s.execute(select(prompt_versions.c.name).distinct().order_by(prompt_versions.c.name)).scalars()
+            self.s.execute(sa.select(prompt_versions.c.name).distinct().order_by(prompt_versions.c.name)).scalars()
         )
 
     def versions(self, name: str) -> list[PromptVersionRow]:
         rows = self.s.execute(
-            select(prompt_versions).where(prompt_versions.c.name == name).order_by(prompt_versions.c.created_at)
+            sa.select(prompt_versions).where(prompt_versions.c.name == name).order_by(prompt_versions.c.created_at)
         ).mappings()
         return [cast(PromptVersionRow, dict(r)) for r in rows]
 
     def version(self, name: str, version: str) -> PromptVersionRow | None:
-        q = select(prompt_versions).where(prompt_versions.c.name == name, prompt_versions.c.version == version)
+        q = sa.select(prompt_versions).where(prompt_versions.c.name == name, prompt_versions.c.version == version)
         row = self.s.execute(q).mappings().first()
         return cast(PromptVersionRow, dict(row)) if row else None
 
@@ -315,24 +271,24 @@ class OptimizerRepository(MessageLog):
 
     # -- champions --------------------------------------------------------------------------------------
     def champion(self, name: str) -> ChampionRow | None:
-        q = select(champions).where(champions.c.name == name).order_by(champions.c.id.desc()).limit(1)
+        q = sa.select(champions).where(champions.c.name == name).order_by(champions.c.id.desc()).limit(1)
         row = self.s.execute(q).mappings().first()
         return cast(ChampionRow, dict(row)) if row else None
 
     def champion_by_id(self, champion_id: int) -> ChampionRow | None:
-        row = self.s.execute(select(champions).where(champions.c.id == champion_id)).mappings().first()
+        row = self.s.execute(sa.select(champions).where(champions.c.id == champion_id)).mappings().first()
         return cast(ChampionRow, dict(row)) if row else None
 
     def champion_history(self, name: str) -> list[ChampionRow]:
-        q = select(champions).where(champions.c.name == name).order_by(champions.c.id)
+        q = sa.select(champions).where(champions.c.name == name).order_by(champions.c.id)
         return [cast(ChampionRow, dict(r)) for r in self.s.execute(q).mappings()]
 
     def add_champion(self, values: dict[str, Any]) -> int:
         return self._insert(champions.insert().values(since=utcnow(), **values))
 
-    def _insert(self, statement: Insert) -> int:
+    def _insert(self, statement: sa.Insert) -> int:
         """Run an INSERT into a table with an autoincrement key; the key it got."""
-        result = cast(CursorResult[Any], self.s.execute(statement))
+        result = cast(sa.CursorResult[Any], self.s.execute(statement))
         assert result.inserted_primary_key is not None  # a single-row INSERT always has one
         return int(result.inserted_primary_key[0])
 
@@ -343,12 +299,12 @@ class OptimizerRepository(MessageLog):
             self.s.execute(arms.insert().values(experiment_id=values["experiment_id"], position=position, **arm))
 
     def experiment(self, experiment_id: str) -> ExperimentRow | None:
-        q = select(experiments).where(experiments.c.experiment_id == experiment_id)
+        q = sa.select(experiments).where(experiments.c.experiment_id == experiment_id)
         row = self.s.execute(q).mappings().first()
         return cast(ExperimentRow, dict(row)) if row else None
 
     def experiments(self, status: str | None = None, prompt_name: str | None = None) -> list[ExperimentRow]:
-        q = select(experiments).order_by(experiments.c.created_at.desc())
+        q = sa.select(experiments).order_by(experiments.c.created_at.desc())
         if status is not None:
             q = q.where(experiments.c.status == status)
         if prompt_name is not None:
@@ -356,7 +312,7 @@ class OptimizerRepository(MessageLog):
         return [cast(ExperimentRow, dict(r)) for r in self.s.execute(q).mappings()]
 
     def active_experiment(self, prompt_name: str) -> ExperimentRow | None:
-        q = select(experiments).where(
+        q = sa.select(experiments).where(
             experiments.c.prompt_name == prompt_name, experiments.c.status.in_(sorted(domain.ACTIVE_STATES))
         )
         row = self.s.execute(q).mappings().first()
@@ -366,7 +322,7 @@ class OptimizerRepository(MessageLog):
         self.s.execute(experiments.update().where(experiments.c.experiment_id == experiment_id).values(**values))
 
     def arms(self, experiment_id: str) -> list[ArmRow]:
-        q = select(arms).where(arms.c.experiment_id == experiment_id).order_by(arms.c.position)
+        q = sa.select(arms).where(arms.c.experiment_id == experiment_id).order_by(arms.c.position)
         return [cast(ArmRow, dict(r)) for r in self.s.execute(q).mappings()]
 
     def rebase_arms(self, experiment_id: str, champion_version: str, champion_model: str) -> None:
@@ -384,7 +340,7 @@ class OptimizerRepository(MessageLog):
 
     def versions_in_active_experiments(self, name: str) -> set[str]:
         q = (
-            select(arms.c.prompt_version)
+            sa.select(arms.c.prompt_version)
             .join(experiments, experiments.c.experiment_id == arms.c.experiment_id)
             .where(
                 experiments.c.prompt_name == name,
@@ -395,7 +351,7 @@ class OptimizerRepository(MessageLog):
 
     def tested_versions(self, name: str) -> set[str]:
         q = (
-            select(arms.c.prompt_version)
+            sa.select(arms.c.prompt_version)
             .join(experiments, experiments.c.experiment_id == arms.c.experiment_id)
             .where(experiments.c.prompt_name == name)
         )
@@ -403,12 +359,12 @@ class OptimizerRepository(MessageLog):
 
     # -- exposures and votes ----------------------------------------------------------------------------
     def votes_without_explanation(self, since: datetime, until: datetime) -> list[uuid.UUID]:
-        return explanations_voted_but_unknown(self.s, votes, exposures, since, until)
+        return db.explanations_voted_but_unknown(self.s, votes, exposures, since, until)
 
     def add_exposure(self, values: dict[str, Any], *, session_key: str | None = None, signal: str = "unknown") -> bool:
         """Record an explanation an arm served, with the session it was served to (its own id when the event
         carried none: an old message is its own session). False when already recorded."""
-        q = select(exposures.c.explanation_id).where(exposures.c.explanation_id == values["explanation_id"])
+        q = sa.select(exposures.c.explanation_id).where(exposures.c.explanation_id == values["explanation_id"])
         if self.s.execute(q).first() is not None:
             return False
         self.s.execute(exposures.insert().values(**values))
@@ -424,7 +380,7 @@ class OptimizerRepository(MessageLog):
 
     def exposures_known(self, explanation_ids: Iterable[str]) -> set[str]:
         """Which of these explanations have an exposure recorded (one query per `IN_CHUNK` ids)."""
-        return existing_keys(self.s, exposures, "explanation_id", explanation_ids)
+        return db.existing_keys(self.s, exposures, "explanation_id", explanation_ids)
 
     def add_exposures(self, rows: list[tuple[dict[str, Any], str | None, str]]) -> None:
         """`add_exposure` for many explanations none of which is recorded yet, (values, session_key, signal)
@@ -446,34 +402,34 @@ class OptimizerRepository(MessageLog):
         )
 
     def vote_submitted_at(self, feedback_id: uuid.UUID) -> datetime | None:
-        return value_of(self.s, votes, "feedback_id", "submitted_at", str(feedback_id))
+        return db.value_of(self.s, votes, "feedback_id", "submitted_at", str(feedback_id))
 
     def votes_submitted_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`vote_submitted_at` for many ids in one query: the stored ones, by feedback id."""
-        return values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
+        return db.values_by_key(self.s, votes, "feedback_id", "submitted_at", feedback_ids)
 
     def votes_erased_at(self, feedback_ids: Iterable[str]) -> dict[str, datetime]:
         """`vote_erased_at` for many ids in one query: the erased ones, by feedback id."""
-        return values_by_key(self.s, erased_votes, "feedback_id", "erased_at", feedback_ids)
+        return db.values_by_key(self.s, erased_votes, "feedback_id", "erased_at", feedback_ids)
 
     def write_votes(self, batch: NewestInBatch) -> None:
         """A batch's votes (`shared.votes.NewestInBatch`): each feedback id's newest row."""
-        write_rows(self.s, votes, "feedback_id", *batch.writes())
+        db.write_rows(self.s, votes, "feedback_id", *batch.writes())
 
     def upsert_vote(self, values: dict[str, Any], *, replace: bool) -> None:
-        upsert(self.s, votes, "feedback_id", values, exists=replace)
+        db.upsert(self.s, votes, "feedback_id", values, exists=replace)
 
     def delete_votes(self, feedback_ids: list[str]) -> int:
         if not feedback_ids:
             return 0
-        return rowcount(self.s.execute(delete(votes).where(votes.c.feedback_id.in_(feedback_ids))))
+        return db.rowcount(self.s.execute(sa.delete(votes).where(votes.c.feedback_id.in_(feedback_ids))))
 
     def remember_erased(self, feedback_ids: list[str], erased_at: datetime) -> None:
         for fid in feedback_ids:
-            remembered = value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
+            remembered = db.value_of(self.s, erased_votes, "feedback_id", "erased_at", fid)
             if later_erasure(remembered, erased_at):
                 row = {"feedback_id": fid, "erased_at": as_utc(erased_at)}
-                upsert(self.s, erased_votes, "feedback_id", row, exists=remembered is not None)
+                db.upsert(self.s, erased_votes, "feedback_id", row, exists=remembered is not None)
 
     def erase_session(self, session_key: str, feedback_ids: list[str], explanation_ids: list[str], at: datetime) -> int:
         """Forget an erased session: its votes (the ids the event names, and any vote on an explanation served to
@@ -484,20 +440,22 @@ class OptimizerRepository(MessageLog):
         served = {
             r.explanation_id
             for r in self.s.execute(
-                select(exposure_units.c.explanation_id).where(exposure_units.c.session_key == session_key)
+                sa.select(exposure_units.c.explanation_id).where(exposure_units.c.session_key == session_key)
             )
         } | set(explanation_ids)
         ids = set(feedback_ids)
         if served:
             ids |= {
                 r.feedback_id
-                for r in self.s.execute(select(votes.c.feedback_id).where(votes.c.explanation_id.in_(sorted(served))))
+                for r in self.s.execute(
+                    sa.select(votes.c.feedback_id).where(votes.c.explanation_id.in_(sorted(served)))
+                )
             }
         self.remember_erased(sorted(ids), at)
         removed = self.delete_votes(sorted(ids))
         tag = erasure_tag(session_key)
         known = self.s.execute(
-            select(erased_sessions.c.unit, erased_sessions.c.erased_at).where(erased_sessions.c.tag == tag)
+            sa.select(erased_sessions.c.unit, erased_sessions.c.erased_at).where(erased_sessions.c.tag == tag)
         ).first()
         unit = known.unit if known else f"erased-{uuid.uuid4().hex}"
         if known:
@@ -514,7 +472,7 @@ class OptimizerRepository(MessageLog):
     def erased_session(self, session_key: str) -> tuple[datetime, str] | None:
         """(when, the anonymous unit) if this session was erased, else None."""
         row = self.s.execute(
-            select(erased_sessions.c.erased_at, erased_sessions.c.unit).where(
+            sa.select(erased_sessions.c.erased_at, erased_sessions.c.unit).where(
                 erased_sessions.c.tag == erasure_tag(session_key)
             )
         ).first()
@@ -523,39 +481,39 @@ class OptimizerRepository(MessageLog):
     def erased_sessions(self, session_keys: Iterable[str]) -> dict[str, tuple[datetime, str]]:
         """`erased_session` for many sessions in one query: (when, the anonymous unit) of the erased ones, by key."""
         by_tag = {erasure_tag(k): k for k in set(session_keys)}
-        q = select(erased_sessions.c.tag, erased_sessions.c.erased_at, erased_sessions.c.unit)
+        q = sa.select(erased_sessions.c.tag, erased_sessions.c.erased_at, erased_sessions.c.unit)
         return {
-            by_tag[r.tag]: (r.erased_at, r.unit) for r in select_in(self.s, q, erased_sessions.c.tag, sorted(by_tag))
+            by_tag[r.tag]: (r.erased_at, r.unit) for r in db.select_in(self.s, q, erased_sessions.c.tag, sorted(by_tag))
         }
 
     def vote_erased_at(self, feedback_id: uuid.UUID) -> datetime | None:
-        return value_of(self.s, erased_votes, "feedback_id", "erased_at", str(feedback_id))
+        return db.value_of(self.s, erased_votes, "feedback_id", "erased_at", str(feedback_id))
 
     def count_feedback(self, experiment_id: str) -> int:
-        q = select(func.count()).select_from(votes).where(votes.c.experiment_id == experiment_id)
+        q = sa.select(sa.func.count()).select_from(votes).where(votes.c.experiment_id == experiment_id)
         return int(self.s.execute(q).scalar_one())
 
     def count_exposures(self, experiment_id: str) -> int:
-        q = select(func.count()).select_from(exposures).where(exposures.c.experiment_id == experiment_id)
+        q = sa.select(sa.func.count()).select_from(exposures).where(exposures.c.experiment_id == experiment_id)
         return int(self.s.execute(q).scalar_one())
 
     def session_rows(self, experiment_id: str, started_at: datetime | None) -> list[domain.SessionRow]:
         """Per (arm, session, signal): own-model explanations, fallbacks, cost, latency, first served, and the
         votes on its own-model explanations. A vote whose explanation is not recorded (yet) counts on its arm as
         its own session (the events do not arrive in order)."""
-        unit = func.coalesce(exposure_units.c.session_key, exposures.c.explanation_id)
-        signal = func.coalesce(exposure_units.c.signal, "unknown")
-        own = case((exposures.c.fallback_used.is_(False), 1), else_=0)
+        unit = sa.func.coalesce(exposure_units.c.session_key, exposures.c.explanation_id)
+        signal = sa.func.coalesce(exposure_units.c.signal, "unknown")
+        own = sa.case((exposures.c.fallback_used.is_(False), 1), else_=0)
         exp_q = (
-            select(
+            sa.select(
                 exposures.c.arm_id,
                 unit.label("unit"),
                 signal.label("signal"),
-                func.sum(own).label("own"),
-                func.count().label("served"),
-                func.coalesce(func.sum(exposures.c.cost_usd), 0.0).label("cost"),
-                func.coalesce(func.sum(exposures.c.latency_ms), 0.0).label("latency"),
-                func.min(exposures.c.created_at).label("first"),
+                sa.func.sum(own).label("own"),
+                sa.func.count().label("served"),
+                sa.func.coalesce(sa.func.sum(exposures.c.cost_usd), 0.0).label("cost"),
+                sa.func.coalesce(sa.func.sum(exposures.c.latency_ms), 0.0).label("latency"),
+                sa.func.min(exposures.c.created_at).label("first"),
             )
             .select_from(
                 exposures.outerjoin(exposure_units, exposure_units.c.explanation_id == exposures.c.explanation_id)
@@ -563,26 +521,28 @@ class OptimizerRepository(MessageLog):
             .where(exposures.c.experiment_id == experiment_id)
             .group_by(exposures.c.arm_id, unit, signal)
         )
-        v_unit = func.coalesce(exposure_units.c.session_key, votes.c.explanation_id)
-        v_signal = func.coalesce(exposure_units.c.signal, "unknown")
+        v_unit = sa.func.coalesce(exposure_units.c.session_key, votes.c.explanation_id)
+        v_signal = sa.func.coalesce(exposure_units.c.signal, "unknown")
         vote_q = (
-            select(
+            sa.select(
                 votes.c.arm_id,
                 v_unit.label("unit"),
                 v_signal.label("signal"),
-                func.count().label("n"),
-                func.coalesce(func.sum(case((votes.c.rating == 1, 1), else_=0)), 0).label("pos"),
-                func.count(votes.c.stars).label("star_n"),
-                func.coalesce(func.sum(votes.c.stars), 0).label("star_sum"),
-                func.coalesce(func.sum(votes.c.stars * votes.c.stars), 0).label("star_sumsq"),
-                func.min(votes.c.submitted_at).label("first"),
+                sa.func.count().label("n"),
+                sa.func.coalesce(sa.func.sum(sa.case((votes.c.rating == 1, 1), else_=0)), 0).label("pos"),
+                sa.func.count(votes.c.stars).label("star_n"),
+                sa.func.coalesce(sa.func.sum(votes.c.stars), 0).label("star_sum"),
+                sa.func.coalesce(sa.func.sum(votes.c.stars * votes.c.stars), 0).label("star_sumsq"),
+                sa.func.min(votes.c.submitted_at).label("first"),
             )
             .select_from(
                 votes.outerjoin(exposures, exposures.c.explanation_id == votes.c.explanation_id).outerjoin(
                     exposure_units, exposure_units.c.explanation_id == votes.c.explanation_id
                 )
             )
-            .where(votes.c.experiment_id == experiment_id, func.coalesce(exposures.c.fallback_used, False).is_(False))
+            .where(
+                votes.c.experiment_id == experiment_id, sa.func.coalesce(exposures.c.fallback_used, False).is_(False)
+            )
             .group_by(votes.c.arm_id, v_unit, v_signal)
         )
 
@@ -620,11 +580,11 @@ class OptimizerRepository(MessageLog):
         exp_rows = {
             r.arm_id: r
             for r in self.s.execute(
-                select(
+                sa.select(
                     exposures.c.arm_id,
-                    func.count().label("n"),
-                    func.coalesce(func.sum(exposures.c.cost_usd), 0.0).label("cost"),
-                    func.coalesce(func.sum(exposures.c.latency_ms), 0.0).label("latency"),
+                    sa.func.count().label("n"),
+                    sa.func.coalesce(sa.func.sum(exposures.c.cost_usd), 0.0).label("cost"),
+                    sa.func.coalesce(sa.func.sum(exposures.c.latency_ms), 0.0).label("latency"),
                 )
                 .where(exposures.c.experiment_id == experiment_id)
                 .group_by(exposures.c.arm_id)
@@ -633,13 +593,13 @@ class OptimizerRepository(MessageLog):
         vote_rows = {
             r.arm_id: r
             for r in self.s.execute(
-                select(
+                sa.select(
                     votes.c.arm_id,
-                    func.count().label("n"),
-                    func.coalesce(func.sum(case((votes.c.rating == 1, 1), else_=0)), 0).label("pos"),
-                    func.count(votes.c.stars).label("star_n"),
-                    func.coalesce(func.sum(votes.c.stars), 0).label("star_sum"),
-                    func.coalesce(func.sum(votes.c.stars * votes.c.stars), 0).label("star_sumsq"),
+                    sa.func.count().label("n"),
+                    sa.func.coalesce(sa.func.sum(sa.case((votes.c.rating == 1, 1), else_=0)), 0).label("pos"),
+                    sa.func.count(votes.c.stars).label("star_n"),
+                    sa.func.coalesce(sa.func.sum(votes.c.stars), 0).label("star_sum"),
+                    sa.func.coalesce(sa.func.sum(votes.c.stars * votes.c.stars), 0).label("star_sumsq"),
                 )
                 .where(votes.c.experiment_id == experiment_id)
                 .group_by(votes.c.arm_id)
@@ -665,7 +625,7 @@ class OptimizerRepository(MessageLog):
 
     # -- generations ------------------------------------------------------------------------------------
     def last_generation(self, name: str) -> GenerationRow | None:
-        q = select(generations).where(generations.c.prompt_name == name).order_by(generations.c.id.desc()).limit(1)
+        q = sa.select(generations).where(generations.c.prompt_name == name).order_by(generations.c.id.desc()).limit(1)
         row = self.s.execute(q).mappings().first()
         return cast(GenerationRow, dict(row)) if row else None
 
@@ -678,17 +638,17 @@ class OptimizerRepository(MessageLog):
         )
 
     def generations(self, name: str | None = None, limit: int = 50) -> list[GenerationRow]:
-        q = select(generations).order_by(generations.c.id.desc()).limit(limit)
+        q = sa.select(generations).order_by(generations.c.id.desc()).limit(limit)
         if name is not None:
             q = q.where(generations.c.prompt_name == name)
         return [cast(GenerationRow, dict(r)) for r in self.s.execute(q).mappings()]
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.
-SqlUnitOfWork = UnitOfWork[OptimizerRepository]
+SqlUnitOfWork = db.UnitOfWork[OptimizerRepository]
 
 
-class Store(SqlStore[OptimizerRepository]):
+class Store(db.SqlStore[OptimizerRepository]):
     """This service's database: its tables, repository and outbox on the shared store plumbing."""
 
     def __init__(self, url: str) -> None:

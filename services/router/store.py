@@ -9,118 +9,86 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypedDict, cast
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    DateTime,
-    Float,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    func,
-    select,
-)
+import sqlalchemy as sa
 
 from services.router.domain import Arm, Experiment, Routing, Template
+from shared import db
 from shared.clock import as_utc
 from shared.contracts import Signal
-from shared.db import MessageLog, SqlStore, UnitOfWork, fetch_one_raw, processed_table, rowcount, upsert
 from shared.outbox import outbox_table
+from shared.rows import from_row
 
-metadata = MetaData()
+metadata = sa.MetaData()
 
-explanations = Table(
+explanations = sa.Table(
     "explanations",
     metadata,
-    Column("explanation_id", String(36), primary_key=True),
-    Column("request_key", String(64), nullable=False, index=True),
-    Column("session_key", String(64), nullable=False, index=True),
-    Column("ticker", String(12), nullable=False),
-    Column("signal", String(8), nullable=False),
-    Column("context", JSON, nullable=False),
-    Column("prompt_name", String(100), nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("prompt_text", Text, nullable=False),
-    Column("requested_model", String(200), nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("provider", String(32), nullable=False),
-    Column("experiment_id", String(64)),
-    Column("arm_id", String(64)),
-    Column("text", Text, nullable=False),
-    Column("tokens_in", Integer, nullable=False),
-    Column("tokens_out", Integer, nullable=False),
-    Column("cost_usd", Float, nullable=False),
-    Column("latency_ms", Float, nullable=False),
-    Column("fallback_used", Boolean, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    *db.contract_columns("explanation_id", primary_key=True),
+    sa.Column("request_key", sa.String(64), nullable=False, index=True),
+    *db.contract_columns("session_key", index=True),
+    sa.Column("ticker", sa.String(12), nullable=False),
+    *db.contract_columns("signal"),
+    sa.Column("context", sa.JSON, nullable=False),
+    *db.contract_columns("prompt_name", "prompt_version", "prompt_text"),
+    sa.Column("requested_model", sa.String(200), nullable=False),
+    *db.contract_columns("model"),
+    sa.Column("provider", sa.String(32), nullable=False),
+    *db.contract_columns(
+        "experiment_id", "arm_id", "text", "tokens_in", "tokens_out", "cost_usd", "latency_ms", "fallback_used"
+    ),
+    *db.contract_columns("created_at", index=True),
 )
 
 #: One row (id=1): the prompt template and model that serve traffic outside experiments.
-champion = Table(
+champion = sa.Table(
     "champion",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("prompt_name", String(100), nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("template", Text, nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("changed_at", DateTime(timezone=True), nullable=False),
-    Column("reason", String(500), nullable=False, default=""),
+    sa.Column("id", sa.Integer, primary_key=True),
+    *db.contract_columns("prompt_name", "prompt_version", "template", "model"),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.String(500), nullable=False, default=""),
 )
 
-experiments = Table(
+experiments = sa.Table(
     "experiments",
     metadata,
-    Column("experiment_id", String(64), primary_key=True),
-    Column("prompt_name", String(100), nullable=False),
-    Column("allocation", String(16), nullable=False),
-    Column("status", String(16), nullable=False),  # running | concluded
-    Column("started_at", DateTime(timezone=True)),
-    Column("weights_at", DateTime(timezone=True)),
-    Column("concluded_at", DateTime(timezone=True)),
-    Column("decision", String(64)),
-    Column("winner_arm_id", String(64)),
+    *db.contract_columns("experiment_id", primary_key=True),
+    *db.contract_columns("prompt_name", "allocation"),
+    sa.Column("status", sa.String(16), nullable=False),  # running | concluded
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("weights_at", sa.DateTime(timezone=True)),
+    sa.Column("concluded_at", sa.DateTime(timezone=True)),
+    sa.Column("decision", sa.String(64)),
+    *db.contract_columns("winner_arm_id"),
 )
 
-arms = Table(
+arms = sa.Table(
     "arms",
     metadata,
-    Column("experiment_id", String(64), primary_key=True),
-    Column("arm_id", String(64), primary_key=True),
-    Column("position", Integer, nullable=False),
-    Column("prompt_name", String(100), nullable=False),
-    Column("prompt_version", String(50), nullable=False),
-    Column("template", Text, nullable=False),
-    Column("model", String(200), nullable=False),
-    Column("weight", Float, nullable=False),
-    Column("is_control", Boolean, nullable=False),
+    *db.contract_columns("experiment_id", "arm_id", primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    *db.contract_columns("prompt_name", "prompt_version", "template", "model", "weight", "is_control"),
 )
 
-models = Table(
+models = sa.Table(
     "models",
     metadata,
-    Column("model", String(200), primary_key=True),
-    Column("model_id", String(64), nullable=False),
-    Column("base_model", String(200), nullable=False),
-    Column("serving_base_url", String(500)),
-    Column("cost_per_1k_tokens_usd", Float, nullable=False),
-    Column("registered_at", DateTime(timezone=True), nullable=False),
+    *db.contract_columns("model", primary_key=True),
+    *db.contract_columns("model_id", "base_model", "serving_base_url", "cost_per_1k_tokens_usd"),
+    sa.Column("registered_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 #: One row (id=1): a counter that every change of the routing state (champion, experiments, arms, models) raises
 #: in the change's own transaction. The request path keeps the routing state in memory and reloads it only when
 #: this number moved (`RoutingCache`): one small read instead of the whole state on every request.
-routing_version = Table(
+routing_version = sa.Table(
     "routing_version",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("version", Integer, nullable=False),
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
 )
 
-processed = processed_table(metadata)
+processed = db.processed_table(metadata)
 
 
 # -- the rows the repository hands to the handlers (one key per column) -----------------------------------
@@ -202,7 +170,7 @@ def _as_utc_or_none(ts: datetime | None) -> datetime | None:
     return None if ts is None else as_utc(ts)
 
 
-class RouterRepository(MessageLog):
+class RouterRepository(db.MessageLog):
     processed = processed  # the table MessageLog.seen / mark_seen use
     outbox = outbox  # the table forget_session_messages rewrites
 
@@ -213,13 +181,15 @@ class RouterRepository(MessageLog):
     def cost_since(self, since: datetime) -> float:
         """USD spent on explanations created at or after `since` (the budget's fallback when Redis is away)."""
         total = self.s.execute(
-            select(func.coalesce(func.sum(explanations.c.cost_usd), 0.0)).where(explanations.c.created_at >= since)
+            sa.select(sa.func.coalesce(sa.func.sum(explanations.c.cost_usd), 0.0)).where(
+                explanations.c.created_at >= since
+            )
         ).scalar_one()
         return float(total)
 
     def explanation(self, explanation_id: uuid.UUID) -> ExplanationRow | None:
         row = (
-            self.s.execute(select(explanations).where(explanations.c.explanation_id == str(explanation_id)))
+            self.s.execute(sa.select(explanations).where(explanations.c.explanation_id == str(explanation_id)))
             .mappings()
             .first()
         )
@@ -231,7 +201,7 @@ class RouterRepository(MessageLog):
 
     def explanations(self, explanation_ids: list[uuid.UUID]) -> list[ExplanationRow]:
         ids = [str(e) for e in explanation_ids]
-        rows = self.s.execute(select(explanations).where(explanations.c.explanation_id.in_(ids))).mappings().all()
+        rows = self.s.execute(sa.select(explanations).where(explanations.c.explanation_id.in_(ids))).mappings().all()
         return [cast(ExplanationRow, dict(r) | {"created_at": as_utc(r["created_at"])}) for r in rows]
 
     def erase_session(self, session_key: str, explanation_ids: list[str]) -> int:
@@ -242,7 +212,7 @@ class RouterRepository(MessageLog):
         condition = explanations.c.session_key == session_key
         if explanation_ids:
             condition = condition | explanations.c.explanation_id.in_(explanation_ids)
-        erased = rowcount(
+        erased = db.rowcount(
             self.s.execute(
                 explanations.update()
                 .where(condition, explanations.c.session_key != ERASED_SESSION)
@@ -255,7 +225,7 @@ class RouterRepository(MessageLog):
     # -- champion ---------------------------------------------------------------------------------------
     def champion(self) -> ChampionRow | None:
         columns = [c for c in champion.c if c.name != "id"]
-        row = self.s.execute(select(*columns).where(champion.c.id == 1)).mappings().first()
+        row = self.s.execute(sa.select(*columns).where(champion.c.id == 1)).mappings().first()
         if row is None:
             return None
         out = cast(ChampionRow, dict(row))
@@ -264,11 +234,15 @@ class RouterRepository(MessageLog):
 
     def set_champion(self, values: ChampionRow) -> None:
         self.routing_changed()
-        upsert(self.s, champion, "id", {"id": 1, **values})
+        db.upsert(self.s, champion, "id", {"id": 1, **values})
 
     # -- experiments ------------------------------------------------------------------------------------
     def experiment(self, experiment_id: str) -> ExperimentRow | None:
-        row = self.s.execute(select(experiments).where(experiments.c.experiment_id == experiment_id)).mappings().first()
+        row = (
+            self.s.execute(sa.select(experiments).where(experiments.c.experiment_id == experiment_id))
+            .mappings()
+            .first()
+        )
         if row is None:
             return None
         out = cast(ExperimentRow, dict(row))
@@ -292,17 +266,17 @@ class RouterRepository(MessageLog):
         result = self.s.execute(
             arms.update().where(arms.c.experiment_id == experiment_id, arms.c.arm_id == arm_id).values(weight=weight)
         )
-        return bool(rowcount(result))
+        return bool(db.rowcount(result))
 
     def arms_of(self, experiment_id: str) -> list[ArmRow]:
         rows = self.s.execute(
-            select(arms).where(arms.c.experiment_id == experiment_id).order_by(arms.c.position)
+            sa.select(arms).where(arms.c.experiment_id == experiment_id).order_by(arms.c.position)
         ).mappings()
         return [cast(ArmRow, dict(r)) for r in rows]
 
     def running_experiment_id(self) -> str | None:
         row = self.s.execute(
-            select(experiments.c.experiment_id)
+            sa.select(experiments.c.experiment_id)
             .where(experiments.c.status == "running")
             .order_by(experiments.c.started_at.desc())
             .limit(1)
@@ -312,7 +286,7 @@ class RouterRepository(MessageLog):
     # -- models -----------------------------------------------------------------------------------------
     def upsert_model(self, values: ModelRow) -> None:
         self.routing_changed()
-        upsert(self.s, models, "model", values)
+        db.upsert(self.s, models, "model", values)
 
     def delete_model(self, model: str) -> None:
         self.routing_changed()
@@ -320,7 +294,8 @@ class RouterRepository(MessageLog):
 
     def models(self) -> list[ModelRow]:
         return [
-            cast(ModelRow, dict(r)) for r in self.s.execute(select(models).order_by(models.c.registered_at)).mappings()
+            cast(ModelRow, dict(r))
+            for r in self.s.execute(sa.select(models).order_by(models.c.registered_at)).mappings()
         ]
 
     # -- the whole routing state ------------------------------------------------------------------------
@@ -329,11 +304,11 @@ class RouterRepository(MessageLog):
         bumped = self.s.execute(
             routing_version.update().where(routing_version.c.id == 1).values(version=routing_version.c.version + 1)
         )
-        if not rowcount(bumped):
+        if not db.rowcount(bumped):
             self.s.execute(routing_version.insert().values(id=1, version=1))
 
     def routing_version(self) -> int:
-        return int(self.s.execute(select(routing_version.c.version).where(routing_version.c.id == 1)).scalar() or 0)
+        return int(self.s.execute(sa.select(routing_version.c.version).where(routing_version.c.id == 1)).scalar() or 0)
 
     def snapshot(self) -> RoutingSnapshot:
         return RoutingSnapshot(self.routing(), {m["model"]: m for m in self.models()})
@@ -350,13 +325,7 @@ class RouterRepository(MessageLog):
                 experiment = Experiment(
                     experiment_id=exp_id,
                     arms=tuple(
-                        Arm(
-                            arm_id=r["arm_id"],
-                            prompt=Template(r["prompt_name"], r["prompt_version"], r["template"]),
-                            model=r["model"],
-                            weight=r["weight"],
-                            is_control=r["is_control"],
-                        )
+                        from_row(Arm, r, prompt=Template(r["prompt_name"], r["prompt_version"], r["template"]))
                         for r in rows
                     ),
                 )
@@ -377,10 +346,10 @@ class RoutingSnapshot:
 
 
 #: The unit of work handlers take: one transaction, `repo` is this service's repository.
-SqlUnitOfWork = UnitOfWork[RouterRepository]
+SqlUnitOfWork = db.UnitOfWork[RouterRepository]
 
 
-class Store(SqlStore[RouterRepository]):
+class Store(db.SqlStore[RouterRepository]):
     """This service's database: its tables, repository and outbox on the shared store plumbing."""
 
     def __init__(self, url: str) -> None:
@@ -401,7 +370,7 @@ class RoutingCache:
 
     def version(self) -> int:
         # On every request: a pooled DB-API connection and one statement (`fetch_one_raw`).
-        row = fetch_one_raw(self.store.engine, "SELECT version FROM routing_version WHERE id = 1")
+        row = db.fetch_one_raw(self.store.engine, "SELECT version FROM routing_version WHERE id = 1")
         return int(row[0]) if row else 0
 
     def current(self) -> RoutingSnapshot:

@@ -39,6 +39,7 @@ from services.optimizer.stats.results import (
     ArmResult,
     SegmentResult,
 )
+from shared.rows import from_row
 
 # One-sided level of the novelty check (recent lift below the early lift). It only blocks shipping (the experiment
 # keeps collecting), so it is set for power: halves of the data hold half the votes each, and a novelty effect
@@ -144,14 +145,9 @@ def _segment_results(
             overall = overall_diff.get(r["arm_id"])
             disagrees = significant and overall is not None and overall * d < 0
         out.append(
-            SegmentResult(
-                segment=r["segment"],
-                arm_id=r["arm_id"],
-                n=r["n"],
-                control_n=r["control_n"],
-                rate=r["rate"],
-                control_rate=r["control_rate"],
-                diff=d,
+            from_row(
+                SegmentResult,
+                r,
                 lift=d / r["control_rate"] if d is not None and r["control_rate"] else None,
                 ci_sequential=ci,
                 p_value=p,
