@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 if TYPE_CHECKING:
     from sqlalchemy.types import TypeEngine
 
-    from shared.contracts import Event
+    from shared.contracts import Event, Message
     from shared.outbox import JustCommitted
 
 log = logging.getLogger(__name__)
@@ -567,6 +567,12 @@ def contract_columns(*names: str, **options: Any) -> list[sa.Column[Any]]:
     return columns
 
 
+def copied_fields(table: sa.Table, message: type[Message]) -> tuple[str, ...]:
+    """The columns of `table` that keep a field of `message` (the same name), in the table's order: the fields a
+    replica row copies from each such message (`message.row(*fields)`), named once, by the table."""
+    return tuple(c.name for c in table.columns if c.name in message.model_fields)
+
+
 def processed_table(metadata: sa.MetaData) -> sa.Table:
     """The ids of the messages a service has handled: every handler checks it first, because the queue
     delivers at least once."""
@@ -706,6 +712,12 @@ def values_by_key(s: Session, table: sa.Table, key: str, column: str, keys: Iter
     """`column` of the rows of `table` whose `key` column is one of `keys`, by key (one query per `IN_CHUNK`)."""
     q = sa.select(table.c[key], table.c[column])
     return dict(select_in(s, q, table.c[key], sorted(set(keys))))
+
+
+def row_of(s: Session, table: sa.Table, key: str, value: Any) -> dict[str, Any] | None:
+    """The row of `table` whose `key` column is `value`, as a dict of its columns, or None where there is none."""
+    row = s.execute(sa.select(table).where(table.c[key] == value)).mappings().first()
+    return None if row is None else dict(row)
 
 
 def value_of(s: Session, table: sa.Table, key: str, column: str, value: Any) -> Any:

@@ -14,6 +14,7 @@ from services.dashboard.store import (
     BY_ARM,
     BY_TICKER,
     BY_TIME,
+    EXPLANATION_FIELDS,
     DashboardRepository,
     ExplanationExportRow,
     SqlUnitOfWork,
@@ -91,22 +92,10 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
 
 
 def _explanation_row(event: ExplanationCreated) -> dict[str, Any]:
-    return {"day": domain.day_of(event.created_at), "created_at": as_utc(event.created_at)} | event.row(
-        "explanation_id",
-        "ticker",
-        "signal",
-        "prompt_name",
-        "prompt_version",
-        "model",
-        "provider",
-        "experiment_id",
-        "arm_id",
-        "tokens_in",
-        "tokens_out",
-        "cost_usd",
-        "latency_ms",
-        "fallback_used",
-    )
+    return event.row(*EXPLANATION_FIELDS) | {
+        "day": domain.day_of(event.created_at),
+        "created_at": as_utc(event.created_at),
+    }
 
 
 #: What the read model keeps of a vote besides `shared.votes.VOTE_FIELDS`.

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from services.dashboard.domain import Cell, ExperimentInfo
 from shared import db
 from shared.clock import as_utc
+from shared.contracts import ExplanationCreated
 from shared.rows import from_row
 from shared.votes import NewestInBatch, later_erasure
 
@@ -36,6 +37,8 @@ explanations = sa.Table(
     sa.Column("stars_sum", sa.Integer, nullable=False, default=0),
     sa.Column("stars_n", sa.Integer, nullable=False, default=0),
 )
+#: What this copy keeps of each ExplanationCreated.
+EXPLANATION_FIELDS = db.copied_fields(explanations, ExplanationCreated)
 
 #: The parameters of the update that sets an explanation's vote totals (`refresh_vote_totals_of`).
 TOTALS = ("k_id", "v_votes", "v_positives", "v_stars_sum", "v_stars_n")
@@ -321,12 +324,7 @@ class DashboardRepository(db.MessageLog):
 
     # -- experiments, champions, models, fine-tune jobs -------------------------------------------------
     def experiment(self, experiment_id: str) -> ExperimentRow | None:
-        row = (
-            self.s.execute(sa.select(experiments).where(experiments.c.experiment_id == experiment_id))
-            .mappings()
-            .first()
-        )
-        return cast(ExperimentRow, dict(row)) if row else None
+        return cast(ExperimentRow | None, db.row_of(self.s, experiments, "experiment_id", experiment_id))
 
     def upsert_experiment(self, experiment_id: str, values: dict[str, Any]) -> None:
         if self.experiment(experiment_id) is None:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
 from services.feedback import domain
-from services.feedback.store import ExplanationRow, SqlUnitOfWork
+from services.feedback.store import EXPLANATION_FIELDS, ExplanationRow, SqlUnitOfWork
 from shared import votes
 from shared.contracts import (
     ExplanationCreated,
@@ -240,17 +240,7 @@ def _served_key(event: ExplanationCreated, erased_at: datetime | None) -> tuple[
 
 
 def _replica_row(event: ExplanationCreated) -> dict[str, Any]:
-    return event.row(
-        "explanation_id",
-        "prompt_name",
-        "prompt_version",
-        "model",
-        "signal",
-        "ticker",
-        "experiment_id",
-        "arm_id",
-        "created_at",
-    )
+    return event.row(*EXPLANATION_FIELDS)
 
 
 def erase_session(

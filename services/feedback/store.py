@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from services.feedback.domain import StoredVote
 from shared import db
 from shared.clock import as_utc
-from shared.contracts import Signal, utcnow
+from shared.contracts import ExplanationCreated, Signal, utcnow
 from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch
@@ -27,6 +27,8 @@ explanations = sa.Table(
         "prompt_name", "prompt_version", "model", "signal", "ticker", "experiment_id", "arm_id", "created_at"
     ),
 )
+#: What this copy keeps of each ExplanationCreated.
+EXPLANATION_FIELDS = db.copied_fields(explanations, ExplanationCreated)
 
 # The session each explanation was served to (keyed hash, from ExplanationCreated.session_key): the only session
 # whose vote on it counts. A table of its own rather than a column of `explanations`, so a store made before it

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from services.finetune import domain, pii
 from services.finetune.config import FinetuneSettings
-from services.finetune.store import JobRow, ModelRow, SqlUnitOfWork, Store
+from services.finetune.store import EXPLANATION_FIELDS, JobRow, ModelRow, SqlUnitOfWork, Store
 from shared import votes
 from shared.contracts import (
     ExplanationCreated,
@@ -116,19 +116,10 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
 def _material(event: ExplanationCreated, erased_at: datetime | None) -> dict[str, Any]:
     """The explanation's row: without its prompt and text if its session was erased after it was served."""
     erased = votes.erased_before(erased_at, event.created_at)
-    return event.row(
-        "explanation_id",
-        "request_key",
-        "ticker",
-        "signal",
-        "prompt_name",
-        "prompt_version",
-        "model",
-        "tokens_in",
-        "tokens_out",
-        "created_at",
-        "fallback_used",
-    ) | {"prompt_text": "" if erased else event.prompt_text, "text": "" if erased else event.text}
+    return event.row(*EXPLANATION_FIELDS) | {
+        "prompt_text": "" if erased else event.prompt_text,
+        "text": "" if erased else event.text,
+    }
 
 
 def on_feedback_recorded(event: FeedbackRecorded, uow: SqlUnitOfWork) -> str:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from services.finetune import domain
 from shared import db
-from shared.contracts import utcnow
+from shared.contracts import ExplanationCreated, utcnow
 from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch
@@ -30,6 +30,8 @@ explanations = sa.Table(
     # written by a fallback model in place of the one assigned: not trained on by default
     *db.contract_columns("fallback_used", default=False),
 )
+#: What this copy keeps of each ExplanationCreated.
+EXPLANATION_FIELDS = db.copied_fields(explanations, ExplanationCreated)
 
 votes = sa.Table(
     "votes",
@@ -373,7 +375,7 @@ class FinetuneRepository(db.MessageLog):
             )
 
     def export(self, export_id: str) -> ExportRow | None:
-        row = self.s.execute(sa.select(exports).where(exports.c.export_id == export_id)).mappings().first()
+        row = db.row_of(self.s, exports, "export_id", export_id)
         if row is None:
             return None
         ids = [
@@ -382,12 +384,11 @@ class FinetuneRepository(db.MessageLog):
                 sa.select(export_feedback.c.feedback_id).where(export_feedback.c.export_id == export_id)
             )
         ]
-        return cast(ExportRow, {**dict(row), "feedback_ids": sorted(ids)})
+        return cast(ExportRow, row | {"feedback_ids": sorted(ids)})
 
     # -- jobs -------------------------------------------------------------------------------------------
     def job(self, job_id: str) -> JobRow | None:
-        row = self.s.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).mappings().first()
-        return cast(JobRow, dict(row)) if row else None
+        return cast(JobRow | None, db.row_of(self.s, jobs, "job_id", job_id))
 
     def add_job(self, values: dict[str, Any]) -> None:
         now = utcnow()
@@ -416,8 +417,7 @@ class FinetuneRepository(db.MessageLog):
         self.s.execute(models.insert().values(**values))
 
     def model(self, model_id: str) -> ModelRow | None:
-        row = self.s.execute(sa.select(models).where(models.c.model_id == model_id)).mappings().first()
-        return cast(ModelRow, dict(row)) if row else None
+        return cast(ModelRow | None, db.row_of(self.s, models, "model_id", model_id))
 
     def update_model(self, model_id: str, **values: Any) -> None:
         self.s.execute(models.update().where(models.c.model_id == model_id).values(**values))

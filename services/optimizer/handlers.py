@@ -28,7 +28,7 @@ from services.optimizer.config import OptimizerSettings
 from services.optimizer.experiments import create_experiment, spec_defaults
 from services.optimizer.generation import GenerationFailed, VariantGenerator
 from services.optimizer.registry import SearchExhausted, UowFactory
-from services.optimizer.store import SqlUnitOfWork
+from services.optimizer.store import EXPOSURE_FIELDS, SqlUnitOfWork
 from shared import votes
 from shared.contracts import ExplanationCreated, FeedbackErased, FeedbackRecorded, ModelRegistered, utcnow
 from shared.db import first_of_each, handle_many_once, handle_once
@@ -74,18 +74,7 @@ def on_explanation_created_batch(events: list[ExplanationCreated], uow: SqlUnitO
 
 
 def _exposure(event: ExplanationCreated) -> dict[str, Any]:
-    return event.row(
-        "explanation_id",
-        "experiment_id",
-        "arm_id",
-        "prompt_name",
-        "prompt_version",
-        "model",
-        "cost_usd",
-        "latency_ms",
-        "fallback_used",
-        "created_at",
-    )
+    return event.row(*EXPOSURE_FIELDS)
 
 
 def _unit(event: ExplanationCreated, erased: tuple[datetime, str] | None) -> str | None:

@@ -14,7 +14,7 @@ from services.optimizer import domain
 from services.optimizer.stats.results import ArmData
 from shared import db
 from shared.clock import as_utc
-from shared.contracts import utcnow
+from shared.contracts import ExplanationCreated, utcnow
 from shared.outbox import outbox_table
 from shared.privacy import erasure_tag
 from shared.votes import NewestInBatch, later_erasure
@@ -105,6 +105,8 @@ exposures = sa.Table(
         "arm_id", "prompt_name", "prompt_version", "model", "cost_usd", "latency_ms", "fallback_used", "created_at"
     ),
 )
+#: What this copy keeps of each ExplanationCreated.
+EXPOSURE_FIELDS = db.copied_fields(exposures, ExplanationCreated)
 
 # The session each explanation was served to and its signal: the unit of analysis and the segment. A table of
 # its own (not columns of exposures) so that stores made before it gain it by create_all; an exposure without a
@@ -276,8 +278,7 @@ class OptimizerRepository(db.MessageLog):
         return cast(ChampionRow, dict(row)) if row else None
 
     def champion_by_id(self, champion_id: int) -> ChampionRow | None:
-        row = self.s.execute(sa.select(champions).where(champions.c.id == champion_id)).mappings().first()
-        return cast(ChampionRow, dict(row)) if row else None
+        return cast(ChampionRow | None, db.row_of(self.s, champions, "id", champion_id))
 
     def champion_history(self, name: str) -> list[ChampionRow]:
         q = sa.select(champions).where(champions.c.name == name).order_by(champions.c.id)
@@ -299,9 +300,7 @@ class OptimizerRepository(db.MessageLog):
             self.s.execute(arms.insert().values(experiment_id=values["experiment_id"], position=position, **arm))
 
     def experiment(self, experiment_id: str) -> ExperimentRow | None:
-        q = sa.select(experiments).where(experiments.c.experiment_id == experiment_id)
-        row = self.s.execute(q).mappings().first()
-        return cast(ExperimentRow, dict(row)) if row else None
+        return cast(ExperimentRow | None, db.row_of(self.s, experiments, "experiment_id", experiment_id))
 
     def experiments(self, status: str | None = None, prompt_name: str | None = None) -> list[ExperimentRow]:
         q = sa.select(experiments).order_by(experiments.c.created_at.desc())

@@ -188,16 +188,10 @@ class RouterRepository(db.MessageLog):
         return float(total)
 
     def explanation(self, explanation_id: uuid.UUID) -> ExplanationRow | None:
-        row = (
-            self.s.execute(sa.select(explanations).where(explanations.c.explanation_id == str(explanation_id)))
-            .mappings()
-            .first()
-        )
+        row = db.row_of(self.s, explanations, "explanation_id", str(explanation_id))
         if row is None:
             return None
-        out = cast(ExplanationRow, dict(row))
-        out["created_at"] = as_utc(out["created_at"])
-        return out
+        return cast(ExplanationRow, row | {"created_at": as_utc(row["created_at"])})
 
     def explanations(self, explanation_ids: list[uuid.UUID]) -> list[ExplanationRow]:
         ids = [str(e) for e in explanation_ids]
@@ -238,18 +232,12 @@ class RouterRepository(db.MessageLog):
 
     # -- experiments ------------------------------------------------------------------------------------
     def experiment(self, experiment_id: str) -> ExperimentRow | None:
-        row = (
-            self.s.execute(sa.select(experiments).where(experiments.c.experiment_id == experiment_id))
-            .mappings()
-            .first()
-        )
+        row = db.row_of(self.s, experiments, "experiment_id", experiment_id)
         if row is None:
             return None
-        out = cast(ExperimentRow, dict(row))
-        out["started_at"] = _as_utc_or_none(out["started_at"])
-        out["weights_at"] = _as_utc_or_none(out["weights_at"])
-        out["concluded_at"] = _as_utc_or_none(out["concluded_at"])
-        return out
+        return cast(
+            ExperimentRow, row | {k: _as_utc_or_none(row[k]) for k in ("started_at", "weights_at", "concluded_at")}
+        )
 
     def add_experiment(self, values: dict[str, Any], arm_rows: list[dict[str, Any]]) -> None:
         self.routing_changed()

@@ -103,3 +103,19 @@ def test_the_relay_dead_letters_what_it_cannot_read_and_publishes_the_rest(store
     version = next(d for d in dead if d["message_id"] == "bad-version")
     assert version["reason"] == "unreadable" and "unknown schema version 9" in version["error"]
     assert store.dead_letters.counts() == {"unreadable": 601}
+
+
+def test_a_row_by_key_is_a_dict_of_its_columns_and_none_when_absent(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from shared.db import make_engine, row_of, value_of
+
+    table = sa.Table("t", sa.MetaData(), sa.Column("k", sa.String(8), primary_key=True), sa.Column("v", sa.Integer))
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    table.metadata.create_all(engine)
+    with sa.orm.Session(engine) as s, s.begin():
+        s.execute(table.insert(), [{"k": "a", "v": 1}, {"k": "b", "v": 2}])
+        assert row_of(s, table, "k", "b") == {"k": "b", "v": 2}
+        assert row_of(s, table, "k", "c") is None
+        assert value_of(s, table, "k", "v", "a") == 1 and value_of(s, table, "k", "v", "c") is None
+    engine.dispose()
