@@ -1,6 +1,6 @@
 """Variant generation: new versions of a prompt template, from OpenAI (the plan's meta-prompt) when a key is
 set, else from a deterministic offline rewriter. Guardrails and the rate limit are applied by the handler
-(`registry.generate_variants`); a generator only proposes.
+(`search.generate_variants`); a generator only proposes.
 
 Generation remembers: every call gets the prompt's `SearchHistory` (the versions tried, with the result of
 their latest experiment: rate, relative lift and interval; the proposals the guardrails rejected and why).

@@ -10,11 +10,12 @@ Loop: `on_model_registered` (test a fine-tuned model against the champion), `aut
 variants and start the next experiment).
 
 The other use cases live beside this module:
-- registry.py: the prompt registry (`ensure_seeded`, `add_version`, `archive_version`, `generate_variants`);
+- registry.py: the prompt registry (`ensure_seeded`, `add_version`, `archive_version`);
 - experiments.py: experiments (`spec_defaults`, `create_experiment`, `run_decisions` (beat),
   `decide_experiment`, `start_queued`, `promote_experiment`, `stop_experiment`, `rollback_experiment`,
   `rollback_prompt`);
-- views.py: the read models (`experiment_view`, `list_experiments`, `prompts_view`).
+- views.py: the read models (`experiment_view`, `list_experiments`, `prompts_view`);
+- search.py: the variant search (`generate_variants` with the prompt's history, exhaustion, `search_view`).
 """
 
 from __future__ import annotations

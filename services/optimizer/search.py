@@ -5,8 +5,9 @@ generator is given, and when the search is exhausted.
   proposals the guardrails rejected and why, how many generations in a row added nothing) read through the
   real analysis of each experiment (`experiments.evaluate`, the same numbers `GET /api/experiments/{id}`
   shows).
-- `generate_variants`: registry.generate_variants with that history; SearchExhausted when the generator has
-  nothing left or `generation_patience` generations in a row for this champion added nothing.
+- `generate_variants`: ask the generator for variants with that history and keep those the guardrails pass as
+  candidate versions; SearchExhausted when the generator has nothing left or `generation_patience`
+  generations in a row for this champion added nothing.
 - `announce_exhausted` / `already_announced`: the SearchExhausted event, staged once per state of the search
   (champion and number of versions); the dashboard turns it into an alert. Its id is derived from that state
   and remembered in the processed-message log, so the beat's next checks neither publish it again nor call
@@ -18,6 +19,7 @@ generator is given, and when the search is exhausted.
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import datetime
 from typing import Any
@@ -36,9 +38,9 @@ from services.optimizer.generation import (
     SearchHistory,
     TriedVersion,
     VariantGenerator,
+    fingerprint,
 )
-from services.optimizer.registry import SearchExhausted, UowFactory, iso, require_prompt
-from services.optimizer.registry import generate_variants as _generate
+from services.optimizer.registry import SearchExhausted, UowFactory, iso, require_prompt, version_view
 from services.optimizer.stats.decision import DECISION_INCONCLUSIVE, DECISION_SHIP
 from services.optimizer.stats.results import ArmResult
 from services.optimizer.store import SqlUnitOfWork
@@ -46,6 +48,8 @@ from shared.clock import as_utc
 from shared.contracts import SearchExhausted as SearchExhaustedEvent
 from shared.contracts import derived_id, utcnow
 from shared.rows import from_row
+
+log = logging.getLogger(__name__)
 
 OUTCOME_REPLACED = "replaced"  # was champion, replaced by a winner or a rollback
 REJECTED_KEPT = 50  # latest rejected proposals a generator is shown (deduplicated)
@@ -260,15 +264,123 @@ def generate_variants(
     *,
     count: int | None = None,
 ) -> dict[str, Any]:
-    """Generate variants of the champion with the prompt's history; SearchExhausted (409) when nothing is
-    left to try, before any provider is asked."""
+    """Ask the generator for variants of the champion, showing it the prompt's history, and keep those that
+    pass the guardrails as candidate versions (lineage: parent = champion, reason = the generator's rationale);
+    record the generation and its cost. A proposal that repeats an existing version or an earlier rejected one
+    is rejected as a repeat. SearchExhausted (409) when nothing is left to try, before any provider is asked,
+    or when the generator says so (no generation is recorded then). Rate limited per prompt (RateLimited
+    carries the wait); the provider call runs outside any transaction."""
     now = now or utcnow()
     history = load_history(uow_factory(), name, now)
     template = history.template_of(history.champion_version) or ""
     why = exhaustion(history, template, generator, settings)
     if why is not None:
         raise SearchExhausted(f"the search for better versions of {name!r} is exhausted: {why}")
-    return _generate(name, uow_factory, generator, settings, now, count=count, history=history)
+    count = count or settings.generation_count
+    with uow_factory() as uow:
+        champion = require_prompt(uow, name)
+        _rate_limit(uow, name, settings, now)
+        parent = uow.repo.version(name, champion["version"])
+        assert parent is not None
+    result = generator.generate(parent["template"], count, history)
+    if result.exhausted and not result.candidates:
+        raise SearchExhausted(f"the search for better versions of {name!r} is exhausted: {result.note}")
+    repeats = _known_proposals(history)
+    accepted: list[dict[str, Any]] = []
+    rejected: list[dict[str, str]] = []
+    with uow_factory() as uow:
+        repo = uow.repo
+        _rate_limit(uow, name, settings, now)  # another generation may have won the race meanwhile
+        existing = repo.versions(name)
+        templates = [v["template"] for v in existing]
+        numbers = [v["version"] for v in existing]
+        generation_id = repo.add_generation(
+            {
+                "prompt_name": name,
+                "at": now,
+                "source": result.source,
+                "model": result.model,
+                "parent_version": champion["version"],
+                "requested": count,
+                "accepted": [],
+                "rejected": [],
+                "cost_usd": result.cost_usd,
+                "tokens_in": result.tokens_in,
+                "tokens_out": result.tokens_out,
+            }
+        )
+        for cand in result.candidates:
+            key = fingerprint(cand.template)
+            problem = repeats.get(key) or domain.variant_problem(
+                cand.template,
+                templates,
+                min_chars=settings.min_variant_chars,
+                max_chars=settings.max_variant_chars,
+                duplicate_ratio=settings.near_duplicate_ratio,
+            )
+            if problem is not None:
+                rejected.append(
+                    {"reason": problem, "rationale": cand.rationale, "preview": cand.template[:200], "fingerprint": key}
+                )
+                repeats.setdefault(key, f"repeats a proposal rejected before ({problem})")
+                continue
+            version = domain.next_version(numbers, champion["version"])
+            repo.add_version(
+                {
+                    "name": name,
+                    "version": version,
+                    "template": cand.template,
+                    "parent_version": champion["version"],
+                    "reason": f"{result.source}: {cand.rationale}",
+                    "source": result.source,
+                    "status": domain.VERSION_CANDIDATE,
+                    "generation_id": generation_id,
+                }
+            )
+            templates.append(cand.template)
+            numbers.append(version)
+            repeats[key] = f"repeats {version}, added in the same generation"
+            row = repo.version(name, version)
+            assert row is not None
+            accepted.append(version_view(row))
+        repo.finish_generation(generation_id, [v["version"] for v in accepted], rejected)
+        uow.commit()
+    log.info("generated %d variants of %s (%d rejected)", len(accepted), name, len(rejected))
+    return {
+        "generation_id": generation_id,
+        "prompt_name": name,
+        "parent_version": champion["version"],
+        "source": result.source,
+        "model": result.model,
+        "cost_usd": result.cost_usd,
+        "tokens_in": result.tokens_in,
+        "tokens_out": result.tokens_out,
+        "accepted": accepted,
+        "rejected": rejected,
+        "note": result.note,
+    }
+
+
+def _rate_limit(uow: SqlUnitOfWork, name: str, settings: OptimizerSettings, now: datetime) -> None:
+    last = uow.repo.last_generation(name)
+    if last is None:
+        return
+    wait = settings.generation_min_interval_s - (now - as_utc(last["at"])).total_seconds()
+    if wait > 0:
+        raise domain.RateLimited(
+            f"variants of {name!r} were generated at {as_utc(last['at']).isoformat()}; the next generation is "
+            f"allowed in {math.ceil(wait)} s (at most one per {settings.generation_min_interval_s:g} s)",
+            retry_after_s=wait,
+        )
+
+
+def _known_proposals(history: SearchHistory) -> dict[str, str]:
+    """fingerprint -> why a proposal with it is a repeat: an existing version (and how it fared), or a
+    proposal the guardrails rejected before."""
+    out = {r.fingerprint: f"repeats a proposal rejected before ({r.reason})" for r in history.rejected if r.fingerprint}
+    for v in history.versions:
+        out[fingerprint(v.template)] = f"repeats {v.version} ({v.outcome})"
+    return out
 
 
 def _exhaustion_id(name: str, champion_version: str, versions: int) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from services.optimizer import domain, experiments, handlers, registry, views
+from services.optimizer import domain, experiments, handlers, registry, search, views
 from services.optimizer.config import OptimizerSettings
 from services.optimizer.generation import Candidate, GenerationResult, OfflineGenerator, SearchHistory
 from services.optimizer.store import Store, champions
@@ -459,22 +459,24 @@ def test_generation_keeps_good_variants_rejects_broken_ones_and_records_cost(
 ) -> None:
     good = "Ticker {ticker} has a {signal} signal.\nIndicators:\n{indicators}\nGive three bullet points."
     broken = "Explain the {signal} signal for {ticker}."  # drops {indicators}
-    generator = FixedGenerator([good, broken, SEED_TEMPLATE, good])
-    result = registry.generate_variants(PROMPT_NAME, store.uow, generator, settings, count=4)
+    near_seed = SEED_TEMPLATE + "!"  # not the seed itself (that is a repeat of v1.0), but nearly
+    generator = FixedGenerator([good, broken, near_seed, SEED_TEMPLATE, good])
+    result = search.generate_variants(PROMPT_NAME, store.uow, generator, settings, count=5)
     assert [v["version"] for v in result["accepted"]] == ["v1.1"]
     reasons = [r["reason"] for r in result["rejected"]]
-    assert "indicators" in reasons[0] and "near-duplicate" in reasons[1] and "repeats v1.1" in reasons[2]
+    assert "indicators" in reasons[0] and "near-duplicate" in reasons[1]
+    assert reasons[2] == "repeats v1.0 (champion)" and "repeats v1.1" in reasons[3]
     assert result["cost_usd"] == pytest.approx(0.0021)
     generations = views.prompts_view(store.uow(), PROMPT_NAME)[0]["generations"]
-    assert generations[0]["cost_usd"] == pytest.approx(0.0021) and generations[0]["rejected"] == 3
+    assert generations[0]["cost_usd"] == pytest.approx(0.0021) and generations[0]["rejected"] == 4
 
 
 def test_generation_is_rate_limited(store: Store, settings: OptimizerSettings) -> None:
     t0 = datetime.now().astimezone()
-    registry.generate_variants(PROMPT_NAME, store.uow, OfflineGenerator(), settings, t0)
+    search.generate_variants(PROMPT_NAME, store.uow, OfflineGenerator(), settings, t0)
     generator = FixedGenerator([])
     with pytest.raises(domain.RateLimited) as info:
-        registry.generate_variants(PROMPT_NAME, store.uow, generator, settings, t0 + timedelta(minutes=10))
+        search.generate_variants(PROMPT_NAME, store.uow, generator, settings, t0 + timedelta(minutes=10))
     assert 2990 < info.value.retry_after_s <= 3000
     assert generator.calls == 0  # no money spent while rate limited
 
