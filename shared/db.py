@@ -573,6 +573,15 @@ def copied_fields(table: sa.Table, message: type[Message]) -> tuple[str, ...]:
     return tuple(c.name for c in table.columns if c.name in message.model_fields)
 
 
+def erasure_columns() -> list[sa.Column[Any]]:
+    """The key and time of a record of an erased session: `session_key` holds `shared.privacy.erasure_tag` of the
+    session's key (64 hex digits, a one-way digest: never the key itself), `erased_at` when it was erased."""
+    return [
+        sa.Column("session_key", sa.String(64), primary_key=True),
+        sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
+    ]
+
+
 def processed_table(metadata: sa.MetaData) -> sa.Table:
     """The ids of the messages a service has handled: every handler checks it first, because the queue
     delivers at least once."""

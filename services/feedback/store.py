@@ -68,8 +68,7 @@ quarantine = sa.Table(
 erasures = sa.Table(
     "erasures",
     metadata,
-    sa.Column("session_key", sa.String(64), primary_key=True),
-    sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
+    *db.erasure_columns(),
 )
 
 # An erasure of a session this service held nothing of: remembered only until votes still in flight have
@@ -77,8 +76,7 @@ erasures = sa.Table(
 erasure_tombstones = sa.Table(
     "erasure_tombstones",
     metadata,
-    sa.Column("session_key", sa.String(64), primary_key=True),
-    sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
+    *db.erasure_columns(),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 

@@ -45,8 +45,7 @@ votes = sa.Table(
 erased_sessions = sa.Table(
     "erased_sessions",
     metadata,
-    sa.Column("session_key", sa.String(64), primary_key=True),
-    sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
+    *db.erasure_columns(),
     # Traceability: which exports (and so which models) had used this session's feedback.
     sa.Column("feedback_ids", sa.JSON, nullable=False),
     sa.Column("export_ids", sa.JSON, nullable=False),

@@ -50,3 +50,12 @@ def test_each_call_makes_new_columns_for_a_new_table() -> None:
     b = sa.Table("b", metadata, *contract_columns("explanation_id", primary_key=True))
     assert a.c.explanation_id is not b.c.explanation_id
     assert a.c.explanation_id.type is not b.c.explanation_id.type
+
+
+def test_an_erasure_record_is_keyed_by_the_erasure_tag_whole() -> None:
+    from shared.db import erasure_columns
+    from shared.privacy import erasure_tag
+
+    key, erased_at = erasure_columns()
+    assert key.primary_key and key.type.length == len(erasure_tag("a session key"))  # type: ignore[attr-defined]
+    assert (erased_at.name, erased_at.nullable) == ("erased_at", False)
