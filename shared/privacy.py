@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import Sequence
-
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-_PHONE = re.compile(r"(?<!\w)(?:\+?\d[\d\s().-]{7,}\d)(?!\w)")
-_CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")  # 13-19 digits; a separator only between digits
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}[A-Z0-9]{11,30}\b")
-_IP = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
 
 
 def session_key(session_id: str, secret: bytes) -> str:
@@ -57,13 +50,3 @@ def erasure_tag(session_key: str) -> str:
     Whoever holds a session key (a message still in flight) can tell that it was erased; the record alone
     cannot be joined with anything else, since no store keeps the key itself once erased."""
     return hashlib.sha256(b"erased-session:" + session_key.encode()).hexdigest()
-
-
-def scrub_pii(text: str) -> str:
-    """Replace e-mail addresses, card and account numbers, phone numbers and IP addresses with tags."""
-    text = _EMAIL.sub("[email]", text)
-    text = _IBAN.sub("[account]", text)
-    text = _CARD.sub("[number]", text)
-    text = _IP.sub("[ip]", text)
-    text = _PHONE.sub("[phone]", text)
-    return text

@@ -9,6 +9,16 @@ from shared.privacy import erasure_tag, parse_hash_keys, session_key, session_ke
 from shared.settings import ServiceSettings
 
 
+def test_session_key_is_a_keyed_sha256_hex_digest() -> None:
+    key = session_key("session-1", b"secret")
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert key == session_key("session-1", b"secret")
+    assert key != session_key("session-1", b"other secret")
+    assert key != session_key("session-2", b"secret")
+    # a known value (HMAC-SHA256 of the UTF-8 bytes), so that an encoding or digest change cannot pass unnoticed
+    assert session_key("é", b"k") == "41b08e48379060d5566363083dabd4b2f9afd6e169af22d26522dbdc5e7a5134"
+
+
 def test_versions_are_read_newest_first_and_the_single_key_is_the_oldest() -> None:
     assert parse_hash_keys("v2:new, v1:old", "legacy") == [("v2", b"new"), ("v1", b"old"), ("v0", b"legacy")]
     assert parse_hash_keys("v2:new,v1:old", "old") == [("v2", b"new"), ("v1", b"old")]  # listed already
