@@ -33,11 +33,12 @@ def parse_hash_keys(versioned: str, legacy: str | None = None) -> list[tuple[str
         if not item:
             continue
         version, sep, secret = item.partition(":")
-        if not sep or not version.strip() or not secret:
+        version = version.rstrip()  # the item is stripped: only "v1 :secret" leaves white space here
+        if not sep or not version or not secret:
             raise ValueError("SESSION_HASH_KEYS entries are <version>:<secret>, comma-separated, newest first")
-        if any(v == version.strip() for v, _ in pairs):
-            raise ValueError(f"SESSION_HASH_KEYS names version {version.strip()!r} twice")
-        pairs.append((version.strip(), secret.encode()))
+        if any(v == version for v, _ in pairs):
+            raise ValueError(f"SESSION_HASH_KEYS names version {version!r} twice")
+        pairs.append((version, secret.encode()))
     if legacy and all(secret != legacy.encode() for _, secret in pairs):
         if any(v == "v0" for v, _ in pairs):
             raise ValueError("SESSION_HASH_KEYS uses version 'v0', the name of SESSION_HASH_KEY when both are set")

@@ -26,10 +26,22 @@ def test_versions_are_read_newest_first_and_the_single_key_is_the_oldest() -> No
     assert parse_hash_keys("v1:a:b") == [("v1", b"a:b")]  # a secret may hold colons
 
 
-@pytest.mark.parametrize("bad", ["nocolon", ":secret", "v1:", "v1:a,v1:b"])
+def test_white_space_around_entries_and_empty_entries_are_ignored() -> None:
+    assert parse_hash_keys(" v2:new , ,v1 :old,") == [("v2", b"new"), ("v1", b"old")]
+
+
+@pytest.mark.parametrize("bad", ["nocolon", ":secret", " :secret", "v1:", "v1:a,v1:b", "v1 :a, v1:b"])
 def test_a_malformed_key_list_is_refused(bad: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match="^SESSION_HASH_KEYS (entries are <version>:<secret>|names version 'v1' twice)"
+    ):
         parse_hash_keys(bad)
+
+
+def test_the_single_key_cannot_take_a_version_the_list_already_uses() -> None:
+    with pytest.raises(ValueError, match="^SESSION_HASH_KEYS uses version 'v0', the name of SESSION_HASH_KEY"):
+        parse_hash_keys("v0:new", "legacy")
+    assert parse_hash_keys("v0:same", "same") == [("v0", b"same")]  # the same secret: listed already
 
 
 def test_a_session_has_one_key_per_version_newest_first() -> None:
