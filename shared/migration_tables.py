@@ -107,7 +107,11 @@ def drop_dead_letters() -> None:
 # flags are "null", "not null" or "not null autoincrement". An index is `ix_<table>_<column>`, non-unique.
 # The downgrade undoes the steps in reverse order.
 
-_SHARED_CREATE = {"outbox": create_outbox, "processed_messages": create_processed_messages}
+#: The shared tables a snapshot may name: how each is created and dropped.
+_SHARED: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+    "outbox": (create_outbox, drop_outbox),
+    "processed_messages": (create_processed_messages, lambda: op.drop_table("processed_messages")),
+}
 _TYPES: dict[str, Any] = {
     "Text": sa.Text,
     "Integer": sa.Integer,
@@ -135,6 +139,12 @@ def _column(name: str, kind: str, flags: str) -> sa.Column[Any]:
     return sa.Column(name, _type(kind), nullable=flags == "null")
 
 
+def _shared(name: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    if name not in _SHARED:
+        raise ValueError(f"schema snapshot: unknown shared table {name!r}")
+    return _SHARED[name]
+
+
 def snapshot_steps(path: Path) -> list[dict[str, Any]]:
     steps: list[dict[str, Any]] = json.loads(path.read_text())
     return steps
@@ -144,7 +154,7 @@ def create_snapshot(path: Path) -> None:
     """Create the tables the snapshot at `path` lists, in its order."""
     for step in snapshot_steps(path):
         if "shared" in step:
-            _SHARED_CREATE[step["shared"]]()
+            _shared(step["shared"])[0]()
             continue
         columns = [_column(*column) for column in step["columns"]]
         constraints: list[sa.Constraint] = [sa.PrimaryKeyConstraint(*step["primary_key"])]
@@ -157,10 +167,8 @@ def create_snapshot(path: Path) -> None:
 def drop_snapshot(path: Path) -> None:
     """Drop what `create_snapshot(path)` created, in reverse order."""
     for step in reversed(snapshot_steps(path)):
-        if step.get("shared") == "outbox":
-            drop_outbox()
-        elif "shared" in step:
-            op.drop_table(step["shared"])
+        if "shared" in step:
+            _shared(step["shared"])[1]()
         else:
             if step.get("indexes"):
                 drop_indexes(step["table"], *reversed(step["indexes"]))

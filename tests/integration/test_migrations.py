@@ -194,10 +194,22 @@ def test_the_baseline_snapshot_is_created_and_dropped_whole(service: str, tmp_pa
     engine.dispose()
 
 
-def test_a_snapshot_with_a_type_it_does_not_know_is_refused(tmp_path: Path) -> None:
-    from shared.migration_tables import create_snapshot
+@pytest.mark.parametrize(
+    ("step", "refusal"),
+    [
+        (
+            '{"table": "t", "columns": [["a", "Varchar(5)", "null"]], "primary_key": ["a"]}',
+            "column type 'Varchar\\(5\\)'",
+        ),
+        ('{"table": "t", "columns": [["a", "Text", "nullable"]], "primary_key": ["a"]}', "column flags 'nullable'"),
+        ('{"shared": "dead_letter"}', "shared table 'dead_letter'"),
+    ],
+)
+def test_a_snapshot_step_it_does_not_know_is_refused_by_name(step: str, refusal: str, tmp_path: Path) -> None:
+    from shared.migration_tables import create_snapshot, drop_snapshot
 
     path = tmp_path / "bad.json"
-    path.write_text('[{"table": "t", "columns": [["a", "Varchar(5)", "null"]], "primary_key": ["a"]}]')
-    with pytest.raises(ValueError, match="unknown column type 'Varchar\\(5\\)'"):
-        create_snapshot(path)
+    path.write_text(f"[{step}]")
+    for run in (create_snapshot, drop_snapshot) if "shared" in step else (create_snapshot,):
+        with pytest.raises(ValueError, match=f"^schema snapshot: unknown {refusal}"):
+            run(path)

@@ -57,5 +57,6 @@ def test_an_erasure_record_is_keyed_by_the_erasure_tag_whole() -> None:
     from shared.privacy import erasure_tag
 
     key, erased_at = erasure_columns()
-    assert key.primary_key and key.type.length == len(erasure_tag("a session key"))  # type: ignore[attr-defined]
+    assert isinstance(key.type, sa.String) and key.primary_key
+    assert key.type.length == len(erasure_tag("a session key"))
     assert (erased_at.name, erased_at.nullable) == ("erased_at", False)
